@@ -1,0 +1,390 @@
+"""
+The decoder-only Transformer that every stage script shares.
+
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(vocab_size=50257, n_layer=12, n_head=12, n_embd=768))
+    logits, loss = model(idx, targets)
+    out = model.generate(idx, max_new_tokens=100, temperature=0.8, top_k=200)
+
+One class covers two families, chosen by config fields:
+- the 'gpt2' preset: GPT-2 124M exactly (learned positions, LayerNorm with bias,
+  GELU MLP, tied input/output embeddings), for comparison and weight import;
+- the default modern style (Llama-like): RMSNorm, SwiGLU MLP, rotary position
+  embeddings (RoPE), no biases, optional grouped-query attention and QK-norm.
+
+Design notes, the why behind the choices:
+- Pre-norm residual blocks (x + f(norm(x))) keep the residual stream an identity
+  path, so deep stacks train without warmup tricks.
+- RoPE rotates q and k by an angle proportional to the position, so the q·k
+  score depends only on the distance between two tokens; nothing is learned and
+  nothing limits the position count but the context used in training.
+- Grouped-query attention (n_kv_head < n_head) lets several query heads share
+  one key/value head; the KV cache shrinks by n_head / n_kv_head at little cost
+  in quality.
+- SwiGLU (Shazeer 2020) beats GELU at equal parameters; its hidden width is
+  8/3 of n_embd (rounded up to a multiple of 64) so the three matrices hold as
+  many weights as GELU's two at 4x.
+- Residual output projections start with std 0.02/sqrt(2*n_layer) (GPT-2 paper),
+  so the residual stream's variance does not grow with depth at init.
+- The embedding table and output layer are padded to a multiple of 64 rows:
+  matrix shapes with large power-of-two factors run faster on GPUs. The padded
+  ids never occur in data, and generate() never samples them.
+- Attention goes through F.scaled_dot_product_attention, which dispatches to
+  flash or memory-efficient kernels where the hardware has them.
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    block_size: int = 1024  # the longest context the model sees
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int = None  # None: same as n_head (multi-head); 1: multi-query
+    n_embd: int = 768
+    ffn_hidden: int = None  # None: 4*n_embd for gelu, 8/3*n_embd rounded up to 64 for swiglu
+    norm: str = "rmsnorm"  # 'rmsnorm' | 'layernorm'
+    mlp: str = "swiglu"  # 'swiglu' | 'gelu'
+    pos: str = "rope"  # 'rope' | 'learned'
+    rope_theta: float = 10000.0
+    qk_norm: bool = False  # normalise q and k per head before attention
+    tie_embeddings: bool = False  # share the input embedding with the output layer
+    bias: bool = False  # biases in linear layers and LayerNorm
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.ffn_hidden is None:
+            self.ffn_hidden = 4 * self.n_embd if self.mlp == "gelu" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        choices = {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu"), "pos": ("rope", "learned")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"RoPE needs an even head size, got n_embd/n_head={self.n_embd // self.n_head}")
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self):
+        return 64 * math.ceil(self.vocab_size / 64)
+
+    @classmethod
+    def from_dict(cls, d):
+        """Build from a dict such as a checkpoint's model config, ignoring keys this version does not know."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# Architectures by name; fields not given take GPTConfig's (modern) defaults.
+PRESETS = {
+    "gpt2": dict(
+        vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768,
+        norm="layernorm", mlp="gelu", pos="learned", tie_embeddings=True, bias=True,
+    ),
+    "modern": dict(),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def make_norm(config, dim):
+    if config.norm == "rmsnorm":
+        return RMSNorm(dim, config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_tables(config, length, device=None):
+    """cos and sin of the rotation angle position * theta^(-2i/d), shape (length, head_dim/2)."""
+    half = config.head_dim // 2
+    inv_freq = config.rope_theta ** (-torch.arange(half, dtype=torch.float32, device=device) / half)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (first half, second half) of each head's channels; x is (B, heads, T, head_dim)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.block_size = config.block_size
+        # q, k and v come from one matrix: one large matmul is faster than three small ones.
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_projection = True
+        self.q_norm = make_norm(config, config.head_dim) if config.qk_norm else None
+        self.k_norm = make_norm(config, config.head_dim) if config.qk_norm else None
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope, cache=None, pos=0):
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+        )
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            if not cache:  # first call: room for the whole context, in the dtype autocast gave k and v
+                shape = (B, self.n_kv_head, self.block_size, self.head_dim)
+                cache["k"], cache["v"] = k.new_empty(shape), v.new_empty(shape)
+            # Write this call's keys and values after the cached ones and attend to all of them.
+            cache["k"][:, :, pos : pos + T] = k
+            cache["v"][:, :, pos : pos + T] = v
+            k, v = cache["k"][:, :, : pos + T], cache["v"][:, :, : pos + T]
+        # A causal mask is needed only when the queries start at position 0 (training, or the prompt
+        # at generation); generation then feeds one new query at a time, which may see every cached key.
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            is_causal=pos == 0 and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        # For SwiGLU, c_fc holds the gate and the up projection side by side.
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.swiglu else 1) * config.ffn_hidden, bias=config.bias)
+        self.c_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
+        self.c_proj.residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = make_norm(config, config.n_embd)
+        self.attn = Attention(config)
+        self.ln_2 = make_norm(config, config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, cache=None, pos=0):
+        x = x + self.attn(self.ln_1(x), rope, cache, pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        V = config.padded_vocab_size
+        self.wte = nn.Embedding(V, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = make_norm(config, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, V, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if config.pos == "rope":
+            cos, sin = rope_tables(config, config.block_size)
+            # Not saved in checkpoints: they are a function of the config.
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual_projection", False) else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=False):
+        """Parameters the model really uses: the padding rows of the vocabulary are not counted.
+
+        non_embedding=True also leaves out the lookup tables (token and learned position
+        embeddings) but keeps the output layer, which is a matmul; this is the N of 6*N.
+        """
+        c = self.config
+        n = sum(p.numel() for p in self.parameters())
+        pad_rows = c.padded_vocab_size - c.vocab_size
+        n -= pad_rows * c.n_embd * (1 if c.tie_embeddings else 2)
+        if non_embedding:
+            if not c.tie_embeddings:
+                n -= c.vocab_size * c.n_embd
+            if self.wpe is not None:
+                n -= self.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token: 6N for the matmuls (forward 2N, backward 4N) plus attention's
+        q·k and attention·v, 6 * 2 * n_layer * n_embd * seq_len (PaLM paper, appendix B;
+        the causal mask's halving is not counted, as there)."""
+        c = self.config
+        T = seq_len or c.block_size
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * T
+
+    def forward(self, idx, targets=None, all_logits=False, cache=None, pos=0):
+        """idx (B, T) token ids. With targets (B, T): returns all logits and the mean cross-entropy,
+        ignoring targets of -1. Without: the last position's logits, or every position's if
+        all_logits. cache and pos are for generation: per layer a dict of key/value buffers
+        (filled on first use) and the position of idx[:, 0]."""
+        B, T = idx.shape
+        if pos + T > self.config.block_size:
+            raise ValueError(f"sequence of {pos + T} tokens is longer than block_size={self.config.block_size}")
+        x = self.wte(idx)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(pos, pos + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T])
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, None if cache is None else cache[i], pos)
+        x = self.ln_f(x)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            return logits, loss
+        logits = self.lm_head(x if all_logits else x[:, -1:, :])
+        return logits, None
+
+    def sample_next_token(self, logits, temperature, top_k, top_p):
+        """Pick one token per row from last-position logits (B, V)."""
+        logits = logits.float()
+        logits[:, self.config.vocab_size :] = -float("inf")  # padding ids are never sampled
+        if temperature == 0:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = logits / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+            logits[logits < kth] = -float("inf")
+        if top_p is not None and top_p < 1.0:
+            # Keep the smallest set of most likely tokens whose probability reaches top_p.
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+            sorted_logits[drop] = -float("inf")
+            logits = torch.full_like(logits, -float("inf")).scatter(1, order, sorted_logits)
+        return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=None,
+                        use_cache=True):
+        """Yield (B, 1) next tokens one at a time; see generate()."""
+        block_size = self.config.block_size
+        stop = torch.tensor(sorted(stop_tokens or []), dtype=torch.long, device=idx.device)
+        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        cache = [{} for _ in self.blocks] if use_cache else None  # per layer: key and value buffers
+        cached = 0  # how many positions the cache holds
+        for _ in range(max_new_tokens):
+            if use_cache and 0 < cached < block_size:
+                # The cache holds every position but the newest token: run just that one.
+                logits, _ = self(idx[:, -1:], cache=cache, pos=cached)
+                cached += 1
+            else:
+                # First step, or the context is full: run the last block_size tokens from position 0.
+                # Once the context is full this happens every step, exactly as without a cache.
+                window = idx[:, -block_size:]
+                logits, _ = self(window, cache=cache, pos=0)
+                cached = window.size(1)
+            next_token = self.sample_next_token(logits[:, -1, :], temperature, top_k, top_p)
+            if len(stop):
+                # A finished row keeps repeating its stop token until every row is done.
+                next_token = torch.where(finished[:, None], idx[:, -1:], next_token)
+                finished |= torch.isin(next_token[:, 0], stop)
+            idx = torch.cat((idx, next_token), dim=1)
+            yield next_token
+            if len(stop) and bool(finished.all()):
+                return
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=None,
+                 use_cache=True):
+        """Continue idx (B, T) by up to max_new_tokens tokens and return (B, T + new).
+
+        temperature 0 is greedy; top_k keeps the k most likely tokens; top_p keeps the smallest
+        set whose probability reaches p. Generation stops early once every row has produced one
+        of stop_tokens. With the KV cache each new token costs one position's compute; the
+        output is the same as recomputing the whole context every step (use_cache=False).
+        """
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, stop_tokens, use_cache))
+        return torch.cat([idx] + new, dim=1)
+
+
+# Peak dense bf16 tensor FLOP/s per GPU (vendor data sheets, no sparsity), for MFU.
+# Matched against torch.cuda.get_device_name(); the first key found in the name wins, so
+# longer names come first.
+PEAK_BF16_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,  # SXM
+    "H200": 989e12,
+    "H800": 989e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "A10G": 70e12,
+    "A10": 125e12,
+    "L40S": 362e12,
+    "L40": 181e12,
+    "L4": 121e12,
+    "RTX 6000 Ada": 364e12,
+    "A6000": 155e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "MI300X": 1307e12,
+}
+
+
+def peak_flops(device_name, override=0.0):
+    """Peak bf16 FLOP/s of a GPU by name, or override if given; 0.0 when unknown (MFU is then not shown)."""
+    if override:
+        return override
+    for key, flops in PEAK_BF16_FLOPS.items():
+        if key in device_name:
+            return flops
+    return 0.0
