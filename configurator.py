@@ -99,3 +99,15 @@ def configure(namespace, argv=None):
                 value = raw
             namespace[key] = _checked(key, value, defaults[key], "on the command line")
     return {k: namespace[k] for k in keys}
+
+
+def print_config(config):
+    """The final config as key=value pairs, wrapped to the terminal's usual width."""
+    line = "config:"
+    for k, v in config.items():
+        item = f" {k}={v!r}"
+        if len(line) + len(item) > 100:
+            print(line)
+            line = "       "
+        line += item
+    print(line)

@@ -47,9 +47,9 @@ class GPTConfig:
     block_size: int = 1024  # the longest context the model sees
     n_layer: int = 12
     n_head: int = 12
-    n_kv_head: int = None  # None: same as n_head (multi-head); 1: multi-query
+    n_kv_head: int = 0  # 0: same as n_head (multi-head attention); 1: multi-query
     n_embd: int = 768
-    ffn_hidden: int = None  # None: 4*n_embd for gelu, 8/3*n_embd rounded up to 64 for swiglu
+    ffn_hidden: int = 0  # 0: 4*n_embd for gelu, 8/3*n_embd rounded up to 64 for swiglu
     norm: str = "rmsnorm"  # 'rmsnorm' | 'layernorm'
     mlp: str = "swiglu"  # 'swiglu' | 'gelu'
     pos: str = "rope"  # 'rope' | 'learned'
@@ -61,9 +61,9 @@ class GPTConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self):
-        if self.n_kv_head is None:
+        if not self.n_kv_head:
             self.n_kv_head = self.n_head
-        if self.ffn_hidden is None:
+        if not self.ffn_hidden:
             self.ffn_hidden = 4 * self.n_embd if self.mlp == "gelu" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
         choices = {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu"), "pos": ("rope", "learned")}
         for name, allowed in choices.items():

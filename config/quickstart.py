@@ -1,0 +1,21 @@
+# The offline quickstart: a small byte-level model on the Python standard library's
+# own source, trained on a 2-core CPU in about three minutes.
+#   python prepare.py && python train.py config/quickstart.py && python sample.py --out_dir=out/quickstart
+out_dir = "out/quickstart"
+dataset = "pystdlib"
+compile = False  # compiling takes longer than it saves on such a short CPU run
+
+batch_size = 32
+block_size = 128
+gradient_accumulation_steps = 1
+n_layer = 4
+n_head = 4
+n_embd = 128
+
+learning_rate = 2e-3  # small models tolerate a high learning rate
+max_iters = 600
+warmup_iters = 30
+min_lr = 2e-4
+eval_interval = 200
+eval_iters = 20
+log_interval = 25

@@ -1,0 +1,81 @@
+"""
+Device, precision and random-state setup shared by every stage script.
+
+    device = pick_device("auto")                 # 'cuda', then 'mps', then 'cpu'
+    dtype = pick_dtype(device, "auto")           # bfloat16 where the GPU has it, else float16 / float32
+    autocast = autocast_context(device, dtype)   # `with autocast:` around forward passes
+"""
+
+import random
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+
+def pick_device(device="auto"):
+    if device != "auto":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit(f"device error: device='{device}' but no CUDA GPU is visible; use --device=cpu or auto")
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(device, dtype="auto"):
+    """The compute precision: bf16 on GPUs that have it, fp16 on older GPUs, else float32.
+
+    On CPUs bf16 autocast works but is slower than float32 unless the CPU has bf16
+    matrix units, so 'auto' keeps float32 there; ask for bfloat16 explicitly to try it.
+    """
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"config error: dtype='{dtype}' is not one of auto, float32, bfloat16, float16")
+    return dtype
+
+
+def autocast_context(device, dtype):
+    """Mixed precision for forward passes: weights stay float32, matmuls run in dtype."""
+    if dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else device
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state():
+    """Every random-number generator's state, in types torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)), "pos": np_state["state"]["pos"],
+                  "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

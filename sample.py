@@ -1,0 +1,73 @@
+"""
+Generate text from a trained checkpoint, printing each sample as it is generated.
+
+    python sample.py --out_dir=out/quickstart
+    python sample.py --out_dir=out/quickstart --start="def main(" --num_samples=1 --max_new_tokens=300
+    python sample.py --ckpt=out/quickstart/ckpt.pt --start=FILE:prompt.txt --temperature=0.6 --top_p=0.9
+
+Reads the checkpoint only: the model, its config and its tokenizer are all in it.
+"""
+
+import os
+import sys
+
+import torch
+
+from checkpoint import load_checkpoint, model_from_checkpoint
+from configurator import configure
+from runtime import autocast_context, pick_device, pick_dtype
+
+# -----------------------------------------------------------------------------
+out_dir = "out/default"  # reads out_dir/ckpt.pt ...
+ckpt = ""  # ... unless a checkpoint path is given here
+start = ""  # the prompt: text, or FILE:path to read it from a file; empty starts a new document
+num_samples = 3
+max_new_tokens = 500
+temperature = 0.8  # 0 is greedy; higher is more random
+top_k = 200  # sample among the k most likely tokens; 0 for all
+top_p = 1.0  # sample among the most likely tokens whose probabilities add up to p; 1.0 for all
+seed = 1337
+device = "auto"
+dtype = "auto"
+config = configure(globals())
+# -----------------------------------------------------------------------------
+
+if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or num_samples < 1 or max_new_tokens < 0:
+    raise SystemExit("config error: need temperature >= 0, 0 < top_p <= 1, top_k >= 0, num_samples >= 1, "
+                     "max_new_tokens >= 0")
+device = pick_device(device)
+autocast = autocast_context(device, pick_dtype(device, dtype))
+torch.manual_seed(seed)
+
+ckpt_path = ckpt or os.path.join(out_dir, "ckpt.pt")
+model, tokenizer = model_from_checkpoint(load_checkpoint(ckpt_path), ckpt_path)
+model.eval().to(device)
+block_size = model.config.block_size
+
+if start.startswith("FILE:"):
+    prompt_path = start[len("FILE:"):]
+    if not os.path.isfile(prompt_path):
+        raise SystemExit(f"sample error: prompt file {prompt_path} not found")
+    with open(prompt_path, encoding="utf-8") as f:
+        start = f.read()
+prompt_ids = tokenizer.encode(start) if start else [tokenizer.eot_id]
+if len(prompt_ids) > block_size:
+    print(f"warning: the prompt is {len(prompt_ids)} tokens, longer than the model's context of {block_size}; "
+          f"keeping its last {block_size}", file=sys.stderr)
+    prompt_ids = prompt_ids[-block_size:]
+idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+
+for i in range(num_samples):
+    print(f"--- sample {i + 1}/{num_samples} ---")
+    print(start, end="", flush=True)
+    generated, shown = [], ""
+    with autocast:
+        for token in model.generate_stream(idx, max_new_tokens, temperature, top_k or None, top_p):
+            generated.append(token.item())
+            # Decode everything so far and print what is new: one token may hold part of a
+            # multi-byte character, which shows as U+FFFD until the rest arrives.
+            text = tokenizer.decode(generated)
+            if not text.endswith("\ufffd"):
+                print(text[len(shown):], end="", flush=True)
+                shown = text
+    print(tokenizer.decode(generated)[len(shown):])

@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny byte-level dataset and a way to run the stage scripts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+# A model small enough that a training step takes milliseconds on a CPU.
+TINY_MODEL = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+              "--batch_size=4", "--gradient_accumulation_steps=2", "--eval_iters=2", "--log_interval=1"]
+
+
+def run_script(script, *args, check=True):
+    """Run a stage script of the repository in a subprocess; return the CompletedProcess."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    result = subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def write_byte_dataset(data_dir, documents, val_documents):
+    """A dataset in prepare.py's format, byte-tokenized, without running prepare.py."""
+    os.makedirs(data_dir, exist_ok=True)
+    splits = {}
+    for split, docs in (("train", documents), ("val", val_documents)):
+        ids = [t for doc in docs for t in list(doc.encode("utf-8")) + [256]]
+        np.array(ids, dtype=np.uint16).tofile(os.path.join(data_dir, f"{split}.bin"))
+        splits[split] = {"files": [f"{split}.bin"], "tokens": len(ids), "documents": len(docs)}
+    meta = {"dataset": os.path.basename(data_dir), "tokenizer": {"kind": "byte", "eot": "<|endoftext|>"},
+            "vocab_size": 257, "eot_id": 256, "dtype": "uint16", "splits": splits}
+    with open(os.path.join(data_dir, "meta.json"), "w") as f:
+        json.dump(meta, f)
+
+
+@pytest.fixture(scope="session")
+def tiny_data_root(tmp_path_factory):
+    """data_root holding dataset 'tiny': this repository's own model.py and train.py as text."""
+    root = tmp_path_factory.mktemp("data")
+    docs = []
+    for name in ("model.py", "train.py", "training.py", "configurator.py"):
+        with open(os.path.join(REPO, name)) as f:
+            docs.append(f.read())
+    write_byte_dataset(os.path.join(root, "tiny"), docs[:3], docs[3:])
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_data_root, tmp_path_factory):
+    """out_dir of a tiny model trained for a few steps on the tiny dataset."""
+    out_dir = str(tmp_path_factory.mktemp("run"))
+    run_script("train.py", *TINY_MODEL, f"--data_root={tiny_data_root}", "--dataset=tiny", f"--out_dir={out_dir}",
+               "--max_iters=4", "--eval_interval=4")
+    return out_dir

@@ -1,0 +1,98 @@
+"""train.py: it learns, it resumes exactly, it writes what later stages read, it stops safely."""
+
+import json
+import math
+import os
+
+import torch
+
+from checkpoint import load_checkpoint, model_from_checkpoint
+from conftest import TINY_MODEL, run_script
+from training import TokenBins, learning_rate_at
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train(data_root, out_dir, *args, check=True):
+    return run_script("train.py", *TINY_MODEL, f"--data_root={data_root}", "--dataset=tiny", f"--out_dir={out_dir}",
+                      *args, check=check)
+
+
+def test_training_lowers_the_validation_loss(tiny_data_root, tmp_path):
+    train(tiny_data_root, tmp_path, "--max_iters=60", "--eval_interval=60", "--learning_rate=3e-3", "--warmup_iters=5")
+    evals = [m for m in read_metrics(tmp_path) if "val_loss" in m]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 60
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.5
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_data_root, tmp_path):
+    # dropout makes the losses depend on the restored random state, not only on weights and data
+    common = ["--dropout=0.1", "--eval_interval=3", "--lr_decay_iters=6", "--warmup_iters=2"]
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    train(tiny_data_root, whole, *common, "--max_iters=6")
+    train(tiny_data_root, halves, *common, "--max_iters=3")
+    train(tiny_data_root, halves, *common, "--max_iters=6", "--init_from=resume")
+    losses = lambda out: {m["step"]: m["loss"] for m in read_metrics(out) if "loss" in m}
+    assert losses(halves) == losses(whole)
+    assert sorted(losses(whole)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoint_holds_what_sample_and_resume_need(tiny_checkpoint):
+    path = os.path.join(tiny_checkpoint, "ckpt.pt")
+    ckpt = load_checkpoint(path)
+    assert ckpt["kind"] == "pretrain" and ckpt["step"] == 4
+    assert ckpt["tokenizer"]["kind"] == "byte" and ckpt["config"]["n_embd"] == 32
+    assert {"optimizer", "rng", "best_val_loss"} <= set(ckpt)
+    model, tokenizer = model_from_checkpoint(ckpt)
+    assert model.config.n_layer == 2 and tokenizer.decode(tokenizer.encode("é\n")) == "é\n"
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_data_root, tmp_path):
+    train(tiny_data_root, tmp_path, "--max_iters=2", "--eval_interval=2")
+    ckpt = tmp_path / "ckpt.pt"
+    before = ckpt.read_bytes()
+    result = train(tiny_data_root, tmp_path, "--max_iters=6", "--eval_interval=2", "--init_from=resume",
+                   "--learning_rate=1e30", "--warmup_iters=0", "--grad_clip=0.0", check=False)
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("train error: the loss is not finite") and "at step" in last_line
+    assert ckpt.read_bytes() == before
+
+
+def test_bad_config_is_a_one_line_error(tiny_data_root, tmp_path):
+    for args, expected in [
+        (["--n_layers=3"], "unknown key 'n_layers'"),
+        (["--max_iters=ten"], "max_iters='ten'"),
+        (["--n_head=3"], "must be divisible by n_head"),
+        (["--dataset=missing"], "no "),
+        (["--init_from=resume"], "no checkpoint at"),
+        (["config/no_such_file.py"], "not found"),
+    ]:
+        result = train(tiny_data_root, tmp_path / "bad", *args, check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0 and len(lines) == 1 and expected in lines[0], (args, result.stderr)
+
+
+def test_windows_never_cross_shards_and_cover_every_start(tmp_path):
+    # two shards of distinct values: a window must hold values of one shard only
+    import numpy as np
+    np.arange(0, 10, dtype=np.uint16).tofile(tmp_path / "a.bin")
+    np.arange(100, 104, dtype=np.uint16).tofile(tmp_path / "b.bin")
+    meta = {"dtype": "uint16", "splits": {"train": {"files": ["a.bin", "b.bin"]}}}
+    bins = TokenBins(str(tmp_path), meta, "train", block_size=3)
+    x, y = bins.sample(2000, (0,))
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    starts = set(x[:, 0].tolist())
+    assert starts == set(range(0, 7)) | {100}  # 7 starts in a, 1 in b: every one is drawn
+    assert all((row < 100).all() or (row >= 100).all() for row in torch.cat([x, y[:, -1:]], 1))
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_min_lr():
+    lr = lambda s: learning_rate_at(s, 1.0, 10, 110, 0.1)
+    assert math.isclose(lr(0), 0.1) and math.isclose(lr(9), 1.0)
+    assert math.isclose(lr(10), 1.0) and math.isclose(lr(60), 0.55) and math.isclose(lr(110), 0.1)
+    assert lr(500) == 0.1
+    assert all(lr(s) >= lr(s + 1) for s in range(10, 120))
