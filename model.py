@@ -167,10 +167,15 @@ class Attention(nn.Module):
             cache["k"][:, :, pos : pos + T] = k
             cache["v"][:, :, pos : pos + T] = v
             k, v = cache["k"][:, :, : pos + T], cache["v"][:, :, : pos + T]
-        # A causal mask is needed only when the queries start at position 0 (training, or the prompt
-        # at generation); generation then feeds one new query at a time, which may see every cached key.
+        # Query i (at position pos + i) may see keys 0 .. pos + i. From position 0 that is SDPA's own
+        # causal mask; one new query sees every cached key; a chunk after cached keys needs the mask
+        # spelled out, since SDPA's is_causal aligns it to the top-left corner.
+        mask = None
+        if pos > 0 and T > 1:
+            mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
         y = F.scaled_dot_product_attention(
             q, k, v,
+            attn_mask=mask,
             is_causal=pos == 0 and T > 1,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
@@ -293,7 +298,7 @@ class GPT(nn.Module):
 
     def sample_next_token(self, logits, temperature, top_k, top_p):
         """Pick one token per row from last-position logits (B, V)."""
-        logits = logits.float()
+        logits = logits.to(torch.float32, copy=True)  # a copy: the caller's tensor stays as it was
         logits[:, self.config.vocab_size :] = -float("inf")  # padding ids are never sampled
         if temperature == 0:
             return logits.argmax(dim=-1, keepdim=True)

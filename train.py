@@ -140,6 +140,8 @@ if compile:
 peak = gpu_peak_flops(device_name(device), peak_flops) if device.startswith("cuda") or peak_flops else 0.0
 metrics_path = os.path.join(out_dir, "metrics.jsonl")
 os.makedirs(out_dir, exist_ok=True)
+if init_from == "scratch" and os.path.exists(metrics_path):
+    os.remove(metrics_path)  # a new run gets a new log; a resumed one appends to its own
 if "unigram_loss" in meta:
     print(f"baseline: a model that ignores context (unigram) has val loss {meta['unigram_loss']:.4f}")
 
