@@ -1,12 +1,18 @@
 """
-Device, precision and random-state setup shared by every stage script.
+Device, precision, distributed and random-state setup shared by every stage script.
 
-    device = pick_device("auto")                 # 'cuda', then 'mps', then 'cpu'
-    dtype = pick_dtype(device, "auto")           # bfloat16 where the GPU has it, else float16 / float32
-    autocast = autocast_context(device, dtype)   # `with autocast:` around forward passes
+    dist = setup_distributed("auto")             # rank, world size and device, from torchrun's variables
+    dtype = pick_dtype(dist.device, "auto")      # bfloat16 where the GPU has it, else float16 / float32
+    autocast = autocast_context(dist.device, dtype)   # `with autocast:` around forward passes
+
+Run under torchrun, a script gets one process per GPU (or CPU worker); torchrun sets
+RANK, LOCAL_RANK and WORLD_SIZE, and the processes meet through torch.distributed
+(NCCL between GPUs, gloo between CPU processes). Run plainly, it is rank 0 of 1.
 """
 
+import os
 import random
+from dataclasses import dataclass
 from contextlib import nullcontext
 
 import numpy as np
@@ -23,6 +29,45 @@ def pick_device(device="auto"):
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+@dataclass
+class Distributed:
+    rank: int  # this process among all of them
+    local_rank: int  # this process among those on its machine: picks its GPU
+    world_size: int
+    device: str
+
+    @property
+    def is_main(self):
+        """Rank 0 alone logs and writes files."""
+        return self.rank == 0
+
+
+def setup_distributed(device="auto"):
+    """Join the process group when launched by torchrun, and pick this process's device."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return Distributed(0, 0, 1, pick_device(device))
+    import torch.distributed as dist
+
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    device = pick_device(device)
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    elif device == "mps":
+        raise SystemExit("device error: torchrun with several processes needs CUDA or CPU; use --device=cpu")
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, device_id=torch.device(device) if backend == "nccl" else None)
+    return Distributed(rank, local_rank, world_size, device)
+
+
+def teardown_distributed():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def pick_dtype(device, dtype="auto"):
