@@ -14,12 +14,28 @@ Saving writes a temporary file beside the target, flushes it to disk and renames
 it into place, so a crash mid-write never leaves a half-written ckpt.pt where a
 reader would take it. Loading uses weights_only=True because a checkpoint is
 untrusted input: a plain pickle could run arbitrary code.
+
+A training run keeps its last few checkpoints as out_dir/ckpt-<step>.pt, and
+out_dir/ckpt.pt is a hard link to the newest (no extra disk space), so readers
+need only that one name while an automatic restart can fall back to an older
+file if the newest is damaged.
+
+Weights and optimizer state go through torch.distributed.checkpoint's
+get_state_dict / set_state_dict with full (unsharded) state dicts: under FSDP
+they gather the shards into whole tensors on the CPU, and on load each process
+takes its own shard back. So a checkpoint is the same single file whether it
+came from one process, DDP or FSDP at any world size, and it loads into any of
+them. (torch.distributed.checkpoint's sharded format would avoid gathering on
+one machine, which matters only for models too large for one machine's memory.)
 """
 
+import glob
 import os
+import re
 import tempfile
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
@@ -65,3 +81,61 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
         raise SystemExit(f"checkpoint error: {path}'s weights do not fit its model config "
                          f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
     return model, Tokenizer(checkpoint["tokenizer"])
+
+
+def gather_training_state(model, optimizer):
+    """Full model and optimizer state dicts on the CPU, parameters keyed by name. Under FSDP every
+    process must call this (it gathers the shards); only rank 0 needs to keep the result."""
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def restore_training_state(model, optimizer, checkpoint):
+    """Load a checkpoint's weights (and optimizer state, if optimizer is given) into a model that
+    may be sharded by FSDP; every process passes the whole checkpoint."""
+    optimizers = () if optimizer is None else optimizer
+    set_state_dict(model, optimizers, model_state_dict=checkpoint["model"],
+                   optim_state_dict=checkpoint["optimizer"] if optimizer is not None else {},
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def _step_of(path):
+    match = re.fullmatch(r"ckpt-(\d+)\.pt", os.path.basename(path))
+    return int(match.group(1)) if match else None
+
+
+def checkpoints_newest_first(out_dir):
+    """The step-numbered checkpoints of a run, newest first."""
+    paths = [p for p in glob.glob(os.path.join(out_dir, "ckpt-*.pt")) if _step_of(p) is not None]
+    return sorted(paths, key=_step_of, reverse=True)
+
+
+def save_run_checkpoint(checkpoint, out_dir, keep):
+    """Write out_dir/ckpt-<step>.pt, point out_dir/ckpt.pt at it, and delete all but the newest keep."""
+    path = os.path.join(out_dir, f"ckpt-{checkpoint['step']:07d}.pt")
+    save_checkpoint(checkpoint, path)
+    latest = os.path.join(out_dir, "ckpt.pt")
+    tmp = latest + ".link.tmp"
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    try:
+        os.link(path, tmp)
+        os.replace(tmp, latest)  # readers see the old newest or the new one, never neither
+    except OSError:  # a filesystem without hard links: a second copy
+        save_checkpoint(checkpoint, latest)
+    # Files of later steps belong to a future this run abandoned (it fell back past a damaged
+    # checkpoint): they must not be taken as the newest at the next restart.
+    kept = [p for p in checkpoints_newest_first(out_dir) if _step_of(p) <= checkpoint["step"]]
+    for old in set(checkpoints_newest_first(out_dir)) - set(kept[: max(1, keep)]):
+        os.unlink(old)
+    return path
+
+
+def load_newest_checkpoint(out_dir):
+    """The newest checkpoint of out_dir that loads, falling back past damaged ones (and saying so);
+    (None, None) if there is none."""
+    for path in checkpoints_newest_first(out_dir):
+        try:
+            return load_checkpoint(path), path
+        except SystemExit as e:
+            print(f"warning: {e}; trying the previous checkpoint")
+    return None, None

@@ -39,6 +39,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass
@@ -235,6 +236,7 @@ class GPT(nn.Module):
             # Not saved in checkpoints: they are a function of the config.
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False  # set by the trainer to trade compute for memory
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -287,7 +289,11 @@ class GPT(nn.Module):
             rope = (self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T])
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, None if cache is None else cache[i], pos)
+            if self.activation_checkpointing and self.training:
+                # Keep only the block's input; recompute its insides during the backward pass.
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x = block(x, rope, None if cache is None else cache[i], pos)
         x = self.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)

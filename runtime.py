@@ -59,7 +59,13 @@ def setup_distributed(device="auto"):
         raise SystemExit("device error: torchrun with several processes needs CUDA or CPU; use --device=cpu")
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, device_id=torch.device(device) if backend == "nccl" else None)
+        # torchrun keeps one key-value store across restarts (--max-restarts), so the addresses that
+        # the processes of the killed attempt published are still in it; without a prefix per
+        # attempt, restarted processes would try to connect to those dead ones.
+        store, _, _ = next(dist.rendezvous("env://"))
+        store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
+                                device_id=torch.device(device) if backend == "nccl" else None)
     return Distributed(rank, local_rank, world_size, device)
 
 

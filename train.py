@@ -1,15 +1,28 @@
 """
-Pretrain a GPT on the token bins that prepare.py wrote.
+Pretrain a GPT on the token bins that prepare.py wrote, on one CPU or GPU or many.
 
     python train.py config/quickstart.py                  # small model, 2-core CPU, a few minutes
     python train.py config/train_gpt2.py                  # GPT-2 124M on one GPU
     python train.py config/quickstart.py --max_iters=2000 --learning_rate=1e-3
     python train.py config/quickstart.py --init_from=resume   # continue from out_dir/ckpt.pt
+    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py            # 8 GPUs, DDP
+    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py --parallelism=fsdp
+    torchrun --standalone --nproc_per_node=8 --max-restarts=3 train.py config/train_gpt2.py --init_from=auto
 
-Reads data/<dataset>/meta.json and its bins. Writes out_dir/ckpt.pt (model,
-optimizer, step, RNG state, config and tokenizer: everything sample.py needs
-and everything a resumed run needs to continue exactly) and appends one JSON
-line per log step and per evaluation to out_dir/metrics.jsonl.
+Reads data/<dataset>/meta.json and its bins. Writes out_dir/ckpt-<step>.pt
+(model, optimizer, step, every process's RNG state, config and tokenizer:
+everything sample.py needs and everything a resumed run needs to continue
+exactly), keeps the last keep_checkpoints of them with out_dir/ckpt.pt linked to
+the newest, and appends one JSON line per log step and per evaluation to
+out_dir/metrics.jsonl.
+
+Under torchrun each process trains on its own batches and the gradients are
+averaged once per optimizer step. total_batch_tokens fixes the tokens per step,
+and the gradient accumulation follows from it, so a config gives the same
+optimization on 1 or 8 GPUs. With parallelism='fsdp' each block, then the whole
+model, is sharded with FSDP2 (fully_shard): parameters, gradients and optimizer
+state are split across the processes, which is what lets a model larger than
+one GPU's memory train. Only rank 0 prints and writes files.
 
 Every default below is a config key: override it in a config file or with --key=value.
 """
@@ -20,27 +33,32 @@ import time
 from dataclasses import asdict
 
 import torch
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import (checkpoints_newest_first, gather_training_state, load_checkpoint, load_newest_checkpoint,
+                        restore_training_state, save_run_checkpoint)
 from configurator import configure, print_config
 from model import GPT, GPTConfig, peak_flops as gpu_peak_flops
-from runtime import autocast_context, device_name, pick_device, pick_dtype, rng_state, seed_everything, set_rng_state
-from training import (TokenBins, append_metrics, estimate_loss, format_duration, learning_rate_at, load_meta,
-                      make_optimizer, to_device)
+from runtime import (autocast_context, device_name, pick_dtype, rng_state, seed_everything, set_rng_state,
+                     setup_distributed, teardown_distributed)
+from training import (TokenBins, all_reduce_sum, append_metrics, estimate_loss, format_duration, learning_rate_at,
+                      load_meta, make_optimizer, to_device)
 
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = "out/default"
-init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+init_from = "scratch"  # 'scratch'; 'resume' (out_dir/ckpt.pt); 'auto' (the newest good checkpoint, else scratch)
+keep_checkpoints = 3  # how many of the newest checkpoints to keep
 eval_interval = 250  # evaluate and save a checkpoint every this many steps, and at the end
 eval_iters = 50  # batches per split in each evaluation
 log_interval = 10
 # data
 dataset = "pystdlib"  # a folder under data_root written by prepare.py
 data_root = "data"
-batch_size = 16  # sequences per micro-step
+batch_size = 16  # sequences per micro-step on each process (GPU)
 block_size = 1024  # tokens per sequence
-gradient_accumulation_steps = 4  # micro-steps per optimizer step
+total_batch_tokens = 65536  # tokens per optimizer step over all processes; sets the gradient accumulation
 # model (see model.py's GPTConfig; the defaults are the modern style)
 n_layer = 12
 n_head = 12
@@ -73,83 +91,125 @@ dtype = "auto"  # 'auto', 'float32', 'bfloat16', 'float16'
 compile = True  # torch.compile the model: slower start, faster steps
 seed = 1337
 peak_flops = 0.0  # the GPU's peak FLOP/s for MFU; 0 looks it up by the GPU's name
+# distributed (torchrun)
+parallelism = "ddp"  # 'ddp': every process holds the whole model; 'fsdp': parameters, gradients and optimizer state sharded
+activation_checkpointing = False  # recompute each block's activations in the backward pass: less memory, ~30% more compute
 config = configure(globals())
-print_config(config)
+if int(os.environ.get("RANK", 0)) == 0:
+    print_config(config)
 # -----------------------------------------------------------------------------
 
-device = pick_device(device)
+dist = setup_distributed(device)
+device, master = dist.device, dist.is_main
+log = print if master else (lambda *args, **kwargs: None)
 dtype = pick_dtype(device, dtype)
 autocast = autocast_context(device, dtype)
-seed_everything(seed)
+seed_everything(seed)  # the same initial weights in every process
 if device.startswith("cuda"):
     torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
     torch.backends.cudnn.allow_tf32 = True
+if parallelism not in ("ddp", "fsdp"):
+    raise SystemExit(f"config error: parallelism='{parallelism}' is not one of ddp, fsdp")
+if parallelism == "fsdp" and dtype == "float16":
+    raise SystemExit("config error: parallelism='fsdp' runs in bfloat16 or float32; set --dtype=bfloat16")
+if init_from not in ("scratch", "resume", "auto"):
+    raise SystemExit(f"config error: init_from='{init_from}' is not one of scratch, resume, auto")
 lr_decay_iters = lr_decay_iters or max_iters
-tokens_per_step = gradient_accumulation_steps * batch_size * block_size
-print(f"device {device_name(device)}, {dtype}; {tokens_per_step:,} tokens per step "
-      f"({gradient_accumulation_steps} x {batch_size} sequences x {block_size} tokens)")
+tokens_per_micro_step = batch_size * block_size * dist.world_size
+if total_batch_tokens % tokens_per_micro_step:
+    raise SystemExit(f"config error: total_batch_tokens={total_batch_tokens} is not a multiple of batch_size x block_size "
+                     f"x processes = {batch_size} x {block_size} x {dist.world_size}; change one of them")
+accumulation_steps = total_batch_tokens // tokens_per_micro_step
+log(f"device {device_name(device)} x {dist.world_size} processes ({parallelism}), {dtype}; {total_batch_tokens:,} tokens "
+    f"per step = {batch_size} sequences x {block_size} tokens x {dist.world_size} processes x {accumulation_steps} "
+    f"accumulation steps")
 
 # data: the bins are memory-mapped once and read as random windows
 data_dir = os.path.join(data_root, dataset)
 meta = load_meta(data_dir)
 bins = {split: TokenBins(data_dir, meta, split, block_size) for split in ("train", "val")}
-print(f"data {data_dir}: {meta['splits']['train']['tokens']:,} train and {meta['splits']['val']['tokens']:,} val tokens, "
-      f"{meta['tokenizer']['kind']} tokenizer, vocabulary {meta['vocab_size']}")
+log(f"data {data_dir}: {meta['splits']['train']['tokens']:,} train and {meta['splits']['val']['tokens']:,} val tokens, "
+    f"{meta['tokenizer']['kind']} tokenizer, vocabulary {meta['vocab_size']}")
 
 # model: from scratch, or from the checkpoint of a run to continue
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
-model_args = dict(vocab_size=meta["vocab_size"], block_size=block_size, n_layer=n_layer, n_head=n_head,
-                  n_kv_head=n_kv_head, n_embd=n_embd, ffn_hidden=ffn_hidden, norm=norm, mlp=mlp, pos=pos,
-                  rope_theta=rope_theta, qk_norm=qk_norm, tie_embeddings=tie_embeddings, bias=bias,
-                  dropout=dropout, norm_eps=norm_eps)
-step, best_val_loss, checkpoint = 0, float("inf"), None
+checkpoint, ckpt_path = None, os.path.join(out_dir, "ckpt.pt")
 if init_from == "resume":
     checkpoint = load_checkpoint(ckpt_path)
+elif init_from == "auto":
+    checkpoint, ckpt_path = load_newest_checkpoint(out_dir)
+if checkpoint is not None:
     if checkpoint["model_config"]["vocab_size"] != meta["vocab_size"]:
         raise SystemExit(f"train error: {ckpt_path} has vocabulary {checkpoint['model_config']['vocab_size']} "
                          f"but {data_dir} has {meta['vocab_size']}; resume on the dataset it was trained on")
     model_config = GPTConfig.from_dict(checkpoint["model_config"])  # the architecture is the checkpoint's
     step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
-    print(f"resuming {ckpt_path} at step {step}")
-elif init_from == "scratch":
+    log(f"resuming {ckpt_path} at step {step}")
+else:
     try:
-        model_config = GPTConfig(**model_args)
+        model_config = GPTConfig(vocab_size=meta["vocab_size"], block_size=block_size, n_layer=n_layer, n_head=n_head,
+                                 n_kv_head=n_kv_head, n_embd=n_embd, ffn_hidden=ffn_hidden, norm=norm, mlp=mlp,
+                                 pos=pos, rope_theta=rope_theta, qk_norm=qk_norm, tie_embeddings=tie_embeddings,
+                                 bias=bias, dropout=dropout, norm_eps=norm_eps)
     except ValueError as e:
         raise SystemExit(f"config error: {e}") from None
-else:
-    raise SystemExit(f"config error: init_from='{init_from}' is not one of scratch, resume")
-model = GPT(model_config)
-if checkpoint is not None:
-    model.load_state_dict(checkpoint["model"])
-model.to(device)
+    step, best_val_loss = 0, float("inf")
+    stale = checkpoints_newest_first(out_dir)
+    if master and stale:
+        log(f"starting from scratch: removing {len(stale)} checkpoints of an earlier run in {out_dir}")
+        for path in stale + [os.path.join(out_dir, "ckpt.pt")]:
+            if os.path.exists(path):
+                os.unlink(path)
+model = GPT(model_config)  # built on the CPU: FSDP moves only each process's shard to its GPU
+model.activation_checkpointing = activation_checkpointing
 flops_per_token = model.flops_per_token(block_size)
-print(f"model: {model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs per token")
+log(f"model: {model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs per token")
+if parallelism == "fsdp" and dist.world_size > 1:
+    # Shard each block on its own, so only one block's full parameters exist at a time during
+    # forward and backward; the root call takes the embeddings, final norm and output layer.
+    # Compute in bf16 but reduce gradients in fp32, so the average over processes loses nothing.
+    precision = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
+    for block in model.blocks:
+        fully_shard(block, mp_policy=precision)
+    fully_shard(model, mp_policy=precision)
+else:
+    model.to(device)
+seed_everything(seed + dist.rank)  # but different dropout masks in each process
 
 optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device)
 if checkpoint is not None:
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    set_rng_state(checkpoint["rng"])
+    restore_training_state(model, optimizer, checkpoint)
+    rng_states = checkpoint["rng"]
+    if len(rng_states) == dist.world_size:
+        set_rng_state(rng_states[dist.rank])
+    else:
+        log(f"note: the checkpoint was written by {len(rng_states)} processes, this run has {dist.world_size}: "
+            "the weights, optimizer and data position resume exactly, dropout's random state starts afresh")
     checkpoint = None  # free the memory
 scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")  # fp16 needs loss scaling; bf16 does not
 
-raw_model = model  # the uncompiled module: its state_dict has clean names for checkpoints
+raw_model = model  # what checkpoints are taken from: not the compiled or DDP wrapper
 if compile:
-    print("compiling the model (the first steps are slow)...")
+    log("compiling the model (the first steps are slow)...")
     model = torch.compile(model)
+if parallelism == "ddp" and dist.world_size > 1:
+    model = DDP(model, device_ids=[dist.local_rank] if device.startswith("cuda") else None)
 
 peak = gpu_peak_flops(device_name(device), peak_flops) if device.startswith("cuda") or peak_flops else 0.0
 metrics_path = os.path.join(out_dir, "metrics.jsonl")
-os.makedirs(out_dir, exist_ok=True)
-if init_from == "scratch" and os.path.exists(metrics_path):
-    os.remove(metrics_path)  # a new run gets a new log; a resumed one appends to its own
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    if init_from == "scratch" and os.path.exists(metrics_path):
+        os.remove(metrics_path)  # a new run gets a new log; a resumed one appends to its own
 if "unigram_loss" in meta:
-    print(f"baseline: a model that ignores context (unigram) has val loss {meta['unigram_loss']:.4f}")
+    log(f"baseline: a model that ignores context (unigram) has val loss {meta['unigram_loss']:.4f}")
 
 
 def stop_if_not_finite(loss, at_step):
     if not math.isfinite(loss):
-        raise SystemExit(f"train error: the loss is not finite ({loss}) at step {at_step}; stopping without saving, "
-                         f"so {ckpt_path} keeps the last good weights. Lower learning_rate or check the data.")
+        # every process reaches this together; one message is enough
+        raise SystemExit(f"train error: the loss is not finite ({loss}) at step {at_step}; stopping without saving, so "
+                         f"{out_dir} keeps the last good checkpoint. Lower learning_rate or check the data."
+                         if master else 1)
 
 
 # -----------------------------------------------------------------------------
@@ -163,36 +223,51 @@ while True:
         group["lr"] = lr
 
     if step % eval_interval == 0 or step == max_iters:
-        losses = estimate_loss(model, bins, eval_iters, batch_size, device, autocast, seed)
+        losses = estimate_loss(model, bins, eval_iters, batch_size, device, autocast, seed, dist.rank, dist.world_size)
         stop_if_not_finite(losses["train"] + losses["val"], step)
-        print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        append_metrics(metrics_path, {"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
+        log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         best_val_loss = min(best_val_loss, losses["val"])
         if step > start_step:
-            save_checkpoint({
-                "kind": "pretrain",
-                "model_config": asdict(raw_model.config),
-                "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "step": step,
-                "best_val_loss": best_val_loss,
-                "val_loss": losses["val"],
-                "config": config,
-                "tokenizer": meta["tokenizer"],
-                "rng": rng_state(),
-            }, ckpt_path)
-            print(f"saved {ckpt_path}")
+            model_state, optimizer_state = gather_training_state(raw_model, optimizer)  # every process takes part
+            rng_states = [None] * dist.world_size
+            if dist.world_size > 1:
+                torch.distributed.all_gather_object(rng_states, rng_state())
+            else:
+                rng_states = [rng_state()]
+            if master:
+                path = save_run_checkpoint({
+                    "kind": "pretrain",
+                    "model_config": asdict(raw_model.config),
+                    "model": model_state,
+                    "optimizer": optimizer_state,
+                    "step": step,
+                    "best_val_loss": best_val_loss,
+                    "val_loss": losses["val"],
+                    "config": config,
+                    "tokenizer": meta["tokenizer"],
+                    "rng": rng_states,
+                }, out_dir, keep_checkpoints)
+                log(f"saved {path}")
+            del model_state, optimizer_state
+        if master:
+            append_metrics(metrics_path, {"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
         t_log, steps_since_log = time.time(), 0  # evaluation time does not count toward tokens/s
     if step >= max_iters:
         break
 
     # one optimizer step: accumulate gradients over micro-steps, clip, update
     loss_sum = torch.zeros((), device=device)
-    for micro_step in range(gradient_accumulation_steps):
-        x, y = to_device(*bins["train"].sample(batch_size, (seed, 0, step, micro_step)), device)
+    for micro_step in range(accumulation_steps):
+        if isinstance(model, DDP):
+            # Average gradients across processes once, on the last micro-step, not on every one.
+            model.require_backward_grad_sync = micro_step == accumulation_steps - 1
+        # Seeded by the micro-step's place in the global batch, so 1 process with 8 micro-steps
+        # reads exactly the sequences that 8 processes with 1 each do.
+        batch_index = dist.rank * accumulation_steps + micro_step
+        x, y = to_device(*bins["train"].sample(batch_size, (seed, 0, step, batch_index)), device)
         with autocast:
-            _, loss = model(x, y)
-        loss = loss / gradient_accumulation_steps  # the mean over the whole step, not a sum of means
+            loss = model(x, y)[1]  # holding on to the logits would keep them in memory through backward
+        loss = loss / accumulation_steps  # the mean over the whole step, not a sum of means
         loss_sum += loss.detach()
         scaler.scale(loss).backward()
     if grad_clip > 0:
@@ -206,18 +281,23 @@ while True:
     steps_since_log += 1
 
     if step % log_interval == 0 or step == max_iters:
-        train_loss = loss_sum.item()  # waits for the GPU: only at log steps
+        # reading values waits for the GPU, and averaging them waits for every process: only at log steps
+        train_loss = all_reduce_sum(loss_sum, dist.world_size).item() / dist.world_size
+        if dist.world_size > 1:
+            torch.distributed.all_reduce(first_bad_step, op=torch.distributed.ReduceOp.MAX)
         if first_bad_step.item() >= 0:
-            stop_if_not_finite(train_loss if not math.isfinite(train_loss) else float("nan"), first_bad_step.item())
+            stop_if_not_finite(float("nan") if math.isfinite(train_loss) else train_loss, first_bad_step.item())
         seconds_per_step = (time.time() - t_log) / steps_since_log
-        tokens_per_sec = tokens_per_step / seconds_per_step
-        mfu = flops_per_token * tokens_per_sec / peak if peak else None
-        print(f"step {step}/{max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | {tokens_per_sec:,.0f} tok/s | "
-              + (f"mfu {100 * mfu:.1f}% | " if mfu is not None else "")
-              + f"{1000 * seconds_per_step:.0f} ms/step | eta {format_duration((max_iters - step) * seconds_per_step)}")
-        append_metrics(metrics_path, {"step": step, "loss": train_loss, "lr": lr, "tokens_per_sec": tokens_per_sec,
-                                      "mfu": mfu, "time": time.time()})
+        tokens_per_sec = total_batch_tokens / seconds_per_step
+        mfu = flops_per_token * tokens_per_sec / (peak * dist.world_size) if peak else None
+        log(f"step {step}/{max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | {tokens_per_sec:,.0f} tok/s | "
+            + (f"mfu {100 * mfu:.1f}% | " if mfu is not None else "")
+            + f"{1000 * seconds_per_step:.0f} ms/step | eta {format_duration((max_iters - step) * seconds_per_step)}")
+        if master:
+            append_metrics(metrics_path, {"step": step, "loss": train_loss, "lr": lr, "tokens_per_sec": tokens_per_sec,
+                                          "mfu": mfu, "time": time.time()})
         t_log, steps_since_log = time.time(), 0
 
-print(f"done: val loss {losses['val']:.4f} (best {best_val_loss:.4f}) after {step} steps; "
-      f"sample with: python sample.py --out_dir={out_dir}")
+log(f"done: val loss {losses['val']:.4f} (best {best_val_loss:.4f}) after {step} steps; "
+    f"sample with: python sample.py --out_dir={out_dir}")
+teardown_distributed()

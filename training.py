@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 import torch
+import torch.distributed
 
 
 def load_meta(data_dir):
@@ -95,22 +96,32 @@ def learning_rate_at(step, learning_rate, warmup_iters, decay_iters, min_lr):
 
 
 @torch.no_grad()
-def estimate_loss(model, bins_by_split, eval_iters, batch_size, device, autocast, seed):
+def estimate_loss(model, bins_by_split, eval_iters, batch_size, device, autocast, seed, rank=0, world_size=1):
     """Mean loss per split over eval_iters batches. The batches are the same at every call
-    (seeded by split and index), so successive evaluations differ only by the model."""
+    (seeded by split and index), so successive evaluations differ only by the model. Under
+    torchrun the batches are dealt out to the processes and the sums added up, so the result
+    does not depend on the number of processes."""
     was_training = model.training
     model.eval()
     losses = {}
     for split_index, (split, bins) in enumerate(bins_by_split.items()):
         total = torch.zeros((), device=device)
-        for i in range(eval_iters):
-            x, y = to_device(*bins.sample(batch_size, (seed, 1, split_index, i)), device)
+        # Every process runs the same number of forward passes: under FSDP each one is a collective.
+        for i in range(rank, world_size * math.ceil(eval_iters / world_size), world_size):
+            x, y = to_device(*bins.sample(batch_size, (seed, 1, split_index, i % eval_iters)), device)
             with autocast:
                 _, loss = model(x, y)
-            total += loss.float()
-        losses[split] = total.item() / eval_iters
+            if i < eval_iters:
+                total += loss.float()
+        losses[split] = all_reduce_sum(total, world_size).item() / eval_iters
     model.train(was_training)
     return losses
+
+
+def all_reduce_sum(tensor, world_size):
+    if world_size > 1:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor
 
 
 def append_metrics(path, record):

@@ -7,7 +7,7 @@ compile = False  # compiling takes longer than it saves on such a short CPU run
 
 batch_size = 32
 block_size = 128
-gradient_accumulation_steps = 1
+total_batch_tokens = 4096  # 32 x 128: one micro-step per optimizer step
 n_layer = 4
 n_head = 4
 n_embd = 128

@@ -19,7 +19,7 @@ bias = True
 
 # 16 sequences x 1024 tokens x 32 micro-steps = 524,288 tokens per step
 batch_size = 16
-gradient_accumulation_steps = 32
+total_batch_tokens = 524288  # 16 x 1024 x 32 micro-steps on 1 GPU, x 4 on 8 GPUs
 learning_rate = 6e-4
 min_lr = 6e-5
 weight_decay = 0.1

@@ -11,7 +11,7 @@ log_interval = 10
 
 batch_size = 64
 block_size = 256  # characters of context
-gradient_accumulation_steps = 1
+total_batch_tokens = 16384  # 64 x 256: one micro-step per optimizer step on one GPU
 n_layer = 6
 n_head = 6
 n_embd = 384
