@@ -30,20 +30,16 @@ Every default below is a config key: override it in a config file or with --key=
 import math
 import os
 import time
-from dataclasses import asdict
 
 import torch
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (checkpoints_newest_first, gather_training_state, load_checkpoint, load_newest_checkpoint,
-                        restore_training_state, save_run_checkpoint)
+from checkpoint import checkpoints_newest_first, load_checkpoint, load_newest_checkpoint, restore_training_state
 from configurator import configure, print_config
 from model import GPT, GPTConfig, peak_flops as gpu_peak_flops
-from runtime import (autocast_context, device_name, pick_dtype, rng_state, seed_everything, set_rng_state,
-                     setup_distributed, teardown_distributed)
+from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
 from training import (TokenBins, all_reduce_sum, append_metrics, estimate_loss, format_duration, learning_rate_at,
-                      load_meta, make_optimizer, to_device)
+                      load_meta, make_optimizer, optimizer_step, place_model, restore_rng_state,
+                      save_training_checkpoint, to_device, wrap_model)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -163,36 +159,17 @@ model = GPT(model_config)  # built on the CPU: FSDP moves only each process's sh
 model.activation_checkpointing = activation_checkpointing
 flops_per_token = model.flops_per_token(block_size)
 log(f"model: {model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs per token")
-if parallelism == "fsdp" and dist.world_size > 1:
-    # Shard each block on its own, so only one block's full parameters exist at a time during
-    # forward and backward; the root call takes the embeddings, final norm and output layer.
-    # Compute in bf16 but reduce gradients in fp32, so the average over processes loses nothing.
-    precision = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
-    for block in model.blocks:
-        fully_shard(block, mp_policy=precision)
-    fully_shard(model, mp_policy=precision)
-else:
-    model.to(device)
+place_model(model, dist, parallelism, dtype)
 seed_everything(seed + dist.rank)  # but different dropout masks in each process
 
 optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device)
 if checkpoint is not None:
     restore_training_state(model, optimizer, checkpoint)
-    rng_states = checkpoint["rng"]
-    if len(rng_states) == dist.world_size:
-        set_rng_state(rng_states[dist.rank])
-    else:
-        log(f"note: the checkpoint was written by {len(rng_states)} processes, this run has {dist.world_size}: "
-            "the weights, optimizer and data position resume exactly, dropout's random state starts afresh")
+    restore_rng_state(checkpoint["rng"], dist, log)
     checkpoint = None  # free the memory
 scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")  # fp16 needs loss scaling; bf16 does not
-
 raw_model = model  # what checkpoints are taken from: not the compiled or DDP wrapper
-if compile:
-    log("compiling the model (the first steps are slow)...")
-    model = torch.compile(model)
-if parallelism == "ddp" and dist.world_size > 1:
-    model = DDP(model, device_ids=[dist.local_rank] if device.startswith("cuda") else None)
+model = wrap_model(model, dist, parallelism, compile, log)
 
 peak = gpu_peak_flops(device_name(device), peak_flops) if device.startswith("cuda") or peak_flops else 0.0
 metrics_path = os.path.join(out_dir, "metrics.jsonl")
@@ -212,6 +189,15 @@ def stop_if_not_finite(loss, at_step):
                          if master else 1)
 
 
+def micro_step_loss(micro_step):
+    # Seeded by the micro-step's place in the global batch, so 1 process with 8 micro-steps
+    # reads exactly the sequences that 8 processes with 1 each do.
+    batch_index = dist.rank * accumulation_steps + micro_step
+    x, y = to_device(*bins["train"].sample(batch_size, (seed, 0, step, batch_index)), device)
+    with autocast:
+        return model(x, y)[1]  # holding on to the logits would keep them in memory through backward
+
+
 # -----------------------------------------------------------------------------
 # training loop
 start_step = step
@@ -228,54 +214,17 @@ while True:
         log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         best_val_loss = min(best_val_loss, losses["val"])
         if step > start_step:
-            model_state, optimizer_state = gather_training_state(raw_model, optimizer)  # every process takes part
-            rng_states = [None] * dist.world_size
-            if dist.world_size > 1:
-                torch.distributed.all_gather_object(rng_states, rng_state())
-            else:
-                rng_states = [rng_state()]
-            if master:
-                path = save_run_checkpoint({
-                    "kind": "pretrain",
-                    "model_config": asdict(raw_model.config),
-                    "model": model_state,
-                    "optimizer": optimizer_state,
-                    "step": step,
-                    "best_val_loss": best_val_loss,
-                    "val_loss": losses["val"],
-                    "config": config,
-                    "tokenizer": meta["tokenizer"],
-                    "rng": rng_states,
-                }, out_dir, keep_checkpoints)
-                log(f"saved {path}")
-            del model_state, optimizer_state
+            path = save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep_checkpoints, kind="pretrain",
+                                            step=step, best_val_loss=best_val_loss, val_loss=losses["val"],
+                                            config=config, tokenizer=meta["tokenizer"])
+            log(f"saved {path}")
         if master:
             append_metrics(metrics_path, {"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
         t_log, steps_since_log = time.time(), 0  # evaluation time does not count toward tokens/s
     if step >= max_iters:
         break
 
-    # one optimizer step: accumulate gradients over micro-steps, clip, update
-    loss_sum = torch.zeros((), device=device)
-    for micro_step in range(accumulation_steps):
-        if isinstance(model, DDP):
-            # Average gradients across processes once, on the last micro-step, not on every one.
-            model.require_backward_grad_sync = micro_step == accumulation_steps - 1
-        # Seeded by the micro-step's place in the global batch, so 1 process with 8 micro-steps
-        # reads exactly the sequences that 8 processes with 1 each do.
-        batch_index = dist.rank * accumulation_steps + micro_step
-        x, y = to_device(*bins["train"].sample(batch_size, (seed, 0, step, batch_index)), device)
-        with autocast:
-            loss = model(x, y)[1]  # holding on to the logits would keep them in memory through backward
-        loss = loss / accumulation_steps  # the mean over the whole step, not a sum of means
-        loss_sum += loss.detach()
-        scaler.scale(loss).backward()
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    loss_sum = optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip)
     first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss_sum), step, first_bad_step)
     step += 1
     steps_since_log += 1

@@ -1,8 +1,10 @@
 """
 The training machinery that train.py (and the post-training scripts) share:
-reading token bins, the AdamW parameter groups, the learning-rate schedule,
-loss estimation, and the metrics log. Each piece is small; the loop that uses
-them stays in the stage script, where a reader sees it top to bottom.
+reading token bins, placing and wrapping the model for DDP or FSDP, the AdamW
+parameter groups, the learning-rate schedule, one optimizer step with gradient
+accumulation and clipping, loss estimation, checkpoints of a run, and the
+metrics log. Each piece is small; the loop that uses them stays in the stage
+script, where a reader sees it top to bottom.
 
 Batches are stateless: the windows for (step, micro_step) come from a random
 generator seeded with exactly those numbers. So the data position of a run is
@@ -13,10 +15,16 @@ nothing about the loader needs saving.
 import json
 import math
 import os
+from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.distributed
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from checkpoint import gather_training_state, save_run_checkpoint
+from runtime import rng_state, set_rng_state
 
 
 def load_meta(data_dir):
@@ -70,6 +78,30 @@ def to_device(x, y, device):
     return x.to(device), y.to(device)
 
 
+def place_model(model, dist, parallelism, dtype):
+    """Put the model where it trains: sharded over the processes (FSDP), or whole on this process's device."""
+    if parallelism == "fsdp" and dist.world_size > 1:
+        # Shard each block on its own, so only one block's full parameters exist at a time during
+        # forward and backward; the root call takes the embeddings, final norm and output layer.
+        # Compute in dtype but reduce gradients in fp32, so the average over processes loses nothing.
+        precision = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
+        for block in model.blocks:
+            fully_shard(block, mp_policy=precision)
+        fully_shard(model, mp_policy=precision)
+    else:
+        model.to(dist.device)
+
+
+def wrap_model(model, dist, parallelism, compile, log=print):
+    """The module the training loop calls: compiled, and under DDP wrapped to average gradients."""
+    if compile:
+        log("compiling the model (the first steps are slow)...")
+        model = torch.compile(model)
+    if parallelism == "ddp" and dist.world_size > 1:
+        model = DDP(model, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None)
+    return model
+
+
 def make_optimizer(model, learning_rate, weight_decay, betas, device):
     """AdamW with weight decay on matrices (linear weights, embeddings) only.
 
@@ -93,6 +125,27 @@ def learning_rate_at(step, learning_rate, warmup_iters, decay_iters, min_lr):
         return min_lr
     progress = (step - warmup_iters) / max(1, decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip):
+    """One optimizer step: accumulate the gradients of accumulation_steps micro-batches
+    (micro_step_loss(i) runs the forward of micro-batch i and returns its mean loss), clip the
+    global gradient norm, update, and return the step's mean loss as a tensor (not synchronised)."""
+    loss_sum = None
+    for micro_step in range(accumulation_steps):
+        if isinstance(model, DDP):
+            # Average gradients across processes once, on the last micro-step, not on every one.
+            model.require_backward_grad_sync = micro_step == accumulation_steps - 1
+        loss = micro_step_loss(micro_step) / accumulation_steps  # the mean over the whole step
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum
 
 
 @torch.no_grad()
@@ -122,6 +175,32 @@ def all_reduce_sum(tensor, world_size):
     if world_size > 1:
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
     return tensor
+
+
+def save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep, **fields):
+    """Gather the model, optimizer and every process's random state, and (rank 0) write them with
+    fields (kind, step, config, tokenizer, ...) as out_dir/ckpt-<step>.pt. Every process must call
+    this. Returns the path written (None on the other ranks)."""
+    model_state, optimizer_state = gather_training_state(raw_model, optimizer)
+    rng_states = [None] * dist.world_size
+    if dist.world_size > 1:
+        torch.distributed.all_gather_object(rng_states, rng_state())
+    else:
+        rng_states = [rng_state()]
+    if not dist.is_main:
+        return None
+    checkpoint = {"model_config": asdict(raw_model.config), "model": model_state, "optimizer": optimizer_state,
+                  "rng": rng_states, **fields}
+    return save_run_checkpoint(checkpoint, out_dir, keep)
+
+
+def restore_rng_state(rng_states, dist, log=print):
+    """Each process takes back its own random state, if the checkpoint has one per process."""
+    if len(rng_states) == dist.world_size:
+        set_rng_state(rng_states[dist.rank])
+    else:
+        log(f"note: the checkpoint was written by {len(rng_states)} processes, this run has {dist.world_size}: "
+            "the weights, optimizer and data position resume exactly, dropout's random state starts afresh")
 
 
 def append_metrics(path, record):

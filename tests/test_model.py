@@ -434,3 +434,22 @@ def test_invalid_config_raises_value_error(overrides):
     d.update(overrides)
     with pytest.raises(ValueError):
         GPTConfig(**d)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    model = GPT(tiny_config("modern"))
+    idx = torch.randint(0, 64, (2, 16))
+
+    def loss_and_grads():
+        model.zero_grad()
+        _, loss = model(idx, idx)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    plain_loss, plain_grads = loss_and_grads()
+    model.activation_checkpointing = True
+    ckpt_loss, ckpt_grads = loss_and_grads()
+    assert torch.equal(plain_loss, ckpt_loss)
+    for a, b in zip(plain_grads, ckpt_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
