@@ -1,8 +1,11 @@
 """
-Turn raw text into the token files that train.py reads: find the files, split
-them into train and val by document, tokenize, and write the ids to disk.
+Turn raw text into the token files that train.py reads: read the documents,
+clean them, drop the low-quality ones and the duplicates, split them into train
+and val, tokenize, and write the ids to disk, with a report of what each step
+removed.
 
     python prepare.py                                   # offline default: the Python standard library's source, byte-level
+    python prepare.py config/data_gutenberg.py --input=../shared/data/gutenberg   # books: clean, filter, dedup, train a BPE
     python prepare.py config/data_shakespeare_char.py   # Tiny Shakespeare, char-level (downloads 1.1 MB once)
     python prepare.py config/data_shakespeare_char.py --input=path/to/input.txt   # the same from a local copy
     python prepare.py --input=~/notes --glob='**/*.md' --dataset=notes --tokenizer=gpt2
@@ -12,52 +15,101 @@ matching --glob, skipping hidden and binary ones; or an http(s) URL), the
 preset's --url (downloaded once into <data_root>/<dataset>/download/ and checked
 against url_sha256), or, when both are empty, the standard library's own .py
 files without its test suites: about 12 MB of code on any machine, no network.
+A .jsonl file holds one document per line, in the record's text_field; any
+other file is one document (.html and .htm files are HTML, the rest plain text).
 
-Every file is a document. A document longer than max_document_chars is cut at
-line ends into pieces, so even a single-file corpus splits into train and val.
-The pieces are shuffled with a fixed seed and a val_fraction of them go to val;
-within a split, a document's pieces are joined back in order and followed by
-the end-of-text token.
+The pipeline, each step switched on or off by the config (all off by default,
+so the default corpus of code goes through untouched; config/data_gutenberg.py
+switches on everything):
+  1. clean: HTML to text, the Project Gutenberg header and licence, Unicode NFC,
+     whitespace (html_to_text, strip_gutenberg, unicode_nfc, normalize_whitespace)
+  2. quality filters: quality_filters = {rule: (min, max)} bounds the measures
+     in _MEASURES below (Gopher and C4 style heuristics); a document outside
+     a bound is dropped and counted under the first rule it breaks
+  3. deduplication: exact (a hash of the lower-cased, whitespace-collapsed text)
+     and near (MinHash with LSH banding); the first of a group is kept
+  4. split: a document longer than max_document_chars is cut at line ends into
+     pieces, so even a single-file corpus splits into train and val; the pieces
+     are shuffled with a fixed seed and a val_fraction of them go to val; within
+     a split, a document's pieces follow each other in order and the last one
+     is followed by the end-of-text token
+  5. tokenize: 'bpe' first trains a byte-level BPE on the kept documents. Each
+     piece is tokenized alone, so the pool can share out a long document; for
+     the BPE tokenizers the tokens at a cut (a line end) can differ slightly
+     from those of the whole text.
+Documents stream through: steps 1-3 write the kept documents to a scratch file,
+which the tokenizer training and step 5 read back, and the per-document work
+(steps 1-2 and the hashing of 3, then tokenizing) runs in a pool of processes.
+Memory grows with the number of documents, not their size: a few numbers each,
+about 5 KB each with near dedup (the kept signatures and their LSH buckets).
 
 Writes to <data_root>/<dataset>/:
-    train.bin, val.bin  token ids, raw uint16 (uint32 when the vocabulary exceeds 65536), for np.memmap
+    train.bin, val.bin  token ids, raw uint16 (uint32 when the vocabulary exceeds 65536), for np.memmap;
+                        a split of more than shard_tokens tokens is train_000.bin, train_001.bin, ...
     meta.json           tokenizer description, vocab_size, eot_id, dtype, per-split files and counts,
                         sources and their sha256, the unigram baseline loss, the config
+    tokenizer.tiktoken  for 'bpe': the vocabulary, also inside meta.json, as a file tiktoken can load
+    report.json         what each step removed, tokens per split, time and throughput
 Each file is written under a temporary name and renamed into place, meta.json
 last, so a dataset with a meta.json is complete. Re-running with the same config
-rewrites byte-identical files.
+rewrites byte-identical files (all but report.json, which holds timings).
 """
 
+import collections
+import functools
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import sysconfig
 import time
+import unicodedata
 import urllib.parse
+from html.parser import HTMLParser
 
 import numpy as np
 import requests
 
 from configurator import configure
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, count_words
 
 # -----------------------------------------------------------------------------
 # output
 dataset = "pystdlib"  # the folder under data_root
 data_root = "data"
+shard_tokens = 100_000_000  # tokens per bin file; a split with more is written as numbered shards
 # source
 input = ""  # a file, a folder or an http(s) URL; empty: url if set, else the standard library
 url = ""  # a preset's download, used when input is empty
 url_sha256 = ""  # the download's expected sha256; empty skips the check
 glob = "**/*"  # which files of a folder to read, matched on the path relative to it ('**/' spans folders)
+text_field = "text"  # the field of each .jsonl record that holds its document
+# cleaning, in this order
+html_to_text = True  # .html/.htm files: the visible text, without tags, scripts, styles, navigation, headers, footers
+strip_gutenberg = False  # keep only the book between Project Gutenberg's "*** START OF" and "*** END OF" lines
+unicode_nfc = False  # compose characters (e + U+0301 becomes é), so equal text is equal bytes
+normalize_whitespace = False  # CRLF to LF, no trailing spaces, at most one blank line in a row
+# quality filters: {rule: (min, max)}, None for an open end; the rules are in _MEASURES, values in config/data_gutenberg.py
+quality_filters = {}
+# deduplication
+dedup_exact = False  # drop a document whose lower-cased, whitespace-collapsed text was seen before
+dedup_near = False  # drop a document whose MinHash signature is near_threshold similar to a kept one's
+near_threshold = 0.8  # estimated Jaccard similarity of the documents' sets of shingles
+minhash_bands = 16  # LSH: a pair is compared when all minhash_rows values of one band agree;
+minhash_rows = 8  # with 16 x 8, a pair of similarity 0.8 is compared with probability 0.95, 0.9 with 0.9999
 # tokenizer
-tokenizer = "byte"  # 'gpt2' | 'char' | 'byte'
+tokenizer = "byte"  # 'gpt2' | 'bpe' (trained here) | 'char' | 'byte'
+bpe_vocab_size = 8192  # 'bpe': all ids, the 256 bytes, the merges and end-of-text
 # split
 val_fraction = 0.1  # share of the documents (pieces) that go to val
 seed = 1337
 max_document_chars = 100_000  # longer documents are cut at line ends into pieces of at most this size
+# work
+num_workers = 0  # processes that clean and tokenize; 0: one per CPU core
 # -----------------------------------------------------------------------------
+
+# ----- reading ---------------------------------------------------------------
 
 
 def file_sha256(path):
@@ -133,36 +185,414 @@ def list_files(root, pattern, skip_names=(), skip_folder=None):
     return sorted(found)
 
 
-def read_files(files):
-    """Read the text files as UTF-8, skipping binary ones; return [(relpath, text)] of the non-empty ones and a summary."""
-    docs, n_read, n_bytes, n_binary, n_replaced = [], 0, 0, 0, 0
+def decode(data):
+    """UTF-8 bytes to text, invalid bytes replaced with U+FFFD; and how many characters were replaced."""
+    text = data.decode("utf-8", errors="replace")
+    # a U+FFFD that the file already holds is text, not a replacement
+    return text, text.count("\ufffd") - data.count("\ufffd".encode())
+
+
+def warn_replaced(source, replaced, stats):
+    if replaced:
+        print(f"warning: {source} is not valid UTF-8; {replaced} characters replaced with U+FFFD")
+        stats["replaced_chars"] += replaced
+
+
+def jsonl_documents(rel, f, text_field, stats, sha):
+    """(source, text) of each record of an open .jsonl file; a line that is not a record with a text_field string is skipped."""
+    n_bad, first_bad, replaced = 0, None, 0
+    for n, line in enumerate(f, 1):
+        sha.update(line)
+        if not line.strip():
+            continue
+        line, line_replaced = decode(line)
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            n_bad, first_bad = n_bad + 1, first_bad or n
+            continue
+        # JSON can spell half of a surrogate pair ("\ud83d"), which is no character and has no UTF-8
+        text, surrogates = re.subn("[\ud800-\udfff]", "\ufffd", text)
+        replaced += line_replaced + surrogates
+        yield f"{rel}:{n}", text
+    warn_replaced(rel, replaced, stats)
+    if n_bad:
+        print(f"warning: skipping {n_bad:,} lines of {rel} that are not JSON records with a '{text_field}' string "
+              f"(the first: line {first_bad}); set --text_field to the field that holds the text")
+        stats["bad_records"] += n_bad
+
+
+def read_documents(files, text_field, stats):
+    """Yield (source, text) for every document of the files, skipping binary files; stats counts what was read."""
     combined = hashlib.sha256()
-    last_print = time.time()
-    for i, (rel, path) in enumerate(files):
-        if time.time() - last_print > 10:
-            print(f"  read {i:,}/{len(files):,} files", flush=True)
-            last_print = time.time()
+    for rel, path in files:
         try:
             with open(path, "rb") as f:
-                data = f.read()
+                if b"\0" in f.read(8192):  # text files never hold NUL bytes; images, archives and .bin files do
+                    print(f"warning: skipping binary file {rel}")
+                    stats["skipped_binary"] += 1
+                    continue
+                f.seek(0)
+                sha = hashlib.sha256()
+                if rel.endswith(".jsonl"):  # read line by line: a .jsonl file can be larger than memory
+                    yield from jsonl_documents(rel, f, text_field, stats, sha)
+                else:
+                    data = f.read()
+                    sha.update(data)
+                    text, replaced = decode(data)
+                    warn_replaced(rel, replaced, stats)
+                    yield rel, text
         except OSError as e:
             raise SystemExit(f"prepare error: cannot read {path} ({e.strerror}); fix its permissions or leave it out with --glob")
-        if b"\0" in data[:8192]:  # text files never hold NUL bytes; images, archives and .bin files do
-            print(f"warning: skipping binary file {rel}")
-            n_binary += 1
-            continue
-        text = data.decode("utf-8", errors="replace")
-        # a U+FFFD that the file already holds is text, not a replacement
-        replaced = text.count("\ufffd") - data.count("\ufffd".encode())
-        if replaced:
-            print(f"warning: {rel} is not valid UTF-8; {replaced} characters replaced with U+FFFD")
-        n_read, n_bytes, n_replaced = n_read + 1, n_bytes + len(data), n_replaced + replaced
-        combined.update(f"{rel}\0{hashlib.sha256(data).hexdigest()}\n".encode(errors="surrogateescape"))
-        if text:
-            docs.append((rel, text))
-    summary = {"files": n_read, "bytes": n_bytes, "sha256": combined.hexdigest(),
-               "skipped_binary": n_binary, "replaced_chars": n_replaced}
-    return docs, summary
+        stats["files"] += 1
+        stats["bytes"] += os.path.getsize(path)
+        combined.update(f"{rel}\0{sha.hexdigest()}\n".encode(errors="surrogateescape"))
+        stats["sha256"] = combined.hexdigest()
+
+
+# ----- cleaning --------------------------------------------------------------
+
+
+class HTMLText(HTMLParser):
+    """The visible text of an HTML page, with a blank line between blocks (paragraphs, headings, list items).
+
+    What is not content goes: the tags, scripts, styles, the title, navigation, page headers and
+    footers. Entities (&amp;, &#233;) come back as characters; whitespace runs collapse to one
+    space, as a browser shows them, except inside <pre>.
+    """
+
+    SKIP = {"script", "style", "noscript", "template", "svg", "title", "nav", "header", "footer", "aside"}
+    BLOCKS = {"p", "div", "section", "article", "main", "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "li", "dl",
+              "dt", "dd", "table", "tr", "blockquote", "pre", "figure", "figcaption", "hr", "body", "form"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts, self.skipping, self.in_pre = [], 0, 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.SKIP:
+            self.skipping += 1
+        elif tag == "br":
+            self.parts.append("\n")
+        elif tag in self.BLOCKS:
+            self.parts.append("\n\n")
+        self.in_pre += tag == "pre"
+
+    def handle_endtag(self, tag):
+        if tag in self.SKIP:
+            self.skipping = max(0, self.skipping - 1)
+        elif tag in self.BLOCKS:
+            self.parts.append("\n\n")
+        self.in_pre = max(0, self.in_pre - (tag == "pre"))
+
+    def handle_data(self, data):
+        if self.skipping:
+            return
+        if not self.in_pre:
+            data = re.sub(r"\s+", " ", data)
+            if not self.parts or self.parts[-1].endswith("\n"):
+                data = data.lstrip()
+        self.parts.append(data)
+
+    def text(self):
+        text = re.sub(r"[ \t]+\n", "\n", "".join(self.parts))
+        return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def html_text(html):
+    parser = HTMLText()
+    parser.feed(html)
+    parser.close()
+    return parser.text()
+
+
+# the START line ends with "***", sometimes on the next line when the title is long
+GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (?:[\s\S]{0,300}?\*\*\*|.*)", re.MULTILINE)
+# the licence follows the "*** END OF" line, often after an "End of the Project Gutenberg EBook of ..." line
+GUTENBERG_END = re.compile(r"^(?:\*\*\* ?END OF |End of (?:the )?Project Gutenberg)", re.MULTILINE | re.IGNORECASE)
+
+
+def gutenberg_text(text):
+    """The book without Project Gutenberg's header and licence; text without the markers comes back as it is."""
+    start = GUTENBERG_START.search(text)
+    if start:
+        text = text[start.end():]
+    end = GUTENBERG_END.search(text)
+    if end:
+        text = text[:end.start()]
+    return text
+
+
+def tidy_whitespace(text):
+    """LF line ends, no trailing whitespace, at most one blank line in a row, nothing blank at either end."""
+    text = "\n".join(line.rstrip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"))
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def clean(source, text, config):
+    """The text after each switched-on cleaning step, and for each step (whether it changed the text, characters removed)."""
+    changes = {}
+    steps = [
+        ("html", config["html_to_text"] and source.lower().endswith((".html", ".htm")), html_text),
+        ("gutenberg", config["strip_gutenberg"], gutenberg_text),
+        ("nfc", config["unicode_nfc"], lambda t: unicodedata.normalize("NFC", t)),
+        ("whitespace", config["normalize_whitespace"], tidy_whitespace),
+    ]
+    for name, on, step in steps:
+        if on:
+            cleaned = step(text)
+            changes[name] = (cleaned != text, len(text) - len(cleaned))
+            text = cleaned
+    return text, changes
+
+
+# ----- quality filters -------------------------------------------------------
+
+
+def ratio(part, whole):
+    return part / whole if whole else 0.0
+
+
+@functools.lru_cache(maxsize=1)
+def words_of(text):
+    """The whitespace-separated words, as Gopher counts them; cached, as most rules need them for the same text."""
+    return text.split()
+
+
+def mean_word_length(text):
+    words = words_of(text)
+    return ratio(sum(map(len, words)), len(words))
+
+
+def symbol_word_ratio(text):
+    """Hashes and ellipses per word: many mean lists of tags or truncated snippets (Gopher: at most 0.1)."""
+    return ratio(text.count("#") + text.count("...") + text.count("\u2026"), len(words_of(text)))
+
+
+def punctuation_word_ratio(text):
+    """Punctuation and symbol characters per word: high for tables, markup leftovers, code and spam."""
+    return ratio(len(re.sub(r"[\w\s]+", "", text)), len(words_of(text)))
+
+
+def lines_ending_in_punctuation(text):
+    """Share of the non-blank lines that end like a sentence (C4 keeps only those lines; menus and lists do not)."""
+    lines = [line.rstrip() for line in text.splitlines() if line.strip()]
+    ends = (".", "!", "?", '"', "'", "\u201d", "\u2019", ":", ";", ")")
+    return ratio(sum(line.endswith(ends) for line in lines), len(lines))
+
+
+def repeated_share(items):
+    """Share of items that repeat an earlier one."""
+    return ratio(len(items) - len(set(items)), len(items))
+
+
+def duplicate_lines(text):
+    return repeated_share([line.strip() for line in text.splitlines() if line.strip()])
+
+
+def duplicate_paragraphs(text):
+    return repeated_share([p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()])
+
+
+def top_ngram_share(text, n):
+    """Share of the word characters covered by the most frequent word n-gram (Gopher: at most 0.20, 0.18, 0.16 for n = 2, 3, 4)."""
+    words = words_of(text)
+    if len(words) < n:
+        return 0.0
+    # one 64-bit key per n-gram: a polynomial in the words' hashes, wrapping around 2**64 (collisions are negligible)
+    ids = np.fromiter(map(hash, words), dtype=np.int64, count=len(words)).view(np.uint64)
+    keys = np.zeros(len(words) - n + 1, dtype=np.uint64)
+    for k in range(n):
+        keys = keys * np.uint64(1_000_003) + ids[k:len(words) - n + 1 + k]
+    values, counts = np.unique(keys, return_counts=True)
+    # of the n-grams tied for most frequent, the longest, so the result does not depend on the hash values
+    ends = np.cumsum(np.fromiter(map(len, words), dtype=np.int64, count=len(words)))
+    chars = ends[n - 1:] - np.concatenate(([0], ends[:-n]))
+    longest = chars[np.isin(keys, values[counts == counts.max()])].max()
+    return min(1.0, counts.max() * longest / ends[-1])
+
+
+def non_alphabetic(text):
+    """Share of the non-space characters that are not letters (digits, punctuation, symbols)."""
+    non_space = "".join(words_of(text))
+    return ratio(len(re.sub(r"[^\W\d_]+", "", non_space)), len(non_space))
+
+
+# The quality rules by name, as quality_filters names them. Underscored: a config key holds values, not functions.
+_MEASURES = {
+    "words": lambda text: len(words_of(text)),
+    "mean_word_length": mean_word_length,
+    "symbol_word_ratio": symbol_word_ratio,
+    "punctuation_word_ratio": punctuation_word_ratio,
+    "lines_ending_in_punctuation": lines_ending_in_punctuation,
+    "duplicate_lines": duplicate_lines,
+    "duplicate_paragraphs": duplicate_paragraphs,
+    "top_2gram": lambda text: top_ngram_share(text, 2),
+    "top_3gram": lambda text: top_ngram_share(text, 3),
+    "top_4gram": lambda text: top_ngram_share(text, 4),
+    "non_alphabetic": non_alphabetic,
+}
+
+
+def quality_problem(text, bounds):
+    """The first rule of bounds ({rule: (min, max)}) whose measure of text falls outside, or None."""
+    for rule, (low, high) in bounds.items():
+        value = _MEASURES[rule](text)
+        if (low is not None and value < low) or (high is not None and value > high):
+            return rule
+    return None
+
+
+# ----- deduplication ---------------------------------------------------------
+
+
+def normalized(text):
+    """Lower case, single spaces: the form documents are compared in, so layout and capitals do not hide a copy."""
+    return " ".join(text.lower().split())
+
+
+def exact_key(normal):
+    return hashlib.blake2b(normal.encode("utf-8"), digest_size=16).digest()
+
+
+def minhash_functions(n):
+    """n hash functions h(x) = (a*x + b) mod 2**64, top 32 bits (multiply-shift hashing), from a fixed seed."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(1, 2**63, size=n, dtype=np.uint64) * np.uint64(2) + np.uint64(1)  # odd multipliers
+    b = rng.integers(0, 2**63, size=n, dtype=np.uint64)
+    return a, b
+
+
+def minhash(normal, a, b, shingle_bytes=32):
+    """MinHash signature of a normalized text: for each hash function, its smallest value over the text's shingles.
+
+    A shingle is the 32 bytes from the start of each word (about five words). Two signatures agree
+    at a position with probability equal to the Jaccard similarity of the two shingle sets, so the
+    share of agreeing positions estimates it.
+    """
+    data = np.frombuffer(normal.encode("utf-8") + bytes(shingle_bytes), dtype=np.uint8)
+    starts = np.concatenate(([0], np.flatnonzero(data[:-shingle_bytes - 1] == ord(" ")) + 1))
+    # each shingle read as four 64-bit numbers (8 bytes from the start, 8 more, ...), folded into one
+    # by a polynomial that wraps around 2**64
+    windows = np.lib.stride_tricks.sliding_window_view(data, 8)
+    lanes = np.ascontiguousarray(windows[starts[:, None] + np.arange(0, shingle_bytes, 8)]).view(np.uint64)[..., 0]
+    shingles = np.zeros(len(starts), dtype=np.uint64)
+    for k in range(lanes.shape[1]):
+        shingles = shingles * np.uint64(0x100000001B3) + lanes[:, k]
+    # min over the shingles in blocks, so the (functions x shingles) table stays small; the top 32
+    # bits of the smallest value are the smallest top 32 bits, so the shift comes last
+    signature = np.full(len(a), 2**64 - 1, dtype=np.uint64)
+    for i in range(0, len(shingles), 4096):
+        hashes = a[:, None] * shingles[None, i:i + 4096]
+        hashes += b[:, None]
+        np.minimum(signature, hashes.min(axis=1), out=signature)
+    return (signature >> np.uint64(32)).astype(np.uint32)
+
+
+class Duplicates:
+    """The kept documents, remembered by exact key and by MinHash signature; the first of a group is kept.
+
+    Near duplicates are found with LSH banding: a new signature is compared only with the kept ones
+    that agree with it on every row of at least one band, and it is a near duplicate of the first
+    whose share of agreeing values (the estimated Jaccard similarity) reaches the threshold.
+    """
+
+    def __init__(self, bands, rows, threshold):
+        self.rows, self.threshold = rows, threshold
+        self.exact = {}  # exact key → source
+        self.buckets = [{} for _ in range(bands)]  # for each band: {its rows' values: indices into self.kept}
+        self.kept = []  # (source, signature)
+
+    def bands(self, signature):
+        return [signature[i:i + self.rows].tobytes() for i in range(0, len(self.buckets) * self.rows, self.rows)]
+
+    def match(self, source, key, signature):
+        """('exact' or 'near', the kept source that text repeats), or None after remembering source as kept."""
+        if key is not None and key in self.exact:
+            return "exact", self.exact[key]
+        if signature is not None:
+            candidates = {i for bucket, band in zip(self.buckets, self.bands(signature)) for i in bucket.get(band, ())}
+            for i in sorted(candidates):
+                kept_source, kept_signature = self.kept[i]
+                if np.mean(kept_signature == signature) >= self.threshold:
+                    return "near", kept_source
+        if key is not None:
+            self.exact[key] = source
+        if signature is not None:
+            for bucket, band in zip(self.buckets, self.bands(signature)):
+                bucket.setdefault(band, []).append(len(self.kept))
+            self.kept.append((source, signature))
+        return None
+
+
+# ----- the pool of workers ----------------------------------------------------
+
+_worker = {}  # a worker process's own state, set once by the pool's initializer, not sent with every task
+
+
+def start_cleaner(config):
+    _worker["config"] = config
+    _worker["minhash"] = minhash_functions(config["minhash_bands"] * config["minhash_rows"])
+
+
+def clean_and_check(batch):
+    """For each (source, text): the cleaned text, what each cleaning step changed, the quality rule it
+    breaks (or None), its dedup keys and, for 'bpe', its word counts; the decisions that need the
+    whole corpus stay with the caller."""
+    s = _worker["config"]
+    results = []
+    for source, text in batch:
+        text, changes = clean(source, text, s)
+        rule = "empty" if not text else quality_problem(text, s["quality_filters"])
+        normal = normalized(text) if rule is None and (s["dedup_exact"] or s["dedup_near"]) else None
+        key = exact_key(normal) if normal is not None and s["dedup_exact"] else None
+        signature = minhash(normal, *_worker["minhash"]) if normal is not None and s["dedup_near"] else None
+        words = count_words([text]) if rule is None and s["tokenizer"] == "bpe" else None
+        results.append((source, text, changes, rule, key, signature, words))
+    return results
+
+
+def start_encoder(description, dtype):
+    # The tokenizer is rebuilt from its description in each worker: the same description a checkpoint carries.
+    _worker["tokenizer"], _worker["dtype"] = Tokenizer(description), dtype
+
+
+def encode_batch(batch):
+    """(split, ids, ends_document) for each (split, text, ends_document); end-of-text follows where a document ends."""
+    tok, dtype = _worker["tokenizer"], _worker["dtype"]
+    return [(split, np.array(tok.encode(text) + [tok.eot_id] * ends, dtype=dtype), ends) for split, text, ends in batch]
+
+
+def batched(items, max_chars=1 << 20):
+    """Lists of consecutive items of about max_chars of text (an item's second field) each, one list per
+    task, so small documents do not each pay a round trip to a worker."""
+    batch, size = [], 0
+    for item in items:
+        batch.append(item)
+        size += len(item[1])
+        if size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def imap_bounded(pool, fn, batches, ahead):
+    """pool.imap with at most `ahead` tasks in flight: Pool.imap reads its whole input at once,
+    which would hold the corpus in memory."""
+    pending = collections.deque()
+    for batch in batches:
+        pending.append(pool.apply_async(fn, (batch,)))
+        if len(pending) >= ahead:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+# ----- split, tokenize, write ------------------------------------------------
 
 
 def split_document(text, max_chars):
@@ -187,41 +617,63 @@ def choose_val(n, val_fraction, seed):
     return is_val
 
 
-def join_pieces(pieces, keep):
-    """The documents of one split: for each document, its kept pieces joined in their original order."""
-    documents = {}
-    for (doc, piece), k in zip(pieces, keep):
-        if k:
-            documents.setdefault(doc, []).append(piece)
-    return ["".join(parts) for parts in documents.values()]
+def pieces_by_split(texts, is_val, max_chars):
+    """(split, piece, ends_document) for each piece of each text, in order; a document's last piece
+    in a split ends it there, so each document is followed by one end-of-text in each split it is in."""
+    i = 0
+    for text in texts:
+        pieces = split_document(text, max_chars)
+        splits = ["val" if v else "train" for v in is_val[i:i + len(pieces)]]
+        i += len(pieces)
+        last = {split: j for j, split in enumerate(splits)}
+        for j, (piece, split) in enumerate(zip(pieces, splits)):
+            yield split, piece, last[split] == j
 
 
 def token_dtype(vocab_size):
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
-def tokenize(tok, texts, dtype, name):
-    """The ids of all texts, each followed by end-of-text, as one array."""
-    eot = np.array([tok.eot_id], dtype=dtype)
-    arrays, last_print = [], time.time()
-    for i, text in enumerate(texts):
-        arrays += [np.array(tok.encode(text), dtype=dtype), eot]
-        if time.time() - last_print > 10:
-            print(f"  {name}: {i + 1:,}/{len(texts):,} documents", flush=True)
-            last_print = time.time()
-    return np.concatenate(arrays)
+class ShardWriter:
+    """Appends one split's token ids to files of at most shard_tokens each, under temporary names until
+    finish() renames them: <split>.bin when one file holds the split, else <split>_000.bin, <split>_001.bin, ..."""
+
+    def __init__(self, folder, split, shard_tokens):
+        self.folder, self.split, self.shard_tokens = folder, split, shard_tokens
+        self.temporary, self.file, self.room, self.tokens = [], None, 0, 0
+
+    def write(self, ids):
+        while len(ids):
+            if self.room == 0:
+                self.next_file()
+            ids[:self.room].tofile(self.file)
+            written = min(len(ids), self.room)
+            self.room -= written
+            self.tokens += written
+            ids = ids[written:]
+
+    def next_file(self):
+        if self.file:
+            self.file.close()
+        self.temporary.append(os.path.join(self.folder, f"{self.split}_{len(self.temporary):03d}.bin.tmp"))
+        self.file = open(self.temporary[-1], "wb")
+        self.room = self.shard_tokens
+
+    def finish(self):
+        """Rename the files into place; return their names."""
+        self.file.close()
+        names = [f"{self.split}.bin"] if len(self.temporary) == 1 else \
+            [f"{self.split}_{i:03d}.bin" for i in range(len(self.temporary))]
+        for tmp, name in zip(self.temporary, names):
+            os.replace(tmp, os.path.join(self.folder, name))  # a reader sees the old file or the whole new one
+        return names
 
 
-def unigram_loss(train_ids, val_ids, vocab_size):
-    """Cross-entropy (nats/token) of val under train's token frequencies, add-one smoothed: the loss of a model that ignores context."""
-    counts = np.bincount(train_ids, minlength=vocab_size) + 1.0
-    return float(-np.log(counts[val_ids] / counts.sum()).mean())
-
-
-def save_bin(path, ids):
-    tmp = path + ".tmp"
-    ids.tofile(tmp)
-    os.replace(tmp, path)  # a reader sees the old file or the whole new one, never half of one
+def unigram_loss(train_counts, val_counts):
+    """Cross-entropy (nats/token) of val under train's token frequencies, add-one smoothed: the loss
+    of a model that ignores context. Both arguments count each id's occurrences."""
+    p = (train_counts + 1.0) / (train_counts + 1.0).sum()
+    return float(-(val_counts * np.log(p)).sum() / val_counts.sum())
 
 
 def save_json(path, obj):
@@ -232,17 +684,59 @@ def save_json(path, obj):
     os.replace(tmp, path)
 
 
-if __name__ == "__main__":
-    config = configure(globals())
-    print(f"prepare config: {json.dumps(config)}")
-    t0 = time.time()
-    if tokenizer not in ("gpt2", "char", "byte"):
-        raise SystemExit(f"prepare error: unknown tokenizer '{tokenizer}'; use --tokenizer=gpt2, char or byte")
+def save_text(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def read_scratch(path):
+    """The kept documents, one JSON string a line, as prepare wrote them."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def check_config():
+    if tokenizer not in ("gpt2", "bpe", "char", "byte"):
+        raise SystemExit(f"prepare error: unknown tokenizer '{tokenizer}'; use --tokenizer=gpt2, bpe, char or byte")
+    if tokenizer == "bpe" and bpe_vocab_size < 258:
+        raise SystemExit(f"prepare error: bpe_vocab_size={bpe_vocab_size} leaves no room for merges after the 256 bytes "
+                         "and end-of-text; use e.g. --bpe_vocab_size=8192")
     if not 0 <= val_fraction < 1:
         raise SystemExit(f"prepare error: val_fraction={val_fraction} is outside [0, 1); use e.g. --val_fraction=0.1")
     if max_document_chars < 1:
         raise SystemExit(f"prepare error: max_document_chars={max_document_chars} must be positive; use e.g. --max_document_chars=100000")
+    if shard_tokens < 1:
+        raise SystemExit(f"prepare error: shard_tokens={shard_tokens} must be positive; use e.g. --shard_tokens=100000000")
+    for rule, bound in quality_filters.items():
+        if rule not in _MEASURES:
+            raise SystemExit(f"prepare error: unknown quality filter '{rule}'; the rules are {', '.join(_MEASURES)}")
+        if not (isinstance(bound, (tuple, list)) and len(bound) == 2
+                and all(v is None or isinstance(v, (int, float)) for v in bound)):
+            raise SystemExit(f"prepare error: quality_filters['{rule}'] = {bound!r} is not a (min, max) pair; "
+                             "write e.g. (None, 0.1), None for an open end")
+    if dedup_near and not 0 < near_threshold <= 1:
+        raise SystemExit(f"prepare error: near_threshold={near_threshold} is outside (0, 1]; use e.g. --near_threshold=0.8")
+    if dedup_near and min(minhash_bands, minhash_rows) < 1:
+        raise SystemExit(f"prepare error: minhash_bands={minhash_bands} and minhash_rows={minhash_rows} must be positive; "
+                         "use e.g. --minhash_bands=16 --minhash_rows=8")
+    if num_workers < 0:
+        raise SystemExit(f"prepare error: num_workers={num_workers} is negative; use 0 for one per CPU core")
+
+
+def summary_line(counts):
+    return ", ".join(f"{k} {v:,}" for k, v in counts.items()) or "none"
+
+
+if __name__ == "__main__":
+    config = configure(globals())
+    print(f"prepare config: {json.dumps(config)}")
+    t0 = time.time()
+    check_config()
     out_dir = os.path.join(data_root, dataset)
+    workers = num_workers or os.cpu_count()
 
     # find the source: --input, else the preset's download, else the standard library
     url_digest = None
@@ -266,48 +760,109 @@ if __name__ == "__main__":
         files = [f for f in list_files(source, glob, skip_names=skip) if f[0].endswith(".py")]
     if not files:
         raise SystemExit(f"prepare error: no files in {source} match --glob={glob}; check --input and --glob")
-
-    # read the documents and cut the long ones into pieces
     print(f"reading {len(files):,} files from {source}")
-    docs, sources = read_files(files)
-    sources = {"input": input or url or source, **sources}
-    if url_digest:
-        sources["url_sha256"] = url_digest
-    if not docs:
-        raise SystemExit(f"prepare error: the {len(files)} files from {source} hold no text; point --input at text files")
-    n_chars = sum(len(text) for _, text in docs)
-    print(f"read {sources['files']:,} files, {sources['bytes'] / 1e6:.1f} MB: {len(docs):,} non-empty documents, {n_chars:,} characters")
-    pieces = [(i, piece) for i, (_, text) in enumerate(docs) for piece in split_document(text, max_document_chars)]
-    if len(pieces) < 2:
-        raise SystemExit(
-            f"prepare error: the corpus is one piece of {n_chars:,} characters and cannot be split into train and val; "
-            "add files or lower --max_document_chars"
-        )
 
-    # split by piece, so a document (or a piece of one) is never half in train and half in val
-    is_val = choose_val(len(pieces), val_fraction, seed)
-    keep = {"train": ~is_val, "val": is_val}
-    texts = {split: join_pieces(pieces, keep[split]) for split in keep}
-
-    # tokenize
-    tok = Tokenizer.train(tokenizer, (text for _, text in docs))
-    dtype = token_dtype(tok.vocab_size)
-    print(f"tokenizing with {tokenizer} (vocab {tok.vocab_size:,}, {np.dtype(dtype).name})")
-    ids = {split: tokenize(tok, texts[split], dtype, split) for split in keep}
-
-    # write: the bins, then meta.json, which marks the dataset complete; the old one goes first
-    # so a crash in between never pairs new bins with old counts
+    stats = collections.Counter(files=0, bytes=0, skipped_binary=0, replaced_chars=0, bad_records=0)
+    scratch = os.path.join(out_dir, "documents.jsonl.tmp")
+    writers = {}
     os.makedirs(out_dir, exist_ok=True)
-    meta_path = os.path.join(out_dir, "meta.json")
-    if os.path.exists(meta_path):
-        os.remove(meta_path)
-    splits = {}
-    for split in keep:
-        print(f"writing {split}.bin: {len(ids[split]):,} tokens")
-        save_bin(os.path.join(out_dir, f"{split}.bin"), ids[split])
-        splits[split] = {"files": [f"{split}.bin"], "tokens": len(ids[split]),
-                         "documents": len(texts[split]), "pieces": int(keep[split].sum())}
-    loss = unigram_loss(ids["train"], ids["val"], tok.vocab_size)
+    try:
+        # 1-3: clean, filter and dedup in stream order; the kept documents go to the scratch file
+        n_in, chars_kept, pieces_per_doc = 0, 0, []
+        cleaned = collections.defaultdict(lambda: {"documents_changed": 0, "chars_removed": 0})
+        removed = collections.Counter({rule: 0 for rule in ["empty", *quality_filters]})
+        duplicates = collections.Counter(exact=0, near=0)
+        examples = collections.defaultdict(list)  # the first few documents each rule removed, to look at
+        seen = Duplicates(minhash_bands, minhash_rows, near_threshold)
+        word_counts = collections.Counter()  # 'bpe': the pre-tokenized words of the kept documents
+        last_print = time.time()
+        with multiprocessing.Pool(workers, initializer=start_cleaner, initargs=(config,)) as pool, \
+                open(scratch, "w", encoding="utf-8") as out:
+            documents = read_documents(files, text_field, stats)
+            for results in imap_bounded(pool, clean_and_check, batched(documents), 2 * workers):
+                for source_name, text, changes, rule, key, signature, words in results:
+                    n_in += 1
+                    for step, (changed, chars_removed) in changes.items():
+                        cleaned[step]["documents_changed"] += changed
+                        cleaned[step]["chars_removed"] += chars_removed
+                    if rule:
+                        removed[rule] += 1
+                        example = source_name
+                    elif repeat := seen.match(source_name, key, signature):
+                        rule, kept_source = repeat
+                        duplicates[rule] += 1
+                        example = f"{source_name} repeats {kept_source}"
+                    if rule:
+                        if len(examples[rule]) < 5:
+                            examples[rule].append(example)
+                        continue
+                    out.write(json.dumps(text, ensure_ascii=False) + "\n")
+                    word_counts.update(words or {})
+                    chars_kept += len(text)
+                    pieces_per_doc.append(len(split_document(text, max_document_chars)))
+                if time.time() - last_print > 10:
+                    print(f"  {n_in:,} documents read, {len(pieces_per_doc):,} kept", flush=True)
+                    last_print = time.time()
+        t_clean = time.time() - t0
+        sources = {"input": input or url or source}
+        sources.update((k, stats[k]) for k in ("files", "bytes", "sha256", "skipped_binary", "replaced_chars", "bad_records"))
+        if url_digest:
+            sources["url_sha256"] = url_digest
+        print(f"read {stats['files']:,} files, {stats['bytes'] / 1e6:.1f} MB: {n_in:,} documents")
+        for step, c in cleaned.items():
+            print(f"cleaning {step}: {c['documents_changed']:,} documents changed, {c['chars_removed']:,} characters removed")
+        print(f"removed: {summary_line(removed)}; duplicates: {summary_line(duplicates)}")
+        n_docs, n_pieces = len(pieces_per_doc), sum(pieces_per_doc)
+        if n_docs == 0:
+            raise SystemExit(f"prepare error: none of the {n_in:,} documents from {source} is left "
+                             f"(removed: {summary_line(removed)}; duplicates: {summary_line(duplicates)}); "
+                             "point --input at text files, or loosen quality_filters")
+        if n_pieces < 2:
+            raise SystemExit(f"prepare error: the corpus is one piece of {chars_kept:,} characters and cannot be split "
+                             "into train and val; add files or lower --max_document_chars")
+        print(f"kept {n_docs:,} documents, {chars_kept:,} characters, in {n_pieces:,} pieces ({t_clean:.1f}s)")
+
+        # the tokenizer: 'char' and 'bpe' learn their vocabulary from the kept documents
+        t1 = time.time()
+        tok = Tokenizer.train(tokenizer, read_scratch(scratch), vocab_size=bpe_vocab_size, word_counts=word_counts)
+        t_tokenizer = time.time() - t1
+        dtype = token_dtype(tok.vocab_size)
+        print(f"tokenizing with {tokenizer} (vocab {tok.vocab_size:,}, {np.dtype(dtype).name}; built in {t_tokenizer:.1f}s)")
+
+        # 4-5: split by piece, so a document (or a piece of one) is never half in train and half in val; tokenize
+        is_val = choose_val(n_pieces, val_fraction, seed)
+        writers = {split: ShardWriter(out_dir, split, shard_tokens) for split in ("train", "val")}
+        counts = {split: np.zeros(tok.vocab_size, dtype=np.int64) for split in writers}
+        documents_per_split = collections.Counter()
+        units = pieces_by_split(read_scratch(scratch), is_val, max_document_chars)
+        with multiprocessing.Pool(workers, initializer=start_encoder, initargs=(tok.description, dtype)) as pool:
+            for results in imap_bounded(pool, encode_batch, batched(units), 2 * workers):
+                for split, ids, ends in results:
+                    writers[split].write(ids)
+                    counts[split] += np.bincount(ids, minlength=tok.vocab_size)
+                    documents_per_split[split] += ends
+                if time.time() - last_print > 10:
+                    print(f"  {writers['train'].tokens + writers['val'].tokens:,} tokens written", flush=True)
+                    last_print = time.time()
+
+        # write: the old meta.json goes first, so a crash in between never pairs new bins with old
+        # counts; then the bins are renamed into place, and meta.json comes last
+        meta_path = os.path.join(out_dir, "meta.json")
+        if os.path.exists(meta_path):
+            os.remove(meta_path)
+        splits = {}
+        for split, writer in writers.items():
+            splits[split] = {"files": writer.finish(), "tokens": writer.tokens, "documents": documents_per_split[split],
+                             "pieces": int(is_val.sum() if split == "val" else (~is_val).sum())}
+    finally:  # whatever stopped the run, leave no scratch or half-written bin behind
+        for path in [scratch] + [p for w in writers.values() for p in w.temporary]:
+            if os.path.exists(path):
+                os.remove(path)
+    written = {name for s in splits.values() for name in s["files"]}
+    for name in os.listdir(out_dir):  # what an earlier run with other shards or another tokenizer left
+        if re.fullmatch(r"(train|val)(_\d+)?\.bin", name) and name not in written or name == "tokenizer.tiktoken":
+            os.remove(os.path.join(out_dir, name))
+    loss = unigram_loss(counts["train"], counts["val"])
     meta = {
         "dataset": dataset,
         "tokenizer": tok.description,
@@ -319,9 +874,28 @@ if __name__ == "__main__":
         "unigram_loss": round(loss, 4),
         "config": config,
     }
+    if tokenizer == "bpe":
+        meta["tokenizer_file"] = "tokenizer.tiktoken"
+        save_text(os.path.join(out_dir, meta["tokenizer_file"]), tok.description["ranks"])
+    seconds = time.time() - t0
+    report = {
+        "dataset": dataset,
+        "input": {"documents": n_in, **{k: v for k, v in sources.items() if k not in ("input", "sha256", "url_sha256")}},
+        "cleaning": cleaned,
+        "removed": removed,
+        "duplicates": duplicates,
+        "examples": examples,
+        "output": {"documents": n_docs, "characters": chars_kept, "pieces": n_pieces,
+                   "tokens": {split: s["tokens"] for split, s in splits.items()}},
+        "seconds": {"clean_filter_dedup": round(t_clean, 2), "tokenizer": round(t_tokenizer, 2),
+                    "tokenize_write": round(seconds - t_clean - t_tokenizer, 2), "total": round(seconds, 2)},
+        "mb_per_s": round(stats["bytes"] / 1e6 / seconds, 2),
+    }
+    save_json(os.path.join(out_dir, "report.json"), report)
     save_json(meta_path, meta)
 
-    print(f"{out_dir}: {len(docs):,} documents in {len(pieces):,} pieces, {tokenizer} tokens as {meta['dtype']}")
+    print(f"{out_dir}: {n_docs:,} documents in {n_pieces:,} pieces, {tokenizer} tokens as {meta['dtype']}")
     for split, s in splits.items():
-        print(f"  {split:5s} {s['tokens']:>12,} tokens  {s['documents']:>7,} documents  {s['pieces']:>7,} pieces")
-    print(f"unigram baseline loss {loss:.4f} nats/token; done in {time.time() - t0:.1f}s")
+        print(f"  {split:5s} {s['tokens']:>12,} tokens  {s['documents']:>7,} documents  {s['pieces']:>7,} pieces"
+              + (f"  in {len(s['files'])} files" if len(s["files"]) > 1 else ""))
+    print(f"unigram baseline loss {loss:.4f} nats/token; done in {seconds:.1f}s, {report['mb_per_s']:.1f} MB/s")

@@ -7,6 +7,12 @@ Kinds:
 - 'gpt2': OpenAI's GPT-2 byte-level BPE through tiktoken (50257 ids, the last
   one <|endoftext|>). tiktoken downloads its two files once; set
   TIKTOKEN_CACHE_DIR to a folder that holds them to work offline.
+- 'bpe': a byte-level BPE trained on the corpus by prepare.py (train_bpe below),
+  encoded through tiktoken. The description holds the whole vocabulary inline,
+  in tiktoken's .tiktoken format (one "base64(token bytes) rank" line per
+  token), with the pre-tokenization pattern and the special tokens (name → id,
+  the first ids after the merges). So decode(encode(text)) == text always: every
+  byte is a token of its own.
 - 'char': one id per character seen in the corpus; the vocabulary is stored in
   the description itself. End-of-text gets the next id.
 - 'byte': the 256 byte values, end-of-text is id 256. Any text encodes, and
@@ -16,7 +22,16 @@ Documents are joined with the end-of-text token, so a model learns where one
 document stops and the next begins.
 """
 
+import base64
+import collections
+import heapq
+
 EOT = "<|endoftext|>"
+
+# GPT-2's pre-tokenization, as tiktoken writes it: contractions, letters with an optional leading
+# space, numbers, punctuation runs, whitespace. Merges never cross these pieces, so " the" can be
+# one token but "e t" never is.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 
 class Tokenizer:
@@ -35,30 +50,58 @@ class Tokenizer:
                 ) from None
             self.eot_id = self._enc.eot_token
             self.vocab_size = self._enc.n_vocab
+            self.special_tokens = {EOT: self.eot_id}
+        elif self.kind == "bpe":
+            import tiktoken
+
+            self.special_tokens = description["special_tokens"]
+            self._enc = tiktoken.Encoding(
+                "bpe", pat_str=description["pat_str"], mergeable_ranks=read_ranks(description["ranks"]),
+                special_tokens=self.special_tokens,
+            )
+            self.eot_id = self.special_tokens[description["eot"]]
+            self.vocab_size = self._enc.n_vocab
         elif self.kind == "char":
             self.chars = description["chars"]
             self._stoi = {c: i for i, c in enumerate(self.chars)}
             self.eot_id = len(self.chars)
             self.vocab_size = len(self.chars) + 1
+            self.special_tokens = {EOT: self.eot_id}
         elif self.kind == "byte":
             self.eot_id = 256
             self.vocab_size = 257
+            self.special_tokens = {EOT: self.eot_id}
         else:
-            raise SystemExit(f"tokenizer error: unknown tokenizer kind '{self.kind}'; expected gpt2, char or byte")
+            raise SystemExit(f"tokenizer error: unknown tokenizer kind '{self.kind}'; expected gpt2, bpe, char or byte")
+        # Tokens added after the vocabulary (chat.py's roles and end of turn) are named in the
+        # description: they decode to their names, and no text encodes to them.
+        self.special_tokens = {**self.special_tokens, **description.get("special_tokens", {})}
+        self.vocab_size = max(self.vocab_size, max(self.special_tokens.values()) + 1)
 
     @classmethod
-    def train(cls, kind, texts=()):
-        """Build a tokenizer of this kind; 'char' reads its vocabulary from texts."""
+    def train(cls, kind, texts=(), vocab_size=8192, word_counts=None, special_tokens=(EOT,)):
+        """Build a tokenizer of this kind; 'char' and 'bpe' learn their vocabulary from texts.
+
+        For 'bpe', vocab_size counts every id: the 256 bytes, the merges, then special_tokens
+        (end-of-text first); word_counts, count_words() of the texts counted elsewhere (in
+        parallel, say), replaces texts."""
         if kind == "char":
             chars = set()
             for text in texts:
                 chars.update(text)
             return cls({"kind": "char", "chars": sorted(chars), "eot": EOT})
+        if kind == "bpe":
+            word_counts = count_words(texts) if word_counts is None else word_counts
+            merges = train_bpe(word_counts, vocab_size - 256 - len(special_tokens))
+            ranks = [bytes([b]) for b in range(256)] + merges
+            specials = {name: len(ranks) + i for i, name in enumerate(special_tokens)}
+            return cls({"kind": "bpe", "pat_str": GPT2_PATTERN, "ranks": write_ranks(ranks),
+                        "special_tokens": specials, "eot": EOT})
         return cls({"kind": kind, "eot": EOT})
 
     def encode(self, text):
         """Ordinary text to ids; the text <|endoftext|> is not turned into the special id."""
-        if self.kind == "gpt2":
+        if self.kind in ("gpt2", "bpe"):
             return self._enc.encode_ordinary(text)
         if self.kind == "byte":
             return list(text.encode("utf-8"))
@@ -67,21 +110,112 @@ class Tokenizer:
         except KeyError as e:
             raise SystemExit(
                 f"tokenizer error: character {e.args[0]!r} is not in this char-level vocabulary; "
-                "remove it from the text or prepare the data with a byte or gpt2 tokenizer"
+                "remove it from the text or prepare the data with a byte, bpe or gpt2 tokenizer"
             ) from None
 
     def decode(self, ids):
-        """Ids to text; end-of-text shows as <|endoftext|>."""
-        ids = [int(i) for i in ids]
-        if self.kind == "gpt2":
+        """Ids to text; special tokens (end-of-text, chat roles) show as their names."""
+        names = {i: name for name, i in self.special_tokens.items()}
+        out, run = [], []
+        for i in map(int, ids):
+            if i in names:
+                out += [self._decode_ordinary(run), names[i]]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out) + self._decode_ordinary(run)
+
+    def _decode_ordinary(self, ids):
+        if self.kind in ("gpt2", "bpe"):
             return self._enc.decode(ids)
         if self.kind == "byte":
-            out, run = [], bytearray()
-            for i in ids:
-                if i == self.eot_id:
-                    out += [run.decode("utf-8", errors="replace"), EOT]
-                    run = bytearray()
-                else:
-                    run.append(i)
-            return "".join(out) + run.decode("utf-8", errors="replace")
-        return "".join(EOT if i == self.eot_id else self.chars[i] for i in ids)
+            return bytes(ids).decode("utf-8", errors="replace")
+        return "".join(self.chars[i] for i in ids)
+
+
+def write_ranks(tokens):
+    """Token byte strings, in rank order, as the text of a .tiktoken file."""
+    return "".join(f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(tokens))
+
+
+def read_ranks(text):
+    """The .tiktoken text back to {token bytes: rank}, what tiktoken.Encoding takes."""
+    return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in text.splitlines())}
+
+
+def count_words(texts, pattern=GPT2_PATTERN):
+    """Counter {pre-tokenized piece as UTF-8 bytes: how often it occurs} over all texts."""
+    import regex  # tiktoken's own dependency; the standard re module has no \p{L}
+
+    split = regex.compile(pattern).findall
+    counts = collections.Counter()
+    for text in texts:
+        counts.update(split(text))
+    return collections.Counter({word.encode("utf-8"): n for word, n in counts.items()})
+
+
+def merge_pair(word, pair, new_id):
+    """word (a list of ids) with each occurrence of pair, left to right, replaced by new_id."""
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and word[i] == pair[0] and word[i + 1] == pair[1]:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
+
+
+def train_bpe(word_counts, n_merges):
+    """Learn up to n_merges byte-pair merges from {word bytes: count}; return the new tokens in rank order.
+
+    Each step merges the most frequent adjacent pair (ties: the pair of smaller ids) into a new
+    token. Pair counts are taken once over the unique words, weighted by their counts; after a
+    merge only the words that hold the pair (found through an index pair → words) are
+    re-counted, and the best pair comes off a heap. So a merge costs the words it touches, not
+    the corpus: thousands of merges over tens of MB take about a minute.
+    """
+    words = [list(word) for word in word_counts]
+    freqs = list(word_counts.values())
+    counts = collections.Counter()
+    where = collections.defaultdict(set)  # pair → indices of the words that (may) hold it
+    for i, (word, freq) in enumerate(zip(words, freqs)):
+        for pair in zip(word, word[1:]):
+            counts[pair] += freq
+            where[pair].add(i)
+    heap = [(-n, pair) for pair, n in counts.items()]
+    heapq.heapify(heap)
+    token_bytes = [bytes([b]) for b in range(256)]
+    id_of = {token: i for i, token in enumerate(token_bytes)}
+    new_tokens = []
+    while heap and len(new_tokens) < n_merges:
+        n, pair = heapq.heappop(heap)
+        if -n != counts[pair]:  # a stale entry: the pair's count changed after it was pushed
+            continue
+        merged = token_bytes[pair[0]] + token_bytes[pair[1]]
+        if merged not in id_of:
+            id_of[merged] = len(token_bytes)
+            token_bytes.append(merged)
+            new_tokens.append(merged)
+        # else these bytes were already made from another pair ("ab"+"c" and "a"+"bc"): reuse the id
+        new_id = id_of[merged]
+        delta = collections.Counter()
+        for i in where.pop(pair):
+            word, freq = words[i], freqs[i]
+            merged_word = merge_pair(word, pair, new_id)
+            if len(merged_word) == len(word):  # the index is stale for this word
+                continue
+            for p in zip(word, word[1:]):
+                delta[p] -= freq
+            for p in zip(merged_word, merged_word[1:]):
+                delta[p] += freq
+                if new_id in p:
+                    where[p].add(i)
+            words[i] = merged_word
+        for p, d in delta.items():
+            if d:
+                counts[p] += d
+                if counts[p] > 0:
+                    heapq.heappush(heap, (-counts[p], p))
+    return new_tokens
