@@ -2,9 +2,10 @@
 Checkpoint save and load, shared by every stage script.
 
 A checkpoint is one file that torch.load(weights_only=True) reads: a dict with
-  kind          'pretrain' (later: 'sft', 'dpo'), what produced it
+  kind          'pretrain', 'sft' or 'dpo', what produced it
   model_config  GPTConfig fields
-  model         the model's state_dict
+  model         the model's state_dict (of a LoRA checkpoint: the adapters only)
+  lora, base    a LoRA checkpoint's settings and base checkpoint (path, step, sha256; see lora.py)
   tokenizer     the tokenizer description from meta.json, so sample.py and
                 evaluate.py need nothing but this file
   config        the run's final config
@@ -37,6 +38,8 @@ import tempfile
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from hf import read_folder
+from lora import model_with_adapters
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
@@ -57,7 +60,10 @@ def save_checkpoint(checkpoint, path):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint, or stop with one line saying what is wrong with the file."""
+    """Read a checkpoint, or stop with one line saying what is wrong with the file. 'hf:FOLDER' reads a
+    Hugging Face GPT-2 or Llama folder as a checkpoint of kind 'hf' (model_config, model, tokenizer; see hf.py)."""
+    if path.startswith("hf:"):
+        return read_folder(path[len("hf:"):])
     if not os.path.isfile(path):
         raise SystemExit(f"checkpoint error: no checkpoint at {path}; train one first (python train.py ...) or pass its path")
     try:
@@ -73,7 +79,10 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def model_from_checkpoint(checkpoint, path="checkpoint"):
-    """The GPT and Tokenizer a checkpoint describes, weights loaded (on the CPU, in float32)."""
+    """The GPT and Tokenizer a checkpoint describes, weights loaded (on the CPU, in float32). Of a LoRA
+    checkpoint: its base with the adapters added, not merged (lora.merge_lora folds them in)."""
+    if "lora" in checkpoint:
+        return model_with_adapters(checkpoint, path, lambda base: model_from_checkpoint(load_checkpoint(base), base))
     model = GPT(GPTConfig.from_dict(checkpoint["model_config"]))
     try:
         model.load_state_dict(checkpoint["model"])

@@ -133,6 +133,21 @@ def apply_rope(x, cos, sin):
     return rotated.type_as(x)
 
 
+def document_mask(doc_ids):
+    """For rows packed from several examples (doc_ids (B, T): a run of equal ids is one example),
+    each token's position within its example (B, T) and the attention mask (B, 1, T, T) that lets
+    it see only the earlier tokens of its own example. With both, a packed row computes exactly
+    what its examples would one by one."""
+    T = doc_ids.size(1)
+    t = torch.arange(T, device=doc_ids.device)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    positions = t - torch.where(starts, t, 0).cummax(dim=1).values  # distance from the run's start
+    run = starts.cumsum(dim=1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return positions, ((run[:, :, None] == run[:, None, :]) & causal)[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -147,7 +162,7 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope, cache=None, pos=0):
+    def forward(self, x, rope, cache=None, pos=0, mask=None):
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
@@ -170,14 +185,14 @@ class Attention(nn.Module):
             k, v = cache["k"][:, :, : pos + T], cache["v"][:, :, : pos + T]
         # Query i (at position pos + i) may see keys 0 .. pos + i. From position 0 that is SDPA's own
         # causal mask; one new query sees every cached key; a chunk after cached keys needs the mask
-        # spelled out, since SDPA's is_causal aligns it to the top-left corner.
-        mask = None
-        if pos > 0 and T > 1:
+        # spelled out, since SDPA's is_causal aligns it to the top-left corner. Packed sequences
+        # bring their own mask (see document_mask).
+        if mask is None and pos > 0 and T > 1:
             mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
-            is_causal=pos == 0 and T > 1,
+            is_causal=mask is None and pos == 0 and T > 1,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )
@@ -213,8 +228,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, cache=None, pos=0):
-        x = x + self.attn(self.ln_1(x), rope, cache, pos)
+    def forward(self, x, rope, cache=None, pos=0, mask=None):
+        x = x + self.attn(self.ln_1(x), rope, cache, pos, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -273,27 +288,33 @@ class GPT(nn.Module):
         T = seq_len or c.block_size
         return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * T
 
-    def forward(self, idx, targets=None, all_logits=False, cache=None, pos=0):
+    def forward(self, idx, targets=None, all_logits=False, cache=None, pos=0, doc_ids=None):
         """idx (B, T) token ids. With targets (B, T): returns all logits and the mean cross-entropy,
         ignoring targets of -1. Without: the last position's logits, or every position's if
         all_logits. cache and pos are for generation: per layer a dict of key/value buffers
-        (filled on first use) and the position of idx[:, 0]."""
+        (filled on first use) and the position of idx[:, 0]. doc_ids (B, T) is for rows packed
+        from several examples: the example each position belongs to (see document_mask)."""
         B, T = idx.shape
         if pos + T > self.config.block_size:
             raise ValueError(f"sequence of {pos + T} tokens is longer than block_size={self.config.block_size}")
         x = self.wte(idx)
-        rope = None
+        rope, mask = None, None
+        positions = torch.arange(pos, pos + T, device=idx.device)
+        if doc_ids is not None:
+            positions, mask = document_mask(doc_ids)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(pos, pos + T, device=idx.device))
+            x = x + self.wpe(positions)
         else:
-            rope = (self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T])
+            rope = (self.rope_cos[positions], self.rope_sin[positions])
+            if doc_ids is not None:  # one table per row, (B, 1, T, head_dim/2): broadcast over the heads
+                rope = (rope[0][:, None], rope[1][:, None])
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             if self.activation_checkpointing and self.training:
                 # Keep only the block's input; recompute its insides during the backward pass.
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, None, 0, mask, use_reentrant=False)
             else:
-                x = block(x, rope, None if cache is None else cache[i], pos)
+                x = block(x, rope, None if cache is None else cache[i], pos, mask)
         x = self.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)

@@ -4,8 +4,15 @@ Generate text from a trained checkpoint, printing each sample as it is generated
     python sample.py --out_dir=out/quickstart
     python sample.py --out_dir=out/quickstart --start="def main(" --num_samples=1 --max_new_tokens=300
     python sample.py --ckpt=out/quickstart/ckpt.pt --start=FILE:prompt.txt --temperature=0.6 --top_p=0.9
+    python sample.py --ckpt=hf:out/quickstart/hf        # a Hugging Face GPT-2 or Llama folder (see export.py)
+    python sample.py --out_dir=out/sft_quickstart --chat=True                     # talk to a chat model
+    python sample.py --out_dir=out/sft_quickstart --chat=True --prompt="Name a color." --temperature=0
 
-Reads the checkpoint only: the model, its config and its tokenizer are all in it.
+Reads the checkpoint only: the model, its config and its tokenizer are all in it. With
+--chat=True the checkpoint must be a chat model (sft.py, dpo.py): each line read from stdin is
+a user turn, the answer is printed as it is generated and ends at <|end|>, and the whole
+conversation so far (in chat.py's format) is the context of the next answer. --prompt asks
+one question and stops.
 """
 
 import os
@@ -13,13 +20,14 @@ import sys
 
 import torch
 
+from chat import has_chat_tokens, prompt_ids as chat_prompt_ids, stop_ids
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import configure
 from runtime import autocast_context, pick_device, pick_dtype
 
 # -----------------------------------------------------------------------------
 out_dir = "out/default"  # reads out_dir/ckpt.pt ...
-ckpt = ""  # ... unless a checkpoint path is given here
+ckpt = ""  # ... unless a checkpoint path, or hf:FOLDER for a Hugging Face folder, is given here
 start = ""  # the prompt: text, or FILE:path to read it from a file; empty starts a new document
 num_samples = 3
 max_new_tokens = 500
@@ -29,12 +37,19 @@ top_p = 1.0  # sample among the most likely tokens whose probabilities add up to
 seed = 1337
 device = "auto"
 dtype = "auto"
+# chat models
+chat = False  # a conversation: user turns from stdin (one per line), answers until <|end|>
+prompt = ""  # with chat: answer this one message and stop
+system = ""  # with chat: a system message that opens the conversation
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
 if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or num_samples < 1 or max_new_tokens < 0:
     raise SystemExit("config error: need temperature >= 0, 0 < top_p <= 1, top_k >= 0, num_samples >= 1, "
                      "max_new_tokens >= 0")
+if ((prompt or system) and not chat) or (chat and start):
+    raise SystemExit("config error: --prompt and --system are for --chat=True, --start for plain text; "
+                     "pick one mode")
 device = pick_device(device)
 autocast = autocast_context(device, pick_dtype(device, dtype))
 torch.manual_seed(seed)
@@ -43,6 +58,9 @@ ckpt_path = ckpt or os.path.join(out_dir, "ckpt.pt")
 model, tokenizer = model_from_checkpoint(load_checkpoint(ckpt_path), ckpt_path)
 model.eval().to(device)
 block_size = model.config.block_size
+if chat and not has_chat_tokens(tokenizer):
+    raise SystemExit(f"sample error: {ckpt_path} is not a chat model (it has no chat tokens); fine-tune it with "
+                     "sft.py first, or leave out --chat")
 
 if start.startswith("FILE:"):
     prompt_path = start[len("FILE:"):]
@@ -55,14 +73,16 @@ if len(prompt_ids) > block_size:
     print(f"warning: the prompt is {len(prompt_ids)} tokens, longer than the model's context of {block_size}; "
           f"keeping its last {block_size}", file=sys.stderr)
     prompt_ids = prompt_ids[-block_size:]
-idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
 
-for i in range(num_samples):
-    print(f"--- sample {i + 1}/{num_samples} ---")
-    print(start, end="", flush=True)
+
+def stream(ids, stop_tokens=()):
+    """Generate after ids, printing the text as it comes; return the new ids, stop token left out."""
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
     generated, shown = [], ""
     with autocast:
-        for token in model.generate_stream(idx, max_new_tokens, temperature, top_k or None, top_p):
+        for token in model.generate_stream(idx, max_new_tokens, temperature, top_k or None, top_p, stop_tokens):
+            if token.item() in stop_tokens:
+                break
             generated.append(token.item())
             # Decode everything so far and print what is new: one token may hold part of a
             # multi-byte character, which shows as U+FFFD until the rest arrives.
@@ -71,3 +91,32 @@ for i in range(num_samples):
                 print(text[len(shown):], end="", flush=True)
                 shown = text
     print(tokenizer.decode(generated)[len(shown):])
+    return generated
+
+
+if chat:
+    messages = [{"role": "system", "content": system}] if system else []
+    while True:
+        if prompt:
+            text = prompt
+        else:
+            try:
+                text = input("> ")
+            except EOFError:  # end of the piped input, or Ctrl-D
+                break
+            if not text.strip():
+                continue
+        messages.append({"role": "user", "content": text})
+        ids = chat_prompt_ids(tokenizer, messages)
+        if len(ids) > block_size:
+            print(f"warning: the conversation is {len(ids)} tokens, longer than the model's context of {block_size}; "
+                  f"the model sees its last {block_size}", file=sys.stderr)
+        answer = stream(ids[-block_size:], stop_ids(tokenizer))
+        messages.append({"role": "assistant", "content": tokenizer.decode(answer)})
+        if prompt:
+            break
+else:
+    for i in range(num_samples):
+        print(f"--- sample {i + 1}/{num_samples} ---")
+        print(start, end="", flush=True)
+        stream(prompt_ids)

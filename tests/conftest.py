@@ -16,11 +16,11 @@ TINY_MODEL = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "-
               "--batch_size=4", "--total_batch_tokens=256", "--eval_iters=2", "--log_interval=1"]
 
 
-def run_script(script, *args, check=True):
-    """Run a stage script of the repository in a subprocess; return the CompletedProcess."""
+def run_script(script, *args, check=True, stdin=None):
+    """Run a stage script of the repository in a subprocess (stdin: text to pipe in); return the CompletedProcess."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     result = subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=600, input=stdin)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result
@@ -59,3 +59,26 @@ def tiny_checkpoint(tiny_data_root, tmp_path_factory):
     run_script("train.py", *TINY_MODEL, f"--data_root={tiny_data_root}", "--dataset=tiny", f"--out_dir={out_dir}",
                "--max_iters=4", "--eval_interval=4")
     return out_dir
+
+
+# Instruction records short enough for the tiny model's 32-token context in the chat format.
+TOY_INSTRUCTIONS = [
+    {"instruction": "Say hi.", "output": "Hi there!"},
+    {"instruction": "What is 2+2?", "output": "Four."},
+    {"instruction": "Name a color.", "input": "warm", "output": "Red."},
+    {"instruction": "Capital of France?", "output": "Paris."},
+    {"instruction": "Opposite of up?", "output": "Down."},
+    {"instruction": "A pet?", "output": "A cat."},
+]
+TOY_VAL_FRACTION = 0.2  # two of the six are held out
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """out_dir of sft.py run from tiny_checkpoint on TOY_INSTRUCTIONS long enough to learn them by heart."""
+    root = tmp_path_factory.mktemp("sft")
+    (root / "toy.json").write_text(json.dumps(TOY_INSTRUCTIONS))
+    run_script("sft.py", f"--init_from={tiny_checkpoint}/ckpt.pt", f"--data={root / 'toy.json'}", f"--out_dir={root / 'out'}",
+               "--device=cpu", f"--val_fraction={TOY_VAL_FRACTION}", "--batch_size=4", "--total_batch_size=4",
+               "--max_iters=80", "--learning_rate=1e-2", "--min_lr=1e-3", "--eval_interval=40", "--log_interval=20")
+    return str(root / "out")

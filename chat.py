@@ -1,0 +1,279 @@
+"""
+The chat format, in one place: how a conversation becomes token ids, which of them a model
+learns to say, and how post-training data is read and batched. sft.py, dpo.py, sample.py
+--chat (and evaluate.py) all go through it.
+
+    from chat import add_chat_tokens, render, prompt_ids
+    model, tokenizer = add_chat_tokens(model, tokenizer)   # once, on a pretrained model
+    ids, learned = render(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])
+    ids = prompt_ids(tokenizer, [{"role": "user", "content": "Hi"}])   # then generate until <|end|>
+
+A conversation is an end-of-text token (pretraining documents begin after one), then for each
+message its role token, its content as ordinary text, and <|end|>:
+
+    <|endoftext|><|system|>Be brief.<|end|><|user|>What is 2+2?<|end|><|assistant|>4<|end|>
+
+The role and end tokens are ids of their own. Content is encoded as ordinary text, so a user
+who types "<|user|>" gets those characters, not the token, and cannot fake a turn. A model
+learns only the assistant's tokens (its content and its <|end|>); the other targets are -1,
+which model.forward ignores. A prompt for generation ends with <|assistant|>, and the
+answer ends at <|end|>.
+
+Where the new ids go (add_chat_tokens): right after the tokenizer's last id. The embedding
+table is padded to a multiple of 64 rows, so they usually take rows that were unused: GPT-2's
+50257 ids become 50261, inside its padded 50304 (nothing is resized); the byte tokenizer's 257
+become 261 of 320. When no rows are free (a char or trained BPE vocabulary just under a
+multiple of 64), the embedding and output layer grow by 64 rows. Each new row starts as the
+mean of the rows of the tokens that spell its name ("user" for <|user|>): the four are
+distinct from the start and like ordinary tokens in scale, so even a LoRA run, whose
+embeddings stay frozen, can tell them apart.
+
+Data files are a JSON list (.json) or one JSON object per line (.jsonl) of records:
+  Alpaca-style  {"instruction", "input" (optional), "output"}: a user turn (the instruction,
+                then the input after a blank line) and the assistant's answer
+  chat          {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
+Preference records (dpo.py) have "chosen" and "rejected" answers instead of the output, after
+an instruction (and input) or after "messages" that end with the user's turn. A bad record
+stops the run with one line naming the file and the record.
+"""
+
+import functools
+import json
+import math
+import os
+from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tokenizer import Tokenizer
+
+ROLES = ("system", "user", "assistant")
+END = "<|end|>"
+CHAT_TOKENS = tuple(f"<|{role}|>" for role in ROLES) + (END,)
+
+
+def has_chat_tokens(tokenizer):
+    return all(name in tokenizer.special_tokens for name in CHAT_TOKENS)
+
+
+def add_chat_tokens(model, tokenizer):
+    """Give a model (in place) and its tokenizer (a new one) the chat tokens, after the last id."""
+    first = max(model.config.vocab_size, tokenizer.vocab_size)
+    ids = {name: first + i for i, name in enumerate(CHAT_TOKENS)}
+    chat_tokenizer = Tokenizer({**tokenizer.description, "special_tokens": {**tokenizer.special_tokens, **ids}})
+    config = replace(model.config, vocab_size=first + len(CHAT_TOKENS))
+    if config.padded_vocab_size > model.config.padded_vocab_size:
+        grow_vocabulary(model, config.padded_vocab_size)
+    model.config = config
+    weights = [model.wte.weight] + ([] if config.tie_embeddings else [model.lm_head.weight])
+    with torch.no_grad():
+        for name, i in ids.items():
+            word = name[2:-2]  # "<|user|>" -> "user"
+            spellable = tokenizer.kind != "char" or set(word) <= set(tokenizer.chars)
+            rows = tokenizer.encode(word) if spellable else list(range(first))
+            for weight in weights:
+                weight[i] = weight[rows].mean(dim=0)
+    return model, chat_tokenizer
+
+
+def grow_vocabulary(model, rows):
+    """Replace the embedding and output layer by ones with `rows` rows: the old rows kept, the new
+    ones initialised as the model initialises any embedding."""
+    old_wte, old_head = model.wte, model.lm_head
+    n, like = old_wte.num_embeddings, dict(device=old_wte.weight.device, dtype=old_wte.weight.dtype)
+    model.wte = nn.Embedding(rows, old_wte.embedding_dim, **like)
+    model.lm_head = nn.Linear(old_wte.embedding_dim, rows, bias=False, **like)
+    for new, old in ((model.wte, old_wte), (model.lm_head, old_head)):
+        model._init_weights(new)
+        with torch.no_grad():
+            new.weight[:n] = old.weight
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+
+
+# -----------------------------------------------------------------------------
+# conversations as ids
+
+
+def render(tokenizer, messages):
+    """A conversation's token ids, and for each id whether the model learns to say it (the
+    assistant's content and its <|end|>)."""
+    special = tokenizer.special_tokens
+    ids, learned = [tokenizer.eot_id], [False]
+    for message in messages:
+        content = tokenizer.encode(message["content"]) + [special[END]]
+        ids += [special[f"<|{message['role']}|>"]] + content
+        learned += [False] + [message["role"] == "assistant"] * len(content)
+    return ids, learned
+
+
+def prompt_ids(tokenizer, messages):
+    """The ids that ask for the next assistant turn: the conversation so far, then <|assistant|>."""
+    return render(tokenizer, messages)[0] + [tokenizer.special_tokens["<|assistant|>"]]
+
+
+def stop_ids(tokenizer):
+    """Where an answer ends: <|end|>, or end-of-text should a model produce that instead."""
+    return {tokenizer.special_tokens[END], tokenizer.eot_id}
+
+
+def training_example(ids, learned, block_size):
+    """(inputs, targets) for next-token training from a rendered conversation, cut to block_size
+    tokens; targets are -1 where nothing is learned. None when the cut leaves nothing to learn."""
+    ids, learned = ids[: block_size + 1], learned[: block_size + 1]
+    targets = [t if learn else -1 for t, learn in zip(ids[1:], learned[1:])]
+    return (ids[:-1], targets) if any(learned[1:]) else None
+
+
+def response_logprobs(logits, targets):
+    """Per row, the summed log-probability of the targets that are not -1 (the assistant's
+    tokens): logits (B, T, V) and targets (B, T) give (B,)."""
+    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
+    return -nll.view(targets.shape).sum(dim=1)
+
+
+# -----------------------------------------------------------------------------
+# batches: a unit is one example (padding) or one packed row, as (inputs, targets, doc ids)
+
+
+def pack(examples, block_size):
+    """Lay examples (inputs, targets) end to end, in order, into rows of at most block_size
+    tokens; an example never straddles two rows. Doc ids number the examples within each row."""
+    rows = []
+    for x, y in examples:
+        if not rows or len(rows[-1][0]) + len(x) > block_size:
+            rows.append(([], [], []))
+        inputs, targets, docs = rows[-1]
+        docs += [docs[-1] + 1 if docs else 0] * len(x)
+        inputs += x
+        targets += y
+    return rows
+
+
+def collate(units, pad_id):
+    """Units as (B, T) tensors padded at the end to the longest: inputs with pad_id, targets with
+    -1 (no loss), doc ids with -1 (the padding is an example of its own, attending to no other)."""
+    T = max(len(x) for x, _, _ in units)
+    x, y, docs = (torch.full((len(units), T), fill, dtype=torch.long) for fill in (pad_id, -1, -1))
+    for row, unit in enumerate(units):
+        for tensor, values in zip((x, y, docs), unit):
+            tensor[row, : len(values)] = torch.tensor(values)
+    return x, y, docs
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n_units, seed, epoch):
+    return np.random.default_rng((seed, epoch)).permutation(n_units)
+
+
+def batch_of(n_units, batch_size, index, seed):
+    """The unit indices of batch number `index` in an endless stream that visits every unit once
+    per epoch, in a new order each epoch. A pure function of its arguments: a batch never depends
+    on what ran before it, and a process can take its own batches without talking to the others."""
+    positions = range(index * batch_size, (index + 1) * batch_size)
+    return [int(epoch_order(n_units, seed, p // n_units)[p % n_units]) for p in positions]
+
+
+# -----------------------------------------------------------------------------
+# data files
+
+
+FORMATS = ("a record is {instruction, input (optional), output} or {messages: [{role, content}, ...]}; "
+           "a preference record has chosen and rejected instead of the output")
+
+
+def bad_record(where, problem):
+    return SystemExit(f"data error: {where}: {problem}")
+
+
+def read_records(path):
+    """(where, record) pairs of a .json list or a .jsonl file; `where` names the file and the
+    record (or line) for error messages."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"data error: no file {path}; pass --data=PATH to a .json or .jsonl file of records")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".jsonl"):
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append((f"{path} line {n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise bad_record(f"{path} line {n}", f"not valid JSON ({e.msg}); fix or remove the line") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"data error: {path} is not valid JSON ({e.msg}, line {e.lineno}); a .json file holds "
+                             "one list of records, a .jsonl file one record per line") from None
+        if not isinstance(data, list):
+            raise SystemExit(f"data error: {path} holds a JSON {type(data).__name__}, not a list of records")
+        records = [(f"{path} record {n}", record) for n, record in enumerate(data, 1)]
+    if not records:
+        raise SystemExit(f"data error: {path} has no records")
+    return records
+
+
+def text_field(record, key, where, required=True):
+    if key not in record:
+        if not required:
+            return ""
+        raise bad_record(where, f"'{key}' is missing; {FORMATS}")
+    value = record[key]
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise bad_record(where, f"'{key}' must be a{' non-empty' if required else ''} string, got {value!r:.60}")
+    return value
+
+
+def checked_messages(messages, where, last_role):
+    """A chat record's messages: an optional system message, then user and assistant in turn,
+    ending with last_role."""
+    if not isinstance(messages, list) or not messages:
+        raise bad_record(where, "'messages' must be a non-empty list of {role, content}")
+    start = 1 if isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
+    for i, message in enumerate(messages):
+        expected = "system" if i < start else ("user", "assistant")[(i - start) % 2]
+        if not isinstance(message, dict) or message.get("role") != expected:
+            got = message.get("role") if isinstance(message, dict) else message
+            raise bad_record(where, f"message {i + 1} should have role '{expected}', got {got!r:.40}; a system message "
+                                    "may come first, then user and assistant take turns")
+        text_field(message, "content", f"{where} message {i + 1}")
+    if messages[-1]["role"] != last_role:
+        raise bad_record(where, f"the last message is the {messages[-1]['role']}'s; it must be the {last_role}'s")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def user_turn(record, where):
+    instruction = text_field(record, "instruction", where)
+    extra = text_field(record, "input", where, required=False)
+    return {"role": "user", "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction}
+
+
+def conversation(record, where):
+    """The messages of an SFT record, Alpaca-style or chat."""
+    if not isinstance(record, dict):
+        raise bad_record(where, f"not a JSON object; {FORMATS}")
+    if "messages" in record:
+        return checked_messages(record["messages"], where, "assistant")
+    return [user_turn(record, where), {"role": "assistant", "content": text_field(record, "output", where)}]
+
+
+def preference(record, where):
+    """(prompt messages, chosen answer, rejected answer) of a preference record."""
+    if not isinstance(record, dict):
+        raise bad_record(where, f"not a JSON object; {FORMATS}")
+    prompt = checked_messages(record["messages"], where, "user") if "messages" in record else [user_turn(record, where)]
+    return prompt, text_field(record, "chosen", where), text_field(record, "rejected", where)
+
+
+def split_held_out(items, fraction, seed=0):
+    """(train, held out): a random `fraction` of the items (at least one if fraction > 0) held out.
+    The seed is fixed, so every run, and every script reading the same file, holds out the same
+    records."""
+    n_held = math.ceil(fraction * len(items)) if fraction > 0 else 0
+    held = set(np.random.default_rng(seed).permutation(len(items))[:n_held].tolist())
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]

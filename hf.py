@@ -1,0 +1,389 @@
+"""
+The Hugging Face formats: model.py's weights as a transformers folder and back.
+
+    python export.py --out_dir=out/quickstart                  # writes out/quickstart/hf (see export.py)
+    python train.py --init_from=hf:path/to/folder ...          # fine-tune a GPT-2 or Llama folder
+    python sample.py --ckpt=hf:path/to/folder                  # sample from one
+
+Two transformers architectures cover model.py's two families:
+- GPT2LMHeadModel for the 'gpt2' style (learned positions, LayerNorm, GELU with
+  the tanh approximation, n_kv_head == n_head);
+- LlamaForCausalLM for the modern style (RoPE, RMSNorm, SwiGLU, grouped-query
+  attention; biases and tied embeddings are config flags there too).
+QK-norm and mixed styles (RoPE with LayerNorm, learned positions with SwiGLU, ...)
+have neither, and are refused with the option named.
+
+A folder holds config.json, model.safetensors (or shards listed in
+model.safetensors.index.json), the tokenizer files where transformers can read the
+tokenizer (byte-level BPE: 'gpt2' and 'bpe' become vocab.json and merges.txt), and
+tokenizer_description.json: the checkpoint's own tokenizer description, which
+restores any of tokenizer.py's kinds exactly on import.
+
+The mapping, tensor by tensor:
+- Names differ; q, k, v are one matrix here and in GPT-2 (same q, k, v order) but
+  three in Llama; SwiGLU's c_fc holds Llama's gate_proj then up_proj.
+- GPT-2's Conv1D layers store their weight as (in, out), the transpose of
+  nn.Linear's (out, in), because they compute x @ W + b.
+- RoPE needs no permutation: model.py rotates the (first half, second half) channel
+  pairs of each head with inv_freq = theta^(-2i/head_dim), which is exactly HF
+  Llama's rotate_half. (The permutation in HF's conversion script maps Meta's
+  original interleaved-pair layout to this one; HF folders are already in it.)
+- The vocabulary is written without model.py's padding rows (padded_vocab_size);
+  on import the padding rows get the mean of the real rows, so a padding id's
+  logit is the mean of the real logits. Zero rows would give logit 0, which can
+  be far above every real logit of a trained model and take most of the
+  probability in the loss; with the mean, Jensen's inequality bounds all P padding
+  ids together to at most P / (V + P) of it (V real ids), and far less for a
+  confident model.
+- A bias that one side has and the other lacks is zero: GPT-2 always has biases,
+  so a bias=False model exports with zero biases; Llama's attention_bias and
+  mlp_bias become bias=True, with zeros where the folder has none.
+"""
+
+import json
+import os
+import tempfile
+from dataclasses import asdict
+
+import torch
+from safetensors.torch import load_file, save
+
+from model import GPTConfig
+from tokenizer import EOT, Tokenizer, read_ranks
+
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}  # model.py's two styles in transformers
+TOKENIZER_SIDECAR = "tokenizer_description.json"
+# Every file export writes; a folder holding anything else is not overwritten.
+EXPORT_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json",
+                TOKENIZER_SIDECAR)
+
+
+# -----------------------------------------------------------------------------
+# configs
+
+
+def architecture_of(config):
+    """'gpt2' or 'llama', the transformers architecture that expresses config; a one-line error if none does."""
+    def refuse(option, why):
+        raise SystemExit(f"export error: {option}={getattr(config, option)!r} {why}; Hugging Face's GPT2LMHeadModel "
+                         "needs pos='learned', norm='layernorm', mlp='gelu', n_kv_head=n_head and LlamaForCausalLM "
+                         "needs pos='rope', norm='rmsnorm', mlp='swiglu'; train with options one of them can express")
+    if config.qk_norm:
+        refuse("qk_norm", "has no equivalent in GPT-2 or Llama")
+    if config.pos == "learned":
+        for option, needed in (("norm", "layernorm"), ("mlp", "gelu")):
+            if getattr(config, option) != needed:
+                refuse(option, "does not go with pos='learned' (GPT-2)")
+        if config.n_kv_head != config.n_head:
+            refuse("n_kv_head", f"does not go with pos='learned' (GPT-2 has no grouped-query attention)")
+        return "gpt2"
+    for option, needed in (("norm", "rmsnorm"), ("mlp", "swiglu")):
+        if getattr(config, option) != needed:
+            refuse(option, "does not go with pos='rope' (Llama)")
+    return "llama"
+
+
+def hf_config(config, eot_id):
+    """config.json's contents for a GPTConfig (checked by architecture_of)."""
+    if architecture_of(config) == "gpt2":
+        return {
+            "architectures": [ARCHITECTURES["gpt2"]], "model_type": "gpt2",
+            "vocab_size": config.vocab_size, "n_positions": config.block_size, "n_embd": config.n_embd,
+            "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": config.ffn_hidden,
+            "activation_function": "gelu_new",  # GELU with the tanh approximation, as model.py's
+            "layer_norm_epsilon": config.norm_eps, "tie_word_embeddings": config.tie_embeddings,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            "bos_token_id": eot_id, "eos_token_id": eot_id,
+        }
+    return {
+        "architectures": [ARCHITECTURES["llama"]], "model_type": "llama",
+        "vocab_size": config.vocab_size, "max_position_embeddings": config.block_size,
+        "hidden_size": config.n_embd, "intermediate_size": config.ffn_hidden, "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head, "num_key_value_heads": config.n_kv_head, "head_dim": config.head_dim,
+        "hidden_act": "silu", "rms_norm_eps": config.norm_eps, "tie_word_embeddings": config.tie_embeddings,
+        "attention_bias": config.bias, "mlp_bias": config.bias,
+        # transformers 4 reads rope_theta, 5 reads rope_parameters
+        "rope_theta": config.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "bos_token_id": eot_id, "eos_token_id": eot_id,
+    }
+
+
+def gpt_config(hf, folder):
+    """The GPTConfig of a folder's config.json; a one-line error for what model.py cannot run."""
+    architecture = (hf.get("architectures") or [""])[0]
+    if architecture == ARCHITECTURES["gpt2"]:
+        checks = [("activation_function", hf.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh")),
+                  ("scale_attn_weights", hf.get("scale_attn_weights", True), (True,)),
+                  ("scale_attn_by_inverse_layer_idx", hf.get("scale_attn_by_inverse_layer_idx", False), (False,)),
+                  ("add_cross_attention", hf.get("add_cross_attention", False), (False,))]
+        fields = dict(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                      n_head=hf["n_head"], n_embd=hf["n_embd"], ffn_hidden=hf.get("n_inner") or 0,
+                      norm="layernorm", mlp="gelu", pos="learned", bias=True,
+                      tie_embeddings=hf.get("tie_word_embeddings", True), norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+    elif architecture == ARCHITECTURES["llama"]:
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 and 4
+        heads, width = hf["num_attention_heads"], hf["hidden_size"]
+        checks = [("hidden_act", hf.get("hidden_act", "silu"), ("silu",)),
+                  ("head_dim", hf.get("head_dim") or width // heads, (width // heads,)),
+                  ("rope_type", rope.get("rope_type", rope.get("type", "default")), ("default",))]
+        fields = dict(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
+                      n_layer=hf["num_hidden_layers"], n_head=heads, n_kv_head=hf.get("num_key_value_heads") or heads,
+                      n_embd=width, ffn_hidden=hf["intermediate_size"], norm="rmsnorm", mlp="swiglu", pos="rope",
+                      rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                      bias=bool(hf.get("attention_bias") or hf.get("mlp_bias")),
+                      tie_embeddings=hf.get("tie_word_embeddings", False), norm_eps=hf.get("rms_norm_eps", 1e-6))
+    else:
+        raise SystemExit(f"import error: {folder}/config.json's architecture is {architecture or 'not given'}; "
+                         f"only {' and '.join(ARCHITECTURES.values())} folders can be read")
+    for key, value, supported in checks:
+        if value not in supported:
+            raise SystemExit(f"import error: {folder}/config.json has {key}={value!r}; model.py runs only "
+                             + " or ".join(f"{key}={v!r}" for v in supported))
+    try:
+        return GPTConfig(**fields)
+    except ValueError as e:
+        raise SystemExit(f"import error: {folder}/config.json: {e}") from None
+
+
+# -----------------------------------------------------------------------------
+# weights
+
+
+def weight_names(config):
+    """(our name, [Hugging Face names], transposed) for every tensor. Several names: our tensor is
+    theirs stacked along dim 0 (Llama's q, k, v and gate, up). transposed: GPT-2's Conv1D layout."""
+    gpt2 = architecture_of(config) == "gpt2"
+    linear = (".weight", ".bias") if config.bias or gpt2 else (".weight",)
+    norm = (".weight", ".bias") if gpt2 else (".weight",)  # RMSNorm has no bias
+    if gpt2:
+        names = [("wte.weight", ["transformer.wte.weight"], False), ("wpe.weight", ["transformer.wpe.weight"], False)]
+        names += [("ln_f" + p, ["transformer.ln_f" + p], False) for p in norm]
+        for i in range(config.n_layer):
+            ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
+            names += [(ours + n + p, [theirs + n + p], False) for n in ("ln_1", "ln_2") for p in norm]
+            names += [(ours + n + p, [theirs + n + p], p == ".weight")
+                      for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj") for p in linear]
+    else:
+        names = [("wte.weight", ["model.embed_tokens.weight"], False), ("ln_f.weight", ["model.norm.weight"], False)]
+        for i in range(config.n_layer):
+            ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
+            names += [(ours + "ln_1.weight", [theirs + "input_layernorm.weight"], False),
+                      (ours + "ln_2.weight", [theirs + "post_attention_layernorm.weight"], False)]
+            for p in linear:
+                names += [(ours + "attn.c_attn" + p, [theirs + f"self_attn.{n}_proj" + p for n in "qkv"], False),
+                          (ours + "attn.c_proj" + p, [theirs + "self_attn.o_proj" + p], False),
+                          (ours + "mlp.c_fc" + p, [theirs + "mlp.gate_proj" + p, theirs + "mlp.up_proj" + p], False),
+                          (ours + "mlp.c_proj" + p, [theirs + "mlp.down_proj" + p], False)]
+    if not config.tie_embeddings:
+        names.append(("lm_head.weight", ["lm_head.weight"], False))
+    return names
+
+
+def split_sizes(config, our_name):
+    """The row counts of the HF tensors that our_name is stacked from."""
+    if ".c_attn." in our_name:
+        return [config.n_head * config.head_dim] + 2 * [config.n_kv_head * config.head_dim]
+    return 2 * [config.ffn_hidden]  # SwiGLU's gate, then up
+
+
+def to_hf(state_dict, config):
+    """model.py's state dict as Hugging Face tensors (contiguous, unshared: what safetensors writes)."""
+    tensors = {}
+    for ours, theirs, transposed in weight_names(config):
+        tensor = state_dict.get(ours)
+        if tensor is None:  # a bias GPT-2 needs and a bias=False model lacks: zero is the same function
+            rows = state_dict[ours.replace(".bias", ".weight")].shape[0]
+            tensor = torch.zeros(rows)
+        if ours in ("wte.weight", "lm_head.weight"):
+            tensor = tensor[: config.vocab_size]  # drop the padding rows
+        parts = tensor.split(split_sizes(config, ours)) if len(theirs) > 1 else [tensor]
+        for name, part in zip(theirs, parts):
+            # a copy of its own: safetensors refuses tensors that share memory, as split() views do
+            tensors[name] = (part.t() if transposed else part).clone(memory_format=torch.contiguous_format)
+    return tensors
+
+
+def from_hf(tensors, config, folder):
+    """Hugging Face tensors (float32) as model.py's state dict; a one-line error if one is missing."""
+    if architecture_of(config) == "gpt2" and "transformer.wte.weight" not in tensors:  # saved by GPT2Model: no prefix
+        tensors = {("transformer." + name if name != "lm_head.weight" else name): t for name, t in tensors.items()}
+    state_dict = {}
+    for ours, theirs, transposed in weight_names(config):
+        missing = [name for name in theirs if name not in tensors]
+        if missing and ours.endswith(".bias"):  # e.g. Llama with attention_bias but not mlp_bias
+            rows = state_dict[ours.replace(".bias", ".weight")].shape[0]
+            state_dict[ours] = torch.zeros(rows)
+            continue
+        if missing:
+            raise SystemExit(f"import error: {folder} has no tensor {missing[0]}; the weights do not match config.json")
+        tensor = torch.cat([tensors[name] for name in theirs])
+        state_dict[ours] = tensor.t().contiguous() if transposed else tensor
+    for name in ("wte.weight", "lm_head.weight"):
+        if name in state_dict:
+            real = state_dict[name]
+            padding = real.mean(dim=0, keepdim=True).expand(config.padded_vocab_size - config.vocab_size, -1)
+            state_dict[name] = torch.cat([real, padding])
+    if config.tie_embeddings:
+        state_dict["lm_head.weight"] = state_dict["wte.weight"]
+    return state_dict
+
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+
+def byte_to_unicode():
+    """GPT-2's map from bytes to the characters that vocab.json and merges.txt are written in: printable
+    Latin-1 bytes stand for themselves, the rest (space, control bytes) move to U+0100 and up, in order,
+    so every token is a string of visible characters."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), 256))
+    table, moved = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + moved)
+            moved += 1
+    return table
+
+
+def merges_of(tokens):
+    """The pair each multi-byte token is merged from, in rank order, recovered from the ranks alone:
+    BPE on the token's own bytes (lowest-ranked pair first, as tiktoken encodes) stops one merge short
+    of the token, at the two parts it was made of."""
+    rank = {token: i for i, token in enumerate(tokens)}
+    merges = []
+    for token in tokens:
+        if len(token) < 2:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            ranks = [rank.get(a + b, len(tokens)) for a, b in zip(parts, parts[1:])]
+            i = ranks.index(min(ranks))
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
+        merges.append(parts)
+    return merges
+
+
+def bpe_files(tokenizer, block_size):
+    """vocab.json, merges.txt and tokenizer_config.json (as text) for a byte-level BPE tokenizer."""
+    specials = tokenizer.special_tokens
+    special_ids = set(specials.values())
+    if tokenizer.kind == "bpe":
+        ranks = read_ranks(tokenizer.description["ranks"])
+        tokens = sorted(ranks, key=ranks.get)
+    else:  # gpt2: tiktoken's ranks are the ids that are not special
+        tokens = [tokenizer._enc.decode_single_token_bytes(i) for i in range(tokenizer.vocab_size) if i not in special_ids]
+    to_char = byte_to_unicode()
+    text = lambda token: "".join(to_char[b] for b in token)
+    vocab = {text(token): i for i, token in enumerate(tokens)} | specials
+    merges = "#version: 0.2\n" + "".join(f"{text(a)} {text(b)}\n" for a, b in merges_of(tokens))
+    eot = tokenizer.description.get("eot", EOT)
+    config = {
+        "tokenizer_class": "GPT2Tokenizer", "model_max_length": block_size, "add_prefix_space": False,
+        "bos_token": eot, "eos_token": eot, "unk_token": eot,
+        "added_tokens_decoder": {str(i): {"content": name, "special": True, "lstrip": False, "rstrip": False,
+                                          "normalized": False, "single_word": False} for name, i in specials.items()},
+    }
+    return {"vocab.json": json.dumps(vocab, ensure_ascii=False), "merges.txt": merges,
+            "tokenizer_config.json": json.dumps(config, indent=2)}
+
+
+def tokenizer_of(folder):
+    """The tokenizer description of a folder: its sidecar if it has one, else GPT-2's if its
+    vocab.json and merges.txt are GPT-2's; a one-line error otherwise."""
+    sidecar = os.path.join(folder, TOKENIZER_SIDECAR)
+    if os.path.isfile(sidecar):
+        with open(sidecar) as f:
+            return json.load(f)
+    files = [os.path.join(folder, name) for name in ("vocab.json", "merges.txt")]
+    if all(os.path.isfile(path) for path in files):
+        gpt2 = {"kind": "gpt2", "eot": EOT}
+        expected = bpe_files(Tokenizer(gpt2), 0)
+        with open(files[0], encoding="utf-8") as f:
+            same_vocab = json.load(f) == json.loads(expected["vocab.json"])
+        merges = lambda text: [line for line in text.splitlines() if line and not line.startswith("#version")]
+        with open(files[1], encoding="utf-8") as f:
+            same_merges = merges(f.read()) == merges(expected["merges.txt"])
+        if same_vocab and same_merges:
+            return gpt2
+    raise SystemExit(f"import error: {folder} has no {TOKENIZER_SIDECAR} and its tokenizer is not GPT-2's "
+                     "(vocab.json and merges.txt); the tokenizers read are this repository's own (that file) and GPT-2's")
+
+
+# -----------------------------------------------------------------------------
+# folders
+
+
+def write_file(path, data):
+    """Write bytes or text under a temporary name, then rename into place."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's files are private; a model folder is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_folder(folder, model, tokenizer, dtype=torch.float32):
+    """Write model (a GPT) and tokenizer (a Tokenizer) as a Hugging Face folder; return the files written."""
+    config = model.config
+    hf = hf_config(config, tokenizer.eot_id)  # refuses what has no architecture, before anything is written
+    if os.path.isdir(folder):
+        foreign = sorted(set(os.listdir(folder)) - set(EXPORT_FILES))
+        if foreign:
+            raise SystemExit(f"export error: {folder} holds files export.py does not write ({', '.join(foreign[:3])}); "
+                             "choose a new or empty folder")
+    os.makedirs(folder, exist_ok=True)
+    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    tensors = {name: t.to(dtype) for name, t in to_hf(model.state_dict(), config).items()}
+    files = {"config.json": json.dumps(hf, indent=2), "model.safetensors": save(tensors, metadata={"format": "pt"}),
+             TOKENIZER_SIDECAR: json.dumps(tokenizer.description)}
+    if tokenizer.kind in ("gpt2", "bpe"):  # byte-level BPE: transformers' GPT2Tokenizer reads it
+        files |= bpe_files(tokenizer, config.block_size)
+    for name in EXPORT_FILES:
+        path = os.path.join(folder, name)
+        if name in files:
+            write_file(path, files[name])
+        elif os.path.exists(path):  # an earlier export's tokenizer files, for another tokenizer
+            os.unlink(path)
+    return sorted(files)
+
+
+def read_tensors(folder):
+    """Every tensor of a folder's model.safetensors or of the shards its index lists, in float32."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise SystemExit(f"import error: {folder} has no model.safetensors or model.safetensors.index.json; "
+                         "save the model with transformers' save_pretrained (safetensors)")
+    tensors = {}
+    for name in files:
+        tensors |= {k: v.float() for k, v in load_file(os.path.join(folder, name)).items()}
+    return tensors
+
+
+def read_folder(folder):
+    """A Hugging Face folder as a checkpoint dict (kind 'hf'): what model_from_checkpoint takes."""
+    folder = os.path.expanduser(folder)  # hf:~/models/gpt2 reaches here unexpanded by the shell
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"import error: no {path}; pass hf:FOLDER with a Hugging Face model folder")
+    with open(path) as f:
+        config = gpt_config(json.load(f), folder)
+    description = tokenizer_of(folder)
+    tokenizer_vocab = Tokenizer(description).vocab_size
+    if tokenizer_vocab > config.vocab_size:
+        raise SystemExit(f"import error: {folder}'s tokenizer has {tokenizer_vocab} ids but the model only "
+                         f"{config.vocab_size}; the tokenizer files belong to another model")
+    return {"kind": "hf", "source": folder, "model_config": asdict(config),
+            "model": from_hf(read_tensors(folder), config, folder), "tokenizer": description}

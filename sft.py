@@ -1,0 +1,251 @@
+"""
+Supervised fine-tuning (SFT): teach a pretrained model to answer in the chat format of chat.py,
+on instruction records, with the loss on the assistant's tokens only. All weights, or LoRA
+adapters (lora_rank > 0).
+
+    python sft.py config/sft_quickstart.py                       # the quickstart model, CPU, minutes
+    python sft.py config/sft_gpt2.py                             # GPT-2 124M (hf:FOLDER), one GPU
+    python sft.py config/sft_quickstart.py --lora_rank=8 --learning_rate=3e-3 --out_dir=out/sft_lora
+    python sft.py --init_from=out/run/ckpt.pt --data=chats.jsonl --packing=False
+    torchrun --standalone --nproc_per_node=8 sft.py config/sft_gpt2.py
+
+Reads the checkpoint init_from (a pretraining checkpoint, an earlier SFT one, or hf:FOLDER)
+and the records in data (Alpaca-style or chat, .json or .jsonl; see chat.py). A model without
+the chat tokens gets them first. A fixed val_fraction of the records is held out for the eval
+loss: the mean loss per assistant token. Writes out_dir/ckpt-<step>.pt (kind 'sft'; with
+LoRA, only the adapters and the name, step and sha256 of the base) with out_dir/ckpt.pt
+linked to the newest, and out_dir/metrics.jsonl. sample.py --chat, evaluate.py and dpo.py
+read the checkpoint.
+
+Batches: packing lays the shuffled examples end to end into rows of block_size tokens, with
+attention kept inside each example (model.forward's doc_ids), so no compute goes to padding;
+packing=False pads each batch to its longest example. Either way a batch is a pure function of
+the step (chat.batch_of), as in train.py. The optimizer, schedule, accumulation, clipping,
+placement (DDP or FSDP) and checkpoint rotation are train.py's, from training.py.
+SFT runs are short and do not resume: a checkpoint holds the weights, not the optimizer.
+
+Every default below is a config key: override it in a config file or with --key=value.
+"""
+
+import math
+import os
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from chat import (CHAT_TOKENS, add_chat_tokens, batch_of, collate, conversation, has_chat_tokens, pack, read_records,
+                  render, split_held_out, training_example)
+from checkpoint import gather_training_state, load_checkpoint, model_from_checkpoint, save_run_checkpoint
+from configurator import configure, print_config
+from lora import add_lora, checkpoint_weights, describe_base, merge_lora
+from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
+from training import (all_reduce_sum, append_metrics, format_duration, learning_rate_at, make_optimizer,
+                      optimizer_step, place_model, to_device, wrap_model)
+
+# -----------------------------------------------------------------------------
+# I/O
+init_from = "out/quickstart/ckpt.pt"  # the checkpoint to fine-tune: pretraining, SFT, or hf:FOLDER
+out_dir = "out/sft"
+keep_checkpoints = 2
+eval_interval = 100  # evaluate and save a checkpoint every this many steps, and at the end
+log_interval = 10
+# data
+data = "data/instruction/instruction-data.json"  # Alpaca-style or chat records, .json or .jsonl
+val_fraction = 0.05  # of the records, held out for the eval loss (always the same ones)
+packing = True  # rows of block_size tokens packed with whole examples; False: pad each batch to its longest example
+block_size = 0  # tokens per row; longer examples are cut. 0: the model's context
+batch_size = 8  # rows (or examples, without packing) per micro-step on each process
+total_batch_size = 32  # rows (or examples) per optimizer step over all processes; sets the gradient accumulation
+epochs = 2
+max_iters = 0  # optimizer steps; 0: as many as `epochs` passes over the training examples take
+# LoRA: rank 0 trains every weight
+lora_rank = 0
+lora_alpha = 16.0
+lora_dropout = 0.0
+lora_targets = "c_attn,c_proj,c_fc"  # linear layers of each block that get adapters
+# AdamW and the schedule (linear warmup, cosine decay to min_lr)
+learning_rate = 3e-5
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+warmup_iters = 10
+min_lr = 3e-6
+# system
+device = "auto"
+dtype = "auto"
+compile = False  # SFT runs are short; compiling rarely pays off
+seed = 1337
+parallelism = "ddp"  # or 'fsdp', as in train.py
+config = configure(globals())
+if int(os.environ.get("RANK", 0)) == 0:
+    print_config(config)
+# -----------------------------------------------------------------------------
+
+dist = setup_distributed(device)
+device, master = dist.device, dist.is_main
+log = print if master else (lambda *args, **kwargs: None)
+dtype = pick_dtype(device, dtype)
+autocast = autocast_context(device, dtype)
+seed_everything(seed)
+if parallelism not in ("ddp", "fsdp"):
+    raise SystemExit(f"config error: parallelism='{parallelism}' is not one of ddp, fsdp")
+if not 0 <= val_fraction < 1 or lora_rank < 0 or epochs < 1:
+    raise SystemExit("config error: need 0 <= val_fraction < 1, lora_rank >= 0 and epochs >= 1")
+if total_batch_size % (batch_size * dist.world_size):
+    raise SystemExit(f"config error: total_batch_size={total_batch_size} is not a multiple of batch_size x processes "
+                     f"= {batch_size} x {dist.world_size}; change one of them")
+accumulation_steps = total_batch_size // (batch_size * dist.world_size)
+
+# model: the checkpoint to fine-tune, merged if it holds adapters, with the chat tokens
+checkpoint = load_checkpoint(init_from)
+model, tokenizer = model_from_checkpoint(checkpoint, init_from)
+base = describe_base(init_from, checkpoint) if lora_rank else None  # what a LoRA checkpoint names as its base
+checkpoint = None  # free the memory
+merge_lora(model)
+if not has_chat_tokens(tokenizer):
+    model, tokenizer = add_chat_tokens(model, tokenizer)
+    log("added the chat tokens: " + ", ".join(f"{name} {tokenizer.special_tokens[name]}" for name in CHAT_TOKENS)
+        + f"; the embedding has {model.config.padded_vocab_size} rows")
+block_size = block_size or model.config.block_size
+if block_size > model.config.block_size:
+    raise SystemExit(f"config error: block_size={block_size} is longer than the model's context of "
+                     f"{model.config.block_size}; set --block_size=0 to use it")
+
+# data: records -> conversations -> (inputs, targets) -> units (packed rows, or examples)
+records = [conversation(record, where) for where, record in read_records(data)]
+train_records, val_records = split_held_out(records, val_fraction)
+if not train_records:
+    raise SystemExit(f"data error: {data} has {len(records)} records, none left to train on after holding out "
+                     f"val_fraction={val_fraction}; add records or lower val_fraction")
+
+
+def units_of(conversations):
+    """The conversations as training units, and how many were longer than block_size."""
+    rendered = [render(tokenizer, messages) for messages in conversations]
+    examples = [e for e in (training_example(ids, learned, block_size) for ids, learned in rendered) if e is not None]
+    n_long = sum(len(ids) > block_size + 1 for ids, _ in rendered)
+    if packing:
+        # Shuffled once before packing, so a row holds unrelated examples; the batches reshuffle the rows.
+        order = np.random.default_rng(seed).permutation(len(examples))
+        return pack([examples[i] for i in order], block_size), n_long
+    return [(x, y, [0] * len(x)) for x, y in examples], n_long
+
+
+train_units, n_long = units_of(train_records)
+val_units = units_of(val_records)[0]
+if not train_units:
+    raise SystemExit(f"data error: no record of {data} has an answer within block_size={block_size} tokens; "
+                     "raise block_size or shorten the prompts")
+steps_per_epoch = math.ceil(len(train_units) / total_batch_size)
+max_iters = max_iters or epochs * steps_per_epoch
+answer_tokens = sum(t >= 0 for _, y, _ in train_units for t in y)
+log(f"data {data}: {len(train_records)} train and {len(val_records)} held-out records, {answer_tokens:,} answer tokens "
+    f"to learn in {len(train_units)} {'packed rows' if packing else 'examples'} of up to {block_size} tokens"
+    + (f"; {n_long} train records cut at block_size (those left with no answer are dropped)" if n_long else ""))
+log(f"device {device_name(device)} x {dist.world_size} processes, {dtype}; {total_batch_size} "
+    f"{'rows' if packing else 'examples'} per step = {batch_size} x {dist.world_size} processes x {accumulation_steps} "
+    f"accumulation steps; {max_iters} steps ({steps_per_epoch} per epoch)")
+
+lora_settings = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
+                     targets=[t.strip() for t in lora_targets.split(",")]) if lora_rank else None
+if lora_settings:
+    add_lora(model, **lora_settings)
+trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+log(f"model: {model.num_params() / 1e6:.2f}M parameters, {trainable:,} of them trained "
+    f"({100 * trainable / sum(p.numel() for p in model.parameters()):.2f}%)")
+place_model(model, dist, parallelism, dtype)
+seed_everything(seed + dist.rank)  # different dropout masks in each process
+
+optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device)
+scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
+raw_model = model
+model = wrap_model(model, dist, parallelism, compile, log)
+metrics_path = os.path.join(out_dir, "metrics.jsonl")
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(metrics_path):
+        os.remove(metrics_path)
+
+
+def batch_loss(units):
+    x, y, docs = collate(units, tokenizer.eot_id)
+    x, y = to_device(x, y, device)
+    with autocast:
+        return model(x, y, doc_ids=docs.to(device) if packing else None)[1], (y >= 0).sum()
+
+
+def micro_step_loss(micro_step):
+    index = (step * dist.world_size + dist.rank) * accumulation_steps + micro_step
+    return batch_loss([train_units[i] for i in batch_of(len(train_units), batch_size, index, seed)])[0]
+
+
+@torch.no_grad()
+def held_out_loss():
+    """Mean loss per answer token over every held-out unit (the batches dealt out to the processes)."""
+    batches = [val_units[i : i + batch_size] for i in range(0, len(val_units), batch_size)]
+    model.eval()
+    total = torch.zeros(2, device=device)  # loss sum, token count
+    # Every process runs the same number of forward passes: under FSDP each one is a collective.
+    for i in range(dist.rank, dist.world_size * math.ceil(len(batches) / dist.world_size), dist.world_size):
+        loss, count = batch_loss(batches[i % len(batches)])
+        if i < len(batches):
+            total += torch.stack([loss.float() * count, count])
+    model.train()
+    total = all_reduce_sum(total, dist.world_size)
+    return (total[0] / total[1]).item()
+
+
+def save(step, val_loss):
+    model_state, _ = gather_training_state(raw_model, ())  # every process: FSDP gathers the shards
+    if not master:
+        return None
+    checkpoint = {"kind": "sft", "model_config": asdict(raw_model.config), "tokenizer": tokenizer.description,
+                  "config": config, "step": step, "val_loss": val_loss,
+                  **checkpoint_weights(model_state, lora_settings, base)}
+    return save_run_checkpoint(checkpoint, out_dir, keep_checkpoints)
+
+
+# -----------------------------------------------------------------------------
+# training loop
+step = 0
+t_log, steps_since_log = time.time(), 0
+while True:
+    lr = learning_rate_at(step, learning_rate, warmup_iters, max_iters, min_lr)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+    if step % eval_interval == 0 or step == max_iters:
+        val_loss = held_out_loss() if val_units else None  # val_fraction=0: nothing held out
+        if val_loss is not None:
+            log(f"step {step}: held-out loss {val_loss:.4f}")
+        if step > 0:
+            path = save(step, val_loss)
+            log(f"saved {path}")
+        if master:
+            append_metrics(metrics_path, {"step": step, "val_loss": val_loss})
+        t_log, steps_since_log = time.time(), 0
+    if step >= max_iters:
+        break
+
+    loss_sum = optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip)
+    step += 1
+    steps_since_log += 1
+
+    if step % log_interval == 0 or step == max_iters:
+        train_loss = all_reduce_sum(loss_sum, dist.world_size).item() / dist.world_size
+        if not math.isfinite(train_loss):
+            raise SystemExit(f"sft error: the loss is not finite ({train_loss}) at step {step}; stopping without "
+                             "saving. Lower learning_rate or check the data." if master else 1)
+        seconds_per_step = (time.time() - t_log) / steps_since_log
+        log(f"step {step}/{max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | {1000 * seconds_per_step:.0f} ms/step | "
+            f"eta {format_duration((max_iters - step) * seconds_per_step)}")
+        if master:
+            append_metrics(metrics_path, {"step": step, "loss": train_loss, "lr": lr, "time": time.time()})
+        t_log, steps_since_log = time.time(), 0
+
+log(f"done after {step} steps" + (f", held-out loss {val_loss:.4f}" if val_loss is not None else "")
+    + f"; chat with: python sample.py --out_dir={out_dir} --chat=True")
+teardown_distributed()

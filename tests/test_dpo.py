@@ -1,0 +1,64 @@
+"""dpo.py: the loss starts at ln 2 (the policy is the reference) and falls on toy pairs, with LoRA or
+without; a LoRA run saves adapters on the SFT base; and the whole chain base -> SFT -> DPO -> chat runs."""
+
+import json
+import math
+import os
+
+import pytest
+
+from checkpoint import load_checkpoint
+from conftest import run_script
+
+# the chosen answers are the ones SFT taught (TOY_INSTRUCTIONS)
+TOY_PAIRS = [
+    {"instruction": "What is 2+2?", "chosen": "Four.", "rejected": "Five."},
+    {"instruction": "Say hi.", "chosen": "Hi there!", "rejected": "Go away."},
+    {"instruction": "Capital of France?", "chosen": "Paris.", "rejected": "Rome."},
+]
+
+
+@pytest.fixture(scope="module")
+def dpo_runs(tiny_sft_checkpoint, tmp_path_factory):
+    """out_dirs of two dpo.py runs from the SFT checkpoint: 'lora' and 'full'."""
+    root = tmp_path_factory.mktemp("dpo")
+    (root / "pairs.json").write_text(json.dumps(TOY_PAIRS))
+    common = [f"--init_from={tiny_sft_checkpoint}/ckpt.pt", f"--data={root / 'pairs.json'}", "--device=cpu",
+              "--val_fraction=0", "--batch_size=3", "--total_batch_size=3", "--log_interval=1", "--beta=0.5",
+              "--warmup_iters=2"]
+    run_script("dpo.py", *common, f"--out_dir={root / 'lora'}", "--lora_rank=4", "--max_iters=12",
+               "--learning_rate=1e-2", "--min_lr=1e-3", "--eval_interval=12")
+    run_script("dpo.py", *common, f"--out_dir={root / 'full'}", "--max_iters=6", "--learning_rate=1e-3",
+               "--min_lr=1e-4", "--eval_interval=6")
+    return {kind: str(root / kind) for kind in ("lora", "full")}
+
+
+def train_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [m for m in map(json.loads, f) if "loss" in m]
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_dpo_loss_starts_at_ln2_when_the_policy_is_the_reference_and_falls(dpo_runs, kind):
+    metrics = train_metrics(dpo_runs[kind])
+    # step 1 logs the pairs of the first step, scored before any update
+    assert metrics[0]["step"] == 1 and abs(metrics[0]["loss"] - math.log(2)) < 1e-6
+    assert metrics[0]["margin"] == 0 and metrics[0]["accuracy"] == 0
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.2 and metrics[-1]["accuracy"] == 1
+    gap = [m["logp_chosen"] - m["logp_rejected"] for m in (metrics[0], metrics[-1])]
+    assert gap[1] > gap[0]  # the chosen answers gained on the rejected ones
+
+
+def test_dpo_with_lora_saves_adapters_on_the_sft_checkpoint(dpo_runs, tiny_sft_checkpoint):
+    ckpt = load_checkpoint(os.path.join(dpo_runs["lora"], "ckpt.pt"))
+    assert ckpt["kind"] == "dpo" and all(".lora_" in k for k in ckpt["model"])
+    assert os.path.dirname(ckpt["base"]["path"]) == os.path.abspath(tiny_sft_checkpoint)
+    full = load_checkpoint(os.path.join(dpo_runs["full"], "ckpt.pt"))
+    assert full["kind"] == "dpo" and "lora" not in full and "lm_head.weight" in full["model"]
+
+
+def test_base_to_sft_to_dpo_to_chat_answers_piped_questions_turn_by_turn(dpo_runs):
+    result = run_script("sample.py", f"--out_dir={dpo_runs['lora']}", "--device=cpu", "--chat=True", "--temperature=0",
+                        "--max_new_tokens=12", stdin="What is 2+2?\nSay hi.\n")
+    # each answer follows a '> ' prompt; the third prompt meets the end of the input
+    assert result.stdout.startswith("> Four.\n> ") and result.stdout.count("> ") == 3
