@@ -5,6 +5,7 @@ Pretrain a GPT on the token bins that prepare.py wrote, on one CPU or GPU or man
     python train.py config/train_gpt2.py                  # GPT-2 124M on one GPU
     python train.py config/quickstart.py --max_iters=2000 --learning_rate=1e-3
     python train.py config/quickstart.py --init_from=resume   # continue from out_dir/ckpt.pt
+    python train.py config/quickstart.py --init_from=hf:out/quickstart/hf --out_dir=out/ft   # from a Hugging Face folder
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py            # 8 GPUs, DDP
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py --parallelism=fsdp
     torchrun --standalone --nproc_per_node=8 --max-restarts=3 train.py config/train_gpt2.py --init_from=auto
@@ -45,6 +46,7 @@ from training import (TokenBins, all_reduce_sum, append_metrics, estimate_loss, 
 # I/O
 out_dir = "out/default"
 init_from = "scratch"  # 'scratch'; 'resume' (out_dir/ckpt.pt); 'auto' (the newest good checkpoint, else scratch)
+# or 'hf:FOLDER': a new run from the weights (and architecture) of a Hugging Face GPT-2 or Llama folder
 keep_checkpoints = 3  # how many of the newest checkpoints to keep
 eval_interval = 250  # evaluate and save a checkpoint every this many steps, and at the end
 eval_iters = 50  # batches per split in each evaluation
@@ -108,8 +110,8 @@ if parallelism not in ("ddp", "fsdp"):
     raise SystemExit(f"config error: parallelism='{parallelism}' is not one of ddp, fsdp")
 if parallelism == "fsdp" and dtype == "float16":
     raise SystemExit("config error: parallelism='fsdp' runs in bfloat16 or float32; set --dtype=bfloat16")
-if init_from not in ("scratch", "resume", "auto"):
-    raise SystemExit(f"config error: init_from='{init_from}' is not one of scratch, resume, auto")
+if init_from not in ("scratch", "resume", "auto") and not init_from.startswith("hf:"):
+    raise SystemExit(f"config error: init_from='{init_from}' is not one of scratch, resume, auto, hf:FOLDER")
 lr_decay_iters = lr_decay_iters or max_iters
 tokens_per_micro_step = batch_size * block_size * dist.world_size
 if total_batch_tokens % tokens_per_micro_step:
@@ -127,8 +129,9 @@ bins = {split: TokenBins(data_dir, meta, split, block_size) for split in ("train
 log(f"data {data_dir}: {meta['splits']['train']['tokens']:,} train and {meta['splits']['val']['tokens']:,} val tokens, "
     f"{meta['tokenizer']['kind']} tokenizer, vocabulary {meta['vocab_size']}")
 
-# model: from scratch, or from the checkpoint of a run to continue
+# model: from scratch, from the checkpoint of a run to continue, or from a Hugging Face folder's weights
 checkpoint, ckpt_path = None, os.path.join(out_dir, "ckpt.pt")
+pretrained = load_checkpoint(init_from) if init_from.startswith("hf:") else None
 if init_from == "resume":
     checkpoint = load_checkpoint(ckpt_path)
 elif init_from == "auto":
@@ -140,6 +143,18 @@ if checkpoint is not None:
     model_config = GPTConfig.from_dict(checkpoint["model_config"])  # the architecture is the checkpoint's
     step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
     log(f"resuming {ckpt_path} at step {step}")
+elif pretrained is not None:
+    if pretrained["tokenizer"] != meta["tokenizer"]:
+        raise SystemExit(f"train error: {init_from}'s tokenizer ({pretrained['tokenizer']['kind']}) is not the one "
+                         f"{data_dir} was prepared with ({meta['tokenizer']['kind']}); prepare a dataset with the "
+                         "model's tokenizer (python prepare.py --tokenizer=gpt2 for GPT-2's)")
+    # the architecture is the folder's; dropout is a choice of this run
+    model_config = GPTConfig.from_dict({**pretrained["model_config"], "dropout": dropout})
+    if block_size > model_config.block_size:
+        raise SystemExit(f"config error: block_size={block_size} is longer than {init_from}'s context of "
+                         f"{model_config.block_size}; set --block_size={model_config.block_size} or less")
+    step, best_val_loss = 0, float("inf")
+    log(f"starting a new run from the weights of {init_from}")
 else:
     try:
         model_config = GPTConfig(vocab_size=meta["vocab_size"], block_size=block_size, n_layer=n_layer, n_head=n_head,
@@ -149,13 +164,17 @@ else:
     except ValueError as e:
         raise SystemExit(f"config error: {e}") from None
     step, best_val_loss = 0, float("inf")
+if checkpoint is None:  # a new run
     stale = checkpoints_newest_first(out_dir)
     if master and stale:
-        log(f"starting from scratch: removing {len(stale)} checkpoints of an earlier run in {out_dir}")
+        log(f"a new run: removing {len(stale)} checkpoints of an earlier run in {out_dir}")
         for path in stale + [os.path.join(out_dir, "ckpt.pt")]:
             if os.path.exists(path):
                 os.unlink(path)
 model = GPT(model_config)  # built on the CPU: FSDP moves only each process's shard to its GPU
+if pretrained is not None:
+    model.load_state_dict(pretrained["model"])
+    pretrained = None  # free the memory
 model.activation_checkpointing = activation_checkpointing
 flops_per_token = model.flops_per_token(block_size)
 log(f"model: {model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs per token")
@@ -175,7 +194,7 @@ peak = gpu_peak_flops(device_name(device), peak_flops) if device.startswith("cud
 metrics_path = os.path.join(out_dir, "metrics.jsonl")
 if master:
     os.makedirs(out_dir, exist_ok=True)
-    if init_from == "scratch" and os.path.exists(metrics_path):
+    if (init_from == "scratch" or init_from.startswith("hf:")) and os.path.exists(metrics_path):
         os.remove(metrics_path)  # a new run gets a new log; a resumed one appends to its own
 if "unigram_loss" in meta:
     log(f"baseline: a model that ignores context (unigram) has val loss {meta['unigram_loss']:.4f}")
