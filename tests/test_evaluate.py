@@ -1,0 +1,334 @@
+"""evaluate.py: perplexity with sliding windows, multiple choice, EM/F1, the benchmark formats, torchrun."""
+
+import json
+import math
+import os
+import runpy
+import subprocess
+import sys
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import REPO
+from evaluate import (_BENCHMARKS, evaluate_examples, exact_match_score, f1_score, generate_answers, perplexity,
+                      read_examples, score_continuations)
+from model import GPT, GPTConfig
+from tokenizer import Tokenizer
+
+SHARED_EVALS = os.path.join(REPO, "..", "shared", "data", "evals")
+BYTES = Tokenizer({"kind": "byte", "eot": "<|endoftext|>"})
+
+
+def tiny_gpt(pos="rope", block_size=32, seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=257, block_size=block_size, n_layer=2, n_head=2, n_embd=32, pos=pos)).eval()
+
+
+class Bigram(nn.Module):
+    """A rigged model: the logits of the next token depend only on the current one, through a table we set.
+    It borrows GPT's generation, which needs nothing but forward and sample_next_token."""
+
+    blocks = ()
+    generate, generate_stream, sample_next_token = GPT.generate, GPT.generate_stream, GPT.sample_next_token
+
+    def __init__(self, vocab_size=257, block_size=64):
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=vocab_size, block_size=block_size)
+        self.table = nn.Parameter(torch.zeros(vocab_size, vocab_size))
+
+    def prefer(self, text, logit):
+        """Make each character of text follow the one before it with this logit (the others have 0)."""
+        for a, b in zip(text, text[1:]):
+            self.table.data[ord(a), ord(b)] = logit
+
+    def forward(self, idx, targets=None, all_logits=False, cache=None, pos=0):
+        assert idx.size(1) <= self.config.block_size
+        logits = self.table[idx]
+        return (logits if all_logits else logits[:, -1:]), None
+
+
+class Induction(nn.Module):
+    """A rigged model that can use its context: it predicts the token that followed the current token's last
+    earlier occurrence in the window, and knows nothing (uniform) when there is none."""
+
+    def __init__(self, vocab_size, block_size):
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=vocab_size, block_size=block_size)
+        self.unused = nn.Parameter(torch.zeros(1))
+
+    def forward(self, idx, targets=None, all_logits=False):
+        assert idx.size(1) <= self.config.block_size
+        logits = torch.zeros(*idx.shape, self.config.vocab_size)
+        for b in range(idx.size(0)):
+            for t in range(idx.size(1)):
+                earlier = (idx[b, :t] == idx[b, t]).nonzero()
+                if len(earlier):
+                    logits[b, t, idx[b, earlier[-1, 0] + 1]] = 30.0
+        return logits, None
+
+
+# -----------------------------------------------------------------------------
+# perplexity
+
+
+def test_perplexity_is_exp_of_the_mean_token_loss():
+    model = tiny_gpt()
+    tokens = torch.tensor([BYTES.eot_id] + BYTES.encode("def forward(self, x):\n  return x"))
+    assert len(tokens) <= model.config.block_size + 1  # one window: a plain forward pass is the reference
+    nats, n = perplexity(model, tokens.numpy())
+    with torch.no_grad():
+        logits, _ = model(tokens[None, :-1], all_logits=True)
+    loss = F.cross_entropy(logits[0, :, :257], tokens[1:])  # over the real vocabulary, not its padding
+    assert n == len(tokens) - 1
+    assert math.exp(nats / n) == pytest.approx(math.exp(loss.item()), rel=1e-5)
+
+
+def test_a_stride_of_block_size_scores_non_overlapping_windows():
+    model, W = tiny_gpt(block_size=16), 16
+    tokens = torch.randint(0, 257, (3 * W + 7,))
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(tokens) - 1, W):
+            x, y = tokens[start : start + W], tokens[start + 1 : start + W + 1]
+            logits, _ = model(x[: len(y)][None], all_logits=True)
+            total += F.cross_entropy(logits[0, :, :257], y, reduction="sum").item()
+    nats, n = perplexity(model, tokens.numpy(), stride=W, batch_size=2)
+    assert n == len(tokens) - 1 and nats == pytest.approx(total, rel=1e-5)
+    assert perplexity(model, tokens.numpy(), stride=0)[0] == pytest.approx(total, rel=1e-5)  # 0 means block_size
+
+
+def test_a_smaller_stride_gives_each_token_more_context():
+    # A sequence that repeats every P tokens is predictable for the induction model once a whole period is in
+    # its window. With stride 16 the first P+1 targets of every window lack it; with stride 4 every target has
+    # at least 13 tokens of context, so only the first period (and the token after the leading end-of-text) is
+    # unpredictable: P + 1 tokens at ln(V) nats each.
+    V, W, P = 64, 16, 12
+    period = torch.randperm(V - 1)[:P]
+    tokens = torch.cat([torch.tensor([V - 1]), period.repeat(8)]).numpy()  # V - 1 plays end-of-text
+    model = Induction(V, W)
+    wide, _ = perplexity(model, tokens, stride=16)
+    narrow, n = perplexity(model, tokens, stride=4)
+    assert narrow == pytest.approx((P + 1) * math.log(V), rel=1e-3)
+    assert wide > 2 * narrow
+
+
+# -----------------------------------------------------------------------------
+# multiple choice and LAMBADA
+
+
+def test_multiple_choice_picks_the_ending_the_model_prefers_wherever_it_is():
+    model = Bigram()
+    model.prefer("the cat sat on the mat", 8.0)
+    examples = [{"options": [("the cat", " sat on the mat"), ("the cat", " xqzj wvk")], "gold": 0},
+                {"options": [("the cat", " kqzv jwx"), ("the cat", " qq"), ("the cat", " sat on")], "gold": 2}]
+    result = evaluate_examples("choice", examples, model, BYTES)
+    assert result == {"examples": 2, "accuracy": 1.0, "accuracy_norm": 1.0}
+    examples[0]["gold"] = 1
+    assert evaluate_examples("choice", examples, model, BYTES)["accuracy"] == 0.5
+
+
+def test_summed_and_per_character_scores_disagree_on_a_long_likely_ending():
+    # "ab": c->a (logit 4, against c->d at 6) and a->b (logit 4): about -2.6 and -1.7 nats, -4.3 in all.
+    # "defghijklm": 10 tokens at logit 6, about -0.5 nats each but -5.0 in all.
+    # The sum prefers the short ending; per character the long one is far more likely.
+    model = Bigram()
+    model.prefer("cab", 4.0)
+    model.prefer("cdefghijklm", 6.0)
+    (short, _), (long, _) = score_continuations(model, BYTES, ["c", "c"], ["ab", "defghijklm"])
+    assert short > long and short / 2 < long / 10
+    example = {"options": [("c", "ab"), ("c", "defghijklm")], "gold": 1}
+    assert evaluate_examples("choice", [example], model, BYTES) == {"examples": 1, "accuracy": 0.0, "accuracy_norm": 1.0}
+
+
+def test_a_context_longer_than_the_model_keeps_its_end_and_the_continuation_is_scored():
+    model = Bigram(block_size=16)
+    model.prefer("xyz", 5.0)
+    (short, hit_short), (long, hit_long) = score_continuations(model, BYTES, ["x", "w" * 100 + "x"], ["yz", "yz"])
+    assert long == pytest.approx(short) and hit_short and hit_long  # a bigram sees only the last context token
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_batched_scores_equal_one_at_a_time(pos):
+    model = tiny_gpt(pos=pos)
+    contexts = ["The cat", "A much longer context about a dog that", "x", "Question: why?\nAnswer:", "w" * 50]
+    continuations = [" sat.", " ran home quickly", " y", " Because it is so.", " long context, cut"]
+    alone = score_continuations(model, BYTES, contexts, continuations, batch_size=1)
+    batched = score_continuations(model, BYTES, contexts, continuations, batch_size=8)
+    assert [hit for _, hit in alone] == [hit for _, hit in batched]
+    assert [lp for lp, _ in batched] == pytest.approx([lp for lp, _ in alone], abs=1e-4)
+
+
+def test_lambada_counts_a_passage_right_only_when_every_token_of_the_word_is_greedy():
+    model = Bigram()
+    model.prefer("the mat", 8.0)
+    examples = [{"pair": ("on the", " mat")}, {"pair": ("on the", " mop")}]
+    result = evaluate_examples("lambada", examples, model, BYTES)
+    assert result["accuracy"] == 0.5
+    logprobs = [lp for lp, _ in score_continuations(model, BYTES, ["on the", "on the"], [" mat", " mop"])]
+    assert result["perplexity"] == pytest.approx(math.exp(-sum(logprobs) / 2))
+
+
+# -----------------------------------------------------------------------------
+# generation, exact match and F1
+
+
+@pytest.mark.parametrize("prediction, references, em, f1", [
+    ("Paris", ["paris"], 1.0, 1.0),
+    ("The Eiffel Tower!", ["eiffel tower"], 1.0, 1.0),  # case, punctuation and articles do not count
+    ("  eiffel   tower ", "Eiffel Tower", 1.0, 1.0),  # one reference may be a plain string
+    ("the tower in Paris", ["Eiffel Tower"], 0.0, 0.4),  # tower / (tower in paris, eiffel tower): p 1/3, r 1/2
+    ("London", ["Paris", "London", "Rome"], 1.0, 1.0),  # the best over the references
+    ("red blue", ["blue red green", "red"], 0.0, 0.8),  # max(0.8, 2/3)
+    ("cat cat", ["cat"], 0.0, 2 / 3),  # a token counts as often as it occurs in both
+    ("", [""], 1.0, 1.0),  # both empty: a match (SQuAD 2.0's rule)
+    ("the", ["a"], 1.0, 1.0),  # both normalise to nothing
+    ("", ["Paris"], 0.0, 0.0),  # only one empty: no match
+    ("Paris", [""], 0.0, 0.0),
+    ("a b c", ["d e f"], 0.0, 0.0),
+])
+def test_exact_match_and_f1_follow_squad(prediction, references, em, f1):
+    assert exact_match_score(prediction, references) == em
+    assert f1_score(prediction, references) == pytest.approx(f1)
+
+
+def test_generation_is_greedy_and_stops_at_a_newline_or_end_of_text():
+    model = Bigram()
+    model.prefer("A: Paris\nX", 10.0)
+    model.table.data[ord("X"), BYTES.eot_id] = 10.0
+    prompt = "Q: Where is the Louvre?\nA:"
+    assert generate_answers(model, BYTES, [prompt]) == ["Paris"]
+    assert generate_answers(model, BYTES, [prompt], stop_at_newline=False) == ["Paris\nX"]
+    assert generate_answers(model, BYTES, [prompt], max_new_tokens=3) == ["Pa"]
+    examples = [{"prompt": prompt, "answers": ["paris", "Paris, France"]}, {"prompt": prompt, "answers": ["Rome"]}]
+    assert evaluate_examples("generation", examples, model, BYTES) == {"examples": 2, "exact_match": 0.5, "f1": 0.5}
+
+
+# -----------------------------------------------------------------------------
+# files and the command line
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_EVALS), reason="needs ../shared/data/evals")
+def test_every_benchmark_file_parses_with_the_space_on_the_continuation():
+    expected = {"hellaswag": ("choice", 10042), "arc_easy": ("choice", 2376), "piqa": ("choice", 1838),
+                "winogrande": ("choice", 1267), "lambada": ("lambada", 5153)}
+    firsts = {}
+    for task, name in _BENCHMARKS.items():
+        kind, examples = read_examples(os.path.join(SHARED_EVALS, name))
+        assert (kind, len(examples)) == expected[task]
+        firsts[task] = examples[0]
+    assert firsts["hellaswag"]["options"][3] == ("Roof shingle removal: A man is sitting on a roof. he",
+                                                 " starts pulling up roofing on a roof.")
+    assert firsts["hellaswag"]["gold"] == 3
+    assert firsts["arc_easy"]["options"][0][0].endswith("food webs?\nAnswer:")
+    assert firsts["piqa"]["options"][0][0].endswith("new occupants?\nAnswer:")  # the query's own newline is dropped
+    assert firsts["winogrande"]["options"][1] == ("Sarah was a much better surgeon than Maria so Maria",
+                                                  " always got the easier cases.")
+    assert firsts["lambada"]["pair"][1] == " signs"
+
+
+def write_lines(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return str(path)
+
+
+def test_bad_benchmark_files_are_one_line_errors_naming_the_line(tmp_path):
+    good = {"query": "Question: 1+1?", "choices": ["2", "3"], "gold": 0}
+    cases = [
+        (str(tmp_path / "none.jsonl"), "no benchmark file"),
+        (write_lines(tmp_path / "empty.jsonl", ["", "  "]), "holds no records"),
+        (write_lines(tmp_path / "json.jsonl", [good, "{not json"]), "json.jsonl line 2 is not valid JSON"),
+        (write_lines(tmp_path / "keys.jsonl", [{"question": "?", "label": 1}]), "line 1: unknown record format"),
+        (write_lines(tmp_path / "gold.jsonl", [good, good, dict(good, gold=2)]), "line 3: the gold answer 2"),
+        (write_lines(tmp_path / "mixed.jsonl", [good, {"context": "a", "continuation": "b"}]), "line 2: a lambada record"),
+        (write_lines(tmp_path / "list.jsonl", [dict(good, choices="2")]), "'choices' must be a list"),
+    ]
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"prompt": "caf\u00e9", "answer": "x"}\n'.encode("latin-1"))
+    cases.append((str(latin1), "is not UTF-8 text"))
+    for path, expected in cases:
+        with pytest.raises(SystemExit) as error:
+            read_examples(path)
+        message = str(error.value)
+        assert expected in message and "\n" not in message, message
+
+
+def save_tiny_checkpoint(path):
+    model = tiny_gpt(block_size=64)
+    torch.save({"kind": "pretrain", "model_config": asdict(model.config), "model": model.state_dict(),
+                "tokenizer": BYTES.description, "config": {}}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def small_tasks(tmp_path_factory):
+    """A checkpoint, a small file of each format (odd sizes, so two processes get unequal shares) and a text."""
+    root = tmp_path_factory.mktemp("eval")
+    files = [
+        write_lines(root / "hs.jsonl", [{"activity_label": "Cooking", "ctx": f"She cuts the {w}. she", "label": i % 4,
+                                         "endings": ["eats it.", "washes it", "runs away from the kitchen.", "sings"]}
+                                        for i, w in enumerate(["onion", "bread", "fish", "cake", "leek"])]),
+        write_lines(root / "arc.jsonl", [{"query": f"Question: what is {i}+1?", "choices": [str(i + 1), "seven", "x"],
+                                          "gold": 0} for i in range(7)]),
+        write_lines(root / "wino.jsonl", [{"context_options": ["Tom hit Bob so Tom", "Tom hit Bob so Bob"],
+                                           "continuation": "cried.", "gold": 1}] * 3),
+        write_lines(root / "lambada.jsonl", [{"context": "the cat sat on the", "continuation": "mat"},
+                                             {"context": "once upon a", "continuation": "time"}, {"context": "a b", "continuation": "c"}]),
+        write_lines(root / "qa.jsonl", [{"prompt": "Q: 2+2?\nA:", "answers": ["4", "four"]}, {"prompt": "Q: hi\nA:", "answer": "hello"},
+                                        {"prompt": "x", "answer": ""}]),
+    ]
+    text = root / "text.txt"
+    text.write_text(open(os.path.join(REPO, "model.py")).read()[:3000])
+    return save_tiny_checkpoint(root / "ckpt.pt"), ",".join(files + ["perplexity"]), str(text), root
+
+
+def run_evaluate(monkeypatch, *args):
+    """Run evaluate.py's main flow in this process (no second torch import): the tests stay fast."""
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--device=cpu", *args])
+    runpy.run_path(os.path.join(REPO, "evaluate.py"), run_name="__main__")
+
+
+def test_two_processes_under_torchrun_give_the_numbers_of_one(small_tasks, monkeypatch):
+    ckpt, tasks, text, root = small_tasks
+    args = [f"--ckpt={ckpt}", f"--tasks={tasks}", f"--text_file={text}", "--stride=48", "--batch_size=3",
+            "--max_new_tokens=8"]
+    run_evaluate(monkeypatch, *args, f"--report={root}/one.json")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(REPO, "evaluate.py"), "--device=cpu", *args, f"--report={root}/two.json"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("wrote ") == 1  # rank 0 alone writes and prints
+    one, two = (json.load(open(root / f"{n}.json"))["results"] for n in ("one", "two"))
+    assert set(one) == {"hs", "arc", "wino", "lambada", "qa", "perplexity"} and set(two) == set(one)
+    assert json.load(open(root / "two.json"))["processes"] == 2
+    for task in one:
+        for key, value in one[task].items():
+            if key != "seconds":
+                assert two[task][key] == (pytest.approx(value, rel=1e-5) if isinstance(value, float) else value), (task, key)
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_EVALS), reason="needs ../shared/data/evals")
+def test_every_shared_benchmark_runs_through_one_command(small_tasks, tmp_path, monkeypatch, capsys):
+    ckpt, _, text, _ = small_tasks
+    run_evaluate(monkeypatch, f"--ckpt={ckpt}", f"--data_dir={SHARED_EVALS}", f"--text_file={text}", "--limit=3",
+                 f"--report={tmp_path}/report.json")
+    report = json.load(open(tmp_path / "report.json"))
+    assert list(report["results"]) == ["hellaswag", "arc_easy", "piqa", "winogrande", "lambada", "perplexity"]
+    assert all(r.get("examples", 3) == 3 for r in report["results"].values())
+    assert "bits/byte" in capsys.readouterr().out
+
+
+def test_an_unknown_task_or_missing_file_is_a_one_line_error(small_tasks, tmp_path, monkeypatch):
+    ckpt = small_tasks[0]
+    for args, expected in [(["--tasks=mmlu"], "unknown task 'mmlu'"),
+                           ([f"--data_dir={tmp_path}", "--tasks=piqa"], "no benchmark file"),
+                           (["--tasks=perplexity", f"--text_file={tmp_path}/none.txt"], "no text file"),
+                           (["--stride=65"], "stride=65 is more than block_size=64")]:
+        with pytest.raises(SystemExit) as error:
+            run_evaluate(monkeypatch, f"--ckpt={ckpt}", *args)
+        assert expected in str(error.value) and "\n" not in str(error.value), error.value
