@@ -36,7 +36,6 @@ import re
 import tempfile
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from hf import read_folder
 from lora import model_with_adapters
@@ -95,6 +94,9 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
 def gather_training_state(model, optimizer):
     """Full model and optimizer state dicts on the CPU, parameters keyed by name. Under FSDP every
     process must call this (it gathers the shards); only rank 0 needs to keep the result."""
+    # imported here: it takes most of a second, and sample.py and evaluate.py never need it
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
     return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -102,6 +104,8 @@ def restore_training_state(model, optimizer, checkpoint):
     """Load a checkpoint's weights (and optimizer state, if optimizer is given) into a model that
     may be sharded by FSDP; every process passes the whole checkpoint."""
     optimizers = () if optimizer is None else optimizer
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
     set_state_dict(model, optimizers, model_state_dict=checkpoint["model"],
                    optim_state_dict=checkpoint["optimizer"] if optimizer is not None else {},
                    options=StateDictOptions(full_state_dict=True))

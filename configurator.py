@@ -102,7 +102,10 @@ def configure(namespace, argv=None):
 
 
 def print_config(config):
-    """The final config as key=value pairs, wrapped to the terminal's usual width."""
+    """The final config as key=value pairs, wrapped to the terminal's usual width; under torchrun
+    only rank 0 prints (the process group does not exist yet, so torchrun's RANK tells)."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
     line = "config:"
     for k, v in config.items():
         item = f" {k}={v!r}"

@@ -93,13 +93,12 @@ compile = False
 seed = 1337
 parallelism = "ddp"  # or 'fsdp', as in train.py
 config = configure(globals())
-if int(os.environ.get("RANK", 0)) == 0:
-    print_config(config)
+print_config(config)
 # -----------------------------------------------------------------------------
 
 dist = setup_distributed(device)
 device, master = dist.device, dist.is_main
-log = print if master else (lambda *args, **kwargs: None)
+log = dist.log  # print on rank 0 only
 dtype = pick_dtype(device, dtype)
 autocast = autocast_context(device, dtype)
 seed_everything(seed)

@@ -43,6 +43,10 @@ class Distributed:
         """Rank 0 alone logs and writes files."""
         return self.rank == 0
 
+    def log(self, *args, **kwargs):
+        if self.is_main:
+            print(*args, **kwargs)
+
 
 def setup_distributed(device="auto"):
     """Join the process group when launched by torchrun, and pick this process's device."""

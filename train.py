@@ -93,13 +93,12 @@ peak_flops = 0.0  # the GPU's peak FLOP/s for MFU; 0 looks it up by the GPU's na
 parallelism = "ddp"  # 'ddp': every process holds the whole model; 'fsdp': parameters, gradients and optimizer state sharded
 activation_checkpointing = False  # recompute each block's activations in the backward pass: less memory, ~30% more compute
 config = configure(globals())
-if int(os.environ.get("RANK", 0)) == 0:
-    print_config(config)
+print_config(config)
 # -----------------------------------------------------------------------------
 
 dist = setup_distributed(device)
 device, master = dist.device, dist.is_main
-log = print if master else (lambda *args, **kwargs: None)
+log = dist.log  # print on rank 0 only
 dtype = pick_dtype(device, dtype)
 autocast = autocast_context(device, dtype)
 seed_everything(seed)  # the same initial weights in every process
