@@ -36,11 +36,13 @@ import torch
 
 from checkpoint import checkpoints_newest_first, load_checkpoint, load_newest_checkpoint, restore_training_state
 from configurator import configure, print_config
+from evaluate import describe, evaluate_examples, read_examples
 from model import GPT, GPTConfig, peak_flops as gpu_peak_flops
 from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
 from training import (TokenBins, all_reduce_sum, append_metrics, estimate_loss, format_duration, learning_rate_at,
                       load_meta, make_optimizer, optimizer_step, place_model, restore_rng_state,
                       save_training_checkpoint, to_device, wrap_model)
+from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -50,6 +52,8 @@ init_from = "scratch"  # 'scratch'; 'resume' (out_dir/ckpt.pt); 'auto' (the newe
 keep_checkpoints = 3  # how many of the newest checkpoints to keep
 eval_interval = 250  # evaluate and save a checkpoint every this many steps, and at the end
 eval_iters = 50  # batches per split in each evaluation
+benchmark = ""  # a benchmark JSONL in one of evaluate.py's formats, scored at every evaluation; '' for none
+benchmark_limit = 500  # how many of its examples to score
 log_interval = 10
 # data
 dataset = "pystdlib"  # a folder under data_root written by prepare.py
@@ -109,6 +113,8 @@ if parallelism not in ("ddp", "fsdp"):
     raise SystemExit(f"config error: parallelism='{parallelism}' is not one of ddp, fsdp")
 if parallelism == "fsdp" and dtype == "float16":
     raise SystemExit("config error: parallelism='fsdp' runs in bfloat16 or float32; set --dtype=bfloat16")
+if benchmark and parallelism == "fsdp" and dist.world_size > 1:
+    raise SystemExit("config error: benchmark scoring runs on the unsharded model; use it with parallelism='ddp'")
 if init_from not in ("scratch", "resume", "auto") and not init_from.startswith("hf:"):
     raise SystemExit(f"config error: init_from='{init_from}' is not one of scratch, resume, auto, hf:FOLDER")
 lr_decay_iters = lr_decay_iters or max_iters
@@ -125,6 +131,8 @@ log(f"device {device_name(device)} x {dist.world_size} processes ({parallelism})
 data_dir = os.path.join(data_root, dataset)
 meta = load_meta(data_dir)
 bins = {split: TokenBins(data_dir, meta, split, block_size) for split in ("train", "val")}
+if benchmark:
+    tokenizer, benchmark_examples = Tokenizer(meta["tokenizer"]), read_examples(benchmark, benchmark_limit)
 log(f"data {data_dir}: {meta['splits']['train']['tokens']:,} train and {meta['splits']['val']['tokens']:,} val tokens, "
     f"{meta['tokenizer']['kind']} tokenizer, vocabulary {meta['vocab_size']}")
 
@@ -231,13 +239,20 @@ while True:
         stop_if_not_finite(losses["train"] + losses["val"], step)
         log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         best_val_loss = min(best_val_loss, losses["val"])
+        if benchmark:
+            # The uncompiled model: the benchmark's varying shapes would make torch.compile recompile.
+            scores = evaluate_examples(*benchmark_examples, raw_model, tokenizer, batch_size, autocast, dist.rank,
+                                       dist.world_size)
+            raw_model.train()
+            log(f"step {step}: {os.path.basename(benchmark)} {describe(scores)}")
+            losses.update({f"benchmark_{k}": v for k, v in scores.items()})
         if step > start_step:
             path = save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep_checkpoints, kind="pretrain",
                                             step=step, best_val_loss=best_val_loss, val_loss=losses["val"],
                                             config=config, tokenizer=meta["tokenizer"])
             log(f"saved {path}")
         if master:
-            append_metrics(metrics_path, {"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
+            append_metrics(metrics_path, {"step": step, **{f"{k}_loss" if k in bins else k: v for k, v in losses.items()}})
         t_log, steps_since_log = time.time(), 0  # evaluation time does not count toward tokens/s
     if step >= max_iters:
         break

@@ -98,3 +98,14 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_min_lr():
     assert math.isclose(lr(10), 1.0) and math.isclose(lr(60), 0.55) and math.isclose(lr(110), 0.1)
     assert lr(500) == 0.1
     assert all(lr(s) >= lr(s + 1) for s in range(10, 120))
+
+
+def test_a_benchmark_is_scored_at_every_evaluation(tiny_data_root, tmp_path):
+    questions = tmp_path / "arc.jsonl"
+    questions.write_text("\n".join(json.dumps({"query": f"Question {i}: what is {i} plus one?",
+                                               "choices": [str(i + 1), str(i + 7)], "gold": 0}) for i in range(5)))
+    result = train(tiny_data_root, tmp_path / "run", "--max_iters=2", "--eval_interval=1", f"--benchmark={questions}")
+    evals = [m for m in read_metrics(tmp_path / "run") if "val_loss" in m]
+    assert [m["step"] for m in evals] == [0, 1, 2]
+    assert all(m["benchmark_examples"] == 5 and 0 <= m["benchmark_accuracy"] <= 1 for m in evals)
+    assert "arc.jsonl accuracy" in result.stdout
