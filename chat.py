@@ -194,11 +194,14 @@ def read_records(path):
     record (or line) for error messages."""
     if not os.path.isfile(path):
         raise SystemExit(f"data error: no file {path}; pass --data=PATH to a .json or .jsonl file of records")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise SystemExit(f"data error: {path} is not UTF-8 text; convert it or pick another file") from None
     if path.endswith(".jsonl"):
         records = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028 and its kin
             if line.strip():
                 try:
                     records.append((f"{path} line {n}", json.loads(line)))

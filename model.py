@@ -298,12 +298,13 @@ class GPT(nn.Module):
         if pos + T > self.config.block_size:
             raise ValueError(f"sequence of {pos + T} tokens is longer than block_size={self.config.block_size}")
         x = self.wte(idx)
-        rope, mask = None, None
-        positions = torch.arange(pos, pos + T, device=idx.device)
-        if doc_ids is not None:
+        rope = None
+        if doc_ids is None:
+            positions, mask = slice(pos, pos + T), None  # a slice: views of the tables, no index tensor per call
+        else:
             positions, mask = document_mask(doc_ids)
         if self.wpe is not None:
-            x = x + self.wpe(positions)
+            x = x + self.wpe.weight[positions]
         else:
             rope = (self.rope_cos[positions], self.rope_sin[positions])
             if doc_ids is not None:  # one table per row, (B, 1, T, head_dim/2): broadcast over the heads
