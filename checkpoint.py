@@ -91,13 +91,31 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
     return model, Tokenizer(checkpoint["tokenizer"])
 
 
-def gather_training_state(model, optimizer):
-    """Full model and optimizer state dicts on the CPU, parameters keyed by name. Under FSDP every
-    process must call this (it gathers the shards); only rank 0 needs to keep the result."""
-    # imported here: it takes most of a second, and sample.py and evaluate.py never need it
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+def gather_training_state(model, optimizer, keep=True):
+    """Full model and optimizer state dicts on the CPU, parameters keyed by name, where keep is true
+    (None elsewhere). Under FSDP every process must call this: the shards are gathered one tensor at
+    a time, so no more than one whole tensor beyond the shards is ever on the GPU."""
+    # imported here: they take most of a second, and sample.py and evaluate.py never need them
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.tensor import DTensor
 
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    def whole_on_cpu(value):
+        if isinstance(value, dict):
+            return {k: whole_on_cpu(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [whole_on_cpu(v) for v in value]
+        if isinstance(value, DTensor):
+            if value.device.type != value.device_mesh.device_type:  # offloaded to the CPU: gather on the GPU
+                value = value.to(value.device_mesh.device_type)
+            value = value.full_tensor()  # a collective: every process holding a shard takes part
+        return value.cpu() if keep and isinstance(value, torch.Tensor) else value
+
+    # Under FSDP these hold DTensors (each process's shards); torch's own full_state_dict option
+    # keeps the gathered result on global rank 0 only, but under pipeline parallelism each stage's
+    # first process must keep its stage's part.
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state, optimizer_state = whole_on_cpu(model_state), whole_on_cpu(optimizer_state)
+    return (model_state, optimizer_state) if keep else (None, None)
 
 
 def restore_training_state(model, optimizer, checkpoint):

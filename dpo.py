@@ -243,7 +243,7 @@ def describe(stats):
 
 
 def save(step, stats):
-    model_state, _ = gather_training_state(raw_model, ())  # every process: FSDP gathers the shards
+    model_state, _ = gather_training_state(raw_model, (), keep=master)  # every process: FSDP gathers the shards
     if not master:
         return None
     checkpoint = {"kind": "dpo", "model_config": asdict(raw_model.config), "tokenizer": tokenizer.description,

@@ -102,6 +102,11 @@ PRESETS = {
 }
 
 
+def cross_entropy(logits, targets):
+    """The mean next-token loss over positions whose target is not -1, computed in float32."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -294,33 +299,39 @@ class GPT(nn.Module):
         all_logits. cache and pos are for generation: per layer a dict of key/value buffers
         (filled on first use) and the position of idx[:, 0]. doc_ids (B, T) is for rows packed
         from several examples: the example each position belongs to (see document_mask)."""
-        B, T = idx.shape
+        B, T = idx.shape[:2]
         if pos + T > self.config.block_size:
             raise ValueError(f"sequence of {pos + T} tokens is longer than block_size={self.config.block_size}")
-        x = self.wte(idx)
-        rope = None
         if doc_ids is None:
             positions, mask = slice(pos, pos + T), None  # a slice: views of the tables, no index tensor per call
         else:
             positions, mask = document_mask(doc_ids)
-        if self.wpe is not None:
-            x = x + self.wpe.weight[positions]
-        else:
+        rope = None
+        if self.config.pos == "rope":
             rope = (self.rope_cos[positions], self.rope_sin[positions])
             if doc_ids is not None:  # one table per row, (B, 1, T, head_dim/2): broadcast over the heads
                 rope = (rope[0][:, None], rope[1][:, None])
-        x = self.drop(x)
+        if self.wte is None:
+            x = idx  # a later pipeline stage (see training.split_for_pipeline): the hidden states of the one before
+        else:
+            x = self.wte(idx)
+            if self.wpe is not None:
+                x = x + self.wpe.weight[positions]
+            x = self.drop(x)
         for i, block in enumerate(self.blocks):
+            if block is None:  # a layer another pipeline stage holds
+                continue
             if self.activation_checkpointing and self.training:
                 # Keep only the block's input; recompute its insides during the backward pass.
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, None, 0, mask, use_reentrant=False)
             else:
                 x = block(x, rope, None if cache is None else cache[i], pos, mask)
+        if self.lm_head is None:
+            return x, None  # an earlier pipeline stage hands its hidden states on
         x = self.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-            return logits, loss
+            return logits, cross_entropy(logits, targets)
         logits = self.lm_head(x if all_logits else x[:, -1:, :])
         return logits, None
 

@@ -48,13 +48,15 @@ class Distributed:
             print(*args, **kwargs)
 
 
-def setup_distributed(device="auto"):
-    """Join the process group when launched by torchrun, and pick this process's device."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+def setup_distributed(device="auto", single_process_group=False):
+    """Join the process group when launched by torchrun, and pick this process's device. A single
+    process gets a process group (of one) only if single_process_group: FSDP needs one."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1 and not single_process_group:
         return Distributed(0, 0, 1, pick_device(device))
     import torch.distributed as dist
 
-    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(device)
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
@@ -66,8 +68,11 @@ def setup_distributed(device="auto"):
         # torchrun keeps one key-value store across restarts (--max-restarts), so the addresses that
         # the processes of the killed attempt published are still in it; without a prefix per
         # attempt, restarted processes would try to connect to those dead ones.
-        store, _, _ = next(dist.rendezvous("env://"))
-        store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        if "WORLD_SIZE" in os.environ:
+            store, _, _ = next(dist.rendezvous("env://"))
+            store = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        else:
+            store = dist.HashStore()  # one process, not launched by torchrun: nobody else to meet
         dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
                                 device_id=torch.device(device) if backend == "nccl" else None)
     return Distributed(rank, local_rank, world_size, device)

@@ -198,7 +198,7 @@ def held_out_loss():
 
 
 def save(step, val_loss):
-    model_state, _ = gather_training_state(raw_model, ())  # every process: FSDP gathers the shards
+    model_state, _ = gather_training_state(raw_model, (), keep=master)  # every process: FSDP gathers the shards
     if not master:
         return None
     checkpoint = {"kind": "sft", "model_config": asdict(raw_model.config), "tokenizer": tokenizer.description,

@@ -9,6 +9,8 @@ Pretrain a GPT on the token bins that prepare.py wrote, on one CPU or GPU or man
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py            # 8 GPUs, DDP
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py --parallelism=fsdp
     torchrun --standalone --nproc_per_node=8 --max-restarts=3 train.py config/train_gpt2.py --init_from=auto
+    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py --pipeline_stages=2 --tie_embeddings=False
+    python train.py config/train_gpt2.py --parallelism=fsdp --cpu_offload=True   # optimizer state in CPU memory
 
 Reads data/<dataset>/meta.json and its bins. Writes out_dir/ckpt-<step>.pt
 (model, optimizer, step, every process's RNG state, config and tokenizer:
@@ -23,7 +25,14 @@ and the gradient accumulation follows from it, so a config gives the same
 optimization on 1 or 8 GPUs. With parallelism='fsdp' each block, then the whole
 model, is sharded with FSDP2 (fully_shard): parameters, gradients and optimizer
 state are split across the processes, which is what lets a model larger than
-one GPU's memory train. Only rank 0 prints and writes files.
+one GPU's memory train. With pipeline_stages=S the layers are split into S
+consecutive stages on S processes (torch.distributed.pipelining; embeddings
+on the first, final norm and output layer on the last), the step's micro-batches
+flow through them by the GPipe or 1F1B schedule, and the world is a grid of S
+stages x (processes / S) data-parallel replicas. cpu_offload=True keeps FSDP's
+parameters, gradients and optimizer state in CPU memory. Checkpoints have one
+format for all of these: any run resumes in any other layout. Only rank 0
+prints and writes files.
 
 Every default below is a config key: override it in a config file or with --key=value.
 """
@@ -39,8 +48,9 @@ from configurator import configure, print_config
 from evaluate import describe, evaluate_examples, read_examples
 from model import GPT, GPTConfig, peak_flops as gpu_peak_flops
 from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
-from training import (TokenBins, all_reduce_sum, append_metrics, estimate_loss, format_duration, learning_rate_at,
-                      load_meta, make_optimizer, optimizer_step, place_model, restore_rng_state,
+from training import (Pipeline, TokenBins, all_reduce_sum, append_metrics, estimate_loss, estimate_loss_pipelined,
+                      format_duration, learning_rate_at, load_meta, make_optimizer, optimizer_step, pipeline_layers,
+                      pipeline_optimizer_step, pipeline_stage_part, place_model, restore_rng_state,
                       save_training_checkpoint, to_device, wrap_model)
 from tokenizer import Tokenizer
 
@@ -96,11 +106,15 @@ peak_flops = 0.0  # the GPU's peak FLOP/s for MFU; 0 looks it up by the GPU's na
 # distributed (torchrun)
 parallelism = "ddp"  # 'ddp': every process holds the whole model; 'fsdp': parameters, gradients and optimizer state sharded
 activation_checkpointing = False  # recompute each block's activations in the backward pass: less memory, ~30% more compute
+pipeline_stages = 1  # >1: split the layers into this many stages on as many processes; the rest of the world is data parallel
+pipeline_schedule = "1f1b"  # 'gpipe' (all forwards, then all backwards) or '1f1b' (alternating: fewer activations held)
+cpu_offload = False  # with parallelism='fsdp': parameters, gradients and optimizer state live in CPU memory (slower, larger models)
 config = configure(globals())
 print_config(config)
 # -----------------------------------------------------------------------------
 
-dist = setup_distributed(device)
+# FSDP with CPU offload needs a process group even in a single process
+dist = setup_distributed(device, single_process_group=parallelism == "fsdp" and cpu_offload)
 device, master = dist.device, dist.is_main
 log = dist.log  # print on rank 0 only
 dtype = pick_dtype(device, dtype)
@@ -115,17 +129,35 @@ if parallelism == "fsdp" and dtype == "float16":
     raise SystemExit("config error: parallelism='fsdp' runs in bfloat16 or float32; set --dtype=bfloat16")
 if benchmark and parallelism == "fsdp" and dist.world_size > 1:
     raise SystemExit("config error: benchmark scoring runs on the unsharded model; use it with parallelism='ddp'")
+if cpu_offload and parallelism != "fsdp":
+    raise SystemExit("config error: cpu_offload=True offloads FSDP's shards; set --parallelism=fsdp")
+if pipeline_stages > 1:
+    if pipeline_schedule not in ("gpipe", "1f1b"):
+        raise SystemExit(f"config error: pipeline_schedule='{pipeline_schedule}' is not one of gpipe, 1f1b")
+    if dist.world_size % pipeline_stages:
+        raise SystemExit(f"config error: pipeline_stages={pipeline_stages} does not divide the {dist.world_size} "
+                         f"processes; launch a multiple of it with torchrun --nproc_per_node")
+    if dtype == "float16":
+        raise SystemExit("config error: pipeline stages run in bfloat16 or float32; set --dtype=bfloat16")
+    if benchmark:
+        raise SystemExit("config error: benchmark scoring runs on the whole model; use it without pipeline_stages")
 if init_from not in ("scratch", "resume", "auto") and not init_from.startswith("hf:"):
     raise SystemExit(f"config error: init_from='{init_from}' is not one of scratch, resume, auto, hf:FOLDER")
 lr_decay_iters = lr_decay_iters or max_iters
-tokens_per_micro_step = batch_size * block_size * dist.world_size
+data_parallel = dist.world_size // pipeline_stages  # the processes that read different batches
+tokens_per_micro_step = batch_size * block_size * data_parallel
 if total_batch_tokens % tokens_per_micro_step:
     raise SystemExit(f"config error: total_batch_tokens={total_batch_tokens} is not a multiple of batch_size x block_size "
-                     f"x processes = {batch_size} x {block_size} x {dist.world_size}; change one of them")
-accumulation_steps = total_batch_tokens // tokens_per_micro_step
-log(f"device {device_name(device)} x {dist.world_size} processes ({parallelism}), {dtype}; {total_batch_tokens:,} tokens "
-    f"per step = {batch_size} sequences x {block_size} tokens x {dist.world_size} processes x {accumulation_steps} "
-    f"accumulation steps")
+                     f"x data-parallel processes = {batch_size} x {block_size} x {data_parallel}; change one of them")
+accumulation_steps = total_batch_tokens // tokens_per_micro_step  # under pipelining: the schedule's micro-batches
+if pipeline_stages > 1 and pipeline_schedule == "1f1b" and accumulation_steps < pipeline_stages:
+    raise SystemExit(f"config error: 1f1b needs at least as many micro-batches as stages, and total_batch_tokens="
+                     f"{total_batch_tokens} gives {accumulation_steps}; raise total_batch_tokens or lower batch_size")
+layout = f"{parallelism}" if pipeline_stages == 1 else f"{pipeline_stages} pipeline stages x {data_parallel} {parallelism}"
+log(f"device {device_name(device)} x {dist.world_size} processes ({layout}{', cpu offload' if cpu_offload else ''}), "
+    f"{dtype}; {total_batch_tokens:,} tokens per step = {batch_size} sequences x {block_size} tokens x {data_parallel} "
+    f"data-parallel processes x {accumulation_steps} " + ("accumulation steps" if pipeline_stages == 1 else
+                                                           f"micro-batches ({pipeline_schedule})"))
 
 # data: the bins are memory-mapped once and read as random windows
 data_dir = os.path.join(data_root, dataset)
@@ -185,17 +217,28 @@ if pretrained is not None:
 model.activation_checkpointing = activation_checkpointing
 flops_per_token = model.flops_per_token(block_size)
 log(f"model: {model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs per token")
-place_model(model, dist, parallelism, dtype)
+if pipeline_stages > 1:
+    if model_config.tie_embeddings:
+        raise SystemExit("config error: tie_embeddings=True shares one matrix between the first and the last "
+                         "pipeline stage; set --tie_embeddings=False")
+    pipeline = Pipeline(model, dist, pipeline_stages, pipeline_schedule, accumulation_steps, parallelism, dtype,
+                        cpu_offload, compile)  # model is cut down to this process's stage
+    log(f"pipeline: stage layers {[list(r) for r in pipeline_layers(model_config.n_layer, pipeline_stages)]}")
+else:
+    pipeline = None
+    place_model(model, dist, parallelism, dtype, cpu_offload)
 seed_everything(seed + dist.rank)  # but different dropout masks in each process
 
-optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device)
+# with cpu_offload the parameters are in CPU memory, and so the optimizer steps there
+optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), "cpu" if cpu_offload else device)
 if checkpoint is not None:
-    restore_training_state(model, optimizer, checkpoint)
+    restore_training_state(model, optimizer, checkpoint if pipeline is None else pipeline_stage_part(checkpoint, model))
     restore_rng_state(checkpoint["rng"], dist, log)
     checkpoint = None  # free the memory
 scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")  # fp16 needs loss scaling; bf16 does not
 raw_model = model  # what checkpoints are taken from: not the compiled or DDP wrapper
-model = wrap_model(model, dist, parallelism, compile, log)
+if pipeline is None:
+    model = wrap_model(model, dist, parallelism, compile, log)
 
 peak = gpu_peak_flops(device_name(device), peak_flops) if device.startswith("cuda") or peak_flops else 0.0
 metrics_path = os.path.join(out_dir, "metrics.jsonl")
@@ -224,6 +267,14 @@ def micro_step_loss(micro_step):
         return model(x, y)[1]  # holding on to the logits would keep them in memory through backward
 
 
+def pipeline_step():
+    # The micro-batches of micro_step_loss, in one batch that the schedule splits again. The first
+    # stage needs the inputs and the last the targets; both read them from the same seeds.
+    seeds = [(seed, 0, step, pipeline.data_rank * accumulation_steps + m) for m in range(accumulation_steps)]
+    x, y = to_device(*bins["train"].sample_many(batch_size, seeds), device)
+    return pipeline_optimizer_step(pipeline, optimizer, x, y, grad_clip, autocast)
+
+
 # -----------------------------------------------------------------------------
 # training loop
 start_step = step
@@ -235,7 +286,11 @@ while True:
         group["lr"] = lr
 
     if step % eval_interval == 0 or step == max_iters:
-        losses = estimate_loss(model, bins, eval_iters, batch_size, device, autocast, seed, dist.rank, dist.world_size)
+        if pipeline is None:
+            losses = estimate_loss(model, bins, eval_iters, batch_size, device, autocast, seed, dist.rank,
+                                   dist.world_size)
+        else:
+            losses = estimate_loss_pipelined(pipeline, bins, eval_iters, batch_size, device, autocast, seed)
         stop_if_not_finite(losses["train"] + losses["val"], step)
         log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         best_val_loss = min(best_val_loss, losses["val"])
@@ -247,9 +302,9 @@ while True:
             log(f"step {step}: {os.path.basename(benchmark)} {describe(scores)}")
             losses.update({f"benchmark_{k}": v for k, v in scores.items()})
         if step > start_step:
-            path = save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep_checkpoints, kind="pretrain",
-                                            step=step, best_val_loss=best_val_loss, val_loss=losses["val"],
-                                            config=config, tokenizer=meta["tokenizer"])
+            path = save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep_checkpoints, pipeline,
+                                            kind="pretrain", step=step, best_val_loss=best_val_loss,
+                                            val_loss=losses["val"], config=config, tokenizer=meta["tokenizer"])
             log(f"saved {path}")
         if master:
             append_metrics(metrics_path, {"step": step, **{f"{k}_loss" if k in bins else k: v for k, v in losses.items()}})
@@ -257,14 +312,18 @@ while True:
     if step >= max_iters:
         break
 
-    loss_sum = optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip)
+    if pipeline is None:
+        loss_sum = optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip)
+    else:
+        loss_sum = pipeline_step()
     first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss_sum), step, first_bad_step)
     step += 1
     steps_since_log += 1
 
     if step % log_interval == 0 or step == max_iters:
         # reading values waits for the GPU, and averaging them waits for every process: only at log steps
-        train_loss = all_reduce_sum(loss_sum, dist.world_size).item() / dist.world_size
+        # each data-parallel process has its share's loss (under pipelining, the last stage; the others 0)
+        train_loss = all_reduce_sum(loss_sum, dist.world_size).item() / data_parallel
         if dist.world_size > 1:
             torch.distributed.all_reduce(first_bad_step, op=torch.distributed.ReduceOp.MAX)
         if first_bad_step.item() >= 0:

@@ -20,10 +20,13 @@ from dataclasses import asdict
 import numpy as np
 import torch
 import torch.distributed
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import gather_training_state, save_run_checkpoint
+from model import cross_entropy
 from runtime import rng_state, set_rng_state
 
 
@@ -70,6 +73,11 @@ class TokenBins:
         windows = torch.from_numpy(windows)
         return windows[:, :-1], windows[:, 1:]
 
+    def sample_many(self, batch_size, seeds):
+        """The batches of several seeds, one after another in one (len(seeds) * batch_size) batch."""
+        batches = [self.sample(batch_size, seed) for seed in seeds]
+        return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
 
 def to_device(x, y, device):
     if device.startswith("cuda"):
@@ -78,18 +86,29 @@ def to_device(x, y, device):
     return x.to(device), y.to(device)
 
 
-def place_model(model, dist, parallelism, dtype):
+def place_model(model, dist, parallelism, dtype, cpu_offload=False):
     """Put the model where it trains: sharded over the processes (FSDP), or whole on this process's device."""
-    if parallelism == "fsdp" and dist.world_size > 1:
-        # Shard each block on its own, so only one block's full parameters exist at a time during
-        # forward and backward; the root call takes the embeddings, final norm and output layer.
-        # Compute in dtype but reduce gradients in fp32, so the average over processes loses nothing.
-        precision = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
-        for block in model.blocks:
-            fully_shard(block, mp_policy=precision)
-        fully_shard(model, mp_policy=precision)
+    if parallelism == "fsdp" and (dist.world_size > 1 or cpu_offload):
+        shard_model(model, model.blocks, None, dtype, cpu_offload)
     else:
         model.to(dist.device)
+
+
+def shard_model(root, blocks, mesh, dtype, cpu_offload):
+    """FSDP2 over mesh (None: every process): each block on its own, so only one block's full
+    parameters exist at a time during forward and backward, then the root, which takes the rest
+    (embeddings, final norm, output layer). Compute in dtype but reduce gradients in fp32, so the
+    average over processes loses nothing. With cpu_offload the fp32 shards, their gradients and so
+    AdamW's state stay in CPU memory and the optimizer steps there: each block's parameters are
+    copied to the GPU when it runs, which costs time but lets one GPU train a model whose optimizer
+    state it could not hold."""
+    precision = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
+    # Pinned host memory lets the copies to the GPU run asynchronously; without a GPU there is none to pin.
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
+    for block in blocks:
+        if block is not None:  # None: a layer of another pipeline stage
+            fully_shard(block, mesh=mesh, mp_policy=precision, offload_policy=offload)
+    fully_shard(root, mesh=mesh, mp_policy=precision, offload_policy=offload)
 
 
 def wrap_model(model, dist, parallelism, compile, log=print):
@@ -148,6 +167,168 @@ def optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss
     return loss_sum
 
 
+# -----------------------------------------------------------------------------
+# pipeline parallelism: the layers split into stages on different processes
+
+def pipeline_layers(n_layer, stages):
+    """The layers of each pipeline stage: consecutive and as even as whole layers allow."""
+    if not 1 <= stages <= n_layer:
+        raise SystemExit(f"config error: pipeline_stages={stages} must be between 1 and n_layer={n_layer}")
+    return [range(s * n_layer // stages, (s + 1) * n_layer // stages) for s in range(stages)]
+
+
+def split_for_pipeline(model, layers, first, last):
+    """Cut the model down, in place, to one pipeline stage: its layers, the embeddings if it is the
+    first stage, the final norm and output layer if it is the last. The parts kept keep their names
+    (layer 7 stays blocks.7), so a stage's state dict is a piece of the whole model's and checkpoints
+    have one format for every layout."""
+    for i in range(len(model.blocks)):
+        if i not in layers:
+            model.blocks[i] = None
+    if not first:
+        model.wte = model.wpe = None
+    if not last:
+        model.ln_f = model.lm_head = None
+    return model
+
+
+class PipelineStageModule(nn.Module):
+    """A stage as the pipeline schedule calls it: one tensor in (token ids on the first stage, hidden
+    states on the others) and one out (hidden states, or on the last stage the logits of every
+    position, which the schedule turns into the loss with model.cross_entropy)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x, all_logits=True)[0]
+
+
+class Pipeline:
+    """This process's place on a (pipeline x data) grid of processes, its stage of the model, and the
+    schedule that runs the step's micro-batches through the stages.
+
+    Process r holds stage r // data_parallel and is replica r % data_parallel of it: the processes of
+    one stage average their gradients (an all-reduce, or FSDP, over the 'data' dimension of the mesh), and the
+    processes of one replica pass activations forward and gradients back (the 'pipeline' dimension).
+    A step's micro-batches flow through the stages one after another, so stage s works on micro-batch
+    i while stage s+1 works on i-1; GPipe runs every forward, then every backward, and holds all the
+    micro-batches' activations; 1F1B starts each micro-batch's backward as soon as it can and holds at
+    most as many as there are stages. Both leave every stage idle for a fraction
+    (stages - 1) / (micro-batches + stages - 1) of the step (the bubble)."""
+
+    def __init__(self, model, dist, stages, schedule, microbatches, parallelism, dtype, cpu_offload, compile):
+        # imported here: only pipelined runs need them
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        self.data_parallel, self.microbatches = dist.world_size // stages, microbatches
+        mesh = init_device_mesh(dist.device.split(":")[0], (stages, self.data_parallel),
+                                mesh_dim_names=("pipeline", "data"))
+        self.stage_index, self.data_rank = mesh.get_local_rank("pipeline"), mesh.get_local_rank("data")
+        self.is_first, self.is_last = self.stage_index == 0, self.stage_index == stages - 1
+        self.group = mesh["pipeline"].get_group()
+        self.model = split_for_pipeline(model, pipeline_layers(model.config.n_layer, stages)[self.stage_index],
+                                        self.is_first, self.is_last)
+        if compile:
+            for block in model.blocks:  # block by block, in place, so FSDP and the schedule see the same modules
+                if block is not None:
+                    block.compile()
+        module = PipelineStageModule(model)
+        self.sharded = parallelism == "fsdp" and (self.data_parallel > 1 or cpu_offload)
+        if self.sharded:
+            shard_model(module, model.blocks, mesh["data"], dtype, cpu_offload)
+        else:
+            # Not wrapped in DDP: its reducer expects to see each forward and backward call, but the
+            # schedule runs the backward passes itself (torch 2.13 computed wrong gradients with DDP
+            # in a 2 x 2 grid); average_gradients does the all-reduce once per step instead.
+            module.to(dist.device)
+        self.data_group = mesh["data"].get_group()
+        # The schedule averages the micro-batches' gradients (scale_grads), as gradient accumulation does.
+        stage = PipelineStage(module, self.stage_index, stages, torch.device(dist.device), group=self.group)
+        self.schedule = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule](stage, microbatches,
+                                                                                 loss_fn=cross_entropy)
+
+    def run(self, x, y, backward=True):
+        """Forward (and backward) micro-batches x (m * batch, T) with targets y through the stages;
+        on the last stage returns the m micro-batch losses, elsewhere None."""
+        losses = []
+        inputs = (x,) if self.is_first else ()  # later stages receive their inputs from the stage before
+        target = y if self.is_last else None
+        run = self.schedule.step if backward else self.schedule.eval
+        run(*inputs, target=target, losses=losses, return_outputs=False)
+        return torch.stack(losses) if self.is_last else None
+
+    def average_gradients(self):
+        """Average the gradients of this stage's replicas, which saw different batches (under FSDP
+        its reduce-scatter has done so already). The all-reduces are queued together, then waited for."""
+        if self.sharded or self.data_parallel == 1:
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        for work in [torch.distributed.all_reduce(g, group=self.data_group, async_op=True) for g in grads]:
+            work.wait()
+        for g in grads:
+            g.div_(self.data_parallel)
+
+    def clip_gradients(self, max_norm):
+        """Scale the gradients so that their norm over the whole model, every stage's, is at most
+        max_norm; returns that norm."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if isinstance(norm, DTensor):  # under FSDP: the norm of the whole stage, not of this shard
+            norm = norm.full_tensor()
+        # Each stage holds different parameters: the squared norms of the stages add up.
+        norm = norm.square()
+        torch.distributed.all_reduce(norm, group=self.group)
+        norm = norm.sqrt()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm
+
+
+def pipeline_optimizer_step(pipeline, optimizer, x, y, grad_clip, autocast):
+    """One optimizer step of a pipeline stage: every micro-batch forward and backward through the
+    schedule, gradients averaged over the replicas and clipped over all stages, the update. Returns
+    the step's mean loss on the last stage and 0 on the others, as a tensor (not synchronised)."""
+    with autocast:
+        losses = pipeline.run(x, y)
+    pipeline.average_gradients()
+    if grad_clip > 0:
+        pipeline.clip_gradients(grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return losses.mean().detach() if pipeline.is_last else torch.zeros((), device=x.device)
+
+
+@torch.no_grad()
+def estimate_loss_pipelined(pipeline, bins_by_split, eval_iters, batch_size, device, autocast, seed):
+    """estimate_loss for a pipeline: the same batches, dealt out to the data-parallel replicas and
+    sent through the schedule as many at a time as it has micro-batches; batches past eval_iters
+    only fill the last group and are not counted."""
+    microbatches = pipeline.microbatches
+    was_training = pipeline.model.training
+    pipeline.model.eval()
+    losses = {}
+    per_call = pipeline.data_parallel * microbatches
+    for split_index, (split, bins) in enumerate(bins_by_split.items()):
+        total = torch.zeros((), device=device)
+        indices = range(pipeline.data_rank, per_call * math.ceil(eval_iters / per_call), pipeline.data_parallel)
+        for start in range(0, len(indices), microbatches):
+            group = indices[start : start + microbatches]
+            x, y = to_device(*bins.sample_many(batch_size, [(seed, 1, split_index, i % eval_iters) for i in group]),
+                             device)
+            with autocast:
+                batch_losses = pipeline.run(x, y, backward=False)
+            if pipeline.is_last:
+                counted = torch.tensor([i < eval_iters for i in group], device=device)
+                total += (batch_losses.float() * counted).sum()
+        # the last stage of each replica holds its sum; the other processes add zeros
+        torch.distributed.all_reduce(total)
+        losses[split] = total.item() / eval_iters
+    pipeline.model.train(was_training)
+    return losses
+
+
 @torch.no_grad()
 def estimate_loss(model, bins_by_split, eval_iters, batch_size, device, autocast, seed, rank=0, world_size=1):
     """Mean loss per split over eval_iters batches. The batches are the same at every call
@@ -177,11 +358,16 @@ def all_reduce_sum(tensor, world_size):
     return tensor
 
 
-def save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep, **fields):
+def save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep, pipeline=None, **fields):
     """Gather the model, optimizer and every process's random state, and (rank 0) write them with
     fields (kind, step, config, tokenizer, ...) as out_dir/ckpt-<step>.pt. Every process must call
     this. Returns the path written (None on the other ranks)."""
-    model_state, optimizer_state = gather_training_state(raw_model, optimizer)
+    if pipeline is None:
+        model_state, optimizer_state = gather_training_state(raw_model, optimizer, keep=dist.is_main)
+    else:
+        # each stage's first replica gathers its stage, and rank 0 joins the stages into one model
+        parts = gather_training_state(raw_model, optimizer, keep=pipeline.data_rank == 0)
+        model_state, optimizer_state = join_pipeline_stages(parts, dist)
     rng_states = [None] * dist.world_size
     if dist.world_size > 1:
         torch.distributed.all_gather_object(rng_states, rng_state())
@@ -192,6 +378,34 @@ def save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep, **fields
     checkpoint = {"model_config": asdict(raw_model.config), "model": model_state, "optimizer": optimizer_state,
                   "rng": rng_states, **fields}
     return save_run_checkpoint(checkpoint, out_dir, keep)
+
+
+def join_pipeline_stages(part, dist):
+    """On rank 0, the whole model's and optimizer's state dicts from every stage's (model, optimizer)
+    part (None from the replicas that hold a copy); None elsewhere."""
+    parts = [None] * dist.world_size if dist.is_main else None
+    torch.distributed.gather_object(part, parts, dst=0)
+    if not dist.is_main:
+        return None, None
+    model_state, optimizer_state = {}, {"state": {}, "param_groups": []}
+    for stage_model, stage_optimizer in (p for p in parts if p[0] is not None):  # in stage order
+        model_state.update(stage_model)
+        optimizer_state["state"].update(stage_optimizer["state"])
+        if not optimizer_state["param_groups"]:
+            optimizer_state["param_groups"] = [dict(group, params=[]) for group in stage_optimizer["param_groups"]]
+        for whole, group in zip(optimizer_state["param_groups"], stage_optimizer["param_groups"]):
+            whole["params"] += group["params"]
+    return model_state, optimizer_state
+
+
+def pipeline_stage_part(checkpoint, model):
+    """The part of a whole model's checkpoint (weights and optimizer state) that a pipeline stage holds."""
+    names = set(model.state_dict())
+    optimizer = checkpoint["optimizer"]
+    return {"model": {k: v for k, v in checkpoint["model"].items() if k in names},
+            "optimizer": {"state": {k: v for k, v in optimizer["state"].items() if k in names},
+                          "param_groups": [dict(group, params=[p for p in group["params"] if p in names])
+                                           for group in optimizer["param_groups"]]}}
 
 
 def restore_rng_state(rng_states, dist, log=print):

@@ -58,7 +58,7 @@ def test_two_processes_end_with_the_weights_of_one_process_with_the_same_global_
         parallelism, one_process_run, tiny_data_root, tmp_path):
     # TINY_MODEL's global batch is 256 tokens: 2 micro-steps of 4 x 32 in one process, 1 in each of two
     stdout = train(tiny_data_root, tmp_path, *FAST, "--max_iters=4", f"--parallelism={parallelism}", nproc=2)
-    assert "x 2 processes x 1 accumulation steps" in stdout and f"({parallelism})" in stdout
+    assert "x 2 data-parallel processes x 1 accumulation steps" in stdout and f"({parallelism})" in stdout
     start = GPT_INIT_DISTANCE(one_process_run)
     assert start > 1e-2  # the weights really moved, so agreement below means something
     assert_same_weights(weights(tmp_path), weights(one_process_run), atol=1e-5)
