@@ -6,6 +6,7 @@ config costs in FLOPs, time and memory per GPU.
     python plan.py --gpu=H100 --num_gpus=8 --hours=24 --mfu=0.4   # the same, the budget in GPU hours
     python plan.py config/train_gpt2.py --gpu=H100 --num_gpus=8   # cost and memory of a training config
     python plan.py config/quickstart.py --n_layer=8 --json        # any train.py key; one JSON object
+    python plan.py --num_gpus=8 --pipeline_stages=4 --parallelism=fsdp --cpu_offload=True  # per stage; CPU and PCIe
 
 plan.py's own options are listed in OPTIONS below; every other key is train.py's, read exactly as
 train.py reads it: train.py's defaults (its source up to `config = configure(globals())`), then
@@ -79,7 +80,61 @@ V = the padded vocabulary; e = 2 bytes under bf16/fp16 autocast, 4 in float32.
 A config fits when the total is within 90% of the GPU's memory: the rest is for the CUDA context,
 allocator fragmentation and the small temporaries not counted. The micro-batch to use is the
 largest power of two that fits and divides the step: accumulation = total_batch_tokens /
-(micro_batch * block_size * num_gpus).
+(micro_batch * block_size * dp), dp = W without pipelining.
+
+Pipeline parallelism (pipeline_stages = p > 1; train.py runs torch.distributed.pipelining). The
+layers are split into p consecutive stages (training.pipeline_layers: as even as whole layers allow),
+one per process. The first stage also holds the token embedding (and the learned position table),
+the last the final norm and lm_head; tie_embeddings would put one matrix on both, so it is refused.
+Each stage is data parallel over the dp = W/p processes holding it (S = dp under FSDP), and its
+weights, gradients and moments are its own: P_s = L_s*P_block + the root pieces it holds. The
+schedule's micro-batches are the accumulation micro-steps, m = total_batch_tokens /
+(micro_batch * block_size * dp).
+- bubble: under both schedules a stage idles (p-1)/(m+p-1) of the step, the p-1 slots of m+p-1
+  in which the pipe fills and drains (Huang et al. 2019, GPipe; Narayanan et al. 2021 for 1F1B,
+  PipeDream-Flush). The time is the ideal one divided by 1 - bubble.
+- micro-batches held at the peak on stage s: GPipe runs every forward before any backward, so m on
+  every stage; 1F1B starts the backwards as soon as the last stage can, so min(m, p - s) (torch's
+  Schedule1F1B warms up with exactly that many forwards, and refuses m < p). Stage 0 holds the most,
+  p, against GPipe's m. Each held micro-batch keeps its blocks' activations (the table above, or 4h
+  per token and block with checkpointing, whose recompute is one block of one micro-batch at a
+  time) and, on the stages before the last, the fp32 output sent on, 4h per token, which its
+  backward starts from.
+- the last stage keeps, per held micro-batch (one under 1F1B), the final norm's and head's inputs
+  (4h + e*h per token, as without pipelining), the log-probabilities and the logits themselves
+  ((4 + e)*V: the schedule keeps the stage's output for its backward), plus the two 8V gradients of
+  one backward. (train.py runs the schedule with return_outputs=False; otherwise the last stage
+  would keep all m micro-batches' logits besides.)
+- 16-bit weight copies (not FSDP): the stage's own blocks, and the head on the last, with or without
+  checkpointing: train.py runs the whole schedule, backwards included, in one autocast region, and
+  autocast keeps each cast in its cache until the region ends.
+- communication: not FSDP, none: train.py's Pipeline does not wrap a stage in DDP, it all-reduces
+  each gradient in place once per step. FSDP: torch's PipelineStage turns off FSDP's gradient sync
+  and its resharding after backward until the step's end (pipelining/stage.py,
+  backward_maybe_with_nosync), so after a backward every unit stays gathered and every gradient
+  accumulates unsharded in fp32 until one reduce-scatter: (e + 4)*P_s, where FSDP without
+  pipelining holds about two blocks'. So a pipeline's FSDP shards the fp32 weights and moments,
+  but every GPU holds its stage's whole gradient until the step's end.
+- between stages each micro-batch sends its residual stream, micro_batch*block_size*h elements (fp32;
+  16-bit under FSDP), and gets a gradient of that size back: reported, small, not counted.
+The memory table shows the most loaded stage (the largest total); the pipeline lines show each.
+
+CPU offload (cpu_offload=True with parallelism='fsdp': FSDP2's CPUOffloadPolicy, also on one GPU).
+The sharded fp32 weights, gradients and AdamW moments live in pinned CPU memory, 16*P/S bytes per
+process (P_s, the stage's, under pipelining), and the optimizer step runs on the CPU. The GPU holds
+none of them: only FSDP's gathered 16-bit parameters and in-flight gradients (the communication
+term above, here also with S = 1), the activations and the logits. Traffic per step and GPU,
+assuming FSDP2's defaults and train.py's loop, which reduce-scatters at every micro-step: each
+micro-step copies every block's fp32 shard to the GPU for the forward and again for the backward
+(a block is resharded after its forward), the root's once (the root stays gathered in between),
+and brings the fp32 gradient shard back (FSDP2 copies the fp32 shard and casts it on the GPU:
+fsdp/_fully_shard/_fsdp_param.py, all_gather_inputs):
+    to the GPU  m * 4*(2*n_layer*P_block + P_root)/S,    back  m * 4*P/S    bytes
+Under pipelining the stage's gradients come back once per step (the one reduce-scatter), and the
+parameter copies are an upper bound (after a backward the stage stays gathered). The time is that
+over pcie_gb_per_s, an assumption (about 25 GB/s, PCIe Gen4 x16 with pinned memory; Gen5 twice
+that), one direction at a time and not hidden behind compute (FSDP2 prefetches the next unit, so
+partly it is): compare it with a step's compute time. The CPU's AdamW step is not estimated.
 """
 
 import json
@@ -92,7 +147,7 @@ import torch
 
 from configurator import configure
 from model import GPT, GPTConfig, peak_flops
-from training import format_duration
+from training import format_duration, pipeline_layers
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -104,6 +159,7 @@ OPTIONS = dict(
     flops=0.0,  # a compute budget: plan the compute-optimal model for it
     hours=0.0,  # or a budget of hours on num_gpus x gpu at mfu
     gpu_memory_gb=0.0,  # memory per GPU in GiB; 0: from GPU_MEMORY_GIB
+    pcie_gb_per_s=25.0,  # host<->GPU bandwidth assumed for cpu_offload's copies: ~25 for PCIe Gen4 x16, ~50 for Gen5
     json=False,  # print one JSON object instead of the report
 )
 
@@ -140,6 +196,7 @@ SHAPE_TOLERANCE = 0.02
 ASPECT_RANGE, ASPECT_PREFERRED = (64, 128), 96
 HEADROOM = 0.9  # plan within 90% of the GPU's memory
 COMBOS = (("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True))  # (parallelism, activation checkpointing)
+SCHEDULES = ("gpipe", "1f1b")
 
 
 # -----------------------------------------------------------------------------
@@ -183,6 +240,23 @@ def model_config(config, vocab):
         return GPTConfig.from_dict(dict(config, vocab_size=vocab))  # GPTConfig's fields are train.py keys
     except ValueError as e:
         raise SystemExit(f"config error: {e}") from None
+
+
+def check_parallel_keys(config, c, world):
+    """The pipeline and offload keys' errors, one line each: what train.py cannot run."""
+    stages = config["pipeline_stages"]
+    pipeline_layers(c.n_layer, stages)  # its own config error unless 1 <= stages <= n_layer
+    if stages > 1 and config["pipeline_schedule"] not in SCHEDULES:
+        raise SystemExit(f"config error: pipeline_schedule={config['pipeline_schedule']!r} must be 'gpipe' or '1f1b'")
+    if world % stages:
+        raise SystemExit(f"config error: num_gpus={world} must be a multiple of pipeline_stages={stages} "
+                         "(each stage runs on num_gpus/pipeline_stages processes)")
+    if stages > 1 and c.tie_embeddings:
+        raise SystemExit(f"config error: tie_embeddings=True cannot be split into pipeline_stages={stages} (the shared "
+                         "matrix would sit on the first and the last stage); use --tie_embeddings=False")
+    if config["cpu_offload"] and config["parallelism"] != "fsdp":
+        raise SystemExit(f"config error: cpu_offload=True needs --parallelism=fsdp (FSDP2's CPUOffloadPolicy), "
+                         f"not parallelism={config['parallelism']!r}")
 
 
 def gpu_spec(options, config):
@@ -257,43 +331,118 @@ def activation_bytes_per_token(c, e):
     return saved
 
 
-def memory_per_gpu(c, params, block_params, micro_batch, world, dtype, parallelism, checkpointing):
-    """Peak bytes per GPU by term (the docstring's formulas); params and block_params as stored."""
+def stage_parameters(c, params, block_params, stages):
+    """(blocks, parameters) of each pipeline stage, params and block_params as stored: its blocks, plus the
+    token embedding (and learned positions) on the first and the final norm and head on the last."""
+    embedding = c.padded_vocab_size * c.n_embd + (c.block_size * c.n_embd if c.pos == "learned" else 0)
+    head = params - c.n_layer * block_params - embedding  # just the final norm when tied (then one stage)
+    layout = []
+    for s, layers in enumerate(pipeline_layers(c.n_layer, stages)):
+        root = (embedding if s == 0 else 0) + (head if s == stages - 1 else 0)
+        layout.append((len(layers), len(layers) * block_params + root))
+    return layout
+
+
+def pipeline_bubble(stages, micro_batches):
+    """The fraction of a step a pipeline stage idles, GPipe's and 1F1B's alike; 0 for one stage."""
+    return (stages - 1) / (micro_batches + stages - 1)
+
+
+def micro_batches_held(stage, stages, schedule, micro_batches):
+    """The micro-batches whose activations a stage holds at its peak (the docstring's pipeline terms)."""
+    if stages == 1:
+        return 1  # train.py's own loop: each micro-step's backward follows its forward
+    if schedule == "gpipe":
+        return micro_batches
+    return min(micro_batches, stages - stage)
+
+
+def memory_per_stage(c, params, block_params, micro_batch, world, dtype, parallelism, checkpointing,
+                     stages=1, schedule="1f1b", micro_batches=1, cpu_offload=False):
+    """Peak GPU bytes by term on each pipeline stage (the docstring's formulas); params and block_params
+    as stored. With one stage, the whole model; cpu_offload applies to the FSDP runs only."""
     e = element_bytes(dtype)
-    sharded = parallelism == "fsdp" and world > 1  # train.py runs FSDP on one GPU as a plain model
-    shards = world if sharded else 1
-    root = params - c.n_layer * block_params
+    dp = world // stages
+    offload = cpu_offload and parallelism == "fsdp"
+    # train.py runs FSDP on one process per stage as a plain model, unless it offloads
+    fsdp = parallelism == "fsdp" and (dp > 1 or offload)
+    shards = dp if fsdp else 1
     h, V, tokens = c.n_embd, c.padded_vocab_size, micro_batch * c.block_size
-    if sharded:
-        communication = e * (root + 2 * block_params) + (e + 4) * max(root, block_params)
-        weight_copies = 0
-    else:
-        communication = 4 * params if world > 1 else 0
-        weight_copies = 0 if e == 4 else 2 * ((1 if checkpointing else c.n_layer) * block_params + V * h)
     per_block = activation_bytes_per_token(c, e)
-    if checkpointing:
-        blocks = c.n_layer * 4 * h + per_block
-    else:
-        blocks = c.n_layer * per_block
-    return {
-        "weights": 4 * params / shards,
-        "gradients": 4 * params / shards,
-        "optimizer": 8 * params / shards,
-        "communication": communication,
-        "weight_copies": weight_copies,
-        "activations": tokens * (blocks + 4 * h + e * h),
-        "logits": tokens * V * 12,
-    }
+    memory = []
+    for s, (blocks, stage_params) in enumerate(stage_parameters(c, params, block_params, stages)):
+        last = s == stages - 1
+        root = stage_params - blocks * block_params
+        if fsdp and stages > 1:
+            communication = (e + 4) * stage_params  # the schedule keeps every unit gathered and its gradient whole
+        elif fsdp:
+            communication = e * (root + min(2, blocks) * block_params) + (e + 4) * max(root, block_params)
+        else:
+            communication = 4 * stage_params if dp > 1 and stages == 1 else 0  # a pipeline all-reduces in place
+        if fsdp or e == 4:
+            weight_copies = 0
+        else:
+            # one block's under checkpointing without pipelining; a pipeline's autocast cache keeps them all
+            cast_blocks = 1 if checkpointing and stages == 1 else blocks
+            weight_copies = 2 * (cast_blocks * block_params + (V * h if last else 0))
+        on_gpu = 0 if offload else stage_params / shards  # the parameters whose fp32 state this GPU keeps
+        held = micro_batches_held(s, stages, schedule, micro_batches)
+        # Per token of a held micro-batch: its blocks' activations and the stage's fp32 output (the last
+        # stage's is the final norm's input, and the head's 16-bit input besides).
+        per_token = blocks * (4 * h if checkpointing else per_block) + 4 * h + (e * h if last else 0)
+        recomputed = per_block if checkpointing else 0  # one block of one micro-batch at a time
+        if not last:
+            logits = 0
+        elif stages == 1:
+            logits = 12 * V
+        else:  # the schedule keeps the logits, the stage's output, with the log-probabilities of each held one
+            logits = held * (4 + e) * V + 8 * V
+        memory.append({
+            "weights": 4 * on_gpu,
+            "gradients": 4 * on_gpu,
+            "optimizer": 8 * on_gpu,
+            "communication": communication,
+            "weight_copies": weight_copies,
+            "activations": tokens * (held * per_token + recomputed),
+            "logits": tokens * logits,
+        })
+    return memory
 
 
-def largest_micro_batch(c, params, block_params, step_tokens, world, dtype, parallelism, checkpointing, budget):
-    """The largest power-of-two micro-batch that fits budget bytes and divides the step; 0 if none."""
+def memory_per_gpu(c, params, block_params, micro_batch, world, dtype, parallelism, checkpointing, **placement):
+    """Peak GPU bytes by term on the most loaded pipeline stage (the whole model without pipelining);
+    placement: memory_per_stage's keyword arguments (stages, schedule, micro_batches, cpu_offload)."""
+    per_stage = memory_per_stage(c, params, block_params, micro_batch, world, dtype, parallelism, checkpointing,
+                                 **placement)
+    return max(per_stage, key=lambda terms: sum(terms.values()))
+
+
+def offload_traffic(c, params, block_params, world, stages, micro_batches):
+    """(bytes to the GPU, bytes back) per step under CPU offload, on the stage that moves the most."""
+    dp = world // stages
+    gradient_copies = 1 if stages > 1 else micro_batches  # a pipeline reduce-scatters once per step
+    traffic = []
+    for blocks, stage_params in stage_parameters(c, params, block_params, stages):
+        root = stage_params - blocks * block_params
+        to_gpu = micro_batches * 4 * (2 * blocks * block_params + root) / dp
+        traffic.append((to_gpu, gradient_copies * 4 * stage_params / dp))
+    return max(traffic, key=sum)
+
+
+def largest_micro_batch(c, params, block_params, step_tokens, world, dtype, parallelism, checkpointing, budget,
+                        stages=1, schedule="1f1b", cpu_offload=False):
+    """The largest power-of-two micro-batch that fits budget bytes on every stage and divides the step; 0 if
+    none. A 1F1B pipeline needs at least as many micro-batches as stages (torch's Schedule1F1B)."""
+    dp = world // stages
+    fewest = stages if stages > 1 and schedule == "1f1b" else 1
     best, micro = 0, 1
-    while micro * c.block_size * world <= step_tokens:
-        memory = memory_per_gpu(c, params, block_params, micro, world, dtype, parallelism, checkpointing)
+    while micro * c.block_size * dp * fewest <= step_tokens:
+        micro_batches = step_tokens / (micro * c.block_size * dp)
+        memory = memory_per_gpu(c, params, block_params, micro, world, dtype, parallelism, checkpointing,
+                                stages=stages, schedule=schedule, micro_batches=micro_batches, cpu_offload=cpu_offload)
         if sum(memory.values()) > budget:
             break
-        if step_tokens % (micro * c.block_size * world) == 0:
+        if step_tokens % (micro * c.block_size * dp) == 0:
             best = micro
         micro *= 2
     return best
@@ -309,6 +458,9 @@ def plan_config(config, options):
     stored = sum(p.numel() for p in model.parameters())
     block_params = sum(p.numel() for p in model.blocks[0].parameters())
     world, step_tokens = options["num_gpus"], config["total_batch_tokens"]
+    check_parallel_keys(config, c, world)
+    stages, schedule, offload = config["pipeline_stages"], config["pipeline_schedule"], config["cpu_offload"]
+    dp = world // stages
     warnings = [vocab_warning] if vocab_warning else []
 
     flops_per_token = model.flops_per_token(c.block_size)
@@ -321,27 +473,47 @@ def plan_config(config, options):
         warnings.append(f"{tokens_per_param:.1f} tokens per parameter is far from the compute-optimal ~20 "
                         f"(Hoffmann et al. 2022): these FLOPs reach a lower loss with a {side} "
                         f"({n / 1e6:,.1f}M parameters on {d / 1e9:,.2f}B tokens)")
-    recompute = 4 / 3 if config["activation_checkpointing"] else 1.0
-    seconds = train_flops * recompute / (world * peak * options["mfu"])
 
     micro = config["batch_size"]
-    if step_tokens % (micro * c.block_size * world):
-        warnings.append(f"total_batch_tokens={step_tokens} is not a multiple of batch_size x block_size x num_gpus "
-                        f"= {micro * c.block_size * world}, so train.py would stop; use the micro-batch above")
+    micro_batches = step_tokens / (micro * c.block_size * dp)  # a fraction where train.py would stop
+    if step_tokens % (micro * c.block_size * dp):
+        warnings.append(f"total_batch_tokens={step_tokens} is not a multiple of batch_size x block_size x {dp} "
+                        f"data-parallel processes = {micro * c.block_size * dp}, so train.py would stop; "
+                        "use the micro-batch above")
+    if stages > 1 and schedule == "1f1b" and micro_batches < stages:
+        warnings.append(f"1f1b needs at least pipeline_stages={stages} micro-batches per step (torch's Schedule1F1B), "
+                        f"the config has {micro_batches:g}, so train.py would stop; use the micro-batch above, "
+                        "or --pipeline_schedule=gpipe")
+    bubble = pipeline_bubble(stages, micro_batches)
+    recompute = 4 / 3 if config["activation_checkpointing"] else 1.0
+    seconds = train_flops * recompute / (world * peak * options["mfu"] * (1 - bubble))
+
+    placement = dict(stages=stages, schedule=schedule, micro_batches=micro_batches, cpu_offload=offload)
+    layout = stage_parameters(c, stored, block_params, stages)
     memory = {}
     for parallelism, checkpointing in COMBOS:
-        terms = memory_per_gpu(c, stored, block_params, micro, world, config["dtype"], parallelism, checkpointing)
-        total = sum(terms.values())
+        per_stage = memory_per_stage(c, stored, block_params, micro, world, config["dtype"], parallelism,
+                                     checkpointing, **placement)
+        loaded = max(range(stages), key=lambda s: sum(per_stage[s].values()))
+        total = sum(per_stage[loaded].values())
         best = largest_micro_batch(c, stored, block_params, step_tokens, world, config["dtype"], parallelism,
-                                   checkpointing, HEADROOM * gpu_memory * GIB)
-        memory[parallelism + ("+ckpt" if checkpointing else "")] = {
-            **{k: v / GIB for k, v in terms.items()},
+                                   checkpointing, HEADROOM * gpu_memory * GIB, stages=stages, schedule=schedule,
+                                   cpu_offload=offload)
+        name = parallelism + ("+ckpt" if checkpointing else "")
+        memory[name] = {
+            **{k: v / GIB for k, v in per_stage[loaded].items()},
             "total": total / GIB,
             "fits": total <= HEADROOM * gpu_memory * GIB,
             "max_micro_batch": best,
-            "accumulation": step_tokens // (best * c.block_size * world) if best else 0,
+            "accumulation": step_tokens // (best * c.block_size * dp) if best else 0,
         }
-    return {
+        if stages > 1:
+            memory[name]["stage"] = loaded
+            memory[name]["bubble"] = pipeline_bubble(stages, memory[name]["accumulation"]) if best else 0
+        if offload and parallelism == "fsdp":
+            # per process: its shard of the largest stage's fp32 weights, gradients and moments
+            memory[name]["cpu_memory"] = 16 * max(p for _, p in layout) / dp / GIB
+    report = {
         "params": params,
         "non_embedding_params": model.num_params(non_embedding=True),
         "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "block_size": c.block_size,
@@ -351,15 +523,38 @@ def plan_config(config, options):
         "train_flops": train_flops,
         "tokens_per_param": tokens_per_param,
         "gpu": gpu, "num_gpus": world, "peak_flops": peak, "mfu": options["mfu"], "gpu_memory_gib": gpu_memory,
-        "tokens_per_sec": world * peak * options["mfu"] / (flops_per_token * recompute),
+        "tokens_per_sec": world * peak * options["mfu"] * (1 - bubble) / (flops_per_token * recompute),
         "hours": seconds / 3600,
         "dtype": config["dtype"],
         "micro_batch": micro,
-        "accumulation": step_tokens / (micro * c.block_size * world),  # a fraction where train.py would stop
+        "accumulation": micro_batches,
         "run": config["parallelism"] + ("+ckpt" if config["activation_checkpointing"] else ""),
         "memory": memory,
         "warnings": warnings,
     }
+    if stages > 1:
+        run_stages = memory_per_stage(c, stored, block_params, micro, world, config["dtype"], config["parallelism"],
+                                      config["activation_checkpointing"], **placement)
+        report["pipeline"] = {
+            "stages": stages, "schedule": schedule, "data_parallel": dp, "micro_batches": micro_batches,
+            "bubble": bubble,
+            "layers": [[r.start, r.stop] for r in pipeline_layers(c.n_layer, stages)],
+            "params": [p for _, p in layout],
+            "micro_batches_held": [micro_batches_held(s, stages, schedule, micro_batches) for s in range(stages)],
+            "memory": [{**{k: v / GIB for k, v in terms.items()}, "total": sum(terms.values()) / GIB}
+                       for terms in run_stages],  # the config's run, GiB per GPU of each stage
+            "message_mib": 4 * micro * c.block_size * c.n_embd / 2**20,  # the fp32 activation sent per micro-batch
+        }
+    if offload:
+        to_gpu, to_cpu = offload_traffic(c, stored, block_params, world, stages, micro_batches)
+        report["offload"] = {
+            "cpu_memory": memory[report["run"]]["cpu_memory"],
+            "to_gpu_gb": to_gpu / 1e9, "to_cpu_gb": to_cpu / 1e9,  # per step and GPU
+            "pcie_gb_per_s": options["pcie_gb_per_s"],
+            "transfer_seconds": (to_gpu + to_cpu) / (options["pcie_gb_per_s"] * 1e9),
+            "compute_seconds": seconds / config["max_iters"],  # a step's, for comparison
+        }
+    return report
 
 
 def budget_flops(options, config):
@@ -398,11 +593,14 @@ def print_config_report(r):
           f"vocabulary {r['vocab_size']}")
     print(f"compute   {r['flops_per_token'] / 1e9:,.3f} GFLOPs per token x {r['tokens'] / 1e9:,.3f}B tokens "
           f"= {r['train_flops']:.3g} FLOPs; {r['tokens_per_param']:.1f} tokens per parameter")
+    slower = [why for why, applies in (("checkpointing's recompute", r["run"].endswith("+ckpt")),
+                                       ("the pipeline bubble", "pipeline" in r)) if applies]
     print(f"time      {r['num_gpus']} x {r['gpu']} ({r['peak_flops'] / 1e12:,.0f} TFLOP/s bf16) at "
           f"{100 * r['mfu']:.0f}% MFU: {r['tokens_per_sec']:,.0f} tokens/s, {format_duration(3600 * r['hours'])}"
-          + (" (with checkpointing's recompute)" if r["run"].endswith("+ckpt") else ""))
+          + (f" (with {' and '.join(slower)})" if slower else ""))
     precision = "float32" if r["dtype"] == "float32" else f"{r['dtype'].replace('auto', 'bfloat16')} autocast"
-    print(f"memory    GiB per GPU at micro-batch {r['micro_batch']} x {r['block_size']} tokens, {precision}, "
+    where = " on the most loaded stage" if "pipeline" in r else ""
+    print(f"memory    GiB per GPU{where} at micro-batch {r['micro_batch']} x {r['block_size']} tokens, {precision}, "
           f"{r['num_gpus']} GPU(s); a {r['gpu']} has {r['gpu_memory_gib']:g}, plan within {HEADROOM:.0%}")
     names = list(r["memory"])
     print(f"  {'':<24}" + "".join(f"{n + ('*' if n == r['run'] else ''):>12}" for n in names))
@@ -411,18 +609,50 @@ def print_config_report(r):
             ("activations", "activations"), ("logits and loss", "logits"), ("total", "total")]
     for label, key in rows:
         print(f"  {label:<24}" + "".join(f"{r['memory'][n][key]:>12.2f}" for n in names))
+    if "offload" in r:
+        cells = (f"{r['memory'][n]['cpu_memory']:>12.2f}" if "cpu_memory" in r["memory"][n] else f"{'-':>12}"
+                 for n in names)
+        print(f"  {'CPU memory (offload)':<24}" + "".join(cells))
+    if "pipeline" in r:
+        print(f"  {'most loaded stage':<24}" + "".join(f"{r['memory'][n]['stage']:>12}" for n in names))
     print(f"  {'fits':<24}" + "".join(f"{'yes' if r['memory'][n]['fits'] else 'no':>12}" for n in names))
     print(f"  {'max micro-batch':<24}" + "".join(f"{r['memory'][n]['max_micro_batch'] or '-':>12}" for n in names))
     print(f"  {'accumulation':<24}" + "".join(f"{r['memory'][n]['accumulation'] or '-':>12}" for n in names))
+    if "pipeline" in r:
+        print(f"  {'pipeline bubble':<24}" + "".join(f"{r['memory'][n]['bubble']:>12.1%}" for n in names))
     run = r["memory"][r["run"]]
     if run["max_micro_batch"]:
         print(f"use       --batch_size={run['max_micro_batch']} (accumulation {run['accumulation']}) for the "
               f"config's {r['run']} (*); the config has batch_size={r['micro_batch']} (accumulation {r['accumulation']:g})")
+        if "pipeline" in r:
+            print(f"          with a bubble of {run['bubble']:.1%}: a smaller micro-batch shrinks it, "
+                  "at some cost in each GPU's efficiency")
     else:
         print(f"use       nothing fits with the config's {r['run']} (*) even at micro-batch 1: try "
               "--parallelism=fsdp, --activation_checkpointing=True, more GPUs or a smaller block_size")
+    if "pipeline" in r:
+        print_pipeline(r["pipeline"], r["run"])
+    if "offload" in r:
+        o = r["offload"]
+        print(f"offload   {o['cpu_memory']:.2f} GiB of CPU memory per GPU: the fp32 weights, gradients and AdamW "
+              "moments, 16 bytes per parameter / shards")
+        print(f"          per step {o['to_gpu_gb']:.2f} GB to the GPU and {o['to_cpu_gb']:.2f} GB back: "
+              f"{o['transfer_seconds']:.2f} s at an assumed {o['pcie_gb_per_s']:g} GB/s (--pcie_gb_per_s), "
+              f"beside {o['compute_seconds']:.2f} s of compute")
     for warning in r["warnings"]:
         print(f"warning: {warning}")
+
+
+def print_pipeline(p, run):
+    print(f"pipeline  {p['stages']} stages x {p['data_parallel']} data-parallel, {p['schedule']}: "
+          f"{p['micro_batches']:g} micro-batches per step; bubble (p-1)/(m+p-1) = {100 * p['bubble']:.1f}%, "
+          "in the time above")
+    print(f"  {'stage':<24}" + "".join(f"{s:>12}" for s in range(p["stages"])))
+    print(f"  {'layers':<24}" + "".join(f"{f'{start}-{stop - 1}':>12}" for start, stop in p["layers"]))
+    print(f"  {'parameters (M)':<24}" + "".join(f"{n / 1e6:>12,.2f}" for n in p["params"]))
+    print(f"  {'micro-batches held':<24}" + "".join(f"{n:>12g}" for n in p["micro_batches_held"]))
+    print(f"  {'GiB per GPU (' + run + ')':<24}" + "".join(f"{m['total']:>12.2f}" for m in p["memory"]))
+    print(f"  each micro-batch sends {p['message_mib']:.1f} MiB of fp32 activations to the next stage")
 
 
 def print_budget_report(b, options, train_args):

@@ -13,6 +13,13 @@ GIB = 2**30
 GPT2 = ["--n_layer=12", "--n_head=12", "--n_embd=768", "--block_size=1024", "--norm=layernorm", "--mlp=gelu",
         "--pos=learned", "--tie_embeddings=True", "--bias=True"]
 
+# A small modern model on the byte vocabulary, worked out by hand for the pipeline and offload tests:
+# RMSNorm, RoPE, SwiGLU with f = 8/3 h rounded up to 64, untied head, vocabulary 257 padded to 320.
+SMALL = ["--n_head=4", "--n_embd=128", "--block_size=64", "--batch_size=4"]
+H, A, F, V_PAD, TOKENS = 128, 4, 384, 320, 4 * 64  # TOKENS: one micro-batch
+BLOCK = 2 * H + 3 * H * H + H * H + 2 * H * F + F * H  # two RMSNorm gains, qkv, proj, gate+up, down
+PER_LAYER = 8 * H + 2 * 3 * H + 2 * 3 * H + 2 * 2 * H + 4 * A + 2 * 4 * F  # the docstring's table in bf16
+
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
@@ -131,10 +138,128 @@ def test_a_budget_in_gpu_hours_is_peak_times_gpus_times_seconds_times_mfu(data_r
     assert "train     python train.py --data_root=" in out and "max micro-batch" in out
 
 
+def test_pipeline_bubble_is_p_minus_1_over_m_plus_p_minus_1_and_stretches_the_time(data_root):
+    # p = 4 stages on 8 GPUs: dp = 2, m = 4096 / (4 * 64 * 2) = 8; p = 2 on 2 GPUs: dp = 1, m = 1024 / (4 * 64) = 4
+    for stages, gpus, step_tokens, m, bubble in ((4, 8, 4096, 8, 3 / 11), (2, 2, 1024, 4, 1 / 5)):
+        args = ["--n_layer=4", *SMALL, f"--num_gpus={gpus}", f"--total_batch_tokens={step_tokens}"]
+        r = report(data_root, "bytes", *args, f"--pipeline_stages={stages}")
+        flat = report(data_root, "bytes", *args)
+        assert r["pipeline"]["micro_batches"] == r["accumulation"] == m
+        assert r["pipeline"]["bubble"] == pytest.approx(bubble)
+        assert r["hours"] == pytest.approx(flat["hours"] / (1 - bubble))
+        assert r["tokens_per_sec"] == pytest.approx(flat["tokens_per_sec"] * (1 - bubble))
+        assert "pipeline" not in flat and "stage" not in flat["memory"]["ddp"]
+
+
+def test_pipeline_stages_split_the_parameters_first_embedding_last_head(data_root):
+    r = report(data_root, "bytes", "--n_layer=5", *SMALL, "--num_gpus=2", "--pipeline_stages=2")
+    P = 2 * V_PAD * H + 5 * BLOCK + H  # embedding, five blocks, head and final RMSNorm, as stored
+    assert r["pipeline"]["layers"] == [[0, 2], [2, 5]]  # consecutive, as even as whole layers allow
+    assert r["pipeline"]["params"] == [2 * BLOCK + V_PAD * H, 3 * BLOCK + V_PAD * H + H]
+    assert sum(r["pipeline"]["params"]) == P
+
+
+def test_1f1b_holds_p_minus_s_micro_batches_on_stage_s_and_gpipe_all_m(data_root):
+    # 4 stages of one layer on 4 GPUs (dp = 1), m = 2048 / (4 * 64) = 8 micro-batches, DDP without checkpointing
+    args = ["--n_layer=4", *SMALL, "--num_gpus=4", "--pipeline_stages=4", "--total_batch_tokens=2048"]
+    one_f_one_b = report(data_root, "bytes", *args, "--pipeline_schedule=1f1b")["pipeline"]
+    gpipe = report(data_root, "bytes", *args, "--pipeline_schedule=gpipe")["pipeline"]
+    assert one_f_one_b["micro_batches_held"] == [4, 3, 2, 1] and gpipe["micro_batches_held"] == [8, 8, 8, 8]
+    for s, held in enumerate((4, 3, 2, 1)):
+        kept = PER_LAYER + 4 * H + (2 * H if s == 3 else 0)  # the stage's fp32 output; the head's input on the last
+        assert one_f_one_b["memory"][s]["activations"] * GIB == pytest.approx(TOKENS * held * kept)
+    assert gpipe["memory"][0]["activations"] / one_f_one_b["memory"][0]["activations"] == pytest.approx(8 / 4)
+    # the last stage: log-probabilities and bf16 logits of each held micro-batch, the two fp32 gradients of one
+    assert one_f_one_b["memory"][3]["logits"] * GIB == pytest.approx(TOKENS * (1 * 6 * V_PAD + 8 * V_PAD))
+    assert gpipe["memory"][3]["logits"] * GIB == pytest.approx(TOKENS * (8 * 6 * V_PAD + 8 * V_PAD))
+    assert all(stage["logits"] == 0 for stage in gpipe["memory"][:3])
+
+
+def test_a_pipelines_fsdp_shards_the_state_but_holds_the_stage_gathered_with_its_whole_gradient(data_root):
+    args = ["--n_layer=4", *SMALL, "--num_gpus=4", "--pipeline_stages=2", "--parallelism=fsdp"]  # dp = 2
+    r = report(data_root, "bytes", *args)
+    for stage, P_s in zip(r["pipeline"]["memory"], (2 * BLOCK + V_PAD * H, 2 * BLOCK + V_PAD * H + H)):
+        assert stage["weights"] * GIB == pytest.approx(4 * P_s / 2)
+        assert stage["optimizer"] * GIB == pytest.approx(8 * P_s / 2)
+        assert stage["communication"] * GIB == pytest.approx((2 + 4) * P_s) and stage["weight_copies"] == 0
+    loaded = r["memory"]["fsdp"]["stage"]
+    assert r["memory"]["fsdp"]["total"] == pytest.approx(max(s["total"] for s in r["pipeline"]["memory"]))
+    assert r["pipeline"]["memory"][loaded]["total"] == r["memory"]["fsdp"]["total"]
+
+
+def test_a_pipeline_without_fsdp_has_no_ddp_buckets_and_keeps_every_16_bit_cast_for_the_step(data_root):
+    args = ["--n_layer=4", *SMALL, "--num_gpus=4", "--pipeline_stages=2"]  # dp = 2, two layers a stage
+    for checkpointing in ("False", "True"):  # autocast's cache keeps the casts until the schedule's end
+        r = report(data_root, "bytes", *args, f"--activation_checkpointing={checkpointing}")
+        for s, stage in enumerate(r["pipeline"]["memory"]):
+            assert stage["communication"] == 0  # each gradient all-reduced in place, once per step
+            assert stage["weight_copies"] * GIB == pytest.approx(2 * (2 * BLOCK + (V_PAD * H if s == 1 else 0)))
+
+
+def test_1f1b_with_fewer_micro_batches_than_stages_warns_and_the_advice_has_enough(data_root):
+    args = ["--n_layer=4", *SMALL, "--num_gpus=4", "--pipeline_stages=4", "--total_batch_tokens=512"]  # m = 2
+    r = report(data_root, "bytes", *args)
+    assert any("1f1b needs at least pipeline_stages=4 micro-batches" in w for w in r["warnings"])
+    # micro-batch 4 would give m = 2 < 4: 2 is the largest with enough (m = 4); GPipe takes any m, down to one of 8
+    assert r["memory"]["ddp"]["max_micro_batch"] == 2 and r["memory"]["ddp"]["accumulation"] == 4
+    assert r["memory"]["ddp"]["bubble"] == pytest.approx(3 / 7)  # at the advised micro-batch
+    gpipe = report(data_root, "bytes", *args, "--pipeline_schedule=gpipe")
+    assert not any("1f1b" in w for w in gpipe["warnings"])
+    assert gpipe["memory"]["ddp"]["max_micro_batch"] == 8 and gpipe["memory"]["ddp"]["accumulation"] == 1
+
+
+def test_cpu_offload_moves_the_16_bytes_per_parameter_and_shard_from_the_gpu_to_the_cpu(data_root):
+    # 2 GPUs, m = 2048 / (4 * 64 * 2) = 4 micro-steps
+    args = ["--n_layer=2", *SMALL, "--num_gpus=2", "--parallelism=fsdp", "--total_batch_tokens=2048", "--max_iters=10"]
+    kept, offloaded = report(data_root, "bytes", *args), report(data_root, "bytes", *args, "--cpu_offload=True")
+    P = 2 * V_PAD * H + 2 * BLOCK + H
+    root = P - 2 * BLOCK
+    for run in ("fsdp", "fsdp+ckpt"):
+        assert offloaded["memory"][run]["weights"] == offloaded["memory"][run]["optimizer"] == 0
+        assert offloaded["memory"][run]["cpu_memory"] * GIB == pytest.approx(16 * P / 2)
+        assert (kept["memory"][run]["total"] - offloaded["memory"][run]["total"]) * GIB == pytest.approx(16 * P / 2)
+    assert offloaded["memory"]["ddp"] == kept["memory"]["ddp"]
+    o = offloaded["offload"]
+    to_gpu = 4 * 4 * (2 * 2 * BLOCK + root) / 2  # per micro-step: the blocks twice (forward, backward), the root once
+    to_cpu = 4 * 4 * P / 2  # per micro-step: the fp32 gradient shard
+    assert o["to_gpu_gb"] * 1e9 == pytest.approx(to_gpu) and o["to_cpu_gb"] * 1e9 == pytest.approx(to_cpu)
+    assert o["transfer_seconds"] == pytest.approx((to_gpu + to_cpu) / 25e9)
+    assert o["compute_seconds"] == pytest.approx(offloaded["hours"] * 3600 / 10)
+
+
+def test_cpu_offload_runs_fsdp_on_a_single_gpu(data_root):
+    args = ["--n_layer=2", *SMALL, "--parallelism=fsdp"]
+    plain = report(data_root, "bytes", *args)["memory"]["fsdp"]
+    offloaded = report(data_root, "bytes", *args, "--cpu_offload=True")["memory"]["fsdp"]
+    P = 2 * V_PAD * H + 2 * BLOCK + H
+    root = P - 2 * BLOCK
+    assert plain["communication"] == 0 and plain["weight_copies"] > 0  # without offload, a plain model
+    assert offloaded["communication"] * GIB == pytest.approx(2 * (root + 2 * BLOCK) + 6 * max(root, BLOCK))
+    assert offloaded["weight_copies"] == 0 and offloaded["cpu_memory"] * GIB == pytest.approx(16 * P)
+
+
+def test_the_report_prints_the_pipeline_and_offload_lines(data_root, capsys):
+    args = ["--n_layer=4", *SMALL, "--num_gpus=4", "--pipeline_stages=2", "--parallelism=fsdp", "--cpu_offload=True",
+            "--total_batch_tokens=2048"]  # dp = 2, m = 2048 / (4 * 64 * 2) = 4
+    plan.print_config_report(report(data_root, "bytes", *args))
+    out = capsys.readouterr().out
+    assert "(with the pipeline bubble)" in out and "GiB per GPU on the most loaded stage" in out
+    assert "pipeline  2 stages x 2 data-parallel, 1f1b: 4 micro-batches per step; bubble (p-1)/(m+p-1) = 20.0%" in out
+    assert "CPU memory (offload)" in out and "GiB of CPU memory per GPU" in out and "at an assumed 25 GB/s" in out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--gpu=Z100"], "plan error: unknown GPU 'Z100'; use one of H100 PCIe"),
     (["--n_layr=3"], "config error: unknown key 'n_layr' on the command line; did you mean --n_layer"),
     (["--n_embd=100"], "config error: n_embd=100 must be divisible by n_head=12"),
+    (["--num_gpus=6", "--pipeline_stages=4"], "config error: num_gpus=6 must be a multiple of pipeline_stages=4"),
+    (["--n_layer=2", "--pipeline_stages=3", "--num_gpus=3"],
+     "config error: pipeline_stages=3 must be between 1 and n_layer=2"),
+    (["--pipeline_schedule=zb", "--pipeline_stages=2", "--num_gpus=2"],
+     "config error: pipeline_schedule='zb' must be 'gpipe' or '1f1b'"),
+    (["--tie_embeddings=True", "--pipeline_stages=2", "--num_gpus=2"],
+     "config error: tie_embeddings=True cannot be split"),
+    (["--cpu_offload=True"], "config error: cpu_offload=True needs --parallelism=fsdp"),
 ])
 def test_bad_input_stops_with_one_line(argv, message, tmp_path):
     with pytest.raises(SystemExit) as e:
