@@ -45,9 +45,14 @@ Scoring:
   scored. Options are right-padded into batches (positions stay those of an unpadded
   row) and the padding is masked out of every sum.
 
+Chat models (those with chat.py's tokens: sft.py and dpo.py checkpoints) get each
+generation prompt as a user turn in chat.py's format and answer in the assistant's turn,
+cut at <|end|> (chat='auto'; 'always' or 'never' forces it). Multiple choice and perplexity stay
+plain text for every model: they score how likely a text continues, which is what the
+benchmarks define, and a chat wrapper around a sentence fragment would change the task.
+
 Under torchrun the examples are dealt out by rank and the results gathered, so the
-numbers equal a single process's; rank 0 alone prints and writes. Chat models (sft.py,
-dpo.py) are prompted with plain text: chat.py's format is not applied yet.
+numbers equal a single process's; rank 0 alone prints and writes.
 
 Reads the checkpoint (the model, its config and tokenizer) and the task files. Writes
 the report (--report, default eval.json beside the checkpoint) under a temporary name,
@@ -69,6 +74,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from chat import has_chat_tokens, prompt_ids, stop_ids
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import configure, print_config
 from runtime import autocast_context, device_name, pick_dtype, setup_distributed, teardown_distributed
@@ -91,6 +97,7 @@ stride = 0  # tokens between window starts; 0: block_size (windows do not overla
 # generation tasks
 max_new_tokens = 32
 stop_at_newline = True  # an answer ends at its first newline (and always at end-of-text)
+chat = "auto"  # prompts as a user turn in chat.py's format: 'auto' (models with chat tokens), 'always', 'never'
 # running
 batch_size = 16  # sequences per forward pass; lower it if memory runs out
 device = "auto"
@@ -342,20 +349,29 @@ def newline_tokens(tokenizer):
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts, max_new_tokens=32, stop_at_newline=True, autocast=nullcontext()):
+def generate_answers(model, tokenizer, prompts, max_new_tokens=32, stop_at_newline=True, autocast=nullcontext(),
+                     chat=False):
     """Greedy continuations of each prompt, cut at end-of-text (and the first newline), stripped.
-    One prompt at a time: prompts differ in length, and generate() has no padding mask."""
+    With chat, each prompt is a user turn in chat.py's format and the answer is the assistant's
+    turn, cut at its <|end|>. One prompt at a time: prompts differ in length, and generate() has
+    no padding mask."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    stop = [tokenizer.eot_id] + (newline_tokens(tokenizer) if stop_at_newline else [])
+    ends = sorted(stop_ids(tokenizer)) if chat else [tokenizer.eot_id]
+    stop = ends + (newline_tokens(tokenizer) if stop_at_newline else [])
     answers = []
     for prompt in prompts:
-        ids = ([tokenizer.eot_id] + tokenizer.encode(prompt))[-model.config.block_size :]
+        if chat:
+            ids = prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
+        else:
+            ids = [tokenizer.eot_id] + tokenizer.encode(prompt)
+        ids = ids[-model.config.block_size :]
         with autocast:
             out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=0, stop_tokens=stop)
         new = out[0, len(ids) :].tolist()
-        text = tokenizer.decode(new[: new.index(tokenizer.eot_id)] if tokenizer.eot_id in new else new)
+        new = new[: min((new.index(i) for i in ends if i in new), default=len(new))]
+        text = tokenizer.decode(new)
         answers.append((text.split("\n")[0] if stop_at_newline else text).strip())
     model.train(was_training)
     return answers
@@ -406,12 +422,13 @@ def argmax(values):
 
 
 def evaluate_examples(kind, examples, model, tokenizer, batch_size=16, autocast=nullcontext(), rank=0, world_size=1,
-                      max_new_tokens=32, stop_at_newline=True):
-    """The metrics of one task (kind and examples as read_examples returns them), every rank taking its share."""
+                      max_new_tokens=32, stop_at_newline=True, chat=False):
+    """The metrics of one task (kind and examples as read_examples returns them), every rank taking its share;
+    chat: generation prompts in the chat format (see generate_answers)."""
     mine = examples[rank::world_size]
     if kind == "generation":
         answers = generate_answers(model, tokenizer, [ex["prompt"] for ex in mine], max_new_tokens, stop_at_newline,
-                                   autocast)
+                                   autocast, chat)
         scores = gather([(exact_match_score(a, ex["answers"]), f1_score(a, ex["answers"])) for a, ex in zip(answers, mine)],
                         world_size)
         return {"examples": len(scores), "exact_match": sum(em for em, _ in scores) / len(scores),
@@ -478,9 +495,16 @@ if __name__ == "__main__":
     if stride > block_size:
         raise SystemExit(f"config error: stride={stride} is more than block_size={block_size}, so tokens would go "
                          f"unscored; use a stride of at most {block_size}, or 0 for {block_size}")
+    if chat not in ("auto", "always", "never"):
+        raise SystemExit(f"config error: chat={chat!r} is not one of auto, always, never")
+    use_chat = has_chat_tokens(tokenizer) if chat == "auto" else chat == "always"
+    if use_chat and not has_chat_tokens(tokenizer):
+        raise SystemExit(f"config error: chat='always' but {ckpt_path} has no chat tokens; fine-tune it with sft.py "
+                         "first, or use --chat=never")
     log(f"{ckpt_path}: {checkpoint.get('kind', 'pretrain')} checkpoint, {model.num_params() / 1e6:.2f}M parameters, "
         f"{tokenizer.kind} tokenizer, context {block_size}; on {device_name(dist.device)}"
-        + (f" x {dist.world_size} processes" if dist.world_size > 1 else ""))
+        + (f" x {dist.world_size} processes" if dist.world_size > 1 else "")
+        + ("; generation prompts in the chat format" if use_chat else ""))
 
     # read every task's data first, so that a bad file stops the run before any compute
     task_data = {}
@@ -512,7 +536,7 @@ if __name__ == "__main__":
             size = result["tokens"]
         else:
             result = evaluate_examples(kind, data, model, tokenizer, batch_size, autocast, dist.rank, dist.world_size,
-                                       max_new_tokens, stop_at_newline)
+                                       max_new_tokens, stop_at_newline, use_chat)
             size = result["examples"]
         result["seconds"] = time.time() - t0
         results[name] = result
@@ -520,7 +544,7 @@ if __name__ == "__main__":
 
     if dist.is_main:
         report_path = report or os.path.join(os.path.dirname(ckpt_path), "eval.json")
-        save_report(report_path, {"checkpoint": ckpt_path, "kind": checkpoint.get("kind", "pretrain"),
+        save_report(report_path, {"checkpoint": ckpt_path, "kind": checkpoint.get("kind", "pretrain"), "chat": use_chat,
                                   "step": checkpoint.get("step"), "processes": dist.world_size,
                                   "device": device_name(dist.device), "config": config, "results": results})
         print(f"wrote {report_path}")

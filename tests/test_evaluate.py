@@ -208,6 +208,24 @@ def test_generation_is_greedy_and_stops_at_a_newline_or_end_of_text():
     assert evaluate_examples("generation", examples, model, BYTES) == {"examples": 2, "exact_match": 0.5, "f1": 0.5}
 
 
+def test_chat_models_answer_a_user_turn_and_stop_at_end_of_turn():
+    special = {"<|system|>": 257, "<|user|>": 258, "<|assistant|>": 259, "<|end|>": 260}
+    tokenizer = Tokenizer({**BYTES.description, "special_tokens": {**BYTES.special_tokens, **special}})
+    model = Bigram(vocab_size=261)
+    model.table.data[special["<|assistant|>"], ord("R")] = 10.0  # the assistant's turn: "Rome", then <|end|>
+    model.prefer("Rome", 10.0)
+    model.table.data[ord("e"), special["<|end|>"]] = 10.0
+    model.table.data[special["<|end|>"], ord("x")] = 10.0  # what would follow if <|end|> did not stop it
+    model.table.data[ord("?"), ord("P")] = 10.0  # plain text continues the question with "Paris"
+    model.prefer("Paris", 10.0)
+    model.table.data[ord("s"), BYTES.eot_id] = 10.0
+    prompt = "Where is the Colosseum?"
+    assert generate_answers(model, tokenizer, [prompt], chat=True) == ["Rome"]
+    assert generate_answers(model, tokenizer, [prompt]) == ["Paris"]
+    examples = [{"prompt": prompt, "answers": ["Rome"]}]
+    assert evaluate_examples("generation", examples, model, tokenizer, chat=True)["exact_match"] == 1.0
+
+
 # -----------------------------------------------------------------------------
 # files and the command line
 
@@ -332,3 +350,21 @@ def test_an_unknown_task_or_missing_file_is_a_one_line_error(small_tasks, tmp_pa
         with pytest.raises(SystemExit) as error:
             run_evaluate(monkeypatch, f"--ckpt={ckpt}", *args)
         assert expected in str(error.value) and "\n" not in str(error.value), error.value
+
+
+def test_chat_checkpoints_are_prompted_in_the_chat_format_unless_told_not_to(small_tasks, monkeypatch, tmp_path):
+    from chat import add_chat_tokens
+
+    _, tasks, _, root = small_tasks
+    qa = [t for t in tasks.split(",") if t.endswith("qa.jsonl")][0]
+    model, tokenizer = add_chat_tokens(tiny_gpt(block_size=64), BYTES)
+    chat_ckpt = tmp_path / "chat.pt"
+    torch.save({"kind": "sft", "model_config": asdict(model.config), "model": model.state_dict(),
+                "tokenizer": tokenizer.description, "config": {}}, chat_ckpt)
+    for path, setting, expected in ((chat_ckpt, "auto", True), (chat_ckpt, "never", False),
+                                    (root / "ckpt.pt", "auto", False)):
+        run_evaluate(monkeypatch, f"--ckpt={path}", f"--tasks={qa}", f"--chat={setting}", "--max_new_tokens=4",
+                     f"--report={tmp_path}/r.json")
+        assert json.load(open(tmp_path / "r.json"))["chat"] is expected
+    with pytest.raises(SystemExit, match="chat='always' but .* has no chat tokens"):
+        run_evaluate(monkeypatch, f"--ckpt={root / 'ckpt.pt'}", f"--tasks={qa}", "--chat=always")
