@@ -26,6 +26,17 @@ def run_script(script, *args, check=True, stdin=None):
     return result
 
 
+def run_torchrun(script, *args, nproc=2):
+    """Run a stage script in nproc CPU processes under torchrun; return the CompletedProcess (it must succeed)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(REPO, script), *args]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise AssertionError(f"torchrun {script} {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
 def write_byte_dataset(data_dir, documents, val_documents):
     """A dataset in prepare.py's format, byte-tokenized, without running prepare.py."""
     os.makedirs(data_dir, exist_ok=True)

@@ -7,8 +7,10 @@ import os
 
 import pytest
 
+import torch
+
 from checkpoint import load_checkpoint
-from conftest import run_script
+from conftest import run_script, run_torchrun
 
 # the chosen answers are the ones SFT taught (TOY_INSTRUCTIONS)
 TOY_PAIRS = [
@@ -62,3 +64,18 @@ def test_base_to_sft_to_dpo_to_chat_answers_piped_questions_turn_by_turn(dpo_run
                         "--max_new_tokens=12", stdin="What is 2+2?\nSay hi.\n")
     # each answer follows a '> ' prompt; the third prompt meets the end of the input
     assert result.stdout.startswith("> Four.\n> ") and result.stdout.count("> ") == 3
+
+
+def test_lora_dpo_under_fsdp_in_two_processes_ends_with_the_adapters_of_one(tiny_sft_checkpoint, tmp_path):
+    (tmp_path / "pairs.json").write_text(json.dumps(TOY_PAIRS + TOY_PAIRS[:1]))
+    # 4 pairs per step: 2 micro-steps of 2 in one process, 1 in each of two
+    args = [f"--init_from={tiny_sft_checkpoint}/ckpt.pt", f"--data={tmp_path / 'pairs.json'}", "--device=cpu",
+            "--val_fraction=0", "--batch_size=2", "--total_batch_size=4", "--max_iters=3", "--eval_interval=3",
+            "--lora_rank=4", "--learning_rate=1e-2", "--beta=0.5"]
+    run_script("dpo.py", *args, f"--out_dir={tmp_path / 'one'}")
+    run_torchrun("dpo.py", *args, f"--out_dir={tmp_path / 'two'}", "--parallelism=fsdp")
+    one, two = (load_checkpoint(str(tmp_path / run / "ckpt.pt"))["model"] for run in ("one", "two"))
+    assert one.keys() == two.keys() and all(".lora_" in k for k in one)
+    assert max(one[k].abs().max() for k in one if "lora_B" in k) > 1e-3  # B starts at zero: the adapters trained
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=name)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from chat import add_chat_tokens, collate, pack, render, response_logprobs, split_held_out, training_example
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from conftest import TOY_INSTRUCTIONS, TOY_VAL_FRACTION, run_script
+from conftest import TOY_INSTRUCTIONS, TOY_VAL_FRACTION, run_script, run_torchrun
 from lora import LoRALinear, adapters_disabled, add_lora, describe_base, lora_state, merge_lora
 from model import GPT, GPTConfig
 from tokenizer import EOT, Tokenizer
@@ -159,3 +159,21 @@ def test_sft_with_lora_saves_only_the_adapters_and_says_how_many_weights_train(t
     assert all(".lora_" in k for k in ckpt["model"])
     model, tok = model_from_checkpoint(ckpt, "adapter")
     assert any(isinstance(m, LoRALinear) for m in model.modules()) and tok.vocab_size == 261
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_sft_in_two_processes_ends_with_the_weights_of_one(parallelism, tiny_checkpoint, tmp_path):
+    (tmp_path / "toy.json").write_text(json.dumps(TOY_INSTRUCTIONS))
+    # 4 examples per step: 2 micro-steps of 2 in one process, 1 in each of two
+    args = [f"--init_from={tiny_checkpoint}/ckpt.pt", f"--data={tmp_path / 'toy.json'}", "--device=cpu",
+            "--val_fraction=0", "--batch_size=2", "--total_batch_size=4", "--max_iters=3", "--eval_interval=3",
+            "--learning_rate=1e-2", "--packing=False"]
+    run_script("sft.py", *args, f"--out_dir={tmp_path / 'one'}")
+    result = run_torchrun("sft.py", *args, f"--out_dir={tmp_path / 'two'}", f"--parallelism={parallelism}")
+    assert "2 x 2 processes x 1 accumulation steps" in result.stdout
+    one, two = (load_checkpoint(str(tmp_path / run / "ckpt.pt"))["model"] for run in ("one", "two"))
+    start = model_from_checkpoint(load_checkpoint(f"{tiny_checkpoint}/ckpt.pt"))[0].state_dict()
+    assert (one["blocks.0.attn.c_attn.weight"] - start["blocks.0.attn.c_attn.weight"]).abs().max() > 1e-3
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=name)
