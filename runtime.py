@@ -48,11 +48,12 @@ class Distributed:
             print(*args, **kwargs)
 
 
-def setup_distributed(device="auto", single_process_group=False):
-    """Join the process group when launched by torchrun, and pick this process's device. A single
-    process gets a process group (of one) only if single_process_group: FSDP needs one."""
+def setup_distributed(device="auto", cpu_offload=False):
+    """Join the process group when launched by torchrun, and pick this process's device.
+    cpu_offload (FSDP's): a process group even for a single process, since FSDP needs one, and on
+    GPUs gloo beside NCCL, since the offloaded shards' collectives (the gradient norm) run on CPU tensors."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1 and not single_process_group:
+    if world_size == 1 and not cpu_offload:
         return Distributed(0, 0, 1, pick_device(device))
     import torch.distributed as dist
 
@@ -63,7 +64,9 @@ def setup_distributed(device="auto", single_process_group=False):
         torch.cuda.set_device(device)
     elif device == "mps":
         raise SystemExit("device error: torchrun with several processes needs CUDA or CPU; use --device=cpu")
-    backend = "nccl" if device.startswith("cuda") else "gloo"
+    backend = "gloo"
+    if device.startswith("cuda"):
+        backend = "cuda:nccl,cpu:gloo" if cpu_offload else "nccl"
     if not dist.is_initialized():
         # torchrun keeps one key-value store across restarts (--max-restarts), so the addresses that
         # the processes of the killed attempt published are still in it; without a prefix per
@@ -74,7 +77,7 @@ def setup_distributed(device="auto", single_process_group=False):
         else:
             store = dist.HashStore()  # one process, not launched by torchrun: nobody else to meet
         dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
-                                device_id=torch.device(device) if backend == "nccl" else None)
+                                device_id=torch.device(device) if device.startswith("cuda") else None)
     return Distributed(rank, local_rank, world_size, device)
 
 

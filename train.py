@@ -113,8 +113,7 @@ config = configure(globals())
 print_config(config)
 # -----------------------------------------------------------------------------
 
-# FSDP with CPU offload needs a process group even in a single process
-dist = setup_distributed(device, single_process_group=parallelism == "fsdp" and cpu_offload)
+dist = setup_distributed(device, cpu_offload=parallelism == "fsdp" and cpu_offload)
 device, master = dist.device, dist.is_main
 log = dist.log  # print on rank 0 only
 dtype = pick_dtype(device, dtype)
