@@ -210,8 +210,9 @@ class Pipeline:
     schedule that runs the step's micro-batches through the stages.
 
     Process r holds stage r // data_parallel and is replica r % data_parallel of it: the processes of
-    one stage average their gradients (an all-reduce, or FSDP, over the 'data' dimension of the mesh), and the
-    processes of one replica pass activations forward and gradients back (the 'pipeline' dimension).
+    one stage average their gradients (an all-reduce, or FSDP, over the 'data' dimension of the
+    mesh), and the processes of one replica pass activations forward and gradients back (the
+    'pipeline' dimension).
     A step's micro-batches flow through the stages one after another, so stage s works on micro-batch
     i while stage s+1 works on i-1; GPipe runs every forward, then every backward, and holds all the
     micro-batches' activations; 1F1B starts each micro-batch's backward as soon as it can and holds at
