@@ -34,7 +34,8 @@ Scoring:
   log-likelihood per word, as lm-evaluation-harness reports it.
 - Generation: greedy decoding from the prompt, up to max_new_tokens, ending at
   end-of-text (and at a newline if stop_at_newline); exact match and token F1 after SQuAD's
-  answer normalisation, the best over the references.
+  answer normalisation, the best over the references. Prompts are batched by length and
+  left-padded, with the padding masked, so each answer is the one its prompt gets alone.
 - Perplexity: the text is cut into windows of block_size tokens starting every `stride`
   tokens; each token is scored once, in the first window that reaches it, so with a
   stride below block_size every token but the first block_size has at least
@@ -350,29 +351,45 @@ def newline_tokens(tokenizer):
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts, max_new_tokens=32, stop_at_newline=True, autocast=nullcontext(),
-                     chat=False):
+                     chat=False, batch_size=16):
     """Greedy continuations of each prompt, cut at end-of-text (and the first newline), stripped.
     With chat, each prompt is a user turn in chat.py's format and the answer is the assistant's
-    turn, cut at its <|end|>. One prompt at a time: prompts differ in length, and generate() has
-    no padding mask."""
+    turn, cut at its <|end|>. Prompts go batch_size at a time, sorted by length so that a batch
+    needs little padding, and left-padded: every row's next token is at the same index, and
+    generate() masks the padding, so each answer is the one its prompt gets alone."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     ends = sorted(stop_ids(tokenizer)) if chat else [tokenizer.eot_id]
     stop = ends + (newline_tokens(tokenizer) if stop_at_newline else [])
-    answers = []
+    rows = []
     for prompt in prompts:
         if chat:
             ids = prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
         else:
             ids = [tokenizer.eot_id] + tokenizer.encode(prompt)
-        ids = ids[-model.config.block_size :]
+        rows.append(ids[-model.config.block_size :])
+    answers = [None] * len(prompts)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    # A batch whose context fills up runs its whole window for every new token: prompts that
+    # would never fill it alone get batches of their own, or they would pay that too.
+    fits = [i for i in order if len(rows[i]) + max_new_tokens <= model.config.block_size]
+    batches = [group[first : first + batch_size] for group in (fits, order[len(fits) :])
+               for first in range(0, len(group), batch_size)]
+    for batch in batches:
+        width = max(len(rows[i]) for i in batch)
+        pad = [width - len(rows[i]) for i in batch]  # tokens before each row, of any id: generate() masks them
+        idx = torch.tensor([[tokenizer.eot_id] * n + rows[i] for n, i in zip(pad, batch)], device=device)
         with autocast:
-            out = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=0, stop_tokens=stop)
-        new = out[0, len(ids) :].tolist()
-        new = new[: min((new.index(i) for i in ends if i in new), default=len(new))]
-        text = tokenizer.decode(new)
-        answers.append((text.split("\n")[0] if stop_at_newline else text).strip())
+            out = model.generate(idx, max_new_tokens, temperature=0, stop_tokens=stop,
+                                 pad=torch.tensor(pad, device=device) if any(pad) else None)  # one length: no mask
+        for r, i in enumerate(batch):
+            # A row that stopped early repeats its stop token until the whole batch has stopped: the
+            # answer ends at the first end token here, and at the first newline below.
+            new = out[r, width:].tolist()
+            new = new[: min((new.index(t) for t in ends if t in new), default=len(new))]
+            text = tokenizer.decode(new)
+            answers[i] = (text.split("\n")[0] if stop_at_newline else text).strip()
     model.train(was_training)
     return answers
 
@@ -428,7 +445,7 @@ def evaluate_examples(kind, examples, model, tokenizer, batch_size=16, autocast=
     mine = examples[rank::world_size]
     if kind == "generation":
         answers = generate_answers(model, tokenizer, [ex["prompt"] for ex in mine], max_new_tokens, stop_at_newline,
-                                   autocast, chat)
+                                   autocast, chat, batch_size)
         scores = gather([(exact_match_score(a, ex["answers"]), f1_score(a, ex["answers"])) for a, ex in zip(answers, mine)],
                         world_size)
         return {"examples": len(scores), "exact_match": sum(em for em, _ in scores) / len(scores),

@@ -153,6 +153,23 @@ def document_mask(doc_ids):
     return positions, ((run[:, :, None] == run[:, None, :]) & causal)[:, None]
 
 
+def padding_mask(pad, pos, T):
+    """For left-padded rows (pad (B,): row b's real tokens start at index pad[b]) whose T tokens
+    start at index pos (after pos cached ones), each token's position counted from its row's first
+    real token (B, T) and the attention mask (B, 1, T, pos + T) that lets a real token see only the
+    earlier real tokens of its row. With both, a padded row computes exactly what its real tokens
+    would alone."""
+    index = torch.arange(pos + T, device=pad.device)  # every key's index; the queries are the last T
+    query = index[pos:, None]
+    positions = (index[pos:] - pad[:, None]).clamp(min=0)  # a pad token's position is never used: any will do
+    mask = (index <= query) & (index >= pad[:, None, None])
+    # A pad query has no real key to see, and softmax over no keys is NaN in some attention
+    # kernels (torch 2.13's CPU ones give 0); a NaN would reach real rows in the next layer
+    # through 0 * NaN in the weighted sum over masked keys. Seeing itself keeps it finite.
+    mask |= index == query
+    return positions, mask[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -190,8 +207,8 @@ class Attention(nn.Module):
             k, v = cache["k"][:, :, : pos + T], cache["v"][:, :, : pos + T]
         # Query i (at position pos + i) may see keys 0 .. pos + i. From position 0 that is SDPA's own
         # causal mask; one new query sees every cached key; a chunk after cached keys needs the mask
-        # spelled out, since SDPA's is_causal aligns it to the top-left corner. Packed sequences
-        # bring their own mask (see document_mask).
+        # spelled out, since SDPA's is_causal aligns it to the top-left corner. Packed and padded
+        # rows bring their own mask (see document_mask and padding_mask).
         if mask is None and pos > 0 and T > 1:
             mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
         y = F.scaled_dot_product_attention(
@@ -293,23 +310,27 @@ class GPT(nn.Module):
         T = seq_len or c.block_size
         return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * T
 
-    def forward(self, idx, targets=None, all_logits=False, cache=None, pos=0, doc_ids=None):
+    def forward(self, idx, targets=None, all_logits=False, cache=None, pos=0, doc_ids=None, pad=None):
         """idx (B, T) token ids. With targets (B, T): returns all logits and the mean cross-entropy,
         ignoring targets of -1. Without: the last position's logits, or every position's if
         all_logits. cache and pos are for generation: per layer a dict of key/value buffers
-        (filled on first use) and the position of idx[:, 0]. doc_ids (B, T) is for rows packed
-        from several examples: the example each position belongs to (see document_mask)."""
+        (filled on first use) and the index of idx[:, 0] in them. doc_ids (B, T) is for rows packed
+        from several examples: the example each position belongs to (see document_mask). pad (B,)
+        is for left-padded rows: how many pad tokens each row (and its cache) starts with (see
+        padding_mask)."""
         B, T = idx.shape[:2]
         if pos + T > self.config.block_size:
             raise ValueError(f"sequence of {pos + T} tokens is longer than block_size={self.config.block_size}")
-        if doc_ids is None:
-            positions, mask = slice(pos, pos + T), None  # a slice: views of the tables, no index tensor per call
-        else:
+        if pad is not None:
+            positions, mask = padding_mask(pad, pos, T)
+        elif doc_ids is not None:
             positions, mask = document_mask(doc_ids)
+        else:
+            positions, mask = slice(pos, pos + T), None  # a slice: views of the tables, no index tensor per call
         rope = None
         if self.config.pos == "rope":
             rope = (self.rope_cos[positions], self.rope_sin[positions])
-            if doc_ids is not None:  # one table per row, (B, 1, T, head_dim/2): broadcast over the heads
+            if mask is not None:  # positions per row: a table per row, (B, 1, T, head_dim/2), broadcast over heads
                 rope = (rope[0][:, None], rope[1][:, None])
         if self.wte is None:
             x = idx  # a later pipeline stage (see training.split_for_pipeline): the hidden states of the one before
@@ -356,23 +377,27 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=None,
-                        use_cache=True):
+                        use_cache=True, pad=None):
         """Yield (B, 1) next tokens one at a time; see generate()."""
         block_size = self.config.block_size
         stop = torch.tensor(sorted(stop_tokens or []), dtype=torch.long, device=idx.device)
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         cache = [{} for _ in self.blocks] if use_cache else None  # per layer: key and value buffers
         cached = 0  # how many positions the cache holds
+        window_pad = pad  # the pad tokens at the start of the last window run, which the cache holds
         for _ in range(max_new_tokens):
             if use_cache and 0 < cached < block_size:
                 # The cache holds every position but the newest token: run just that one.
-                logits, _ = self(idx[:, -1:], cache=cache, pos=cached)
+                logits, _ = self(idx[:, -1:], cache=cache, pos=cached, pad=window_pad)
                 cached += 1
             else:
                 # First step, or the context is full: run the last block_size tokens from position 0.
                 # Once the context is full this happens every step, exactly as without a cache.
                 window = idx[:, -block_size:]
-                logits, _ = self(window, cache=cache, pos=0)
+                if pad is not None:
+                    # The tokens that slid out of the window are a row's pad tokens first.
+                    window_pad = (pad - (idx.size(1) - window.size(1))).clamp(min=0)
+                logits, _ = self(window, cache=cache, pos=0, pad=window_pad)
                 cached = window.size(1)
             next_token = self.sample_next_token(logits[:, -1, :], temperature, top_k, top_p)
             if len(stop):
@@ -386,15 +411,17 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=None,
-                 use_cache=True):
+                 use_cache=True, pad=None):
         """Continue idx (B, T) by up to max_new_tokens tokens and return (B, T + new).
 
         temperature 0 is greedy; top_k keeps the k most likely tokens; top_p keeps the smallest
         set whose probability reaches p. Generation stops early once every row has produced one
         of stop_tokens. With the KV cache each new token costs one position's compute; the
         output is the same as recomputing the whole context every step (use_cache=False).
+        Prompts of different lengths go in one batch left-padded: pad (B,) says how many tokens
+        of any id each row starts with, and every row continues as it would alone.
         """
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, stop_tokens, use_cache))
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, stop_tokens, use_cache, pad))
         return torch.cat([idx] + new, dim=1)
 
 

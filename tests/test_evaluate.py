@@ -46,8 +46,8 @@ class Bigram(nn.Module):
         for a, b in zip(text, text[1:]):
             self.table.data[ord(a), ord(b)] = logit
 
-    def forward(self, idx, targets=None, all_logits=False, cache=None, pos=0):
-        assert idx.size(1) <= self.config.block_size
+    def forward(self, idx, targets=None, all_logits=False, cache=None, pos=0, pad=None):
+        assert idx.size(1) <= self.config.block_size  # positions and padding do not matter to a bigram
         logits = self.table[idx]
         return (logits if all_logits else logits[:, -1:]), None
 
@@ -206,6 +206,32 @@ def test_generation_is_greedy_and_stops_at_a_newline_or_end_of_text():
     assert generate_answers(model, BYTES, [prompt], max_new_tokens=3) == ["Pa"]
     examples = [{"prompt": prompt, "answers": ["paris", "Paris, France"]}, {"prompt": prompt, "answers": ["Rome"]}]
     assert evaluate_examples("generation", examples, model, BYTES) == {"examples": 2, "exact_match": 0.5, "f1": 0.5}
+
+
+def test_a_row_that_stops_early_in_a_batch_keeps_the_answer_it_has_alone():
+    model = Bigram()
+    model.prefer("A: Paris\nX", 10.0)
+    model.table.data[ord("X"), BYTES.eot_id] = 10.0  # then it would repeat end-of-text
+    model.prefer("B=1234567890", 10.0)  # a longer answer: the batch goes on after the first row stops
+    model.table.data[ord("0"), BYTES.eot_id] = 10.0
+    prompts = ["Q: Where is the Louvre?\nA:", "Q: the digits?\nB"]
+    for stop_at_newline, expected in ((True, ["Paris", "=1234567890"]), (False, ["Paris\nX", "=1234567890"])):
+        alone = [generate_answers(model, BYTES, [p], stop_at_newline=stop_at_newline)[0] for p in prompts]
+        assert alone == expected
+        assert generate_answers(model, BYTES, prompts, stop_at_newline=stop_at_newline) == expected
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_batched_generation_equals_one_prompt_at_a_time(pos):
+    # Prompts of 2 to 38 tokens against a 32-token context and 12 new tokens: the three longest
+    # fill the context (two keep only their last 32 tokens) and slide, a padded row among them.
+    model = tiny_gpt(pos=pos)
+    prompts = ["The capital of France is", "x", "Question: why is the sky blue?\nAnswer:", "Q: 2+2?\nA:",
+               "w" * 50 + " end", "ab"]
+    alone = generate_answers(model, BYTES, prompts, max_new_tokens=12, batch_size=1)
+    assert len(set(alone)) == len(prompts)  # the answers differ, so the match means something
+    for batch_size in (3, len(prompts)):
+        assert generate_answers(model, BYTES, prompts, max_new_tokens=12, batch_size=batch_size) == alone
 
 
 def test_chat_models_answer_a_user_turn_and_stop_at_end_of_turn():
