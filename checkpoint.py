@@ -6,10 +6,12 @@ A checkpoint is one file that torch.load(weights_only=True) reads: a dict with
   model_config  GPTConfig fields
   model         the model's state_dict (of a LoRA checkpoint: the adapters only)
   lora, base    a LoRA checkpoint's settings and base checkpoint (path, step, sha256; see lora.py)
+  reference     dpo.py's reference model's checkpoint, named as a base is
   tokenizer     the tokenizer description from meta.json, so sample.py and
                 evaluate.py need nothing but this file
   config        the run's final config
-  step, best_val_loss, optimizer, rng   for resuming a run
+  step, optimizer, rng   for resuming a run (a LoRA checkpoint's optimizer state is the adapters')
+  val_loss, val, best_val_loss   the evaluation at that step (and train.py's best so far)
 
 Saving writes a temporary file beside the target, flushes it to disk and renames
 it into place, so a crash mid-write never leaves a half-written ckpt.pt where a
@@ -120,7 +122,8 @@ def gather_training_state(model, optimizer, keep=True):
 
 def restore_training_state(model, optimizer, checkpoint):
     """Load a checkpoint's weights (and optimizer state, if optimizer is given) into a model that
-    may be sharded by FSDP; every process passes the whole checkpoint."""
+    may be sharded by FSDP; every process passes the whole checkpoint. Weights the checkpoint lacks
+    keep their values: a LoRA checkpoint's are its adapters, on a base already loaded."""
     optimizers = () if optimizer is None else optimizer
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 

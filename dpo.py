@@ -6,13 +6,16 @@ All weights, or LoRA adapters (lora_rank > 0).
     python dpo.py config/dpo_quickstart.py                      # after config/sft_quickstart.py, CPU, minutes
     python dpo.py --init_from=out/sft/ckpt.pt --data=prefs.json --beta=0.1 --lora_rank=8
     python dpo.py config/dpo_quickstart.py --label_smoothing=0.1   # conservative DPO: some labels may be wrong
+    python dpo.py config/dpo_quickstart.py --resume=yes         # continue the run in out_dir
     torchrun --standalone --nproc_per_node=8 dpo.py --init_from=out/sft_gpt2/ckpt.pt --data=prefs.json
 
 Reads the chat checkpoint init_from (from sft.py, or an earlier dpo.py run) and preference
 records (instruction and input, or messages ending with the user's turn, plus "chosen" and
 "rejected"; see chat.py). Writes out_dir/ckpt-<step>.pt (kind 'dpo'; with LoRA, only the
-adapters and the base's name, step and sha256), out_dir/ckpt.pt linked to the newest, and
-out_dir/metrics.jsonl.
+adapters and the base's name, step and sha256; and the optimizer state, the step and every
+process's random state), out_dir/ckpt.pt linked to the newest, and out_dir/metrics.jsonl.
+resume='yes' (or 'auto', for torchrun --max-restarts) continues the run in out_dir exactly; see
+sft.py's docstring.
 
 The loss, for a prompt x with chosen answer y_w and rejected y_l, policy pi and frozen
 reference model ref (the starting checkpoint), is
@@ -33,6 +36,8 @@ The reference model: with LoRA it is the policy itself with its adapters switche
 starting weights, frozen under the adapters), which costs no memory; a LoRA checkpoint given as
 init_from has its adapters merged first, so that is the model it was. Without LoRA it is a
 frozen copy of the starting model: one more set of weights, but no gradients or optimizer state.
+Checkpoints name the reference (the starting checkpoint's path, step and sha256, as a LoRA
+checkpoint names its base), so a resumed run loads the same one again.
 
 Every default below is a config key: override it in a config file or with --key=value.
 """
@@ -41,24 +46,25 @@ import copy
 import math
 import os
 import time
-from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
 
 from chat import (batch_of, collate, has_chat_tokens, preference, read_records, render, response_logprobs,
                   split_held_out, training_example)
-from checkpoint import gather_training_state, load_checkpoint, model_from_checkpoint, save_run_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, restore_training_state
 from configurator import configure, print_config
-from lora import adapters_disabled, add_lora, checkpoint_weights, describe_base, merge_lora
+from lora import adapters_disabled, add_lora, checked_base, describe_base, merge_lora
 from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
-from training import (all_reduce_sum, append_metrics, format_duration, learning_rate_at, make_optimizer,
-                      optimizer_step, place_model, wrap_model)
+from training import (all_reduce_sum, append_metrics, checkpoint_to_resume, format_duration, learning_rate_at,
+                      make_optimizer, optimizer_step, place_model, restore_rng_state, save_training_checkpoint,
+                      wrap_model)
 
 # -----------------------------------------------------------------------------
 # I/O
 init_from = "out/sft/ckpt.pt"  # the chat checkpoint to tune (sft.py's); it is also the reference model
 out_dir = "out/dpo"
+resume = "no"  # 'yes': continue the run in out_dir; 'auto': continue it if out_dir has a checkpoint, else a new run
 keep_checkpoints = 2
 eval_interval = 50  # evaluate and save a checkpoint every this many steps, and at the end
 log_interval = 10
@@ -112,15 +118,23 @@ if total_batch_size % (batch_size * dist.world_size):
                      f"= {batch_size} x {dist.world_size}; change one of them")
 accumulation_steps = total_batch_size // (batch_size * dist.world_size)
 
-# model: the chat checkpoint, merged if it holds adapters
-checkpoint = load_checkpoint(init_from)
-model, tokenizer = model_from_checkpoint(checkpoint, init_from)
-base = describe_base(init_from, checkpoint) if lora_rank else None  # what a LoRA checkpoint names as its base
-checkpoint = None
-merge_lora(model)
-if not has_chat_tokens(tokenizer):
-    raise SystemExit(f"dpo error: {init_from} is not a chat model (it has no chat tokens); fine-tune it with sft.py "
-                     "first and pass that checkpoint")
+# model: a new run takes the chat checkpoint, merged if it holds adapters; a resumed run takes its
+# own checkpoint's model as it was, adapters included
+checkpoint, ckpt_path = checkpoint_to_resume(resume, out_dir, "dpo", config,
+                                             ("init_from", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets"))
+if checkpoint is None:
+    start = load_checkpoint(init_from)
+    model, tokenizer = model_from_checkpoint(start, init_from)
+    reference_file = describe_base(init_from, start)  # path, step, sha256; with LoRA, also the base
+    start = None  # free the memory
+    merge_lora(model)
+    if not has_chat_tokens(tokenizer):
+        raise SystemExit(f"dpo error: {init_from} is not a chat model (it has no chat tokens); fine-tune it with "
+                         "sft.py first and pass that checkpoint")
+else:
+    model, tokenizer = model_from_checkpoint(checkpoint, ckpt_path)
+    reference_file = checkpoint["reference"]
+    log(f"resuming {ckpt_path} at step {checkpoint['step']}")
 block_size = block_size or model.config.block_size
 if block_size > model.config.block_size:
     raise SystemExit(f"config error: block_size={block_size} is longer than the model's context of "
@@ -160,9 +174,15 @@ lora_settings = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
                      targets=[t.strip() for t in lora_targets.split(",")]) if lora_rank else None
 if lora_settings:
     reference = None  # the policy with its adapters off
-    add_lora(model, **lora_settings)
+    if checkpoint is None:  # a resumed model has its adapters already
+        add_lora(model, **lora_settings)
 else:
-    reference = copy.deepcopy(model).requires_grad_(False).eval()
+    if checkpoint is None:
+        reference = copy.deepcopy(model)
+    else:
+        path = checked_base(reference_file, ckpt_path)
+        reference = merge_lora(model_from_checkpoint(load_checkpoint(path), path)[0])
+    reference.requires_grad_(False).eval()
     place_model(reference, dist, parallelism, dtype)
 trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 log(f"model: {model.num_params() / 1e6:.2f}M parameters, {trainable:,} of them trained "
@@ -172,14 +192,20 @@ place_model(model, dist, parallelism, dtype)
 seed_everything(seed + dist.rank)
 
 optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device)
+step = 0
+if checkpoint is not None:
+    restore_training_state(model, optimizer, checkpoint)
+    restore_rng_state(checkpoint["rng"], dist, log)
+    step = checkpoint["step"]
+    checkpoint = None  # free the memory
 scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
 raw_model = model
 model = wrap_model(model, dist, parallelism, compile, log)
 metrics_path = os.path.join(out_dir, "metrics.jsonl")
 if master:
     os.makedirs(out_dir, exist_ok=True)
-    if os.path.exists(metrics_path):
-        os.remove(metrics_path)
+    if step == 0 and os.path.exists(metrics_path):
+        os.remove(metrics_path)  # a new run gets a new log; a resumed one appends to its own
 
 STATS = ("loss", "accuracy", "margin", "logp_chosen", "logp_rejected")
 
@@ -242,19 +268,9 @@ def describe(stats):
             f"logp chosen {stats['logp_chosen']:.1f} rejected {stats['logp_rejected']:.1f}")
 
 
-def save(step, stats):
-    model_state, _ = gather_training_state(raw_model, (), keep=master)  # every process: FSDP gathers the shards
-    if not master:
-        return None
-    checkpoint = {"kind": "dpo", "model_config": asdict(raw_model.config), "tokenizer": tokenizer.description,
-                  "config": config, "step": step, "val": stats,
-                  **checkpoint_weights(model_state, lora_settings, base)}
-    return save_run_checkpoint(checkpoint, out_dir, keep_checkpoints)
-
-
 # -----------------------------------------------------------------------------
 # training loop
-step, val_stats = 0, None
+start_step, val_stats = step, None
 t_log, steps_since_log = time.time(), 0
 while True:
     lr = learning_rate_at(step, learning_rate, warmup_iters, max_iters, min_lr)
@@ -265,8 +281,11 @@ while True:
         val_stats = evaluate() if val_pairs else None  # val_fraction=0: nothing held out
         if val_stats is not None:
             log(f"step {step}: held-out {describe(val_stats)}")
-        if step > 0:
-            log(f"saved {save(step, val_stats)}")
+        if step > start_step:
+            path = save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep_checkpoints, lora=lora_settings,
+                                            base=reference_file, kind="dpo", step=step, val=val_stats,
+                                            reference=reference_file, config=config, tokenizer=tokenizer.description)
+            log(f"saved {path}")
         if master and val_stats is not None:
             append_metrics(metrics_path, {"step": step, **{f"val_{k}": v for k, v in val_stats.items()}})
         t_log, steps_since_log = time.time(), 0

@@ -144,18 +144,24 @@ def describe_base(path, checkpoint):
     return {"path": absolute, "step": checkpoint.get("step"), "sha256": checkpoint_sha256(path)}
 
 
+def checked_base(base, path):
+    """The path of the checkpoint that checkpoint `path` describes as base (describe_base), once it
+    is checked to be there and unchanged: adapters, or a resumed DPO run's reference, never go on
+    weights other than those they were trained with."""
+    where = f"{path} was trained on {base['path']} (step {base['step']}, sha256 {base['sha256'][:12]}...)"
+    if not os.path.exists(base["path"].removeprefix("hf:")):
+        raise SystemExit(f"checkpoint error: {where}, which is missing; put it back")
+    if checkpoint_sha256(base["path"]) != base["sha256"]:
+        raise SystemExit(f"checkpoint error: {where}, which has changed since (another sha256); "
+                         "restore that file, or train again on the new one")
+    return base["path"]
+
+
 def model_with_adapters(checkpoint, path, load_base):
     """The model and tokenizer of an adapter checkpoint: its base (load_base(base path) gives them),
     with the chat tokens if the adapters were trained with them, and the adapters. A base that
     has adapters of its own (DPO on a LoRA SFT) has them merged first, as the trainer did."""
-    base = checkpoint["base"]
-    where = f"{path}'s base {base['path']} (step {base['step']}, sha256 {base['sha256'][:12]}...)"
-    if not os.path.exists(base["path"].removeprefix("hf:")):
-        raise SystemExit(f"checkpoint error: {path} holds LoRA adapters only, and {where} is missing; put it back")
-    if checkpoint_sha256(base["path"]) != base["sha256"]:
-        raise SystemExit(f"checkpoint error: {where} has changed since the adapters were trained (another sha256); "
-                         "restore that file, or train the adapters again on the new one")
-    model, tokenizer = load_base(base["path"])
+    model, tokenizer = load_base(checked_base(checkpoint["base"], path))
     merge_lora(model)
     if checkpoint["model_config"]["vocab_size"] > model.config.vocab_size:
         model, tokenizer = add_chat_tokens(model, tokenizer)

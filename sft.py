@@ -7,22 +7,33 @@ adapters (lora_rank > 0).
     python sft.py config/sft_gpt2.py                             # GPT-2 124M (hf:FOLDER), one GPU
     python sft.py config/sft_quickstart.py --lora_rank=8 --learning_rate=3e-3 --out_dir=out/sft_lora
     python sft.py --init_from=out/run/ckpt.pt --data=chats.jsonl --packing=False
+    python sft.py config/sft_quickstart.py --resume=yes          # continue the run in out_dir
     torchrun --standalone --nproc_per_node=8 sft.py config/sft_gpt2.py
+    torchrun --standalone --nproc_per_node=8 --max-restarts=3 sft.py config/sft_gpt2.py --resume=auto
 
 Reads the checkpoint init_from (a pretraining checkpoint, an earlier SFT one, or hf:FOLDER)
 and the records in data (Alpaca-style or chat, .json or .jsonl; see chat.py). A model without
 the chat tokens gets them first. A fixed val_fraction of the records is held out for the eval
 loss: the mean loss per assistant token. Writes out_dir/ckpt-<step>.pt (kind 'sft'; with
-LoRA, only the adapters and the name, step and sha256 of the base) with out_dir/ckpt.pt
-linked to the newest, and out_dir/metrics.jsonl. sample.py --chat, evaluate.py and dpo.py
-read the checkpoint.
+LoRA, only the adapters and the name, step and sha256 of the base; and the optimizer state,
+the step and every process's random state) with out_dir/ckpt.pt linked to the newest, and
+out_dir/metrics.jsonl. sample.py --chat, evaluate.py and dpo.py read the checkpoint.
 
 Batches: packing lays the shuffled examples end to end into rows of block_size tokens, with
 attention kept inside each example (model.forward's doc_ids), so no compute goes to padding;
 packing=False pads each batch to its longest example. Either way a batch is a pure function of
 the step (chat.batch_of), as in train.py. The optimizer, schedule, accumulation, clipping,
 placement (DDP or FSDP) and checkpoint rotation are train.py's, from training.py.
-SFT runs are short and do not resume: a checkpoint holds the weights, not the optimizer.
+
+Resuming: resume='yes' continues the run in out_dir from its newest checkpoint that loads, as
+if it had never stopped: the same model (with LoRA, the base the checkpoint names plus its
+adapters), the optimizer state, the step, and so the same batches, and each process's random
+state (at another world size all but dropout's, which starts afresh). resume='auto' does that
+if out_dir has a checkpoint and starts a new run if not, so torchrun --max-restarts recovers a
+crashed run by itself. It is a key of its own, not train.py's init_from='resume': here init_from
+names the checkpoint a run starts from, which resume='auto' still needs the first time. A
+resumed run must have the init_from and LoRA settings it was started with; the rest (max_iters,
+say) may change.
 
 Every default below is a config key: override it in a config file or with --key=value.
 """
@@ -30,24 +41,25 @@ Every default below is a config key: override it in a config file or with --key=
 import math
 import os
 import time
-from dataclasses import asdict
 
 import numpy as np
 import torch
 
 from chat import (CHAT_TOKENS, add_chat_tokens, batch_of, collate, conversation, has_chat_tokens, pack, read_records,
                   render, split_held_out, training_example)
-from checkpoint import gather_training_state, load_checkpoint, model_from_checkpoint, save_run_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, restore_training_state
 from configurator import configure, print_config
-from lora import add_lora, checkpoint_weights, describe_base, merge_lora
+from lora import add_lora, describe_base, merge_lora
 from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
-from training import (all_reduce_sum, append_metrics, format_duration, learning_rate_at, make_optimizer,
-                      optimizer_step, place_model, to_device, wrap_model)
+from training import (all_reduce_sum, append_metrics, checkpoint_to_resume, format_duration, learning_rate_at,
+                      make_optimizer, optimizer_step, place_model, restore_rng_state, save_training_checkpoint,
+                      to_device, wrap_model)
 
 # -----------------------------------------------------------------------------
 # I/O
 init_from = "out/quickstart/ckpt.pt"  # the checkpoint to fine-tune: pretraining, SFT, or hf:FOLDER
 out_dir = "out/sft"
+resume = "no"  # 'yes': continue the run in out_dir; 'auto': continue it if out_dir has a checkpoint, else a new run
 keep_checkpoints = 2
 eval_interval = 100  # evaluate and save a checkpoint every this many steps, and at the end
 log_interval = 10
@@ -98,16 +110,24 @@ if total_batch_size % (batch_size * dist.world_size):
                      f"= {batch_size} x {dist.world_size}; change one of them")
 accumulation_steps = total_batch_size // (batch_size * dist.world_size)
 
-# model: the checkpoint to fine-tune, merged if it holds adapters, with the chat tokens
-checkpoint = load_checkpoint(init_from)
-model, tokenizer = model_from_checkpoint(checkpoint, init_from)
-base = describe_base(init_from, checkpoint) if lora_rank else None  # what a LoRA checkpoint names as its base
-checkpoint = None  # free the memory
-merge_lora(model)
-if not has_chat_tokens(tokenizer):
-    model, tokenizer = add_chat_tokens(model, tokenizer)
-    log("added the chat tokens: " + ", ".join(f"{name} {tokenizer.special_tokens[name]}" for name in CHAT_TOKENS)
-        + f"; the embedding has {model.config.padded_vocab_size} rows")
+# model: a new run takes the checkpoint to fine-tune, merged if it holds adapters, with the chat
+# tokens; a resumed run takes its own checkpoint's model as it was, adapters included
+checkpoint, ckpt_path = checkpoint_to_resume(resume, out_dir, "sft", config,
+                                             ("init_from", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets"))
+if checkpoint is None:
+    start = load_checkpoint(init_from)
+    model, tokenizer = model_from_checkpoint(start, init_from)
+    base = describe_base(init_from, start) if lora_rank else None  # what a LoRA checkpoint names as its base
+    start = None  # free the memory
+    merge_lora(model)
+    if not has_chat_tokens(tokenizer):
+        model, tokenizer = add_chat_tokens(model, tokenizer)
+        log("added the chat tokens: " + ", ".join(f"{name} {tokenizer.special_tokens[name]}" for name in CHAT_TOKENS)
+            + f"; the embedding has {model.config.padded_vocab_size} rows")
+else:
+    model, tokenizer = model_from_checkpoint(checkpoint, ckpt_path)
+    base = checkpoint.get("base")
+    log(f"resuming {ckpt_path} at step {checkpoint['step']}")
 block_size = block_size or model.config.block_size
 if block_size > model.config.block_size:
     raise SystemExit(f"config error: block_size={block_size} is longer than the model's context of "
@@ -150,7 +170,7 @@ log(f"device {device_name(device)} x {dist.world_size} processes, {dtype}; {tota
 
 lora_settings = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
                      targets=[t.strip() for t in lora_targets.split(",")]) if lora_rank else None
-if lora_settings:
+if lora_settings and checkpoint is None:  # a resumed model has its adapters already
     add_lora(model, **lora_settings)
 trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 log(f"model: {model.num_params() / 1e6:.2f}M parameters, {trainable:,} of them trained "
@@ -159,14 +179,20 @@ place_model(model, dist, parallelism, dtype)
 seed_everything(seed + dist.rank)  # different dropout masks in each process
 
 optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device)
+step = 0
+if checkpoint is not None:
+    restore_training_state(model, optimizer, checkpoint)
+    restore_rng_state(checkpoint["rng"], dist, log)
+    step = checkpoint["step"]
+    checkpoint = None  # free the memory
 scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
 raw_model = model
 model = wrap_model(model, dist, parallelism, compile, log)
 metrics_path = os.path.join(out_dir, "metrics.jsonl")
 if master:
     os.makedirs(out_dir, exist_ok=True)
-    if os.path.exists(metrics_path):
-        os.remove(metrics_path)
+    if step == 0 and os.path.exists(metrics_path):
+        os.remove(metrics_path)  # a new run gets a new log; a resumed one appends to its own
 
 
 def batch_loss(units):
@@ -197,19 +223,9 @@ def held_out_loss():
     return (total[0] / total[1]).item()
 
 
-def save(step, val_loss):
-    model_state, _ = gather_training_state(raw_model, (), keep=master)  # every process: FSDP gathers the shards
-    if not master:
-        return None
-    checkpoint = {"kind": "sft", "model_config": asdict(raw_model.config), "tokenizer": tokenizer.description,
-                  "config": config, "step": step, "val_loss": val_loss,
-                  **checkpoint_weights(model_state, lora_settings, base)}
-    return save_run_checkpoint(checkpoint, out_dir, keep_checkpoints)
-
-
 # -----------------------------------------------------------------------------
 # training loop
-step = 0
+start_step = step
 t_log, steps_since_log = time.time(), 0
 while True:
     lr = learning_rate_at(step, learning_rate, warmup_iters, max_iters, min_lr)
@@ -220,8 +236,10 @@ while True:
         val_loss = held_out_loss() if val_units else None  # val_fraction=0: nothing held out
         if val_loss is not None:
             log(f"step {step}: held-out loss {val_loss:.4f}")
-        if step > 0:
-            path = save(step, val_loss)
+        if step > start_step:
+            path = save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep_checkpoints, lora=lora_settings,
+                                            base=base, kind="sft", step=step, val_loss=val_loss, config=config,
+                                            tokenizer=tokenizer.description)
             log(f"saved {path}")
         if master:
             append_metrics(metrics_path, {"step": step, "val_loss": val_loss})

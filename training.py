@@ -25,7 +25,8 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import gather_training_state, save_run_checkpoint
+from checkpoint import gather_training_state, load_newest_checkpoint, save_run_checkpoint
+from lora import checkpoint_weights
 from model import cross_entropy
 from runtime import rng_state, set_rng_state
 
@@ -359,10 +360,13 @@ def all_reduce_sum(tensor, world_size):
     return tensor
 
 
-def save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep, pipeline=None, **fields):
+def save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep, pipeline=None, lora=None, base=None,
+                             **fields):
     """Gather the model, optimizer and every process's random state, and (rank 0) write them with
     fields (kind, step, config, tokenizer, ...) as out_dir/ckpt-<step>.pt. Every process must call
-    this. Returns the path written (None on the other ranks)."""
+    this. Returns the path written (None on the other ranks). With lora (the LoRA settings) the
+    weights written are the adapters only, with the base they go on (lora.checkpoint_weights); the
+    optimizer holds only them anyway, as only they train."""
     if pipeline is None:
         model_state, optimizer_state = gather_training_state(raw_model, optimizer, keep=dist.is_main)
     else:
@@ -376,8 +380,8 @@ def save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep, pipeline
         rng_states = [rng_state()]
     if not dist.is_main:
         return None
-    checkpoint = {"model_config": asdict(raw_model.config), "model": model_state, "optimizer": optimizer_state,
-                  "rng": rng_states, **fields}
+    checkpoint = {"model_config": asdict(raw_model.config), **checkpoint_weights(model_state, lora, base),
+                  "optimizer": optimizer_state, "rng": rng_states, **fields}
     return save_run_checkpoint(checkpoint, out_dir, keep)
 
 
@@ -416,6 +420,35 @@ def restore_rng_state(rng_states, dist, log=print):
     else:
         log(f"note: the checkpoint was written by {len(rng_states)} processes, this run has {dist.world_size}: "
             "the weights, optimizer and data position resume exactly, dropout's random state starts afresh")
+
+
+def checkpoint_to_resume(resume, out_dir, kind, config, model_keys):
+    """The checkpoint, and its path, that a post-training run of this kind continues: with resume
+    'yes' the newest one of out_dir that loads (falling back past damaged ones), with 'auto' that
+    if there is one, else (None, None). Stops with one line if it cannot continue this run: there
+    is none, another script wrote it, it has no optimizer state, or it was trained with other
+    values of the config keys that fix the model (model_keys)."""
+    if resume not in ("no", "yes", "auto"):
+        raise SystemExit(f"config error: resume='{resume}' is not one of no, yes, auto")
+    if resume == "no":
+        return None, None
+    checkpoint, path = load_newest_checkpoint(out_dir)
+    if checkpoint is None:
+        if resume == "yes":
+            raise SystemExit(f"config error: resume='yes' but {out_dir} has no checkpoint that loads; check --out_dir, "
+                             "or start a new run with --resume=no")
+        return None, None
+    if checkpoint.get("kind") != kind:
+        raise SystemExit(f"checkpoint error: {path} is of kind '{checkpoint.get('kind')}', not one of {kind}.py's; "
+                         "resume it with the script that wrote it, or set another --out_dir")
+    if "optimizer" not in checkpoint:
+        raise SystemExit(f"checkpoint error: {path} holds no optimizer state (an older {kind}.py wrote it) and cannot "
+                         f"resume; start a new run from it with --init_from={path} and another --out_dir")
+    for key in model_keys:
+        if checkpoint["config"][key] != config[key]:
+            raise SystemExit(f"config error: {path} was trained with {key}={checkpoint['config'][key]!r}, this run "
+                             f"has {key}={config[key]!r}; resume with the run's value, or set another --out_dir")
+    return checkpoint, path
 
 
 def append_metrics(path, record):

@@ -37,6 +37,25 @@ def run_torchrun(script, *args, nproc=2):
     return result
 
 
+def stop_and_resume(script, args, root, at_step, nproc=1):
+    """Run script with args (which must include --resume=auto) to its end in root/whole, then again in
+    root/resumed holding only the whole run's step-at_step checkpoint: a run stopped there and resumed,
+    in nproc processes. Returns the two out_dirs and the resumed run's output."""
+    whole, resumed = root / "whole", root / "resumed"
+    run_script(script, *args, f"--out_dir={whole}")
+    resumed.mkdir()
+    os.link(whole / f"ckpt-{at_step:07d}.pt", resumed / f"ckpt-{at_step:07d}.pt")
+    run = run_script if nproc == 1 else lambda *a: run_torchrun(*a, nproc=nproc)
+    return whole, resumed, run(script, *args, f"--out_dir={resumed}").stdout
+
+
+def logged_after(out_dir, step):
+    """The records of out_dir/metrics.jsonl after step, without their wall-clock times."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        records = [{k: v for k, v in json.loads(line).items() if k != "time"} for line in f]
+    return [r for r in records if r["step"] > step]
+
+
 def write_byte_dataset(data_dir, documents, val_documents):
     """A dataset in prepare.py's format, byte-tokenized, without running prepare.py."""
     os.makedirs(data_dir, exist_ok=True)

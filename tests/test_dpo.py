@@ -1,5 +1,6 @@
 """dpo.py: the loss starts at ln 2 (the policy is the reference) and falls on toy pairs, with LoRA or
-without; a LoRA run saves adapters on the SFT base; and the whole chain base -> SFT -> DPO -> chat runs."""
+without; a LoRA run saves adapters on the SFT base; the whole chain base -> SFT -> DPO -> chat runs;
+and a stopped run resumes exactly."""
 
 import json
 import math
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint
-from conftest import run_script, run_torchrun
+from conftest import logged_after, run_script, run_torchrun, stop_and_resume
 
 # the chosen answers are the ones SFT taught (TOY_INSTRUCTIONS)
 TOY_PAIRS = [
@@ -79,3 +80,25 @@ def test_lora_dpo_under_fsdp_in_two_processes_ends_with_the_adapters_of_one(tiny
     assert max(one[k].abs().max() for k in one if "lora_B" in k) > 1e-3  # B starts at zero: the adapters trained
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_dpo_stopped_and_resumed_ends_with_the_weights_and_losses_of_an_uninterrupted_run(lora, tiny_sft_checkpoint,
+                                                                                         tmp_path):
+    (tmp_path / "pairs.json").write_text(json.dumps(TOY_PAIRS))
+    # two pairs to train on, one micro-step each; the third is held out
+    args = [f"--init_from={tiny_sft_checkpoint}/ckpt.pt", f"--data={tmp_path / 'pairs.json'}", "--device=cpu",
+            "--val_fraction=0.3", "--batch_size=1", "--total_batch_size=2", "--max_iters=4", "--eval_interval=2",
+            "--log_interval=1", "--beta=0.5", "--warmup_iters=1", "--resume=auto"]
+    # with LoRA, the adapters' dropout makes the losses depend on the restored random state too;
+    # without, the resumed run must rebuild the frozen reference from the checkpoint it names
+    args += ["--lora_rank=4", "--lora_dropout=0.1", "--learning_rate=1e-2"] if lora else ["--learning_rate=1e-3"]
+    whole, resumed, stdout = stop_and_resume("dpo.py", args, tmp_path, at_step=2)
+    assert f"resuming {resumed / 'ckpt-0000002.pt'} at step 2" in stdout
+    assert [r["step"] for r in logged_after(whole, 2)] == [3, 4, 4]  # two steps' statistics, then the held-out ones
+    assert logged_after(resumed, 2) == logged_after(whole, 2)
+    ends = [load_checkpoint(str(run / "ckpt.pt")) for run in (whole, resumed)]
+    assert ends[1]["model"].keys() == ends[0]["model"].keys()
+    for name, tensor in ends[0]["model"].items():
+        assert torch.equal(ends[1]["model"][name], tensor), name
+    assert ends[1]["reference"]["path"] == os.path.join(os.path.abspath(tiny_sft_checkpoint), "ckpt-0000080.pt")

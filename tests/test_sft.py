@@ -1,5 +1,6 @@
 """sft.py and lora.py: the loss is on the answer only, packing changes nothing, LoRA starts as the base,
-merges exactly and trains only adapters, adapter checkpoints rebuild their model, and SFT teaches answers."""
+merges exactly and trains only adapters, adapter checkpoints rebuild their model, SFT teaches answers,
+and a stopped run resumes exactly."""
 
 import json
 import os
@@ -11,10 +12,11 @@ import torch.nn.functional as F
 
 from chat import add_chat_tokens, collate, pack, render, response_logprobs, split_held_out, training_example
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from conftest import TOY_INSTRUCTIONS, TOY_VAL_FRACTION, run_script, run_torchrun
+from conftest import TOY_INSTRUCTIONS, TOY_VAL_FRACTION, logged_after, run_script, run_torchrun, stop_and_resume
 from lora import LoRALinear, adapters_disabled, add_lora, describe_base, lora_state, merge_lora
 from model import GPT, GPTConfig
 from tokenizer import EOT, Tokenizer
+from training import checkpoint_to_resume
 
 BYTE = {"kind": "byte", "eot": EOT}
 LORA = dict(rank=4, alpha=8.0, dropout=0.0, targets=["c_attn", "c_proj", "c_fc"])
@@ -127,7 +129,7 @@ def test_an_adapter_checkpoint_rebuilds_base_plus_adapters_and_refuses_a_changed
     assert again_tok.special_tokens == tok.special_tokens
 
     save_checkpoint({**base_ckpt, "step": 8}, tmp_path / "base.pt")  # the base moved on
-    with pytest.raises(SystemExit, match="has changed since the adapters were trained"):
+    with pytest.raises(SystemExit, match="which has changed since"):
         model_from_checkpoint(load_checkpoint(str(tmp_path / "adapter.pt")))
 
 
@@ -177,3 +179,68 @@ def test_sft_in_two_processes_ends_with_the_weights_of_one(parallelism, tiny_che
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_sft_stopped_and_resumed_ends_with_the_weights_and_losses_of_an_uninterrupted_run(lora, tiny_checkpoint,
+                                                                                         tmp_path):
+    (tmp_path / "toy.json").write_text(json.dumps(TOY_INSTRUCTIONS))
+    args = [f"--init_from={tiny_checkpoint}/ckpt.pt", f"--data={tmp_path / 'toy.json'}", "--device=cpu",
+            f"--val_fraction={TOY_VAL_FRACTION}", "--batch_size=2", "--total_batch_size=4", "--max_iters=4",
+            "--eval_interval=2", "--log_interval=1", "--learning_rate=1e-2", "--warmup_iters=1", "--resume=auto"]
+    # with LoRA, the adapters' dropout makes the losses depend on the restored random state too
+    args += ["--lora_rank=4", "--lora_dropout=0.1"] if lora else []
+    whole, resumed, stdout = stop_and_resume("sft.py", args, tmp_path, at_step=2)
+    assert f"resuming {resumed / 'ckpt-0000002.pt'} at step 2" in stdout
+    assert [r["step"] for r in logged_after(whole, 2)] == [3, 4, 4]  # two steps' losses, then the held-out loss
+    assert logged_after(resumed, 2) == logged_after(whole, 2)
+    ends = [load_checkpoint(str(run / "ckpt.pt")) for run in (whole, resumed)]
+    assert ends[1]["model"].keys() == ends[0]["model"].keys()
+    for name, tensor in ends[0]["model"].items():
+        assert torch.equal(ends[1]["model"][name], tensor), name
+    if lora:  # the file stays small: adapters only, and the optimizer state of the adapters only
+        assert all(".lora_" in k for k in ends[1]["model"])
+        assert set(ends[1]["optimizer"]["state"]) == set(ends[1]["model"])
+
+
+def test_a_one_process_lora_run_resumes_under_fsdp_in_two_processes_with_its_weights_and_losses(tiny_checkpoint,
+                                                                                                 tmp_path):
+    (tmp_path / "toy.json").write_text(json.dumps(TOY_INSTRUCTIONS))
+    # 4 examples per step: 2 micro-steps of 2 in one process, 1 in each of two; FSDP shards only under torchrun
+    args = [f"--init_from={tiny_checkpoint}/ckpt.pt", f"--data={tmp_path / 'toy.json'}", "--device=cpu",
+            "--val_fraction=0", "--batch_size=2", "--total_batch_size=4", "--max_iters=4", "--eval_interval=2",
+            "--log_interval=1", "--learning_rate=1e-2", "--packing=False", "--lora_rank=4", "--parallelism=fsdp",
+            "--resume=auto"]
+    whole, resumed, stdout = stop_and_resume("sft.py", args, tmp_path, at_step=2, nproc=2)
+    assert "written by 1 processes, this run has 2" in stdout and "dropout's random state starts afresh" in stdout
+    losses = [[r["loss"] for r in logged_after(run, 2) if "loss" in r] for run in (whole, resumed)]
+    assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], abs=1e-5)
+    one, two = (load_checkpoint(str(run / "ckpt.pt"))["model"] for run in (whole, resumed))
+    assert one.keys() == two.keys() and all(".lora_" in k for k in one)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_resuming_stops_with_one_line_when_out_dir_has_no_checkpoint_that_can_continue_the_run(tiny_checkpoint,
+                                                                                                tmp_path):
+    config, keys = {"init_from": "start.pt", "lora_rank": 0}, ("init_from", "lora_rank")
+
+    def error(resume):
+        with pytest.raises(SystemExit) as stopped:
+            checkpoint_to_resume(resume, str(tmp_path), "sft", config, keys)
+        assert "\n" not in str(stopped.value)
+        return str(stopped.value)
+
+    assert checkpoint_to_resume("auto", str(tmp_path), "sft", config, keys) == (None, None)  # nothing there: a new run
+    assert error("yes").startswith(f"config error: resume='yes' but {tmp_path} has no checkpoint that loads")
+    assert error("True").startswith("config error: resume='True' is not one of no, yes, auto")
+    os.link(f"{tiny_checkpoint}/ckpt-0000004.pt", tmp_path / "ckpt-0000004.pt")
+    assert error("auto").startswith(f"checkpoint error: {tmp_path / 'ckpt-0000004.pt'} is of kind 'pretrain', "
+                                    "not one of sft.py's")
+    sft = {**load_checkpoint(f"{tiny_checkpoint}/ckpt.pt"), "kind": "sft", "config": config}
+    save_checkpoint({**sft, "config": {**config, "lora_rank": 4}}, tmp_path / "ckpt-0000005.pt")
+    assert "was trained with lora_rank=4, this run has lora_rank=0" in error("auto")
+    save_checkpoint({k: v for k, v in sft.items() if k != "optimizer"}, tmp_path / "ckpt-0000006.pt")
+    assert "holds no optimizer state" in error("yes")
+    save_checkpoint(sft, tmp_path / "ckpt-0000007.pt")
+    assert checkpoint_to_resume("yes", str(tmp_path), "sft", config, keys)[1] == str(tmp_path / "ckpt-0000007.pt")
