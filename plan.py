@@ -285,28 +285,87 @@ def on_meta(c):
         return GPT(c)
 
 
-def compute_optimal_shape(target, base):
-    """The shape of the docstring's family nearest target parameters: (GPTConfig, parameters)."""
-    best, n_embd = None, 0
-    while True:
-        n_embd += 64 if n_embd < 1024 else 128
-        head_size = 64 if n_embd < 1024 else 128
-        c = replace(base, n_layer=1, n_embd=n_embd, n_head=n_embd // head_size, n_kv_head=0, ffn_hidden=0)
-        one = on_meta(c)
-        # The count is linear in depth: the rest of the model plus n_layer identical blocks.
-        per_block = sum(p.numel() for p in one.blocks[0].parameters())
-        rest = one.num_params() - per_block
-        depths = range(max(1, math.ceil(n_embd / ASPECT_RANGE[1])), n_embd // ASPECT_RANGE[0] + 1)
-        for n_layer in depths:
-            params = rest + n_layer * per_block
-            error = abs(params / target - 1)
-            key = (0, abs(n_embd / n_layer - ASPECT_PREFERRED)) if error <= SHAPE_TOLERANCE else (1, error)
-            if best is None or key < best[0]:
-                best = (key, replace(c, n_layer=n_layer))
-        if rest + depths[0] * per_block > (1 + SHAPE_TOLERANCE) * target:
-            break  # wider models only get bigger
-    shape = best[1]
-    return shape, on_meta(shape).num_params()
+def shape_width(i):
+    """The i-th width of the shape family (i >= 1) and its head size: 64, 128, ..., 1024, then steps of 128."""
+    n_embd = 64 * i if i <= 16 else 1024 + 128 * (i - 16)
+    return n_embd, 64 if n_embd < 1024 else 128
+
+
+def compute_optimal_shape(target, base, non_embedding=False):
+    """The shape of the docstring's family nearest target parameters (without the embeddings when
+    non_embedding): (GPTConfig, parameters so counted).
+
+    The count is linear in depth (the rest of the model plus n_layer identical blocks), so one
+    single-layer model per width gives every depth's count, and the continuous aspect ratio at the
+    target count grows with the width. An exponential search and a bisection find the width whose
+    aspect ratio at the target is 96; the scan then goes outward from it only while a width could
+    still beat the best shape found (its possible aspect ratios are an interval that moves away from
+    96), so the cost is logarithmic in the target, not linear as a scan over every width would be."""
+    counts = {}
+
+    def count(i):  # (GPTConfig of one layer, the count without its blocks, parameters per block)
+        if i not in counts:
+            n_embd, head_size = shape_width(i)
+            c = replace(base, n_layer=1, n_embd=n_embd, n_head=n_embd // head_size, n_kv_head=0, ffn_hidden=0)
+            one = on_meta(c)
+            per_block = sum(p.numel() for p in one.blocks[0].parameters())
+            counts[i] = c, one.num_params(non_embedding=non_embedding) - per_block, per_block
+        return counts[i]
+
+    def wide_enough(i):  # the aspect ratio n_embd/n_layer at the target count reaches the preferred one
+        c, rest, per_block = count(i)
+        return c.n_embd * per_block >= ASPECT_PREFERRED * (target - rest)
+
+    high = 1
+    while not wide_enough(high):
+        high *= 2
+    low = high // 2 + 1 if high > 1 else 1
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if wide_enough(middle) else (middle + 1, high)
+
+    best = None  # (key, width index, n_layer); key (0, aspect distance) within tolerance, else (1, error)
+
+    def consider(i):
+        nonlocal best
+        c, rest, per_block = count(i)
+        shallowest, deepest = max(1, math.ceil(c.n_embd / ASPECT_RANGE[1])), max(1, c.n_embd // ASPECT_RANGE[0])
+        ideal = (target - rest) / per_block
+        depths = {math.floor(ideal), math.ceil(ideal), c.n_embd // ASPECT_PREFERRED, -(-c.n_embd // ASPECT_PREFERRED),
+                  math.ceil(((1 - SHAPE_TOLERANCE) * target - rest) / per_block),
+                  math.floor(((1 + SHAPE_TOLERANCE) * target - rest) / per_block)}
+        for n_layer in {min(max(d, shallowest), deepest) for d in depths}:
+            error = abs((rest + n_layer * per_block) / target - 1)
+            key = (0, abs(c.n_embd / n_layer - ASPECT_PREFERRED)) if error <= SHAPE_TOLERANCE else (1, error)
+            if best is None or (key, c.n_embd, n_layer) < (best[0], count(best[1])[0].n_embd, best[2]):
+                best = (key, i, n_layer)
+
+    def hopeless(i, upward):  # no width from i on, in that direction, can beat the best shape found
+        c, rest, per_block = count(i)
+        if best[0][0] == 1:  # nothing within tolerance yet: upward, stop past the first width too big at any depth
+            previous, rest_before, per_block_before = count(i - 1) if upward else count(i)
+            shallowest = rest_before + max(1, math.ceil(previous.n_embd / ASPECT_RANGE[1])) * per_block_before
+            return upward and shallowest > (1 + SHAPE_TOLERANCE) * target
+        # The aspect ratios a width can reach within tolerance lie between n_embd/n_layer at the two ends
+        # of the tolerance, an interval that moves up with the width.
+        if upward:
+            room = (1 + SHAPE_TOLERANCE) * target - rest
+            return room <= 0 or c.n_embd * per_block / room - ASPECT_PREFERRED > best[0][1]
+        room = (1 - SHAPE_TOLERANCE) * target - rest
+        return room > 0 and ASPECT_PREFERRED - c.n_embd * per_block / room > best[0][1]
+
+    consider(low)
+    up = low + 1
+    while not hopeless(up, upward=True):
+        consider(up)
+        up += 1
+    down = low - 1
+    while down >= 1 and not hopeless(down, upward=False):
+        consider(down)
+        down -= 1
+    _, i, n_layer = best
+    c, rest, per_block = count(i)
+    return replace(c, n_layer=n_layer), rest + n_layer * per_block
 
 
 # -----------------------------------------------------------------------------
