@@ -4,6 +4,7 @@ config costs in FLOPs, time and memory per GPU.
 
     python plan.py --flops=1e21                                   # compute-optimal model for a budget
     python plan.py --gpu=H100 --num_gpus=8 --hours=24 --mfu=0.4   # the same, the budget in GPU hours
+    python plan.py --flops=1e21 --law=kaplan                      # the 2020 advice instead (--law=both: side by side)
     python plan.py config/train_gpt2.py --gpu=H100 --num_gpus=8   # cost and memory of a training config
     python plan.py config/quickstart.py --n_layer=8 --json        # any train.py key; one JSON object
     python plan.py --num_gpus=8 --pipeline_stages=4 --parallelism=fsdp --cpu_offload=True  # per stage; CPU and PCIe
@@ -11,8 +12,10 @@ config costs in FLOPs, time and memory per GPU.
 plan.py's own options are listed in OPTIONS below; every other key is train.py's, read exactly as
 train.py reads it: train.py's defaults (its source up to `config = configure(globals())`), then
 config files, then --key=value. The vocabulary size comes from data_root/dataset/meta.json, or is
-GPT-2's 50304 (padded) when the data is not prepared yet. Runs nothing and writes nothing: the
-model is built on the 'meta' device (shapes, no storage), so counting its parameters costs nothing.
+GPT-2's 50304 (padded) when the data is not prepared yet; a budget plans with GPT-2's unless
+--dataset (or a config file) names the data. Runs nothing and writes nothing: the model is built on
+the 'meta' device (shapes, no storage), so counting its parameters costs nothing. Values it cannot
+plan with (a budget <= 0 or above 1e27 FLOPs, sizes < 1, MFU outside (0, 1]) stop with one line.
 
 Compute-optimal size (Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models", the
 Chinchilla paper). Training costs C = 6*N*D FLOPs for N parameters and D tokens (2N per token
@@ -25,11 +28,22 @@ FLOPs, where the IsoFLOP curves are flat); below, the same FLOPs give a lower lo
 model on more tokens; above, with a bigger one (fine on purpose: a small model is cheaper to run).
 A budget in time: C = peak bf16 FLOP/s (model.py's PEAK_BF16_FLOPS) * num_gpus * seconds * mfu.
 
+The advice before it (--law=kaplan; Kaplan et al. 2020, "Scaling Laws for Neural Language Models",
+section 6.1, eq. 6.1 and Figure 14): the loss-optimal size grows much faster than the data,
+    N = 1.3e9 * (C / PF-day)^0.73,  D = C / (6N)        (1 PF-day = 8.64e19 FLOPs)
+with N without the embeddings (Kaplan's convention, so the shape is matched on that count) and C
+their C_min, the compute at the critical batch size. D/N falls from ~66 at 1e18 FLOPs to ~0.1 at
+1e24, where Chinchilla keeps 20 (Hoffmann et al. 2022's Table 2 lists Kaplan's exponents, 0.73 and
+0.27, beside their own 0.50 and 0.50). Chinchilla supersedes it for this choice: Hoffmann et al. trace
+the difference mainly to Kaplan's learning-rate schedule, whose length was not matched to each
+run's tokens. --law=both prints the two plans side by side and a table of budgets 1e18..1e24.
+
 The shape for N: the modern defaults of train.py (or the config's style), head size 64 below
 n_embd 1024 and 128 from there (GPT-2, Llama), n_embd a multiple of it, aspect ratio n_embd/n_layer
 from 64 to 128 (GPT-2 124M has 64, Llama-2 7B 128; Kaplan et al. found loss nearly flat across
 this range). Of the shapes whose parameter count (exact, from model.py) is within 2% of N, the one
-with aspect ratio nearest 96; if none is, the nearest count. block_size stays the config's.
+with aspect ratio nearest 96; if none is, the nearest count. block_size stays the config's. The
+search costs a few dozen one-layer models on 'meta' at any size (compute_optimal_shape).
 
 Cost of a config. FLOPs per token: model.flops_per_token(block_size), 6*N_non-embedding plus
 attention's 12*n_layer*n_embd*block_size (PaLM, appendix B). Total: that * total_batch_tokens *
@@ -158,6 +172,7 @@ OPTIONS = dict(
     mfu=0.4,  # the model FLOPs utilisation assumed for time (train.py logs the real one)
     flops=0.0,  # a compute budget: plan the compute-optimal model for it
     hours=0.0,  # or a budget of hours on num_gpus x gpu at mfu
+    law="chinchilla",  # the budget's split: 'chinchilla' (2022), 'kaplan' (2020) or 'both', a table of the two
     gpu_memory_gb=0.0,  # memory per GPU in GiB; 0: from GPU_MEMORY_GIB
     pcie_gb_per_s=25.0,  # host<->GPU bandwidth assumed for cpu_offload's copies: ~25 for PCIe Gen4 x16, ~50 for Gen5
     json=False,  # print one JSON object instead of the report
@@ -192,6 +207,12 @@ GIB = 2**30
 FALLBACK_VOCAB = 50304  # GPT-2's 50257 padded to a multiple of 64
 TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022
 TOKENS_PER_PARAM_BAND = (10, 40)
+PF_DAY = 1e15 * 24 * 3600  # FLOPs in a petaflop/s-day, Kaplan et al.'s unit of compute
+KAPLAN_PARAMS_AT_PF_DAY, KAPLAN_EXPONENT = 1.3e9, 0.73  # Kaplan et al. 2020, eq. 6.1 and Figure 14
+LAWS = ("chinchilla", "kaplan", "both")
+BUDGET_RANGE = tuple(10.0**e for e in range(18, 25))  # the budgets of --law=both's table
+MAX_FLOPS = 1e27  # about ten times the largest training runs so far; beyond it a plan means nothing
+MAX_LAYERS = 2000  # deeper than any transformer trained; the meta model is built layer by layer
 SHAPE_TOLERANCE = 0.02
 ASPECT_RANGE, ASPECT_PREFERRED = (64, 128), 96
 HEADROOM = 0.9  # plan within 90% of the GPU's memory
@@ -219,11 +240,45 @@ def read_config(argv):
     """(plan.py's options, train.py's config) after argv: config files and --key=value for either."""
     argv = ["--json=True" if a == "--json" else a for a in argv]  # a bare --json, as the usage line writes it
     namespace = train_defaults()
+    default_dataset = namespace["dataset"]
     namespace.update(OPTIONS)  # one namespace, so a key that is neither plan.py's nor train.py's is an error
     namespace["__doc__"] = __doc__  # for --help
     config = configure(namespace, argv)
     options = {k: config.pop(k) for k in OPTIONS}
+    check_options(options, config)
+    # A budget plans for GPT-2's vocabulary unless a dataset is named (a local one may be a toy's).
+    options["dataset_given"] = (any(a.startswith("--dataset=") for a in argv)
+                                or config["dataset"] != default_dataset)
     return options, config
+
+
+def check_options(options, config):
+    """One line for each value plan.py cannot plan with, before any model is built."""
+    finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)
+    for key, valid, rule in (
+        ("flops", lambda x: finite(x) and 0 <= x <= MAX_FLOPS, f">= 0 (0: no budget) and at most {MAX_FLOPS:g}, "
+                                                                "about ten times the largest runs so far"),
+        ("hours", lambda x: finite(x) and x >= 0, "a finite number of hours >= 0 (0: no budget)"),
+        ("num_gpus", lambda x: x >= 1, "at least 1"),
+        ("mfu", lambda x: finite(x) and 0 < x <= 1, "a fraction in (0, 1], e.g. 0.4"),
+        ("gpu_memory_gb", lambda x: finite(x) and x >= 0, ">= 0 (0: from the GPU's name)"),
+        ("pcie_gb_per_s", lambda x: finite(x) and x > 0, "a bandwidth > 0"),
+    ):
+        if not valid(options[key]):
+            raise SystemExit(f"config error: {key}={options[key]!r} must be {rule}")
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "total_batch_tokens", "max_iters"):
+        if not isinstance(config[key], int) or config[key] < 1:
+            raise SystemExit(f"config error: {key}={config[key]!r} must be a whole number >= 1")
+    if config["n_layer"] > MAX_LAYERS:
+        raise SystemExit(f"config error: n_layer={config['n_layer']} is deeper than any transformer trained; "
+                         f"plan.py plans up to {MAX_LAYERS} layers")
+    if options["law"] not in LAWS:
+        raise SystemExit(f"config error: law={options['law']!r} must be one of {', '.join(LAWS)}")
+    if options["flops"] and options["hours"]:
+        raise SystemExit("config error: give the budget as --flops or as --hours, not both")
+    if options["law"] == "kaplan" and not (options["flops"] or options["hours"]):
+        raise SystemExit("config error: --law=kaplan plans a budget; give --flops or --hours (or --law=both for "
+                         "the table of budgets)")
 
 
 def vocab_size(config):
@@ -231,8 +286,23 @@ def vocab_size(config):
     path = os.path.join(config["data_root"], config["dataset"], "meta.json")
     if not os.path.isfile(path):
         return FALLBACK_VOCAB, f"no {path}: assumed GPT-2's vocabulary, {FALLBACK_VOCAB} (padded)"
-    with open(path) as f:
-        return json.load(f)["vocab_size"], None
+    try:
+        with open(path) as f:
+            vocab = json.load(f)["vocab_size"]
+    except (ValueError, KeyError, TypeError):
+        raise SystemExit(f"data error: {path} is not a meta.json with a vocab_size; prepare the dataset again "
+                         "with prepare.py") from None
+    if not isinstance(vocab, int) or vocab < 1:
+        raise SystemExit(f"data error: {path} has vocab_size={vocab!r}; prepare the dataset again with prepare.py")
+    return vocab, None
+
+
+def budget_vocab_size(config, options):
+    """vocab_size(config) for a budget plan: GPT-2's unless --dataset (or a config file) names the data."""
+    if options.get("dataset_given", True):
+        return vocab_size(config)
+    return FALLBACK_VOCAB, (f"assumed GPT-2's vocabulary, {FALLBACK_VOCAB} (padded); --dataset=NAME plans with "
+                            "a prepared dataset's")
 
 
 def model_config(config, vocab):
@@ -277,6 +347,24 @@ def chinchilla(flops):
     """(parameters, tokens) that spend flops at the lowest loss: C = 6ND and D = 20N."""
     params = math.sqrt(flops / (6 * TOKENS_PER_PARAM))
     return params, TOKENS_PER_PARAM * params
+
+
+def kaplan(flops):
+    """(non-embedding parameters, tokens) Kaplan et al. 2020 found loss-optimal for flops: their eq. 6.1 and
+    Figure 14, N = 1.3e9 * (C / 1 PF-day)^0.73, and the tokens that spend the rest, D = C / (6N)."""
+    params = KAPLAN_PARAMS_AT_PF_DAY * (flops / PF_DAY) ** KAPLAN_EXPONENT
+    return params, flops / (6 * params)
+
+
+def law_table(budgets=BUDGET_RANGE):
+    """What each law advises for each budget: parameters, tokens and tokens per parameter, side by side."""
+    rows = []
+    for flops in budgets:
+        (n_c, d_c), (n_k, d_k) = chinchilla(flops), kaplan(flops)
+        rows.append({"flops": flops, "chinchilla_params": n_c, "chinchilla_tokens": d_c,
+                     "chinchilla_tokens_per_param": d_c / n_c, "kaplan_params": n_k, "kaplan_tokens": d_k,
+                     "kaplan_tokens_per_param": d_k / n_k, "params_ratio": n_k / n_c})
+    return rows
 
 
 def on_meta(c):
@@ -507,9 +595,10 @@ def largest_micro_batch(c, params, block_params, step_tokens, world, dtype, para
     return best
 
 
-def plan_config(config, options):
-    """Everything plan.py reports about a training config, as a dict (numbers in FLOPs, GiB, hours)."""
-    vocab, vocab_warning = vocab_size(config)
+def plan_config(config, options, vocab=None):
+    """Everything plan.py reports about a training config, as a dict (numbers in FLOPs, GiB, hours);
+    vocab: (size, warning) when not the config's dataset's."""
+    vocab, vocab_warning = vocab or vocab_size(config)
     c = model_config(config, vocab)
     gpu, peak, gpu_memory = gpu_spec(options, config)
     model = on_meta(c)
@@ -624,23 +713,39 @@ def budget_flops(options, config):
     return options["flops"]
 
 
-def plan_budget(flops, config, options):
-    """The compute-optimal model for flops, its shape, and the report of training it on config's settings."""
-    params = round(chinchilla(flops)[0])
-    tokens = TOKENS_PER_PARAM * params
-    shape, shape_params = compute_optimal_shape(params, model_config(config, vocab_size(config)[0]))
+def plan_budget(flops, config, options, law="chinchilla"):
+    """The compute-optimal model for flops under law ('chinchilla' or 'kaplan'), its shape, and the report
+    of training it on config's settings. Kaplan's parameters leave out the embeddings, so its shape
+    is matched on that count."""
+    if law == "kaplan":
+        params = round(kaplan(flops)[0])
+        tokens = round(flops / (6 * params))
+    else:
+        params = round(chinchilla(flops)[0])
+        tokens = TOKENS_PER_PARAM * params
+    vocab = budget_vocab_size(config, options)
+    shape, shape_params = compute_optimal_shape(params, model_config(config, vocab[0]), non_embedding=law == "kaplan")
     keys = dict(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd, n_kv_head=0, ffn_hidden=0,
                 max_iters=math.ceil(tokens / config["total_batch_tokens"]))
     changed = {k: v for k, v in keys.items() if config[k] != v}
     return {
+        "law": law,
         "flops": flops,
         "params": params,
         "tokens": tokens,
         "shape": dict(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd, block_size=shape.block_size),
         "shape_params": shape_params,
         "train_keys": changed,
-        "training": plan_config(dict(config, **keys), options),
+        "training": plan_config(dict(config, **keys), options, vocab),
     }
+
+
+def plan_both(flops, config, options):
+    """--law=both: the two plans for flops (none without a budget) and the table of BUDGET_RANGE."""
+    report = {"law": "both", "flops": flops, "range": law_table()}
+    if flops:
+        report |= {law: plan_budget(flops, config, options, law) for law in ("chinchilla", "kaplan")}
+    return report
 
 
 # -----------------------------------------------------------------------------
@@ -714,28 +819,87 @@ def print_pipeline(p, run):
     print(f"  each micro-batch sends {p['message_mib']:.1f} MiB of fp32 activations to the next stage")
 
 
-def print_budget_report(b, options, train_args):
+LAW_SUMMARY = (
+    "Kaplan et al. 2020: N grows as C^0.73 and D as C^0.27 (each 10x of compute: 5.4x the parameters, 1.9x the "
+    "tokens), so tokens per parameter fall as budgets grow",
+    "Hoffmann et al. 2022 (Chinchilla): N and D both grow as C^0.5, about 20 tokens per parameter at any budget; "
+    "Chinchilla supersedes Kaplan for this choice (Hoffmann et al. trace the gap mainly to Kaplan's learning-rate "
+    "schedule, one length for every run rather than matched to its tokens)",
+)
+LAW_FORMULA = {
+    "chinchilla": "Hoffmann et al. 2022: C = 6ND, D = 20N, so N = sqrt(C/120)",
+    "kaplan": "Kaplan et al. 2020, eq. 6.1: N = 1.3e9 (C / PF-day)^0.73 without embeddings, D = C/(6N)",
+}
+
+
+def budget_lines(b, options):
+    """The budget, the law's optimum and the shape, as printed lines (the counts in b's law's sense)."""
     how = (f" ({options['num_gpus']} x {b['training']['gpu']} for {options['hours']:g} h at {100 * options['mfu']:.0f}% MFU)"
            if options["hours"] else "")
-    print(f"budget    {b['flops']:.3g} FLOPs{how}")
-    print(f"optimal   {b['params'] / 1e6:,.1f}M parameters on {b['tokens'] / 1e9:,.2f}B tokens "
-          f"(Hoffmann et al. 2022: C = 6ND, D = 20N, so N = sqrt(C/120))")
+    counted = " non-embedding" if b["law"] == "kaplan" else ""
     s = b["shape"]
-    print(f"shape     n_layer={s['n_layer']} n_head={s['n_head']} n_embd={s['n_embd']} block_size={s['block_size']}: "
-          f"{b['shape_params'] / 1e6:,.1f}M parameters ({100 * (b['shape_params'] / b['params'] - 1):+.1f}%); "
-          f"head size {s['n_embd'] // s['n_head']}, n_embd/n_layer in 64..128, nearest 96")
-    print("train     python train.py " + " ".join(train_args + [f"--{k}={v}" for k, v in b["train_keys"].items()]))
+    return [f"budget    {b['flops']:.3g} FLOPs{how}",
+            f"optimal   {b['params'] / 1e6:,.1f}M{counted} parameters on {b['tokens'] / 1e9:,.2f}B tokens, "
+            f"{b['tokens'] / b['params']:.1f} per parameter ({LAW_FORMULA[b['law']]})",
+            f"shape     n_layer={s['n_layer']} n_head={s['n_head']} n_embd={s['n_embd']} block_size={s['block_size']}: "
+            f"{b['shape_params'] / 1e6:,.1f}M{counted} parameters ({100 * (b['shape_params'] / b['params'] - 1):+.1f}%); "
+            f"head size {s['n_embd'] // s['n_head']}, n_embd/n_layer in 64..128, nearest 96"]
+
+
+def train_line(b, train_args):
+    return "python train.py " + " ".join(train_args + [f"--{k}={v}" for k, v in b["train_keys"].items()])
+
+
+def print_budget_report(b, options, train_args):
+    print("\n".join(budget_lines(b, options)))
+    print("train     " + train_line(b, train_args))
     print_config_report(b["training"])
+    if b["law"] == "kaplan":
+        n, d = chinchilla(b["flops"])
+        print(f"note      Chinchilla's plan for this budget: {n / 1e6:,.1f}M parameters (embeddings included) on "
+              f"{d / 1e9:,.2f}B tokens (--law=chinchilla)")
+        for line in LAW_SUMMARY:
+            print(f"law       {line}")
+
+
+def print_law_table(rows):
+    print(f"{'':<8}  {'Chinchilla: N':>14} {'D':>9} {'D/N':>6}  {'Kaplan: N (no emb.)':>20} {'D':>9} {'D/N':>6}  "
+          f"{'N ratio':>7}")
+    for r in rows:
+        print(f"{r['flops']:<8.0e}  {r['chinchilla_params'] / 1e9:>13,.3f}B {r['chinchilla_tokens'] / 1e9:>8,.1f}B "
+              f"{r['chinchilla_tokens_per_param']:>6.1f}  {r['kaplan_params'] / 1e9:>19,.3f}B "
+              f"{r['kaplan_tokens'] / 1e9:>8,.1f}B {r['kaplan_tokens_per_param']:>6.2f}  {r['params_ratio']:>6.2f}x")
+
+
+def print_both(report, options, train_args):
+    if report["flops"]:
+        for law in ("chinchilla", "kaplan"):
+            b = report[law]
+            print(f"--- {law} ---")
+            print("\n".join(budget_lines(b, options)[int(law == "kaplan"):]))
+            print("train     " + train_line(b, train_args))
+            t = b["training"]
+            print(f"time      {t['num_gpus']} x {t['gpu']} at {100 * t['mfu']:.0f}% MFU: "
+                  f"{format_duration(3600 * t['hours'])}; {t['train_flops']:.3g} FLOPs with attention")
+        print("---")
+    print_law_table(report["range"])
+    for line in LAW_SUMMARY:
+        print(f"law       {line}")
 
 
 if __name__ == "__main__":
     options, config = read_config(sys.argv[1:])
     flops = budget_flops(options, config)
-    report = plan_budget(flops, config, options) if flops else plan_config(config, options)
+    if options["law"] == "both":
+        report = plan_both(flops, config, options)
+    else:
+        report = plan_budget(flops, config, options, options["law"]) if flops else plan_config(config, options)
+    train_args = [a for a in sys.argv[1:] if a[2:].partition("=")[0] not in OPTIONS]
     if options["json"]:
         print(json.dumps(report, indent=1))
+    elif options["law"] == "both":
+        print_both(report, options, train_args)
     elif flops:
-        train_args = [a for a in sys.argv[1:] if a[2:].partition("=")[0] not in OPTIONS]
         print_budget_report(report, options, train_args)
     else:
         print_config_report(report)
