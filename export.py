@@ -41,6 +41,11 @@ if dtype not in ("float32", "bfloat16", "float16"):
     raise SystemExit(f"config error: dtype='{dtype}' is not one of float32, bfloat16, float16")
 ckpt_path = ckpt or os.path.join(out_dir, "ckpt.pt")
 folder = folder or os.path.join(os.path.dirname(ckpt_path), "hf")
+existing = os.path.abspath(folder)  # the folder, or the nearest of its parents that exists
+while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+if not os.path.isdir(existing):
+    raise SystemExit(f"export error: {existing} is a file, not a folder; choose another --folder")
 
 # A LoRA checkpoint loads as its base with the adapters added; merging folds them into the weights,
 # so what is written is a plain GPT (a model without adapters is left as it is).

@@ -210,7 +210,7 @@ TOKENS_PER_PARAM_BAND = (10, 40)
 PF_DAY = 1e15 * 24 * 3600  # FLOPs in a petaflop/s-day, Kaplan et al.'s unit of compute
 KAPLAN_PARAMS_AT_PF_DAY, KAPLAN_EXPONENT = 1.3e9, 0.73  # Kaplan et al. 2020, eq. 6.1 and Figure 14
 LAWS = ("chinchilla", "kaplan", "both")
-BUDGET_RANGE = tuple(10.0**e for e in range(18, 25))  # the budgets of --law=both's table
+BUDGET_RANGE = tuple(float(f"1e{e}") for e in range(18, 25))  # the budgets of --law=both's table
 MAX_FLOPS = 1e27  # about ten times the largest training runs so far; beyond it a plan means nothing
 MAX_LAYERS = 2000  # deeper than any transformer trained; the meta model is built layer by layer
 SHAPE_TOLERANCE = 0.02

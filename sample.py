@@ -56,6 +56,9 @@ torch.manual_seed(seed)
 
 ckpt_path = ckpt or os.path.join(out_dir, "ckpt.pt")
 model, tokenizer = model_from_checkpoint(load_checkpoint(ckpt_path), ckpt_path)
+if not all(torch.isfinite(p).all() for p in model.parameters()):
+    raise SystemExit(f"sample error: {ckpt_path} has NaN or infinite weights (its run diverged); sample an earlier "
+                     "checkpoint of the run (ckpt-*.pt) or train again with a lower learning_rate")
 model.eval().to(device)
 block_size = model.config.block_size
 if chat and not has_chat_tokens(tokenizer):
@@ -66,8 +69,11 @@ if start.startswith("FILE:"):
     prompt_path = start[len("FILE:"):]
     if not os.path.isfile(prompt_path):
         raise SystemExit(f"sample error: prompt file {prompt_path} not found")
-    with open(prompt_path, encoding="utf-8") as f:
-        start = f.read()
+    try:
+        with open(prompt_path, encoding="utf-8") as f:
+            start = f.read()
+    except UnicodeDecodeError:
+        raise SystemExit(f"sample error: prompt file {prompt_path} is not UTF-8 text; save it as UTF-8") from None
 prompt_ids = tokenizer.encode(start) if start else [tokenizer.eot_id]
 if len(prompt_ids) > block_size:
     print(f"warning: the prompt is {len(prompt_ids)} tokens, longer than the model's context of {block_size}; "

@@ -271,3 +271,100 @@ def test_the_command_line_error_is_one_line_on_stderr():
     result = run_script("plan.py", "--gpu=Z100", check=False)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith("plan error: unknown GPU 'Z100'") and result.stderr.count("\n") == 1
+
+
+# -----------------------------------------------------------------------------
+# Kaplan et al. 2020 beside Chinchilla (issue 19)
+
+PF_DAY = 1e15 * 86400  # FLOPs
+
+
+@pytest.mark.parametrize("flops", [1e19, 1e21])
+def test_kaplan_budget_is_eq_6_1_worked_by_hand_with_a_shape_matched_without_embeddings(data_root, flops):
+    options, config = plan.read_config([f"--data_root={data_root}", "--dataset=gpt2ish", f"--flops={flops}",
+                                        "--law=kaplan"])
+    b = plan.plan_budget(plan.budget_flops(options, config), config, options, options["law"])
+    n = 1.3e9 * math.exp(0.73 * math.log(flops / PF_DAY))  # N(C_min) = 1.3e9 (C_min / PF-day)^0.73
+    assert b["params"] == round(n) and b["tokens"] == pytest.approx(flops / (6 * n))  # C = 6ND
+    t = b["training"]
+    assert t["non_embedding_params"] == b["shape_params"] and abs(b["shape_params"] / n - 1) <= 0.02
+    assert t["params"] > t["non_embedding_params"] and t["vocab_size"] == 50257
+    assert t["tokens"] >= b["tokens"] > t["tokens"] - config["total_batch_tokens"]  # max_iters rounds up
+
+
+def test_law_both_tabulates_the_two_laws_by_hand_and_says_chinchilla_supersedes(data_root, capsys):
+    argv = ["--law=both", "--flops=1e20", f"--data_root={data_root}", "--dataset=gpt2ish"]
+    options, config = plan.read_config(argv)
+    report = plan.plan_both(1e20, config, options)
+    rows = report["range"]
+    assert [r["flops"] for r in rows] == [1e18, 1e19, 1e20, 1e21, 1e22, 1e23, 1e24]
+    for r in rows:
+        n_kaplan = 1.3e9 * (r["flops"] / 8.64e19) ** 0.73
+        assert r["kaplan_params"] == pytest.approx(n_kaplan)
+        assert r["kaplan_tokens_per_param"] == pytest.approx(r["flops"] / (6 * n_kaplan ** 2))
+        assert r["chinchilla_params"] == pytest.approx(math.sqrt(r["flops"] / 120))
+        assert r["chinchilla_tokens_per_param"] == pytest.approx(20)
+    # Kaplan's D/N falls by 10^(0.27 - 0.73) per decade of compute: ~66 at 1e18 to ~0.12 at 1e24
+    assert rows[0]["kaplan_tokens_per_param"] == pytest.approx(66.26, rel=1e-3)
+    assert rows[-1]["kaplan_tokens_per_param"] == pytest.approx(0.1151, rel=1e-3)
+    assert report["chinchilla"]["params"] == round(math.sqrt(1e20 / 120))
+    assert report["kaplan"]["params"] == round(1.3e9 * (1e20 / 8.64e19) ** 0.73)
+    plan.print_both(report, options, argv[2:])
+    text = capsys.readouterr().out
+    assert "--- chinchilla ---" in text and "--- kaplan ---" in text and text.count("python train.py") == 2
+    assert "Chinchilla supersedes Kaplan" in text and "C^0.73" in text
+
+
+def test_kaplan_report_names_chinchillas_plan_beside_it(data_root, capsys):
+    argv = ["--flops=1e20", "--law=kaplan", f"--data_root={data_root}", "--dataset=gpt2ish"]
+    options, config = plan.read_config(argv)
+    plan.print_budget_report(plan.plan_budget(1e20, config, options, "kaplan"), options, argv[2:])
+    out = capsys.readouterr().out
+    assert "non-embedding parameters" in out and "Kaplan et al. 2020, eq. 6.1" in out
+    assert f"Chinchilla's plan for this budget: {math.sqrt(1e20 / 120) / 1e6:,.1f}M parameters" in out
+
+
+def test_a_budget_assumes_gpt2s_vocabulary_unless_a_dataset_is_named(tmp_path):
+    (tmp_path / "pystdlib").mkdir()  # train.py's default dataset, prepared with the byte tokenizer
+    (tmp_path / "pystdlib" / "meta.json").write_text(json.dumps({"vocab_size": 257}))
+    for named, vocab in ((False, 50304), (True, 257)):
+        argv = [f"--data_root={tmp_path}", "--flops=1e19"] + (["--dataset=pystdlib"] if named else [])
+        options, config = plan.read_config(argv)
+        assert plan.plan_budget(1e19, config, options)["training"]["vocab_size"] == vocab
+
+
+def linear_shape_search(target, base, non_embedding):
+    """The reference: every width and every depth of the family, as plan.py searched before issue 20."""
+    best, n_embd = None, 0
+    while True:
+        n_embd += 64 if n_embd < 1024 else 128
+        c = plan.replace(base, n_layer=1, n_embd=n_embd, n_head=n_embd // (64 if n_embd < 1024 else 128),
+                         n_kv_head=0, ffn_hidden=0)
+        one = plan.on_meta(c)
+        per_block = sum(p.numel() for p in one.blocks[0].parameters())
+        rest = one.num_params(non_embedding=non_embedding) - per_block
+        depths = range(max(1, math.ceil(n_embd / 128)), n_embd // 64 + 1)
+        for n_layer in depths:
+            params = rest + n_layer * per_block
+            error = abs(params / target - 1)
+            key = (0, abs(n_embd / n_layer - 96)) if error <= 0.02 else (1, error)
+            if best is None or key < best[0]:
+                best = (key, (n_embd, n_layer, params))
+        if rest + depths[0] * per_block > 1.02 * target:
+            return best[1]
+
+
+@pytest.mark.parametrize("vocab, non_embedding", [(257, False), (50304, True)])
+def test_the_logarithmic_shape_search_finds_what_a_scan_of_every_shape_finds(vocab, non_embedding):
+    base = plan.GPTConfig(vocab_size=vocab)
+    for target in (3e4, 1e6, 7e6, 5e7, 3.5e8, 2e9):  # below the smallest model, where depths are coarse, and up
+        c, params = plan.compute_optimal_shape(target, base, non_embedding)
+        assert (c.n_embd, c.n_layer, params) == linear_shape_search(target, base, non_embedding), target
+
+
+def test_the_shape_search_builds_a_few_dozen_models_even_for_the_largest_budget(monkeypatch):
+    built = []
+    real = plan.on_meta
+    monkeypatch.setattr(plan, "on_meta", lambda c: built.append(c) or real(c))
+    c, params = plan.compute_optimal_shape(plan.kaplan(plan.MAX_FLOPS)[0], plan.GPTConfig(vocab_size=50304), True)
+    assert len(built) < 100 and 64 <= c.n_embd / c.n_layer <= 128
