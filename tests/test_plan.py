@@ -368,3 +368,57 @@ def test_the_shape_search_builds_a_few_dozen_models_even_for_the_largest_budget(
     monkeypatch.setattr(plan, "on_meta", lambda c: built.append(c) or real(c))
     c, params = plan.compute_optimal_shape(plan.kaplan(plan.MAX_FLOPS)[0], plan.GPTConfig(vocab_size=50304), True)
     assert len(built) < 100 and 64 <= c.n_embd / c.n_layer <= 128
+
+
+# -----------------------------------------------------------------------------
+# values plan.py cannot plan with: one line before any model is built (issue 20)
+
+def plan_main(*argv):
+    """What plan.py's __main__ computes for argv."""
+    options, config = plan.read_config(list(argv))
+    flops = plan.budget_flops(options, config)
+    if options["law"] == "both":
+        return plan.plan_both(flops, config, options)
+    return plan.plan_budget(flops, config, options, options["law"]) if flops else plan.plan_config(config, options)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--flops=-1e21"], "config error: flops=-1e+21 must be >= 0"),
+    (["--flops=1e60"], "config error: flops=1e+60 must be >= 0 (0: no budget) and at most 1e+27"),
+    (["--flops=1e999"], "config error: flops=inf must be"),
+    (["--flops=lots"], "config error: flops='lots' on the command line is a str"),
+    (["--hours=-24"], "config error: hours=-24.0 must be a finite number of hours >= 0"),
+    (["--hours=1e999"], "config error: hours=inf must be"),
+    (["--num_gpus=0"], "config error: num_gpus=0 must be at least 1"),
+    (["--num_gpus=-8", "--flops=1e21"], "config error: num_gpus=-8 must be at least 1"),
+    (["--mfu=0"], "config error: mfu=0.0 must be a fraction in (0, 1]"),
+    (["--mfu=1.5", "--hours=24"], "config error: mfu=1.5 must be a fraction in (0, 1]"),
+    (["--mfu=-0.4"], "config error: mfu=-0.4 must be"),
+    (["--gpu_memory_gb=-80"], "config error: gpu_memory_gb=-80.0 must be >= 0"),
+    (["--pcie_gb_per_s=0"], "config error: pcie_gb_per_s=0.0 must be a bandwidth > 0"),
+    (["--n_layer=0"], "config error: n_layer=0 must be a whole number >= 1"),
+    (["--n_layer=-1"], "config error: n_layer=-1 must be a whole number >= 1"),
+    (["--n_head=0"], "config error: n_head=0 must be a whole number >= 1"),
+    (["--n_embd=0"], "config error: n_embd=0 must be a whole number >= 1"),
+    (["--block_size=0"], "config error: block_size=0 must be a whole number >= 1"),
+    (["--batch_size=-4"], "config error: batch_size=-4 must be a whole number >= 1"),
+    (["--total_batch_tokens=0"], "config error: total_batch_tokens=0 must be a whole number >= 1"),
+    (["--max_iters=0"], "config error: max_iters=0 must be a whole number >= 1"),
+    (["--n_layer=100000"], "config error: n_layer=100000 is deeper than any transformer trained"),
+    (["--law=hoffmann", "--flops=1e21"], "config error: law='hoffmann' must be one of chinchilla, kaplan, both"),
+    (["--law=kaplan"], "config error: --law=kaplan plans a budget; give --flops or --hours"),
+    (["--flops=1e21", "--hours=24"], "config error: give the budget as --flops or as --hours, not both"),
+    (["--dataset=broken"], "data error: "),
+])
+def test_a_value_plan_cannot_plan_with_stops_in_one_line(argv, message, tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "meta.json").write_text("{not json")
+    with pytest.raises(SystemExit) as e:
+        plan_main(f"--data_root={tmp_path}", *argv)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
+def test_an_absurd_budget_on_the_command_line_is_one_line_and_no_wait():
+    result = run_script("plan.py", "--flops=1e60", check=False)
+    assert result.returncode == 1 and result.stdout == "" and "Traceback" not in result.stderr
+    assert result.stderr.startswith("config error: flops=1e+60 must be") and result.stderr.count("\n") == 1
