@@ -17,6 +17,7 @@ import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from conftest import REPO, TINY_MODEL, run_script
+from forked import run_forked
 from hf import TOKENIZER_SIDECAR, architecture_of, read_folder, save_folder
 from lora import LoRALinear, add_lora, describe_base, lora_state
 from model import GPT, GPTConfig
@@ -156,14 +157,47 @@ def test_options_hugging_face_cannot_express_are_one_line_errors_naming_the_opti
     assert one_line_error(excinfo).startswith(f"export error: {option}=")
 
 
-def test_export_script_refuses_qk_norm_in_one_line_and_writes_nothing(tmp_path):
-    model = GPT(GPTConfig(vocab_size=257, block_size=32, n_layer=1, n_head=2, n_embd=32, qk_norm=True))
-    save_checkpoint({"kind": "pretrain", "model_config": asdict(model.config), "model": model.state_dict(),
-                     "tokenizer": BYTE}, str(tmp_path / "qk" / "ckpt.pt"))
-    result = run_script("export.py", f"--out_dir={tmp_path / 'qk'}", check=False)
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """What the table's rows point export.py at: a good checkpoint, one Hugging Face cannot express, a
+    file where a folder belongs, a folder of someone else's files, and a file that is no checkpoint."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    for name, model in (("good", tiny_model("llama")),
+                        ("qk", GPT(GPTConfig(vocab_size=257, block_size=32, n_layer=1, n_head=2, n_embd=32,
+                                             qk_norm=True)))):
+        save_checkpoint({"kind": "pretrain", "model_config": asdict(model.config), "model": model.state_dict(),
+                         "tokenizer": BYTE}, str(root / name / "ckpt.pt"))
+    (root / "taken").write_bytes(b"a file of the user's, not a folder\n")
+    (root / "mine").mkdir()
+    (root / "mine" / "notes.txt").write_text("mine")
+    (root / "text.pt").write_text("hello")
+    return root
+
+
+def tree(root):
+    return {os.path.join(folder, name): open(os.path.join(folder, name), "rb").read()
+            for folder, _, names in os.walk(root) for name in names}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--folder={root}/taken"], "export error: {root}/taken is a file, not a folder"),
+    (["--folder={root}/taken/hf"], "export error: {root}/taken is a file, not a folder"),
+    (["--folder={root}/mine"], "export error: {root}/mine holds files export.py does not write (notes.txt)"),
+    (["--out_dir={root}/qk"], "export error: qk_norm=True"),
+    (["--dtype=int8"], "config error: dtype='int8' is not one of float32, bfloat16, float16"),
+    (["--out_dir={root}/none"], "checkpoint error: no checkpoint at {root}/none/ckpt.pt"),
+    (["--ckpt={root}/text.pt"], "checkpoint error: {root}/text.pt is corrupt or not a checkpoint"),
+    (["--ckpt=hf:{root}/mine"], "import error: no {root}/mine/config.json"),
+    (["--folderr={root}/hf"], "config error: unknown key 'folderr' on the command line; did you mean --folder"),
+])
+def test_bad_input_is_one_line_and_leaves_every_file_as_it_was(bad_inputs, args, message):
+    root = str(bad_inputs)
+    before = tree(root)
+    result = run_forked("export.py", f"--out_dir={root}/good", *(a.format(root=root) for a in args))
     lines = result.stderr.strip().splitlines()
-    assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("export error: qk_norm=True"), lines
-    assert not (tmp_path / "qk" / "hf").exists()
+    assert result.returncode != 0 and "Traceback" not in result.stderr and len(lines) == 1, result.stderr
+    assert lines[0].startswith(message.format(root=root)), lines[0]
+    assert tree(root) == before  # nothing written, nothing changed, byte for byte
 
 
 def test_a_lora_checkpoint_is_exported_with_its_adapters_merged(tmp_path):
