@@ -213,7 +213,7 @@ def test_a_lora_checkpoint_is_exported_with_its_adapters_merged(tmp_path):
     save_checkpoint({"kind": "sft", "model_config": asdict(model.config), "model": lora_state(model.state_dict()),
                      "tokenizer": BYTE, "lora": settings, "base": describe_base(str(tmp_path / "base.pt"), base)},
                     str(tmp_path / "adapter" / "ckpt.pt"))
-    run_script("export.py", f"--out_dir={tmp_path / 'adapter'}")
+    assert run_script("export.py", f"--out_dir={tmp_path / 'adapter'}").stderr == ""  # no progress bar when piped
     exported_model, _ = model_from_checkpoint(load_checkpoint(f"hf:{tmp_path / 'adapter' / 'hf'}"))
     idx = torch.randint(0, 257, (2, 32))
     assert not any(isinstance(m, LoRALinear) for m in exported_model.modules())
