@@ -15,7 +15,7 @@ config files, then --key=value. The vocabulary size comes from data_root/dataset
 GPT-2's 50304 (padded) when the data is not prepared yet; a budget plans with GPT-2's unless
 --dataset (or a config file) names the data. Runs nothing and writes nothing: the model is built on
 the 'meta' device (shapes, no storage), so counting its parameters costs nothing. Values it cannot
-plan with (a budget <= 0 or above 1e27 FLOPs, sizes < 1, MFU outside (0, 1]) stop with one line.
+plan with (a budget outside 1e12..1e27 FLOPs, sizes < 1, MFU outside (0, 1]) stop with one line.
 
 Compute-optimal size (Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models", the
 Chinchilla paper). Training costs C = 6*N*D FLOPs for N parameters and D tokens (2N per token
@@ -32,7 +32,7 @@ The advice before it (--law=kaplan; Kaplan et al. 2020, "Scaling Laws for Neural
 section 6.1, eq. 6.1 and Figure 14): the loss-optimal size grows much faster than the data,
     N = 1.3e9 * (C / PF-day)^0.73,  D = C / (6N)        (1 PF-day = 8.64e19 FLOPs)
 with N without the embeddings (Kaplan's convention, so the shape is matched on that count) and C
-their C_min, the compute at the critical batch size. D/N falls from ~66 at 1e18 FLOPs to ~0.1 at
+their C_min, the least compute that reaches a given loss (batches well below the critical size). D/N falls from ~66 at 1e18 FLOPs to ~0.1 at
 1e24, where Chinchilla keeps 20 (Hoffmann et al. 2022's Table 2 lists Kaplan's exponents, 0.73 and
 0.27, beside their own 0.50 and 0.50). Chinchilla supersedes it for this choice: Hoffmann et al. trace
 the difference mainly to Kaplan's learning-rate schedule, whose length was not matched to each
@@ -211,7 +211,7 @@ PF_DAY = 1e15 * 24 * 3600  # FLOPs in a petaflop/s-day, Kaplan et al.'s unit of 
 KAPLAN_PARAMS_AT_PF_DAY, KAPLAN_EXPONENT = 1.3e9, 0.73  # Kaplan et al. 2020, eq. 6.1 and Figure 14
 LAWS = ("chinchilla", "kaplan", "both")
 BUDGET_RANGE = tuple(float(f"1e{e}") for e in range(18, 25))  # the budgets of --law=both's table
-MAX_FLOPS = 1e27  # about ten times the largest training runs so far; beyond it a plan means nothing
+FLOPS_RANGE = (1e12, 1e27)  # a second of a laptop; ten times the largest training runs so far
 MAX_LAYERS = 2000  # deeper than any transformer trained; the meta model is built layer by layer
 SHAPE_TOLERANCE = 0.02
 ASPECT_RANGE, ASPECT_PREFERRED = (64, 128), 96
@@ -256,8 +256,7 @@ def check_options(options, config):
     """One line for each value plan.py cannot plan with, before any model is built."""
     finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)
     for key, valid, rule in (
-        ("flops", lambda x: finite(x) and 0 <= x <= MAX_FLOPS, f">= 0 (0: no budget) and at most {MAX_FLOPS:g}, "
-                                                                "about ten times the largest runs so far"),
+        ("flops", lambda x: finite(x) and x >= 0, "a finite number of FLOPs >= 0 (0: no budget)"),
         ("hours", lambda x: finite(x) and x >= 0, "a finite number of hours >= 0 (0: no budget)"),
         ("num_gpus", lambda x: x >= 1, "at least 1"),
         ("mfu", lambda x: finite(x) and 0 < x <= 1, "a fraction in (0, 1], e.g. 0.4"),
@@ -707,10 +706,15 @@ def plan_config(config, options, vocab=None):
 
 def budget_flops(options, config):
     """The compute budget: --flops, or --hours on num_gpus x gpu at mfu; 0 when neither is given."""
+    flops = options["flops"]
     if options["hours"]:
         _, peak, _ = gpu_spec(options, config)
-        return peak * options["num_gpus"] * options["hours"] * 3600 * options["mfu"]
-    return options["flops"]
+        flops = peak * options["num_gpus"] * options["hours"] * 3600 * options["mfu"]
+    if flops and not FLOPS_RANGE[0] <= flops <= FLOPS_RANGE[1]:
+        raise SystemExit(f"config error: a budget of {flops:.3g} FLOPs is outside what plan.py plans, "
+                         f"{FLOPS_RANGE[0]:g} (a second of a laptop) to {FLOPS_RANGE[1]:g} (ten times the largest "
+                         "training runs so far)")
+    return flops
 
 
 def plan_budget(flops, config, options, law="chinchilla"):

@@ -67,3 +67,10 @@ def run_forked(script, *args):
         returncode = int(_server.stdout.readline())
         with open(out) as f_out, open(err) as f_err:
             return SimpleNamespace(returncode=returncode, stdout=f_out.read(), stderr=f_err.read())
+
+
+def error_line(result):
+    """The one line a failed run printed, after checking it failed without a traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and "Traceback" not in result.stderr and len(lines) == 1, result.stderr
+    return lines[0]

@@ -366,7 +366,7 @@ def test_the_shape_search_builds_a_few_dozen_models_even_for_the_largest_budget(
     built = []
     real = plan.on_meta
     monkeypatch.setattr(plan, "on_meta", lambda c: built.append(c) or real(c))
-    c, params = plan.compute_optimal_shape(plan.kaplan(plan.MAX_FLOPS)[0], plan.GPTConfig(vocab_size=50304), True)
+    c, params = plan.compute_optimal_shape(plan.kaplan(plan.FLOPS_RANGE[1])[0], plan.GPTConfig(vocab_size=50304), True)
     assert len(built) < 100 and 64 <= c.n_embd / c.n_layer <= 128
 
 
@@ -383,11 +383,14 @@ def plan_main(*argv):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--flops=-1e21"], "config error: flops=-1e+21 must be >= 0"),
-    (["--flops=1e60"], "config error: flops=1e+60 must be >= 0 (0: no budget) and at most 1e+27"),
+    (["--flops=-1e21"], "config error: flops=-1e+21 must be a finite number of FLOPs >= 0"),
+    (["--flops=1e60"], "config error: a budget of 1e+60 FLOPs is outside what plan.py plans, 1e+12 "),
+    (["--flops=1", "--law=kaplan"], "config error: a budget of 1 FLOPs is outside what plan.py plans"),
+    (["--hours=1e12", "--num_gpus=1024"], "config error: a budget of 1.46e+33 FLOPs is outside"),
     (["--flops=1e999"], "config error: flops=inf must be"),
     (["--flops=lots"], "config error: flops='lots' on the command line is a str"),
     (["--hours=-24"], "config error: hours=-24.0 must be a finite number of hours >= 0"),
+    (["--hours=1e-9"], "config error: a budget of 1.42e+09 FLOPs is outside"),
     (["--hours=1e999"], "config error: hours=inf must be"),
     (["--num_gpus=0"], "config error: num_gpus=0 must be at least 1"),
     (["--num_gpus=-8", "--flops=1e21"], "config error: num_gpus=-8 must be at least 1"),
@@ -417,8 +420,3 @@ def test_a_value_plan_cannot_plan_with_stops_in_one_line(argv, message, tmp_path
         plan_main(f"--data_root={tmp_path}", *argv)
     assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
 
-
-def test_an_absurd_budget_on_the_command_line_is_one_line_and_no_wait():
-    result = run_script("plan.py", "--flops=1e60", check=False)
-    assert result.returncode == 1 and result.stdout == "" and "Traceback" not in result.stderr
-    assert result.stderr.startswith("config error: flops=1e+60 must be") and result.stderr.count("\n") == 1
