@@ -10,6 +10,7 @@ operation, so forking it is safe. Used by the bad-input tables, where each row i
 import atexit
 import json
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -64,6 +65,8 @@ def run_forked(script, *args):
         _server.stdin.write(json.dumps({"script": os.path.join(REPO, script), "args": list(args),
                                         "stdout": out, "stderr": err}) + "\n")
         _server.stdin.flush()
+        if not select.select([_server.stdout], [], [], 600)[0]:  # the one reply line, as run_script's timeout
+            raise AssertionError(f"{script} {' '.join(args)} did not finish in 600 s")
         returncode = int(_server.stdout.readline())
         with open(out) as f_out, open(err) as f_err:
             return SimpleNamespace(returncode=returncode, stdout=f_out.read(), stderr=f_err.read())
