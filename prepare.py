@@ -174,7 +174,7 @@ def download(url, expected_sha256, folder, stop=None):
                 total = have + int(r.headers.get("Content-Length", 0)) or None
                 with open(part, "ab" if have else "wb") as f, \
                         progress(total=total, initial=have, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
-                    for chunk in r.iter_content(1 << 20):
+                    for chunk in r.iter_content(1 << 16):
                         if stop is not None and stop.is_set():
                             return None, None
                         f.write(chunk)
@@ -242,11 +242,11 @@ def hub_download(repo_id, revision, in_repo, expected_sha256):
     return path, digest
 
 
-REMOTE = ("http://", "https://", "hf://")
+_REMOTE = ("http://", "https://", "hf://")
 
 
 def is_remote(where):
-    return not isinstance(where, str) or where.startswith(REMOTE)
+    return not isinstance(where, str) or where.startswith(_REMOTE)
 
 
 def url_list(path):
@@ -257,7 +257,7 @@ def url_list(path):
             head = f.read(1 << 16)
     except OSError:
         return None
-    if b"\0" in head or not head.strip().startswith(tuple(p.encode() for p in REMOTE)):
+    if b"\0" in head:
         return None
     entries = []
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -265,7 +265,7 @@ def url_list(path):
             fields = line.split()
             if not fields or fields[0].startswith("#"):
                 continue
-            if not fields[0].startswith(REMOTE) or len(fields) > 2:
+            if not fields[0].startswith(_REMOTE) or len(fields) > 2:
                 return None
             entries.append((fields[0], fields[1] if len(fields) == 2 else ""))
     return entries
@@ -319,9 +319,22 @@ def input_sources(spec, out_dir):
     return sources
 
 
+def in_background(fn, *args):
+    """Run fn(*args) in a daemon thread, which never holds up the exit after an error or Ctrl-C; return its Future."""
+    future = concurrent.futures.Future()
+
+    def run():
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # a SystemExit too: raised again where the result is read
+            future.set_exception(e)
+    threading.Thread(target=run, daemon=True).start()
+    return future
+
+
 def fetched(sources, folder, ahead, stop):
     """(name, local path, sha256 or None, found in a folder) for each source in order; remote ones are
-    downloaded by up to `ahead` threads, so later shards arrive while earlier ones are read."""
+    downloaded up to `ahead` at a time, so later shards arrive while earlier ones are read."""
     def fetch(where, sha):
         return hub_download(*where[1:], sha) if isinstance(where, tuple) else download(where, sha, folder, stop)
 
@@ -329,18 +342,13 @@ def fetched(sources, folder, ahead, stop):
         name, where, future, listed = entry
         return (name, where, None, listed) if future is None else (name, *future.result(), listed)
 
-    with concurrent.futures.ThreadPoolExecutor(max(1, ahead)) as pool:
-        pending = collections.deque()
-        try:
-            for name, where, sha, listed in sources:
-                pending.append((name, where, pool.submit(fetch, where, sha) if is_remote(where) else None, listed))
-                while len(pending) > ahead or (pending and pending[0][2] is None):
-                    yield result(pending.popleft())
-            while pending:
-                yield result(pending.popleft())
-        finally:
-            stop.set()  # a download still running ends at its next chunk
-            pool.shutdown(wait=True, cancel_futures=True)
+    pending = collections.deque()
+    for name, where, sha, listed in sources:
+        pending.append((name, where, in_background(fetch, where, sha) if is_remote(where) else None, listed))
+        while len(pending) >= ahead or (pending and pending[0][2] is None):
+            yield result(pending.popleft())
+    while pending:
+        yield result(pending.popleft())
 
 
 def glob_regex(pattern):
@@ -383,7 +391,7 @@ def warn_replaced(source, replaced, stats):
         stats["replaced_chars"] += replaced
 
 
-FORMATS = ("plain text, HTML (.html, .htm), JSON Lines (.jsonl, .ndjson, or .json holding a record a line), "
+_FORMATS = ("plain text, HTML (.html, .htm), JSON Lines (.jsonl, .ndjson, or .json holding a record a line), "
            "a JSON array of records (.json), Parquet (.parquet); each but Parquet also compressed as .gz, .zst or .zstd")
 
 
@@ -516,7 +524,7 @@ def read_documents(files, stats, removed):
                 kind = file_format(name, f.read(8192))
             if kind is None:
                 if not listed:
-                    raise SystemExit(f"prepare error: {name} is in no format prepare.py reads; it reads {FORMATS}")
+                    raise SystemExit(f"prepare error: {name} is in no format prepare.py reads; it reads {_FORMATS}")
                 print(f"warning: skipping binary file {name}: in no format prepare.py reads")
                 stats["skipped_binary"] += 1
                 continue
@@ -713,7 +721,8 @@ def non_alphabetic(text):
     return ratio(len(re.sub(r"[^\W\d_]+", "", non_space)), len(non_space))
 
 
-# The quality rules by name, as quality_filters names them. Underscored: a config key holds values, not functions.
+# The quality rules by name, as quality_filters names them. Underscored, like the other module-level
+# constants: a config key holds settings.
 _MEASURES = {
     "words": lambda text: len(words_of(text)),
     "mean_word_length": mean_word_length,
