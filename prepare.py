@@ -11,12 +11,22 @@ removed.
     python prepare.py --input=~/notes --glob='**/*.md' --dataset=notes --tokenizer=gpt2
 
 Reads one of: --input (a file; a folder, searched recursively for the files
-matching --glob, skipping hidden and binary ones; or an http(s) URL), the
-preset's --url (downloaded once into <data_root>/<dataset>/download/ and checked
-against url_sha256), or, when both are empty, the standard library's own .py
-files without its test suites: about 12 MB of code on any machine, no network.
-A .jsonl file holds one document per line, in the record's text_field; any
-other file is one document (.html and .htm files are HTML, the rest plain text).
+matching --glob, skipping hidden ones and those in no known format; an http(s)
+URL; hf://datasets/OWNER/NAME/path/glob, a Hugging Face dataset's files; a file
+listing URLs, one a line, each optionally followed by its sha256; or several of
+these separated by spaces), the preset's --url (checked against url_sha256), or,
+when both are empty, the standard library's own .py files without its test
+suites: about 12 MB of code on any machine, no network.
+Formats, each streamed: Parquet (read a row group at a time; text_field is the
+column of the text), JSON Lines (.jsonl, .ndjson, and .json files whose content
+is a record a line), JSON arrays of records (.json), HTML (.html, .htm) and plain
+text (anything else); all but Parquet may be compressed as .gz, .zst or .zstd.
+Records' other fields can filter them (row_filters, e.g. FineWeb-Edu's score),
+and max_documents / max_tokens take a deterministic prefix of a large corpus.
+Downloads (into <data_root>/<dataset>/download/; hf:// ones into the hub's cache,
+HF_HOME, with HF_TOKEN for gated datasets) run download_workers at a time while
+earlier files are read; a dropped one resumes where it stopped, and each is
+checked against its sha256 when one is known (url_sha256, the URL list, the hub).
 
 The pipeline, each step switched on or off by the config (all off by default,
 so the default corpus of code goes through untouched; config/data_gutenberg.py
@@ -40,8 +50,12 @@ switches on everything):
 Documents stream through: steps 1-3 write the kept documents to a scratch file,
 which the tokenizer training and step 5 read back, and the per-document work
 (steps 1-2 and the hashing of 3, then tokenizing) runs in a pool of processes.
-Memory grows with the number of documents, not their size: a few numbers each,
-about 5 KB each with near dedup (the kept signatures and their LSH buckets).
+Memory grows with the number of documents, not their size: a few bytes each for
+the split, plus the dedup sets (see the README for measured sizes per million).
+The scratch file holds the kept text once more on disk. Progress bars show on a
+terminal; a log gets a line every 10 seconds instead. Ctrl-C leaves the earlier
+dataset as it was, and temporary files carry their writer's process id, so the
+next run removes those that a killed run left.
 
 Writes to <data_root>/<dataset>/:
     train.bin, val.bin  token ids, raw uint16 (uint32 when the vocabulary exceeds 65536), for np.memmap;

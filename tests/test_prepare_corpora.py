@@ -28,13 +28,13 @@ import prepare
 from conftest import REPO
 from test_prepare import documents, load, prepare_run, write_files
 
-HUB_COMMIT = "c0ffee" * 6 + "c0ff"  # the fake hub's one commit of its one dataset, o/n
+HUB_COMMIT = "c0ffee" * 6 + "c0ff"  # the fake hub's one commit; every dataset name holds server.hub's files
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
     """Serves server.files ({url path: bytes}) with HTTP Range support, dropping the connection half-way the
     first time a path in server.drop_once is asked for; and the hub endpoints that huggingface_hub calls
-    for dataset o/n, whose files are server.hub ({path in the repository: (bytes, sha256 the hub states)})."""
+    for a dataset, whose files are server.hub ({path in the repository: (bytes, sha256 the hub states)})."""
 
     def log_message(self, *args):
         pass
@@ -64,9 +64,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True
                 return self.reply(200, data, send=data[:len(data) // 2])
             return self.reply(200, data)
-        if re.fullmatch(r"/api/datasets/o/n(/revision/[^/]+)?", path):
-            return self.reply(200, json.dumps({"id": "o/n", "sha": HUB_COMMIT}).encode())
-        if tree := re.fullmatch(r"/api/datasets/o/n/tree/[^/]+/?(.*)", path):
+        if repo := re.fullmatch(r"/api/datasets/([^/]+/[^/]+)(/revision/[^/]+)?", path):
+            return self.reply(200, json.dumps({"id": repo[1], "sha": HUB_COMMIT}).encode())
+        if tree := re.fullmatch(r"/api/datasets/[^/]+/[^/]+/tree/[^/]+/?(.*)", path):
             folder, entries = tree[1].strip("/"), {}
             for name, (data, sha) in server.hub.items():
                 parts = name.split("/")
@@ -78,7 +78,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if "recursive=true" not in self.path.lower():
                 inside = [e for e in inside if e["path"].rpartition("/")[0] == folder]
             return self.reply(200, json.dumps(inside).encode())
-        if (file := re.fullmatch(r"/datasets/o/n/resolve/[^/]+/(.+)", path)) and file[1] in server.hub:
+        if (file := re.fullmatch(r"/datasets/[^/]+/[^/]+/resolve/[^/]+/(.+)", path)) and file[1] in server.hub:
             data = server.hub[file[1]][0]
             etag = f'"{hashlib.sha256(data).hexdigest()}"'
             return self.reply(200, data, [("X-Repo-Commit", HUB_COMMIT), ("ETag", etag), ("X-Linked-Etag", etag),
@@ -196,16 +196,26 @@ def test_a_url_list_downloads_every_shard_checks_each_sha256_and_reads_them_in_o
     assert sorted(p.name for p in (tmp_path / "data" / "t" / "download").iterdir()) == ["part0.jsonl", "part1.jsonl", "part2.jsonl"]
 
 
-def test_an_hf_dataset_glob_is_listed_downloaded_into_the_hub_cache_and_read(tmp_path, server):
+def test_the_fineweb_edu_config_reads_its_hub_glob_into_the_hub_cache_and_checks_each_sha256(tmp_path, server):
+    server.hub.clear()
     for i in range(2):
-        data = parquet_bytes([{"text": x, "score": 3} for x in TEXTS[i * 12:(i + 1) * 12]])
+        data = parquet_bytes([{"text": x, "score": 3.1} for x in TEXTS[i * 12:(i + 1) * 12]])
         server.hub[f"sample/10BT/{i:03d}_00000.parquet"] = (data, hashlib.sha256(data).hexdigest())
+    server.hub["sample/100BT/000_00000.parquet"] = server.hub["sample/10BT/000_00000.parquet"]  # not in the glob
     server.hub["sample/10BT/README.md"] = (b"not a shard", hashlib.sha256(b"not a shard").hexdigest())
-    prepare_run(tmp_path, "--input=hf://datasets/o/n/sample/10BT/*.parquet", "--row_filters={'score': (3, None)}")
-    meta, docs = all_documents(tmp_path / "data" / "t")
+    data_dir = tmp_path / "data" / "fineweb_edu"
+    prepare_run(tmp_path, "config/data_fineweb_edu.py", "--tokenizer=byte", "--row_filters={'score': (3, None)}")
+    meta, docs = all_documents(data_dir)
     assert docs == sorted(TEXTS) and meta["sources"]["files"] == 2
+    assert meta["sources"]["input"] == "hf://datasets/HuggingFaceFW/fineweb-edu/sample/10BT/*.parquet"
     cached = list(pathlib.Path(os.environ["HF_HOME"]).rglob("*.parquet"))
     assert len(cached) == 2 and all(HUB_COMMIT in str(p) for p in cached)
+    server.hub["sample/10BT/001_00000.parquet"] = (data, "0" * 64)  # the hub states another sha256
+    for p in cached:
+        p.unlink()
+    result = prepare_run(tmp_path, "config/data_fineweb_edu.py", "--tokenizer=byte", check=False)
+    assert result.returncode != 0 and result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "the hub says 000" in result.stderr
 
 
 def test_stale_temporaries_of_a_killed_run_are_removed_and_a_live_runs_are_kept(tmp_path):
