@@ -72,6 +72,7 @@ rewrites byte-identical files (all but report.json, which holds timings).
 import array
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -645,12 +646,15 @@ def tidy_whitespace(text):
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
+def is_html(name):
+    return re.sub(r"\.(gz|zst|zstd)$", "", name.lower()).endswith((".html", ".htm"))
+
+
 def clean(source, text, config):
     """The text after each switched-on cleaning step, and for each step (whether it changed the text, characters removed)."""
     changes = {}
     steps = [
-        ("html", config["html_to_text"] and re.sub(r"\.(gz|zst|zstd)$", "", source.lower()).endswith((".html", ".htm")),
-         html_text),
+        ("html", config["html_to_text"] and is_html(source), html_text),
         ("gutenberg", config["strip_gutenberg"], gutenberg_text),
         ("nfc", config["unicode_nfc"], lambda t: unicodedata.normalize("NFC", t)),
         ("whitespace", config["normalize_whitespace"], tidy_whitespace),
@@ -856,6 +860,10 @@ def start_worker():
 
 def start_cleaner(config):
     start_worker()
+    load_cleaner(config)
+
+
+def load_cleaner(config):
     _worker["config"] = config
     _worker["minhash"] = minhash_functions(config["minhash_bands"] * config["minhash_rows"])
     if config["max_tokens"]:
@@ -1133,10 +1141,18 @@ if __name__ == "__main__":
         word_counts = collections.Counter()  # 'bpe': the pre-tokenized words of the kept documents
         last_print, limit_reached = time.time(), False
         files = fetched(sources, os.path.join(out_dir, "download"), download_workers, stop_downloads)
-        with multiprocessing.Pool(workers, initializer=start_cleaner, initargs=(config,)) as pool, \
+        # a pool costs a round trip of each document's text: worth it only when there is work to share out
+        share_out = bool(quality_filters or dedup_exact or dedup_near or max_tokens or tokenizer == "bpe" or strip_gutenberg
+                         or unicode_nfc or normalize_whitespace or html_to_text and any(is_html(s[0]) for s in sources))
+        if not share_out:
+            load_cleaner(config)
+        with (multiprocessing.Pool(workers, initializer=start_cleaner, initargs=(config,)) if share_out
+              else contextlib.nullcontext()) as pool, \
                 open(scratch, "w", encoding="utf-8") as out, progress(unit=" docs", desc="reading") as bar:
             documents = read_documents(files, stats, removed)
-            for results in imap_bounded(pool, clean_and_check, batched(documents), 2 * workers):
+            checked = imap_bounded(pool, clean_and_check, batched(documents), 2 * workers) if share_out else \
+                map(clean_and_check, batched(documents))
+            for results in checked:
                 bar.update(len(results))
                 for source_name, text, changes, rule, key, signature, words, tokens in results:
                     n_in += 1
