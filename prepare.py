@@ -822,18 +822,21 @@ class Duplicates:
     def __init__(self, bands, rows, threshold):
         self.rows, self.threshold = rows, threshold
         self.exact = {}  # exact key → source
-        self.buckets = [{} for _ in range(bands)]  # for each band: {its rows' values: indices into self.kept}
+        self.buckets = [{} for _ in range(bands)]  # for each band: {its rows' values' hash: index or indices into self.kept}
         self.kept = []  # (source, signature)
 
     def bands(self, signature):
-        return [signature[i:i + self.rows].tobytes() for i in range(0, len(self.buckets) * self.rows, self.rows)]
+        # a 64-bit hash of each band's values stands for them: half the memory of the bytes, and two
+        # different bands share one with probability 2**-64
+        return [hash(signature[i:i + self.rows].tobytes()) for i in range(0, len(self.buckets) * self.rows, self.rows)]
 
     def match(self, source, key, signature):
         """('exact' or 'near', the kept source that text repeats), or None after remembering source as kept."""
         if key is not None and key in self.exact:
             return "exact", self.exact[key]
         if signature is not None:
-            candidates = {i for bucket, band in zip(self.buckets, self.bands(signature)) for i in bucket.get(band, ())}
+            held = [bucket.get(band, ()) for bucket, band in zip(self.buckets, self.bands(signature))]
+            candidates = {i for h in held for i in ((h,) if isinstance(h, int) else h)}
             for i in sorted(candidates):
                 kept_source, kept_signature = self.kept[i]
                 if np.mean(kept_signature == signature) >= self.threshold:
@@ -841,8 +844,13 @@ class Duplicates:
         if key is not None:
             self.exact[key] = source
         if signature is not None:
+            index = len(self.kept)
             for bucket, band in zip(self.buckets, self.bands(signature)):
-                bucket.setdefault(band, []).append(len(self.kept))
+                held = bucket.setdefault(band, index)  # a lone index, the common case, needs no list
+                if isinstance(held, list):
+                    held.append(index)
+                elif held != index:
+                    bucket[band] = [held, index]
             self.kept.append((source, signature))
         return None
 
