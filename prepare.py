@@ -9,6 +9,8 @@ removed.
     python prepare.py config/data_shakespeare_char.py   # Tiny Shakespeare, char-level (downloads 1.1 MB once)
     python prepare.py config/data_shakespeare_char.py --input=path/to/input.txt   # the same from a local copy
     python prepare.py --input=~/notes --glob='**/*.md' --dataset=notes --tokenizer=gpt2
+    python prepare.py config/data_fineweb_edu.py        # FineWeb-Edu's Parquet shards from the Hugging Face hub
+    python prepare.py --input=urls.txt --tokenizer=gpt2 --dataset=web --max_tokens=1_000_000_000
 
 Reads one of: --input (a file; a folder, searched recursively for the files
 matching --glob, skipping hidden ones and those in no known format; an http(s)
