@@ -220,6 +220,7 @@ def download(url, expected_sha256, folder, stop=None):
 def hub_files(pattern):
     """(name, repo_id, revision, path in the repository, the hub's sha256 or None) of each file of a
     dataset repository that hf://datasets/OWNER/NAME[@REVISION]/GLOB matches, in sorted order."""
+    # imported here: only hub inputs need it, and it adds about a second to every start
     from huggingface_hub import HfFileSystem
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -289,11 +290,12 @@ def url_list(path):
 
 
 def input_sources(spec, out_dir):
-    """What --input names, as (name, local path or URL or hf:// path, expected sha256) in reading order.
+    """What --input names, as (name, local path or URL or hub file, expected sha256, found in a folder)
+    in reading order.
 
     spec: a file, a folder, a URL, an hf:// glob, a file listing URLs, or several of these separated by
-    spaces or newlines. A single URL is checked against url_sha256. The last field says whether the
-    file was found in a folder, where a file in an unknown format is skipped rather than an error."""
+    spaces or newlines. A single URL is checked against url_sha256. A file found in a folder is
+    skipped when in no known format; one named directly is an error."""
     if os.path.exists(os.path.expanduser(spec)):
         parts = [spec]  # a path with spaces in its name
     else:
@@ -409,7 +411,7 @@ def warn_replaced(source, replaced, stats):
 
 
 _FORMATS = ("plain text, HTML (.html, .htm), JSON Lines (.jsonl, .ndjson, or .json holding a record a line), "
-           "a JSON array of records (.json), Parquet (.parquet); each but Parquet also compressed as .gz, .zst or .zstd")
+            "a JSON array of records (.json), Parquet (.parquet); each but Parquet also compressed as .gz, .zst or .zstd")
 
 
 def open_decompressed(path):
@@ -422,10 +424,15 @@ def open_decompressed(path):
     return open(path, "rb")
 
 
+def without_compression(name):
+    """The lower-cased name without a .gz, .zst or .zstd suffix: the name of the format inside."""
+    return re.sub(r"\.(gz|zst|zstd)$", "", name.lower())
+
+
 def file_format(name, head):
     """'parquet', 'jsonl', 'json_array', 'html' or 'text', from the name without its compression suffix and
     the first bytes of the (decompressed) content; None for a format prepare.py does not read."""
-    plain = re.sub(r"\.(gz|zst|zstd)$", "", name.lower())
+    plain = without_compression(name)
     if plain.endswith(".parquet"):  # read by seeking to its footer, so never compressed as a whole
         return "parquet" if head.startswith(b"PAR1") and plain == name.lower() else None
     if b"\0" in head:  # text never holds NUL bytes; images, archives and .bin files do
@@ -478,7 +485,7 @@ def jsonl_records(f):
                 yield n, None, replaced
 
 
-def parquet_records(path, columns, text_field):
+def parquet_records(path, columns):
     """(row number, {column: value}, 0) for each row of a Parquet file, one row group at a time, reading
     only the given columns."""
     parquet = pyarrow.parquet.ParquetFile(path)
@@ -546,7 +553,8 @@ def read_documents(files, stats, removed):
                 stats["skipped_binary"] += 1
                 continue
             if kind == "parquet":
-                yield from record_documents(name, parquet_records(path, [text_field, *row_filters], text_field), stats, removed)
+                columns = list(dict.fromkeys([text_field, *row_filters]))
+                yield from record_documents(name, parquet_records(path, columns), stats, removed)
             else:
                 with open_decompressed(path) as f:
                     if kind == "jsonl":  # read line by line: a .jsonl file can be larger than memory
@@ -649,7 +657,7 @@ def tidy_whitespace(text):
 
 
 def is_html(name):
-    return re.sub(r"\.(gz|zst|zstd)$", "", name.lower()).endswith((".html", ".htm"))
+    return without_compression(name).endswith((".html", ".htm"))
 
 
 def clean(source, text, config):
