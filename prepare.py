@@ -1130,25 +1130,25 @@ if __name__ == "__main__":
     out_dir = os.path.join(data_root, dataset)
     workers = num_workers or os.cpu_count()
 
-    # find the sources: --input, else the preset's download, else the standard library
-    if input:
-        sources = input_sources(input, out_dir)
-    elif url:
-        sources = [(os.path.basename(urllib.parse.urlparse(url).path) or "download", url, url_sha256, False)]
-    else:
-        # the standard library's own modules: not the third-party packages installed inside it, nor its test suites
-        skip = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
-        stdlib = sysconfig.get_paths()["stdlib"]
-        sources = [(rel, path, "", True) for rel, path in list_files(stdlib, glob, skip_names=skip) if rel.endswith(".py")]
-    print(f"reading {len(sources):,} files from {input or url or stdlib}")
-
     stats = collections.Counter(files=0, bytes=0, skipped_binary=0, replaced_chars=0, bad_records=0)
     scratch = temporary_name(os.path.join(out_dir, "documents.jsonl"))
     writers, replacing = {}, False
     stop_downloads = threading.Event()
-    os.makedirs(out_dir, exist_ok=True)
-    remove_stale_temporaries(out_dir)
     try:
+        # find the sources: --input, else the preset's download, else the standard library
+        if input:
+            sources = input_sources(input, out_dir)
+        elif url:
+            sources = [(os.path.basename(urllib.parse.urlparse(url).path) or "download", url, url_sha256, False)]
+        else:
+            # the standard library's own modules: not the third-party packages installed inside it, nor its test suites
+            skip = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
+            stdlib = sysconfig.get_paths()["stdlib"]
+            sources = [(rel, path, "", True) for rel, path in list_files(stdlib, glob, skip_names=skip) if rel.endswith(".py")]
+        print(f"reading {len(sources):,} files from {input or url or stdlib}")
+        os.makedirs(out_dir, exist_ok=True)
+        remove_stale_temporaries(out_dir)
+
         # 1-3: clean, filter and dedup in stream order; the kept documents go to the scratch file
         n_in, chars_kept, tokens_kept, pieces_per_doc = 0, 0, 0, array.array("q")
         cleaned = collections.defaultdict(lambda: {"documents_changed": 0, "chars_removed": 0})
