@@ -9,14 +9,26 @@ removed.
     python prepare.py config/data_shakespeare_char.py   # Tiny Shakespeare, char-level (downloads 1.1 MB once)
     python prepare.py config/data_shakespeare_char.py --input=path/to/input.txt   # the same from a local copy
     python prepare.py --input=~/notes --glob='**/*.md' --dataset=notes --tokenizer=gpt2
+    python prepare.py config/data_fineweb_edu.py        # FineWeb-Edu's Parquet shards from the Hugging Face hub
+    python prepare.py --input=urls.txt --tokenizer=gpt2 --dataset=web --max_tokens=1_000_000_000
 
 Reads one of: --input (a file; a folder, searched recursively for the files
-matching --glob, skipping hidden and binary ones; or an http(s) URL), the
-preset's --url (downloaded once into <data_root>/<dataset>/download/ and checked
-against url_sha256), or, when both are empty, the standard library's own .py
-files without its test suites: about 12 MB of code on any machine, no network.
-A .jsonl file holds one document per line, in the record's text_field; any
-other file is one document (.html and .htm files are HTML, the rest plain text).
+matching --glob, skipping hidden ones and those in no known format; an http(s)
+URL; hf://datasets/OWNER/NAME/path/glob, a Hugging Face dataset's files; a file
+listing URLs, one a line, each optionally followed by its sha256; or several of
+these separated by spaces), the preset's --url (checked against url_sha256), or,
+when both are empty, the standard library's own .py files without its test
+suites: about 12 MB of code on any machine, no network.
+Formats, each streamed: Parquet (read a row group at a time; text_field is the
+column of the text), JSON Lines (.jsonl, .ndjson, and .json files whose content
+is a record a line), JSON arrays of records (.json), HTML (.html, .htm) and plain
+text (anything else); all but Parquet may be compressed as .gz, .zst or .zstd.
+Records' other fields can filter them (row_filters, e.g. FineWeb-Edu's score),
+and max_documents / max_tokens take a deterministic prefix of a large corpus.
+Downloads (into <data_root>/<dataset>/download/; hf:// ones into the hub's cache,
+HF_HOME, with HF_TOKEN for gated datasets) run download_workers at a time while
+earlier files are read; a dropped one resumes where it stopped, and each is
+checked against its sha256 when one is known (url_sha256, the URL list, the hub).
 
 The pipeline, each step switched on or off by the config (all off by default,
 so the default corpus of code goes through untouched; config/data_gutenberg.py
@@ -40,8 +52,12 @@ switches on everything):
 Documents stream through: steps 1-3 write the kept documents to a scratch file,
 which the tokenizer training and step 5 read back, and the per-document work
 (steps 1-2 and the hashing of 3, then tokenizing) runs in a pool of processes.
-Memory grows with the number of documents, not their size: a few numbers each,
-about 5 KB each with near dedup (the kept signatures and their LSH buckets).
+Memory grows with the number of documents, not their size: a few bytes each for
+the split, plus the dedup sets (see the README for measured sizes per million).
+The scratch file holds the kept text once more on disk. Progress bars show on a
+terminal; a log gets a line every 10 seconds instead. Ctrl-C leaves the earlier
+dataset as it was, and temporary files carry their writer's process id, so the
+next run removes those that a killed run left.
 
 Writes to <data_root>/<dataset>/:
     train.bin, val.bin  token ids, raw uint16 (uint32 when the vocabulary exceeds 65536), for np.memmap;
@@ -55,21 +71,33 @@ last, so a dataset with a meta.json is complete. Re-running with the same config
 rewrites byte-identical files (all but report.json, which holds timings).
 """
 
+import array
 import collections
+import concurrent.futures
+import contextlib
 import functools
+import gzip
 import hashlib
+import io
 import json
 import multiprocessing
 import os
 import re
+import signal
+import sys
 import sysconfig
+import threading
 import time
 import unicodedata
 import urllib.parse
 from html.parser import HTMLParser
 
 import numpy as np
+import pyarrow
+import pyarrow.parquet
 import requests
+import zstandard
+from tqdm import tqdm
 
 from configurator import configure
 from tokenizer import Tokenizer, count_words
@@ -80,16 +108,26 @@ dataset = "pystdlib"  # the folder under data_root
 data_root = "data"
 shard_tokens = 100_000_000  # tokens per bin file; a split with more is written as numbered shards
 # source
-input = ""  # a file, a folder or an http(s) URL; empty: url if set, else the standard library
+# --input: a file, a folder, an http(s) URL, hf://datasets/OWNER/NAME/path/glob, a file listing URLs (one a line,
+# each optionally followed by its sha256), or several of these separated by spaces; empty: url if set, else the
+# standard library
+input = ""
 url = ""  # a preset's download, used when input is empty
-url_sha256 = ""  # the download's expected sha256; empty skips the check
+url_sha256 = ""  # the expected sha256 of url, or of --input when it is a single URL; empty skips the check
 glob = "**/*"  # which files of a folder to read, matched on the path relative to it ('**/' spans folders)
-text_field = "text"  # the field of each .jsonl record that holds its document
+text_field = "text"  # the field (JSON) or column (Parquet) of each record that holds its document
+download_workers = 4  # downloads that run at once, ahead of the file being read
 # cleaning, in this order
 html_to_text = True  # .html/.htm files: the visible text, without tags, scripts, styles, navigation, headers, footers
 strip_gutenberg = False  # keep only the book between Project Gutenberg's "*** START OF" and "*** END OF" lines
 unicode_nfc = False  # compose characters (e + U+0301 becomes é), so equal text is equal bytes
 normalize_whitespace = False  # CRLF to LF, no trailing spaces, at most one blank line in a row
+# row filters on the records' other fields or columns: {column: (min, max) | [allowed values] | value};
+# e.g. {"score": (3, None), "language": "en"}; a record without the column is dropped
+row_filters = {}
+# limits: a deterministic prefix of a large corpus (0: no limit), counted after filters and dedup
+max_documents = 0
+max_tokens = 0  # with end-of-text; 'gpt2' and 'byte' tokenizers only (they exist before the corpus is read)
 # quality filters: {rule: (min, max)}, None for an open end; the rules are in _MEASURES, values in config/data_gutenberg.py
 quality_filters = {}
 # deduplication
@@ -120,42 +158,216 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def download(url, expected_sha256, folder):
-    """Fetch url into folder unless a matching copy is already there; return its path and sha256."""
+def progress(**kwargs):
+    """A tqdm bar on a terminal; nothing when stderr is a log file or a pipe."""
+    return tqdm(disable=not sys.stderr.isatty(), dynamic_ncols=True, **kwargs)
+
+
+def download(url, expected_sha256, folder, stop=None):
+    """Fetch url into folder unless a matching copy is already there; return its path and sha256.
+
+    The bytes arrive in <name>.part, which a dropped connection or an earlier run's failure leaves
+    behind: the next try asks the server for the rest only (an HTTP Range request). stop, a
+    threading.Event, ends a download in another thread between chunks."""
     path = os.path.join(folder, os.path.basename(urllib.parse.urlparse(url).path) or "download")
     if os.path.isfile(path):
         digest = file_sha256(path)
         if not expected_sha256 or digest == expected_sha256:
             print(f"using the cached download {path}")
             return path, digest
-        print(f"the cached {path} does not match url_sha256; downloading it again")
+        print(f"the cached {path} does not match its sha256; downloading it again")
+        os.remove(path)
     os.makedirs(folder, exist_ok=True)
-    tmp = path + ".part"
-    print(f"downloading {url}")
-    h = hashlib.sha256()
-    try:
-        with requests.get(url, stream=True, timeout=30) as r:
-            r.raise_for_status()
-            with open(tmp, "wb") as f:
-                for chunk in r.iter_content(1 << 20):
-                    f.write(chunk)
-                    h.update(chunk)
-        digest = h.hexdigest()
-        if expected_sha256 and digest != expected_sha256:
-            raise SystemExit(
-                f"prepare error: {url} has sha256 {digest}, expected {expected_sha256}; the file changed upstream: "
-                "check it, then pass --url_sha256=<its sha256> (or --url_sha256= to skip the check)"
-            )
-        os.replace(tmp, path)
-    except requests.RequestException as e:
+    part = path + ".part"
+    for attempt in range(3):
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        try:
+            with requests.get(url, stream=True, timeout=30, headers={"Range": f"bytes={have}-"} if have else {}) as r:
+                if r.status_code == 416:  # the part already holds the whole file
+                    break
+                r.raise_for_status()
+                if r.status_code != 206:  # the server ignored the range: start over
+                    have = 0
+                total = have + int(r.headers.get("Content-Length", 0)) or None
+                with open(part, "ab" if have else "wb") as f, \
+                        progress(total=total, initial=have, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+                    for chunk in r.iter_content(1 << 16):
+                        if stop is not None and stop.is_set():
+                            return None, None
+                        f.write(chunk)
+                        bar.update(len(chunk))
+            if total is None or os.path.getsize(part) >= total:
+                break
+            print(f"the connection to {url} dropped at {os.path.getsize(part):,} bytes; resuming")
+        except requests.RequestException as e:
+            if attempt == 2 or isinstance(e, requests.HTTPError):
+                raise SystemExit(
+                    f"prepare error: could not download {url} ({type(e).__name__}: {e}); "
+                    "check the URL and the network, or fetch the file another way and pass --input=PATH"
+                ) from None
+            print(f"the connection to {url} failed ({type(e).__name__}); resuming")
+    digest = file_sha256(part)
+    if expected_sha256 and digest != expected_sha256:
+        os.remove(part)
         raise SystemExit(
-            f"prepare error: could not download {url} ({type(e).__name__}: {e}); "
-            "check the network, or fetch the file another way and pass --input=PATH"
-        ) from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+            f"prepare error: {url} has sha256 {digest}, expected {expected_sha256}; the file changed upstream: "
+            "check it, then pass its sha256 (--url_sha256=, or after the URL in a URL list) or leave the check out"
+        )
+    os.replace(part, path)
     return path, digest
+
+
+def hub_files(pattern):
+    """(name, repo_id, revision, path in the repository, the hub's sha256 or None) of each file of a
+    dataset repository that hf://datasets/OWNER/NAME[@REVISION]/GLOB matches, in sorted order."""
+    # imported here: only hub inputs need it, and it adds about a second to every start
+    from huggingface_hub import HfFileSystem
+    from huggingface_hub.errors import HfHubHTTPError
+
+    fs = HfFileSystem()
+    try:
+        resolved = fs.resolve_path(pattern)
+        found = fs.glob(pattern, detail=True)
+    except (HfHubHTTPError, OSError, ValueError, NotImplementedError) as e:
+        raise SystemExit(f"prepare error: cannot list {pattern} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                         "check the dataset name and path, and HF_TOKEN for a gated or private dataset") from None
+    if resolved.repo_type != "dataset":
+        raise SystemExit(f"prepare error: {pattern} is not a dataset path; write hf://datasets/OWNER/NAME/path/glob")
+    prefix = f"{resolved.repo_type}s/{resolved.repo_id}"
+    files = []
+    for path, info in sorted(found.items()):
+        if info["type"] == "file":
+            in_repo = path.split("/", 3)[3] if path.startswith(prefix) else path
+            lfs = info.get("lfs") or {}
+            files.append((f"{resolved.repo_id}/{in_repo}", resolved.repo_id, resolved.revision, in_repo, lfs.get("sha256")))
+    return files
+
+
+def hub_download(repo_id, revision, in_repo, expected_sha256):
+    """A dataset file from the hub, through its cache (resumed downloads, HF_TOKEN, HF_HOME); checked against the hub's sha256."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        path = hf_hub_download(repo_id, in_repo, repo_type="dataset", revision=revision)
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise SystemExit(f"prepare error: could not download {in_repo} of {repo_id} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]}); check the network and HF_TOKEN") from None
+    digest = file_sha256(path)
+    if expected_sha256 and digest != expected_sha256:
+        raise SystemExit(f"prepare error: {in_repo} of {repo_id} in the hub cache has sha256 {digest}, the hub says "
+                         f"{expected_sha256}; delete it from the cache ({path}) and run again")
+    return path, digest
+
+
+_REMOTE = ("http://", "https://", "hf://")
+
+
+def is_remote(where):
+    return not isinstance(where, str) or where.startswith(_REMOTE)
+
+
+def url_list(path):
+    """The (URL, sha256 or '') lines of a file that holds only URLs, one a line, each optionally followed by
+    its sha256; None for any other file. Blank lines and lines starting with # are skipped."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return None
+    if b"\0" in head:
+        return None
+    entries = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields = line.split()
+            if not fields or fields[0].startswith("#"):
+                continue
+            if not fields[0].startswith(_REMOTE) or len(fields) > 2:
+                return None
+            entries.append((fields[0], fields[1] if len(fields) == 2 else ""))
+    return entries
+
+
+def input_sources(spec, out_dir):
+    """What --input names, as (name, local path or URL or hub file, expected sha256, found in a folder)
+    in reading order.
+
+    spec: a file, a folder, a URL, an hf:// glob, a file listing URLs, or several of these separated by
+    spaces or newlines. A single URL is checked against url_sha256. A file found in a folder is
+    skipped when in no known format; one named directly is an error."""
+    if os.path.exists(os.path.expanduser(spec)):
+        parts = [spec]  # a path with spaces in its name
+    else:
+        parts = spec.split()
+    sources = []
+    for part in parts:
+        if part.startswith("hf://"):
+            matches = hub_files(part)
+            if not matches:
+                raise SystemExit(f"prepare error: no file of the hub matches {part}; check the path and the glob")
+            sources += [(name, ("hub", repo, revision, in_repo), sha, False) for name, repo, revision, in_repo, sha in matches]
+        elif part.startswith(("http://", "https://")):
+            sources.append((os.path.basename(urllib.parse.urlparse(part).path) or part, part, "", False))
+        else:
+            path = os.path.expanduser(part)
+            if not os.path.exists(path):
+                raise SystemExit(f"prepare error: --input={part} does not exist; pass an existing file, folder, "
+                                 "http(s) URL or hf://datasets/... path")
+            if os.path.isdir(path):
+                found = list_files(path, glob, skip_folder=os.path.abspath(out_dir))
+                if not found:
+                    raise SystemExit(f"prepare error: no files in {path} match --glob={glob}; check --input and --glob")
+                sources += [(rel, p, "", True) for rel, p in found]
+            elif (urls := url_list(path)) is not None:
+                if not urls:
+                    raise SystemExit(f"prepare error: the URL list {path} names no URL; add one a line")
+                sources += [(os.path.basename(urllib.parse.urlparse(u).path) or u, u, sha, False) for u, sha in urls]
+            else:
+                sources.append((os.path.basename(path), path, "", False))
+    remote = [s for s in sources if is_remote(s[1])]
+    if len(sources) == 1 and remote and url_sha256 and not sources[0][2]:
+        sources[0] = (*sources[0][:2], url_sha256, False)
+    elif url_sha256 and len(remote) != 1:
+        raise SystemExit("prepare error: url_sha256 checks a single download, and --input names "
+                         f"{len(remote)}; give each URL's sha256 after it in a URL list instead")
+    names = [s[0] for s in remote if isinstance(s[1], str)]
+    if len(set(names)) < len(names):
+        raise SystemExit("prepare error: two URLs end in the same file name, and downloads are kept by name; "
+                         "download them yourself into one folder and pass --input=FOLDER")
+    return sources
+
+
+def in_background(fn, *args):
+    """Run fn(*args) in a daemon thread, which never holds up the exit after an error or Ctrl-C; return its Future."""
+    future = concurrent.futures.Future()
+
+    def run():
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # a SystemExit too: raised again where the result is read
+            future.set_exception(e)
+    threading.Thread(target=run, daemon=True).start()
+    return future
+
+
+def fetched(sources, folder, ahead, stop):
+    """(name, local path, sha256 or None, found in a folder) for each source in order; remote ones are
+    downloaded up to `ahead` at a time, so later shards arrive while earlier ones are read."""
+    def fetch(where, sha):
+        return hub_download(*where[1:], sha) if isinstance(where, tuple) else download(where, sha, folder, stop)
+
+    def result(entry):
+        name, where, future, listed = entry
+        return (name, where, None, listed) if future is None else (name, *future.result(), listed)
+
+    pending = collections.deque()
+    for name, where, sha, listed in sources:
+        pending.append((name, where, in_background(fetch, where, sha) if is_remote(where) else None, listed))
+        while len(pending) >= ahead or (pending and pending[0][2] is None):
+            yield result(pending.popleft())
+    while pending:
+        yield result(pending.popleft())
 
 
 def glob_regex(pattern):
@@ -198,58 +410,170 @@ def warn_replaced(source, replaced, stats):
         stats["replaced_chars"] += replaced
 
 
-def jsonl_documents(rel, f, text_field, stats, sha):
-    """(source, text) of each record of an open .jsonl file; a line that is not a record with a text_field string is skipped."""
-    n_bad, first_bad, replaced = 0, None, 0
-    for n, line in enumerate(f, 1):
-        sha.update(line)
-        if not line.strip():
+_FORMATS = ("plain text, HTML (.html, .htm), JSON Lines (.jsonl, .ndjson, or .json holding a record a line), "
+            "a JSON array of records (.json), Parquet (.parquet); each but Parquet also compressed as .gz, .zst or .zstd")
+
+
+def open_decompressed(path):
+    """The file's bytes, decompressed by its suffix (.gz, .zst, .zstd), as a buffered stream read on demand."""
+    lower = path.lower()
+    if lower.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if lower.endswith((".zst", ".zstd")):
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True), 1 << 20)
+    return open(path, "rb")
+
+
+def without_compression(name):
+    """The lower-cased name without a .gz, .zst or .zstd suffix: the name of the format inside."""
+    return re.sub(r"\.(gz|zst|zstd)$", "", name.lower())
+
+
+def file_format(name, head):
+    """'parquet', 'jsonl', 'json_array', 'html' or 'text', from the name without its compression suffix and
+    the first bytes of the (decompressed) content; None for a format prepare.py does not read."""
+    plain = without_compression(name)
+    if plain.endswith(".parquet"):  # read by seeking to its footer, so never compressed as a whole
+        return "parquet" if head.startswith(b"PAR1") and plain == name.lower() else None
+    if b"\0" in head:  # text never holds NUL bytes; images, archives and .bin files do
+        return None
+    if plain.endswith((".jsonl", ".ndjson")):
+        return "jsonl"
+    if plain.endswith(".json"):
+        first = head.lstrip()[:1]
+        # Dolma's and DCLM's shards, decompressed, are JSON Lines named .json
+        return {b"[": "json_array", b"{": "jsonl"}.get(first)
+    return "html" if plain.endswith((".html", ".htm")) else "text"
+
+
+def json_array_records(f):
+    """(number, item, 0) for each item of a JSON array, parsed one at a time from a stream, so the whole
+    file is never in memory."""
+    reader = io.TextIOWrapper(f, encoding="utf-8", errors="replace")
+    decoder, buffer, pos, started, n = json.JSONDecoder(), "", 0, False, 0
+    while True:
+        pos = len(buffer) - len(buffer[pos:].lstrip(" \t\r\n,[" if started else " \t\r\n"))
+        if not started and buffer[pos:pos + 1] == "[":
+            started, pos = True, pos + 1
             continue
-        line, line_replaced = decode(line)
+        if started and buffer[pos:pos + 1] == "]":
+            return
         try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
+            if pos == len(buffer) or not started:
+                raise ValueError
+            record, pos = decoder.raw_decode(buffer, pos)
+            n += 1
+            yield n, record, 0
+        except ValueError:  # the record runs past the buffer: read more
+            more = reader.read(1 << 20)
+            if not more:
+                if buffer[pos:].strip():
+                    yield n + 1, None, 0  # the array is cut short or malformed
+                return
+            buffer, pos = buffer[pos:] + more, 0
+
+
+def jsonl_records(f):
+    """(line number, record, characters replaced) of each line of a JSON Lines stream, None for a line
+    that is not JSON; blank lines skipped."""
+    for n, line in enumerate(f, 1):
+        if line.strip():
+            line, replaced = decode(line)
+            try:
+                yield n, json.loads(line), replaced
+            except ValueError:
+                yield n, None, replaced
+
+
+def parquet_records(path, columns):
+    """(row number, {column: value}, 0) for each row of a Parquet file, one row group at a time, reading
+    only the given columns."""
+    parquet = pyarrow.parquet.ParquetFile(path)
+    missing = [c for c in columns if c not in parquet.schema_arrow.names]
+    if missing:
+        raise SystemExit(f"prepare error: {path} has no column {', '.join(map(repr, missing))} (its columns: "
+                         f"{', '.join(parquet.schema_arrow.names)}); set --text_field or row_filters to one of them")
+    n = 0
+    for group in range(parquet.num_row_groups):
+        table = parquet.read_row_group(group, columns=columns)
+        values = [table.column(c).to_pylist() for c in columns]
+        for n, row in enumerate(zip(*values), n + 1):
+            yield n, dict(zip(columns, row)), 0
+
+
+def row_filter_problem(record, filters):
+    """The first column of filters that record fails, or None. A (min, max) tuple bounds a number (None:
+    open end), a list holds the values allowed, anything else is the one value allowed."""
+    for column, allowed in filters.items():
+        value = record.get(column)
+        if isinstance(allowed, tuple):
+            low, high = allowed
+            if not isinstance(value, (int, float)) or (low is not None and value < low) or (high is not None and value > high):
+                return column
+        elif value not in (allowed if isinstance(allowed, list) else [allowed]):
+            return column
+    return None
+
+
+def record_documents(name, records, stats, removed):
+    """(source, text) of each record that holds a text_field string and passes row_filters."""
+    n_bad, first_bad, replaced = 0, None, 0
+    for n, record, line_replaced in records:
         text = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(text, str):
             n_bad, first_bad = n_bad + 1, first_bad or n
             continue
+        if row_filters and (column := row_filter_problem(record, row_filters)):
+            removed[f"row_filter:{column}"] += 1
+            continue
         # JSON can spell half of a surrogate pair ("\ud83d"), which is no character and has no UTF-8
         text, surrogates = re.subn("[\ud800-\udfff]", "\ufffd", text)
         replaced += line_replaced + surrogates
-        yield f"{rel}:{n}", text
-    warn_replaced(rel, replaced, stats)
+        yield f"{name}:{n}", text
+    warn_replaced(name, replaced, stats)
     if n_bad:
-        print(f"warning: skipping {n_bad:,} lines of {rel} that are not JSON records with a '{text_field}' string "
-              f"(the first: line {first_bad}); set --text_field to the field that holds the text")
+        print(f"warning: skipping {n_bad:,} records of {name} that are not JSON records with a '{text_field}' string "
+              f"(the first: {name}:{first_bad}); set --text_field to the field that holds the text")
         stats["bad_records"] += n_bad
 
 
-def read_documents(files, text_field, stats):
-    """Yield (source, text) for every document of the files, skipping binary files; stats counts what was read."""
+def read_documents(files, stats, removed):
+    """Yield (source, text) for every document of the files ((name, path, sha256 or None, found in a folder)
+    each); a file in no known format is an error, or skipped with a warning when found in a folder; stats
+    counts what was read, removed the records that row_filters drop."""
     combined = hashlib.sha256()
-    for rel, path in files:
+    for name, path, digest, listed in files:
         try:
-            with open(path, "rb") as f:
-                if b"\0" in f.read(8192):  # text files never hold NUL bytes; images, archives and .bin files do
-                    print(f"warning: skipping binary file {rel}")
-                    stats["skipped_binary"] += 1
-                    continue
-                f.seek(0)
-                sha = hashlib.sha256()
-                if rel.endswith(".jsonl"):  # read line by line: a .jsonl file can be larger than memory
-                    yield from jsonl_documents(rel, f, text_field, stats, sha)
-                else:
-                    data = f.read()
-                    sha.update(data)
-                    text, replaced = decode(data)
-                    warn_replaced(rel, replaced, stats)
-                    yield rel, text
-        except OSError as e:
-            raise SystemExit(f"prepare error: cannot read {path} ({e.strerror}); fix its permissions or leave it out with --glob")
+            with open_decompressed(path) as f:
+                kind = file_format(name, f.read(8192))
+            if kind is None:
+                if not listed:
+                    raise SystemExit(f"prepare error: {name} is in no format prepare.py reads; it reads {_FORMATS}")
+                print(f"warning: skipping binary file {name}: in no format prepare.py reads")
+                stats["skipped_binary"] += 1
+                continue
+            if kind == "parquet":
+                columns = list(dict.fromkeys([text_field, *row_filters]))
+                yield from record_documents(name, parquet_records(path, columns), stats, removed)
+            else:
+                with open_decompressed(path) as f:
+                    if kind == "jsonl":  # read line by line: a .jsonl file can be larger than memory
+                        yield from record_documents(name, jsonl_records(f), stats, removed)
+                    elif kind == "json_array":
+                        yield from record_documents(name, json_array_records(f), stats, removed)
+                    else:
+                        text, replaced = decode(f.read())
+                        warn_replaced(name, replaced, stats)
+                        yield name, text
+        except (OSError, EOFError, zstandard.ZstdError, pyarrow.ArrowException) as e:
+            raise SystemExit(f"prepare error: cannot read {path} ({type(e).__name__}: {e}); "
+                             "check the file (a truncated download?) or leave it out with --glob")
+        if digest:
+            stats["downloads"] += 1
+            stats["download_sha256"] = digest
         stats["files"] += 1
         stats["bytes"] += os.path.getsize(path)
-        combined.update(f"{rel}\0{sha.hexdigest()}\n".encode(errors="surrogateescape"))
+        combined.update(f"{name}\0{digest or file_sha256(path)}\n".encode(errors="surrogateescape"))
         stats["sha256"] = combined.hexdigest()
 
 
@@ -332,11 +656,15 @@ def tidy_whitespace(text):
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
+def is_html(name):
+    return without_compression(name).endswith((".html", ".htm"))
+
+
 def clean(source, text, config):
     """The text after each switched-on cleaning step, and for each step (whether it changed the text, characters removed)."""
     changes = {}
     steps = [
-        ("html", config["html_to_text"] and source.lower().endswith((".html", ".htm")), html_text),
+        ("html", config["html_to_text"] and is_html(source), html_text),
         ("gutenberg", config["strip_gutenberg"], gutenberg_text),
         ("nfc", config["unicode_nfc"], lambda t: unicodedata.normalize("NFC", t)),
         ("whitespace", config["normalize_whitespace"], tidy_whitespace),
@@ -421,7 +749,8 @@ def non_alphabetic(text):
     return ratio(len(re.sub(r"[^\W\d_]+", "", non_space)), len(non_space))
 
 
-# The quality rules by name, as quality_filters names them. Underscored: a config key holds values, not functions.
+# The quality rules by name, as quality_filters names them. Underscored, like the other module-level
+# constants: a config key holds settings.
 _MEASURES = {
     "words": lambda text: len(words_of(text)),
     "mean_word_length": mean_word_length,
@@ -503,18 +832,21 @@ class Duplicates:
     def __init__(self, bands, rows, threshold):
         self.rows, self.threshold = rows, threshold
         self.exact = {}  # exact key → source
-        self.buckets = [{} for _ in range(bands)]  # for each band: {its rows' values: indices into self.kept}
+        self.buckets = [{} for _ in range(bands)]  # for each band: {its rows' values' hash: index or indices into self.kept}
         self.kept = []  # (source, signature)
 
     def bands(self, signature):
-        return [signature[i:i + self.rows].tobytes() for i in range(0, len(self.buckets) * self.rows, self.rows)]
+        # a 64-bit hash of each band's values stands for them: half the memory of the bytes, and two
+        # different bands share one with probability 2**-64
+        return [hash(signature[i:i + self.rows].tobytes()) for i in range(0, len(self.buckets) * self.rows, self.rows)]
 
     def match(self, source, key, signature):
         """('exact' or 'near', the kept source that text repeats), or None after remembering source as kept."""
         if key is not None and key in self.exact:
             return "exact", self.exact[key]
         if signature is not None:
-            candidates = {i for bucket, band in zip(self.buckets, self.bands(signature)) for i in bucket.get(band, ())}
+            held = [bucket.get(band, ()) for bucket, band in zip(self.buckets, self.bands(signature))]
+            candidates = {i for h in held for i in ((h,) if isinstance(h, int) else h)}
             for i in sorted(candidates):
                 kept_source, kept_signature = self.kept[i]
                 if np.mean(kept_signature == signature) >= self.threshold:
@@ -522,8 +854,13 @@ class Duplicates:
         if key is not None:
             self.exact[key] = source
         if signature is not None:
+            index = len(self.kept)
             for bucket, band in zip(self.buckets, self.bands(signature)):
-                bucket.setdefault(band, []).append(len(self.kept))
+                held = bucket.setdefault(band, index)  # a lone index, the common case, needs no list
+                if isinstance(held, list):
+                    held.append(index)
+                elif held != index:
+                    bucket[band] = [held, index]
             self.kept.append((source, signature))
         return None
 
@@ -533,15 +870,28 @@ class Duplicates:
 _worker = {}  # a worker process's own state, set once by the pool's initializer, not sent with every task
 
 
+def start_worker():
+    # Ctrl-C reaches every process of the terminal's group: the main process alone stops the run,
+    # and ends the workers without each printing a traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def start_cleaner(config):
+    start_worker()
+    load_cleaner(config)
+
+
+def load_cleaner(config):
     _worker["config"] = config
     _worker["minhash"] = minhash_functions(config["minhash_bands"] * config["minhash_rows"])
+    if config["max_tokens"]:
+        _worker["tokenizer"] = Tokenizer.train(config["tokenizer"])
 
 
 def clean_and_check(batch):
     """For each (source, text): the cleaned text, what each cleaning step changed, the quality rule it
-    breaks (or None), its dedup keys and, for 'bpe', its word counts; the decisions that need the
-    whole corpus stay with the caller."""
+    breaks (or None), its dedup keys, for 'bpe' its word counts, and when max_tokens is set its tokens
+    (with end-of-text); the decisions that need the whole corpus stay with the caller."""
     s = _worker["config"]
     results = []
     for source, text in batch:
@@ -551,11 +901,13 @@ def clean_and_check(batch):
         key = exact_key(normal) if normal is not None and s["dedup_exact"] else None
         signature = minhash(normal, *_worker["minhash"]) if normal is not None and s["dedup_near"] else None
         words = count_words([text]) if rule is None and s["tokenizer"] == "bpe" else None
-        results.append((source, text, changes, rule, key, signature, words))
+        tokens = len(_worker["tokenizer"].encode(text)) + 1 if rule is None and s["max_tokens"] else 0
+        results.append((source, text, changes, rule, key, signature, words, tokens))
     return results
 
 
 def start_encoder(description, dtype):
+    start_worker()
     # The tokenizer is rebuilt from its description in each worker: the same description a checkpoint carries.
     _worker["tokenizer"], _worker["dtype"] = Tokenizer(description), dtype
 
@@ -655,7 +1007,7 @@ class ShardWriter:
     def next_file(self):
         if self.file:
             self.file.close()
-        self.temporary.append(os.path.join(self.folder, f"{self.split}_{len(self.temporary):03d}.bin.tmp"))
+        self.temporary.append(temporary_name(os.path.join(self.folder, f"{self.split}_{len(self.temporary):03d}.bin")))
         self.file = open(self.temporary[-1], "wb")
         self.room = self.shard_tokens
 
@@ -676,8 +1028,31 @@ def unigram_loss(train_counts, val_counts):
     return float(-(val_counts * np.log(p)).sum() / val_counts.sum())
 
 
+def temporary_name(path):
+    """Where a file is written before it is renamed to path: the process id in the name tells a
+    later run whether the file's writer is still alive."""
+    return f"{path}.{os.getpid()}.tmp"
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files that a killed run left in folder (their process is gone)."""
+    for name in os.listdir(folder):
+        match = re.fullmatch(r".+\.(\d+)\.tmp", name)
+        if not match:
+            continue
+        try:
+            os.kill(int(match[1]), 0)  # signal 0 only asks whether the process exists
+            continue
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # alive, run by another user
+            continue
+        os.remove(os.path.join(folder, name))
+        print(f"removed {name}, left by a run that was stopped")
+
+
 def save_json(path, obj):
-    tmp = path + ".tmp"
+    tmp = temporary_name(path)
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
@@ -685,7 +1060,7 @@ def save_json(path, obj):
 
 
 def save_text(path, text):
-    tmp = path + ".tmp"
+    tmp = temporary_name(path)
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
@@ -704,8 +1079,25 @@ def check_config():
     if tokenizer == "bpe" and bpe_vocab_size < 258:
         raise SystemExit(f"prepare error: bpe_vocab_size={bpe_vocab_size} leaves no room for merges after the 256 bytes "
                          "and end-of-text; use e.g. --bpe_vocab_size=8192")
-    if not 0 <= val_fraction < 1:
-        raise SystemExit(f"prepare error: val_fraction={val_fraction} is outside [0, 1); use e.g. --val_fraction=0.1")
+    if not dataset or dataset in (".", "..") or os.path.basename(dataset) != dataset or "\\" in dataset:
+        raise SystemExit(f"prepare error: --dataset={dataset!r} is not a folder name; name one folder under "
+                         f"{data_root}, e.g. --dataset=mycorpus")
+    if not 0 < val_fraction < 1:  # train.py needs a val split to evaluate on
+        raise SystemExit(f"prepare error: val_fraction={val_fraction} is outside (0, 1), and training needs a val "
+                         "split; use e.g. --val_fraction=0.1 (or 0.001 for a large corpus)")
+    if max_documents < 0 or max_tokens < 0:
+        raise SystemExit(f"prepare error: max_documents={max_documents} and max_tokens={max_tokens} must not be "
+                         "negative; use 0 for no limit")
+    if max_tokens and tokenizer not in ("gpt2", "byte"):
+        raise SystemExit(f"prepare error: max_tokens needs a tokenizer that exists before the corpus is read "
+                         f"(gpt2 or byte), not {tokenizer}; use --max_documents instead")
+    if download_workers < 1:
+        raise SystemExit(f"prepare error: download_workers={download_workers} must be positive; use e.g. --download_workers=4")
+    for column, allowed in row_filters.items():
+        if isinstance(allowed, tuple) and not (len(allowed) == 2 and all(
+                v is None or isinstance(v, (int, float)) for v in allowed)):
+            raise SystemExit(f"prepare error: row_filters['{column}'] = {allowed!r} is not a (min, max) pair; write "
+                             "e.g. {'score': (3, None)}, a list of allowed values, or the one value allowed")
     if max_document_chars < 1:
         raise SystemExit(f"prepare error: max_document_chars={max_document_chars} must be positive; use e.g. --max_document_chars=100000")
     if shard_tokens < 1:
@@ -738,49 +1130,49 @@ if __name__ == "__main__":
     out_dir = os.path.join(data_root, dataset)
     workers = num_workers or os.cpu_count()
 
-    # find the source: --input, else the preset's download, else the standard library
-    url_digest = None
-    if input.startswith(("http://", "https://")):
-        source, url_digest = download(input, "", os.path.join(out_dir, "download"))
-    elif input:
-        source = os.path.expanduser(input)
-        if not os.path.exists(source):
-            raise SystemExit(f"prepare error: --input={input} does not exist; pass an existing file, folder or http(s) URL")
-    elif url:
-        source, url_digest = download(url, url_sha256, os.path.join(out_dir, "download"))
-    else:
-        source = sysconfig.get_paths()["stdlib"]
-    if os.path.isfile(source):
-        files = [(os.path.basename(source), source)]
-    elif input:
-        files = list_files(source, glob, skip_folder=os.path.abspath(out_dir))
-    else:
-        # the standard library's own modules: not the third-party packages installed inside it, nor its test suites
-        skip = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
-        files = [f for f in list_files(source, glob, skip_names=skip) if f[0].endswith(".py")]
-    if not files:
-        raise SystemExit(f"prepare error: no files in {source} match --glob={glob}; check --input and --glob")
-    print(f"reading {len(files):,} files from {source}")
-
     stats = collections.Counter(files=0, bytes=0, skipped_binary=0, replaced_chars=0, bad_records=0)
-    scratch = os.path.join(out_dir, "documents.jsonl.tmp")
-    writers = {}
-    os.makedirs(out_dir, exist_ok=True)
+    scratch = temporary_name(os.path.join(out_dir, "documents.jsonl"))
+    writers, replacing = {}, False
+    stop_downloads = threading.Event()
     try:
+        # find the sources: --input, else the preset's download, else the standard library
+        if input:
+            sources = input_sources(input, out_dir)
+        elif url:
+            sources = [(os.path.basename(urllib.parse.urlparse(url).path) or "download", url, url_sha256, False)]
+        else:
+            # the standard library's own modules: not the third-party packages installed inside it, nor its test suites
+            skip = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
+            stdlib = sysconfig.get_paths()["stdlib"]
+            sources = [(rel, path, "", True) for rel, path in list_files(stdlib, glob, skip_names=skip) if rel.endswith(".py")]
+        print(f"reading {len(sources):,} files from {input or url or stdlib}")
+        os.makedirs(out_dir, exist_ok=True)
+        remove_stale_temporaries(out_dir)
+
         # 1-3: clean, filter and dedup in stream order; the kept documents go to the scratch file
-        n_in, chars_kept, pieces_per_doc = 0, 0, []
+        n_in, chars_kept, tokens_kept, pieces_per_doc = 0, 0, 0, array.array("q")
         cleaned = collections.defaultdict(lambda: {"documents_changed": 0, "chars_removed": 0})
         removed = collections.Counter({rule: 0 for rule in ["empty", *quality_filters]})
         duplicates = collections.Counter(exact=0, near=0)
         examples = collections.defaultdict(list)  # the first few documents each rule removed, to look at
         seen = Duplicates(minhash_bands, minhash_rows, near_threshold)
         word_counts = collections.Counter()  # 'bpe': the pre-tokenized words of the kept documents
-        last_print = time.time()
-        with multiprocessing.Pool(workers, initializer=start_cleaner, initargs=(config,)) as pool, \
-                open(scratch, "w", encoding="utf-8") as out:
-            documents = read_documents(files, text_field, stats)
-            for results in imap_bounded(pool, clean_and_check, batched(documents), 2 * workers):
-                for source_name, text, changes, rule, key, signature, words in results:
+        last_print, limit_reached = time.time(), False
+        files = fetched(sources, os.path.join(out_dir, "download"), download_workers, stop_downloads)
+        # a pool costs a round trip of each document's text: worth it only when there is work to share out
+        share_out = bool(quality_filters or dedup_exact or dedup_near or max_tokens or tokenizer == "bpe" or strip_gutenberg
+                         or unicode_nfc or normalize_whitespace or html_to_text and any(is_html(s[0]) for s in sources))
+        if not share_out:
+            load_cleaner(config)
+        with (multiprocessing.Pool(workers, initializer=start_cleaner, initargs=(config,)) if share_out
+              else contextlib.nullcontext()) as pool, \
+                open(scratch, "w", encoding="utf-8") as out, progress(unit=" docs", desc="reading") as bar:
+            documents = read_documents(files, stats, removed)
+            checked = imap_bounded(pool, clean_and_check, batched(documents), 2 * workers) if share_out else \
+                map(clean_and_check, batched(documents))
+            for results in checked:
+                bar.update(len(results))
+                for source_name, text, changes, rule, key, signature, words, tokens in results:
                     n_in += 1
                     for step, (changed, chars_removed) in changes.items():
                         cleaned[step]["documents_changed"] += changed
@@ -799,22 +1191,31 @@ if __name__ == "__main__":
                     out.write(json.dumps(text, ensure_ascii=False) + "\n")
                     word_counts.update(words or {})
                     chars_kept += len(text)
+                    tokens_kept += tokens
                     pieces_per_doc.append(len(split_document(text, max_document_chars)))
-                if time.time() - last_print > 10:
+                    limit_reached = len(pieces_per_doc) == max_documents or 0 < max_tokens <= tokens_kept
+                    if limit_reached:
+                        break
+                if limit_reached:
+                    print(f"stopping at the limit: {len(pieces_per_doc):,} documents kept"
+                          + (f", {tokens_kept:,} tokens" if max_tokens else ""))
+                    break
+                if bar.disable and time.time() - last_print > 10:
                     print(f"  {n_in:,} documents read, {len(pieces_per_doc):,} kept", flush=True)
                     last_print = time.time()
+            documents.close()
         t_clean = time.time() - t0
-        sources = {"input": input or url or source}
+        sources = {"input": input or url or stdlib}
         sources.update((k, stats[k]) for k in ("files", "bytes", "sha256", "skipped_binary", "replaced_chars", "bad_records"))
-        if url_digest:
-            sources["url_sha256"] = url_digest
+        if stats["downloads"] == 1:
+            sources["url_sha256"] = stats["download_sha256"]
         print(f"read {stats['files']:,} files, {stats['bytes'] / 1e6:.1f} MB: {n_in:,} documents")
         for step, c in cleaned.items():
             print(f"cleaning {step}: {c['documents_changed']:,} documents changed, {c['chars_removed']:,} characters removed")
         print(f"removed: {summary_line(removed)}; duplicates: {summary_line(duplicates)}")
         n_docs, n_pieces = len(pieces_per_doc), sum(pieces_per_doc)
         if n_docs == 0:
-            raise SystemExit(f"prepare error: none of the {n_in:,} documents from {source} is left "
+            raise SystemExit(f"prepare error: none of the {n_in:,} documents from {sources['input']} is left "
                              f"(removed: {summary_line(removed)}; duplicates: {summary_line(duplicates)}); "
                              "point --input at text files, or loosen quality_filters")
         if n_pieces < 2:
@@ -835,26 +1236,33 @@ if __name__ == "__main__":
         counts = {split: np.zeros(tok.vocab_size, dtype=np.int64) for split in writers}
         documents_per_split = collections.Counter()
         units = pieces_by_split(read_scratch(scratch), is_val, max_document_chars)
-        with multiprocessing.Pool(workers, initializer=start_encoder, initargs=(tok.description, dtype)) as pool:
+        with multiprocessing.Pool(workers, initializer=start_encoder, initargs=(tok.description, dtype)) as pool, \
+                progress(total=n_pieces, unit=" pieces", desc="tokenizing") as bar:
             for results in imap_bounded(pool, encode_batch, batched(units), 2 * workers):
+                bar.update(len(results))
                 for split, ids, ends in results:
                     writers[split].write(ids)
                     counts[split] += np.bincount(ids, minlength=tok.vocab_size)
                     documents_per_split[split] += ends
-                if time.time() - last_print > 10:
+                if bar.disable and time.time() - last_print > 10:
                     print(f"  {writers['train'].tokens + writers['val'].tokens:,} tokens written", flush=True)
                     last_print = time.time()
 
         # write: the old meta.json goes first, so a crash in between never pairs new bins with old
         # counts; then the bins are renamed into place, and meta.json comes last
         meta_path = os.path.join(out_dir, "meta.json")
+        replacing = True
         if os.path.exists(meta_path):
             os.remove(meta_path)
         splits = {}
         for split, writer in writers.items():
             splits[split] = {"files": writer.finish(), "tokens": writer.tokens, "documents": documents_per_split[split],
                              "pieces": int(is_val.sum() if split == "val" else (~is_val).sum())}
+    except KeyboardInterrupt:
+        state = "is left without meta.json: run again to finish it" if replacing else "is as it was before this run"
+        raise SystemExit(f"prepare stopped: interrupted; {out_dir} {state}") from None
     finally:  # whatever stopped the run, leave no scratch or half-written bin behind
+        stop_downloads.set()
         for path in [scratch] + [p for w in writers.values() for p in w.temporary]:
             if os.path.exists(path):
                 os.remove(path)

@@ -500,7 +500,7 @@ def test_jsonl_records_and_html_pages_are_documents_and_bad_records_are_skipped_
     jsonl = "".join(json.dumps(r) + "\n" for r in records) + "\nnot json\n" + json.dumps({"text": "third\n"}) + "\n"
     write_files(tmp_path / "in", {"a.jsonl": jsonl, "page.html": PAGE, "notes.md": "# Notes\n"})
     result = prepare_run(tmp_path, f"--input={tmp_path / 'in'}")
-    assert "skipping 2 lines of a.jsonl" in result.stdout and "(the first: line 3)" in result.stdout
+    assert "skipping 2 records of a.jsonl" in result.stdout and "(the first: a.jsonl:3)" in result.stdout
     meta, ids = load(tmp_path / "data" / "t")
     assert meta["sources"]["files"] == 3 and meta["sources"]["bad_records"] == 2
     assert sorted(documents(meta, ids["train"]) + documents(meta, ids["val"])) == sorted(
