@@ -120,6 +120,8 @@ class RunLog:
         if not enabled:  # not rank 0: nothing to write, no tracker to open
             return
         self.out_dir, self.step, self.plotted = out_dir, 0, False
+        # how long the last drawing took (a guess before the first) and when it ended (or the run began)
+        self.plot_seconds, self.plotted_at = 1.0, time.time()
         os.makedirs(out_dir, exist_ok=True)
         self.trackers = []
         if config.get("wandb_project"):
@@ -140,18 +142,23 @@ class RunLog:
             tracker.log(record)
         self.step, self.plotted = record["step"], False
 
-    def plot(self):
-        """Draw out_dir/plot.png; returns its path, or None when matplotlib is missing (said once)."""
-        if not self.enabled:
+    def plot(self, always=False):
+        """Draw out_dir/plot.png at an evaluation; returns its path, or None when matplotlib is missing
+        (said once) or when drawing now would take more than a twentieth of the time since the last
+        drawing (a second or so on a CPU: runs with evaluations seconds apart draw only at the end)."""
+        if not self.enabled or not always and time.time() - self.plotted_at < 20 * self.plot_seconds:
             return None
-        self.plotted = True
-        return plot_runs([self.out_dir], os.path.join(self.out_dir, "plot.png"))
+        start = time.time()
+        path = plot_runs([self.out_dir], os.path.join(self.out_dir, "plot.png"))
+        self.plotted, self.plotted_at = path is not None, time.time()
+        self.plot_seconds = self.plotted_at - start
+        return path
 
     def finish(self):
         """At the end of the run: the last plot (also to the trackers), report.md, the trackers closed."""
         if not self.enabled:
             return
-        plot_path = os.path.join(self.out_dir, "plot.png") if self.plotted else self.plot()
+        plot_path = os.path.join(self.out_dir, "plot.png") if self.plotted else self.plot(always=True)
         self.run_info["seconds"] = time.time() - self.run_info["started"]
         save_atomically(os.path.join(self.out_dir, "run.json"), lambda f: json.dump(self.run_info, f, indent=1))
         for tracker in self.trackers:
@@ -286,8 +293,11 @@ def number(value, digits=4):
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def rate(tokens_per_sec):
-    return "-" if tokens_per_sec is None else f"{tokens_per_sec:,.0f}"
+def formatted(key, value):
+    """value as a card shows the metric key: tokens/s whole, MFU in percent, the rest by number."""
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if key == "tokens_per_sec" else f"{100 * value:.1f}%" if key == "mfu" else number(value)
 
 
 def duration(seconds):
@@ -316,13 +326,11 @@ def card(summary, image_prefix=""):
     for key, name in (("steps", "steps"), ("tokens", "tokens trained on"), ("tokens_per_sec", "tokens/s (median)"),
                       ("mfu", "MFU (median)"), ("best_val_loss", "best val loss"), ("unigram_loss", "unigram loss")):
         if summary.get(key) is not None:
-            value = summary[key]
-            facts.append((name, f"{100 * value:.1f}%" if key == "mfu" else rate(value) if key == "tokens_per_sec"
-                          else number(value)))
+            facts.append((name, formatted(key, summary[key])))
     lines += ["", *table(("", ""), facts)]
     if summary.get("final"):
         lines += ["", "Final numbers (last log step and last evaluation):", "",
-                  *table(("metric", "value"), [(k, number(v)) for k, v in summary["final"].items()])]
+                  *table(("metric", "value"), [(k, formatted(k, v)) for k, v in summary["final"].items()])]
     if "prepare" in summary:
         report = summary["prepare"]
         rows = [(k, number(v)) for k, v in report.get("output", {}).items() if not isinstance(v, dict)]
@@ -362,8 +370,8 @@ def comparison(summaries):
     for s in summaries:
         final = s.get("final", {})
         rows.append([s["folder"], s.get("stage", "run"), number(s.get("steps")), number(s.get("tokens")),
-                     duration(s.get("seconds")), rate(s.get("tokens_per_sec")),
-                     f"{100 * s['mfu']:.1f}%" if s.get("mfu") is not None else "-",
+                     duration(s.get("seconds")), formatted("tokens_per_sec", s.get("tokens_per_sec")),
+                     formatted("mfu", s.get("mfu")),
                      number(final.get("loss")), number(final.get("val_loss")),
                      *[number(headline(s["evaluations"][t])[1]) if t in s["evaluations"] else "-" for t in tasks]])
     return "\n".join(table(header, rows)) + "\n"

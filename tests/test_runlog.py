@@ -2,6 +2,7 @@
 exactly the records of metrics.jsonl, and the report cards hold the run's final numbers.
 (About 20 s on 2 idle cores: one tiny train.py run and three small subprocesses.)"""
 
+import importlib.util
 import json
 import os
 import statistics
@@ -79,6 +80,9 @@ def fake_tensorboard(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
     return calls
 
+needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                                      reason="matplotlib is not installed (pip install matplotlib)")
+
 
 def read_metrics(folder):
     with open(os.path.join(folder, "metrics.jsonl")) as f:
@@ -106,6 +110,7 @@ def write_synthetic_run(folder, steps=100, val_every=25, scale=1.0):
                         + "\n")
 
 
+@needs_matplotlib
 def test_plot_py_draws_several_runs_into_a_png_of_the_expected_size(tmp_path):
     write_synthetic_run(tmp_path / "a")
     write_synthetic_run(tmp_path / "b", steps=60, scale=1.2)
@@ -134,6 +139,7 @@ def test_without_matplotlib_the_plot_is_skipped_with_one_line(tmp_path, monkeypa
     assert not (tmp_path / "plot.png").exists()
 
 
+@needs_matplotlib
 def test_trackers_receive_the_records_of_metrics_jsonl_the_config_and_the_plot(tmp_path, fake_wandb,
                                                                                 fake_tensorboard):
     config = {"learning_rate": 1e-3, "wandb_project": "proj", "tensorboard": True}
@@ -175,6 +181,7 @@ def test_only_rank_0_logs_the_other_processes_import_and_write_nothing(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+@needs_matplotlib
 def test_train_py_sends_its_records_to_wandb_and_leaves_a_plot_and_a_card(tiny_data_root, tmp_path, fake_wandb):
     out_dir = tmp_path / "run"
     run_script("train.py", *TINY_MODEL, f"--data_root={tiny_data_root}", "--dataset=tiny", f"--out_dir={out_dir}",
