@@ -13,7 +13,7 @@ Reads the chat checkpoint init_from (from sft.py, or an earlier dpo.py run) and 
 records (instruction and input, or messages ending with the user's turn, plus "chosen" and
 "rejected"; see chat.py). Writes out_dir/ckpt-<step>.pt (kind 'dpo'; with LoRA, only the
 adapters and the base's name, step and sha256; and the optimizer state, the step and every
-process's random state), out_dir/ckpt.pt linked to the newest, and out_dir/metrics.jsonl.
+process's random state), out_dir/ckpt.pt linked to the newest, and out_dir/metrics.jsonl, plot.png, report.md.
 resume='yes' (or 'auto', for torchrun --max-restarts) continues the run in out_dir exactly; see
 sft.py's docstring.
 

@@ -17,7 +17,7 @@ the chat tokens gets them first. A fixed val_fraction of the records is held out
 loss: the mean loss per assistant token. Writes out_dir/ckpt-<step>.pt (kind 'sft'; with
 LoRA, only the adapters and the name, step and sha256 of the base; and the optimizer state,
 the step and every process's random state) with out_dir/ckpt.pt linked to the newest, and
-out_dir/metrics.jsonl. sample.py --chat, evaluate.py and dpo.py read the checkpoint.
+out_dir/metrics.jsonl, plot.png and report.md. sample.py --chat, evaluate.py and dpo.py read the checkpoint.
 
 Batches: packing lays the shuffled examples end to end into rows of block_size tokens, with
 attention kept inside each example (model.forward's doc_ids), so no compute goes to padding;

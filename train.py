@@ -17,7 +17,7 @@ Reads data/<dataset>/meta.json and its bins. Writes out_dir/ckpt-<step>.pt
 everything sample.py needs and everything a resumed run needs to continue
 exactly), keeps the last keep_checkpoints of them with out_dir/ckpt.pt linked to
 the newest, and appends one JSON line per log step and per evaluation to
-out_dir/metrics.jsonl.
+out_dir/metrics.jsonl, and plot.png and report.md at the end (runlog.py).
 
 Under torchrun each process trains on its own batches and the gradients are
 averaged once per optimizer step. total_batch_tokens fixes the tokens per step,
