@@ -29,8 +29,8 @@ import statistics
 import tempfile
 import time
 
-PLOT_SIZE = (12, 7)  # inches; at PLOT_DPI the PNG is 1200 x 700 pixels
-PLOT_DPI = 100
+PLOT_SIZE = (12, 7)  # inches; at PLOT_DPI the PNG is 1080 x 630 pixels
+PLOT_DPI = 90
 
 
 def save_atomically(path, write, mode="w"):
