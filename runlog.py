@@ -247,6 +247,7 @@ def summarise(folder):
         summary["stage"] = "prepare"
         summary["prepare"] = read_json(os.path.join(folder, "report.json"))
         summary["seconds"] = summary["prepare"].get("seconds", {}).get("total")
+        summary["tokens"] = sum(summary["prepare"].get("output", {}).get("tokens", {}).values()) or None
         if os.path.isfile(os.path.join(folder, "meta.json")):
             meta = read_json(os.path.join(folder, "meta.json"))
             summary["tokenizer"] = f"{meta['tokenizer']['kind']}, vocabulary {meta['vocab_size']}"
@@ -323,7 +324,7 @@ def card(summary, image_prefix=""):
     if summary.get("started"):
         facts.append(("started", time.strftime("%Y-%m-%d %H:%M", time.localtime(summary["started"]))))
     facts.append(("time", duration(summary.get("seconds"))))
-    for key, name in (("steps", "steps"), ("tokens", "tokens trained on"), ("tokens_per_sec", "tokens/s (median)"),
+    for key, name in (("steps", "steps"), ("tokens", "tokens" if stage == "prepare" else "tokens trained on"), ("tokens_per_sec", "tokens/s (median)"),
                       ("mfu", "MFU (median)"), ("best_val_loss", "best val loss"), ("unigram_loss", "unigram loss")):
         if summary.get(key) is not None:
             facts.append((name, formatted(key, summary[key])))

@@ -224,5 +224,5 @@ def test_report_py_joins_the_cards_of_a_pipeline_with_a_comparison_table(tmp_pat
                            for run in (pre, post))
     assert f"| {pre} | run | 100 | 409,600 | 1.7 min | {pre_rate:,.0f} | 30.0% | 0.8333 | 0.8667 | - |" in page
     assert f"| {post} | run | 50 | 204,800 | 50.0 s | {post_rate:,.0f} | 30.0% | 0.7143 | 0.7429 | 0.4500 |" in page
-    assert f"| {data} | prepare |" in page and "| train tokens | 900 |" in page and "| unigram loss | 3.2000 |" in page
+    assert f"| {data} | prepare | - | 1,000 | 1.5 s |" in page and "| train tokens | 900 |" in page and "| unigram loss | 3.2000 |" in page
     assert page.count("## ") == 3
