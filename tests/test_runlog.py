@@ -5,6 +5,8 @@ exactly the records of metrics.jsonl, and the report cards hold the run's final 
 import importlib.util
 import json
 import os
+import runpy
+import shutil
 import statistics
 import struct
 import sys
@@ -226,3 +228,28 @@ def test_report_py_joins_the_cards_of_a_pipeline_with_a_comparison_table(tmp_pat
     assert f"| {post} | run | 50 | 204,800 | 50.0 s | {post_rate:,.0f} | 30.0% | 0.7143 | 0.7429 | 0.4500 |" in page
     assert f"| {data} | prepare | - | 1,000 | 1.5 s |" in page and "| train tokens | 900 |" in page and "| unigram loss | 3.2000 |" in page
     assert page.count("## ") == 3
+
+
+@needs_matplotlib
+def test_sft_py_leaves_a_card_with_its_final_held_out_loss(tiny_sft_checkpoint):
+    written = read_metrics(tiny_sft_checkpoint)
+    card = open(os.path.join(tiny_sft_checkpoint, "report.md")).read()
+    final_val_loss = [r["val_loss"] for r in written if "val_loss" in r][-1]
+    assert "| stage | sft |" in card and "| steps | 80 |" in card and f"| val_loss | {final_val_loss:.4f} |" in card
+    assert png_size(os.path.join(tiny_sft_checkpoint, "plot.png")) == (runlog.PLOT_SIZE[0] * runlog.PLOT_DPI,
+                                                                       runlog.PLOT_SIZE[1] * runlog.PLOT_DPI)
+
+
+def test_evaluate_py_adds_its_scores_to_the_runs_card(tiny_checkpoint, tmp_path, monkeypatch):
+    for name in ("ckpt.pt", "metrics.jsonl", "run.json"):
+        shutil.copy(os.path.join(tiny_checkpoint, name), tmp_path / name)
+    text = tmp_path / "text.txt"
+    text.write_text(open(os.path.join(os.path.dirname(runlog.__file__), "model.py")).read()[:2000])
+    # in this process, as test_evaluate.py runs it: no second torch import
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--device=cpu", f"--out_dir={tmp_path}", "--tasks=perplexity",
+                                      f"--text_file={text}"])
+    runpy.run_path(os.path.join(os.path.dirname(runlog.__file__), "evaluate.py"), run_name="__main__")
+    perplexity = json.loads((tmp_path / "eval.json").read_text())["results"]["perplexity"]
+    card = (tmp_path / "report.md").read_text()
+    assert f"| perplexity | - | - | - | {perplexity['perplexity']:.4f} | {perplexity['bits_per_byte']:.4f} |" in card
+    assert "| stage | pretrain |" in card and "| steps | 4 |" in card
