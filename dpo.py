@@ -13,7 +13,7 @@ Reads the chat checkpoint init_from (from sft.py, or an earlier dpo.py run) and 
 records (instruction and input, or messages ending with the user's turn, plus "chosen" and
 "rejected"; see chat.py). Writes out_dir/ckpt-<step>.pt (kind 'dpo'; with LoRA, only the
 adapters and the base's name, step and sha256; and the optimizer state, the step and every
-process's random state), out_dir/ckpt.pt linked to the newest, and out_dir/metrics.jsonl.
+process's random state), out_dir/ckpt.pt linked to the newest, and out_dir/metrics.jsonl, plot.png, report.md.
 resume='yes' (or 'auto', for torchrun --max-restarts) continues the run in out_dir exactly; see
 sft.py's docstring.
 
@@ -55,8 +55,9 @@ from chat import (batch_of, collate, has_chat_tokens, preference, read_records, 
 from checkpoint import load_checkpoint, model_from_checkpoint, restore_training_state
 from configurator import configure, print_config
 from lora import adapters_disabled, add_lora, checked_base, describe_base, merge_lora
+from runlog import RunLog
 from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
-from training import (all_reduce_sum, append_metrics, checkpoint_to_resume, format_duration, learning_rate_at,
+from training import (all_reduce_sum, checkpoint_to_resume, format_duration, learning_rate_at,
                       make_optimizer, optimizer_step, place_model, restore_rng_state, save_training_checkpoint,
                       wrap_model)
 
@@ -68,6 +69,8 @@ resume = "no"  # 'yes': continue the run in out_dir; 'auto': continue it if out_
 keep_checkpoints = 2
 eval_interval = 50  # evaluate and save a checkpoint every this many steps, and at the end
 log_interval = 10
+wandb_project = ""  # a Weights & Biases project to log the run to (pip install wandb); '' for none
+tensorboard = False  # also write TensorBoard events to out_dir/tensorboard (pip install tensorboard)
 # data
 data = "data/instruction/instruction-data-with-preference.json"  # preference records, .json or .jsonl
 val_fraction = 0.05  # of the records, held out for evaluation (always the same ones)
@@ -206,6 +209,8 @@ if master:
     os.makedirs(out_dir, exist_ok=True)
     if step == 0 and os.path.exists(metrics_path):
         os.remove(metrics_path)  # a new run gets a new log; a resumed one appends to its own
+run_log = RunLog(out_dir, config, master, stage="dpo", data=data, parameters=raw_model.num_params(),
+                 trained_parameters=trainable, device=device_name(device), processes=dist.world_size, dtype=dtype)
 
 STATS = ("loss", "accuracy", "margin", "logp_chosen", "logp_rejected")
 
@@ -286,8 +291,9 @@ while True:
                                             base=reference_file, kind="dpo", step=step, val=val_stats,
                                             reference=reference_file, config=config, tokenizer=tokenizer.description)
             log(f"saved {path}")
-        if master and val_stats is not None:
-            append_metrics(metrics_path, {"step": step, **{f"val_{k}": v for k, v in val_stats.items()}})
+        if val_stats is not None:
+            run_log.log({"step": step, **{f"val_{k}": v for k, v in val_stats.items()}})
+            run_log.plot()
         t_log, steps_since_log = time.time(), 0
     if step >= max_iters:
         break
@@ -306,10 +312,10 @@ while True:
         seconds_per_step = (time.time() - t_log) / steps_since_log
         log(f"step {step}/{max_iters} | {describe(stats)} | lr {lr:.2e} | {1000 * seconds_per_step:.0f} ms/step | "
             f"eta {format_duration((max_iters - step) * seconds_per_step)}")
-        if master:
-            append_metrics(metrics_path, {"step": step, **stats, "lr": lr, "time": time.time()})
+        run_log.log({"step": step, **stats, "lr": lr, "time": time.time()})
         t_log, steps_since_log = time.time(), 0
 
+run_log.finish()
 log(f"done after {step} steps" + (f", held-out {describe(val_stats)}" if val_stats is not None else "")
     + f"; chat with: python sample.py --out_dir={out_dir} --chat=True")
 teardown_distributed()

@@ -78,6 +78,7 @@ import torch.nn.functional as F
 from chat import has_chat_tokens, prompt_ids, stop_ids
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import configure, print_config
+from runlog import write_card
 from runtime import autocast_context, device_name, pick_dtype, setup_distributed, teardown_distributed
 from training import load_meta
 
@@ -565,4 +566,5 @@ if __name__ == "__main__":
                                   "step": checkpoint.get("step"), "processes": dist.world_size,
                                   "device": device_name(dist.device), "config": config, "results": results})
         print(f"wrote {report_path}")
+        print(f"wrote {write_card(os.path.dirname(report_path) or '.')}")
     teardown_distributed()

@@ -100,6 +100,7 @@ import zstandard
 from tqdm import tqdm
 
 from configurator import configure
+from runlog import write_card
 from tokenizer import Tokenizer, count_words
 
 # -----------------------------------------------------------------------------
@@ -1307,3 +1308,4 @@ if __name__ == "__main__":
         print(f"  {split:5s} {s['tokens']:>12,} tokens  {s['documents']:>7,} documents  {s['pieces']:>7,} pieces"
               + (f"  in {len(s['files'])} files" if len(s["files"]) > 1 else ""))
     print(f"unigram baseline loss {loss:.4f} nats/token; done in {seconds:.1f}s, {report['mb_per_s']:.1f} MB/s")
+    print(f"wrote {write_card(out_dir)}")

@@ -17,7 +17,7 @@ the chat tokens gets them first. A fixed val_fraction of the records is held out
 loss: the mean loss per assistant token. Writes out_dir/ckpt-<step>.pt (kind 'sft'; with
 LoRA, only the adapters and the name, step and sha256 of the base; and the optimizer state,
 the step and every process's random state) with out_dir/ckpt.pt linked to the newest, and
-out_dir/metrics.jsonl. sample.py --chat, evaluate.py and dpo.py read the checkpoint.
+out_dir/metrics.jsonl, plot.png and report.md. sample.py --chat, evaluate.py and dpo.py read the checkpoint.
 
 Batches: packing lays the shuffled examples end to end into rows of block_size tokens, with
 attention kept inside each example (model.forward's doc_ids), so no compute goes to padding;
@@ -50,8 +50,9 @@ from chat import (CHAT_TOKENS, add_chat_tokens, batch_of, collate, conversation,
 from checkpoint import load_checkpoint, model_from_checkpoint, restore_training_state
 from configurator import configure, print_config
 from lora import add_lora, describe_base, merge_lora
+from runlog import RunLog
 from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
-from training import (all_reduce_sum, append_metrics, checkpoint_to_resume, format_duration, learning_rate_at,
+from training import (all_reduce_sum, checkpoint_to_resume, format_duration, learning_rate_at,
                       make_optimizer, optimizer_step, place_model, restore_rng_state, save_training_checkpoint,
                       to_device, wrap_model)
 
@@ -63,6 +64,8 @@ resume = "no"  # 'yes': continue the run in out_dir; 'auto': continue it if out_
 keep_checkpoints = 2
 eval_interval = 100  # evaluate and save a checkpoint every this many steps, and at the end
 log_interval = 10
+wandb_project = ""  # a Weights & Biases project to log the run to (pip install wandb); '' for none
+tensorboard = False  # also write TensorBoard events to out_dir/tensorboard (pip install tensorboard)
 # data
 data = "data/instruction/instruction-data.json"  # Alpaca-style or chat records, .json or .jsonl
 val_fraction = 0.05  # of the records, held out for the eval loss (always the same ones)
@@ -193,6 +196,8 @@ if master:
     os.makedirs(out_dir, exist_ok=True)
     if step == 0 and os.path.exists(metrics_path):
         os.remove(metrics_path)  # a new run gets a new log; a resumed one appends to its own
+run_log = RunLog(out_dir, config, master, stage="sft", data=data, parameters=raw_model.num_params(),
+                 trained_parameters=trainable, device=device_name(device), processes=dist.world_size, dtype=dtype)
 
 
 def batch_loss(units):
@@ -241,8 +246,8 @@ while True:
                                             base=base, kind="sft", step=step, val_loss=val_loss, config=config,
                                             tokenizer=tokenizer.description)
             log(f"saved {path}")
-        if master:
-            append_metrics(metrics_path, {"step": step, "val_loss": val_loss})
+        run_log.log({"step": step, "val_loss": val_loss})
+        run_log.plot()
         t_log, steps_since_log = time.time(), 0
     if step >= max_iters:
         break
@@ -259,10 +264,10 @@ while True:
         seconds_per_step = (time.time() - t_log) / steps_since_log
         log(f"step {step}/{max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | {1000 * seconds_per_step:.0f} ms/step | "
             f"eta {format_duration((max_iters - step) * seconds_per_step)}")
-        if master:
-            append_metrics(metrics_path, {"step": step, "loss": train_loss, "lr": lr, "time": time.time()})
+        run_log.log({"step": step, "loss": train_loss, "lr": lr, "time": time.time()})
         t_log, steps_since_log = time.time(), 0
 
+run_log.finish()
 log(f"done after {step} steps" + (f", held-out loss {val_loss:.4f}" if val_loss is not None else "")
     + f"; chat with: python sample.py --out_dir={out_dir} --chat=True")
 teardown_distributed()

@@ -17,7 +17,7 @@ Reads data/<dataset>/meta.json and its bins. Writes out_dir/ckpt-<step>.pt
 everything sample.py needs and everything a resumed run needs to continue
 exactly), keeps the last keep_checkpoints of them with out_dir/ckpt.pt linked to
 the newest, and appends one JSON line per log step and per evaluation to
-out_dir/metrics.jsonl.
+out_dir/metrics.jsonl, and plot.png and report.md at the end (runlog.py).
 
 Under torchrun each process trains on its own batches and the gradients are
 averaged once per optimizer step. total_batch_tokens fixes the tokens per step,
@@ -48,10 +48,11 @@ from configurator import configure, print_config
 from evaluate import describe, evaluate_examples, read_examples
 from model import GPT, GPTConfig, peak_flops as gpu_peak_flops
 from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
-from training import (Pipeline, TokenBins, all_reduce_sum, append_metrics, estimate_loss, estimate_loss_pipelined,
+from training import (Pipeline, TokenBins, all_reduce_sum, estimate_loss, estimate_loss_pipelined,
                       format_duration, learning_rate_at, load_meta, make_optimizer, optimizer_step, pipeline_layers,
                       pipeline_optimizer_step, pipeline_stage_part, place_model, restore_rng_state,
                       save_training_checkpoint, to_device, wrap_model)
+from runlog import RunLog
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -65,6 +66,8 @@ eval_iters = 50  # batches per split in each evaluation
 benchmark = ""  # a benchmark JSONL in one of evaluate.py's formats, scored at every evaluation; '' for none
 benchmark_limit = 500  # how many of its examples to score
 log_interval = 10
+wandb_project = ""  # a Weights & Biases project to log the run to (pip install wandb); '' for none
+tensorboard = False  # also write TensorBoard events to out_dir/tensorboard (pip install tensorboard)
 # data
 dataset = "pystdlib"  # a folder under data_root written by prepare.py
 data_root = "data"
@@ -215,6 +218,7 @@ if pretrained is not None:
     pretrained = None  # free the memory
 model.activation_checkpointing = activation_checkpointing
 flops_per_token = model.flops_per_token(block_size)
+parameters = model.num_params()  # counted before pipeline stages cut the model into parts
 log(f"model: {model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs per token")
 if pipeline_stages > 1:
     if model_config.tie_embeddings:
@@ -245,6 +249,9 @@ if master:
     os.makedirs(out_dir, exist_ok=True)
     if (init_from == "scratch" or init_from.startswith("hf:")) and os.path.exists(metrics_path):
         os.remove(metrics_path)  # a new run gets a new log; a resumed one appends to its own
+run_log = RunLog(out_dir, config, master, stage="pretrain", data=f"{data_dir}: {meta['splits']['train']['tokens']:,} "
+                 f"train tokens", parameters=parameters, device=device_name(device), processes=dist.world_size,
+                 dtype=dtype)  # metrics.jsonl, trackers, plot and report card: rank 0's
 if "unigram_loss" in meta:
     log(f"baseline: a model that ignores context (unigram) has val loss {meta['unigram_loss']:.4f}")
 
@@ -305,8 +312,9 @@ while True:
                                             kind="pretrain", step=step, best_val_loss=best_val_loss,
                                             val_loss=losses["val"], config=config, tokenizer=meta["tokenizer"])
             log(f"saved {path}")
-        if master:
-            append_metrics(metrics_path, {"step": step, **{f"{k}_loss" if k in bins else k: v for k, v in losses.items()}})
+        run_log.log({"step": step, "tokens": step * total_batch_tokens,
+                     **{f"{k}_loss" if k in bins else k: v for k, v in losses.items()}})
+        run_log.plot()
         t_log, steps_since_log = time.time(), 0  # evaluation time does not count toward tokens/s
     if step >= max_iters:
         break
@@ -333,11 +341,11 @@ while True:
         log(f"step {step}/{max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | {tokens_per_sec:,.0f} tok/s | "
             + (f"mfu {100 * mfu:.1f}% | " if mfu is not None else "")
             + f"{1000 * seconds_per_step:.0f} ms/step | eta {format_duration((max_iters - step) * seconds_per_step)}")
-        if master:
-            append_metrics(metrics_path, {"step": step, "loss": train_loss, "lr": lr, "tokens_per_sec": tokens_per_sec,
-                                          "mfu": mfu, "time": time.time()})
+        run_log.log({"step": step, "tokens": step * total_batch_tokens, "loss": train_loss, "lr": lr,
+                     "tokens_per_sec": tokens_per_sec, "mfu": mfu, "time": time.time()})
         t_log, steps_since_log = time.time(), 0
 
+run_log.finish()
 log(f"done: val loss {losses['val']:.4f} (best {best_val_loss:.4f}) after {step} steps; "
     f"sample with: python sample.py --out_dir={out_dir}")
 teardown_distributed()

@@ -2,8 +2,8 @@
 The training machinery that train.py (and the post-training scripts) share:
 reading token bins, placing and wrapping the model for DDP or FSDP, the AdamW
 parameter groups, the learning-rate schedule, one optimizer step with gradient
-accumulation and clipping, loss estimation, checkpoints of a run, and the
-metrics log. Each piece is small; the loop that uses them stays in the stage
+accumulation and clipping, loss estimation, and checkpoints of a run (the
+metrics log is runlog.py's). Each piece is small; the loop that uses them stays in the stage
 script, where a reader sees it top to bottom.
 
 Batches are stateless: the windows for (step, micro_step) come from a random
@@ -449,11 +449,6 @@ def checkpoint_to_resume(resume, out_dir, kind, config, model_keys):
             raise SystemExit(f"config error: {path} was trained with {key}={checkpoint['config'][key]!r}, this run "
                              f"has {key}={config[key]!r}; resume with the run's value, or set another --out_dir")
     return checkpoint, path
-
-
-def append_metrics(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def format_duration(seconds):

@@ -1,0 +1,391 @@
+"""
+What a run leaves for people to look at: its metrics log (and the same records in an
+experiment tracker), a plot of its curves, and a report card.
+
+A trainer keeps one RunLog (rank 0 does the work; on the other processes it does nothing):
+
+    run_log = RunLog(out_dir, config, master, stage="pretrain", parameters=..., device=...)
+    run_log.log({"step": 10, "loss": 3.2, ...})   # a line of out_dir/metrics.jsonl, and to W&B / TensorBoard
+    run_log.plot()                                # out_dir/plot.png from metrics.jsonl
+    run_log.finish()                              # the last plot, report.md, trackers closed
+
+Everything here reads only the files a run leaves, so plot.py and report.py draw and
+summarise any run, finished or not, and prepare.py and evaluate.py write their cards
+with write_card:
+    run.json       the stage, the config and a few facts (parameters, device, data), written at the start
+    metrics.jsonl  one JSON record per log step (loss, lr, tokens/s, mfu, time, ...) and per evaluation
+                   (val_loss, ...)
+    *.json         evaluate.py's reports (a 'results' per task) in the run's folder
+    report.json    prepare.py's report, in a dataset's folder (with its meta.json)
+
+Trackers: wandb_project='NAME' logs to Weights & Biases, tensorboard=True writes TensorBoard
+events to out_dir/tensorboard; each is imported only when asked for.
+"""
+
+import glob
+import json
+import os
+import statistics
+import tempfile
+import time
+
+PLOT_SIZE = (12, 7)  # inches; at PLOT_DPI the PNG is 1080 x 630 pixels
+PLOT_DPI = 90
+
+
+def save_atomically(path, write, mode="w"):
+    """Write path through write(file) to a temporary name beside it, then rename it into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_metrics(folder):
+    """The records of folder/metrics.jsonl ([] if there is none); a line cut short by a crash is skipped."""
+    path = os.path.join(folder, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+# -----------------------------------------------------------------------------
+# experiment trackers
+
+class WandbTracker:
+    def __init__(self, project, out_dir, config):
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("config error: wandb_project needs Weights & Biases; pip install wandb") from None
+        self.wandb = wandb
+        self.run = wandb.init(project=project, name=os.path.basename(os.path.abspath(out_dir)), config=config,
+                              dir=out_dir)
+
+    def log(self, record):
+        self.run.log(record, step=record["step"])
+
+    def image(self, name, path, step):
+        self.run.log({name: self.wandb.Image(path)}, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+class TensorBoardTracker:
+    def __init__(self, out_dir, config):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise SystemExit("config error: tensorboard=True needs TensorBoard; pip install tensorboard") from None
+        self.writer = SummaryWriter(log_dir=os.path.join(out_dir, "tensorboard"))
+        self.writer.add_text("config", "\n".join(f"    {k} = {v!r}" for k, v in config.items()))
+
+    def log(self, record):
+        for key, value in record.items():
+            if key not in ("step", "time"):
+                self.writer.add_scalar(key, value, record["step"], walltime=record.get("time"))
+
+    def image(self, name, path, step):
+        import matplotlib.image
+        self.writer.add_image(name, matplotlib.image.imread(path)[..., :3], step, dataformats="HWC")
+
+    def close(self):
+        self.writer.close()
+
+
+class RunLog:
+    """The log of one run: metrics.jsonl, the trackers, the plot and the card (see the module's doc)."""
+
+    def __init__(self, out_dir, config, enabled=True, **facts):
+        self.enabled = enabled
+        if not enabled:  # not rank 0: nothing to write, no tracker to open
+            return
+        self.out_dir, self.step, self.plotted = out_dir, 0, False
+        # how long the last drawing took (a guess before the first) and when it ended (or the run began)
+        self.plot_seconds, self.plotted_at = 1.0, time.time()
+        os.makedirs(out_dir, exist_ok=True)
+        self.trackers = []
+        if config.get("wandb_project"):
+            self.trackers.append(WandbTracker(config["wandb_project"], out_dir, config))
+        if config.get("tensorboard"):
+            self.trackers.append(TensorBoardTracker(out_dir, config))
+        self.run_info = {**facts, "started": time.time(), "config": config}
+        save_atomically(os.path.join(out_dir, "run.json"), lambda f: json.dump(self.run_info, f, indent=1))
+
+    def log(self, record):
+        """Append record (it has a 'step'; None values are left out) to metrics.jsonl and send it to the trackers."""
+        if not self.enabled:
+            return
+        record = {**{k: v for k, v in record.items() if v is not None}, "time": record.get("time") or time.time()}
+        with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for tracker in self.trackers:
+            tracker.log(record)
+        self.step, self.plotted = record["step"], False
+
+    def plot(self, always=False):
+        """Draw out_dir/plot.png at an evaluation; returns its path, or None when matplotlib is missing
+        (said once) or when drawing now would take more than a twentieth of the time since the last
+        drawing (a second or so on a CPU: runs with evaluations seconds apart draw only at the end)."""
+        if not self.enabled or not always and time.time() - self.plotted_at < 20 * self.plot_seconds:
+            return None
+        start = time.time()
+        path = plot_runs([self.out_dir], os.path.join(self.out_dir, "plot.png"))
+        self.plotted, self.plotted_at = path is not None, time.time()
+        self.plot_seconds = self.plotted_at - start
+        return path
+
+    def finish(self):
+        """At the end of the run: the last plot (also to the trackers), report.md, the trackers closed."""
+        if not self.enabled:
+            return
+        plot_path = os.path.join(self.out_dir, "plot.png") if self.plotted else self.plot(always=True)
+        self.run_info["seconds"] = time.time() - self.run_info["started"]
+        save_atomically(os.path.join(self.out_dir, "run.json"), lambda f: json.dump(self.run_info, f, indent=1))
+        for tracker in self.trackers:
+            if plot_path:
+                tracker.image("plot", plot_path, self.step)
+            tracker.close()
+        write_card(self.out_dir)
+
+
+# -----------------------------------------------------------------------------
+# the plot
+
+_warned_no_matplotlib = False
+
+
+def curve(records, y_key, x_key="step"):
+    """The (xs, ys) of the records that have both keys; x 'time' counts seconds from the run's first record."""
+    points = [(r[x_key], r[y_key]) for r in records if r.get(x_key) is not None and r.get(y_key) is not None]
+    if x_key == "time" and points:
+        start = min(r["time"] for r in records if "time" in r)
+        points = [(x - start, y) for x, y in points]
+    return [x for x, _ in points], [y for _, y in points]
+
+
+def plot_runs(folders, out_path, labels=None):
+    """One PNG of the runs' curves overlaid (one colour per run): train (solid) and val (dashed, dots)
+    loss against steps, tokens and wall time; the learning rate, tokens/s and MFU against steps.
+    Returns out_path, or None when matplotlib is not installed."""
+    global _warned_no_matplotlib
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only: no window, works without a display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        if not _warned_no_matplotlib:
+            print("plot skipped: matplotlib is not installed (pip install matplotlib)")
+            _warned_no_matplotlib = True
+        return None
+    labels = labels or [os.path.basename(os.path.normpath(f)) or f for f in folders]
+    fig, axes = plt.subplots(2, 3, figsize=PLOT_SIZE, dpi=PLOT_DPI)
+    panels = [  # (axis, x key, y keys, y label)
+        (axes[0, 0], "step", ("loss", "val_loss"), "loss"),
+        (axes[0, 1], "tokens", ("loss", "val_loss"), "loss"),
+        (axes[0, 2], "time", ("loss", "val_loss"), "loss"),
+        (axes[1, 0], "step", ("lr",), "learning rate"),
+        (axes[1, 1], "step", ("tokens_per_sec",), "tokens/s"),
+        (axes[1, 2], "step", ("mfu",), "MFU"),
+    ]
+    x_names = {"step": "step", "tokens": "tokens", "time": "wall time (s)"}
+    for i, (folder, label) in enumerate(zip(folders, labels)):
+        records = read_metrics(folder)
+        color = f"C{i % 10}"
+        for ax, x_key, y_keys, _ in panels:
+            for y_key in y_keys:
+                xs, ys = curve(records, y_key, x_key)
+                if not xs:
+                    continue
+                val = y_key.startswith("val_")
+                ax.plot(xs, ys, color=color, linestyle="--" if val else "-", marker="o" if val else None,
+                        markersize=3, label=f"{label} {'val' if val else 'train'}" if len(y_keys) > 1 else label)
+    for ax, x_key, _, y_name in panels:
+        ax.set_xlabel(x_names[x_key])
+        ax.set_ylabel(y_name)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+    fig.suptitle(", ".join(labels))
+    fig.tight_layout()
+    save_atomically(out_path, lambda f: fig.savefig(f, format="png", dpi=PLOT_DPI), mode="wb")
+    plt.close(fig)
+    return out_path
+
+
+# -----------------------------------------------------------------------------
+# report cards
+
+def summarise(folder):
+    """The numbers of a card, from the files in folder: a run's (run.json, metrics.jsonl, evaluation
+    reports) or a prepared dataset's (report.json, meta.json)."""
+    summary = {"folder": folder}
+    if os.path.isfile(os.path.join(folder, "run.json")):
+        summary.update(read_json(os.path.join(folder, "run.json")))
+    if os.path.isfile(os.path.join(folder, "report.json")):  # prepare.py's
+        summary["stage"] = "prepare"
+        summary["prepare"] = read_json(os.path.join(folder, "report.json"))
+        summary["seconds"] = summary["prepare"].get("seconds", {}).get("total")
+        summary["tokens"] = sum(summary["prepare"].get("output", {}).get("tokens", {}).values()) or None
+        if os.path.isfile(os.path.join(folder, "meta.json")):
+            meta = read_json(os.path.join(folder, "meta.json"))
+            summary["tokenizer"] = f"{meta['tokenizer']['kind']}, vocabulary {meta['vocab_size']}"
+            summary["unigram_loss"] = meta.get("unigram_loss")
+    records = read_metrics(folder)
+    logs = [r for r in records if "lr" in r]  # log steps; evaluations have no lr
+    evals = [r for r in records if "lr" not in r]
+    if records:
+        summary["steps"] = max(r["step"] for r in records)
+        summary["tokens"] = max((r["tokens"] for r in records if "tokens" in r), default=None)
+        # the final value of every metric: the last log step's, then the last evaluation's
+        summary["final"] = {k: v for r in (logs[-1:] + evals[-1:]) for k, v in r.items() if k not in ("step", "time")}
+        val = [r["val_loss"] for r in evals if "val_loss" in r]
+        summary["best_val_loss"] = min(val) if val else None
+        times = [r["time"] for r in records if "time" in r]
+        if summary.get("seconds") is None and times:  # a run still going, or one without run.json
+            summary["seconds"] = max(times) - min(times)
+        # the median, not the mean: the first log step includes compiling and warming up
+        for key in ("tokens_per_sec", "mfu"):
+            values = [r[key] for r in logs if r.get(key) is not None]
+            summary[key] = statistics.median(values) if values else None
+    summary["evaluations"] = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        report = read_json(path)
+        if isinstance(report, dict) and "results" in report and "checkpoint" in report:  # evaluate.py's
+            summary["evaluations"].update(report["results"])
+    summary["plot"] = "plot.png" if os.path.isfile(os.path.join(folder, "plot.png")) else None
+    return summary
+
+
+def headline(result):
+    """The main number of one evaluate.py task result, as (name, value)."""
+    for key in ("accuracy_norm", "exact_match", "accuracy", "bits_per_byte"):
+        if key in result:
+            return key, result[key]
+    return None, None
+
+
+def number(value, digits=4):
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}g}" if abs(value) >= 1e5 or abs(value) < 1e-3 else f"{value:.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def formatted(key, value):
+    """value as a card shows the metric key: tokens/s whole, MFU in percent, the rest by number."""
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if key == "tokens_per_sec" else f"{100 * value:.1f}%" if key == "mfu" else number(value)
+
+
+def duration(seconds):
+    if seconds is None:
+        return "-"
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 else \
+        f"{seconds:.1f} s"
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
+def card(summary, image_prefix=""):
+    """The Markdown card of one summary; image_prefix is the path from the page to the run's folder."""
+    stage, lines = summary.get("stage", "run"), []
+    lines.append(f"## {stage}: {summary['folder']}")
+    facts = [("stage", stage)]
+    for key in ("data", "tokenizer", "parameters", "trained_parameters", "device", "processes", "dtype"):
+        if summary.get(key) is not None:
+            facts.append((key.replace("_", " "), number(summary[key])))
+    if summary.get("started"):
+        facts.append(("started", time.strftime("%Y-%m-%d %H:%M", time.localtime(summary["started"]))))
+    facts.append(("time", duration(summary.get("seconds"))))
+    for key, name in (("steps", "steps"), ("tokens", "tokens" if stage == "prepare" else "tokens trained on"), ("tokens_per_sec", "tokens/s (median)"),
+                      ("mfu", "MFU (median)"), ("best_val_loss", "best val loss"), ("unigram_loss", "unigram loss")):
+        if summary.get(key) is not None:
+            facts.append((name, formatted(key, summary[key])))
+    lines += ["", *table(("", ""), facts)]
+    if summary.get("final"):
+        lines += ["", "Final numbers (last log step and last evaluation):", "",
+                  *table(("metric", "value"), [(k, formatted(k, v)) for k, v in summary["final"].items()])]
+    if "prepare" in summary:
+        report = summary["prepare"]
+        rows = [(k, number(v)) for k, v in report.get("output", {}).items() if not isinstance(v, dict)]
+        rows += [(f"{split} tokens", number(n)) for split, n in report.get("output", {}).get("tokens", {}).items()]
+        rows += [(f"removed: {k}", number(v)) for k, v in (report.get("removed") or {}).items()]
+        rows += [("MB/s", number(report.get("mb_per_s")))]
+        lines += ["", *table(("data", "value"), rows)]
+    if summary["evaluations"]:
+        rows = [(task, *[number(result.get(k)) for k in ("accuracy", "accuracy_norm", "exact_match", "perplexity",
+                                                         "bits_per_byte")]) for task, result in
+                summary["evaluations"].items()]
+        lines += ["", "Benchmarks (evaluate.py):", "",
+                  *table(("task", "accuracy", "accuracy_norm", "exact_match", "perplexity", "bits/byte"), rows)]
+    if summary["plot"]:
+        lines += ["", f"![curves of {summary['folder']}]({image_prefix}{summary['plot']})"]
+    if summary.get("config"):
+        lines += ["", "<details><summary>config</summary>", "", "```",
+                  *[f"{k} = {v!r}" for k, v in summary["config"].items()], "```", "", "</details>"]
+    return "\n".join(lines) + "\n"
+
+
+def write_card(folder):
+    """Write folder/report.md, the card of the run or dataset in folder; returns its path."""
+    path = os.path.join(folder, "report.md")
+    text = "# Report card\n\n" + card(summarise(folder))
+    save_atomically(path, lambda f: f.write(text))
+    return path
+
+
+def comparison(summaries):
+    """One Markdown table comparing the summaries' headline numbers, with a column per benchmark."""
+    tasks = sorted({task for s in summaries for task in s["evaluations"]})
+    header = ["folder", "stage", "steps", "tokens", "time", "tokens/s", "MFU", "train loss", "val loss",
+              *[f"{task} ({headline(next(s['evaluations'][task] for s in summaries if task in s['evaluations']))[0]})"
+                for task in tasks]]
+    rows = []
+    for s in summaries:
+        final = s.get("final", {})
+        rows.append([s["folder"], s.get("stage", "run"), number(s.get("steps")), number(s.get("tokens")),
+                     duration(s.get("seconds")), formatted("tokens_per_sec", s.get("tokens_per_sec")),
+                     formatted("mfu", s.get("mfu")),
+                     number(final.get("loss")), number(final.get("val_loss")),
+                     *[number(headline(s["evaluations"][t])[1]) if t in s["evaluations"] else "-" for t in tasks]])
+    return "\n".join(table(header, rows)) + "\n"
+
+
+def pipeline_page(folders, page_path):
+    """One Markdown page for the folders of a pipeline (prepare, pretrain, SFT, DPO, ...): a table
+    comparing them, then each one's card, the images linked relative to the page."""
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise SystemExit(f"report error: {folder} is not a folder; name run folders (out/x) or dataset folders "
+                             "(data/x)")
+    summaries = [summarise(folder) for folder in folders]
+    page_folder = os.path.dirname(os.path.abspath(page_path))
+    cards = [card(s, os.path.relpath(os.path.abspath(s["folder"]), page_folder) + "/") for s in summaries]
+    return "# Pipeline report\n\n" + comparison(summaries) + "\n" + "\n".join(cards)
