@@ -39,7 +39,6 @@ Every default below is a config key: override it in a config file or with --key=
 """
 
 import math
-import os
 import time
 
 import numpy as np
@@ -49,6 +48,8 @@ from chat import (CHAT_TOKENS, add_chat_tokens, batch_of, collate, conversation,
                   render, split_held_out, training_example)
 from checkpoint import load_checkpoint, model_from_checkpoint, restore_training_state
 from configurator import configure, print_config
+from outdir import (exit_quietly_on_interrupt, lock_out_dir, replace_earlier_run, run_log_path,
+                    stop_if_weights_not_finite)
 from lora import add_lora, describe_base, merge_lora
 from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
 from training import (all_reduce_sum, append_metrics, checkpoint_to_resume, format_duration, learning_rate_at,
@@ -103,12 +104,12 @@ autocast = autocast_context(device, dtype)
 seed_everything(seed)
 if parallelism not in ("ddp", "fsdp"):
     raise SystemExit(f"config error: parallelism='{parallelism}' is not one of ddp, fsdp")
-if not 0 <= val_fraction < 1 or lora_rank < 0 or epochs < 1:
-    raise SystemExit("config error: need 0 <= val_fraction < 1, lora_rank >= 0 and epochs >= 1")
 if total_batch_size % (batch_size * dist.world_size):
     raise SystemExit(f"config error: total_batch_size={total_batch_size} is not a multiple of batch_size x processes "
                      f"= {batch_size} x {dist.world_size}; change one of them")
 accumulation_steps = total_batch_size // (batch_size * dist.world_size)
+lock_out_dir(out_dir, dist, log)  # one run per out_dir; an earlier run's files stay until this one has a checkpoint
+exit_quietly_on_interrupt(out_dir, dist, "--resume=yes")
 
 # model: a new run takes the checkpoint to fine-tune, merged if it holds adapters, with the chat
 # tokens; a resumed run takes its own checkpoint's model as it was, adapters included
@@ -188,11 +189,7 @@ if checkpoint is not None:
 scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
 raw_model = model
 model = wrap_model(model, dist, parallelism, compile, log)
-metrics_path = os.path.join(out_dir, "metrics.jsonl")
-if master:
-    os.makedirs(out_dir, exist_ok=True)
-    if step == 0 and os.path.exists(metrics_path):
-        os.remove(metrics_path)  # a new run gets a new log; a resumed one appends to its own
+metrics_path = run_log_path(out_dir, resumed=step > 0)
 
 
 def batch_loss(units):
@@ -237,10 +234,13 @@ while True:
         if val_loss is not None:
             log(f"step {step}: held-out loss {val_loss:.4f}")
         if step > start_step:
+            stop_if_weights_not_finite(raw_model, dist, "sft", step, out_dir)
             path = save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep_checkpoints, lora=lora_settings,
                                             base=base, kind="sft", step=step, val_loss=val_loss, config=config,
                                             tokenizer=tokenizer.description)
             log(f"saved {path}")
+            if master:  # a new run's first checkpoint: only now is the earlier run in out_dir replaced
+                metrics_path = replace_earlier_run(out_dir, path, metrics_path, log)
         if master:
             append_metrics(metrics_path, {"step": step, "val_loss": val_loss})
         t_log, steps_since_log = time.time(), 0
