@@ -37,7 +37,7 @@ def _at_least(low):
 
 
 def _finite(low, high=None, low_open=False):
-    bounds = (f"> {low}" if low_open else f">= {low}") + (f" and < {high}" if high is not None else "")
+    bounds = (f"> {low}" if low_open else f">= {low}") + (f" and < {high:g}" if high is not None else "")
     return (f"a finite number {bounds}",
             lambda v: math.isfinite(v) and (v > low if low_open else v >= low) and (high is None or v < high))
 
@@ -51,8 +51,11 @@ VALID_RANGES = {
                                   "keep_checkpoints", "epochs", "benchmark_limit", "pipeline_stages")},
     **{k: _at_least(0) for k in ("n_kv_head", "ffn_hidden", "warmup_iters", "lr_decay_iters", "lora_rank")},
     **{k: _finite(0, 1) for k in ("dropout", "lora_dropout", "val_fraction", "beta1", "beta2")},
-    **{k: _finite(0, low_open=True) for k in ("learning_rate", "beta", "rope_theta", "norm_eps", "lora_alpha")},
-    **{k: _finite(0) for k in ("min_lr", "weight_decay", "grad_clip", "peak_flops")},
+    **{k: _finite(0, low_open=True) for k in ("beta", "rope_theta", "norm_eps", "lora_alpha")},
+    **{k: _finite(0) for k in ("weight_decay", "grad_clip", "peak_flops")},
+    # A rate of 1e9 is a typo, and one beyond float32's range (~3e38) stops AdamW with a traceback.
+    "learning_rate": _finite(0, 1e9, low_open=True),
+    "min_lr": _finite(0, 1e9),
     "label_smoothing": _finite(0, 0.5),
     "device": ("auto, cpu, cuda, cuda:N or mps", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None),
 }

@@ -53,8 +53,7 @@ from chat import (batch_of, collate, has_chat_tokens, preference, read_records, 
                   split_held_out, training_example)
 from checkpoint import load_checkpoint, model_from_checkpoint, restore_training_state
 from configurator import configure, print_config
-from outdir import (exit_quietly_on_interrupt, lock_out_dir, replace_earlier_run, run_log_path,
-                    stop_if_weights_not_finite)
+from outdir import exit_quietly_on_interrupt, lock_out_dir, replace_earlier_run, run_log_path, stop_unless_finite
 from lora import adapters_disabled, add_lora, checked_base, describe_base, merge_lora
 from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
 from training import (all_reduce_sum, append_metrics, checkpoint_to_resume, format_duration, learning_rate_at,
@@ -278,13 +277,13 @@ while True:
         if val_stats is not None:
             log(f"step {step}: held-out {describe(val_stats)}")
         if step > start_step:
-            stop_if_weights_not_finite(raw_model, dist, "dpo", step, out_dir)
+            stop_unless_finite(raw_model, [val_stats and val_stats["loss"], step_stats], dist, "dpo", step, out_dir)
             path = save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep_checkpoints, lora=lora_settings,
                                             base=reference_file, kind="dpo", step=step, val=val_stats,
                                             reference=reference_file, config=config, tokenizer=tokenizer.description)
-            log(f"saved {path}")
             if master:  # a new run's first checkpoint: only now is the earlier run in out_dir replaced
                 metrics_path = replace_earlier_run(out_dir, path, metrics_path, log)
+            log(f"saved {path}")
         if master and val_stats is not None:
             append_metrics(metrics_path, {"step": step, **{f"val_{k}": v for k, v in val_stats.items()}})
         t_log, steps_since_log = time.time(), 0

@@ -7,7 +7,7 @@ dpo.py call these in this order:
     exit_quietly_on_interrupt(out_dir, dist, "--init_from=auto")
     metrics_path = run_log_path(out_dir, resumed)        # a new run logs beside the earlier run's metrics.jsonl
     ...
-    stop_if_weights_not_finite(raw_model, dist, "train", step, out_dir)    # before every save
+    stop_unless_finite(raw_model, [loss], dist, "train", step, out_dir)     # before every save
     path = save_training_checkpoint(...)
     metrics_path = replace_earlier_run(out_dir, path, metrics_path)       # after every save
 
@@ -114,8 +114,13 @@ def exit_quietly_on_interrupt(out_dir, dist, how_to_continue):
 
 def run_log_path(out_dir, resumed):
     """The file a run appends its metrics to: a resumed run its own metrics.jsonl; a new run a file of
-    its own, which becomes metrics.jsonl only with its first checkpoint (replace_earlier_run)."""
-    return os.path.join(out_dir, METRICS_NAME if resumed else PENDING_METRICS_NAME)
+    its own, which becomes metrics.jsonl only with its first checkpoint (replace_earlier_run), and
+    is removed if the run ends before that."""
+    if resumed:
+        return os.path.join(out_dir, METRICS_NAME)
+    pending = os.path.join(out_dir, PENDING_METRICS_NAME)
+    atexit.register(lambda: os.path.exists(pending) and os.unlink(pending))
+    return pending
 
 
 def replace_earlier_run(out_dir, saved, metrics_path, log=print):
@@ -137,13 +142,16 @@ def replace_earlier_run(out_dir, saved, metrics_path, log=print):
     return final
 
 
-def stop_if_weights_not_finite(model, dist, script, step, out_dir):
-    """Stop, without saving, if any process holds a NaN or infinite weight. Every process must call this."""
+def stop_unless_finite(model, losses, dist, script, step, out_dir):
+    """Stop, without saving, if any process has a NaN or infinite weight or one of losses (numbers or
+    tensors; None for none) is not finite: weights can be finite and still give NaN (1e30 each, say).
+    Every process must call this."""
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # FSDP: this process's shards
-    finite = torch.stack([torch.isfinite(p).all().to(dist.device) for p in local]).all().float()
+    values = [torch.as_tensor(loss, dtype=torch.float32) for loss in losses if loss is not None]
+    finite = torch.stack([torch.isfinite(t).all().to(dist.device) for t in local + values]).all().float()
     if dist.world_size > 1:
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
     if finite.item() < 1:
-        raise SystemExit(f"{script} error: the weights are not finite at step {step}; stopping without saving, so "
-                         f"{out_dir} keeps its last good checkpoint. Lower learning_rate or check the data"
-                         if dist.is_main else 1)
+        raise SystemExit(f"{script} error: the model is not finite at step {step} (a NaN or infinite weight or loss); "
+                         f"stopping without saving, so {out_dir} keeps its last good checkpoint. Lower learning_rate "
+                         "or check the data" if dist.is_main else 1)

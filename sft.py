@@ -48,8 +48,7 @@ from chat import (CHAT_TOKENS, add_chat_tokens, batch_of, collate, conversation,
                   render, split_held_out, training_example)
 from checkpoint import load_checkpoint, model_from_checkpoint, restore_training_state
 from configurator import configure, print_config
-from outdir import (exit_quietly_on_interrupt, lock_out_dir, replace_earlier_run, run_log_path,
-                    stop_if_weights_not_finite)
+from outdir import exit_quietly_on_interrupt, lock_out_dir, replace_earlier_run, run_log_path, stop_unless_finite
 from lora import add_lora, describe_base, merge_lora
 from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
 from training import (all_reduce_sum, append_metrics, checkpoint_to_resume, format_duration, learning_rate_at,
@@ -234,13 +233,13 @@ while True:
         if val_loss is not None:
             log(f"step {step}: held-out loss {val_loss:.4f}")
         if step > start_step:
-            stop_if_weights_not_finite(raw_model, dist, "sft", step, out_dir)
+            stop_unless_finite(raw_model, [val_loss, loss_sum], dist, "sft", step, out_dir)
             path = save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep_checkpoints, lora=lora_settings,
                                             base=base, kind="sft", step=step, val_loss=val_loss, config=config,
                                             tokenizer=tokenizer.description)
-            log(f"saved {path}")
             if master:  # a new run's first checkpoint: only now is the earlier run in out_dir replaced
                 metrics_path = replace_earlier_run(out_dir, path, metrics_path, log)
+            log(f"saved {path}")
         if master:
             append_metrics(metrics_path, {"step": step, "val_loss": val_loss})
         t_log, steps_since_log = time.time(), 0

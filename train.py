@@ -47,8 +47,7 @@ from checkpoint import load_checkpoint, load_newest_checkpoint, restore_training
 from configurator import configure, print_config
 from evaluate import describe, evaluate_examples, read_examples
 from model import GPT, GPTConfig, peak_flops as gpu_peak_flops
-from outdir import (exit_quietly_on_interrupt, lock_out_dir, replace_earlier_run, run_log_path,
-                    stop_if_weights_not_finite)
+from outdir import exit_quietly_on_interrupt, lock_out_dir, replace_earlier_run, run_log_path, stop_unless_finite
 from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
 from training import (Pipeline, TokenBins, all_reduce_sum, append_metrics, estimate_loss, estimate_loss_pipelined,
                       format_duration, learning_rate_at, load_meta, make_optimizer, optimizer_step, pipeline_layers,
@@ -294,13 +293,13 @@ while True:
             log(f"step {step}: {os.path.basename(benchmark)} {describe(scores)}")
             losses.update({f"benchmark_{k}": v for k, v in scores.items()})
         if step > start_step:
-            stop_if_weights_not_finite(raw_model, dist, "train", step, out_dir)
+            stop_unless_finite(raw_model, [loss_sum], dist, "train", step, out_dir)
             path = save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep_checkpoints, pipeline,
                                             kind="pretrain", step=step, best_val_loss=best_val_loss,
                                             val_loss=losses["val"], config=config, tokenizer=meta["tokenizer"])
-            log(f"saved {path}")
             if master:  # a new run's first checkpoint: only now is the earlier run in out_dir replaced
                 metrics_path = replace_earlier_run(out_dir, path, metrics_path, log)
+            log(f"saved {path}")
         if master:
             append_metrics(metrics_path, {"step": step, **{f"{k}_loss" if k in bins else k: v for k, v in losses.items()}})
         t_log, steps_since_log = time.time(), 0  # evaluation time does not count toward tokens/s
