@@ -53,8 +53,8 @@ from chat import (batch_of, collate, has_chat_tokens, preference, read_records, 
                   split_held_out, training_example)
 from checkpoint import load_checkpoint, model_from_checkpoint, restore_training_state
 from configurator import configure, print_config
-from outdir import exit_quietly_on_interrupt, lock_out_dir, replace_earlier_run, run_log_path, stop_unless_finite
 from lora import adapters_disabled, add_lora, checked_base, describe_base, merge_lora
+from outdir import exit_quietly_on_interrupt, lock_out_dir, replace_earlier_run, run_log_path, stop_unless_finite
 from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
 from training import (all_reduce_sum, append_metrics, checkpoint_to_resume, format_duration, learning_rate_at,
                       make_optimizer, optimizer_step, place_model, restore_rng_state, save_training_checkpoint,

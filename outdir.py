@@ -65,6 +65,9 @@ def _take_lock(out_dir):
 
 
 def _release_lock(path, fd, created_dir):
+    pending = os.path.join(os.path.dirname(path), PENDING_METRICS_NAME)
+    if os.path.exists(pending):  # the log of a new run that ended before its first checkpoint
+        os.unlink(pending)
     os.unlink(path)  # while still holding the flock, so nobody takes the old file as the lock
     os.close(fd)
     if created_dir is not None and not os.listdir(created_dir):
@@ -94,33 +97,28 @@ def lock_out_dir(out_dir, dist, log=print):
 
 
 def exit_quietly_on_interrupt(out_dir, dist, how_to_continue):
-    """Ctrl-C (SIGINT) or SIGTERM (torchrun stopping its workers, a scheduler preempting the job)
-    ends the run with one line naming out_dir's newest checkpoint, and no traceback; other ranks
-    end silently. A save under way is abandoned whole: its temporary is removed, ckpt.pt stays."""
+    """Ctrl-C ends the run with one line naming out_dir's newest checkpoint, and no traceback; the
+    other ranks, which the terminal interrupts too, end silently. A save under way is abandoned
+    whole: its temporary is removed and ckpt.pt stays. (SIGTERM keeps its default, an immediate
+    quiet end: torchrun sends it to stop the workers it restarts, some of them inside a collective.)"""
 
     def stop(signum, frame):
         for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean exit
+            signal.signal(s, signal.SIG_IGN)  # neither a second Ctrl-C nor torchrun's SIGTERM cuts the line short
         if dist.is_main:
             newest = checkpoints_newest_first(out_dir)
-            print(f"interrupted ({signal.Signals(signum).name}): " + (
-                f"the newest checkpoint is {newest[0]}; continue with {how_to_continue}" if newest
-                else f"no checkpoint was written in {out_dir}"), file=sys.stderr, flush=True)
+            print("interrupted: " + (f"the newest checkpoint is {newest[0]}; continue with {how_to_continue}" if newest
+                                     else f"no checkpoint was written in {out_dir}"), file=sys.stderr, flush=True)
         raise SystemExit(130)
 
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, stop)
+    signal.signal(signal.SIGINT, stop)
 
 
 def run_log_path(out_dir, resumed):
     """The file a run appends its metrics to: a resumed run its own metrics.jsonl; a new run a file of
     its own, which becomes metrics.jsonl only with its first checkpoint (replace_earlier_run), and
     is removed if the run ends before that."""
-    if resumed:
-        return os.path.join(out_dir, METRICS_NAME)
-    pending = os.path.join(out_dir, PENDING_METRICS_NAME)
-    atexit.register(lambda: os.path.exists(pending) and os.unlink(pending))
-    return pending
+    return os.path.join(out_dir, METRICS_NAME if resumed else PENDING_METRICS_NAME)
 
 
 def replace_earlier_run(out_dir, saved, metrics_path, log=print):

@@ -468,7 +468,7 @@ def test_ctrl_c_stops_training_with_one_line_naming_the_last_checkpoint(world, t
         process.kill()
     assert process.returncode == 130 and "Traceback" not in stderr
     newest = sorted(p for p in os.listdir(out_dir) if p.startswith("ckpt-"))[-1]
-    assert stderr.strip() == (f"interrupted (SIGINT): the newest checkpoint is {out_dir}/{newest}; "
+    assert stderr.strip() == (f"interrupted: the newest checkpoint is {out_dir}/{newest}; "
                               "continue with --init_from=auto")
     assert load_checkpoint(str(out_dir / newest))["step"] >= 2
     assert not (out_dir / "run.lock").exists() and not [p for p in os.listdir(out_dir) if p.endswith(".tmp")]
