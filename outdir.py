@@ -38,10 +38,13 @@ PENDING_METRICS_NAME = "metrics.jsonl.new.tmp"  # a new run's log until its firs
 def _take_lock(out_dir):
     """Lock out_dir for this process (creating it); None, or the one-line refusal if another run holds it."""
     created = not os.path.isdir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, LOCK_NAME)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            return f"run error: cannot write in {out_dir} ({e.strerror}); set --out_dir to a folder you can write to"
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

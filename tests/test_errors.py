@@ -29,8 +29,9 @@ import torch.distributed.checkpoint.state_dict  # noqa: F401  imported once here
 import chat  # noqa: F401
 import evaluate  # noqa: F401
 import outdir
-import training  # noqa: F401
+import training
 from checkpoint import load_checkpoint
+from configurator import configure
 from conftest import REPO, TINY_MODEL, TOY_INSTRUCTIONS
 
 
@@ -240,6 +241,8 @@ ROWS = [
     (TRAIN, "--init_from=hf:{root}/empty", "import error: no"),
     (TRAIN, "--benchmark={root}/no_such.jsonl", "no benchmark file"),
     (TRAIN, "--init_from=resume --out_dir={root}/empty", "no checkpoint at"),
+    (TRAIN, "--out_dir={root}/toy.json", "cannot write in"),
+    (SFT, "--out_dir={root}/toy.json/sub", "cannot write in"),
     # train.py: a run that fails after training started keeps the earlier run too
     (TRAIN, "--learning_rate=1e8 --warmup_iters=0 --grad_clip=0.0 --max_iters=3 --eval_interval=2",
      "train error: the loss is not finite"),
@@ -348,6 +351,22 @@ def test_bad_input_stops_with_one_line_and_keeps_the_earlier_run(world, script, 
     assert "Traceback" not in stdout + stderr, stderr
     assert len(lines) == 1 and expected in lines[0], stderr
     assert fingerprint(out_dir) == before
+
+
+def test_zero_is_valid_only_where_it_is_the_default_meaning_derive_it():
+    assert configure({"max_iters": 0}, ["--max_iters=0"])["max_iters"] == 0  # sft.py: from epochs
+    with pytest.raises(SystemExit, match="max_iters=0 is invalid; max_iters must be an integer >= 1"):
+        configure({"max_iters": 100}, ["--max_iters=0"])
+    with pytest.raises(SystemExit, match="max_iters=-1 is invalid"):
+        configure({"max_iters": 0}, ["--max_iters=-1"])
+
+
+def test_token_ids_are_checked_in_every_chunk_of_a_bin(world, monkeypatch):
+    meta = training.load_meta(str(world / "data" / "big_id"))
+    training.TokenBins(str(world / "data" / "big_id"), meta, "train", 32)  # the train bin is good
+    monkeypatch.setattr(training, "_CHECK_CHUNK", 7)  # the bad id, last in val.bin, falls in a later chunk
+    with pytest.raises(SystemExit, match="val.bin holds token id 300"):
+        training.TokenBins(str(world / "data" / "big_id"), meta, "val", 32)
 
 
 # -----------------------------------------------------------------------------
