@@ -117,7 +117,9 @@ def write_bad_datasets(root):
             else:
                 (folder / f"{file}.bin").write_bytes(data)
 
-    without = lambda key: json.dumps({k: v for k, v in meta.items() if k != key})  # noqa: E731
+    def without(key):
+        return json.dumps({k: v for k, v in meta.items() if k != key})
+
     variant("not_json", "{'dtype': uint16")
     variant("not_utf8", b"\xff\xfe{}")
     variant("a_list", "[1, 2]")
