@@ -84,8 +84,9 @@ class TokenBins:
                                  f"not a whole number of {meta['dtype']} tokens") + "; run prepare.py again")
             tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
             # An id beyond the vocabulary would index past the embedding: a crash on a GPU, garbage on a CPU.
+            # (load_meta makes sure a meta.json has vocab_size; a dict made in code may leave it out.)
             largest = max(int(tokens[i : i + _CHECK_CHUNK].max()) for i in range(0, len(tokens), _CHECK_CHUNK))
-            if largest >= meta["vocab_size"]:
+            if largest >= meta.get("vocab_size", largest + 1):
                 raise SystemExit(f"data error: {path} holds token id {largest}, but meta.json's vocab_size is "
                                  f"{meta['vocab_size']}; the bins and meta.json are from different runs of prepare.py; "
                                  "run it again")
