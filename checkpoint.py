@@ -15,7 +15,10 @@ A checkpoint is one file that torch.load(weights_only=True) reads: a dict with
 
 Saving writes a temporary file beside the target, flushes it to disk and renames
 it into place, so a crash mid-write never leaves a half-written ckpt.pt where a
-reader would take it. Loading uses weights_only=True because a checkpoint is
+reader would take it (outdir.py removes a killed save's temporary at the next
+start). A full disk stops the run with one line saying how much room the save
+needed; a run needs room for keep+1 checkpoints, as the oldest is deleted only
+once the newest is written. Loading uses weights_only=True because a checkpoint is
 untrusted input: a plain pickle could run arbitrary code.
 
 A training run keeps its last few checkpoints as out_dir/ckpt-<step>.pt, and
@@ -32,9 +35,11 @@ them. (torch.distributed.checkpoint's sharded format would avoid gathering on
 one machine, which matters only for models too large for one machine's memory.)
 """
 
+import errno
 import glob
 import os
 import re
+import shutil
 import tempfile
 
 import torch
@@ -55,9 +60,32 @@ def save_checkpoint(checkpoint, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if _disk_full(e):
+            raise SystemExit(f"disk error: no space left for {path} (it needs about {_tensor_bytes(checkpoint) / 1e6:,.1f} "
+                             f"MB, {shutil.disk_usage(folder).free / 1e6:,.1f} MB are free); the earlier checkpoints are "
+                             "kept. Free some space: a run needs room for keep_checkpoints+1 checkpoints") from None
         raise
+
+
+def _disk_full(error):
+    """Whether error, or one it was raised while handling (torch.save wraps the OSError), is a full disk."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _tensor_bytes(value):
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -76,6 +104,11 @@ def load_checkpoint(path, map_location="cpu"):
     missing = [k for k in ("model_config", "model", "tokenizer") if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise SystemExit(f"checkpoint error: {path} lacks {', '.join(missing)}; it was not written by this repository's train.py")
+    try:
+        GPTConfig.from_dict(checkpoint["model_config"])
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"checkpoint error: {path} has an invalid model_config ({e}); "
+                         "use an earlier checkpoint or train again") from None
     return checkpoint
 
 

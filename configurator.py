@@ -15,16 +15,89 @@ A config key is any module-level name that does not start with an underscore
 and holds a bool, int, float, str, tuple, list, dict or None. Mistakes stop the
 run with one line naming the problem and the fix: an unknown key (with the
 closest valid names), a wrong type (an int where a float is expected is
-accepted), a missing config file. The returned dict is the final config, which
-the script prints and stores in its checkpoints.
+accepted), a value out of its range (VALID_RANGES, one table for every script),
+a missing config file, or one that is not UTF-8, has a syntax error or raises.
+All of it is checked before a script does any work. The returned dict is the
+final config, which the script prints and stores in its checkpoints.
 """
 
 import ast
 import difflib
+import math
 import os
+import re
 import sys
+import traceback
 
 CONFIG_TYPES = (bool, int, float, str, tuple, list, dict, type(None))
+
+
+def _at_least(low):
+    return f"an integer >= {low}", lambda v: v >= low
+
+
+def _finite(low, high=None, low_open=False):
+    bounds = (f"> {low}" if low_open else f">= {low}") + (f" and < {high:g}" if high is not None else "")
+    return (f"a finite number {bounds}",
+            lambda v: math.isfinite(v) and (v > low if low_open else v >= low) and (high is None or v < high))
+
+
+# The valid values of every key that more than one script has or that a mistake makes silently
+# wrong: configure() checks each key of this table that a script has. A key whose default in
+# that script is 0 may also be 0, where it means "derive it" (sft.py's max_iters: from epochs).
+VALID_RANGES = {
+    **{k: _at_least(1) for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "total_batch_tokens",
+                                  "total_batch_size", "eval_iters", "eval_interval", "log_interval", "max_iters",
+                                  "keep_checkpoints", "epochs", "benchmark_limit", "pipeline_stages")},
+    **{k: _at_least(0) for k in ("n_kv_head", "ffn_hidden", "warmup_iters", "lr_decay_iters", "lora_rank")},
+    **{k: _finite(0, 1) for k in ("dropout", "lora_dropout", "val_fraction", "beta1", "beta2")},
+    **{k: _finite(0, low_open=True) for k in ("beta", "rope_theta", "norm_eps", "lora_alpha")},
+    **{k: _finite(0) for k in ("weight_decay", "grad_clip", "peak_flops")},
+    # A rate of 1e9 is a typo, and one beyond float32's range (~3e38) stops AdamW with a traceback.
+    "learning_rate": _finite(0, 1e9, low_open=True),
+    "min_lr": _finite(0, 1e9),
+    "label_smoothing": _finite(0, 0.5),
+    "device": ("auto, cpu, cuda, cuda:N or mps", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None),
+}
+
+
+def check_ranges(config, defaults):
+    """Stop with one line at the first key of config whose value is outside its VALID_RANGES."""
+    for key, (valid, is_valid) in VALID_RANGES.items():
+        if key not in config or defaults[key] is None or config[key] is None:
+            continue
+        if config[key] == 0 == defaults[key]:
+            continue
+        try:
+            valid_value = is_valid(config[key])
+        except TypeError:  # a script where the key is of another kind (a name, not a number) checks it itself
+            continue
+        if not valid_value:
+            raise SystemExit(f"config error: {key}={config[key]!r} is invalid; {key} must be {valid}")
+
+
+def _run_config_file(path, namespace):
+    """exec the config file at path in namespace; a file that is not UTF-8, does not parse or raises
+    stops with one line naming the file and the line."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        source = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise SystemExit(f"config error: {path} line {line} is not UTF-8 text "
+                         f"(byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
+    try:
+        code = compile(source, path, "exec")
+    except (SyntaxError, ValueError) as e:  # ValueError: a NUL byte, before Python 3.12
+        where = f" line {e.lineno}" if getattr(e, "lineno", None) else ""
+        raise SystemExit(f"config error: {path}{where} is not valid Python ({getattr(e, 'msg', e)}); fix the file") \
+            from None
+    try:
+        exec(code, namespace)
+    except Exception as e:
+        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == path), "?")
+        raise SystemExit(f"config error: {path} line {line} raised {type(e).__name__}: {e}; fix the file") from None
 
 
 def config_keys(namespace):
@@ -75,9 +148,7 @@ def configure(namespace, argv=None):
             if not os.path.isfile(arg):
                 raise SystemExit(f"config error: config file '{arg}' not found; check the path (configs live in config/)")
             before = dict(namespace)
-            with open(arg) as f:
-                code = compile(f.read(), arg, "exec")
-            exec(code, namespace)
+            _run_config_file(arg, namespace)
             for k, v in list(namespace.items()):
                 if k.startswith("_") or (k in before and before[k] is v) or not isinstance(v, CONFIG_TYPES):
                     continue
@@ -98,7 +169,9 @@ def configure(namespace, argv=None):
             if isinstance(defaults[key], str) and not isinstance(value, str):
                 value = raw
             namespace[key] = _checked(key, value, defaults[key], "on the command line")
-    return {k: namespace[k] for k in keys}
+    config = {k: namespace[k] for k in keys}
+    check_ranges(config, defaults)
+    return config
 
 
 def print_config(config):

@@ -62,6 +62,16 @@ class GPTConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self):
+        for field in fields(self):  # a checkpoint's config is untrusted input: a string or a bool where a number goes
+            value, kind = getattr(self, field.name), field.type
+            if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float) if kind is float else kind):
+                raise ValueError(f"{field.name}={value!r} is not of type {kind.__name__}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.n_kv_head < 0 or self.ffn_hidden < 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"need n_kv_head >= 0, ffn_hidden >= 0 and 0 <= dropout < 1, got {self.n_kv_head}, "
+                             f"{self.ffn_hidden} and {self.dropout}")
         if not self.n_kv_head:
             self.n_kv_head = self.n_head
         if not self.ffn_hidden:
@@ -88,6 +98,8 @@ class GPTConfig:
     @classmethod
     def from_dict(cls, d):
         """Build from a dict such as a checkpoint's model config, ignoring keys this version does not know."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a model config is a dict of GPTConfig's fields, not a {type(d).__name__}")
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

@@ -12,7 +12,7 @@ A trainer keeps one RunLog (rank 0 does the work; on the other processes it does
 Everything here reads only the files a run leaves, so plot.py and report.py draw and
 summarise any run, finished or not, and prepare.py and evaluate.py write their cards
 with write_card:
-    run.json       the stage, the config and a few facts (parameters, device, data), written at the start
+    run.json       the stage, the config and a few facts (parameters, device, data, seconds), written at the end
     metrics.jsonl  one JSON record per log step (loss, lr, tokens/s, mfu, time, ...) and per evaluation
                    (val_loss, ...)
     *.json         evaluate.py's reports (a 'results' per task) in the run's folder
@@ -115,11 +115,16 @@ class TensorBoardTracker:
 class RunLog:
     """The log of one run: metrics.jsonl, the trackers, the plot and the card (see the module's doc)."""
 
-    def __init__(self, out_dir, config, enabled=True, **facts):
+    def __init__(self, out_dir, config, enabled=True, metrics_path=None, **facts):
+        """metrics_path: the file records go to, out_dir/metrics.jsonl by default. A new run in a folder
+        that holds an earlier one logs to a file of its own until its first checkpoint (outdir.run_log_path),
+        then sets metrics_path to metrics.jsonl (outdir.replace_earlier_run); until then it leaves the
+        earlier run's plot, run.json and card alone."""
         self.enabled = enabled
         if not enabled:  # not rank 0: nothing to write, no tracker to open
             return
         self.out_dir, self.step, self.plotted = out_dir, 0, False
+        self.metrics_path = metrics_path or os.path.join(out_dir, "metrics.jsonl")
         # how long the last drawing took (a guess before the first) and when it ended (or the run began)
         self.plot_seconds, self.plotted_at = 1.0, time.time()
         os.makedirs(out_dir, exist_ok=True)
@@ -129,14 +134,17 @@ class RunLog:
         if config.get("tensorboard"):
             self.trackers.append(TensorBoardTracker(out_dir, config))
         self.run_info = {**facts, "started": time.time(), "config": config}
-        save_atomically(os.path.join(out_dir, "run.json"), lambda f: json.dump(self.run_info, f, indent=1))
+
+    def owns_folder(self):
+        """Whether out_dir's metrics.jsonl is this run's (see __init__)."""
+        return os.path.abspath(self.metrics_path) == os.path.abspath(os.path.join(self.out_dir, "metrics.jsonl"))
 
     def log(self, record):
         """Append record (it has a 'step'; None values are left out) to metrics.jsonl and send it to the trackers."""
         if not self.enabled:
             return
         record = {**{k: v for k, v in record.items() if v is not None}, "time": record.get("time") or time.time()}
-        with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
+        with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for tracker in self.trackers:
             tracker.log(record)
@@ -146,7 +154,9 @@ class RunLog:
         """Draw out_dir/plot.png at an evaluation; returns its path, or None when matplotlib is missing
         (said once) or when drawing now would take more than a twentieth of the time since the last
         drawing (a second or so on a CPU: runs with evaluations seconds apart draw only at the end)."""
-        if not self.enabled or not always and time.time() - self.plotted_at < 20 * self.plot_seconds:
+        if not self.enabled or not self.owns_folder():
+            return None
+        if not always and time.time() - self.plotted_at < 20 * self.plot_seconds:
             return None
         start = time.time()
         path = plot_runs([self.out_dir], os.path.join(self.out_dir, "plot.png"))
@@ -156,7 +166,7 @@ class RunLog:
 
     def finish(self):
         """At the end of the run: the last plot (also to the trackers), report.md, the trackers closed."""
-        if not self.enabled:
+        if not self.enabled or not self.owns_folder():  # a run that ended before its first checkpoint
             return
         plot_path = os.path.join(self.out_dir, "plot.png") if self.plotted else self.plot(always=True)
         self.run_info["seconds"] = time.time() - self.run_info["started"]

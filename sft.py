@@ -39,7 +39,6 @@ Every default below is a config key: override it in a config file or with --key=
 """
 
 import math
-import os
 import time
 
 import numpy as np
@@ -50,6 +49,7 @@ from chat import (CHAT_TOKENS, add_chat_tokens, batch_of, collate, conversation,
 from checkpoint import load_checkpoint, model_from_checkpoint, restore_training_state
 from configurator import configure, print_config
 from lora import add_lora, describe_base, merge_lora
+from outdir import exit_quietly_on_interrupt, lock_out_dir, replace_earlier_run, run_log_path, stop_unless_finite
 from runlog import RunLog
 from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
 from training import (all_reduce_sum, checkpoint_to_resume, format_duration, learning_rate_at,
@@ -106,12 +106,12 @@ autocast = autocast_context(device, dtype)
 seed_everything(seed)
 if parallelism not in ("ddp", "fsdp"):
     raise SystemExit(f"config error: parallelism='{parallelism}' is not one of ddp, fsdp")
-if not 0 <= val_fraction < 1 or lora_rank < 0 or epochs < 1:
-    raise SystemExit("config error: need 0 <= val_fraction < 1, lora_rank >= 0 and epochs >= 1")
 if total_batch_size % (batch_size * dist.world_size):
     raise SystemExit(f"config error: total_batch_size={total_batch_size} is not a multiple of batch_size x processes "
                      f"= {batch_size} x {dist.world_size}; change one of them")
 accumulation_steps = total_batch_size // (batch_size * dist.world_size)
+lock_out_dir(out_dir, dist, log)  # one run per out_dir; an earlier run's files stay until this one has a checkpoint
+exit_quietly_on_interrupt(out_dir, dist, "--resume=yes")
 
 # model: a new run takes the checkpoint to fine-tune, merged if it holds adapters, with the chat
 # tokens; a resumed run takes its own checkpoint's model as it was, adapters included
@@ -191,13 +191,9 @@ if checkpoint is not None:
 scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
 raw_model = model
 model = wrap_model(model, dist, parallelism, compile, log)
-metrics_path = os.path.join(out_dir, "metrics.jsonl")
-if master:
-    os.makedirs(out_dir, exist_ok=True)
-    if step == 0 and os.path.exists(metrics_path):
-        os.remove(metrics_path)  # a new run gets a new log; a resumed one appends to its own
-run_log = RunLog(out_dir, config, master, stage="sft", data=data, parameters=raw_model.num_params(),
-                 trained_parameters=trainable, device=device_name(device), processes=dist.world_size, dtype=dtype)
+run_log = RunLog(out_dir, config, master, run_log_path(out_dir, resumed=step > 0), stage="sft", data=data,
+                 parameters=raw_model.num_params(), trained_parameters=trainable, device=device_name(device),
+                 processes=dist.world_size, dtype=dtype)
 
 
 def batch_loss(units):
@@ -242,9 +238,12 @@ while True:
         if val_loss is not None:
             log(f"step {step}: held-out loss {val_loss:.4f}")
         if step > start_step:
+            stop_unless_finite(raw_model, [val_loss, loss_sum], dist, "sft", step, out_dir)
             path = save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep_checkpoints, lora=lora_settings,
                                             base=base, kind="sft", step=step, val_loss=val_loss, config=config,
                                             tokenizer=tokenizer.description)
+            if master:  # a new run's first checkpoint: only now is the earlier run in out_dir replaced
+                run_log.metrics_path = replace_earlier_run(out_dir, path, run_log.metrics_path, log)
             log(f"saved {path}")
         run_log.log({"step": step, "val_loss": val_loss})
         run_log.plot()

@@ -43,10 +43,11 @@ import time
 
 import torch
 
-from checkpoint import checkpoints_newest_first, load_checkpoint, load_newest_checkpoint, restore_training_state
+from checkpoint import load_checkpoint, load_newest_checkpoint, restore_training_state
 from configurator import configure, print_config
 from evaluate import describe, evaluate_examples, read_examples
 from model import GPT, GPTConfig, peak_flops as gpu_peak_flops
+from outdir import exit_quietly_on_interrupt, lock_out_dir, replace_earlier_run, run_log_path, stop_unless_finite
 from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
 from training import (Pipeline, TokenBins, all_reduce_sum, estimate_loss, estimate_loss_pipelined,
                       format_duration, learning_rate_at, load_meta, make_optimizer, optimizer_step, pipeline_layers,
@@ -160,6 +161,8 @@ log(f"device {device_name(device)} x {dist.world_size} processes ({layout}{', cp
     f"{dtype}; {total_batch_tokens:,} tokens per step = {batch_size} sequences x {block_size} tokens x {data_parallel} "
     f"data-parallel processes x {accumulation_steps} " + ("accumulation steps" if pipeline_stages == 1 else
                                                            f"micro-batches ({pipeline_schedule})"))
+lock_out_dir(out_dir, dist, log)  # one run per out_dir; an earlier run's files stay until this one has a checkpoint
+exit_quietly_on_interrupt(out_dir, dist, "--init_from=auto")
 
 # data: the bins are memory-mapped once and read as random windows
 data_dir = os.path.join(data_root, dataset)
@@ -205,13 +208,7 @@ else:
     except ValueError as e:
         raise SystemExit(f"config error: {e}") from None
     step, best_val_loss = 0, float("inf")
-if checkpoint is None:  # a new run
-    stale = checkpoints_newest_first(out_dir)
-    if master and stale:
-        log(f"a new run: removing {len(stale)} checkpoints of an earlier run in {out_dir}")
-        for path in stale + [os.path.join(out_dir, "ckpt.pt")]:
-            if os.path.exists(path):
-                os.unlink(path)
+metrics_path = run_log_path(out_dir, resumed=checkpoint is not None)
 model = GPT(model_config)  # built on the CPU: FSDP moves only each process's shard to its GPU
 if pretrained is not None:
     model.load_state_dict(pretrained["model"])
@@ -244,14 +241,9 @@ if pipeline is None:
     model = wrap_model(model, dist, parallelism, compile, log)
 
 peak = gpu_peak_flops(device_name(device), peak_flops) if device.startswith("cuda") or peak_flops else 0.0
-metrics_path = os.path.join(out_dir, "metrics.jsonl")
-if master:
-    os.makedirs(out_dir, exist_ok=True)
-    if (init_from == "scratch" or init_from.startswith("hf:")) and os.path.exists(metrics_path):
-        os.remove(metrics_path)  # a new run gets a new log; a resumed one appends to its own
-run_log = RunLog(out_dir, config, master, stage="pretrain", data=f"{data_dir}: {meta['splits']['train']['tokens']:,} "
-                 f"train tokens", parameters=parameters, device=device_name(device), processes=dist.world_size,
-                 dtype=dtype)  # metrics.jsonl, trackers, plot and report card: rank 0's
+run_log = RunLog(out_dir, config, master, metrics_path, stage="pretrain",
+                 data=f"{data_dir}: {meta['splits']['train']['tokens']:,} train tokens", parameters=parameters,
+                 device=device_name(device), processes=dist.world_size, dtype=dtype)  # metrics.jsonl, trackers, plot and report card: rank 0's
 if "unigram_loss" in meta:
     log(f"baseline: a model that ignores context (unigram) has val loss {meta['unigram_loss']:.4f}")
 
@@ -308,9 +300,12 @@ while True:
             log(f"step {step}: {os.path.basename(benchmark)} {describe(scores)}")
             losses.update({f"benchmark_{k}": v for k, v in scores.items()})
         if step > start_step:
+            stop_unless_finite(raw_model, [loss_sum], dist, "train", step, out_dir)
             path = save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep_checkpoints, pipeline,
                                             kind="pretrain", step=step, best_val_loss=best_val_loss,
                                             val_loss=losses["val"], config=config, tokenizer=meta["tokenizer"])
+            if master:  # a new run's first checkpoint: only now is the earlier run in out_dir replaced
+                run_log.metrics_path = replace_earlier_run(out_dir, path, run_log.metrics_path, log)
             log(f"saved {path}")
         run_log.log({"step": step, "tokens": step * total_batch_tokens,
                      **{f"{k}_loss" if k in bins else k: v for k, v in losses.items()}})

@@ -32,12 +32,34 @@ from runtime import rng_state, set_rng_state
 
 
 def load_meta(data_dir):
+    """data_dir/meta.json, checked for what the trainers read from it; one line if it is missing or broken."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
         raise SystemExit(f"data error: no {path}; prepare the data first (python prepare.py [config/data_x.py]) "
                          "or set --dataset to a prepared one")
-    with open(path) as f:
-        return json.load(f)
+    again = "run prepare.py again"
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise SystemExit(f"data error: {path} is not valid JSON ({e}); {again}") from None
+    missing = [k for k in ("tokenizer", "vocab_size", "dtype", "splits") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise SystemExit(f"data error: {path} lacks {', '.join(missing)}; {again}")
+    if not isinstance(meta["vocab_size"], int) or meta["vocab_size"] < 1:
+        raise SystemExit(f"data error: {path} has vocab_size={meta['vocab_size']!r}, not a positive integer; {again}")
+    if meta["dtype"] not in ("uint8", "uint16", "uint32", "int32", "int64"):
+        raise SystemExit(f"data error: {path} has dtype={meta['dtype']!r}, not an integer type of numpy's; {again}")
+    splits = meta["splits"]
+    if not isinstance(splits, dict) or not all(isinstance(s, dict) and isinstance(s.get("files"), list)
+                                               and isinstance(s.get("tokens"), int) for s in splits.values()):
+        raise SystemExit(f"data error: {path}'s splits are not {{split: {{files: [...], tokens: N}}}}; {again}")
+    return meta
+
+
+# Token ids are checked against the vocabulary in chunks of this many: a sequential read that
+# holds 64 MB of uint16 at most, so even a 10 GB bin is checked at disk speed with little memory.
+_CHECK_CHUNK = 1 << 25
 
 
 class TokenBins:
@@ -56,7 +78,19 @@ class TokenBins:
             path = os.path.join(data_dir, name)
             if not os.path.isfile(path):
                 raise SystemExit(f"data error: {path} is listed in meta.json but missing; run prepare.py again")
-            self.files.append(np.memmap(path, dtype=meta["dtype"], mode="r"))
+            size, itemsize = os.path.getsize(path), np.dtype(meta["dtype"]).itemsize
+            if size == 0 or size % itemsize:
+                raise SystemExit(f"data error: {path} has {size} bytes, " + ("no tokens" if size == 0 else
+                                 f"not a whole number of {meta['dtype']} tokens") + "; run prepare.py again")
+            tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
+            # An id beyond the vocabulary would index past the embedding: a crash on a GPU, garbage on a CPU.
+            # (load_meta makes sure a meta.json has vocab_size; a dict made in code may leave it out.)
+            largest = max(int(tokens[i : i + _CHECK_CHUNK].max()) for i in range(0, len(tokens), _CHECK_CHUNK))
+            if largest >= meta.get("vocab_size", largest + 1):
+                raise SystemExit(f"data error: {path} holds token id {largest}, but meta.json's vocab_size is "
+                                 f"{meta['vocab_size']}; the bins and meta.json are from different runs of prepare.py; "
+                                 "run it again")
+            self.files.append(tokens)
         starts = [max(0, len(f) - block_size) for f in self.files]  # each window needs block_size + 1 tokens
         if sum(starts) == 0:
             longest = max(len(f) for f in self.files)

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SERVER = r"""
-import json, os, runpy, sys, traceback
+import atexit, json, os, runpy, sys, traceback
 sys.path.insert(0, REPO)
 import torch, numpy, checkpoint, configurator, hf, lora, model, runtime, tokenizer, chat
 for line in sys.stdin:
@@ -41,6 +41,7 @@ for line in sys.stdin:
         except BaseException:
             traceback.print_exc()
             code = 1
+        atexit._run_exitfuncs()  # the script's own, such as releasing an out_dir lock
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -1,0 +1,158 @@
+"""
+A run's out_dir kept safe: one run at a time, nothing of an earlier run deleted before the new
+one has a checkpoint, no non-finite model saved, a clean exit on Ctrl-C. train.py, sft.py and
+dpo.py call these in this order:
+
+    lock_out_dir(out_dir, dist)                          # refuse a second run; clear a killed save's temporaries
+    exit_quietly_on_interrupt(out_dir, dist, "--init_from=auto")
+    metrics_path = run_log_path(out_dir, resumed)        # a new run logs beside the earlier run's metrics.jsonl
+    ...
+    stop_unless_finite(raw_model, [loss], dist, "train", step, out_dir)     # before every save
+    path = save_training_checkpoint(...)
+    metrics_path = replace_earlier_run(out_dir, path, metrics_path)       # after every save
+
+The lock is out_dir/run.lock, naming the process and host that hold it, with an flock on it:
+the kernel releases an flock when its process ends, however it ends (kill -9 included), so a
+lock left by a dead run is recognised as stale and taken over without guessing from process
+ids. Holding the lock means no other live run writes in out_dir, so every checkpoint
+temporary found there then is a killed save's and can go.
+"""
+
+import atexit
+import fcntl
+import glob
+import os
+import signal
+import socket
+import sys
+
+import torch
+
+from checkpoint import checkpoints_newest_first
+
+LOCK_NAME = "run.lock"
+METRICS_NAME = "metrics.jsonl"
+PENDING_METRICS_NAME = "metrics.jsonl.new.tmp"  # a new run's log until its first checkpoint
+
+
+def _take_lock(out_dir):
+    """Lock out_dir for this process (creating it); None, or the one-line refusal if another run holds it."""
+    created = not os.path.isdir(out_dir)
+    path = os.path.join(out_dir, LOCK_NAME)
+    while True:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            return f"run error: cannot write in {out_dir} ({e.strerror}); set --out_dir to a folder you can write to"
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            return (f"run error: {out_dir} is in use by {holder} (it holds {path}); wait for that run to end, "
+                    "or use another --out_dir")
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder removed the file between our open and our lock: lock the new one
+    previous = os.read(fd, 200).decode(errors="replace").strip()
+    if previous:
+        print(f"note: {path} was left by {previous}, which ended without releasing it; taking it over")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    atexit.register(_release_lock, path, fd, out_dir if created else None)
+    return None
+
+
+def _release_lock(path, fd, created_dir):
+    pending = os.path.join(os.path.dirname(path), PENDING_METRICS_NAME)
+    if os.path.exists(pending):  # the log of a new run that ended before its first checkpoint
+        os.unlink(pending)
+    os.unlink(path)  # while still holding the flock, so nobody takes the old file as the lock
+    os.close(fd)
+    if created_dir is not None and not os.listdir(created_dir):
+        os.rmdir(created_dir)  # a run that stopped before writing anything leaves no empty folder behind
+
+
+def lock_out_dir(out_dir, dist, log=print):
+    """Take out_dir for this run: rank 0 locks it and removes stale temporaries; if another run holds
+    it, every process stops (rank 0 with one line saying which run). Every process must call this."""
+    refusal = _take_lock(out_dir) if dist.is_main else None
+    if dist.world_size > 1:
+        box = [refusal]
+        torch.distributed.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    if refusal:
+        if dist.world_size > 1:
+            torch.distributed.destroy_process_group()
+        raise SystemExit(refusal if dist.is_main else 1)
+    if dist.is_main:
+        stale = glob.glob(os.path.join(glob.escape(out_dir), "ckpt*.tmp")) + \
+            glob.glob(os.path.join(glob.escape(out_dir), "metrics*.tmp"))
+        if stale:
+            size = sum(os.path.getsize(p) for p in stale)
+            for path in stale:
+                os.unlink(path)
+            log(f"removed {len(stale)} temporary files ({size / 1e6:,.1f} MB) that interrupted saves left in {out_dir}")
+
+
+def exit_quietly_on_interrupt(out_dir, dist, how_to_continue):
+    """Ctrl-C ends the run with one line naming out_dir's newest checkpoint, and no traceback; the
+    other ranks, which the terminal interrupts too, end silently. A save under way is abandoned
+    whole: its temporary is removed and ckpt.pt stays. (SIGTERM keeps its default, an immediate
+    quiet end: torchrun sends it to stop the workers it restarts, some of them inside a collective.)"""
+
+    def stop(signum, frame):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)  # neither a second Ctrl-C nor torchrun's SIGTERM cuts the line short
+        if dist.is_main:
+            newest = checkpoints_newest_first(out_dir)
+            print("interrupted: " + (f"the newest checkpoint is {newest[0]}; continue with {how_to_continue}" if newest
+                                     else f"no checkpoint was written in {out_dir}"), file=sys.stderr, flush=True)
+        raise SystemExit(130)
+
+    signal.signal(signal.SIGINT, stop)
+
+
+def run_log_path(out_dir, resumed):
+    """The file a run appends its metrics to: a resumed run its own metrics.jsonl; a new run a file of
+    its own, which becomes metrics.jsonl only with its first checkpoint (replace_earlier_run), and
+    is removed if the run ends before that."""
+    return os.path.join(out_dir, METRICS_NAME if resumed else PENDING_METRICS_NAME)
+
+
+def replace_earlier_run(out_dir, saved, metrics_path, log=print):
+    """After a new run's first checkpoint (saved) is written, delete the checkpoints of the run that
+    out_dir held before and make the new run's log metrics.jsonl; returns the log's path from now on.
+    Does nothing once done (metrics_path is then metrics.jsonl), so call it after every save; rank 0 only."""
+    final = os.path.join(out_dir, METRICS_NAME)
+    if metrics_path == final:
+        return final
+    earlier = [path for path in checkpoints_newest_first(out_dir) if path != saved]
+    for path in earlier:
+        os.unlink(path)
+    if earlier:
+        log(f"this run's first checkpoint is written: removed {len(earlier)} checkpoints of an earlier run in {out_dir}")
+    if os.path.exists(metrics_path):
+        os.replace(metrics_path, final)
+    elif os.path.exists(final):
+        os.unlink(final)
+    return final
+
+
+def stop_unless_finite(model, losses, dist, script, step, out_dir):
+    """Stop, without saving, if any process has a NaN or infinite weight or one of losses (numbers or
+    tensors; None for none) is not finite: weights can be finite and still give NaN (1e30 each, say).
+    Every process must call this."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # FSDP: this process's shards
+    values = [torch.as_tensor(loss, dtype=torch.float32) for loss in losses if loss is not None]
+    finite = torch.stack([torch.isfinite(t).all().to(dist.device) for t in local + values]).all().float()
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    if finite.item() < 1:
+        raise SystemExit(f"{script} error: the model is not finite at step {step} (a NaN or infinite weight or loss); "
+                         f"stopping without saving, so {out_dir} keeps its last good checkpoint. Lower learning_rate "
+                         "or check the data" if dist.is_main else 1)

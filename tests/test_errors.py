@@ -1,0 +1,519 @@
+"""Nothing lost, nothing cryptic: every bad setting, config file, dataset and checkpoint given to
+train.py, sft.py or dpo.py stops the script with one line naming the problem, no traceback, and an
+earlier run in the same out_dir unchanged byte for byte. Then the out_dir lock, the removal of a
+killed save's temporaries, Ctrl-C and a full disk, each on its own.
+
+The table's rows run each script as __main__ in a child forked from this process, which has
+imported torch and the repository's modules once: a real separate process that starts in
+milliseconds rather than the two seconds of a fresh interpreter. The lock, interrupt and
+torchrun tests start real subprocesses. 131 rows; the file took 112 s on 2 busy cores (load 12),
+about 35 s of it the rows.
+"""
+
+import atexit
+import hashlib
+import io
+import json
+import os
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed.checkpoint.state_dict  # noqa: F401  imported once here, so the forked scripts start fast
+
+import chat  # noqa: F401
+import evaluate  # noqa: F401
+import outdir
+import training
+from checkpoint import load_checkpoint
+from configurator import configure
+from conftest import REPO, TINY_MODEL, TOY_INSTRUCTIONS
+
+
+def run_forked(script, *args, timeout=300):
+    """Run a stage script with args in a forked child; return (exit code, stdout, stderr)."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", buffering=0, closefd=False), write_through=True)
+            sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", buffering=0, closefd=False), write_through=True)
+            atexit._clear()  # pytest's own exit handlers are not the script's
+            torch.set_num_threads(1)  # the parent's thread pool does not survive a fork
+            os.chdir(REPO)
+            sys.argv = [script, *args]
+            try:
+                runpy.run_path(os.path.join(REPO, script), run_name="__main__")
+                code = 0
+            except SystemExit as e:
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except BaseException:
+                traceback.print_exc()
+            atexit._run_exitfuncs()  # the script's: the out_dir lock's release
+        finally:
+            os._exit(code)
+    os.close(out_w)
+    os.close(err_w)
+    outputs = {out_r: b"", err_r: b""}
+    deadline = time.time() + timeout
+    os.set_blocking(out_r, False)
+    os.set_blocking(err_r, False)
+    while True:  # drain both pipes while the child runs, so a chatty child never blocks on a full pipe
+        done = os.waitpid(pid, os.WNOHANG)
+        for fd in outputs:
+            try:
+                while chunk := os.read(fd, 65536):
+                    outputs[fd] += chunk
+            except BlockingIOError:
+                pass
+        if done[0]:
+            break
+        if time.time() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"{script} {' '.join(args)} did not end in {timeout} s")
+        time.sleep(0.01)
+    os.close(out_r)
+    os.close(err_r)
+    return os.waitstatus_to_exitcode(done[1]), outputs[out_r].decode(), outputs[err_r].decode()
+
+
+def fingerprint(folder):
+    """Every file under folder, by relative path, with its sha256."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return files
+
+
+def write_bad_datasets(root):
+    """One broken dataset per way a prepared dataset can be broken, beside a good one ('tiny')."""
+    good = root / "tiny"
+    meta = json.loads((good / "meta.json").read_text())
+
+    def variant(name, meta_text=None, **files):
+        folder = root / name
+        shutil.copytree(good, folder)
+        if meta_text is not None:
+            (folder / "meta.json").write_bytes(meta_text if isinstance(meta_text, bytes) else meta_text.encode())
+        for file, data in files.items():
+            if data is None:
+                (folder / f"{file}.bin").unlink()
+            else:
+                (folder / f"{file}.bin").write_bytes(data)
+
+    def without(key):
+        return json.dumps({k: v for k, v in meta.items() if k != key})
+
+    variant("not_json", "{'dtype': uint16")
+    variant("not_utf8", b"\xff\xfe{}")
+    variant("a_list", "[1, 2]")
+    variant("no_splits", without("splits"))
+    variant("no_vocab", without("vocab_size"))
+    variant("no_dtype", without("dtype"))
+    variant("bad_dtype", json.dumps({**meta, "dtype": "float7"}))
+    variant("float_dtype", json.dumps({**meta, "dtype": "float32"}))
+    variant("string_vocab", json.dumps({**meta, "vocab_size": "257"}))
+    variant("bad_splits", json.dumps({**meta, "splits": {"train": {"files": "train.bin"}}}))
+    variant("no_val_split", json.dumps({**meta, "splits": {"train": meta["splits"]["train"]}}))
+    variant("odd_bytes", train=(good / "train.bin").read_bytes() + b"\x01")
+    variant("empty_val", val=b"")
+    variant("missing_train", train=None)
+    variant("big_id", val=(good / "val.bin").read_bytes()[:-2] + (300).to_bytes(2, "little"))
+    variant("short_val", val=(good / "val.bin").read_bytes()[:40])
+
+
+def write_bad_checkpoints(root, good_path):
+    """Checkpoints with a nonsense model config, and files that are no checkpoint, each as
+    root/<name>/ckpt.pt (an out_dir to resume) and root/<name>.pt."""
+    good = torch.load(good_path, weights_only=True)
+    variants = {
+        "n_head_0": {**good, "model_config": {**good["model_config"], "n_head": 0}},
+        "n_layer_text": {**good, "model_config": {**good["model_config"], "n_layer": "2"}},
+        "config_a_list": {**good, "model_config": [2, 2, 32]},
+        "dropout_2": {**good, "model_config": {**good["model_config"], "dropout": 2.0}},
+        "no_model": {k: v for k, v in good.items() if k != "model"},
+    }
+    for name, checkpoint in variants.items():
+        torch.save(checkpoint, root / f"{name}.pt")
+    (root / "garbage.pt").write_bytes(b"not a checkpoint at all" * 10)
+    (root / "empty.pt").write_bytes(b"")
+    for name in [*variants, "garbage", "empty"]:
+        (root / name).mkdir()
+        shutil.copy(root / f"{name}.pt", root / name / "ckpt.pt")
+
+
+@pytest.fixture(scope="session")
+def world(tiny_data_root, tiny_checkpoint, tmp_path_factory):
+    """The files the rows run on: data_root (good and broken datasets), a finished run to keep
+    intact, broken checkpoints, bad config files and instruction data."""
+    root = tmp_path_factory.mktemp("errors")
+    data = root / "data"
+    shutil.copytree(tiny_data_root, data)
+    write_bad_datasets(data)
+    run = root / "finished"
+    shutil.copytree(tiny_checkpoint, run)
+    bad = root / "bad"
+    bad.mkdir()
+    write_bad_checkpoints(bad, run / "ckpt.pt")
+    configs = root / "configs"
+    configs.mkdir()
+    (configs / "syntax.py").write_text("max_iters = 10\nlearning_rate = (3e-4\n")
+    (configs / "raises.py").write_text("max_iters = 10\nlearning_rate = 1 / 0\n")
+    (configs / "latin1.py").write_bytes(b"max_iters = 10\n# caf\xe9\n")
+    (configs / "nul.py").write_bytes(b"max_iters = 10\x00\n")
+    (configs / "unknown.py").write_text("max_iter = 10\n")
+    (configs / "wrong_type.py").write_text("max_iters = 'ten'\n")
+    (configs / "range.py").write_text("dropout = 2.0\n")
+    (configs / "import_error.py").write_text("import no_such_module\n")
+    (root / "toy.json").write_text(json.dumps(TOY_INSTRUCTIONS))
+    (root / "empty").mkdir()
+    return root
+
+
+TRAIN = "train.py"
+SFT = "sft.py"
+DPO = "dpo.py"
+
+# (script, arguments, what the error line must contain). {root} is the world fixture's folder; every
+# row runs with --out_dir={root}/finished unless it names another.
+ROWS = [
+    # train.py: values out of range, unknown or of the wrong type
+    (TRAIN, "--dropout=1.5", "dropout=1.5 is invalid"),
+    (TRAIN, "--dropout=-0.1", "dropout=-0.1 is invalid"),
+    (TRAIN, "--total_batch_tokens=0", "total_batch_tokens=0"),
+    (TRAIN, "--total_batch_tokens=-256", "total_batch_tokens=-256"),
+    (TRAIN, "--total_batch_tokens=100", "not a multiple of batch_size"),
+    (TRAIN, "--max_iters=0", "max_iters=0"),
+    (TRAIN, "--max_iters=-5", "max_iters=-5"),
+    (TRAIN, "--learning_rate=1e999", "learning_rate=inf"),
+    (TRAIN, "--learning_rate=1e39", "learning_rate=1e+39"),
+    (TRAIN, "--learning_rate=-1e999", "learning_rate=-inf"),
+    (TRAIN, "--learning_rate=0", "learning_rate=0.0"),
+    (TRAIN, "--learning_rate=nan", "learning_rate='nan'"),
+    (TRAIN, "--device=tpu", "device='tpu'"),
+    (TRAIN, "--device=cuda:x", "device='cuda:x'"),
+    (TRAIN, "--log_interval=0", "log_interval=0"),
+    (TRAIN, "--eval_iters=0", "eval_iters=0"),
+    (TRAIN, "--eval_interval=0", "eval_interval=0"),
+    (TRAIN, "--n_head=0", "n_head=0"),
+    (TRAIN, "--n_layer=0", "n_layer=0"),
+    (TRAIN, "--n_layer=-1", "n_layer=-1"),
+    (TRAIN, "--n_embd=0", "n_embd=0"),
+    (TRAIN, "--n_kv_head=-1", "n_kv_head=-1"),
+    (TRAIN, "--block_size=0", "block_size=0"),
+    (TRAIN, "--block_size=-8", "block_size=-8"),
+    (TRAIN, "--batch_size=0", "batch_size=0"),
+    (TRAIN, "--warmup_iters=-1", "warmup_iters=-1"),
+    (TRAIN, "--keep_checkpoints=0", "keep_checkpoints=0"),
+    (TRAIN, "--weight_decay=-0.1", "weight_decay=-0.1"),
+    (TRAIN, "--beta2=1.0", "beta2=1.0"),
+    (TRAIN, "--grad_clip=-1", "grad_clip=-1.0"),
+    (TRAIN, "--min_lr=1e999", "min_lr=inf"),
+    (TRAIN, "--norm_eps=0", "norm_eps=0.0"),
+    (TRAIN, "--rope_theta=-1", "rope_theta=-1.0"),
+    (TRAIN, "--n_head=3", "must be divisible by n_head"),
+    (TRAIN, "--norm=batchnorm", "norm='batchnorm'"),
+    (TRAIN, "--parallelism=zero", "parallelism='zero'"),
+    (TRAIN, "--dtype=float8", "dtype='float8'"),
+    (TRAIN, "--init_from=somewhere", "init_from='somewhere'"),
+    (TRAIN, "--pipeline_stages=2", "pipeline_stages=2 does not divide"),
+    (TRAIN, "--pipeline_stages=0", "pipeline_stages=0"),
+    (TRAIN, "--cpu_offload=True", "cpu_offload=True"),
+    (TRAIN, "--n_layers=3", "unknown key 'n_layers'"),
+    (TRAIN, "--max_iters=ten", "max_iters='ten'"),
+    (TRAIN, "--max_iters=1.5", "max_iters=1.5"),
+    (TRAIN, "--compile=1", "compile=1"),
+    (TRAIN, "--max_iters", "has no value"),
+    (TRAIN, "--block_size=16384 --total_batch_tokens=65536", "fewer than block_size+1"),
+    (TRAIN, "--init_from=hf:{root}/empty", "import error: no"),
+    (TRAIN, "--benchmark={root}/no_such.jsonl", "no benchmark file"),
+    (TRAIN, "--init_from=resume --out_dir={root}/empty", "no checkpoint at"),
+    (TRAIN, "--out_dir={root}/toy.json", "cannot write in"),
+    (SFT, "--out_dir={root}/toy.json/sub", "cannot write in"),
+    # train.py: a run that fails after training started keeps the earlier run too
+    (TRAIN, "--learning_rate=1e8 --warmup_iters=0 --grad_clip=0.0 --max_iters=3 --eval_interval=2",
+     "train error: the loss is not finite"),
+    # config files
+    (TRAIN, "{root}/configs/syntax.py", "syntax.py line 2 is not valid Python"),
+    (TRAIN, "{root}/configs/raises.py", "raises.py line 2 raised ZeroDivisionError"),
+    (TRAIN, "{root}/configs/import_error.py", "import_error.py line 1 raised ModuleNotFoundError"),
+    (TRAIN, "{root}/configs/latin1.py", "latin1.py line 2 is not UTF-8"),
+    (TRAIN, "{root}/configs/nul.py", "nul.py"),
+    (TRAIN, "{root}/configs/unknown.py", "unknown key 'max_iter'"),
+    (TRAIN, "{root}/configs/wrong_type.py", "max_iters='ten'"),
+    (TRAIN, "{root}/configs/range.py", "dropout=2.0 is invalid"),
+    (TRAIN, "{root}/configs/missing.py", "not found"),
+    (SFT, "{root}/configs/raises.py", "raises.py line 2 raised ZeroDivisionError"),
+    (DPO, "{root}/configs/syntax.py", "syntax.py line 2 is not valid Python"),
+    # data
+    (TRAIN, "--dataset=missing", "meta.json; prepare the data first"),
+    (TRAIN, "--dataset=not_json", "is not valid JSON"),
+    (TRAIN, "--dataset=not_utf8", "is not valid JSON"),
+    (TRAIN, "--dataset=a_list", "lacks tokenizer, vocab_size, dtype, splits"),
+    (TRAIN, "--dataset=no_splits", "lacks splits"),
+    (TRAIN, "--dataset=no_vocab", "lacks vocab_size"),
+    (TRAIN, "--dataset=no_dtype", "lacks dtype"),
+    (TRAIN, "--dataset=bad_dtype", "dtype='float7'"),
+    (TRAIN, "--dataset=float_dtype", "dtype='float32'"),
+    (TRAIN, "--dataset=string_vocab", "vocab_size='257'"),
+    (TRAIN, "--dataset=bad_splits", "splits are not"),
+    (TRAIN, "--dataset=no_val_split", "has no 'val' split"),
+    (TRAIN, "--dataset=odd_bytes", "not a whole number of uint16 tokens"),
+    (TRAIN, "--dataset=empty_val", "val.bin has 0 bytes"),
+    (TRAIN, "--dataset=missing_train", "train.bin is listed in meta.json but missing"),
+    (TRAIN, "--dataset=big_id", "holds token id 300, but meta.json's vocab_size is 257"),
+    (TRAIN, "--dataset=short_val", "fewer than block_size+1"),
+    # checkpoints
+    (TRAIN, "--init_from=resume --out_dir={root}/bad/n_head_0", "n_head=0 must be at least 1"),
+    (TRAIN, "--init_from=resume --out_dir={root}/bad/n_layer_text", "n_layer='2' is not of type int"),
+    (TRAIN, "--init_from=resume --out_dir={root}/bad/config_a_list", "invalid model_config"),
+    (TRAIN, "--init_from=resume --out_dir={root}/bad/dropout_2", "invalid model_config"),
+    (TRAIN, "--init_from=resume --out_dir={root}/bad/no_model", "lacks model"),
+    (TRAIN, "--init_from=resume --out_dir={root}/bad/garbage", "is corrupt or not a checkpoint"),
+    (TRAIN, "--init_from=resume --out_dir={root}/bad/empty", "is corrupt or not a checkpoint"),
+    (SFT, "--init_from={root}/bad/n_head_0.pt", "n_head=0 must be at least 1"),
+    (SFT, "--init_from={root}/bad/n_layer_text.pt", "is not of type int"),
+    (SFT, "--init_from={root}/bad/garbage.pt", "is corrupt or not a checkpoint"),
+    (SFT, "--init_from={root}/no_such.pt", "no checkpoint at"),
+    (DPO, "--init_from={root}/bad/config_a_list.pt", "invalid model_config"),
+    (DPO, "--init_from={root}/bad/no_model.pt", "lacks model"),
+    (DPO, "--init_from={root}/finished/ckpt.pt", "is not a chat model"),
+    # sft.py
+    (SFT, "--learning_rate=1e999", "learning_rate=inf"),
+    (SFT, "--learning_rate=0", "learning_rate=0.0"),
+    (SFT, "--lora_dropout=1.0", "lora_dropout=1.0"),
+    (SFT, "--batch_size=0", "batch_size=0"),
+    (SFT, "--total_batch_size=0", "total_batch_size=0"),
+    (SFT, "--batch_size=4 --total_batch_size=6", "not a multiple of batch_size"),
+    (SFT, "--eval_interval=0", "eval_interval=0"),
+    (SFT, "--log_interval=0", "log_interval=0"),
+    (SFT, "--warmup_iters=-1", "warmup_iters=-1"),
+    (SFT, "--max_iters=-1", "max_iters=-1"),
+    (SFT, "--epochs=0", "epochs=0"),
+    (SFT, "--val_fraction=1.0", "val_fraction=1.0"),
+    (SFT, "--lora_rank=-1", "lora_rank=-1"),
+    (SFT, "--device=tpu", "device='tpu'"),
+    (SFT, "--block_size=-1", "block_size=-1"),
+    (SFT, "--block_size=100000", "longer than the model's context"),
+    (SFT, "--keep_checkpoints=0", "keep_checkpoints=0"),
+    (SFT, "--resume=maybe", "resume='maybe'"),
+    (SFT, "--resume=yes", "is of kind 'pretrain'"),
+    (SFT, "--parallelism=x", "parallelism='x'"),
+    (SFT, "--data={root}/no_such.json", "no file"),
+    (SFT, "--data={root}/configs/latin1.py", "is not UTF-8 text"),
+    (SFT, "--learning_rate=1e8 --warmup_iters=0 --grad_clip=0.0 --max_iters=3 --eval_interval=2 --log_interval=100",
+     "sft error: the model is not finite at step 2"),
+    # dpo.py
+    (DPO, "--beta=0", "beta=0.0"),
+    (DPO, "--label_smoothing=0.5", "label_smoothing=0.5"),
+    (DPO, "--learning_rate=-1", "learning_rate=-1.0"),
+    (DPO, "--batch_size=0", "batch_size=0"),
+    (DPO, "--total_batch_size=3", "not a multiple of batch_size"),
+    (DPO, "--eval_interval=0", "eval_interval=0"),
+    (DPO, "--log_interval=0", "log_interval=0"),
+    (DPO, "--epochs=0", "epochs=0"),
+    (DPO, "--max_iters=-1", "max_iters=-1"),
+    (DPO, "--val_fraction=-0.5", "val_fraction=-0.5"),
+    (DPO, "--device=tpu", "device='tpu'"),
+    (DPO, "--lora_alpha=0", "lora_alpha=0.0"),
+    (DPO, "--resume=yes", "is of kind 'pretrain'"),
+]
+
+
+def base_args(script, root):
+    if script == TRAIN:
+        return [*TINY_MODEL, f"--data_root={root}/data", "--dataset=tiny", "--max_iters=8", "--eval_interval=4"]
+    return ["--device=cpu", f"--init_from={root}/finished/ckpt.pt", f"--data={root}/toy.json", "--batch_size=2",
+            "--total_batch_size=4", "--max_iters=2", "--val_fraction=0.2"]
+
+
+@pytest.mark.parametrize("script, args, expected", ROWS, ids=[f"{s[:-3]} {a}" for s, a, _ in ROWS])
+def test_bad_input_stops_with_one_line_and_keeps_the_earlier_run(world, script, args, expected):
+    args = [a.replace("{root}", str(world)) for a in args.split()]
+    out_dir = next((a.split("=", 1)[1] for a in args if a.startswith("--out_dir=")), str(world / "finished"))
+    before = fingerprint(out_dir)
+    code, stdout, stderr = run_forked(script, *base_args(script, world), f"--out_dir={out_dir}", *args)
+    lines = stderr.strip().splitlines()
+    assert code != 0, stdout + stderr
+    assert "Traceback" not in stdout + stderr, stderr
+    assert len(lines) == 1 and expected in lines[0], stderr
+    assert fingerprint(out_dir) == before
+
+
+def test_zero_is_valid_only_where_it_is_the_default_meaning_derive_it():
+    assert configure({"max_iters": 0}, ["--max_iters=0"])["max_iters"] == 0  # sft.py: from epochs
+    with pytest.raises(SystemExit, match="max_iters=0 is invalid; max_iters must be an integer >= 1"):
+        configure({"max_iters": 100}, ["--max_iters=0"])
+    with pytest.raises(SystemExit, match="max_iters=-1 is invalid"):
+        configure({"max_iters": 0}, ["--max_iters=-1"])
+
+
+def test_token_ids_are_checked_in_every_chunk_of_a_bin(world, monkeypatch):
+    meta = training.load_meta(str(world / "data" / "big_id"))
+    training.TokenBins(str(world / "data" / "big_id"), meta, "train", 32)  # the train bin is good
+    monkeypatch.setattr(training, "_CHECK_CHUNK", 7)  # the bad id, last in val.bin, falls in a later chunk
+    with pytest.raises(SystemExit, match="val.bin holds token id 300"):
+        training.TokenBins(str(world / "data" / "big_id"), meta, "val", 32)
+
+
+# -----------------------------------------------------------------------------
+# the out_dir lock
+
+
+def hold_lock(out_dir):
+    """Fork a process that takes out_dir's lock and holds it until killed; returns its pid once it holds it."""
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            outdir._take_lock(str(out_dir))
+            os.write(ready_w, b"1")
+            time.sleep(600)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    assert os.read(ready_r, 1) == b"1"
+    os.close(ready_r)
+    return pid
+
+
+def test_a_second_run_in_a_locked_out_dir_is_refused_and_its_temporaries_stay(world, tmp_path):
+    out_dir = tmp_path / "run"
+    shutil.copytree(world / "finished", out_dir)
+    (out_dir / "ckpt-0000008.pt.abc123.tmp").write_bytes(b"a live run's save in progress")
+    holder = hold_lock(out_dir)
+    try:
+        before = fingerprint(out_dir)
+        code, stdout, stderr = run_forked(TRAIN, *base_args(TRAIN, world), f"--out_dir={out_dir}")
+        assert code != 0 and "Traceback" not in stderr
+        assert stderr.strip() == (f"run error: {out_dir} is in use by process {holder} on {os.uname().nodename} "
+                                  f"(it holds {out_dir}/run.lock); wait for that run to end, or use another --out_dir")
+        assert fingerprint(out_dir) == before
+    finally:
+        os.kill(holder, signal.SIGKILL)
+        os.waitpid(holder, 0)
+
+
+def test_a_killed_runs_lock_and_temporaries_are_taken_over_at_the_next_start(world, tmp_path):
+    out_dir = tmp_path / "run"
+    shutil.copytree(world / "finished", out_dir)
+    holder = hold_lock(out_dir)
+    os.kill(holder, signal.SIGKILL)  # as kill -9 would: no chance to release anything
+    os.waitpid(holder, 0)
+    stale = [out_dir / "ckpt-0000008.pt.abc123.tmp", out_dir / "ckpt.pt.link.tmp", out_dir / "metrics.jsonl.new.tmp"]
+    for path in stale:
+        path.write_bytes(b"x" * 1000)
+    checkpoints = {name: digest for name, digest in fingerprint(out_dir).items() if name.endswith(".pt")}
+    # resuming the finished run at its last step: it evaluates and ends, saving nothing
+    code, stdout, stderr = run_forked(TRAIN, *base_args(TRAIN, world), "--max_iters=4", "--init_from=auto",
+                                      f"--out_dir={out_dir}")
+    assert code == 0, stderr
+    assert f"was left by process {holder} on {os.uname().nodename}, which ended without releasing it" in stdout
+    assert f"removed 3 temporary files (0.0 MB) that interrupted saves left in {out_dir}" in stdout
+    assert not any(path.exists() for path in stale) and not (out_dir / "run.lock").exists()
+    assert {n: d for n, d in fingerprint(out_dir).items() if n.endswith(".pt")} == checkpoints
+
+
+def test_under_torchrun_every_process_stops_when_the_out_dir_is_locked(world, tmp_path):
+    out_dir = tmp_path / "run"
+    holder = hold_lock(out_dir)
+    try:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        # --tee=3 prefixes each worker's lines with [default<rank>]:, setting them apart from torchrun's own report
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "--tee=3", os.path.join(REPO, TRAIN), *base_args(TRAIN, world), f"--out_dir={out_dir}"],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        os.kill(holder, signal.SIGKILL)
+        os.waitpid(holder, 0)
+    assert result.returncode != 0
+    worker_errors = [line for line in result.stderr.splitlines() if line.startswith("[default")]
+    assert worker_errors == [f"[default0]:run error: {out_dir} is in use by process {holder} on {os.uname().nodename} "
+                             f"(it holds {out_dir}/run.lock); wait for that run to end, or use another --out_dir"]
+
+
+# -----------------------------------------------------------------------------
+# a new run, a non-finite model, Ctrl-C, a full disk
+
+
+def test_a_new_run_replaces_the_earlier_one_only_with_its_first_checkpoint(world, tmp_path):
+    out_dir = tmp_path / "run"
+    shutil.copytree(world / "finished", out_dir)  # one checkpoint, of step 4
+    # a run whose first checkpoint, of step 5, would be kept beside the earlier run's if nothing removed it
+    code, stdout, stderr = run_forked(TRAIN, *base_args(TRAIN, world), "--max_iters=5", "--eval_interval=5",
+                                      "--seed=7", f"--out_dir={out_dir}")
+    assert code == 0, stderr
+    assert "removed 1 checkpoints of an earlier run" in stdout
+    assert sorted(os.listdir(out_dir)) == ["ckpt-0000005.pt", "ckpt.pt", "metrics.jsonl"]
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5, 5]  # this run's evaluations and log lines only
+
+
+def test_sft_never_saves_a_non_finite_model(world, tmp_path):
+    out_dir = tmp_path / "sft"
+    # the held-out loss is NaN at step 2 while every weight is still finite
+    code, stdout, stderr = run_forked(SFT, *base_args(SFT, world), "--learning_rate=1e8", "--warmup_iters=0",
+                                      "--grad_clip=0.0", "--max_iters=3", "--eval_interval=2", "--log_interval=100",
+                                      f"--out_dir={out_dir}")
+    assert code != 0 and stderr.strip().startswith("sft error: the model is not finite at step 2"), stdout + stderr
+    assert not out_dir.exists() or not [n for n in os.listdir(out_dir) if n.endswith(".pt")]
+
+
+def test_ctrl_c_stops_training_with_one_line_naming_the_last_checkpoint(world, tmp_path):
+    out_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, TRAIN), *base_args(TRAIN, world),
+                                "--max_iters=100000", "--eval_interval=2", f"--out_dir={out_dir}"],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stdout:  # wait for the first checkpoint
+            if line.startswith("saved "):
+                break
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and "Traceback" not in stderr
+    newest = sorted(p for p in os.listdir(out_dir) if p.startswith("ckpt-"))[-1]
+    assert stderr.strip() == (f"interrupted: the newest checkpoint is {out_dir}/{newest}; "
+                              "continue with --init_from=auto")
+    assert load_checkpoint(str(out_dir / newest))["step"] >= 2
+    assert not (out_dir / "run.lock").exists() and not [p for p in os.listdir(out_dir) if p.endswith(".tmp")]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A folder on a 1 MB tmpfs: room for one tiny checkpoint but not two (needs root to mount)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1000k", "tmpfs", str(folder)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("a full disk is simulated with a tmpfs, which only root can mount")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_the_earlier_checkpoints(world, tiny_disk):
+    code, stdout, stderr = run_forked(TRAIN, *base_args(TRAIN, world), "--max_iters=4", "--eval_interval=1",
+                                      f"--out_dir={tiny_disk}")
+    assert code != 0 and "Traceback" not in stderr
+    assert stderr.strip().startswith(f"disk error: no space left for {tiny_disk}/ckpt-0000002.pt (it needs about 0.7 MB")
+    assert "a run needs room for keep_checkpoints+1 checkpoints" in stderr
+    assert sorted(os.listdir(tiny_disk)) == ["ckpt-0000001.pt", "ckpt.pt", "metrics.jsonl"]
+    assert load_checkpoint(str(tiny_disk / "ckpt.pt"))["step"] == 1
