@@ -460,7 +460,8 @@ def test_a_new_run_replaces_the_earlier_one_only_with_its_first_checkpoint(world
                                       "--seed=7", f"--out_dir={out_dir}")
     assert code == 0, stderr
     assert "removed 1 checkpoints of an earlier run" in stdout
-    assert sorted(os.listdir(out_dir)) == ["ckpt-0000005.pt", "ckpt.pt", "metrics.jsonl"]
+    assert sorted(os.listdir(out_dir)) == ["ckpt-0000005.pt", "ckpt.pt", "metrics.jsonl", "plot.png", "report.md",
+                                           "run.json"]
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5, 5]  # this run's evaluations and log lines only
 
