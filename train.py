@@ -94,7 +94,7 @@ learning_rate = 6e-4  # AdamW's
 muon_lr = 0.02  # Muon's peak learning rate (the schedule scales it like learning_rate)
 muon_momentum = 0.95
 max_iters = 5000
-max_seconds = 0.0  # >0: a time budget: stop after this many seconds of training, the schedule running on the clock
+max_seconds = 0.0  # >0: stop after this many seconds of training (not max_iters); step s of the schedule is at s/max_iters of it
 eval_seconds = 0.0  # >0: also evaluate every this many seconds of training (for loss-versus-time curves)
 weight_decay = 0.1
 beta1 = 0.9
@@ -303,12 +303,12 @@ while True:
                           lr_decay_fraction, lr_decay_shape)
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]  # Muon's groups run at muon_lr, AdamW's at learning_rate
-    out_of_time = max_seconds > 0 and train_seconds >= max_seconds
+    done = train_seconds >= max_seconds if max_seconds > 0 else step >= max_iters
     eval_due = eval_seconds > 0 and train_seconds >= next_eval_seconds
     while eval_seconds > 0 and train_seconds >= next_eval_seconds:
         next_eval_seconds += eval_seconds
 
-    if step % eval_interval == 0 or step == max_iters or out_of_time or eval_due:
+    if step % eval_interval == 0 or done or eval_due:
         if pipeline is None:
             losses = estimate_loss(model, bins, eval_iters, batch_size, device, autocast, seed, dist.rank,
                                    dist.world_size)
@@ -333,7 +333,7 @@ while True:
             append_metrics(metrics_path, {"step": step, **{f"{k}_loss" if k in bins else k: v for k, v in losses.items()},
                                           **({"train_seconds": train_seconds} if timed else {}), "time": time.time()})
         t_log, steps_since_log = time.time(), 0  # evaluation time does not count toward tokens/s
-    if step >= max_iters or out_of_time:
+    if done:
         break
 
     t_step = time.time()
@@ -351,6 +351,8 @@ while True:
         seconds = seconds.item()
         if compile and step == start_step:
             log(f"first step (compiling) took {seconds:.1f} s, not counted in train_seconds")
+            if master:
+                append_metrics(metrics_path, {"step": step, "compile_seconds": seconds})
         else:
             train_seconds += seconds
     first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss_sum), step, first_bad_step)

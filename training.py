@@ -189,7 +189,8 @@ def muon_step_gathered(param, state, group):
 
     torch's Muon runs on a DTensor too, and right in exact arithmetic, but each matmul of Newton-Schulz
     becomes a sharded one whose partial products are added in bfloat16: against a float64 reference
-    it measured 3x the error of the whole matrix's (tests/test_recipe.py). So the update is gathered
+    it measured 3x the error of the whole matrix's, and a 4-step tiny run ended 3.6e-3 away from one
+    process's weights (1e-5 this way). So the update is gathered
     once, orthogonalised whole exactly as one process would, and each process keeps its own shard."""
     momentum = group["momentum"]
     buffer = state.setdefault("momentum_buffer", torch.zeros_like(param.grad))
