@@ -27,41 +27,43 @@ sys.path.insert(0, REPO)
 from configurator import configure  # noqa: E402  (after the path: run from anywhere)
 
 # The first recipe is the reference whose final loss the others race to. Each entry is train.py
-# overrides on top of base_config, whose own settings are the new default recipe ('default').
+# overrides on top of base_config, whose own settings are the new default recipe ('default'); the
+# rows from 'classic' to 'relu2' add one change at a time (the README's ablation table).
 CLASSIC = ["--norm=layernorm", "--mlp=gelu", "--pos=learned", "--tie_embeddings=True", "--bias=True",
            "--qk_norm=False", "--zero_init_proj=False", "--logit_softcap=0", "--optimizer=adamw",
-           "--lr_schedule=cosine", "--learning_rate=2e-3", "--min_lr=2e-4"]
+           "--lr_schedule=cosine", "--learning_rate=2e-3", "--min_lr=2e-4", "--batch_size=32",
+           "--total_batch_tokens=4096", "--max_iters=600", "--warmup_iters=30"]
+MODERN_BLOCK = ["--norm=rmsnorm", "--pos=rope", "--tie_embeddings=False", "--bias=False"]
 RECIPES = {
-    "classic": CLASSIC,  # 2019: GPT-2's block, AdamW, warmup + cosine (the old quickstart's learning rate)
+    "classic": CLASSIC,  # 2019: GPT-2's block, AdamW, warmup + cosine (the old quickstart's learning rate and batch)
     "sinusoidal": [*CLASSIC, "--pos=sinusoidal"],  # the original Transformer's fixed positions instead of learned
+    "previous": [*CLASSIC, *MODERN_BLOCK, "--mlp=swiglu"],  # the quickstart before this recipe: Llama's block, AdamW
     "muon": [*CLASSIC, "--optimizer=muon"],
     "wsd": [*CLASSIC, "--optimizer=muon", "--lr_schedule=wsd"],
-    "modern": [*CLASSIC, "--optimizer=muon", "--lr_schedule=wsd", "--norm=rmsnorm", "--mlp=swiglu", "--pos=rope",
-               "--tie_embeddings=False", "--bias=False"],
-    "relu2": [*CLASSIC, "--optimizer=muon", "--lr_schedule=wsd", "--norm=rmsnorm", "--mlp=relu2", "--pos=rope",
-              "--tie_embeddings=False", "--bias=False"],
-    "default": [],
+    "relu2": [*CLASSIC, "--optimizer=muon", "--lr_schedule=wsd", *MODERN_BLOCK, "--mlp=relu2"],
+    "default": [],  # relu2 + QK-norm, zero-initialised projections, soft-capped logits, tuned rates and batch
 }
 
 # -----------------------------------------------------------------------------
-recipes = "classic,default"  # comma-separated names from RECIPES
+recipes = "classic,default"  # comma-separated names from RECIPES, each optionally with +--key=value overrides
 budget_seconds = 150.0  # training time per recipe
 eval_seconds = 15.0  # evaluate every this many seconds of training
 base_config = "config/quickstart.py"
-common = "--eval_iters=8"  # more train.py overrides for every recipe, space-separated, e.g. "--seed=2"
+common = "--eval_iters=8 --log_interval=5"  # more train.py overrides for every recipe, space-separated, e.g. "--seed=2"
 out_dir = "out/recipe_bench"
 configure(globals())
 # -----------------------------------------------------------------------------
 
-names = recipes.split(",")
-unknown = [n for n in names if n not in RECIPES]
+names = recipes.split(",")  # e.g. 'default+--muon_lr=0.04': the default recipe with one key changed
+unknown = [n.split("+")[0] for n in names if n.split("+")[0] not in RECIPES]
 if unknown:
     raise SystemExit(f"config error: unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
 os.makedirs(out_dir, exist_ok=True)
 curves = {}
 for name in names:
-    run_dir = os.path.join(out_dir, name)
-    args = [base_config, *RECIPES[name], *common.split(), f"--out_dir={run_dir}", f"--max_seconds={budget_seconds}",
+    base, *overrides = name.split("+")
+    run_dir = os.path.join(out_dir, "".join(c if c.isalnum() or c in "._=" else "_" for c in name))
+    args = [base_config, *RECIPES[base], *overrides, *common.split(), f"--out_dir={run_dir}", f"--max_seconds={budget_seconds}",
             f"--eval_seconds={eval_seconds}", "--eval_interval=1000000000", "--keep_checkpoints=1"]
     print(f"--- {name}: python train.py {' '.join(args)}", flush=True)
     started = time.time()
@@ -98,12 +100,13 @@ reference = names[0]
 target = curves[reference]["val_loss"][-1]
 target_seconds = curves[reference]["seconds"][-1]
 print(f"\ntarget: {reference}'s final val loss {target:.4f} at {target_seconds:.1f} s of training")
-print(f"{'recipe':<12} {'final val':>9} {'steps':>6} {'tok/s':>7} {'to target':>10} {'speed-up':>8}")
+width = max(12, *map(len, curves))
+print(f"{'recipe':<{width}} {'final val':>9} {'steps':>6} {'tok/s':>7} {'to target':>10} {'speed-up':>8}")
 for name, curve in curves.items():
     reached = first_time_below(curve["seconds"], curve["val_loss"], target)
     curve["seconds_to_target"] = reached
     speedup = f"{target_seconds / reached:.2f}x" if reached else "-"
-    print(f"{name:<12} {curve['val_loss'][-1]:>9.4f} {curve['steps']:>6} {curve['tokens_per_sec'] or 0:>7,.0f} "
+    print(f"{name:<{width}} {curve['val_loss'][-1]:>9.4f} {curve['steps']:>6} {curve['tokens_per_sec'] or 0:>7,.0f} "
           f"{f'{reached:.1f} s' if reached else 'never':>10} {speedup:>8}")
 summary = {"target_recipe": reference, "target_val_loss": target, "budget_seconds": budget_seconds,
            "eval_seconds": eval_seconds, "load_average": os.getloadavg(), "recipes": curves}
