@@ -5,6 +5,7 @@ Pretrain a GPT on the token bins that prepare.py wrote, on one CPU or GPU or man
     python train.py config/train_gpt2.py                  # GPT-2 124M on one GPU
     python train.py config/quickstart.py --max_iters=2000 --learning_rate=1e-3
     python train.py config/quickstart.py --init_from=resume   # continue from out_dir/ckpt.pt
+    python train.py config/quickstart.py --max_seconds=60 --eval_seconds=10   # a time budget, the schedule on the clock
     python train.py config/quickstart.py --init_from=hf:out/quickstart/hf --out_dir=out/ft   # from a Hugging Face folder
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py            # 8 GPUs, DDP
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py --parallelism=fsdp
