@@ -3,8 +3,8 @@ The training machinery that train.py (and the post-training scripts) share:
 reading token bins, placing and wrapping the model for DDP or FSDP, the
 optimizer (AdamW, or Muon with AdamW) and its parameter groups, the learning-rate
 schedules, one optimizer step with gradient accumulation and clipping, loss
-estimation, checkpoints of a run, and the metrics log. Each piece is small; the loop that uses them stays in the stage
-script, where a reader sees it top to bottom.
+estimation, checkpoints of a run, and the metrics log. Each piece is small; the
+loop that uses them stays in the stage script, where a reader sees it top to bottom.
 
 Batches are stateless: the windows for (step, micro_step) come from a random
 generator seeded with exactly those numbers. So the data position of a run is
@@ -187,11 +187,11 @@ class MuonWithAdamW(torch.optim.Optimizer):
 def muon_step_gathered(param, state, group):
     """torch.optim.Muon's update of one matrix that FSDP2 shards over the processes (a DTensor).
 
-    torch's Muon runs on a DTensor too, and right in exact arithmetic, but each matmul of Newton-Schulz
-    becomes a sharded one whose partial products are added in bfloat16: against a float64 reference
-    it measured 3x the error of the whole matrix's, and a 4-step tiny run ended 3.6e-3 away from one
-    process's weights (1e-5 this way). So the update is gathered
-    once, orthogonalised whole exactly as one process would, and each process keeps its own shard."""
+    torch's Muon runs on a DTensor too, and is right in exact arithmetic, but each matmul of
+    Newton-Schulz becomes a sharded one whose partial products are added in bfloat16: on a 96x32
+    matrix over 2 processes its update was 0.037 from a float64 reference, the whole matrix's 0.011,
+    and every iteration pays collectives. So the update is gathered once, orthogonalised whole exactly
+    as one process would (bit for bit, tests/test_recipe.py), and each process keeps its own shard."""
     momentum = group["momentum"]
     buffer = state.setdefault("momentum_buffer", torch.zeros_like(param.grad))
     buffer.lerp_(param.grad, 1 - momentum)
