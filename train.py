@@ -303,7 +303,8 @@ while True:
     lr = learning_rate_at(schedule_step, learning_rate, warmup_iters, lr_decay_iters, min_lr, lr_schedule,
                           lr_decay_fraction, lr_decay_shape)
     for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_scale"]  # Muon's groups run at muon_lr, AdamW's at learning_rate
+        # Muon's groups run at muon_lr, AdamW's at learning_rate (checkpoints from before Muon: no lr_scale, 1)
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     done = train_seconds >= max_seconds if max_seconds > 0 else step >= max_iters
     eval_due = eval_seconds > 0 and train_seconds >= next_eval_seconds
     while eval_seconds > 0 and train_seconds >= next_eval_seconds:
