@@ -70,6 +70,10 @@ def architecture_of(config):
                          "needs pos='rope', norm='rmsnorm', mlp='swiglu'; train with options one of them can express")
     if config.qk_norm:
         refuse("qk_norm", "has no equivalent in GPT-2 or Llama")
+    if config.logit_softcap:
+        refuse("logit_softcap", "has no equivalent in GPT-2 or Llama")
+    if config.mlp == "relu2" or config.pos == "sinusoidal":
+        refuse("mlp" if config.mlp == "relu2" else "pos", "has no equivalent in GPT-2 or Llama")
     if config.pos == "learned":
         for option, needed in (("norm", "layernorm"), ("mlp", "gelu")):
             if getattr(config, option) != needed:

@@ -50,16 +50,18 @@ class GPTConfig:
     n_head: int = 12
     n_kv_head: int = 0  # 0: same as n_head (multi-head attention); 1: multi-query
     n_embd: int = 768
-    ffn_hidden: int = 0  # 0: 4*n_embd for gelu, 8/3*n_embd rounded up to 64 for swiglu
+    ffn_hidden: int = 0  # 0: 4*n_embd for gelu and relu2, 8/3*n_embd rounded up to 64 for swiglu
     norm: str = "rmsnorm"  # 'rmsnorm' | 'layernorm'
-    mlp: str = "swiglu"  # 'swiglu' | 'gelu'
-    pos: str = "rope"  # 'rope' | 'learned'
+    mlp: str = "swiglu"  # 'swiglu' | 'gelu' | 'relu2'
+    pos: str = "rope"  # 'rope' | 'learned' | 'sinusoidal'
     rope_theta: float = 10000.0
     qk_norm: bool = False  # normalise q and k per head before attention
     tie_embeddings: bool = False  # share the input embedding with the output layer
     bias: bool = False  # biases in linear layers and LayerNorm
     dropout: float = 0.0
     norm_eps: float = 1e-5
+    zero_init_proj: bool = False  # residual output projections (attention's and the MLP's) start at zero
+    logit_softcap: float = 0.0  # >0: logits = cap * tanh(logits / cap); 0: off
 
     def __post_init__(self):
         for field in fields(self):  # a checkpoint's config is untrusted input: a string or a bool where a number goes
@@ -75,8 +77,9 @@ class GPTConfig:
         if not self.n_kv_head:
             self.n_kv_head = self.n_head
         if not self.ffn_hidden:
-            self.ffn_hidden = 4 * self.n_embd if self.mlp == "gelu" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
-        choices = {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu"), "pos": ("rope", "learned")}
+            self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64) if self.mlp == "swiglu" else 4 * self.n_embd
+        choices = {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu", "relu2"),
+                   "pos": ("rope", "learned", "sinusoidal")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
@@ -86,6 +89,10 @@ class GPTConfig:
             raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"RoPE needs an even head size, got n_embd/n_head={self.n_embd // self.n_head}")
+        if self.pos == "sinusoidal" and self.n_embd % 2:
+            raise ValueError(f"sinusoidal positions need an even n_embd, got {self.n_embd}")
+        if self.logit_softcap < 0:
+            raise ValueError(f"logit_softcap={self.logit_softcap} must be 0 (off) or positive")
 
     @property
     def head_dim(self):
@@ -141,6 +148,14 @@ def rope_tables(config, length, device=None):
     inv_freq = config.rope_theta ** (-torch.arange(half, dtype=torch.float32, device=device) / half)
     angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
     return angles.cos(), angles.sin()
+
+
+def sinusoidal_table(length, dim):
+    """The original Transformer's fixed position vectors (length, dim): sin and cos of position *
+    10000^(-2i/dim), sines in the first half of the channels and cosines in the second."""
+    inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return torch.cat((angles.sin(), angles.cos()), dim=-1)
 
 
 def apply_rope(x, cos, sin):
@@ -237,18 +252,20 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.swiglu = config.mlp == "swiglu"
+        self.kind = config.mlp
         # For SwiGLU, c_fc holds the gate and the up projection side by side.
-        self.c_fc = nn.Linear(config.n_embd, (2 if self.swiglu else 1) * config.ffn_hidden, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.kind == "swiglu" else 1) * config.ffn_hidden, bias=config.bias)
         self.c_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
         self.c_proj.residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
         h = self.c_fc(x)
-        if self.swiglu:
+        if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.kind == "relu2":
+            h = F.relu(h).square()  # ReLU squared (So et al. 2021, Primer): sparse, cheap, and as good as SwiGLU
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
         return self.dropout(self.c_proj(h))
@@ -274,6 +291,8 @@ class GPT(nn.Module):
         V = config.padded_vocab_size
         self.wte = nn.Embedding(V, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None
+        if config.pos == "sinusoidal":  # not saved in checkpoints: a function of the config
+            self.register_buffer("sinusoidal_pos", sinusoidal_table(config.block_size, config.n_embd), persistent=False)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = make_norm(config, config.n_embd)
@@ -290,8 +309,13 @@ class GPT(nn.Module):
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
-            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual_projection", False) else 0.02
+            residual = getattr(module, "residual_projection", False)
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if residual else 0.02
             nn.init.normal_(module.weight, mean=0.0, std=std)
+            if residual and self.config.zero_init_proj:
+                # Each block starts as the identity, and the gradient still reaches the projection
+                # through its input (modded-nanogpt's speedrun record uses this).
+                nn.init.zeros_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -350,6 +374,8 @@ class GPT(nn.Module):
             x = self.wte(idx)
             if self.wpe is not None:
                 x = x + self.wpe.weight[positions]
+            elif self.config.pos == "sinusoidal":
+                x = x + self.sinusoidal_pos[positions].to(x.dtype)
             x = self.drop(x)
         for i, block in enumerate(self.blocks):
             if block is None:  # a layer another pipeline stage holds
@@ -363,10 +389,16 @@ class GPT(nn.Module):
             return x, None  # an earlier pipeline stage hands its hidden states on
         x = self.ln_f(x)
         if targets is not None:
-            logits = self.lm_head(x)
+            logits = self.soft_cap(self.lm_head(x))
             return logits, cross_entropy(logits, targets)
-        logits = self.lm_head(x if all_logits else x[:, -1:, :])
+        logits = self.soft_cap(self.lm_head(x if all_logits else x[:, -1:, :]))
         return logits, None
+
+    def soft_cap(self, logits):
+        """With logit_softcap: cap * tanh(logits / cap), which bounds the logits smoothly to (-cap, cap) so no
+        token's logit can run away early in training (Gemma 2; modded-nanogpt)."""
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     def sample_next_token(self, logits, temperature, top_k, top_p):
         """Pick one token per row from last-position logits (B, V)."""

@@ -5,6 +5,7 @@ Pretrain a GPT on the token bins that prepare.py wrote, on one CPU or GPU or man
     python train.py config/train_gpt2.py                  # GPT-2 124M on one GPU
     python train.py config/quickstart.py --max_iters=2000 --learning_rate=1e-3
     python train.py config/quickstart.py --init_from=resume   # continue from out_dir/ckpt.pt
+    python train.py config/quickstart.py --max_seconds=60 --eval_seconds=10   # a time budget, the schedule on the clock
     python train.py config/quickstart.py --init_from=hf:out/quickstart/hf --out_dir=out/ft   # from a Hugging Face folder
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py            # 8 GPUs, DDP
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py --parallelism=fsdp
@@ -90,16 +91,26 @@ tie_embeddings = False
 bias = False
 dropout = 0.0
 norm_eps = 1e-5
-# AdamW
-learning_rate = 6e-4
+zero_init_proj = False  # attention's and the MLP's output projections start at zero: each block starts as the identity
+logit_softcap = 0.0  # >0: logits = cap * tanh(logits / cap)
+# optimizer
+optimizer = "adamw"  # 'adamw', or 'muon': Muon for the blocks' matrices, AdamW for the rest
+learning_rate = 6e-4  # AdamW's
+muon_lr = 0.02  # Muon's peak learning rate (the schedule scales it like learning_rate)
+muon_momentum = 0.95
 max_iters = 5000
+max_seconds = 0.0  # >0: stop after this many seconds of training (not max_iters); step s of the schedule is at s/max_iters of it
+eval_seconds = 0.0  # >0: also evaluate every this many seconds of training (for loss-versus-time curves)
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # clip the global gradient norm to this; 0 disables
-# learning-rate schedule: linear warmup, cosine decay to min_lr
+# learning-rate schedule: linear warmup, then 'cosine' decay to min_lr, or 'wsd': constant, then decay in the last steps
+lr_schedule = "cosine"
 warmup_iters = 100
 lr_decay_iters = 0  # 0: max_iters
+lr_decay_fraction = 0.2  # wsd: the fraction of lr_decay_iters spent decaying
+lr_decay_shape = "linear"  # wsd: 'linear' or '1-sqrt'
 min_lr = 6e-5
 # system
 device = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:1', 'mps'
@@ -204,7 +215,8 @@ else:
         model_config = GPTConfig(vocab_size=meta["vocab_size"], block_size=block_size, n_layer=n_layer, n_head=n_head,
                                  n_kv_head=n_kv_head, n_embd=n_embd, ffn_hidden=ffn_hidden, norm=norm, mlp=mlp,
                                  pos=pos, rope_theta=rope_theta, qk_norm=qk_norm, tie_embeddings=tie_embeddings,
-                                 bias=bias, dropout=dropout, norm_eps=norm_eps)
+                                 bias=bias, dropout=dropout, norm_eps=norm_eps,
+                                 zero_init_proj=zero_init_proj, logit_softcap=logit_softcap)
     except ValueError as e:
         raise SystemExit(f"config error: {e}") from None
     step, best_val_loss = 0, float("inf")
@@ -230,7 +242,11 @@ else:
 seed_everything(seed + dist.rank)  # but different dropout masks in each process
 
 # with cpu_offload the parameters are in CPU memory, and so the optimizer steps there
-optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), "cpu" if cpu_offload else device)
+if checkpoint is not None and checkpoint["config"].get("optimizer", "adamw") != optimizer:
+    raise SystemExit(f"config error: {ckpt_path} was trained with optimizer='{checkpoint['config'].get('optimizer', 'adamw')}'"
+                     f", this run has '{optimizer}'; resume with the run's optimizer, or set another --out_dir")
+optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), "cpu" if cpu_offload else device,
+                           optimizer, muon_lr, muon_momentum)  # the config key's string becomes the optimizer
 if checkpoint is not None:
     restore_training_state(model, optimizer, checkpoint if pipeline is None else pipeline_stage_part(checkpoint, model))
     restore_rng_state(checkpoint["rng"], dist, log)
@@ -278,12 +294,22 @@ def pipeline_step():
 start_step = step
 first_bad_step = torch.tensor(-1, device=device)  # kept on the device: reading the loss every step would stall a GPU
 t_log, steps_since_log = time.time(), 0
+timed = max_seconds > 0 or eval_seconds > 0
+train_seconds, next_eval_seconds = 0.0, eval_seconds  # time in training steps, without evaluations
 while True:
-    lr = learning_rate_at(step, learning_rate, warmup_iters, lr_decay_iters, min_lr)
+    # Under a time budget the schedule runs on the clock, so that it ends when the time does.
+    schedule_step = min(max_iters, int(max_iters * train_seconds / max_seconds)) if max_seconds > 0 else step
+    lr = learning_rate_at(schedule_step, learning_rate, warmup_iters, lr_decay_iters, min_lr, lr_schedule,
+                          lr_decay_fraction, lr_decay_shape)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        # Muon's groups run at muon_lr, AdamW's at learning_rate (checkpoints from before Muon: no lr_scale, 1)
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    done = train_seconds >= max_seconds if max_seconds > 0 else step >= max_iters
+    eval_due = eval_seconds > 0 and train_seconds >= next_eval_seconds
+    while eval_seconds > 0 and train_seconds >= next_eval_seconds:
+        next_eval_seconds += eval_seconds
 
-    if step % eval_interval == 0 or step == max_iters:
+    if step % eval_interval == 0 or done or eval_due:
         if pipeline is None:
             losses = estimate_loss(model, bins, eval_iters, batch_size, device, autocast, seed, dist.rank,
                                    dist.world_size)
@@ -308,16 +334,31 @@ while True:
                 run_log.metrics_path = replace_earlier_run(out_dir, path, run_log.metrics_path, log)
             log(f"saved {path}")
         run_log.log({"step": step, "tokens": step * total_batch_tokens,
-                     **{f"{k}_loss" if k in bins else k: v for k, v in losses.items()}})
+                     **{f"{k}_loss" if k in bins else k: v for k, v in losses.items()},
+                     **({"train_seconds": train_seconds} if timed else {})})
         run_log.plot()
         t_log, steps_since_log = time.time(), 0  # evaluation time does not count toward tokens/s
-    if step >= max_iters:
+    if done:
         break
 
+    t_step = time.time()
     if pipeline is None:
         loss_sum = optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip)
     else:
         loss_sum = pipeline_step()
+    if timed:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()  # the step's kernels have run, not only been queued
+        # every process takes the slowest one's time, so they all stop and evaluate at the same step
+        seconds = torch.tensor(time.time() - t_step, device=device)
+        if dist.world_size > 1:
+            torch.distributed.all_reduce(seconds, op=torch.distributed.ReduceOp.MAX)
+        seconds = seconds.item()
+        if compile and step == start_step:
+            log(f"first step (compiling) took {seconds:.1f} s, not counted in train_seconds")
+            run_log.log({"step": step, "compile_seconds": seconds})
+        else:
+            train_seconds += seconds
     first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss_sum), step, first_bad_step)
     step += 1
     steps_since_log += 1

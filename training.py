@@ -1,10 +1,11 @@
 """
 The training machinery that train.py (and the post-training scripts) share:
-reading token bins, placing and wrapping the model for DDP or FSDP, the AdamW
-parameter groups, the learning-rate schedule, one optimizer step with gradient
-accumulation and clipping, loss estimation, and checkpoints of a run (the
-metrics log is runlog.py's). Each piece is small; the loop that uses them stays in the stage
-script, where a reader sees it top to bottom.
+reading token bins, placing and wrapping the model for DDP or FSDP, the
+optimizer (AdamW, or Muon with AdamW) and its parameter groups, the learning-rate
+schedules, one optimizer step with gradient accumulation and clipping, loss
+estimation, and checkpoints of a run (the metrics log is runlog.py's). Each piece
+is small; the loop that uses them stays in the stage script, where a reader sees
+it top to bottom.
 
 Batches are stateless: the windows for (step, micro_step) come from a random
 generator seeded with exactly those numbers. So the data position of a run is
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed
 import torch.nn as nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -156,29 +157,128 @@ def wrap_model(model, dist, parallelism, compile, log=print):
     return model
 
 
-def make_optimizer(model, learning_rate, weight_decay, betas, device):
-    """AdamW with weight decay on matrices (linear weights, embeddings) only.
+def make_optimizer(model, learning_rate, weight_decay, betas, device, optimizer="adamw", muon_lr=0.02,
+                   muon_momentum=0.95):
+    """AdamW with weight decay on matrices (linear weights, embeddings) only; or with optimizer='muon',
+    Muon for the blocks' matrices and AdamW for the rest.
 
     Decaying gains and biases would pull norms toward zero and buys nothing, so
     every parameter with fewer than 2 dimensions goes to the group without decay.
     The fused CUDA kernel updates all parameters in a few launches instead of several per tensor.
+    Each group's lr_scale is its peak learning rate over learning_rate: the loop sets
+    lr = schedule * lr_scale on every group, so one schedule drives both optimizers.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    if optimizer not in ("adamw", "muon"):
+        raise SystemExit(f"config error: optimizer='{optimizer}' is not one of adamw, muon")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # Muon orthogonalises an update, which only means something for a matrix that maps one hidden
+    # space to another: the embeddings are lookup tables and the output layer's rows are per-token.
+    hidden = {n for n, p in named if optimizer == "muon" and p.dim() == 2 and n.startswith("blocks.")}
+    adamw_groups = [
+        {"params": [p for n, p in named if p.dim() >= 2 and n not in hidden], "weight_decay": weight_decay},
+        {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device.startswith("cuda"))
+    for group in adamw_groups:
+        group["lr_scale"] = 1.0
+    adamw = torch.optim.AdamW(adamw_groups, lr=learning_rate, betas=betas, fused=device.startswith("cuda"))
+    if not hidden:
+        return adamw
+    muon = torch.optim.Muon([{"params": [p for n, p in named if n in hidden], "lr_scale": muon_lr / learning_rate}],
+                            lr=muon_lr, weight_decay=weight_decay, momentum=muon_momentum, nesterov=True)
+    return MuonWithAdamW(muon, adamw)
 
 
-def learning_rate_at(step, learning_rate, warmup_iters, decay_iters, min_lr):
-    """Linear warmup to learning_rate, then cosine decay to min_lr at decay_iters, then flat."""
+class MuonWithAdamW(torch.optim.Optimizer):
+    """torch.optim.Muon and torch.optim.AdamW as one optimizer: one step, one list of param groups (Muon's
+    first), one state dict, so the loop, the gradient scaler and the checkpoints treat it like AdamW.
+    The two keep working on this object's groups and state, also after load_state_dict replaces them."""
+
+    def __init__(self, muon, adamw):
+        self.muon, self.adamw = muon, adamw
+        super().__init__(muon.param_groups + adamw.param_groups, {})
+        self.share_groups_and_state()
+
+    def share_groups_and_state(self):
+        split = len(self.muon.param_groups)
+        self.muon.param_groups, self.adamw.param_groups = self.param_groups[:split], self.param_groups[split:]
+        self.muon.state = self.adamw.state = self.state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self.share_groups_and_state()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if any(isinstance(p, DTensor) for group in self.muon.param_groups for p in group["params"]):
+            for group in self.muon.param_groups:
+                for param in group["params"]:
+                    if param.grad is not None:
+                        muon_step_gathered(param, self.state[param], group)
+        else:
+            self.muon.step()
+        self.adamw.step()
+
+
+def muon_step_gathered(param, state, group):
+    """torch.optim.Muon's update of one matrix that FSDP2 shards over the processes (a DTensor).
+
+    torch's Muon runs on a DTensor too, and is right in exact arithmetic, but each matmul of
+    Newton-Schulz becomes a sharded one whose partial products are added in bfloat16: on a 96x32
+    matrix over 2 processes its update was 0.037 from a float64 reference, the whole matrix's 0.011,
+    and every iteration pays collectives. So the update is gathered once, orthogonalised whole exactly
+    as one process would (bit for bit, tests/test_recipe.py), and each process keeps its own shard."""
+    momentum = group["momentum"]
+    buffer = state.setdefault("momentum_buffer", torch.zeros_like(param.grad))
+    buffer.lerp_(param.grad, 1 - momentum)
+    update = param.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+    mesh = update.device_mesh
+    whole = newton_schulz(update.to(mesh.device_type).full_tensor(), group["ns_coefficients"], group["ns_steps"],
+                          group["eps"])  # with cpu_offload the shards are in CPU memory: gathered on the GPU
+    shard = distribute_tensor(whole.to(param.dtype), mesh, param.placements, src_data_rank=None).to(param.device)
+    rows, cols = param.shape
+    param.mul_(1 - group["lr"] * group["weight_decay"])
+    param.add_(shard, alpha=-group["lr"] * math.sqrt(max(1, rows / cols)))  # torch's default ('original') scaling
+
+
+def newton_schulz(matrix, coefficients, steps, eps):
+    """The matrix's orthogonal polar factor U V^T, approximately, as torch.optim.Muon computes it: scaled to a
+    spectral norm of at most 1, then steps of the quintic X <- a X + (b A + c A^2) X with A = X X^T, in
+    bfloat16, on the wide orientation (so A is the smaller Gram matrix). The coefficients trade accuracy
+    for speed: singular values end in a band around 1, not at 1."""
+    a, b, c = coefficients
+    x = matrix.bfloat16()
+    tall = matrix.size(0) > matrix.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def learning_rate_at(step, learning_rate, warmup_iters, decay_iters, min_lr, schedule="cosine", decay_fraction=0.2,
+                     decay_shape="linear"):
+    """Linear warmup to learning_rate, then down to min_lr at decay_iters, then flat. With schedule
+    'cosine' the decay is a cosine from the end of the warmup; with 'wsd' (warmup-stable-decay) the rate
+    stays at learning_rate until the last decay_fraction of decay_iters, then falls linearly or as
+    1 - sqrt(progress) ('1-sqrt', which drops faster at first and slower at the end)."""
     if step < warmup_iters:
         return learning_rate * (step + 1) / warmup_iters
     if step >= decay_iters:
         return min_lr
-    progress = (step - warmup_iters) / max(1, decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+    if schedule not in ("cosine", "wsd") or decay_shape not in ("linear", "1-sqrt"):
+        raise SystemExit(f"config error: lr_schedule='{schedule}' / lr_decay_shape='{decay_shape}': the schedule is one "
+                         "of cosine, wsd and the decay shape one of linear, 1-sqrt")
+    if schedule == "cosine":
+        progress = (step - warmup_iters) / max(1, decay_iters - warmup_iters)
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+    decay_start = max(warmup_iters, decay_iters - round(decay_fraction * decay_iters))
+    if step < decay_start:
+        return learning_rate
+    progress = (step - decay_start) / max(1, decay_iters - decay_start)
+    remaining = 1.0 - progress if decay_shape == "linear" else 1.0 - math.sqrt(progress)
+    return min_lr + remaining * (learning_rate - min_lr)
 
 
 def optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip):
