@@ -5,12 +5,19 @@ A server process imports torch and this repository's modules once, then forks a 
 which runs the script as __main__ the way the interpreter would: a SystemExit message goes to stderr
 with exit status 1, any other exception prints its traceback. The server never runs a torch
 operation, so forking it is safe. Used by the bad-input tables, where each row is one short run.
+
+Why a server and not a fork of pytest itself: by the time a test runs, pytest's process has run
+torch operations (its intra-op thread pool, maybe gloo's threads), and threads do not survive a
+fork; it has also registered its own atexit handlers and may hold monkeypatched modules. The server
+is a clean process that only imported modules. Its children run in its process group, so a run
+past the timeout is ended with the server, and the next call starts a new one.
 """
 
 import atexit
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +28,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER = r"""
 import atexit, json, os, runpy, sys, traceback
 sys.path.insert(0, REPO)
-import torch, numpy, checkpoint, configurator, hf, lora, model, runtime, tokenizer, chat
+import torch, torch.distributed.checkpoint.state_dict, numpy
+import checkpoint, configurator, chat, evaluate, hf, lora, model, outdir, runlog, runtime, tokenizer, training
 for line in sys.stdin:
     request = json.loads(line)
     pid = os.fork()
@@ -49,6 +57,8 @@ for line in sys.stdin:
     print(os.waitstatus_to_exitcode(status), flush=True)
 """.replace("REPO", repr(REPO))
 
+TIMEOUT = 600  # seconds, as conftest.run_script's
+
 _server = None
 
 
@@ -57,7 +67,8 @@ def run_forked(script, *args):
     global _server
     if _server is None:
         _server = subprocess.Popen([sys.executable, "-c", SERVER], cwd=REPO, stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                                   stdout=subprocess.PIPE, text=True, start_new_session=True,
+                                   env=dict(os.environ, OMP_NUM_THREADS="1"))
         atexit.register(_server.stdin.close)
     with tempfile.TemporaryDirectory() as tmp:
         out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
@@ -66,9 +77,16 @@ def run_forked(script, *args):
         _server.stdin.write(json.dumps({"script": os.path.join(REPO, script), "args": list(args),
                                         "stdout": out, "stderr": err}) + "\n")
         _server.stdin.flush()
-        if not select.select([_server.stdout], [], [], 600)[0]:  # the one reply line, as run_script's timeout
-            raise AssertionError(f"{script} {' '.join(args)} did not finish in 600 s")
-        returncode = int(_server.stdout.readline())
+        if not select.select([_server.stdout], [], [], TIMEOUT)[0]:  # the one reply line: the exit status
+            os.killpg(_server.pid, signal.SIGKILL)  # the server and the child still running
+            _server.wait()
+            _server = None
+            raise AssertionError(f"{script} {' '.join(args)} did not finish in {TIMEOUT} s")
+        reply = _server.stdout.readline()
+        if not reply:
+            _server = None
+            raise AssertionError("the fork server of tests/forked.py died; its traceback is above")
+        returncode = int(reply)
         with open(out) as f_out, open(err) as f_err:
             return SimpleNamespace(returncode=returncode, stdout=f_out.read(), stderr=f_err.read())
 

@@ -3,91 +3,31 @@ train.py, sft.py or dpo.py stops the script with one line naming the problem, no
 earlier run in the same out_dir unchanged byte for byte. Then the out_dir lock, the removal of a
 killed save's temporaries, Ctrl-C and a full disk, each on its own.
 
-The table's rows run each script as __main__ in a child forked from this process, which has
-imported torch and the repository's modules once: a real separate process that starts in
-milliseconds rather than the two seconds of a fresh interpreter. The lock, interrupt and
-torchrun tests start real subprocesses. 131 rows; the file took 112 s on 2 busy cores (load 12),
+The table's rows run each script as __main__ in a child forked from a server process that has
+imported torch and the repository's modules once (tests/forked.py): a real separate process that
+starts in milliseconds rather than the two seconds of a fresh interpreter. The lock, interrupt and
+torchrun tests start fresh interpreters. 131 rows; the file took 112 s on 2 busy cores (load 12),
 about 35 s of it the rows.
 """
 
-import atexit
 import hashlib
-import io
 import json
 import os
-import runpy
 import shutil
 import signal
 import subprocess
 import sys
 import time
-import traceback
 
 import pytest
 import torch
-import torch.distributed.checkpoint.state_dict  # noqa: F401  imported once here, so the forked scripts start fast
 
-import chat  # noqa: F401
-import evaluate  # noqa: F401
 import outdir
 import training
 from checkpoint import load_checkpoint
 from configurator import configure
 from conftest import REPO, TINY_MODEL, TOY_INSTRUCTIONS
-
-
-def run_forked(script, *args, timeout=300):
-    """Run a stage script with args in a forked child; return (exit code, stdout, stderr)."""
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            os.dup2(out_w, 1)
-            os.dup2(err_w, 2)
-            sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", buffering=0, closefd=False), write_through=True)
-            sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", buffering=0, closefd=False), write_through=True)
-            atexit._clear()  # pytest's own exit handlers are not the script's
-            torch.set_num_threads(1)  # the parent's thread pool does not survive a fork
-            os.chdir(REPO)
-            sys.argv = [script, *args]
-            try:
-                runpy.run_path(os.path.join(REPO, script), run_name="__main__")
-                code = 0
-            except SystemExit as e:
-                if isinstance(e.code, str):
-                    print(e.code, file=sys.stderr)
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            except BaseException:
-                traceback.print_exc()
-            atexit._run_exitfuncs()  # the script's: the out_dir lock's release
-        finally:
-            os._exit(code)
-    os.close(out_w)
-    os.close(err_w)
-    outputs = {out_r: b"", err_r: b""}
-    deadline = time.time() + timeout
-    os.set_blocking(out_r, False)
-    os.set_blocking(err_r, False)
-    while True:  # drain both pipes while the child runs, so a chatty child never blocks on a full pipe
-        done = os.waitpid(pid, os.WNOHANG)
-        for fd in outputs:
-            try:
-                while chunk := os.read(fd, 65536):
-                    outputs[fd] += chunk
-            except BlockingIOError:
-                pass
-        if done[0]:
-            break
-        if time.time() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise AssertionError(f"{script} {' '.join(args)} did not end in {timeout} s")
-        time.sleep(0.01)
-    os.close(out_r)
-    os.close(err_r)
-    return os.waitstatus_to_exitcode(done[1]), outputs[out_r].decode(), outputs[err_r].decode()
+from forked import run_forked
 
 
 def fingerprint(folder):
@@ -348,11 +288,11 @@ def test_bad_input_stops_with_one_line_and_keeps_the_earlier_run(world, script, 
     args = [a.replace("{root}", str(world)) for a in args.split()]
     out_dir = next((a.split("=", 1)[1] for a in args if a.startswith("--out_dir=")), str(world / "finished"))
     before = fingerprint(out_dir)
-    code, stdout, stderr = run_forked(script, *base_args(script, world), f"--out_dir={out_dir}", *args)
-    lines = stderr.strip().splitlines()
-    assert code != 0, stdout + stderr
-    assert "Traceback" not in stdout + stderr, stderr
-    assert len(lines) == 1 and expected in lines[0], stderr
+    result = run_forked(script, *base_args(script, world), f"--out_dir={out_dir}", *args)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+    assert len(lines) == 1 and expected in lines[0], result.stderr
     assert fingerprint(out_dir) == before
 
 
@@ -400,10 +340,11 @@ def test_a_second_run_in_a_locked_out_dir_is_refused_and_its_temporaries_stay(wo
     holder = hold_lock(out_dir)
     try:
         before = fingerprint(out_dir)
-        code, stdout, stderr = run_forked(TRAIN, *base_args(TRAIN, world), f"--out_dir={out_dir}")
-        assert code != 0 and "Traceback" not in stderr
-        assert stderr.strip() == (f"run error: {out_dir} is in use by process {holder} on {os.uname().nodename} "
-                                  f"(it holds {out_dir}/run.lock); wait for that run to end, or use another --out_dir")
+        result = run_forked(TRAIN, *base_args(TRAIN, world), f"--out_dir={out_dir}")
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert result.stderr.strip() == (f"run error: {out_dir} is in use by process {holder} on "
+                                         f"{os.uname().nodename} (it holds {out_dir}/run.lock); "
+                                         "wait for that run to end, or use another --out_dir")
         assert fingerprint(out_dir) == before
     finally:
         os.kill(holder, signal.SIGKILL)
@@ -421,11 +362,11 @@ def test_a_killed_runs_lock_and_temporaries_are_taken_over_at_the_next_start(wor
         path.write_bytes(b"x" * 1000)
     checkpoints = {name: digest for name, digest in fingerprint(out_dir).items() if name.endswith(".pt")}
     # resuming the finished run at its last step: it evaluates and ends, saving nothing
-    code, stdout, stderr = run_forked(TRAIN, *base_args(TRAIN, world), "--max_iters=4", "--init_from=auto",
-                                      f"--out_dir={out_dir}")
-    assert code == 0, stderr
-    assert f"was left by process {holder} on {os.uname().nodename}, which ended without releasing it" in stdout
-    assert f"removed 3 temporary files (0.0 MB) that interrupted saves left in {out_dir}" in stdout
+    result = run_forked(TRAIN, *base_args(TRAIN, world), "--max_iters=4", "--init_from=auto", f"--out_dir={out_dir}")
+    assert result.returncode == 0, result.stderr
+    assert (f"was left by process {holder} on {os.uname().nodename}, which ended without releasing it"
+            in result.stdout)
+    assert f"removed 3 temporary files (0.0 MB) that interrupted saves left in {out_dir}" in result.stdout
     assert not any(path.exists() for path in stale) and not (out_dir / "run.lock").exists()
     assert {n: d for n, d in fingerprint(out_dir).items() if n.endswith(".pt")} == checkpoints
 
@@ -456,10 +397,10 @@ def test_a_new_run_replaces_the_earlier_one_only_with_its_first_checkpoint(world
     out_dir = tmp_path / "run"
     shutil.copytree(world / "finished", out_dir)  # one checkpoint, of step 4
     # a run whose first checkpoint, of step 5, would be kept beside the earlier run's if nothing removed it
-    code, stdout, stderr = run_forked(TRAIN, *base_args(TRAIN, world), "--max_iters=5", "--eval_interval=5",
-                                      "--seed=7", f"--out_dir={out_dir}")
-    assert code == 0, stderr
-    assert "removed 1 checkpoints of an earlier run" in stdout
+    result = run_forked(TRAIN, *base_args(TRAIN, world), "--max_iters=5", "--eval_interval=5", "--seed=7",
+                        f"--out_dir={out_dir}")
+    assert result.returncode == 0, result.stderr
+    assert "removed 1 checkpoints of an earlier run" in result.stdout
     assert sorted(os.listdir(out_dir)) == ["ckpt-0000005.pt", "ckpt.pt", "metrics.jsonl", "plot.png", "report.md",
                                            "run.json"]
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
@@ -469,10 +410,10 @@ def test_a_new_run_replaces_the_earlier_one_only_with_its_first_checkpoint(world
 def test_sft_never_saves_a_non_finite_model(world, tmp_path):
     out_dir = tmp_path / "sft"
     # the held-out loss is NaN at step 2 while every weight is still finite
-    code, stdout, stderr = run_forked(SFT, *base_args(SFT, world), "--learning_rate=1e8", "--warmup_iters=0",
-                                      "--grad_clip=0.0", "--max_iters=3", "--eval_interval=2", "--log_interval=100",
-                                      f"--out_dir={out_dir}")
-    assert code != 0 and stderr.strip().startswith("sft error: the model is not finite at step 2"), stdout + stderr
+    result = run_forked(SFT, *base_args(SFT, world), "--learning_rate=1e8", "--warmup_iters=0", "--grad_clip=0.0",
+                        "--max_iters=3", "--eval_interval=2", "--log_interval=100", f"--out_dir={out_dir}")
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert result.stderr.strip().startswith("sft error: the model is not finite at step 2"), result.stderr
     assert not out_dir.exists() or not [n for n in os.listdir(out_dir) if n.endswith(".pt")]
 
 
@@ -511,10 +452,10 @@ def tiny_disk(tmp_path):
 
 
 def test_a_full_disk_stops_with_one_line_and_keeps_the_earlier_checkpoints(world, tiny_disk):
-    code, stdout, stderr = run_forked(TRAIN, *base_args(TRAIN, world), "--max_iters=4", "--eval_interval=1",
-                                      f"--out_dir={tiny_disk}")
-    assert code != 0 and "Traceback" not in stderr
-    assert stderr.strip().startswith(f"disk error: no space left for {tiny_disk}/ckpt-0000002.pt (it needs about 0.7 MB")
-    assert "a run needs room for keep_checkpoints+1 checkpoints" in stderr
+    result = run_forked(TRAIN, *base_args(TRAIN, world), "--max_iters=4", "--eval_interval=1", f"--out_dir={tiny_disk}")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith(f"disk error: no space left for {tiny_disk}/ckpt-0000002.pt "
+                                            "(it needs about 0.7 MB")
+    assert "a run needs room for keep_checkpoints+1 checkpoints" in result.stderr
     assert sorted(os.listdir(tiny_disk)) == ["ckpt-0000001.pt", "ckpt.pt", "metrics.jsonl"]
     assert load_checkpoint(str(tiny_disk / "ckpt.pt"))["step"] == 1
