@@ -13,8 +13,8 @@ are random and so are the tokens: speed does not depend on them. Timings are med
 `repeats` after `warmup` untimed runs (compiling happens there), with the variants interleaved
 (A B A B ...) so that a change in the machine's load hits them alike. Training runs whole steps
 (forward, backward, AdamW). Decoding is greedy from a prompt of prompt_tokens random tokens:
-time to first token is a generate() of one token, the decoding rate counts the other
-new_tokens - 1 tokens over the rest of a generate() of new_tokens. Peak memory is CUDA's
+time to first token is a generate() of one token, the decoding rate is batch x new_tokens
+over a generate() of new_tokens, prompt included. Peak memory is CUDA's
 max_memory_allocated over the timed runs; on a CPU, the process's peak resident set size so far,
 which only grows. MFU needs the GPU's peak FLOP/s (model.py's table, or --peak_flops).
 """
@@ -179,9 +179,8 @@ for batch in decode_batch_sizes:
         whole = interleaved(decoders, lambda decode: decode(prompt, new_tokens))
     rows = {}
     for name in decoders:
-        rest = statistics.median(whole[name]) - statistics.median(first[name])
         rows[name] = {"first_token_ms": 1e3 * statistics.median(first[name]),
-                      "tokens_per_s": batch * (new_tokens - 1) / rest,
+                      "tokens_per_s": batch * new_tokens / statistics.median(whole[name]),
                       "generate_ms_median": 1e3 * statistics.median(whole[name]),
                       "generate_ms_min": 1e3 * min(whole[name]),
                       "same_tokens_as_ours": torch.equal(outputs[name], outputs["ours"])}

@@ -7,7 +7,6 @@ One run of a few seconds (more when transformers is imported: it is timed beside
 """
 
 import json
-import math
 
 from conftest import run_script
 
@@ -26,7 +25,7 @@ def test_bench_writes_training_and_decoding_numbers_for_each_variant(tmp_path):
     for rows in results["decode"].values():
         assert "ours" in rows
         for row in rows.values():
-            assert row["first_token_ms"] > 0 and math.isfinite(row["tokens_per_s"])
+            assert row["first_token_ms"] > 0 and row["tokens_per_s"] > 0
         if "hf" in rows:  # the same weights give the same greedy tokens, so the timings compare like with like
             assert rows["hf"]["same_tokens_as_ours"]
 

@@ -339,6 +339,36 @@ def test_left_padded_greedy_generation_equals_each_prompt_alone(style, new, use_
         assert torch.equal(out[r, idx.size(1) :], alone[r]), r
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows", ["packed", "left-padded"])
+def test_flex_attention_gives_the_dense_mask_outputs_and_gradients(rows, device):
+    # The same mask function, materialised as a BlockMask for the compiled flex kernel or as a dense
+    # boolean mask for SDPA. Two blocks of 128 positions, so that whole blocks are skipped.
+    model = tiny_model("modern", n_kv_head=2, block_size=256, n_layer=1).to(device)
+    g = torch.Generator().manual_seed(15)
+    idx = torch.randint(0, 64, (2, 256), generator=g).to(device)
+    if rows == "packed":
+        kwargs = dict(doc_ids=torch.tensor([[0] * 100 + [1] * 150 + [2] * 6, [0] * 20 + [1] * 236]).to(device))
+    else:
+        kwargs = dict(pad=torch.tensor([0, 140]).to(device))
+    results = {}
+    for flex in (False, True):
+        model.flex_attention = flex
+        model.zero_grad()
+        with torch.set_grad_enabled(device != "cpu"):  # torch 2.11-2.14 have no flex backward on CPU
+            logits, _ = model(idx, all_logits=True, **kwargs)
+        if logits.requires_grad:
+            logits.square().mean().backward()
+        results[flex] = logits, [p.grad for p in model.parameters()]
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-5)
+    for flex_grad, dense_grad in zip(results[True][1], results[False][1]):
+        if device != "cpu":
+            torch.testing.assert_close(flex_grad, dense_grad, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Loss
 
