@@ -448,7 +448,7 @@ class GPT(nn.Module):
                 # The cache holds every position but the newest token: run just that one.
                 if cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are used up
-                logits, _ = step(idx[:, -1:], cache=cache, pos=pos, pad=window_pad)
+                logits, _ = step(next_token, cache=cache, pos=pos, pad=window_pad)  # not idx[:, -1:]: its strides grow
                 pos += 1
                 cached += 1
             else:

@@ -285,6 +285,15 @@ def random_prompts(lengths, seed=10):
     return [torch.randint(0, 64, (n,), generator=g) for n in lengths]
 
 
+def test_the_compiled_decoding_step_gives_the_eager_tokens():
+    # The one test that compiles the decoding step (on CPU; on CUDA it is also a CUDA graph): its
+    # shapes must not change from step to step, or the recompile limit stops it (fullgraph).
+    model = tiny_model("modern", n_kv_head=2)
+    idx, pad = left_padded(random_prompts([2, 5, 4]))
+    eager = model.generate(idx, 12, temperature=0.0, pad=pad, compile=False)
+    assert torch.equal(model.generate(idx, 12, temperature=0.0, pad=pad, compile=True), eager)
+
+
 @pytest.mark.parametrize("query,keys", [(torch.arange(6), 6), (torch.tensor([6]), 16)], ids=["prefill", "decode"])
 def test_a_real_query_sees_its_rows_real_keys_up_to_itself_and_a_pad_query_only_itself(query, keys):
     pad = torch.tensor([0, 2, 5, 7])
