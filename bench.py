@@ -8,7 +8,7 @@ generate on the same weights (exported with hf.py), side by side in one run.
     python bench.py --device=cpu --compile=False --out=bench.json   # JSON as well as the table
 
 The model keys are train.py's (n_layer, n_head, n_kv_head, n_embd, mlp, pos, ... and the
-vocabulary), as are batch_size, block_size, device, dtype, compile and peak_flops; the weights
+vocabulary, vocab_size), as are batch_size, device, dtype, compile and peak_flops; the weights
 are random and so are the tokens: speed does not depend on them. Timings are medians over
 `repeats` after `warmup` untimed runs (compiling happens there), with the variants interleaved
 (A B A B ...) so that a change in the machine's load hits them alike. Training runs whole steps
@@ -25,6 +25,7 @@ import resource
 import statistics
 import tempfile
 import time
+from dataclasses import fields
 
 import torch
 
@@ -34,21 +35,9 @@ from runtime import autocast_context, device_name, pick_device, pick_dtype
 from training import make_optimizer
 
 # -----------------------------------------------------------------------------
-# model (train.py's keys; the defaults are GPT-2 124M's shape in the modern style)
-vocab_size = 50257
-block_size = 1024
-n_layer = 12
-n_head = 12
-n_kv_head = 0
-n_embd = 768
-ffn_hidden = 0
-norm = "rmsnorm"
-mlp = "swiglu"
-pos = "rope"
-rope_theta = 10000.0
-qk_norm = False
-tie_embeddings = False
-bias = False
+# model: every GPTConfig field is a key, as in train.py (n_layer, n_embd, mlp, pos, ...), with
+# GPTConfig's default: GPT-2 124M's shape (and vocabulary) in the modern style
+globals().update({f.name: f.default for f in fields(GPTConfig)})
 # training
 batch_size = 8  # sequences per step
 learning_rate = 6e-4
@@ -80,9 +69,10 @@ dtype = pick_dtype(device, dtype)
 autocast = autocast_context(device, dtype)
 cuda = device.startswith("cuda")
 torch.manual_seed(seed)
-model_config = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
-                         n_kv_head=n_kv_head, n_embd=n_embd, ffn_hidden=ffn_hidden, norm=norm, mlp=mlp, pos=pos,
-                         rope_theta=rope_theta, qk_norm=qk_norm, tie_embeddings=tie_embeddings, bias=bias)
+try:
+    model_config = GPTConfig(**{f.name: config[f.name] for f in fields(GPTConfig)})
+except ValueError as e:
+    raise SystemExit(f"config error: {e}") from None
 model = GPT(model_config).to(device)
 peak = gpu_peak_flops(device_name(device), peak_flops) if cuda else peak_flops
 
@@ -162,9 +152,16 @@ except ImportError:
     hf = False
 if hf:
     from hf import hf_config, to_hf
-    hf_settings = hf_config(model_config, eot_id=0)
+    try:
+        hf_settings = hf_config(model_config, eot_id=0)
+    except SystemExit as e:  # an option neither GPT-2 nor Llama has: time ours alone
+        print(f"no transformers comparison: {e}")
+        hf = False
+if hf:
     hf_model = AutoModelForCausalLM.from_config(AutoConfig.for_model(hf_settings.pop("model_type"), **hf_settings))
-    hf_model.load_state_dict(to_hf(model.state_dict(), model_config), strict=False)  # strict: buffers differ
+    # not strict: tied, HF's lm_head is its embedding, which to_hf writes once. same_tokens_as_ours
+    # below shows that the weights arrived.
+    hf_model.load_state_dict(to_hf(model.state_dict(), model_config), strict=False)
     hf_model.to(device).eval()
     hf_model.generation_config.eos_token_id = None  # never stop early: every variant makes new_tokens tokens
     hf_model.generation_config.pad_token_id = 0
