@@ -28,11 +28,17 @@ Design notes, the why behind the choices:
   so the residual stream's variance does not grow with depth at init.
 - The embedding table and output layer are padded to a multiple of 64 rows:
   matrix shapes with large power-of-two factors run faster on GPUs. The padded
-  ids never occur in data, and generate() never samples them.
+  ids are not tokens: the logits, and so every softmax over them, leave them out.
 - Attention goes through F.scaled_dot_product_attention, which dispatches to
-  flash or memory-efficient kernels where the hardware has them.
+  flash or memory-efficient kernels where the hardware has them; rows packed
+  from several examples or left-padded go through FlexAttention on GPUs, whose
+  kernel skips the masked-out blocks instead of reading a dense T x T mask.
+- Generation decodes with static shapes (the whole preallocated KV cache,
+  masked; the position a tensor), so one compiled graph, on CUDA a CUDA graph,
+  serves every step.
 """
 
+import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -40,6 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 
 @dataclass
@@ -123,7 +130,7 @@ PRESETS = {
 
 def cross_entropy(logits, targets):
     """The mean next-token loss over positions whose target is not -1, computed in float32."""
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
 
 class RMSNorm(nn.Module):
@@ -165,36 +172,58 @@ def apply_rope(x, cos, sin):
     return rotated.type_as(x)
 
 
+# Masks are functions of (batch, head, query index, key index), FlexAttention's mask_mod
+# signature, written with tensor ops so that the same function also gives SDPA's dense boolean
+# mask when called on broadcasting index tensors (see dense_mask). One definition, two kernels.
+
+def causal(b, h, q, kv):
+    return kv <= q
+
+
 def document_mask(doc_ids):
     """For rows packed from several examples (doc_ids (B, T): a run of equal ids is one example),
-    each token's position within its example (B, T) and the attention mask (B, 1, T, T) that lets
-    it see only the earlier tokens of its own example. With both, a packed row computes exactly
-    what its examples would one by one."""
+    each token's position within its example (B, T) and the mask that lets it see only the
+    earlier tokens of its own example. With both, a packed row computes exactly what its
+    examples would one by one."""
     T = doc_ids.size(1)
     t = torch.arange(T, device=doc_ids.device)
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     positions = t - torch.where(starts, t, 0).cummax(dim=1).values  # distance from the run's start
     run = starts.cumsum(dim=1)
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
-    return positions, ((run[:, :, None] == run[:, None, :]) & causal)[:, None]
+
+    def same_example(b, h, q, kv):
+        return (run[b, q] == run[b, kv]) & (kv <= q)
+
+    return positions, same_example
 
 
-def padding_mask(pad, pos, T):
-    """For left-padded rows (pad (B,): row b's real tokens start at index pad[b]) whose T tokens
-    start at index pos (after pos cached ones), each token's position counted from its row's first
-    real token (B, T) and the attention mask (B, 1, T, pos + T) that lets a real token see only the
-    earlier real tokens of its row. With both, a padded row computes exactly what its real tokens
-    would alone."""
-    index = torch.arange(pos + T, device=pad.device)  # every key's index; the queries are the last T
-    query = index[pos:, None]
-    positions = (index[pos:] - pad[:, None]).clamp(min=0)  # a pad token's position is never used: any will do
-    mask = (index <= query) & (index >= pad[:, None, None])
-    # A pad query has no real key to see, and softmax over no keys is NaN in some attention
-    # kernels (torch 2.13's CPU ones give 0); a NaN would reach real rows in the next layer
-    # through 0 * NaN in the weighted sum over masked keys. Seeing itself keeps it finite.
-    mask |= index == query
-    return positions, mask[:, None]
+def padding_mask(pad, query):
+    """For left-padded rows (pad (B,): row b's real tokens start at index pad[b]) and queries at
+    indices query (T,), each query's position counted from its row's first real token (B, T) and
+    the mask that lets a real token see only the earlier real tokens of its row. With both, a
+    padded row computes exactly what its real tokens would alone."""
+    positions = (query - pad[:, None]).clamp(min=0)  # a pad token's position is never used: any will do
+
+    def real_tokens(b, h, q, kv):
+        # A pad query has no real key to see, and softmax over no keys is NaN in some attention
+        # kernels (torch 2.13's CPU ones give 0); a NaN would reach real rows in the next layer
+        # through 0 * NaN in the weighted sum over masked keys. Seeing itself keeps it finite.
+        return ((kv <= q) & (kv >= pad[b])) | (kv == q)
+
+    return positions, real_tokens
+
+
+def dense_mask(mask_mod, batch, query, keys):
+    """mask_mod as SDPA's boolean attn_mask (batch, 1, len(query), keys): True where query may see key."""
+    b = torch.arange(batch, device=query.device)[:, None, None, None]
+    return mask_mod(b, None, query[:, None], torch.arange(keys, device=query.device))
+
+
+@functools.cache
+def compiled_flex_attention():
+    # FlexAttention is only fast compiled: eager, it computes the full score matrix.
+    return torch.compile(flex_attention, dynamic=False)
 
 
 class Attention(nn.Module):
@@ -225,26 +254,29 @@ class Attention(nn.Module):
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            if not cache:  # first call: room for the whole context, in the dtype autocast gave k and v
-                shape = (B, self.n_kv_head, self.block_size, self.head_dim)
-                cache["k"], cache["v"] = k.new_empty(shape), v.new_empty(shape)
-            # Write this call's keys and values after the cached ones and attend to all of them.
-            cache["k"][:, :, pos : pos + T] = k
-            cache["v"][:, :, pos : pos + T] = v
-            k, v = cache["k"][:, :, : pos + T], cache["v"][:, :, : pos + T]
-        # Query i (at position pos + i) may see keys 0 .. pos + i. From position 0 that is SDPA's own
-        # causal mask; one new query sees every cached key; a chunk after cached keys needs the mask
-        # spelled out, since SDPA's is_causal aligns it to the top-left corner. Packed and padded
-        # rows bring their own mask (see document_mask and padding_mask).
-        if mask is None and pos > 0 and T > 1:
-            mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=mask,
-            is_causal=mask is None and pos == 0 and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head,
-        )
+            if torch.is_tensor(pos):
+                # A decoding step (see GPT.forward): write at index pos, attend to the whole cache,
+                # whose slots after pos the mask hides. The shapes never change from step to step.
+                cache["k"].index_copy_(2, pos, k)
+                cache["v"].index_copy_(2, pos, v)
+                k, v = cache["k"], cache["v"]
+            else:
+                if not cache:  # room for the whole context, in the dtype autocast gave k and v
+                    # zeros, not empty: a masked key's weight is 0, but 0 * NaN from stale memory is NaN
+                    shape = (B, self.n_kv_head, self.block_size, self.head_dim)
+                    cache["k"], cache["v"] = k.new_zeros(shape), v.new_zeros(shape)
+                cache["k"][:, :, :T] = k
+                cache["v"][:, :, :T] = v
+        if isinstance(mask, BlockMask):
+            y = compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
+        else:  # no mask is SDPA's own causal one, which its flash kernel takes
+            y = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=mask,
+                is_causal=mask is None and T > 1,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_head != self.n_head,
+            )
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(y))
 
@@ -305,6 +337,10 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = False  # set by the trainer to trade compute for memory
+        # Packed and padded rows: FlexAttention (a compiled kernel that skips masked-out blocks)
+        # or SDPA with a dense (B, 1, T, T) mask, which only SDPA's math kernel takes (T^2 memory per
+        # head). None picks flex on CUDA; on CPU, torch (2.11-2.14) has no flex backward.
+        self.flex_attention = None
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -349,24 +385,38 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, all_logits=False, cache=None, pos=0, doc_ids=None, pad=None):
         """idx (B, T) token ids. With targets (B, T): returns all logits and the mean cross-entropy,
         ignoring targets of -1. Without: the last position's logits, or every position's if
-        all_logits. cache and pos are for generation: per layer a dict of key/value buffers
-        (filled on first use) and the index of idx[:, 0] in them. doc_ids (B, T) is for rows packed
-        from several examples: the example each position belongs to (see document_mask). pad (B,)
-        is for left-padded rows: how many pad tokens each row (and its cache) starts with (see
-        padding_mask)."""
+        all_logits. Logits cover the real vocab_size ids only. cache is for generation: per layer a
+        dict of key/value buffers, filled from position 0 by a call with pos=0; a decoding step then
+        passes one token per row and pos, a (1,) tensor: the cache index it goes to (a tensor, so
+        that every step has the same shapes and one compiled graph serves them all). doc_ids (B, T)
+        is for rows packed from several examples: the example each position belongs to (see
+        document_mask). pad (B,) is for left-padded rows: how many pad tokens each row (and its
+        cache) starts with (see padding_mask)."""
         B, T = idx.shape[:2]
-        if pos + T > self.config.block_size:
-            raise ValueError(f"sequence of {pos + T} tokens is longer than block_size={self.config.block_size}")
+        decoding = torch.is_tensor(pos)
+        if not decoding and (pos != 0 or T > self.config.block_size):
+            raise ValueError(f"a forward from position {pos} of {T} tokens: pos is 0 (or a decoding step's index "
+                             f"tensor) and at most block_size={self.config.block_size} tokens")
+        query = pos if decoding else torch.arange(T, device=idx.device)
         if pad is not None:
-            positions, mask = padding_mask(pad, pos, T)
+            positions, mask_mod = padding_mask(pad, query)
         elif doc_ids is not None:
-            positions, mask = document_mask(doc_ids)
+            positions, mask_mod = document_mask(doc_ids)
+        elif decoding:
+            positions, mask_mod = pos[None], causal
         else:
-            positions, mask = slice(pos, pos + T), None  # a slice: views of the tables, no index tensor per call
+            positions, mask_mod = slice(0, T), None  # a slice: views of the tables, no index tensor per call
+        mask = None
+        if mask_mod is not None:
+            flex = self.flex_attention if self.flex_attention is not None else idx.is_cuda
+            if flex and not decoding and not (self.training and self.config.dropout):  # flex has no dropout
+                mask = create_block_mask(mask_mod, B, None, T, T, device=idx.device)
+            else:  # a decoding step attends to the whole cache: keys are its block_size slots
+                mask = dense_mask(mask_mod, B, query, self.config.block_size if decoding else T)
         rope = None
         if self.config.pos == "rope":
             rope = (self.rope_cos[positions], self.rope_sin[positions])
-            if mask is not None:  # positions per row: a table per row, (B, 1, T, head_dim/2), broadcast over heads
+            if not isinstance(positions, slice):  # positions per row: (B, 1, T, head_dim/2), broadcast over heads
                 rope = (rope[0][:, None], rope[1][:, None])
         if self.wte is None:
             x = idx  # a later pipeline stage (see training.split_for_pipeline): the hidden states of the one before
@@ -388,11 +438,15 @@ class GPT(nn.Module):
         if self.lm_head is None:
             return x, None  # an earlier pipeline stage hands its hidden states on
         x = self.ln_f(x)
-        if targets is not None:
-            logits = self.soft_cap(self.lm_head(x))
-            return logits, cross_entropy(logits, targets)
-        logits = self.soft_cap(self.lm_head(x if all_logits else x[:, -1:, :]))
-        return logits, None
+        # The padding ids are not tokens, so no softmax (the loss, DPO's log-probabilities,
+        # evaluation, sampling) may give them probability mass: the logits are a view of the first
+        # vocab_size columns. The matmul keeps its padded width, which runs faster on GPUs than
+        # the lm_head's first vocab_size rows would. The view costs no copy under bf16 autocast,
+        # where cross_entropy's float() copies anyway; in float32, log_softmax makes one
+        # contiguous copy of it (measured on torch 2.13), the price of an aligned matmul.
+        logits = self.lm_head(x if targets is not None or all_logits else x[:, -1:, :])[..., : self.config.vocab_size]
+        logits = self.soft_cap(logits)
+        return logits, None if targets is None else cross_entropy(logits, targets)
 
     def soft_cap(self, logits):
         """With logit_softcap: cap * tanh(logits / cap), which bounds the logits smoothly to (-cap, cap) so no
@@ -407,32 +461,40 @@ class GPT(nn.Module):
         if temperature == 0:
             return logits.argmax(dim=-1, keepdim=True)
         logits = logits / temperature
+        # masked_fill, not logits[mask] = ...: boolean indexing waits for the device to count the mask
         if top_k is not None:
-            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-            logits[logits < kth] = -float("inf")
+            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, -float("inf"))
         if top_p is not None and top_p < 1.0:
             # Keep the smallest set of most likely tokens whose probability reaches top_p.
             sorted_logits, order = torch.sort(logits, descending=True)
             cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
             drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p
-            sorted_logits[drop] = -float("inf")
+            sorted_logits = sorted_logits.masked_fill(drop, -float("inf"))
             logits = torch.full_like(logits, -float("inf")).scatter(1, order, sorted_logits)
         return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=None,
-                        use_cache=True, pad=None):
-        """Yield (B, 1) next tokens one at a time; see generate()."""
+                        use_cache=True, pad=None, compile=None, check_every=1):
+        """Yield (B, 1) next tokens one at a time; see generate(). Whether every row has stopped is
+        checked (a wait for the device) every check_every tokens: up to check_every - 1 tokens past
+        that point, each row repeating its stop token, may come out."""
         block_size = self.config.block_size
         stop = torch.tensor(sorted(stop_tokens or []), dtype=torch.long, device=idx.device)
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         cache = [{} for _ in self.blocks] if use_cache else None  # per layer: key and value buffers
+        cuda_graphs = idx.is_cuda and (compile or compile is None)
+        step = functools.partial(compiled_forward(cuda_graphs), self) if compile or cuda_graphs else self
         cached = 0  # how many positions the cache holds
         window_pad = pad  # the pad tokens at the start of the last window run, which the cache holds
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             if use_cache and 0 < cached < block_size:
                 # The cache holds every position but the newest token: run just that one.
-                logits, _ = self(idx[:, -1:], cache=cache, pos=cached, pad=window_pad)
+                if cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are used up
+                logits, _ = step(next_token, cache=cache, pos=pos, pad=window_pad)  # not idx[:, -1:]: its strides grow
+                pos += 1
                 cached += 1
             else:
                 # First step, or the context is full: run the last block_size tokens from position 0.
@@ -441,8 +503,13 @@ class GPT(nn.Module):
                 if pad is not None:
                     # The tokens that slid out of the window are a row's pad tokens first.
                     window_pad = (pad - (idx.size(1) - window.size(1))).clamp(min=0)
-                logits, _ = self(window, cache=cache, pos=0, pad=window_pad)
+                logits, _ = self(window, cache=cache, pad=window_pad)
                 cached = window.size(1)
+                pos = torch.tensor([cached], device=idx.device)  # moved on by the steps on the device
+                if cuda_graphs and use_cache:  # CUDA graphs replay writes into the cache where it is now
+                    for layer in cache:
+                        for buffer in layer.values():
+                            torch._dynamo.mark_static_address(buffer)
             next_token = self.sample_next_token(logits[:, -1, :], temperature, top_k, top_p)
             if len(stop):
                 # A finished row keeps repeating its stop token until every row is done.
@@ -450,12 +517,12 @@ class GPT(nn.Module):
                 finished |= torch.isin(next_token[:, 0], stop)
             idx = torch.cat((idx, next_token), dim=1)
             yield next_token
-            if len(stop) and bool(finished.all()):
+            if len(stop) and (i + 1) % check_every == 0 and bool(finished.all()):
                 return
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=None,
-                 use_cache=True, pad=None):
+                 use_cache=True, pad=None, compile=None):
         """Continue idx (B, T) by up to max_new_tokens tokens and return (B, T + new).
 
         temperature 0 is greedy; top_k keeps the k most likely tokens; top_p keeps the smallest
@@ -464,9 +531,22 @@ class GPT(nn.Module):
         output is the same as recomputing the whole context every step (use_cache=False).
         Prompts of different lengths go in one batch left-padded: pad (B,) says how many tokens
         of any id each row starts with, and every row continues as it would alone.
-        """
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, stop_tokens, use_cache, pad))
-        return torch.cat([idx] + new, dim=1)
+        compile: compile the decoding step (None: on CUDA, where it replays as a CUDA graph;
+        on a CPU the compiled step is ~1.5x faster (bench.py), but compiling takes longer than it
+        saves over a few hundred tokens)."""
+        new = torch.cat([idx[:, :0], *self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
+                                                           stop_tokens, use_cache, pad, compile, check_every=16)], dim=1)
+        if stop_tokens:  # cut what came after the step where the last row stopped
+            stopped = torch.isin(new, torch.tensor(sorted(stop_tokens), device=new.device))
+            if stopped.any(dim=1).all():
+                new = new[:, : stopped.int().argmax(dim=1).max() + 1]  # argmax: a row's first stop token
+        return torch.cat((idx, new), dim=1)
+
+
+@functools.cache
+def compiled_forward(cuda_graphs):
+    """GPT.forward compiled for decoding steps, whose shapes stay the same from step to step."""
+    return torch.compile(GPT.forward, mode="reduce-overhead" if cuda_graphs else None, fullgraph=True, dynamic=False)
 
 
 # Peak dense bf16 tensor FLOP/s per GPU (vendor data sheets, no sparsity), for MFU.

@@ -13,13 +13,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, PEAK_BF16_FLOPS, PRESETS, GPTConfig, apply_rope, padding_mask, peak_flops, rope_tables
+from model import (GPT, PEAK_BF16_FLOPS, PRESETS, GPTConfig, apply_rope, dense_mask, document_mask, padding_mask,
+                   peak_flops, rope_tables)
 
 # The two families model.py covers, as small as they go; tests override what they need.
 STYLES = {
     "modern": dict(),
     "gpt2": dict(norm="layernorm", mlp="gelu", pos="learned", tie_embeddings=True, bias=True),
 }
+
+
+# Where the GPU paths (FlexAttention, CUDA graphs) are tested when there is a GPU.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 
 
 def tiny_config(style, **overrides):
@@ -211,22 +216,59 @@ def test_decoding_one_token_at_a_time_with_the_cache_gives_the_full_forward_logi
         full, _ = model(idx, all_logits=True)
         cache = [{} for _ in model.blocks]
         steps = [model(idx[:, :4], all_logits=True, cache=cache)[0]]
-        steps += [model(idx[:, t : t + 1], cache=cache, pos=t)[0] for t in range(4, 16)]
+        steps += [model(idx[:, t : t + 1], cache=cache, pos=torch.tensor([t]))[0] for t in range(4, 16)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("style", STYLES)
-def test_forward_with_cache_in_chunks_equals_one_full_forward(style):
-    # forward's contract: with a cache, pos is the position of idx[:, 0], for any number of
-    # tokens; a prompt prefilled in two chunks must give the logits of one pass.
+def test_a_decoding_step_does_not_see_the_cache_slots_after_its_position(style):
+    # A decoding step attends to the whole cache (static shapes); slots it has not written yet
+    # may hold keys of an earlier, longer sequence, which the mask must hide.
     model = tiny_model(style)
-    idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(7))
+    idx = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         full, _ = model(idx, all_logits=True)
         cache = [{} for _ in model.blocks]
-        first, _ = model(idx[:, :5], all_logits=True, cache=cache)
-        second, _ = model(idx[:, 5:], all_logits=True, cache=cache, pos=5)
-    torch.testing.assert_close(torch.cat((first, second), dim=1), full, rtol=1e-5, atol=1e-5)
+        model(idx[:, :5], cache=cache)
+        for layer in cache:
+            for buffer in layer.values():
+                buffer[:, :, 5:] = 10 * torch.randn_like(buffer[:, :, 5:])
+        steps = [model(idx[:, t : t + 1], cache=cache, pos=torch.tensor([t]))[0] for t in range(5, 8)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 5:], rtol=1e-5, atol=1e-5)
+
+
+def test_a_forward_from_a_position_other_than_0_without_a_decoding_index_is_refused():
+    model = tiny_model("modern")
+    with pytest.raises(ValueError, match="pos is 0"):
+        model(torch.zeros(1, 3, dtype=torch.long), cache=[{} for _ in model.blocks], pos=4)
+
+
+def greedy_reference(model, idx, new, pad=None):
+    """Greedy decoding as generate() did before static shapes, written out: every step runs the
+    last block_size tokens from position 0, without a cache; the tokens that slid out of the
+    window are a row's pad tokens first."""
+    block_size, vocab_size = model.config.block_size, model.config.vocab_size
+    with torch.no_grad():
+        for _ in range(new):
+            window = idx[:, -block_size:]
+            window_pad = None if pad is None else (pad - (idx.size(1) - window.size(1))).clamp(min=0)
+            logits, _ = model(window, pad=window_pad)
+            idx = torch.cat((idx, logits[:, -1, :vocab_size].argmax(-1, keepdim=True)), dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+@pytest.mark.parametrize("style,n_kv_head", [("modern", 2), ("gpt2", 4)], ids=["modern-gqa", "gpt2"])
+def test_static_shape_greedy_decoding_is_token_identical_to_recomputing_past_block_size(style, n_kv_head, padded):
+    model = tiny_model(style, n_kv_head=n_kv_head)
+    if padded:
+        idx, pad = left_padded(random_prompts([2, 9, 5, 1]))
+    else:
+        idx, pad = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(5)), None
+    new = 2 * model.config.block_size  # the context fills up and then slides
+    out = model.generate(idx, new, temperature=0.0, pad=pad)
+    assert len(set(out[:, idx.size(1):].flatten().tolist())) > 5  # greedy output varies, so the match means something
+    assert torch.equal(out, greedy_reference(model, idx, new, pad))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,17 +289,41 @@ def random_prompts(lengths, seed=10):
     return [torch.randint(0, 64, (n,), generator=g) for n in lengths]
 
 
-@pytest.mark.parametrize("pos,T", [(0, 6), (6, 1), (4, 3)], ids=["prefill", "decode", "chunk-after-cache"])
-def test_a_real_query_sees_its_rows_real_keys_up_to_itself_and_a_pad_query_only_itself(pos, T):
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_compiled_decoding_step_gives_the_eager_tokens(device):
+    # The one test that compiles the decoding step (on CUDA it replays as a CUDA graph): its
+    # shapes must not change from step to step, or the recompile limit stops it (fullgraph).
+    model = tiny_model("modern", n_kv_head=2).to(device)
+    idx, pad = left_padded(random_prompts([2, 5, 4]))
+    idx, pad = idx.to(device), pad.to(device)
+    eager = model.generate(idx, 12, temperature=0.0, pad=pad, compile=False)
+    for _ in range(2):  # a second call brings a new cache: CUDA graphs record again, nothing recompiles
+        assert torch.equal(model.generate(idx, 12, temperature=0.0, pad=pad, compile=True), eager)
+
+
+@pytest.mark.parametrize("query,keys", [(torch.arange(6), 6), (torch.tensor([6]), 16)], ids=["prefill", "decode"])
+def test_a_real_query_sees_its_rows_real_keys_up_to_itself_and_a_pad_query_only_itself(query, keys):
     pad = torch.tensor([0, 2, 5, 7])
-    positions, mask = padding_mask(pad, pos, T)
+    positions, mask_mod = padding_mask(pad, query)
+    mask = dense_mask(mask_mod, 4, query, keys)
+    assert mask.shape == (4, 1, len(query), keys)
     for b in range(4):
-        for i in range(T):
-            q = pos + i  # the query's index in the row
+        for i, q in enumerate(query.tolist()):  # q: the query's index in the row
             assert positions[b, i] == max(q - pad[b], 0)
             # A pad query (q < pad[b]) seeing no key would give NaN in some attention kernels.
-            expected = [pad[b] <= k <= q if q >= pad[b] else k == q for k in range(pos + T)]
+            expected = [pad[b] <= k <= q if q >= pad[b] else k == q for k in range(keys)]
             assert mask[b, 0, i].tolist() == expected, (b, i)
+
+
+def test_a_packed_token_sees_the_earlier_tokens_of_its_own_example_only():
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [-1, -1, 3, 3, 3, 3, -1, -1]])  # runs of equal ids
+    positions, mask_mod = document_mask(doc_ids)
+    assert positions.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 0, 1, 2, 3, 0, 1]]
+    mask = dense_mask(mask_mod, 2, torch.arange(8), 8)
+    starts = [[0, 0, 0, 3, 3, 5, 5, 5], [0, 0, 2, 2, 2, 2, 6, 6]]  # each token's run starts here
+    for b in range(2):
+        for q in range(8):
+            assert mask[b, 0, q].tolist() == [starts[b][q] <= k <= q for k in range(8)], (b, q)
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -289,17 +355,47 @@ def test_left_padded_greedy_generation_equals_each_prompt_alone(style, new, use_
         assert torch.equal(out[r, idx.size(1) :], alone[r]), r
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows", ["packed", "left-padded"])
+def test_flex_attention_gives_the_dense_mask_outputs_and_gradients(rows, device):
+    # The same mask function, materialised as a BlockMask for the compiled flex kernel or as a dense
+    # boolean mask for SDPA. Two blocks of 128 positions, so that whole blocks are skipped.
+    model = tiny_model("modern", n_kv_head=2, block_size=256, n_layer=1).to(device)
+    g = torch.Generator().manual_seed(15)
+    idx = torch.randint(0, 64, (2, 256), generator=g).to(device)
+    if rows == "packed":
+        kwargs = dict(doc_ids=torch.tensor([[0] * 100 + [1] * 150 + [2] * 6, [0] * 20 + [1] * 236]).to(device))
+    else:
+        kwargs = dict(pad=torch.tensor([0, 140]).to(device))
+    results = {}
+    for flex in (False, True):
+        model.flex_attention = flex
+        model.zero_grad()
+        with torch.set_grad_enabled(device != "cpu"):  # torch 2.11-2.14 have no flex backward on CPU
+            logits, _ = model(idx, all_logits=True, **kwargs)
+        if logits.requires_grad:
+            logits.square().mean().backward()
+        results[flex] = logits, [p.grad for p in model.parameters()]
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-5)
+    for flex_grad, dense_grad in zip(results[True][1], results[False][1]):
+        if device != "cpu":
+            torch.testing.assert_close(flex_grad, dense_grad, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Loss
 
+@pytest.mark.parametrize("vocab_size", [512, 65], ids=["multiple-of-64", "padded-to-128"])
 @pytest.mark.parametrize("style", STYLES)
-def test_loss_at_init_is_close_to_log_vocab_size(style):
+def test_loss_at_init_is_close_to_log_vocab_size(style, vocab_size):
+    # 65 ids are padded to 128: a loss counting the padding would start at ln 128, not ln 65.
     torch.manual_seed(0)
-    model = GPT(tiny_config(style, vocab_size=512, block_size=32, n_embd=64)).eval()
-    idx, targets = torch.randint(0, 512, (2, 8, 32)).unbind(0)
+    model = GPT(tiny_config(style, vocab_size=vocab_size, block_size=32, n_embd=64)).eval()
+    idx, targets = torch.randint(0, vocab_size, (2, 8, 32)).unbind(0)
     with torch.no_grad():
-        _, loss = model(idx, targets)
-    assert loss.item() == pytest.approx(math.log(512), abs=0.15)
+        logits, loss = model(idx, targets)
+    assert logits.size(-1) == vocab_size  # so DPO's and evaluation's log-probabilities leave the padding out too
+    assert loss.item() == pytest.approx(math.log(vocab_size), abs=0.15)
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -356,8 +452,8 @@ def test_padded_vocabulary_ids_are_never_sampled(temperature, top_k, top_p):
     model = padding_loving_model()
     prompt = torch.zeros(64, 1, dtype=torch.long)
     with torch.no_grad():
-        logits, _ = model(prompt)
-    assert logits[0, -1, 70:].min() > logits[0, -1, :70].max() + 10  # the rig works
+        rigged = model.lm_head(model.ln_f(torch.zeros(model.config.n_embd)))  # every padded row, unsliced
+    assert rigged[70:].min() > rigged[:70].max() + 10  # the rig works
     torch.manual_seed(9)
     out = model.generate(prompt, 20, temperature=temperature, top_k=top_k, top_p=top_p)
     assert out.max().item() < 70
@@ -421,9 +517,11 @@ def test_generation_stops_once_every_row_has_produced_a_stop_token():
     expected = free[:, :length].clone()
     for r in range(3):
         expected[r, first[r] :] = free[r, first[r]]
-    out = model.generate(prompt, 20, temperature=0.0, stop_tokens=stop)
+    out = model.generate(prompt, 20, temperature=0.0, stop_tokens=stop)  # looks at the rows every 16 tokens
     assert torch.equal(out[:, :4], prompt)
     assert torch.equal(out[:, 4:], expected)
+    streamed = list(model.generate_stream(prompt, 20, temperature=0.0, stop_tokens=stop))  # at every token
+    assert torch.equal(torch.cat(streamed, dim=1), expected)
 
 
 # ---------------------------------------------------------------------------------------------

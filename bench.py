@@ -1,0 +1,204 @@
+"""
+Measure the hot paths on one device: training tokens/s, MFU and peak memory, eager and compiled;
+decoding tokens/s and time to first token at batch 1 and 8, for our generate and for Hugging Face
+generate on the same weights (exported with hf.py), side by side in one run.
+
+    python bench.py                                              # GPT-2 124M shape, GPU if there is one
+    python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=128 --vocab_size=257 --device=cpu
+    python bench.py --device=cpu --compile=False --out=bench.json   # JSON as well as the table
+
+The model keys are train.py's (n_layer, n_head, n_kv_head, n_embd, mlp, pos, ... and the
+vocabulary, vocab_size), as are batch_size, device, dtype, compile and peak_flops; the weights
+are random and so are the tokens: speed does not depend on them. Timings are medians over
+`repeats` after `warmup` untimed runs (compiling happens there), with the variants interleaved
+(A B A B ...) so that a change in the machine's load hits them alike. Training runs whole steps
+(forward, backward, AdamW). Decoding is greedy from a prompt of prompt_tokens random tokens:
+time to first token is a generate() of one token, the decoding rate is batch x new_tokens
+over a generate() of new_tokens, prompt included. Peak memory is CUDA's
+max_memory_allocated over the timed runs; on a CPU, the process's peak resident set size so far,
+which only grows. MFU needs the GPU's peak FLOP/s (model.py's table, or --peak_flops).
+"""
+
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import fields
+
+import torch
+
+from configurator import configure, print_config
+from model import GPT, GPTConfig, peak_flops as gpu_peak_flops
+from runtime import autocast_context, device_name, pick_device, pick_dtype
+from training import make_optimizer
+
+# -----------------------------------------------------------------------------
+# model: every GPTConfig field is a key, as in train.py (n_layer, n_embd, mlp, pos, ...), with
+# GPTConfig's default: GPT-2 124M's shape (and vocabulary) in the modern style
+globals().update({f.name: f.default for f in fields(GPTConfig)})
+# training
+batch_size = 8  # sequences per step
+learning_rate = 6e-4
+weight_decay = 0.1
+# decoding
+decode_batch_sizes = [1, 8]
+prompt_tokens = 64
+new_tokens = 64
+hf = True  # also time transformers' generate on the same weights, when transformers is installed
+# measurement
+warmup = 2  # untimed runs of each variant first
+repeats = 5  # timed runs of each variant; the median is reported
+out = ""  # write the results as JSON to this file too
+# system
+device = "auto"
+dtype = "auto"
+compile = True  # also time the compiled model (training) and the compiled decoding step
+peak_flops = 0.0  # the GPU's peak FLOP/s for MFU; 0 looks it up by the GPU's name
+seed = 1337
+config = configure(globals())
+print_config(config)
+# -----------------------------------------------------------------------------
+
+if warmup < 1 or repeats < 1 or new_tokens < 2 or prompt_tokens < 1 or prompt_tokens + new_tokens > block_size:
+    raise SystemExit("config error: need warmup >= 1, repeats >= 1, new_tokens >= 2, prompt_tokens >= 1 and "
+                     f"prompt_tokens + new_tokens <= block_size ({block_size})")
+device = pick_device(device)
+dtype = pick_dtype(device, dtype)
+autocast = autocast_context(device, dtype)
+cuda = device.startswith("cuda")
+torch.manual_seed(seed)
+try:
+    model_config = GPTConfig(**{f.name: config[f.name] for f in fields(GPTConfig)})
+except ValueError as e:
+    raise SystemExit(f"config error: {e}") from None
+model = GPT(model_config).to(device)
+peak = gpu_peak_flops(device_name(device), peak_flops) if cuda else peak_flops
+
+
+def sync():
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def timed(fn):
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def peak_memory_mb():
+    if cuda:
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
+def interleaved(variants, run):
+    """{name: [seconds of each timed run]} of run(variant), after `warmup` untimed runs of each,
+    taking the variants in turn (A B A B ...)."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            run(fn)
+    times = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name].append(timed(lambda: run(fn)))
+    return times
+
+
+# -----------------------------------------------------------------------------
+# training: whole steps on random tokens
+optimizer = make_optimizer(model, learning_rate, weight_decay, (0.9, 0.95), device)
+x, y = torch.randint(0, vocab_size, (2, batch_size, block_size), device=device).unbind(0)
+train_variants = {"eager": model} | ({"compiled": torch.compile(model)} if compile else {})
+
+
+def train_step(net):
+    with autocast:
+        loss = net(x, y)[1]
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+if cuda:
+    torch.cuda.reset_peak_memory_stats()
+train_times = interleaved(train_variants, train_step)
+results = {"config": config, "device": device_name(device), "dtype": dtype, "torch": torch.__version__,
+           "load_average": os.getloadavg()[0], "cpu_threads": torch.get_num_threads(),
+           "train": {}, "decode": {}}
+for name, seconds in train_times.items():
+    tokens_per_s = batch_size * block_size / statistics.median(seconds)
+    results["train"][name] = {
+        "step_ms_median": 1e3 * statistics.median(seconds), "step_ms_min": 1e3 * min(seconds),
+        "tokens_per_s": tokens_per_s,
+        "mfu": model.flops_per_token(block_size) * tokens_per_s / peak if peak else None,
+    }
+results["peak_memory_mb"] = peak_memory_mb()  # training's peak: it needs more than decoding
+del optimizer, train_variants
+model.eval()
+
+# -----------------------------------------------------------------------------
+# decoding: ours, eager and compiled, beside transformers' generate on the same weights
+decoders = {"ours": lambda idx, n: model.generate(idx, n, temperature=0.0, compile=False)}
+if compile:
+    decoders["ours_compiled"] = lambda idx, n: model.generate(idx, n, temperature=0.0, compile=True)
+try:
+    from transformers import AutoConfig, AutoModelForCausalLM
+except ImportError:
+    hf = False
+if hf:
+    from hf import hf_config, to_hf
+    try:
+        hf_settings = hf_config(model_config, eot_id=0)
+    except SystemExit as e:  # an option neither GPT-2 nor Llama has: time ours alone
+        print(f"no transformers comparison: {e}")
+        hf = False
+if hf:
+    hf_model = AutoModelForCausalLM.from_config(AutoConfig.for_model(hf_settings.pop("model_type"), **hf_settings))
+    # not strict: tied, HF's lm_head is its embedding, which to_hf writes once. same_tokens_as_ours
+    # below shows that the weights arrived.
+    hf_model.load_state_dict(to_hf(model.state_dict(), model_config), strict=False)
+    hf_model.to(device).eval()
+    hf_model.generation_config.eos_token_id = None  # never stop early: every variant makes new_tokens tokens
+    hf_model.generation_config.pad_token_id = 0
+    decoders["hf"] = lambda idx, n: hf_model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n,
+                                                      do_sample=False)
+
+for batch in decode_batch_sizes:
+    prompt = torch.randint(0, vocab_size, (batch, prompt_tokens), device=device)
+    with autocast:
+        outputs = {name: decode(prompt, new_tokens) for name, decode in decoders.items()}
+        first = interleaved(decoders, lambda decode: decode(prompt, 1))
+        whole = interleaved(decoders, lambda decode: decode(prompt, new_tokens))
+    rows = {}
+    for name in decoders:
+        rows[name] = {"first_token_ms": 1e3 * statistics.median(first[name]),
+                      "tokens_per_s": batch * new_tokens / statistics.median(whole[name]),
+                      "generate_ms_median": 1e3 * statistics.median(whole[name]),
+                      "generate_ms_min": 1e3 * min(whole[name]),
+                      "same_tokens_as_ours": torch.equal(outputs[name], outputs["ours"])}
+    results["decode"][f"batch{batch}"] = rows
+
+# -----------------------------------------------------------------------------
+print(f"\n{results['device']}, {dtype}, torch {torch.__version__}, {model.num_params() / 1e6:.1f}M parameters, "
+      f"load average {results['load_average']:.1f}, peak memory {results['peak_memory_mb']:.0f} MB")
+print(f"{'training':<24}{'tokens/s':>12}{'step ms':>10}{'MFU':>8}")
+for name, r in results["train"].items():
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+    print(f"{name:<24}{r['tokens_per_s']:>12.0f}{r['step_ms_median']:>10.1f}{mfu:>8}")
+print(f"{'decoding':<24}{'tokens/s':>12}{'1st ms':>10}{'same':>8}")
+for batch, rows in results["decode"].items():
+    for name, r in rows.items():
+        print(f"{batch + ' ' + name:<24}{r['tokens_per_s']:>12.1f}{r['first_token_ms']:>10.1f}"
+              f"{str(r['same_tokens_as_ours']):>8}")
+if out:
+    # atomically: a reader never sees half a file
+    handle, temp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), suffix=".tmp")
+    with os.fdopen(handle, "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(temp, out)
+    print(f"wrote {out}")
