@@ -265,9 +265,6 @@ def check_options(options, config):
     ):
         if not valid(options[key]):
             raise SystemExit(f"config error: {key}={options[key]!r} must be {rule}")
-    for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "total_batch_tokens", "max_iters"):
-        if not isinstance(config[key], int) or config[key] < 1:
-            raise SystemExit(f"config error: {key}={config[key]!r} must be a whole number >= 1")
     if config["n_layer"] > MAX_LAYERS:
         raise SystemExit(f"config error: n_layer={config['n_layer']} is deeper than any transformer trained; "
                          f"plan.py plans up to {MAX_LAYERS} layers")
