@@ -16,6 +16,11 @@ mlp = "gelu"
 pos = "learned"
 tie_embeddings = True
 bias = True
+qk_norm = False  # and none of the newer recipe (train.py's defaults):
+zero_init_proj = False
+logit_softcap = 0.0
+optimizer = "adamw"
+lr_schedule = "cosine"
 
 # 16 sequences x 1024 tokens x 32 micro-steps = 524,288 tokens per step
 batch_size = 16

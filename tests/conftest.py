@@ -13,7 +13,8 @@ sys.path.insert(0, REPO)
 
 # A model small enough that a training step takes milliseconds on a CPU.
 TINY_MODEL = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
-              "--batch_size=4", "--total_batch_tokens=256", "--eval_iters=2", "--log_interval=1"]
+              "--batch_size=4", "--total_batch_tokens=256", "--eval_iters=2", "--log_interval=1",
+              "--optimizer=adamw"]  # exact across layouts (tests/test_recipe.py checks Muon's)
 
 
 def run_script(script, *args, check=True, stdin=None):
