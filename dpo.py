@@ -58,7 +58,7 @@ from lora import adapters_disabled, add_lora, checked_base, describe_base, merge
 from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
 from training import (all_reduce_sum, append_metrics, checkpoint_to_resume, format_duration, learning_rate_at,
                       make_optimizer, optimizer_step, place_model, restore_rng_state, save_training_checkpoint,
-                      wrap_model)
+                      to_device, wrap_model)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -229,8 +229,8 @@ def reference_logprobs(x, y):
 
 def pair_stats(pairs):
     """The mean DPO loss over pairs (a tensor to backpropagate) and STATS, summed over the pairs."""
-    x, y, _ = collate([chosen for chosen, _ in pairs] + [rejected for _, rejected in pairs], tokenizer.eot_id)
-    x, y = x.to(device), y.to(device)
+    x, y, _ = to_device(torch.stack(collate([chosen for chosen, _ in pairs] + [rejected for _, rejected in pairs],
+                                             tokenizer.eot_id)), device)  # one copy, cut up on the device
     # chosen and rejected go through the model as one batch: one forward pass, not two
     policy_chosen, policy_rejected = logprobs(model, x, y).chunk(2)
     ref_chosen, ref_rejected = reference_logprobs(x, y).chunk(2)

@@ -196,10 +196,9 @@ if master:
 
 
 def batch_loss(units):
-    x, y, docs = collate(units, tokenizer.eot_id)
-    x, y = to_device(x, y, device)
+    x, y, docs = to_device(torch.stack(collate(units, tokenizer.eot_id)), device)  # one copy, cut up on the device
     with autocast:
-        return model(x, y, doc_ids=docs.to(device) if packing else None)[1], (y >= 0).sum()
+        return model(x, y, doc_ids=docs if packing else None)[1], (y >= 0).sum()
 
 
 def micro_step_loss(micro_step):

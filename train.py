@@ -51,7 +51,7 @@ from runtime import autocast_context, device_name, pick_dtype, seed_everything, 
 from training import (Pipeline, TokenBins, all_reduce_sum, append_metrics, estimate_loss, estimate_loss_pipelined,
                       format_duration, learning_rate_at, load_meta, make_optimizer, optimizer_step, pipeline_layers,
                       pipeline_optimizer_step, pipeline_stage_part, place_model, restore_rng_state,
-                      save_training_checkpoint, to_device, wrap_model)
+                      save_training_checkpoint, wrap_model)
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def micro_step_loss(micro_step):
     # Seeded by the micro-step's place in the global batch, so 1 process with 8 micro-steps
     # reads exactly the sequences that 8 processes with 1 each do.
     batch_index = dist.rank * accumulation_steps + micro_step
-    x, y = to_device(*bins["train"].sample(batch_size, (seed, 0, step, batch_index)), device)
+    x, y = bins["train"].sample(batch_size, (seed, 0, step, batch_index), device)
     with autocast:
         return model(x, y)[1]  # holding on to the logits would keep them in memory through backward
 
@@ -270,7 +270,7 @@ def pipeline_step():
     # The micro-batches of micro_step_loss, in one batch that the schedule splits again. The first
     # stage needs the inputs and the last the targets; both read them from the same seeds.
     seeds = [(seed, 0, step, pipeline.data_rank * accumulation_steps + m) for m in range(accumulation_steps)]
-    x, y = to_device(*bins["train"].sample_many(batch_size, seeds), device)
+    x, y = bins["train"].sample_many(batch_size, seeds, device)
     return pipeline_optimizer_step(pipeline, optimizer, x, y, grad_clip, autocast)
 
 

@@ -64,27 +64,37 @@ class TokenBins:
                              f"fewer than block_size+1={block_size + 1}; lower block_size or add data")
         self.cumulative_starts = np.cumsum(starts)
 
-    def sample(self, batch_size, seed):
-        """batch_size windows (x, y) as int64 tensors, y shifted by one; seed is a tuple of ints."""
-        rng = np.random.default_rng(seed)
-        picks = rng.integers(0, self.cumulative_starts[-1], size=batch_size)
-        which = np.searchsorted(self.cumulative_starts, picks, side="right")
-        offsets = picks - np.concatenate(([0], self.cumulative_starts))[which]
-        windows = np.stack([self.files[w][o : o + self.block_size + 1] for w, o in zip(which, offsets)]).astype(np.int64)
-        windows = torch.from_numpy(windows)
+    def sample(self, batch_size, seed, device="cpu"):
+        """batch_size windows (x, y) as int64 tensors on device, y shifted by one; seed is a tuple of ints."""
+        return self.sample_many(batch_size, [seed], device)
+
+    def sample_many(self, batch_size, seeds, device="cpu"):
+        """The batches of several seeds, one after another in one (len(seeds) * batch_size) batch.
+
+        The windows are read into one contiguous (rows, block_size + 1) array, in pinned memory when
+        it goes to a GPU, copied there at once, and cut into x and y on the device: x and y themselves
+        are strided views, which could be neither pinned nor copied in one piece."""
+        windows = torch.empty((len(seeds) * batch_size, self.block_size + 1), dtype=torch.int64,
+                              pin_memory=device.startswith("cuda"))
+        rows = windows.numpy()
+        for i, seed in enumerate(seeds):
+            rng = np.random.default_rng(seed)
+            picks = rng.integers(0, self.cumulative_starts[-1], size=batch_size)
+            which = np.searchsorted(self.cumulative_starts, picks, side="right")
+            offsets = picks - np.concatenate(([0], self.cumulative_starts))[which]
+            for row, (w, o) in enumerate(zip(which, offsets), start=i * batch_size):
+                rows[row] = self.files[w][o : o + self.block_size + 1]
+        windows = to_device(windows, device)
         return windows[:, :-1], windows[:, 1:]
 
-    def sample_many(self, batch_size, seeds):
-        """The batches of several seeds, one after another in one (len(seeds) * batch_size) batch."""
-        batches = [self.sample(batch_size, seed) for seed in seeds]
-        return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
 
-
-def to_device(x, y, device):
+def to_device(tensor, device):
+    """A CPU tensor on device. To a GPU from pinned memory and without waiting, so the copy overlaps
+    the work queued before it; pinning needs an accelerator, so a CPU run copies plainly (or not at
+    all). Tensors sent together go best as one contiguous tensor (one copy), cut up on the device."""
     if device.startswith("cuda"):
-        # Pinned memory lets the copy run asynchronously while the GPU is still busy.
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def place_model(model, dist, parallelism, dtype, cpu_offload=False):
@@ -118,7 +128,10 @@ def wrap_model(model, dist, parallelism, compile, log=print):
         log("compiling the model (the first steps are slow)...")
         model = torch.compile(model)
     if parallelism == "ddp" and dist.world_size > 1:
-        model = DDP(model, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None)
+        # Gradients live in DDP's all-reduce buckets (no copy in and out); the only buffers are the
+        # RoPE tables, which never change, so nothing needs broadcasting before each forward.
+        model = DDP(model, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None,
+                    gradient_as_bucket_view=True, broadcast_buffers=False)
     return model
 
 
@@ -317,8 +330,7 @@ def estimate_loss_pipelined(pipeline, bins_by_split, eval_iters, batch_size, dev
         indices = range(pipeline.data_rank, per_call * math.ceil(eval_iters / per_call), pipeline.data_parallel)
         for start in range(0, len(indices), microbatches):
             group = indices[start : start + microbatches]
-            x, y = to_device(*bins.sample_many(batch_size, [(seed, 1, split_index, i % eval_iters) for i in group]),
-                             device)
+            x, y = bins.sample_many(batch_size, [(seed, 1, split_index, i % eval_iters) for i in group], device)
             with autocast:
                 batch_losses = pipeline.run(x, y, backward=False)
             if pipeline.is_last:
@@ -344,7 +356,7 @@ def estimate_loss(model, bins_by_split, eval_iters, batch_size, device, autocast
         total = torch.zeros((), device=device)
         # Every process runs the same number of forward passes: under FSDP each one is a collective.
         for i in range(rank, world_size * math.ceil(eval_iters / world_size), world_size):
-            x, y = to_device(*bins.sample(batch_size, (seed, 1, split_index, i % eval_iters)), device)
+            x, y = bins.sample(batch_size, (seed, 1, split_index, i % eval_iters), device)
             with autocast:
                 _, loss = model(x, y)
             if i < eval_iters:

@@ -109,3 +109,18 @@ def test_a_benchmark_is_scored_at_every_evaluation(tiny_data_root, tmp_path):
     assert [m["step"] for m in evals] == [0, 1, 2]
     assert all(m["benchmark_examples"] == 5 and 0 <= m["benchmark_accuracy"] <= 1 for m in evals)
     assert "arc.jsonl accuracy" in result.stdout
+
+
+def test_a_batch_is_one_contiguous_window_array_cut_into_x_and_y(tmp_path):
+    import numpy as np
+    np.arange(0, 500, dtype=np.uint16).tofile(tmp_path / "a.bin")
+    meta = {"dtype": "uint16", "splits": {"train": {"files": ["a.bin"]}}}
+    bins = TokenBins(str(tmp_path), meta, "train", block_size=8)
+    x, y = bins.sample(16, (3, 1))
+    # one copy to the device: x and y are views of the same contiguous (rows, block_size + 1) windows
+    assert x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr() and x.stride() == (9, 1)
+    windows = torch.cat([x, y[:, -1:]], 1)
+    assert torch.equal(windows, x[:, :1] + torch.arange(9))  # each row is the file's tokens from its start
+    many_x, many_y = bins.sample_many(16, [(3, 1), (3, 2)])
+    assert torch.equal(many_x[:16], x) and torch.equal(many_y[:16], y)
+    assert torch.equal(many_x[16:], bins.sample(16, (3, 2))[0])
