@@ -160,7 +160,8 @@ if not train_units:
                      "raise block_size or shorten the prompts")
 steps_per_epoch = math.ceil(len(train_units) / total_batch_size)
 max_iters = max_iters or epochs * steps_per_epoch
-answer_tokens = sum(t >= 0 for _, y, _ in train_units for t in y)
+answer_counts = [sum(t >= 0 for t in y) for _, y, _ in train_units]
+answer_tokens = sum(answer_counts)
 log(f"data {data}: {len(train_records)} train and {len(val_records)} held-out records, {answer_tokens:,} answer tokens "
     f"to learn in {len(train_units)} {'packed rows' if packing else 'examples'} of up to {block_size} tokens"
     + (f"; {n_long} train records cut at block_size (those left with no answer are dropped)" if n_long else ""))
@@ -201,9 +202,22 @@ def batch_loss(units):
         return model(x, y, doc_ids=docs if packing else None)[1], (y >= 0).sum()
 
 
+def answer_tokens_of_step(at_step):
+    """How many answer tokens the step's batches hold, over every process and micro-step: the batches
+    are a pure function of their index, so each process counts them all without asking the others."""
+    first = at_step * dist.world_size * accumulation_steps
+    return sum(answer_counts[i] for index in range(first, first + dist.world_size * accumulation_steps)
+               for i in batch_of(len(train_units), batch_size, index, seed))
+
+
 def micro_step_loss(micro_step):
     index = (step * dist.world_size + dist.rank) * accumulation_steps + micro_step
-    return batch_loss([train_units[i] for i in batch_of(len(train_units), batch_size, index, seed)])[0]
+    loss, count = batch_loss([train_units[i] for i in batch_of(len(train_units), batch_size, index, seed)])
+    # The step's loss is the sum of its token losses over its answer-token count, so every answer token
+    # weighs the same whatever batch it is in; a mean of the batches' means would weigh the tokens of
+    # short answers more. optimizer_step divides by accumulation_steps and DDP/FSDP average over the
+    # processes: this undoes both.
+    return loss * count * (accumulation_steps * dist.world_size / step_answer_tokens)
 
 
 @torch.no_grad()
@@ -246,6 +260,7 @@ while True:
     if step >= max_iters:
         break
 
+    step_answer_tokens = answer_tokens_of_step(step)
     loss_sum = optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip)
     step += 1
     steps_since_log += 1
