@@ -58,7 +58,7 @@ from lora import adapters_disabled, add_lora, checked_base, describe_base, merge
 from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
 from training import (all_reduce_sum, append_metrics, checkpoint_to_resume, format_duration, learning_rate_at,
                       make_optimizer, optimizer_step, place_model, restore_rng_state, save_training_checkpoint,
-                      to_device, wrap_model)
+                      to_device, wait_for_checkpoint, wrap_model)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -285,7 +285,7 @@ while True:
             path = save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep_checkpoints, lora=lora_settings,
                                             base=reference_file, kind="dpo", step=step, val=val_stats,
                                             reference=reference_file, config=config, tokenizer=tokenizer.description)
-            log(f"saved {path}")
+            log(f"saving {path} in the background")
         if master and val_stats is not None:
             append_metrics(metrics_path, {"step": step, **{f"val_{k}": v for k, v in val_stats.items()}})
         t_log, steps_since_log = time.time(), 0
@@ -310,6 +310,7 @@ while True:
             append_metrics(metrics_path, {"step": step, **stats, "lr": lr, "time": time.time()})
         t_log, steps_since_log = time.time(), 0
 
+wait_for_checkpoint()
 log(f"done after {step} steps" + (f", held-out {describe(val_stats)}" if val_stats is not None else "")
     + f"; chat with: python sample.py --out_dir={out_dir} --chat=True")
 teardown_distributed()

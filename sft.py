@@ -53,7 +53,7 @@ from lora import add_lora, describe_base, merge_lora
 from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
 from training import (all_reduce_sum, append_metrics, checkpoint_to_resume, format_duration, learning_rate_at,
                       make_optimizer, optimizer_step, place_model, restore_rng_state, save_training_checkpoint,
-                      to_device, wrap_model)
+                      to_device, wait_for_checkpoint, wrap_model)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -253,7 +253,7 @@ while True:
             path = save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep_checkpoints, lora=lora_settings,
                                             base=base, kind="sft", step=step, val_loss=val_loss, config=config,
                                             tokenizer=tokenizer.description)
-            log(f"saved {path}")
+            log(f"saving {path} in the background")
         if master:
             append_metrics(metrics_path, {"step": step, "val_loss": val_loss})
         t_log, steps_since_log = time.time(), 0
@@ -277,6 +277,7 @@ while True:
             append_metrics(metrics_path, {"step": step, "loss": train_loss, "lr": lr, "time": time.time()})
         t_log, steps_since_log = time.time(), 0
 
+wait_for_checkpoint()
 log(f"done after {step} steps" + (f", held-out loss {val_loss:.4f}" if val_loss is not None else "")
     + f"; chat with: python sample.py --out_dir={out_dir} --chat=True")
 teardown_distributed()

@@ -51,7 +51,7 @@ from runtime import autocast_context, device_name, pick_dtype, seed_everything, 
 from training import (Pipeline, TokenBins, all_reduce_sum, append_metrics, estimate_loss, estimate_loss_pipelined,
                       format_duration, learning_rate_at, load_meta, make_optimizer, optimizer_step, pipeline_layers,
                       pipeline_optimizer_step, pipeline_stage_part, place_model, restore_rng_state,
-                      save_training_checkpoint, wrap_model)
+                      save_training_checkpoint, wait_for_checkpoint, wrap_model)
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -304,7 +304,7 @@ while True:
             path = save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep_checkpoints, pipeline,
                                             kind="pretrain", step=step, best_val_loss=best_val_loss,
                                             val_loss=losses["val"], config=config, tokenizer=meta["tokenizer"])
-            log(f"saved {path}")
+            log(f"saving {path} in the background")
         if master:
             append_metrics(metrics_path, {"step": step, **{f"{k}_loss" if k in bins else k: v for k, v in losses.items()}})
         t_log, steps_since_log = time.time(), 0  # evaluation time does not count toward tokens/s
@@ -338,6 +338,7 @@ while True:
                                           "mfu": mfu, "time": time.time()})
         t_log, steps_since_log = time.time(), 0
 
+wait_for_checkpoint()
 log(f"done: val loss {losses['val']:.4f} (best {best_val_loss:.4f}) after {step} steps; "
     f"sample with: python sample.py --out_dir={out_dir}")
 teardown_distributed()

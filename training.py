@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import gather_training_state, load_newest_checkpoint, save_run_checkpoint
+from checkpoint import BackgroundCheckpointWriter, gather_training_state, load_newest_checkpoint
 from lora import checkpoint_weights
 from model import cross_entropy
 from runtime import rng_state, set_rng_state
@@ -372,13 +372,17 @@ def all_reduce_sum(tensor, world_size):
     return tensor
 
 
+checkpoint_writer = BackgroundCheckpointWriter()  # rank 0's: one per process, as there is one run per process
+
+
 def save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep, pipeline=None, lora=None, base=None,
                              **fields):
-    """Gather the model, optimizer and every process's random state, and (rank 0) write them with
-    fields (kind, step, config, tokenizer, ...) as out_dir/ckpt-<step>.pt. Every process must call
-    this. Returns the path written (None on the other ranks). With lora (the LoRA settings) the
-    weights written are the adapters only, with the base they go on (lora.checkpoint_weights); the
-    optimizer holds only them anyway, as only they train."""
+    """Gather the model, optimizer and every process's random state into CPU memory, and (rank 0)
+    write them with fields (kind, step, config, tokenizer, ...) as out_dir/ckpt-<step>.pt from a
+    background thread, while training goes on (wait_for_checkpoint: until it is on disk). Every
+    process must call this. Returns the path being written (None on the other ranks). With lora
+    (the LoRA settings) the weights written are the adapters only, with the base they go on
+    (lora.checkpoint_weights); the optimizer holds only them anyway, as only they train."""
     if pipeline is None:
         model_state, optimizer_state = gather_training_state(raw_model, optimizer, keep=dist.is_main)
     else:
@@ -394,7 +398,13 @@ def save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep, pipeline
         return None
     checkpoint = {"model_config": asdict(raw_model.config), **checkpoint_weights(model_state, lora, base),
                   "optimizer": optimizer_state, "rng": rng_states, **fields}
-    return save_run_checkpoint(checkpoint, out_dir, keep)
+    return checkpoint_writer.save(checkpoint, out_dir, keep)
+
+
+def wait_for_checkpoint():
+    """Until the checkpoint being written in the background is on disk; stops with one line if
+    writing it failed. Call it before the run ends."""
+    checkpoint_writer.wait()
 
 
 def join_pipeline_stages(part, dist):
