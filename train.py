@@ -109,6 +109,7 @@ activation_checkpointing = False  # recompute each block's activations in the ba
 pipeline_stages = 1  # >1: split the layers into this many stages on as many processes; the rest of the world is data parallel
 pipeline_schedule = "1f1b"  # 'gpipe' (all forwards, then all backwards) or '1f1b' (alternating: fewer activations held)
 cpu_offload = False  # with parallelism='fsdp': parameters, gradients and optimizer state live in CPU memory (slower, larger models)
+fsdp_sync_every_micro_step = False  # with parallelism='fsdp': reduce-scatter gradients every micro-step, not only the last (less memory)
 config = configure(globals())
 print_config(config)
 # -----------------------------------------------------------------------------
@@ -312,7 +313,8 @@ while True:
         break
 
     if pipeline is None:
-        loss_sum = optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip)
+        loss_sum = optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip,
+                                  fsdp_sync_every_micro_step)
     else:
         loss_sum = pipeline_step()
     first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss_sum), step, first_bad_step)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import BackgroundCheckpointWriter, gather_training_state, load_newest_checkpoint
@@ -116,17 +116,31 @@ def shard_model(root, blocks, mesh, dtype, cpu_offload):
     precision = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
     # Pinned host memory lets the copies to the GPU run asynchronously; without a GPU there is none to pin.
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
-    for block in blocks:
-        if block is not None:  # None: a layer of another pipeline stage
-            fully_shard(block, mesh=mesh, mp_policy=precision, offload_policy=offload)
+    present = [block for block in blocks if block is not None]  # None: a layer of another pipeline stage
+    for block in present:
+        # The last block's parameters are the first the backward pass needs: freeing them after its
+        # forward would only gather them again at once.
+        fully_shard(block, mesh=mesh, mp_policy=precision, offload_policy=offload,
+                    reshard_after_forward=block is not present[-1])
     fully_shard(root, mesh=mesh, mp_policy=precision, offload_policy=offload)
+
+
+def compile_blocks(model):
+    """torch.compile each block in place, so that FSDP's hooks around the blocks stay outside the
+    compiled code: a whole-model compile breaks its graph at every hook and runs GPT.forward eagerly."""
+    for block in model.blocks:
+        if block is not None:  # None: a layer of another pipeline stage
+            block.compile()
 
 
 def wrap_model(model, dist, parallelism, compile, log=print):
     """The module the training loop calls: compiled, and under DDP wrapped to average gradients."""
     if compile:
         log("compiling the model (the first steps are slow)...")
-        model = torch.compile(model)
+        if isinstance(model, FSDPModule):
+            compile_blocks(model)
+        else:
+            model = torch.compile(model)
     if parallelism == "ddp" and dist.world_size > 1:
         # Gradients live in DDP's all-reduce buckets (no copy in and out); the only buffers are the
         # RoPE tables, which never change, so nothing needs broadcasting before each forward.
@@ -160,15 +174,21 @@ def learning_rate_at(step, learning_rate, warmup_iters, decay_iters, min_lr):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
-def optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip):
+def optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip,
+                   sync_every_micro_step=False):
     """One optimizer step: accumulate the gradients of accumulation_steps micro-batches
     (micro_step_loss(i) runs the forward of micro-batch i and returns its mean loss), clip the
-    global gradient norm, update, and return the step's mean loss as a tensor (not synchronised)."""
+    global gradient norm, update, and return the step's mean loss as a tensor (not synchronised).
+    Gradients are averaged across processes once, after the last micro-step; under FSDP that means
+    each process holds whole (unsharded) gradients until then, and sync_every_micro_step
+    reduce-scatters them after every micro-step instead: less memory, more communication."""
     loss_sum = None
     for micro_step in range(accumulation_steps):
+        last = micro_step == accumulation_steps - 1
         if isinstance(model, DDP):
-            # Average gradients across processes once, on the last micro-step, not on every one.
-            model.require_backward_grad_sync = micro_step == accumulation_steps - 1
+            model.require_backward_grad_sync = last
+        elif isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(last or sync_every_micro_step)
         loss = micro_step_loss(micro_step) / accumulation_steps  # the mean over the whole step
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         scaler.scale(loss).backward()
@@ -247,9 +267,7 @@ class Pipeline:
         self.model = split_for_pipeline(model, pipeline_layers(model.config.n_layer, stages)[self.stage_index],
                                         self.is_first, self.is_last)
         if compile:
-            for block in model.blocks:  # block by block, in place, so FSDP and the schedule see the same modules
-                if block is not None:
-                    block.compile()
+            compile_blocks(model)  # in place, so FSDP and the schedule see the same modules
         module = PipelineStageModule(model)
         self.sharded = parallelism == "fsdp" and (self.data_parallel > 1 or cpu_offload)
         if self.sharded:

@@ -134,3 +134,16 @@ def test_only_the_newest_checkpoints_are_kept_and_ckpt_pt_is_the_newest(tiny_dat
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt")) == [
         "ckpt-0000006.pt", "ckpt-0000008.pt", "ckpt.pt"]
     assert os.path.samefile(tmp_path / "ckpt.pt", tmp_path / "ckpt-0000008.pt")
+
+
+@pytest.mark.parametrize("sync_every_micro_step", [False, True])
+def test_fsdp_with_accumulation_syncing_once_or_every_micro_step_ends_with_the_weights_of_one_process(
+        sync_every_micro_step, tiny_data_root, tmp_path):
+    # 512 tokens per step: 4 micro-steps of 4 x 32 in one process, 2 in each of two (gradients reduced on the
+    # last one only, unless every micro-step is asked for)
+    args = [*FAST, "--max_iters=2", "--total_batch_tokens=512"]
+    train(tiny_data_root, tmp_path / "one", *args)
+    stdout = train(tiny_data_root, tmp_path / "two", *args, "--parallelism=fsdp",
+                   f"--fsdp_sync_every_micro_step={sync_every_micro_step}", nproc=2)
+    assert "x 2 data-parallel processes x 2 accumulation steps" in stdout
+    assert_same_weights(weights(tmp_path / "two"), weights(tmp_path / "one"), atol=1e-5)
