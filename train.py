@@ -210,7 +210,10 @@ if checkpoint is None:  # a new run
         for path in stale + [os.path.join(out_dir, "ckpt.pt")]:
             if os.path.exists(path):
                 os.unlink(path)
-model = GPT(model_config)  # built on the CPU: FSDP moves only each process's shard to its GPU
+# Built on the meta device, with no memory: place_model (or the pipeline) gives it its weights, a new
+# run's from the seed and under FSDP block by block, each process keeping only its shards.
+with torch.device("cpu" if pretrained is not None else "meta"):
+    model = GPT(model_config)
 if pretrained is not None:
     model.load_state_dict(pretrained["model"])
     pretrained = None  # free the memory
@@ -222,11 +225,11 @@ if pipeline_stages > 1:
         raise SystemExit("config error: tie_embeddings=True shares one matrix between the first and the last "
                          "pipeline stage; set --tie_embeddings=False")
     pipeline = Pipeline(model, dist, pipeline_stages, pipeline_schedule, accumulation_steps, parallelism, dtype,
-                        cpu_offload, compile)  # model is cut down to this process's stage
+                        cpu_offload, compile, seed)  # model is cut down to this process's stage
     log(f"pipeline: stage layers {[list(r) for r in pipeline_layers(model_config.n_layer, pipeline_stages)]}")
 else:
     pipeline = None
-    place_model(model, dist, parallelism, dtype, cpu_offload)
+    place_model(model, dist, parallelism, dtype, cpu_offload, seed)
 seed_everything(seed + dist.rank)  # but different dropout masks in each process
 
 # with cpu_offload the parameters are in CPU memory, and so the optimizer steps there

@@ -15,6 +15,7 @@ nothing about the loader needs saving.
 import json
 import math
 import os
+import zlib
 from dataclasses import asdict
 
 import numpy as np
@@ -27,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import BackgroundCheckpointWriter, gather_training_state, load_newest_checkpoint
 from lora import checkpoint_weights
-from model import cross_entropy
+from model import RMSNorm, cross_entropy, rope_tables
 from runtime import rng_state, set_rng_state
 
 
@@ -97,31 +98,67 @@ def to_device(tensor, device):
     return tensor.to(device)
 
 
-def place_model(model, dist, parallelism, dtype, cpu_offload=False):
-    """Put the model where it trains: sharded over the processes (FSDP), or whole on this process's device."""
+def init_weights(model, seed, which=lambda name: True):
+    """Give the GPT's modules whose names pass `which` their initial weights, each module from a
+    generator seeded by seed and its name, by the model's own rule. So the weights are the same
+    however the model is built: whole in one process, or on the meta device and then block by
+    block under FSDP, where each process holds a whole block only until it is sharded. Parameters
+    on the meta device get CPU memory first (tied ones stay tied), and so do the RoPE tables."""
+    materialised = {}
+    for name, module in model.named_modules():
+        if not which(name) or not any(p is not None for p in module._parameters.values()):
+            continue
+        for key, p in module._parameters.items():
+            if p is not None and p.is_meta:
+                module._parameters[key] = materialised.setdefault(
+                    p, nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+            if isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            else:
+                module.reset_parameters()
+            model._init_weights(module)
+    if getattr(model, "rope_cos", None) is not None and model.rope_cos.is_meta:
+        model.rope_cos, model.rope_sin = rope_tables(model.config, model.config.block_size)
+
+
+def place_model(model, dist, parallelism, dtype, cpu_offload=False, seed=None):
+    """Put the model where it trains: sharded over the processes (FSDP), or whole on this process's
+    device. A model built on the meta device (a new run's) gets its initial weights here from seed."""
+    on_meta = any(p.is_meta for p in model.parameters())
     if parallelism == "fsdp" and (dist.world_size > 1 or cpu_offload):
-        shard_model(model, model.blocks, None, dtype, cpu_offload)
+        shard_model(model, model.blocks, None, dtype, cpu_offload,
+                    init=(lambda which: init_weights(model, seed, which)) if on_meta else None)
     else:
+        if on_meta:
+            init_weights(model, seed)
         model.to(dist.device)
 
 
-def shard_model(root, blocks, mesh, dtype, cpu_offload):
+def shard_model(root, blocks, mesh, dtype, cpu_offload, init=None):
     """FSDP2 over mesh (None: every process): each block on its own, so only one block's full
     parameters exist at a time during forward and backward, then the root, which takes the rest
     (embeddings, final norm, output layer). Compute in dtype but reduce gradients in fp32, so the
     average over processes loses nothing. With cpu_offload the fp32 shards, their gradients and so
     AdamW's state stay in CPU memory and the optimizer steps there: each block's parameters are
     copied to the GPU when it runs, which costs time but lets one GPU train a model whose optimizer
-    state it could not hold."""
+    state it could not hold. init(which), for a model on the meta device, gives the modules whose
+    names pass `which` their weights: each block just before it is sharded, so no process ever
+    holds the whole model."""
     precision = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
     # Pinned host memory lets the copies to the GPU run asynchronously; without a GPU there is none to pin.
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
-    present = [block for block in blocks if block is not None]  # None: a layer of another pipeline stage
-    for block in present:
+    present = [(i, block) for i, block in enumerate(blocks) if block is not None]  # None: another stage's layer
+    for i, block in present:
+        if init is not None:
+            init(lambda name: name.startswith(f"blocks.{i}."))
         # The last block's parameters are the first the backward pass needs: freeing them after its
         # forward would only gather them again at once.
         fully_shard(block, mesh=mesh, mp_policy=precision, offload_policy=offload,
-                    reshard_after_forward=block is not present[-1])
+                    reshard_after_forward=block is not present[-1][1])
+    if init is not None:
+        init(lambda name: not name.startswith("blocks."))
     fully_shard(root, mesh=mesh, mp_policy=precision, offload_policy=offload)
 
 
@@ -253,7 +290,8 @@ class Pipeline:
     most as many as there are stages. Both leave every stage idle for a fraction
     (stages - 1) / (micro-batches + stages - 1) of the step (the bubble)."""
 
-    def __init__(self, model, dist, stages, schedule, microbatches, parallelism, dtype, cpu_offload, compile):
+    def __init__(self, model, dist, stages, schedule, microbatches, parallelism, dtype, cpu_offload, compile,
+                 seed=None):
         # imported here: only pipelined runs need them
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
@@ -266,6 +304,8 @@ class Pipeline:
         self.group = mesh["pipeline"].get_group()
         self.model = split_for_pipeline(model, pipeline_layers(model.config.n_layer, stages)[self.stage_index],
                                         self.is_first, self.is_last)
+        if any(p.is_meta for p in model.parameters()):  # a new model: only this stage's layers get weights
+            init_weights(model, seed)
         if compile:
             compile_blocks(model)  # in place, so FSDP and the schedule see the same modules
         module = PipelineStageModule(model)
