@@ -229,8 +229,8 @@ def reference_logprobs(x, y):
 
 def pair_stats(pairs):
     """The mean DPO loss over pairs (a tensor to backpropagate) and STATS, summed over the pairs."""
-    x, y, _ = to_device(torch.stack(collate([chosen for chosen, _ in pairs] + [rejected for _, rejected in pairs],
-                                             tokenizer.eot_id)), device)  # one copy, cut up on the device
+    x, y, _ = collate([chosen for chosen, _ in pairs] + [rejected for _, rejected in pairs], tokenizer.eot_id)
+    x, y = to_device(torch.stack((x, y)), device)  # one copy, cut up on the device
     # chosen and rejected go through the model as one batch: one forward pass, not two
     policy_chosen, policy_rejected = logprobs(model, x, y).chunk(2)
     ref_chosen, ref_rejected = reference_logprobs(x, y).chunk(2)
