@@ -199,7 +199,7 @@ class BackgroundCheckpointWriter:
         def write():
             try:
                 save_run_checkpoint(checkpoint, out_dir, keep)
-            except Exception as e:  # reported on the main thread by wait()
+            except BaseException as e:  # reported on the main thread by wait(); SystemExit too (a one-line error)
                 self.error = e
 
         self.thread = threading.Thread(target=write, name="checkpoint-writer")
@@ -212,6 +212,8 @@ class BackgroundCheckpointWriter:
             self.thread = None
         if self.error is not None:
             error, self.error = self.error, None
+            if isinstance(error, SystemExit):  # already the one line to stop with
+                raise error
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise SystemExit(f"checkpoint error: writing a checkpoint to disk failed ({reason}); check that the "
                              "out_dir is writable and has free space, then resume from the last checkpoint")

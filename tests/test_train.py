@@ -172,7 +172,8 @@ def test_a_checkpoint_written_in_the_background_holds_the_state_when_saved_while
         assert all(torch.equal(written["optimizer"]["state"][name][k], v) for k, v in state.items()), name
 
 
-def test_a_failed_background_write_stops_the_run_with_one_line_at_the_next_save_or_the_end(tmp_path):
+def test_a_failed_background_write_stops_the_run_with_one_line_at_the_next_save_or_the_end(tmp_path, monkeypatch):
+    import checkpoint
     from runtime import Distributed
     model, optimizer, train_step = tiny_training_state()
     (tmp_path / "not_a_folder").write_text("")
@@ -183,3 +184,12 @@ def test_a_failed_background_write_stops_the_run_with_one_line_at_the_next_save_
     message = str(stopped.value)
     assert message.startswith("checkpoint error: writing a checkpoint to disk failed") and "\n" not in message
     wait_for_checkpoint()  # reported once: the next write starts afresh
+    # an error that is already one line (save_checkpoint's, say) stops the run as it is
+    def full_disk(*args):
+        raise SystemExit("disk error: full")
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", full_disk)
+    save_training_checkpoint(model, optimizer, Distributed(0, 0, 1, "cpu"), str(tmp_path / "run"), keep=2,
+                             kind="pretrain", step=2)
+    with pytest.raises(SystemExit, match="^disk error: full$"):
+        wait_for_checkpoint()
