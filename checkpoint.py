@@ -41,6 +41,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 
 import torch
 
@@ -96,7 +97,9 @@ def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise SystemExit(f"checkpoint error: no checkpoint at {path}; train one first (python train.py ...) or pass its path")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        # mmap: tensors are read from the file as they are used, so N processes loading one checkpoint
+        # share the page cache instead of each holding a copy
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as e:
         reason = str(e).strip().split(". ")[0][:160] or type(e).__name__  # torch's messages run long
         raise SystemExit(f"checkpoint error: {path} is corrupt or not a checkpoint ({reason}); "
@@ -127,7 +130,7 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
 
 
 def gather_training_state(model, optimizer, keep=True):
-    """Full model and optimizer state dicts on the CPU, parameters keyed by name, where keep is true
+    """Copies of the full model and optimizer state dicts on the CPU, parameters keyed by name, where keep is true
     (None elsewhere). Under FSDP every process must call this: the shards are gathered one tensor at
     a time, so no more than one whole tensor beyond the shards is ever on the GPU."""
     # imported here: they take most of a second, and sample.py and evaluate.py never need them
@@ -143,7 +146,8 @@ def gather_training_state(model, optimizer, keep=True):
             if value.device.type != value.device_mesh.device_type:  # offloaded to the CPU: gather on the GPU
                 value = value.to(value.device_mesh.device_type)
             value = value.full_tensor()  # a collective: every process holding a shard takes part
-        return value.cpu() if keep and isinstance(value, torch.Tensor) else value
+        # a copy even of a CPU tensor: training goes on changing the original while the copy is written
+        return value.detach().to("cpu", copy=True) if keep and isinstance(value, torch.Tensor) else value
 
     # Under FSDP these hold DTensors (each process's shards); torch's own full_state_dict option
     # keeps the gathered result on global rank 0 only, but under pipeline parallelism each stage's
@@ -176,9 +180,13 @@ def checkpoints_newest_first(out_dir):
     return sorted(paths, key=_step_of, reverse=True)
 
 
+def run_checkpoint_path(out_dir, step):
+    return os.path.join(out_dir, f"ckpt-{step:07d}.pt")
+
+
 def save_run_checkpoint(checkpoint, out_dir, keep):
     """Write out_dir/ckpt-<step>.pt, point out_dir/ckpt.pt at it, and delete all but the newest keep."""
-    path = os.path.join(out_dir, f"ckpt-{checkpoint['step']:07d}.pt")
+    path = run_checkpoint_path(out_dir, checkpoint["step"])
     save_checkpoint(checkpoint, path)
     latest = os.path.join(out_dir, "ckpt.pt")
     tmp = latest + ".link.tmp"
@@ -206,3 +214,39 @@ def load_newest_checkpoint(out_dir):
         except SystemExit as e:
             print(f"warning: {e}; trying the previous checkpoint")
     return None, None
+
+
+class BackgroundCheckpointWriter:
+    """Writes run checkpoints (save_run_checkpoint) from a thread, so training goes on while a large
+    file goes to disk; the checkpoint must be a copy that training no longer changes. One write at
+    a time: a new one first waits for the last. wait() is called before each write and once at the
+    end of a run; it stops with one line if the last write failed, since the thread cannot."""
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def save(self, checkpoint, out_dir, keep):
+        """Start writing checkpoint; returns the path it goes to."""
+        self.wait()
+
+        def write():
+            try:
+                save_run_checkpoint(checkpoint, out_dir, keep)
+            except BaseException as e:  # reported on the main thread by wait(); SystemExit too (a one-line error)
+                self.error = e
+
+        self.thread = threading.Thread(target=write, name="checkpoint-writer")
+        self.thread.start()
+        return run_checkpoint_path(out_dir, checkpoint["step"])
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            if isinstance(error, SystemExit):  # already the one line to stop with
+                raise error
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise SystemExit(f"checkpoint error: writing a checkpoint to disk failed ({reason}); check that the "
+                             "out_dir is writable and has free space, then resume from the last checkpoint")

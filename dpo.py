@@ -59,7 +59,7 @@ from runlog import RunLog
 from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
 from training import (all_reduce_sum, checkpoint_to_resume, format_duration, learning_rate_at,
                       make_optimizer, optimizer_step, place_model, restore_rng_state, save_training_checkpoint,
-                      wrap_model)
+                      to_device, wait_for_checkpoint, wrap_model)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -230,7 +230,7 @@ def reference_logprobs(x, y):
 def pair_stats(pairs):
     """The mean DPO loss over pairs (a tensor to backpropagate) and STATS, summed over the pairs."""
     x, y, _ = collate([chosen for chosen, _ in pairs] + [rejected for _, rejected in pairs], tokenizer.eot_id)
-    x, y = x.to(device), y.to(device)
+    x, y = to_device(torch.stack((x, y)), device)  # one copy, cut up on the device
     # chosen and rejected go through the model as one batch: one forward pass, not two
     policy_chosen, policy_rejected = logprobs(model, x, y).chunk(2)
     ref_chosen, ref_rejected = reference_logprobs(x, y).chunk(2)
@@ -286,9 +286,11 @@ while True:
             path = save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep_checkpoints, lora=lora_settings,
                                             base=reference_file, kind="dpo", step=step, val=val_stats,
                                             reference=reference_file, config=config, tokenizer=tokenizer.description)
-            if master:  # a new run's first checkpoint: only now is the earlier run in out_dir replaced
+            log(f"saving {path} in the background")
+            if master and not run_log.owns_folder():
+                # a new run's first checkpoint: once it is on disk, and only then, the earlier run in out_dir goes
+                wait_for_checkpoint()
                 run_log.metrics_path = replace_earlier_run(out_dir, path, run_log.metrics_path, log)
-            log(f"saved {path}")
         if val_stats is not None:
             run_log.log({"step": step, **{f"val_{k}": v for k, v in val_stats.items()}})
             run_log.plot()
@@ -313,6 +315,7 @@ while True:
         run_log.log({"step": step, **stats, "lr": lr, "time": time.time()})
         t_log, steps_since_log = time.time(), 0
 
+wait_for_checkpoint()  # the last checkpoint is on disk before the run reports it
 run_log.finish()
 log(f"done after {step} steps" + (f", held-out {describe(val_stats)}" if val_stats is not None else "")
     + f"; chat with: python sample.py --out_dir={out_dir} --chat=True")

@@ -54,7 +54,7 @@ from runlog import RunLog
 from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
 from training import (all_reduce_sum, checkpoint_to_resume, format_duration, learning_rate_at,
                       make_optimizer, optimizer_step, place_model, restore_rng_state, save_training_checkpoint,
-                      to_device, wrap_model)
+                      to_device, wait_for_checkpoint, wrap_model)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -163,7 +163,8 @@ if not train_units:
                      "raise block_size or shorten the prompts")
 steps_per_epoch = math.ceil(len(train_units) / total_batch_size)
 max_iters = max_iters or epochs * steps_per_epoch
-answer_tokens = sum(t >= 0 for _, y, _ in train_units for t in y)
+answer_counts = [sum(t >= 0 for t in y) for _, y, _ in train_units]
+answer_tokens = sum(answer_counts)
 log(f"data {data}: {len(train_records)} train and {len(val_records)} held-out records, {answer_tokens:,} answer tokens "
     f"to learn in {len(train_units)} {'packed rows' if packing else 'examples'} of up to {block_size} tokens"
     + (f"; {n_long} train records cut at block_size (those left with no answer are dropped)" if n_long else ""))
@@ -197,15 +198,27 @@ run_log = RunLog(out_dir, config, master, run_log_path(out_dir, resumed=step > 0
 
 
 def batch_loss(units):
-    x, y, docs = collate(units, tokenizer.eot_id)
-    x, y = to_device(x, y, device)
+    x, y, docs = to_device(torch.stack(collate(units, tokenizer.eot_id)), device)  # one copy, cut up on the device
     with autocast:
-        return model(x, y, doc_ids=docs.to(device) if packing else None)[1], (y >= 0).sum()
+        return model(x, y, doc_ids=docs if packing else None)[1], (y >= 0).sum()
+
+
+def answer_tokens_of_step(at_step):
+    """How many answer tokens the step's batches hold, over every process and micro-step: the batches
+    are a pure function of their index, so each process counts them all without asking the others."""
+    first = at_step * dist.world_size * accumulation_steps
+    return sum(answer_counts[i] for index in range(first, first + dist.world_size * accumulation_steps)
+               for i in batch_of(len(train_units), batch_size, index, seed))
 
 
 def micro_step_loss(micro_step):
     index = (step * dist.world_size + dist.rank) * accumulation_steps + micro_step
-    return batch_loss([train_units[i] for i in batch_of(len(train_units), batch_size, index, seed)])[0]
+    loss, count = batch_loss([train_units[i] for i in batch_of(len(train_units), batch_size, index, seed)])
+    # The step's loss is the sum of its token losses over its answer-token count, so every answer token
+    # weighs the same whatever batch it is in; a mean of the batches' means would weigh the tokens of
+    # short answers more. optimizer_step divides by accumulation_steps and DDP/FSDP average over the
+    # processes: this undoes both.
+    return loss * count * (accumulation_steps * dist.world_size / step_answer_tokens)
 
 
 @torch.no_grad()
@@ -242,15 +255,18 @@ while True:
             path = save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep_checkpoints, lora=lora_settings,
                                             base=base, kind="sft", step=step, val_loss=val_loss, config=config,
                                             tokenizer=tokenizer.description)
-            if master:  # a new run's first checkpoint: only now is the earlier run in out_dir replaced
+            log(f"saving {path} in the background")
+            if master and not run_log.owns_folder():
+                # a new run's first checkpoint: once it is on disk, and only then, the earlier run in out_dir goes
+                wait_for_checkpoint()
                 run_log.metrics_path = replace_earlier_run(out_dir, path, run_log.metrics_path, log)
-            log(f"saved {path}")
         run_log.log({"step": step, "val_loss": val_loss})
         run_log.plot()
         t_log, steps_since_log = time.time(), 0
     if step >= max_iters:
         break
 
+    step_answer_tokens = answer_tokens_of_step(step)
     loss_sum = optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip)
     step += 1
     steps_since_log += 1
@@ -266,6 +282,7 @@ while True:
         run_log.log({"step": step, "loss": train_loss, "lr": lr, "time": time.time()})
         t_log, steps_since_log = time.time(), 0
 
+wait_for_checkpoint()  # the last checkpoint is on disk before the run reports it
 run_log.finish()
 log(f"done after {step} steps" + (f", held-out loss {val_loss:.4f}" if val_loss is not None else "")
     + f"; chat with: python sample.py --out_dir={out_dir} --chat=True")

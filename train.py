@@ -53,7 +53,7 @@ from runtime import autocast_context, device_name, pick_dtype, seed_everything, 
 from training import (Pipeline, TokenBins, all_reduce_sum, estimate_loss, estimate_loss_pipelined,
                       format_duration, learning_rate_at, load_meta, make_optimizer, optimizer_step, pipeline_layers,
                       pipeline_optimizer_step, pipeline_stage_part, place_model, restore_rng_state,
-                      save_training_checkpoint, to_device, wrap_model)
+                      save_training_checkpoint, wait_for_checkpoint, wrap_model)
 from runlog import RunLog
 from tokenizer import Tokenizer
 
@@ -125,6 +125,7 @@ activation_checkpointing = False  # recompute each block's activations in the ba
 pipeline_stages = 1  # >1: split the layers into this many stages on as many processes; the rest of the world is data parallel
 pipeline_schedule = "1f1b"  # 'gpipe' (all forwards, then all backwards) or '1f1b' (alternating: fewer activations held)
 cpu_offload = False  # with parallelism='fsdp': parameters, gradients and optimizer state live in CPU memory (slower, larger models)
+fsdp_sync_every_micro_step = False  # with parallelism='fsdp': reduce-scatter gradients every micro-step, not only the last (less memory)
 config = configure(globals())
 print_config(config)
 # -----------------------------------------------------------------------------
@@ -222,7 +223,10 @@ else:
         raise SystemExit(f"config error: {e}") from None
     step, best_val_loss = 0, float("inf")
 metrics_path = run_log_path(out_dir, resumed=checkpoint is not None)
-model = GPT(model_config)  # built on the CPU: FSDP moves only each process's shard to its GPU
+# Built on the meta device, with no memory: place_model (or the pipeline) gives it its weights, a new
+# run's from the seed and under FSDP block by block, each process keeping only its shards.
+with torch.device("cpu" if pretrained is not None else "meta"):
+    model = GPT(model_config)
 if pretrained is not None:
     model.load_state_dict(pretrained["model"])
     pretrained = None  # free the memory
@@ -235,11 +239,11 @@ if pipeline_stages > 1:
         raise SystemExit("config error: tie_embeddings=True shares one matrix between the first and the last "
                          "pipeline stage; set --tie_embeddings=False")
     pipeline = Pipeline(model, dist, pipeline_stages, pipeline_schedule, accumulation_steps, parallelism, dtype,
-                        cpu_offload, compile)  # model is cut down to this process's stage
+                        cpu_offload, compile, seed)  # model is cut down to this process's stage
     log(f"pipeline: stage layers {[list(r) for r in pipeline_layers(model_config.n_layer, pipeline_stages)]}")
 else:
     pipeline = None
-    place_model(model, dist, parallelism, dtype, cpu_offload)
+    place_model(model, dist, parallelism, dtype, cpu_offload, seed)
 seed_everything(seed + dist.rank)  # but different dropout masks in each process
 
 # with cpu_offload the parameters are in CPU memory, and so the optimizer steps there
@@ -277,7 +281,7 @@ def micro_step_loss(micro_step):
     # Seeded by the micro-step's place in the global batch, so 1 process with 8 micro-steps
     # reads exactly the sequences that 8 processes with 1 each do.
     batch_index = dist.rank * accumulation_steps + micro_step
-    x, y = to_device(*bins["train"].sample(batch_size, (seed, 0, step, batch_index)), device)
+    x, y = bins["train"].sample(batch_size, (seed, 0, step, batch_index), device)
     with autocast:
         return model(x, y)[1]  # holding on to the logits would keep them in memory through backward
 
@@ -286,7 +290,7 @@ def pipeline_step():
     # The micro-batches of micro_step_loss, in one batch that the schedule splits again. The first
     # stage needs the inputs and the last the targets; both read them from the same seeds.
     seeds = [(seed, 0, step, pipeline.data_rank * accumulation_steps + m) for m in range(accumulation_steps)]
-    x, y = to_device(*bins["train"].sample_many(batch_size, seeds), device)
+    x, y = bins["train"].sample_many(batch_size, seeds, device)
     return pipeline_optimizer_step(pipeline, optimizer, x, y, grad_clip, autocast)
 
 
@@ -331,9 +335,11 @@ while True:
             path = save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep_checkpoints, pipeline,
                                             kind="pretrain", step=step, best_val_loss=best_val_loss,
                                             val_loss=losses["val"], config=config, tokenizer=meta["tokenizer"])
-            if master:  # a new run's first checkpoint: only now is the earlier run in out_dir replaced
+            log(f"saving {path} in the background")
+            if master and not run_log.owns_folder():
+                # a new run's first checkpoint: once it is on disk, and only then, the earlier run in out_dir goes
+                wait_for_checkpoint()
                 run_log.metrics_path = replace_earlier_run(out_dir, path, run_log.metrics_path, log)
-            log(f"saved {path}")
         run_log.log({"step": step, "tokens": step * total_batch_tokens,
                      **{f"{k}_loss" if k in bins else k: v for k, v in losses.items()},
                      **({"train_seconds": train_seconds} if timed else {})})
@@ -344,7 +350,8 @@ while True:
 
     t_step = time.time()
     if pipeline is None:
-        loss_sum = optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip)
+        loss_sum = optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip,
+                                  fsdp_sync_every_micro_step)
     else:
         loss_sum = pipeline_step()
     if timed:
@@ -382,6 +389,7 @@ while True:
                      "tokens_per_sec": tokens_per_sec, "mfu": mfu, "time": time.time()})
         t_log, steps_since_log = time.time(), 0
 
+wait_for_checkpoint()  # the last checkpoint is on disk before the run reports it
 run_log.finish()
 log(f"done: val loss {losses['val']:.4f} (best {best_val_loss:.4f}) after {step} steps; "
     f"sample with: python sample.py --out_dir={out_dir}")

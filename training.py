@@ -16,6 +16,7 @@ nothing about the loader needs saving.
 import json
 import math
 import os
+import zlib
 from dataclasses import asdict
 
 import numpy as np
@@ -23,12 +24,12 @@ import torch
 import torch.distributed
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import gather_training_state, load_newest_checkpoint, save_run_checkpoint
+from checkpoint import BackgroundCheckpointWriter, gather_training_state, load_newest_checkpoint
 from lora import checkpoint_weights
-from model import cross_entropy
+from model import RMSNorm, cross_entropy, rope_tables
 from runtime import rng_state, set_rng_state
 
 
@@ -99,61 +100,124 @@ class TokenBins:
                              f"fewer than block_size+1={block_size + 1}; lower block_size or add data")
         self.cumulative_starts = np.cumsum(starts)
 
-    def sample(self, batch_size, seed):
-        """batch_size windows (x, y) as int64 tensors, y shifted by one; seed is a tuple of ints."""
-        rng = np.random.default_rng(seed)
-        picks = rng.integers(0, self.cumulative_starts[-1], size=batch_size)
-        which = np.searchsorted(self.cumulative_starts, picks, side="right")
-        offsets = picks - np.concatenate(([0], self.cumulative_starts))[which]
-        windows = np.stack([self.files[w][o : o + self.block_size + 1] for w, o in zip(which, offsets)]).astype(np.int64)
-        windows = torch.from_numpy(windows)
+    def sample(self, batch_size, seed, device="cpu"):
+        """batch_size windows (x, y) as int64 tensors on device, y shifted by one; seed is a tuple of ints."""
+        return self.sample_many(batch_size, [seed], device)
+
+    def sample_many(self, batch_size, seeds, device="cpu"):
+        """The batches of several seeds, one after another in one (len(seeds) * batch_size) batch.
+
+        The windows are read into one contiguous (rows, block_size + 1) array, in pinned memory when
+        it goes to a GPU, copied there at once, and cut into x and y on the device: x and y themselves
+        are strided views, which could be neither pinned nor copied in one piece."""
+        windows = torch.empty((len(seeds) * batch_size, self.block_size + 1), dtype=torch.int64,
+                              pin_memory=device.startswith("cuda"))
+        rows = windows.numpy()
+        for i, seed in enumerate(seeds):
+            rng = np.random.default_rng(seed)
+            picks = rng.integers(0, self.cumulative_starts[-1], size=batch_size)
+            which = np.searchsorted(self.cumulative_starts, picks, side="right")
+            offsets = picks - np.concatenate(([0], self.cumulative_starts))[which]
+            for row, (w, o) in enumerate(zip(which, offsets), start=i * batch_size):
+                rows[row] = self.files[w][o : o + self.block_size + 1]
+        windows = to_device(windows, device)
         return windows[:, :-1], windows[:, 1:]
 
-    def sample_many(self, batch_size, seeds):
-        """The batches of several seeds, one after another in one (len(seeds) * batch_size) batch."""
-        batches = [self.sample(batch_size, seed) for seed in seeds]
-        return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
 
-
-def to_device(x, y, device):
+def to_device(tensor, device):
+    """A CPU tensor on device. To a GPU from pinned memory and without waiting, so the copy overlaps
+    the work queued before it; pinning needs an accelerator, so a CPU run copies plainly (or not at
+    all). Tensors sent together go best as one contiguous tensor (one copy), cut up on the device."""
     if device.startswith("cuda"):
-        # Pinned memory lets the copy run asynchronously while the GPU is still busy.
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
-def place_model(model, dist, parallelism, dtype, cpu_offload=False):
-    """Put the model where it trains: sharded over the processes (FSDP), or whole on this process's device."""
+def init_weights(model, seed, which=lambda name: True):
+    """Give the GPT's modules whose names pass `which` their initial weights, each module from a
+    generator seeded by seed and its name, by the model's own rule. So the weights are the same
+    however the model is built: whole in one process, or on the meta device and then block by
+    block under FSDP, where each process holds a whole block only until it is sharded. Parameters
+    on the meta device get CPU memory first (tied ones stay tied), and so do the RoPE tables."""
+    materialised = {}
+    for name, module in model.named_modules():
+        if not which(name) or not any(p is not None for p in module._parameters.values()):
+            continue
+        for key, p in module._parameters.items():
+            if p is not None and p.is_meta:
+                module._parameters[key] = materialised.setdefault(
+                    p, nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+            if isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            else:
+                module.reset_parameters()
+            model._init_weights(module)
+    if getattr(model, "rope_cos", None) is not None and model.rope_cos.is_meta:
+        model.rope_cos, model.rope_sin = rope_tables(model.config, model.config.block_size)
+
+
+def place_model(model, dist, parallelism, dtype, cpu_offload=False, seed=None):
+    """Put the model where it trains: sharded over the processes (FSDP), or whole on this process's
+    device. A model built on the meta device (a new run's) gets its initial weights here from seed."""
+    on_meta = any(p.is_meta for p in model.parameters())
     if parallelism == "fsdp" and (dist.world_size > 1 or cpu_offload):
-        shard_model(model, model.blocks, None, dtype, cpu_offload)
+        shard_model(model, model.blocks, None, dtype, cpu_offload,
+                    init=(lambda which: init_weights(model, seed, which)) if on_meta else None)
     else:
+        if on_meta:
+            init_weights(model, seed)
         model.to(dist.device)
 
 
-def shard_model(root, blocks, mesh, dtype, cpu_offload):
+def shard_model(root, blocks, mesh, dtype, cpu_offload, init=None):
     """FSDP2 over mesh (None: every process): each block on its own, so only one block's full
     parameters exist at a time during forward and backward, then the root, which takes the rest
     (embeddings, final norm, output layer). Compute in dtype but reduce gradients in fp32, so the
     average over processes loses nothing. With cpu_offload the fp32 shards, their gradients and so
     AdamW's state stay in CPU memory and the optimizer steps there: each block's parameters are
     copied to the GPU when it runs, which costs time but lets one GPU train a model whose optimizer
-    state it could not hold."""
+    state it could not hold. init(which), for a model on the meta device, gives the modules whose
+    names pass `which` their weights: each block just before it is sharded, so no process ever
+    holds the whole model."""
     precision = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
     # Pinned host memory lets the copies to the GPU run asynchronously; without a GPU there is none to pin.
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
-    for block in blocks:
-        if block is not None:  # None: a layer of another pipeline stage
-            fully_shard(block, mesh=mesh, mp_policy=precision, offload_policy=offload)
+    present = [(i, block) for i, block in enumerate(blocks) if block is not None]  # None: another stage's layer
+    for i, block in present:
+        if init is not None:
+            init(lambda name: name.startswith(f"blocks.{i}."))
+        # The last block's parameters are the first the backward pass needs: freeing them after its
+        # forward would only gather them again at once.
+        fully_shard(block, mesh=mesh, mp_policy=precision, offload_policy=offload,
+                    reshard_after_forward=block is not present[-1][1])
+    if init is not None:
+        init(lambda name: not name.startswith("blocks."))
     fully_shard(root, mesh=mesh, mp_policy=precision, offload_policy=offload)
+
+
+def compile_blocks(model):
+    """torch.compile each block in place, so that FSDP's hooks around the blocks stay outside the
+    compiled code: a whole-model compile breaks its graph at every hook and runs GPT.forward eagerly."""
+    for block in model.blocks:
+        if block is not None:  # None: a layer of another pipeline stage
+            block.compile()
 
 
 def wrap_model(model, dist, parallelism, compile, log=print):
     """The module the training loop calls: compiled, and under DDP wrapped to average gradients."""
     if compile:
         log("compiling the model (the first steps are slow)...")
-        model = torch.compile(model)
+        if isinstance(model, FSDPModule):
+            compile_blocks(model)
+        else:
+            model = torch.compile(model)
     if parallelism == "ddp" and dist.world_size > 1:
-        model = DDP(model, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None)
+        # Gradients live in DDP's all-reduce buckets (no copy in and out); the only buffers are the
+        # RoPE tables, which never change, so nothing needs broadcasting before each forward.
+        model = DDP(model, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None,
+                    gradient_as_bucket_view=True, broadcast_buffers=False)
     return model
 
 
@@ -281,15 +345,21 @@ def learning_rate_at(step, learning_rate, warmup_iters, decay_iters, min_lr, sch
     return min_lr + remaining * (learning_rate - min_lr)
 
 
-def optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip):
+def optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip,
+                   sync_every_micro_step=False):
     """One optimizer step: accumulate the gradients of accumulation_steps micro-batches
     (micro_step_loss(i) runs the forward of micro-batch i and returns its mean loss), clip the
-    global gradient norm, update, and return the step's mean loss as a tensor (not synchronised)."""
+    global gradient norm, update, and return the step's mean loss as a tensor (not synchronised).
+    Gradients are averaged across processes once, after the last micro-step; under FSDP that means
+    each process holds whole (unsharded) gradients until then, and sync_every_micro_step
+    reduce-scatters them after every micro-step instead: less memory, more communication."""
     loss_sum = None
     for micro_step in range(accumulation_steps):
+        last = micro_step == accumulation_steps - 1
         if isinstance(model, DDP):
-            # Average gradients across processes once, on the last micro-step, not on every one.
-            model.require_backward_grad_sync = micro_step == accumulation_steps - 1
+            model.require_backward_grad_sync = last
+        elif isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(last or sync_every_micro_step)
         loss = micro_step_loss(micro_step) / accumulation_steps  # the mean over the whole step
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         scaler.scale(loss).backward()
@@ -354,7 +424,8 @@ class Pipeline:
     most as many as there are stages. Both leave every stage idle for a fraction
     (stages - 1) / (micro-batches + stages - 1) of the step (the bubble)."""
 
-    def __init__(self, model, dist, stages, schedule, microbatches, parallelism, dtype, cpu_offload, compile):
+    def __init__(self, model, dist, stages, schedule, microbatches, parallelism, dtype, cpu_offload, compile,
+                 seed=None):
         # imported here: only pipelined runs need them
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
@@ -367,10 +438,10 @@ class Pipeline:
         self.group = mesh["pipeline"].get_group()
         self.model = split_for_pipeline(model, pipeline_layers(model.config.n_layer, stages)[self.stage_index],
                                         self.is_first, self.is_last)
+        if any(p.is_meta for p in model.parameters()):  # a new model: only this stage's layers get weights
+            init_weights(model, seed)
         if compile:
-            for block in model.blocks:  # block by block, in place, so FSDP and the schedule see the same modules
-                if block is not None:
-                    block.compile()
+            compile_blocks(model)  # in place, so FSDP and the schedule see the same modules
         module = PipelineStageModule(model)
         self.sharded = parallelism == "fsdp" and (self.data_parallel > 1 or cpu_offload)
         if self.sharded:
@@ -451,8 +522,7 @@ def estimate_loss_pipelined(pipeline, bins_by_split, eval_iters, batch_size, dev
         indices = range(pipeline.data_rank, per_call * math.ceil(eval_iters / per_call), pipeline.data_parallel)
         for start in range(0, len(indices), microbatches):
             group = indices[start : start + microbatches]
-            x, y = to_device(*bins.sample_many(batch_size, [(seed, 1, split_index, i % eval_iters) for i in group]),
-                             device)
+            x, y = bins.sample_many(batch_size, [(seed, 1, split_index, i % eval_iters) for i in group], device)
             with autocast:
                 batch_losses = pipeline.run(x, y, backward=False)
             if pipeline.is_last:
@@ -478,7 +548,7 @@ def estimate_loss(model, bins_by_split, eval_iters, batch_size, device, autocast
         total = torch.zeros((), device=device)
         # Every process runs the same number of forward passes: under FSDP each one is a collective.
         for i in range(rank, world_size * math.ceil(eval_iters / world_size), world_size):
-            x, y = to_device(*bins.sample(batch_size, (seed, 1, split_index, i % eval_iters)), device)
+            x, y = bins.sample(batch_size, (seed, 1, split_index, i % eval_iters), device)
             with autocast:
                 _, loss = model(x, y)
             if i < eval_iters:
@@ -494,13 +564,17 @@ def all_reduce_sum(tensor, world_size):
     return tensor
 
 
+checkpoint_writer = BackgroundCheckpointWriter()  # rank 0's: one per process, as there is one run per process
+
+
 def save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep, pipeline=None, lora=None, base=None,
                              **fields):
-    """Gather the model, optimizer and every process's random state, and (rank 0) write them with
-    fields (kind, step, config, tokenizer, ...) as out_dir/ckpt-<step>.pt. Every process must call
-    this. Returns the path written (None on the other ranks). With lora (the LoRA settings) the
-    weights written are the adapters only, with the base they go on (lora.checkpoint_weights); the
-    optimizer holds only them anyway, as only they train."""
+    """Gather the model, optimizer and every process's random state into CPU memory, and (rank 0)
+    write them with fields (kind, step, config, tokenizer, ...) as out_dir/ckpt-<step>.pt from a
+    background thread, while training goes on (wait_for_checkpoint: until it is on disk). Every
+    process must call this. Returns the path being written (None on the other ranks). With lora
+    (the LoRA settings) the weights written are the adapters only, with the base they go on
+    (lora.checkpoint_weights); the optimizer holds only them anyway, as only they train."""
     if pipeline is None:
         model_state, optimizer_state = gather_training_state(raw_model, optimizer, keep=dist.is_main)
     else:
@@ -516,7 +590,13 @@ def save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep, pipeline
         return None
     checkpoint = {"model_config": asdict(raw_model.config), **checkpoint_weights(model_state, lora, base),
                   "optimizer": optimizer_state, "rng": rng_states, **fields}
-    return save_run_checkpoint(checkpoint, out_dir, keep)
+    return checkpoint_writer.save(checkpoint, out_dir, keep)
+
+
+def wait_for_checkpoint():
+    """Until the checkpoint being written in the background is on disk; stops with one line if
+    writing it failed. Call it before the run ends."""
+    checkpoint_writer.wait()
 
 
 def join_pipeline_stages(part, dist):

@@ -68,9 +68,11 @@ def test_two_processes_end_with_the_weights_of_one_process_with_the_same_global_
 def GPT_INIT_DISTANCE(out_dir):
     """How far training moved the weights from their initial values (same seed, same init)."""
     from model import GPT, GPTConfig
+    from training import init_weights
     checkpoint = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
-    torch.manual_seed(checkpoint["config"]["seed"])
-    init = GPT(GPTConfig.from_dict(checkpoint["model_config"])).state_dict()
+    init = GPT(GPTConfig.from_dict(checkpoint["model_config"]))
+    init_weights(init, checkpoint["config"]["seed"])
+    init = init.state_dict()
     return max((checkpoint["model"][k] - init[k]).abs().max().item() for k in init)
 
 
@@ -134,3 +136,47 @@ def test_only_the_newest_checkpoints_are_kept_and_ckpt_pt_is_the_newest(tiny_dat
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt")) == [
         "ckpt-0000006.pt", "ckpt-0000008.pt", "ckpt.pt"]
     assert os.path.samefile(tmp_path / "ckpt.pt", tmp_path / "ckpt-0000008.pt")
+
+
+@pytest.mark.parametrize("sync_every_micro_step", [False, True])
+def test_fsdp_with_accumulation_syncing_once_or_every_micro_step_ends_with_the_weights_of_one_process(
+        sync_every_micro_step, tiny_data_root, tmp_path):
+    # 512 tokens per step: 4 micro-steps of 4 x 32 in one process, 2 in each of two (gradients reduced on the
+    # last one only, unless every micro-step is asked for)
+    args = [*FAST, "--max_iters=2", "--total_batch_tokens=512"]
+    train(tiny_data_root, tmp_path / "one", *args)
+    stdout = train(tiny_data_root, tmp_path / "two", *args, "--parallelism=fsdp",
+                   f"--fsdp_sync_every_micro_step={sync_every_micro_step}", nproc=2)
+    assert "x 2 data-parallel processes x 2 accumulation steps" in stdout
+    assert_same_weights(weights(tmp_path / "two"), weights(tmp_path / "one"), atol=1e-5)
+
+
+@pytest.mark.parametrize("style", [dict(tie_embeddings=True), dict(norm="layernorm", bias=True, pos="learned")])
+def test_a_model_built_on_the_meta_device_gets_block_by_block_the_weights_of_one_built_whole(style):
+    from model import GPT, GPTConfig
+    from training import init_weights
+    config = GPTConfig(vocab_size=100, n_layer=2, n_head=2, n_embd=16, block_size=16, **style)
+    whole = GPT(config)
+    init_weights(whole, 7)
+    with torch.device("meta"):
+        parts = GPT(config)
+    # as under FSDP: one block at a time gets memory and weights, the rest stays on the meta device
+    init_weights(parts, 7, lambda name: name.startswith("blocks.1."))
+    assert {n for n, p in parts.named_parameters() if not p.is_meta} == {
+        n for n, _ in parts.named_parameters() if n.startswith("blocks.1.")}
+    init_weights(parts, 7, lambda name: name.startswith("blocks.0."))
+    init_weights(parts, 7, lambda name: not name.startswith("blocks."))
+    assert (parts.lm_head.weight is parts.wte.weight) == config.tie_embeddings
+    assert whole.state_dict().keys() == parts.state_dict().keys()
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(parts.state_dict()[name], tensor), name
+    for name, buffer in whole.named_buffers():
+        assert torch.equal(dict(parts.named_buffers())[name], buffer), name
+    # the model's own init rule: unit gains, zero biases, residual projections scaled down
+    state = whole.state_dict()
+    assert torch.equal(state["blocks.0.ln_1.weight"], torch.ones(16))
+    assert abs(state["blocks.1.mlp.c_proj.weight"].std().item() / state["blocks.1.mlp.c_fc.weight"].std().item()
+               - 0.5) < 0.1  # 0.02 / sqrt(2 * n_layer) against 0.02
+    reseeded = GPT(config)
+    init_weights(reseeded, 8)
+    assert not torch.equal(reseeded.state_dict()["blocks.0.attn.c_attn.weight"], state["blocks.0.attn.c_attn.weight"])

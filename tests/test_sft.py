@@ -244,3 +244,20 @@ def test_resuming_stops_with_one_line_when_out_dir_has_no_checkpoint_that_can_co
     assert "holds no optimizer state" in error("yes")
     save_checkpoint(sft, tmp_path / "ckpt-0000007.pt")
     assert checkpoint_to_resume("yes", str(tmp_path), "sft", config, keys)[1] == str(tmp_path / "ckpt-0000007.pt")
+
+
+def test_a_step_in_micro_batches_has_the_loss_and_gradients_of_one_big_batch(tiny_checkpoint, tmp_path):
+    (tmp_path / "toy.json").write_text(json.dumps(TOY_INSTRUCTIONS))  # answers of 3 to 10 tokens: uneven batches
+    # the same 4 examples in step 1: two micro-batches of 2 (batch_of's indices 0, 1), or one of 4 (index 0)
+    args = [f"--init_from={tiny_checkpoint}/ckpt.pt", f"--data={tmp_path / 'toy.json'}", "--device=cpu",
+            "--val_fraction=0", "--total_batch_size=4", "--max_iters=1", "--eval_interval=1", "--log_interval=1",
+            "--packing=False", "--grad_clip=0", "--weight_decay=0"]
+    for run, batch_size in (("micro", 2), ("big", 4)):
+        run_script("sft.py", *args, f"--batch_size={batch_size}", f"--out_dir={tmp_path / run}")
+    micro, big = (load_checkpoint(str(tmp_path / run / "ckpt.pt")) for run in ("micro", "big"))
+    step_loss = lambda run: [r["loss"] for r in logged_after(tmp_path / run, 0) if "loss" in r]
+    assert len(step_loss("big")) == 1 and step_loss("micro") == pytest.approx(step_loss("big"), rel=1e-6)
+    # after one AdamW step exp_avg is (1 - beta1) x the gradient: the gradients are compared exactly
+    for name, state in big["optimizer"]["state"].items():
+        torch.testing.assert_close(micro["optimizer"]["state"][name]["exp_avg"], state["exp_avg"], rtol=1e-4,
+                                   atol=1e-9, msg=name)

@@ -4,11 +4,12 @@ import json
 import math
 import os
 
+import pytest
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import TINY_MODEL, run_script
-from training import TokenBins, learning_rate_at
+from training import TokenBins, learning_rate_at, make_optimizer, save_training_checkpoint, wait_for_checkpoint
 
 
 def read_metrics(out_dir):
@@ -109,3 +110,86 @@ def test_a_benchmark_is_scored_at_every_evaluation(tiny_data_root, tmp_path):
     assert [m["step"] for m in evals] == [0, 1, 2]
     assert all(m["benchmark_examples"] == 5 and 0 <= m["benchmark_accuracy"] <= 1 for m in evals)
     assert "arc.jsonl accuracy" in result.stdout
+
+
+def test_a_batch_is_one_contiguous_window_array_cut_into_x_and_y(tmp_path):
+    import numpy as np
+    np.arange(0, 500, dtype=np.uint16).tofile(tmp_path / "a.bin")
+    meta = {"dtype": "uint16", "splits": {"train": {"files": ["a.bin"]}}}
+    bins = TokenBins(str(tmp_path), meta, "train", block_size=8)
+    x, y = bins.sample(16, (3, 1))
+    # one copy to the device: x and y are views of the same contiguous (rows, block_size + 1) windows
+    assert x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr() and x.stride() == (9, 1)
+    windows = torch.cat([x, y[:, -1:]], 1)
+    assert torch.equal(windows, x[:, :1] + torch.arange(9))  # each row is the file's tokens from its start
+    many_x, many_y = bins.sample_many(16, [(3, 1), (3, 2)])
+    assert torch.equal(many_x[:16], x) and torch.equal(many_y[:16], y)
+    assert torch.equal(many_x[16:], bins.sample(16, (3, 2))[0])
+
+
+def tiny_training_state():
+    """A tiny model and its AdamW, and a function that takes one training step."""
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=16))
+    optimizer = make_optimizer(model, 1e-2, 0.1, (0.9, 0.95), "cpu")
+
+    def train_step():
+        x = torch.randint(0, 64, (2, 16))
+        model(x, x)[1].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return model, optimizer, train_step
+
+
+def test_a_checkpoint_written_in_the_background_holds_the_state_when_saved_while_training_goes_on(tmp_path,
+                                                                                                   monkeypatch):
+    import threading
+    from checkpoint import gather_training_state, save_checkpoint
+    from runtime import Distributed
+    model, optimizer, train_step = tiny_training_state()
+    train_step()
+    weights, optimizer_state = gather_training_state(model, optimizer)
+    save_checkpoint({"model": weights, "optimizer": optimizer_state}, tmp_path / "sync.pt")
+    # the writer's torch.save waits until released: meanwhile training must go on
+    release, original_save = threading.Event(), torch.save
+    monkeypatch.setattr(torch, "save", lambda *args: release.wait(60) and original_save(*args))
+    path = save_training_checkpoint(model, optimizer, Distributed(0, 0, 1, "cpu"), str(tmp_path / "run"), keep=2,
+                                    kind="pretrain", step=1)
+    train_step()
+    train_step()
+    assert not os.path.exists(path)
+    release.set()
+    wait_for_checkpoint()
+    monkeypatch.undo()
+    written, sync = (torch.load(p, weights_only=True) for p in (path, tmp_path / "sync.pt"))
+    assert written["step"] == 1 and os.path.samefile(path, tmp_path / "run" / "ckpt.pt")
+    for name, tensor in sync["model"].items():
+        assert torch.equal(written["model"][name], tensor), name
+        assert not torch.equal(model.state_dict()[name], tensor) or tensor.dim() < 2  # training moved on
+    for name, state in sync["optimizer"]["state"].items():
+        assert all(torch.equal(written["optimizer"]["state"][name][k], v) for k, v in state.items()), name
+
+
+def test_a_failed_background_write_stops_the_run_with_one_line_at_the_next_save_or_the_end(tmp_path, monkeypatch):
+    import checkpoint
+    from runtime import Distributed
+    model, optimizer, train_step = tiny_training_state()
+    (tmp_path / "not_a_folder").write_text("")
+    save_training_checkpoint(model, optimizer, Distributed(0, 0, 1, "cpu"), str(tmp_path / "not_a_folder"), keep=2,
+                             kind="pretrain", step=1)
+    with pytest.raises(SystemExit) as stopped:
+        wait_for_checkpoint()
+    message = str(stopped.value)
+    assert message.startswith("checkpoint error: writing a checkpoint to disk failed") and "\n" not in message
+    wait_for_checkpoint()  # reported once: the next write starts afresh
+    # an error that is already one line (save_checkpoint's, say) stops the run as it is
+    def full_disk(*args):
+        raise SystemExit("disk error: full")
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", full_disk)
+    save_training_checkpoint(model, optimizer, Distributed(0, 0, 1, "cpu"), str(tmp_path / "run"), keep=2,
+                             kind="pretrain", step=2)
+    with pytest.raises(SystemExit, match="^disk error: full$"):
+        wait_for_checkpoint()
