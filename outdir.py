@@ -29,6 +29,7 @@ import sys
 import torch
 
 from checkpoint import checkpoints_newest_first
+from training import wait_for_checkpoint
 
 LOCK_NAME = "run.lock"
 METRICS_NAME = "metrics.jsonl"
@@ -101,14 +102,18 @@ def lock_out_dir(out_dir, dist, log=print):
 
 def exit_quietly_on_interrupt(out_dir, dist, how_to_continue):
     """Ctrl-C ends the run with one line naming out_dir's newest checkpoint, and no traceback; the
-    other ranks, which the terminal interrupts too, end silently. A save under way is abandoned
-    whole: its temporary is removed and ckpt.pt stays. (SIGTERM keeps its default, an immediate
+    other ranks, which the terminal interrupts too, end silently. A save under way in the background
+    is finished first; one that fails leaves only its temporary, which the next run removes. (SIGTERM keeps its default, an immediate
     quiet end: torchrun sends it to stop the workers it restarts, some of them inside a collective.)"""
 
     def stop(signum, frame):
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, signal.SIG_IGN)  # neither a second Ctrl-C nor torchrun's SIGTERM cuts the line short
         if dist.is_main:
+            try:
+                wait_for_checkpoint()  # a save under way in the background finishes first: it is the newest
+            except SystemExit:
+                pass  # it failed: the newest is the one before it
             newest = checkpoints_newest_first(out_dir)
             print("interrupted: " + (f"the newest checkpoint is {newest[0]}; continue with {how_to_continue}" if newest
                                      else f"no checkpoint was written in {out_dir}"), file=sys.stderr, flush=True)

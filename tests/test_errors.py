@@ -424,8 +424,8 @@ def test_ctrl_c_stops_training_with_one_line_naming_the_last_checkpoint(world, t
                                 "--max_iters=100000", "--eval_interval=2", f"--out_dir={out_dir}"],
                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        for line in process.stdout:  # wait for the first checkpoint
-            if line.startswith("saved "):
+        for line in process.stdout:  # wait for the first checkpoint to be under way
+            if line.startswith("saving "):
                 break
         process.send_signal(signal.SIGINT)
         stdout, stderr = process.communicate(timeout=120)
