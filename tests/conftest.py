@@ -85,10 +85,11 @@ def tiny_data_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_data_root, tmp_path_factory):
-    """out_dir of a tiny model trained for a few steps on the tiny dataset."""
+    """out_dir of a tiny model trained for a few steps on the tiny dataset, in Llama's architecture
+    (SwiGLU, no QK-norm or soft-cap) so that the export tests can export it."""
     out_dir = str(tmp_path_factory.mktemp("run"))
     run_script("train.py", *TINY_MODEL, f"--data_root={tiny_data_root}", "--dataset=tiny", f"--out_dir={out_dir}",
-               "--max_iters=4", "--eval_interval=4")
+               "--max_iters=4", "--eval_interval=4", "--mlp=swiglu", "--qk_norm=False", "--logit_softcap=0")
     return out_dir
 
 
