@@ -45,7 +45,7 @@ import torch
 
 from checkpoint import checkpoints_newest_first, load_checkpoint, load_newest_checkpoint, restore_training_state
 from configurator import configure, print_config
-from evaluate import describe, evaluate_examples, read_examples
+from benchmarks import describe, evaluate_examples, read_examples
 from model import GPT, GPTConfig, peak_flops as gpu_peak_flops
 from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
 from training import (Pipeline, TokenBins, all_reduce_sum, append_metrics, estimate_loss, estimate_loss_pipelined,

@@ -1,4 +1,6 @@
-"""evaluate.py: perplexity with sliding windows, multiple choice, EM/F1, the benchmark formats, torchrun."""
+"""evaluate.py and benchmarks.py: perplexity with sliding windows, multiple choice scored by lm-evaluation-harness's
+conventions (each pinned by an example whose answer flips without it), EM/F1, the benchmark formats, SFT checkpoints
+on their base's data, torchrun."""
 
 import json
 import math
@@ -15,8 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import REPO
-from evaluate import (_BENCHMARKS, evaluate_examples, exact_match_score, f1_score, generate_answers, perplexity,
-                      read_examples, score_continuations)
+import benchmarks
+from benchmarks import (choice_example, evaluate_examples, exact_match_score, f1_score, generate_answers, parse_record, read_examples,
+                        score_continuations)
+from conftest import run_script
+from evaluate import _BENCHMARKS, perplexity
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
@@ -124,8 +129,8 @@ def test_a_smaller_stride_gives_each_token_more_context():
 def test_multiple_choice_picks_the_ending_the_model_prefers_wherever_it_is():
     model = Bigram()
     model.prefer("the cat sat on the mat", 8.0)
-    examples = [{"options": [("the cat", " sat on the mat"), ("the cat", " xqzj wvk")], "gold": 0},
-                {"options": [("the cat", " kqzv jwx"), ("the cat", " qq"), ("the cat", " sat on")], "gold": 2}]
+    endings = [["sat on the mat", "xqzj wvk"], ["kqzv jwx", "qq", "sat on"]]
+    examples = [choice_example(["the cat"] * len(e), e, e, gold) for e, gold in zip(endings, (0, 2))]
     result = evaluate_examples("choice", examples, model, BYTES)
     assert result == {"examples": 2, "accuracy": 1.0, "accuracy_norm": 1.0}
     examples[0]["gold"] = 1
@@ -139,16 +144,16 @@ def test_summed_and_per_character_scores_disagree_on_a_long_likely_ending():
     model = Bigram()
     model.prefer("cab", 4.0)
     model.prefer("cdefghijklm", 6.0)
-    (short, _), (long, _) = score_continuations(model, BYTES, ["c", "c"], ["ab", "defghijklm"])
+    (short, _), (long, _) = score_continuations(model, BYTES, [("c", "ab"), ("c", "defghijklm")])
     assert short > long and short / 2 < long / 10
-    example = {"options": [("c", "ab"), ("c", "defghijklm")], "gold": 1}
+    example = {"options": [("c", "ab"), ("c", "defghijklm")], "choice_chars": [2, 10], "gold": 1}
     assert evaluate_examples("choice", [example], model, BYTES) == {"examples": 1, "accuracy": 0.0, "accuracy_norm": 1.0}
 
 
 def test_a_context_longer_than_the_model_keeps_its_end_and_the_continuation_is_scored():
     model = Bigram(block_size=16)
     model.prefer("xyz", 5.0)
-    (short, hit_short), (long, hit_long) = score_continuations(model, BYTES, ["x", "w" * 100 + "x"], ["yz", "yz"])
+    (short, hit_short), (long, hit_long) = score_continuations(model, BYTES, [("x", "yz"), ("w" * 100 + "x", "yz")])
     assert long == pytest.approx(short) and hit_short and hit_long  # a bigram sees only the last context token
 
 
@@ -157,8 +162,8 @@ def test_batched_scores_equal_one_at_a_time(pos):
     model = tiny_gpt(pos=pos)
     contexts = ["The cat", "A much longer context about a dog that", "x", "Question: why?\nAnswer:", "w" * 50]
     continuations = [" sat.", " ran home quickly", " y", " Because it is so.", " long context, cut"]
-    alone = score_continuations(model, BYTES, contexts, continuations, batch_size=1)
-    batched = score_continuations(model, BYTES, contexts, continuations, batch_size=8)
+    alone = score_continuations(model, BYTES, list(zip(contexts, continuations)), batch_size=1)
+    batched = score_continuations(model, BYTES, list(zip(contexts, continuations)), batch_size=8)
     assert [hit for _, hit in alone] == [hit for _, hit in batched]
     assert [lp for lp, _ in batched] == pytest.approx([lp for lp, _ in alone], abs=1e-4)
 
@@ -169,7 +174,7 @@ def test_lambada_counts_a_passage_right_only_when_every_token_of_the_word_is_gre
     examples = [{"pair": ("on the", " mat")}, {"pair": ("on the", " mop")}]
     result = evaluate_examples("lambada", examples, model, BYTES)
     assert result["accuracy"] == 0.5
-    logprobs = [lp for lp, _ in score_continuations(model, BYTES, ["on the", "on the"], [" mat", " mop"])]
+    logprobs = [lp for lp, _ in score_continuations(model, BYTES, [("on the", " mat"), ("on the", " mop")])]
     assert result["perplexity"] == pytest.approx(math.exp(-sum(logprobs) / 2))
 
 
