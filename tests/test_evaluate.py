@@ -179,6 +179,86 @@ def test_lambada_counts_a_passage_right_only_when_every_token_of_the_word_is_gre
 
 
 # -----------------------------------------------------------------------------
+# lm-evaluation-harness's conventions: each example's answer flips if the convention is broken
+
+
+class FirstTokenEcho(nn.Module):
+    """A rigged model that expects every token to repeat the first token of its row."""
+
+    def __init__(self, vocab_size=257, block_size=64):
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=vocab_size, block_size=block_size)
+        self.unused = nn.Parameter(torch.zeros(1))
+
+    def forward(self, idx, targets=None, all_logits=False):
+        logits = torch.zeros(*idx.shape, self.config.vocab_size)
+        logits.scatter_(2, idx[:, :1, None].expand(-1, idx.size(1), 1), 30.0)
+        return logits, None
+
+
+def test_contexts_are_scored_without_a_leading_end_of_text_unless_bos():
+    # Without end-of-text the row starts with 'a': the long run of a's is likely, the short " b" is not.
+    # After end-of-text nothing is likely, so the shorter option wins.
+    example = parse_record({"query": "a", "choices": ["aaaaaa", "b"], "gold": 0}, "here")[1]
+    example["options"] = [("a", continuation) for _, continuation in example["options"]]  # no "\nAnswer:"
+    assert evaluate_examples("choice", [example], FirstTokenEcho(), BYTES)["accuracy"] == 1.0
+    assert evaluate_examples("choice", [example], FirstTokenEcho(), BYTES, bos=True)["accuracy"] == 0.0
+
+
+def test_a_continuation_starting_with_punctuation_still_gets_the_space():
+    # x -> ',' is very unlikely, x -> ' ' -> ',' very likely: only with the space does the gold ending win.
+    model = Bigram()
+    model.prefer("x ,", 10.0)
+    model.table.data[ord("x"), ord(",")] = -10.0
+    example = parse_record({"context_options": ["x", "y"], "continuation": ", then", "gold": 0}, "here")[1]
+    assert example["options"][0] == ("x", " , then")
+    assert evaluate_examples("choice", [example], model, BYTES)["accuracy"] == 1.0
+
+
+def test_trailing_whitespace_of_the_context_is_scored_as_part_of_the_continuation():
+    model = Bigram()
+    model.prefer("a\n y", 3.0)
+    logprobs = torch.log_softmax(model.table.data, dim=-1)
+    expected = (logprobs[ord("a"), ord("\n")] + logprobs[ord("\n"), ord(" ")] + logprobs[ord(" "), ord("y")]).item()
+    (moved, _), (given, _) = score_continuations(model, BYTES, [("a\n", " y"), ("a", "\n y")])
+    assert moved == pytest.approx(expected) and given == pytest.approx(expected)
+
+
+def fixed_scores(monkeypatch, logprobs):
+    """Make evaluate_examples see these log-likelihoods, one per option in order."""
+    monkeypatch.setattr(benchmarks, "score_continuations", lambda model, tokenizer, pairs, *args: [(lp, False) for lp in logprobs])
+
+
+def test_accuracy_norm_divides_by_the_characters_of_the_choice_without_its_space(monkeypatch):
+    # -2 over 2 characters against -2.9 over 3 picks "cde"; over 3 and 4 (with the space) it would pick "ab".
+    fixed_scores(monkeypatch, [-2.0, -2.9])
+    example = parse_record({"query": "Question: ?", "choices": ["ab", "cde"], "gold": 1}, "here")[1]
+    assert evaluate_examples("choice", [example], None, BYTES) == {"examples": 1, "accuracy": 0.0, "accuracy_norm": 1.0}
+
+
+def test_winogrande_scores_the_shared_continuation_and_normalises_by_the_filled_in_context(monkeypatch):
+    # lm-eval's choices are the two contexts: -10 over 18 characters loses to -10.5 over 21. Divided by
+    # the shared continuation's length, the first option would win.
+    fixed_scores(monkeypatch, [-10.0, -10.5])
+    example = parse_record({"context_options": ["Tom hit Bob so Tom", "Tom hit Bob so Robert"],
+                            "continuation": " cried. ", "gold": 1}, "here")[1]
+    assert example["options"] == [("Tom hit Bob so Tom", " cried."), ("Tom hit Bob so Robert", " cried.")]
+    assert evaluate_examples("choice", [example], None, BYTES) == {"examples": 1, "accuracy": 0.0, "accuracy_norm": 1.0}
+
+
+def test_hellaswag_original_records_get_lm_evals_preprocessing():
+    record = {"activity_label": "Baking", "ctx_a": "[header] How to bake a cake [title] Heat the oven.",
+              "ctx_b": "then YOU", "endings": ["[step] Mix the  flour.", "eat it [substeps] now. "], "label": "1"}
+    kind, example = parse_record(record, "here")
+    context = "Baking: How to bake a cake. Heat the oven. Then you"  # tags out, ctx_b capitalised, spaces single
+    assert kind == "choice" and example["gold"] == 1
+    assert example["options"] == [(context, "  Mix the flour."), (context, " eat it now.")]
+    assert example["choice_chars"] == [len(" Mix the flour."), len("eat it now.")]
+    cleaned = parse_record({"activity_label": "Baking", "ctx": "Heat the oven. then", "endings": ["a", "b"], "label": 0}, "")
+    assert cleaned[1]["options"][0] == ("Baking: Heat the oven. then", " a")  # the cleaned format keeps its case
+
+
+# -----------------------------------------------------------------------------
 # generation, exact match and F1
 
 
@@ -399,3 +479,43 @@ def test_chat_checkpoints_are_prompted_in_the_chat_format_unless_told_not_to(sma
         assert json.load(open(tmp_path / "r.json"))["chat"] is expected
     with pytest.raises(SystemExit, match="chat='always' but .* has no chat tokens"):
         run_evaluate(monkeypatch, f"--ckpt={root / 'ckpt.pt'}", f"--tasks={qa}", "--chat=always")
+
+
+# -----------------------------------------------------------------------------
+# SFT checkpoints: their base's validation data (issue 20)
+
+
+@pytest.fixture(scope="module")
+def short_sft_run(tiny_checkpoint, tmp_path_factory):
+    """out_dir of two sft.py steps from tiny_checkpoint (pretrained on data_root/tiny): chat tokens added."""
+    from conftest import TOY_INSTRUCTIONS
+
+    root = tmp_path_factory.mktemp("sft")
+    (root / "toy.json").write_text(json.dumps(TOY_INSTRUCTIONS))
+    run_script("sft.py", f"--init_from={tiny_checkpoint}/ckpt.pt", f"--data={root / 'toy.json'}", f"--out_dir={root / 'out'}",
+               "--device=cpu", "--batch_size=2", "--total_batch_size=2", "--max_iters=2", "--eval_interval=2")
+    return str(root / "out")
+
+
+def test_an_sft_checkpoint_is_scored_on_its_bases_validation_data(short_sft_run, tiny_checkpoint, tiny_data_root,
+                                                                   monkeypatch, tmp_path):
+    reports = {}
+    for name, out_dir, extra in [("base", tiny_checkpoint, []), ("sft", short_sft_run, []),
+                                 ("named", short_sft_run, ["--dataset=tiny"])]:
+        run_evaluate(monkeypatch, f"--out_dir={out_dir}", "--tasks=perplexity", f"--data_root={tiny_data_root}",
+                     "--limit=2", f"--report={tmp_path}/{name}.json", *extra)
+        reports[name] = json.load(open(tmp_path / f"{name}.json"))["results"]["perplexity"]
+    assert reports["sft"]["source"] == reports["base"]["source"] == f"{os.path.join(tiny_data_root, 'tiny')} val"
+    assert reports["named"] == dict(reports["sft"], seconds=reports["named"]["seconds"])
+    assert reports["sft"]["loss"] != reports["base"]["loss"]  # the fine-tuned weights were scored
+
+
+def test_a_checkpoint_whose_runs_record_no_dataset_is_a_one_line_error(short_sft_run, tiny_data_root, monkeypatch,
+                                                                       tmp_path):
+    checkpoint = torch.load(os.path.join(short_sft_run, "ckpt.pt"), weights_only=True)
+    checkpoint["config"]["init_from"] = str(tmp_path / "gone.pt")
+    torch.save(checkpoint, tmp_path / "orphan.pt")
+    with pytest.raises(SystemExit) as error:
+        run_evaluate(monkeypatch, f"--ckpt={tmp_path / 'orphan.pt'}", "--tasks=perplexity", f"--data_root={tiny_data_root}")
+    message = str(error.value)
+    assert "no dataset is recorded" in message and "gone.pt" in message and "--dataset" in message and "\n" not in message
