@@ -181,10 +181,10 @@ def read_examples(path, limit=0):
 # scoring
 
 
-def progress_bar(items, description, total=None):
+def progress_bar(items, description):
     """items with a progress bar on stderr when description is set and stderr is a terminal (a log file
     gets none)."""
-    return tqdm(items, desc=description, total=total, leave=False, disable=not description or not sys.stderr.isatty())
+    return tqdm(items, desc=description, leave=False, disable=not description or not sys.stderr.isatty())
 
 
 @torch.no_grad()

@@ -97,7 +97,7 @@ _BENCHMARKS = {
 
 
 # -----------------------------------------------------------------------------
-# reading benchmark files
+# finding the tasks and the text
 
 
 def task_path(task, data_dir):

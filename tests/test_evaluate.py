@@ -25,7 +25,7 @@ from evaluate import _BENCHMARKS, perplexity
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
-SHARED_EVALS = os.path.join(REPO, "..", "shared", "data", "evals")
+SHARED_EVALS = os.environ.get("LOCAL_EVALS", os.path.join(REPO, "..", "shared", "data", "evals"))
 BYTES = Tokenizer({"kind": "byte", "eot": "<|endoftext|>"})
 
 
