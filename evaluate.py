@@ -53,7 +53,7 @@ from contextlib import nullcontext
 import numpy as np
 
 from benchmarks import describe, evaluate_examples, gather, progress_bar, read_examples, score_rows
-from chat import CHAT_TOKENS, has_chat_tokens
+from chat import has_chat_tokens
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import configure, print_config
 from runtime import autocast_context, device_name, pick_dtype, setup_distributed, teardown_distributed
@@ -123,11 +123,11 @@ def text_tokens(tokenizer, path):
     return np.array([tokenizer.eot_id] + tokenizer.encode(text), dtype=np.int64)
 
 
-def without_chat_tokens(description):
-    """A tokenizer description with chat.py's tokens taken out, as it was before sft.py added them: an
-    SFT model reads its base's data, prepared without them."""
-    special = {name: i for name, i in Tokenizer(description).special_tokens.items() if name not in CHAT_TOKENS}
-    return {**{k: v for k, v in description.items() if k != "special_tokens"}, "special_tokens": special}
+def reads_data_of(tokenizer, description):
+    """Whether tokenizer encodes text as the tokenizer of description does: the same one, or the same with
+    special tokens added (sft.py's chat tokens), which take ids after the vocabulary and no text encodes to."""
+    theirs, ours = ({k: v for k, v in d.items() if k != "special_tokens"} for d in (description, tokenizer.description))
+    return theirs == ours and Tokenizer(description).special_tokens.items() <= tokenizer.special_tokens.items()
 
 
 def trained_on(checkpoint, path):
@@ -147,7 +147,7 @@ def trained_on(checkpoint, path):
 def split_tokens(tokenizer, data_dir, split):
     """The token stream of a prepared split (its bin files in order), led by end-of-text like text_tokens'."""
     meta = load_meta(data_dir)
-    if without_chat_tokens(meta["tokenizer"]) != without_chat_tokens(tokenizer.description):
+    if not reads_data_of(tokenizer, meta["tokenizer"]):
         raise SystemExit(f"evaluate error: {data_dir} was prepared with the {meta['tokenizer']['kind']} tokenizer, not the "
                          f"checkpoint's ({tokenizer.kind}); set --dataset to data prepared with it, or use --text_file")
     if split not in meta["splits"]:

@@ -519,3 +519,11 @@ def test_a_checkpoint_whose_runs_record_no_dataset_is_a_one_line_error(short_sft
         run_evaluate(monkeypatch, f"--ckpt={tmp_path / 'orphan.pt'}", "--tasks=perplexity", f"--data_root={tiny_data_root}")
     message = str(error.value)
     assert "no dataset is recorded" in message and "gone.pt" in message and "--dataset" in message and "\n" not in message
+
+
+def test_data_prepared_with_another_tokenizer_is_a_one_line_error(tiny_data_root, monkeypatch, tmp_path):
+    model = GPT(GPTConfig(vocab_size=4, block_size=16, n_layer=1, n_head=1, n_embd=8))
+    torch.save({"kind": "pretrain", "model_config": asdict(model.config), "model": model.state_dict(),
+                "tokenizer": {"kind": "char", "chars": "abc"}, "config": {"dataset": "tiny"}}, tmp_path / "char.pt")
+    with pytest.raises(SystemExit, match="prepared with the byte tokenizer, not the checkpoint's \\(char\\)"):
+        run_evaluate(monkeypatch, f"--ckpt={tmp_path / 'char.pt'}", "--tasks=perplexity", f"--data_root={tiny_data_root}")
