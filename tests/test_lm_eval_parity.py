@@ -1,7 +1,7 @@
 """benchmarks.py against lm-evaluation-harness itself: the same records through lm-eval's own task definitions
 give the same accuracy and acc_norm, task by task.
 
-    pip install lm-eval==0.4.13   # not in requirements.txt: about 330 MB more; the test skips without it
+    pip install "lm-eval[hf]==0.4.13"   # not in requirements.txt: about 340 MB more; the test skips without it
     python -m pytest -q tests/test_lm_eval_parity.py
 
 A tiny random model (GPT-2 and Llama styles) and a small BPE tokenizer are exported with hf.py as a Hugging Face
@@ -30,7 +30,8 @@ from hf import save_folder
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
-lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install lm-eval==0.4.13)")
+lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install \"lm-eval[hf]==0.4.13\")")
+pytest.importorskip("accelerate", reason="lm-eval's hf model needs accelerate (pip install \"lm-eval[hf]==0.4.13\")")
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 LOCAL_EVALS = os.environ.get("LOCAL_EVALS", os.path.join(REPO, "..", "shared", "data", "evals"))
