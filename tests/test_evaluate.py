@@ -2,6 +2,7 @@
 conventions (each pinned by an example whose answer flips without it), EM/F1, the benchmark formats, SFT checkpoints
 on their base's data, torchrun."""
 
+import io
 import json
 import math
 import os
@@ -256,6 +257,19 @@ def test_hellaswag_original_records_get_lm_evals_preprocessing():
     assert example["choice_chars"] == [len(" Mix the flour."), len("eat it now.")]
     cleaned = parse_record({"activity_label": "Baking", "ctx": "Heat the oven. then", "endings": ["a", "b"], "label": 0}, "")
     assert cleaned[1]["options"][0] == ("Baking: Heat the oven. then", " a")  # the cleaned format keeps its case
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("stderr, shown", [(Terminal(), True), (io.StringIO(), False)])
+def test_a_progress_bar_shows_on_a_terminal_and_nowhere_else(stderr, shown, monkeypatch):
+    monkeypatch.setattr(sys, "stderr", stderr)
+    example = choice_example(["the cat"] * 2, ["sat", "ran"], ["sat", "ran"], 0)
+    evaluate_examples("choice", [example] * 3, Bigram(), BYTES, batch_size=2, progress="my_task")
+    assert ("my_task:" in stderr.getvalue()) is shown
 
 
 # -----------------------------------------------------------------------------
