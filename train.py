@@ -46,7 +46,7 @@ import torch
 
 from checkpoint import load_checkpoint, load_newest_checkpoint, restore_training_state
 from configurator import configure, print_config
-from evaluate import describe, evaluate_examples, read_examples
+from benchmarks import describe, evaluate_examples, read_examples
 from model import GPT, GPTConfig, peak_flops as gpu_peak_flops
 from outdir import exit_quietly_on_interrupt, lock_out_dir, replace_earlier_run, run_log_path, stop_unless_finite
 from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed

@@ -1,5 +1,8 @@
-"""evaluate.py: perplexity with sliding windows, multiple choice, EM/F1, the benchmark formats, torchrun."""
+"""evaluate.py and benchmarks.py: perplexity with sliding windows, multiple choice scored by lm-evaluation-harness's
+conventions (each pinned by an example whose answer flips without it), EM/F1, the benchmark formats, SFT checkpoints
+on their base's data, torchrun."""
 
+import io
 import json
 import math
 import os
@@ -15,12 +18,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import REPO
-from evaluate import (_BENCHMARKS, evaluate_examples, exact_match_score, f1_score, generate_answers, perplexity,
-                      read_examples, score_continuations)
+import benchmarks
+from benchmarks import (choice_example, evaluate_examples, exact_match_score, f1_score, generate_answers, parse_record, read_examples,
+                        score_continuations)
+from conftest import run_script
+from evaluate import _BENCHMARKS, perplexity
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
-SHARED_EVALS = os.path.join(REPO, "..", "shared", "data", "evals")
+SHARED_EVALS = os.environ.get("LOCAL_EVALS", os.path.join(REPO, "..", "shared", "data", "evals"))
 BYTES = Tokenizer({"kind": "byte", "eot": "<|endoftext|>"})
 
 
@@ -124,8 +130,8 @@ def test_a_smaller_stride_gives_each_token_more_context():
 def test_multiple_choice_picks_the_ending_the_model_prefers_wherever_it_is():
     model = Bigram()
     model.prefer("the cat sat on the mat", 8.0)
-    examples = [{"options": [("the cat", " sat on the mat"), ("the cat", " xqzj wvk")], "gold": 0},
-                {"options": [("the cat", " kqzv jwx"), ("the cat", " qq"), ("the cat", " sat on")], "gold": 2}]
+    endings = [["sat on the mat", "xqzj wvk"], ["kqzv jwx", "qq", "sat on"]]
+    examples = [choice_example(["the cat"] * len(e), e, e, gold) for e, gold in zip(endings, (0, 2))]
     result = evaluate_examples("choice", examples, model, BYTES)
     assert result == {"examples": 2, "accuracy": 1.0, "accuracy_norm": 1.0}
     examples[0]["gold"] = 1
@@ -139,16 +145,16 @@ def test_summed_and_per_character_scores_disagree_on_a_long_likely_ending():
     model = Bigram()
     model.prefer("cab", 4.0)
     model.prefer("cdefghijklm", 6.0)
-    (short, _), (long, _) = score_continuations(model, BYTES, ["c", "c"], ["ab", "defghijklm"])
+    (short, _), (long, _) = score_continuations(model, BYTES, [("c", "ab"), ("c", "defghijklm")])
     assert short > long and short / 2 < long / 10
-    example = {"options": [("c", "ab"), ("c", "defghijklm")], "gold": 1}
+    example = {"options": [("c", "ab"), ("c", "defghijklm")], "choice_chars": [2, 10], "gold": 1}
     assert evaluate_examples("choice", [example], model, BYTES) == {"examples": 1, "accuracy": 0.0, "accuracy_norm": 1.0}
 
 
 def test_a_context_longer_than_the_model_keeps_its_end_and_the_continuation_is_scored():
     model = Bigram(block_size=16)
     model.prefer("xyz", 5.0)
-    (short, hit_short), (long, hit_long) = score_continuations(model, BYTES, ["x", "w" * 100 + "x"], ["yz", "yz"])
+    (short, hit_short), (long, hit_long) = score_continuations(model, BYTES, [("x", "yz"), ("w" * 100 + "x", "yz")])
     assert long == pytest.approx(short) and hit_short and hit_long  # a bigram sees only the last context token
 
 
@@ -157,8 +163,8 @@ def test_batched_scores_equal_one_at_a_time(pos):
     model = tiny_gpt(pos=pos)
     contexts = ["The cat", "A much longer context about a dog that", "x", "Question: why?\nAnswer:", "w" * 50]
     continuations = [" sat.", " ran home quickly", " y", " Because it is so.", " long context, cut"]
-    alone = score_continuations(model, BYTES, contexts, continuations, batch_size=1)
-    batched = score_continuations(model, BYTES, contexts, continuations, batch_size=8)
+    alone = score_continuations(model, BYTES, list(zip(contexts, continuations)), batch_size=1)
+    batched = score_continuations(model, BYTES, list(zip(contexts, continuations)), batch_size=8)
     assert [hit for _, hit in alone] == [hit for _, hit in batched]
     assert [lp for lp, _ in batched] == pytest.approx([lp for lp, _ in alone], abs=1e-4)
 
@@ -169,8 +175,101 @@ def test_lambada_counts_a_passage_right_only_when_every_token_of_the_word_is_gre
     examples = [{"pair": ("on the", " mat")}, {"pair": ("on the", " mop")}]
     result = evaluate_examples("lambada", examples, model, BYTES)
     assert result["accuracy"] == 0.5
-    logprobs = [lp for lp, _ in score_continuations(model, BYTES, ["on the", "on the"], [" mat", " mop"])]
+    logprobs = [lp for lp, _ in score_continuations(model, BYTES, [("on the", " mat"), ("on the", " mop")])]
     assert result["perplexity"] == pytest.approx(math.exp(-sum(logprobs) / 2))
+
+
+# -----------------------------------------------------------------------------
+# lm-evaluation-harness's conventions: each example's answer flips if the convention is broken
+
+
+class FirstTokenEcho(nn.Module):
+    """A rigged model that expects every token to repeat the first token of its row."""
+
+    def __init__(self, vocab_size=257, block_size=64):
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=vocab_size, block_size=block_size)
+        self.unused = nn.Parameter(torch.zeros(1))
+
+    def forward(self, idx, targets=None, all_logits=False):
+        logits = torch.zeros(*idx.shape, self.config.vocab_size)
+        logits.scatter_(2, idx[:, :1, None].expand(-1, idx.size(1), 1), 30.0)
+        return logits, None
+
+
+def test_contexts_are_scored_without_a_leading_end_of_text_unless_bos():
+    # Without end-of-text the row starts with 'a': the long run of a's is likely, the short " b" is not.
+    # After end-of-text nothing is likely, so the shorter option wins.
+    example = parse_record({"query": "a", "choices": ["aaaaaa", "b"], "gold": 0}, "here")[1]
+    example["options"] = [("a", continuation) for _, continuation in example["options"]]  # no "\nAnswer:"
+    assert evaluate_examples("choice", [example], FirstTokenEcho(), BYTES)["accuracy"] == 1.0
+    assert evaluate_examples("choice", [example], FirstTokenEcho(), BYTES, bos=True)["accuracy"] == 0.0
+
+
+def test_a_continuation_starting_with_punctuation_still_gets_the_space():
+    # x -> ',' is very unlikely, x -> ' ' -> ',' very likely: only with the space does the gold ending win.
+    model = Bigram()
+    model.prefer("x ,", 10.0)
+    model.table.data[ord("x"), ord(",")] = -10.0
+    example = parse_record({"context_options": ["x", "y"], "continuation": ", then", "gold": 0}, "here")[1]
+    assert example["options"][0] == ("x", " , then")
+    assert evaluate_examples("choice", [example], model, BYTES)["accuracy"] == 1.0
+
+
+def test_trailing_whitespace_of_the_context_is_scored_as_part_of_the_continuation():
+    model = Bigram()
+    model.prefer("a\n y", 3.0)
+    logprobs = torch.log_softmax(model.table.data, dim=-1)
+    expected = (logprobs[ord("a"), ord("\n")] + logprobs[ord("\n"), ord(" ")] + logprobs[ord(" "), ord("y")]).item()
+    (moved, _), (given, _) = score_continuations(model, BYTES, [("a\n", " y"), ("a", "\n y")])
+    assert moved == pytest.approx(expected) and given == pytest.approx(expected)
+
+
+def fixed_scores(monkeypatch, logprobs):
+    """Make evaluate_examples see these log-likelihoods, one per option in order."""
+    monkeypatch.setattr(benchmarks, "score_continuations", lambda model, tokenizer, pairs, *args: [(lp, False) for lp in logprobs])
+
+
+def test_accuracy_norm_divides_by_the_characters_of_the_choice_without_its_space(monkeypatch):
+    # -2 over 2 characters against -2.9 over 3 picks "cde"; over 3 and 4 (with the space) it would pick "ab".
+    fixed_scores(monkeypatch, [-2.0, -2.9])
+    example = parse_record({"query": "Question: ?", "choices": ["ab", "cde"], "gold": 1}, "here")[1]
+    assert evaluate_examples("choice", [example], None, BYTES) == {"examples": 1, "accuracy": 0.0, "accuracy_norm": 1.0}
+
+
+def test_winogrande_scores_the_shared_continuation_and_normalises_by_the_filled_in_context(monkeypatch):
+    # lm-eval's choices are the two contexts: -10 over 18 characters loses to -10.5 over 21. Divided by
+    # the shared continuation's length, the first option would win.
+    fixed_scores(monkeypatch, [-10.0, -10.5])
+    example = parse_record({"context_options": ["Tom hit Bob so Tom", "Tom hit Bob so Robert"],
+                            "continuation": " cried. ", "gold": 1}, "here")[1]
+    assert example["options"] == [("Tom hit Bob so Tom", " cried."), ("Tom hit Bob so Robert", " cried.")]
+    assert evaluate_examples("choice", [example], None, BYTES) == {"examples": 1, "accuracy": 0.0, "accuracy_norm": 1.0}
+
+
+def test_hellaswag_original_records_get_lm_evals_preprocessing():
+    record = {"activity_label": "Baking", "ctx_a": "[header] How to bake a cake [title] Heat the oven.",
+              "ctx_b": "then YOU", "endings": ["[step] Mix the  flour.", "eat it [substeps] now. "], "label": "1"}
+    kind, example = parse_record(record, "here")
+    context = "Baking: How to bake a cake. Heat the oven. Then you"  # tags out, ctx_b capitalised, spaces single
+    assert kind == "choice" and example["gold"] == 1
+    assert example["options"] == [(context, "  Mix the flour."), (context, " eat it now.")]
+    assert example["choice_chars"] == [len(" Mix the flour."), len("eat it now.")]
+    cleaned = parse_record({"activity_label": "Baking", "ctx": "Heat the oven. then", "endings": ["a", "b"], "label": 0}, "")
+    assert cleaned[1]["options"][0] == ("Baking: Heat the oven. then", " a")  # the cleaned format keeps its case
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("stderr, shown", [(Terminal(), True), (io.StringIO(), False)])
+def test_a_progress_bar_shows_on_a_terminal_and_nowhere_else(stderr, shown, monkeypatch):
+    monkeypatch.setattr(sys, "stderr", stderr)
+    example = choice_example(["the cat"] * 2, ["sat", "ran"], ["sat", "ran"], 0)
+    evaluate_examples("choice", [example] * 3, Bigram(), BYTES, batch_size=2, progress="my_task")
+    assert ("my_task:" in stderr.getvalue()) is shown
 
 
 # -----------------------------------------------------------------------------
@@ -394,3 +493,51 @@ def test_chat_checkpoints_are_prompted_in_the_chat_format_unless_told_not_to(sma
         assert json.load(open(tmp_path / "r.json"))["chat"] is expected
     with pytest.raises(SystemExit, match="chat='always' but .* has no chat tokens"):
         run_evaluate(monkeypatch, f"--ckpt={root / 'ckpt.pt'}", f"--tasks={qa}", "--chat=always")
+
+
+# -----------------------------------------------------------------------------
+# SFT checkpoints: their base's validation data (issue 20)
+
+
+@pytest.fixture(scope="module")
+def short_sft_run(tiny_checkpoint, tmp_path_factory):
+    """out_dir of two sft.py steps from tiny_checkpoint (pretrained on data_root/tiny): chat tokens added."""
+    from conftest import TOY_INSTRUCTIONS
+
+    root = tmp_path_factory.mktemp("sft")
+    (root / "toy.json").write_text(json.dumps(TOY_INSTRUCTIONS))
+    run_script("sft.py", f"--init_from={tiny_checkpoint}/ckpt.pt", f"--data={root / 'toy.json'}", f"--out_dir={root / 'out'}",
+               "--device=cpu", "--batch_size=2", "--total_batch_size=2", "--max_iters=2", "--eval_interval=2")
+    return str(root / "out")
+
+
+def test_an_sft_checkpoint_is_scored_on_its_bases_validation_data(short_sft_run, tiny_checkpoint, tiny_data_root,
+                                                                   monkeypatch, tmp_path):
+    reports = {}
+    for name, out_dir, extra in [("base", tiny_checkpoint, []), ("sft", short_sft_run, []),
+                                 ("named", short_sft_run, ["--dataset=tiny"])]:
+        run_evaluate(monkeypatch, f"--out_dir={out_dir}", "--tasks=perplexity", f"--data_root={tiny_data_root}",
+                     "--limit=2", f"--report={tmp_path}/{name}.json", *extra)
+        reports[name] = json.load(open(tmp_path / f"{name}.json"))["results"]["perplexity"]
+    assert reports["sft"]["source"] == reports["base"]["source"] == f"{os.path.join(tiny_data_root, 'tiny')} val"
+    assert reports["named"] == dict(reports["sft"], seconds=reports["named"]["seconds"])
+    assert reports["sft"]["loss"] != reports["base"]["loss"]  # the fine-tuned weights were scored
+
+
+def test_a_checkpoint_whose_runs_record_no_dataset_is_a_one_line_error(short_sft_run, tiny_data_root, monkeypatch,
+                                                                       tmp_path):
+    checkpoint = torch.load(os.path.join(short_sft_run, "ckpt.pt"), weights_only=True)
+    checkpoint["config"]["init_from"] = str(tmp_path / "gone.pt")
+    torch.save(checkpoint, tmp_path / "orphan.pt")
+    with pytest.raises(SystemExit) as error:
+        run_evaluate(monkeypatch, f"--ckpt={tmp_path / 'orphan.pt'}", "--tasks=perplexity", f"--data_root={tiny_data_root}")
+    message = str(error.value)
+    assert "no dataset is recorded" in message and "gone.pt" in message and "--dataset" in message and "\n" not in message
+
+
+def test_data_prepared_with_another_tokenizer_is_a_one_line_error(tiny_data_root, monkeypatch, tmp_path):
+    model = GPT(GPTConfig(vocab_size=4, block_size=16, n_layer=1, n_head=1, n_embd=8))
+    torch.save({"kind": "pretrain", "model_config": asdict(model.config), "model": model.state_dict(),
+                "tokenizer": {"kind": "char", "chars": "abc"}, "config": {"dataset": "tiny"}}, tmp_path / "char.pt")
+    with pytest.raises(SystemExit, match="prepared with the byte tokenizer, not the checkpoint's \\(char\\)"):
+        run_evaluate(monkeypatch, f"--ckpt={tmp_path / 'char.pt'}", "--tasks=perplexity", f"--data_root={tiny_data_root}")
