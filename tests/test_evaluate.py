@@ -445,7 +445,7 @@ def test_two_processes_under_torchrun_give_the_numbers_of_one(small_tasks, monke
                              os.path.join(REPO, "evaluate.py"), "--device=cpu", *args, f"--report={root}/two.json"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("wrote ") == 1  # rank 0 alone writes and prints
+    assert result.stdout.count("wrote ") == 2  # rank 0 alone writes and prints: the report and its card
     one, two = (json.load(open(root / f"{n}.json"))["results"] for n in ("one", "two"))
     assert set(one) == {"hs", "arc", "wino", "lambada", "qa", "perplexity"} and set(two) == set(one)
     assert json.load(open(root / "two.json"))["processes"] == 2

@@ -11,11 +11,12 @@ from model import PEAK_BF16_FLOPS
 
 GIB = 2**30
 GPT2 = ["--n_layer=12", "--n_head=12", "--n_embd=768", "--block_size=1024", "--norm=layernorm", "--mlp=gelu",
-        "--pos=learned", "--tie_embeddings=True", "--bias=True"]
+        "--pos=learned", "--tie_embeddings=True", "--bias=True", "--qk_norm=False", "--logit_softcap=0"]
 
 # A small modern model on the byte vocabulary, worked out by hand for the pipeline and offload tests:
 # RMSNorm, RoPE, SwiGLU with f = 8/3 h rounded up to 64, untied head, vocabulary 257 padded to 320.
-SMALL = ["--n_head=4", "--n_embd=128", "--block_size=64", "--batch_size=4"]
+SMALL = ["--n_head=4", "--n_embd=128", "--block_size=64", "--batch_size=4", "--mlp=swiglu", "--qk_norm=False",
+         "--logit_softcap=0"]
 H, A, F, V_PAD, TOKENS = 128, 4, 384, 320, 4 * 64  # TOKENS: one micro-batch
 BLOCK = 2 * H + 3 * H * H + H * H + 2 * H * F + F * H  # two RMSNorm gains, qkv, proj, gate+up, down
 PER_LAYER = 8 * H + 2 * 3 * H + 2 * 3 * H + 2 * 2 * H + 4 * A + 2 * 4 * F  # the docstring's table in bf16
@@ -51,7 +52,8 @@ def test_gpt2_parameters_and_flops_equal_the_hand_count(data_root):
 
 
 def test_memory_of_a_small_modern_model_equals_the_documented_formulas(data_root):
-    args = ["--n_layer=2", "--n_head=4", "--n_embd=128", "--block_size=64", "--batch_size=4", "--num_gpus=2"]
+    args = ["--n_layer=2", "--n_head=4", "--n_embd=128", "--block_size=64", "--batch_size=4", "--num_gpus=2",
+            "--mlp=swiglu", "--qk_norm=False", "--logit_softcap=0"]
     r = report(data_root, "bytes", *args)
     L, h, a, f, V, V_pad, tokens = 2, 128, 4, 384, 257, 320, 4 * 64  # f: 8/3 h up to 64; V padded to 64
     block = 2 * h + 3 * h * h + h * h + 2 * h * f + f * h  # two RMSNorm gains, qkv, proj, gate+up, down

@@ -144,7 +144,7 @@ def test_rerunning_the_same_config_rewrites_byte_identical_files(tmp_path):
     first = {name: (out / name).read_bytes() for name in ("train.bin", "val.bin", "meta.json")}
     prepare_run(tmp_path, f"--input={tmp_path / 'in'}")
     assert {name: (out / name).read_bytes() for name in first} == first
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "report.json", "train.bin", "val.bin"]  # no temp files left
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "report.json", "report.md", "train.bin", "val.bin"]  # no temp files left
 
 
 def test_a_different_seed_gives_a_different_split(tmp_path):
