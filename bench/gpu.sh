@@ -159,7 +159,8 @@ print(f"\n{gpu}: steps")
 for name, r in results.items():
     if name.startswith("step_"):
         print(f"  {name[5:]:<28} {'ok' if r['exit'] == 0 else 'FAILED exit %d' % r['exit']:>14} {r['seconds']:>5} s")
-print(f"{'training':<26}{'tokens/s':>10}{'MFU':>7}{'peak MiB':>10}{'plan MiB':>10}{'plan/meas':>10}")
+if any(name.startswith("bench_") for name in results):
+    print(f"{'training':<26}{'tokens/s':>10}{'MFU':>7}{'peak MiB':>10}{'plan MiB':>10}{'plan/meas':>10}")
 for name, r in results.items():
     if not name.startswith("bench_"):
         continue
@@ -178,7 +179,8 @@ for name, r in results.items():
                   f"  same {d['same_tokens_as_ours']}")
 if "recipe" in results:
     for name, c in results["recipe"]["recipes"].items():
+        reached = f"{c['seconds_to_target']:.1f} s" if c["seconds_to_target"] else "never"
         print(f"recipe {name:<12} val loss {c['val_loss'][-1]:.4f}, {c['steps']} steps, "
-              f"{c['seconds_to_target'] or 'never'} s to the first recipe's final loss")
+              f"{reached} to the first's final loss")
 EOF
 echo "total ${SECONDS}s; logs and JSON in $OUT"
