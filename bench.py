@@ -8,7 +8,8 @@ generate on the same weights (exported with hf.py), side by side in one run.
     python bench.py --device=cpu --compile=False --out=bench.json   # JSON as well as the table
 
 The model keys are train.py's (n_layer, n_head, n_kv_head, n_embd, mlp, pos, ... and the
-vocabulary, vocab_size), as are batch_size, device, dtype, compile and peak_flops; the weights
+vocabulary, vocab_size), as are batch_size, activation_checkpointing, device, dtype, compile and
+peak_flops (--eager=False times the compiled model alone; --decode_batch_sizes=[] skips decoding); the weights
 are random and so are the tokens: speed does not depend on them. Timings are medians over
 `repeats` after `warmup` untimed runs (compiling happens there), with the variants interleaved
 (A B A B ...) so that a change in the machine's load hits them alike. Training runs whole steps
@@ -40,6 +41,7 @@ from training import make_optimizer
 globals().update({f.name: f.default for f in fields(GPTConfig)})
 # training
 batch_size = 8  # sequences per step
+activation_checkpointing = False  # recompute each block's activations in the backward pass, as train.py's key
 learning_rate = 6e-4
 weight_decay = 0.1
 # decoding
@@ -55,12 +57,15 @@ out = ""  # write the results as JSON to this file too
 device = "auto"
 dtype = "auto"
 compile = True  # also time the compiled model (training) and the compiled decoding step
+eager = True  # time the eager model too; False spares its steps when only the compiled speed matters
 peak_flops = 0.0  # the GPU's peak FLOP/s for MFU; 0 looks it up by the GPU's name
 seed = 1337
 config = configure(globals())
 print_config(config)
 # -----------------------------------------------------------------------------
 
+if not (eager or compile):
+    raise SystemExit("config error: eager=False needs compile=True: there would be nothing to time")
 if warmup < 1 or repeats < 1 or new_tokens < 2 or prompt_tokens < 1 or prompt_tokens + new_tokens > block_size:
     raise SystemExit("config error: need warmup >= 1, repeats >= 1, new_tokens >= 2, prompt_tokens >= 1 and "
                      f"prompt_tokens + new_tokens <= block_size ({block_size})")
@@ -74,6 +79,7 @@ try:
 except ValueError as e:
     raise SystemExit(f"config error: {e}") from None
 model = GPT(model_config).to(device)
+model.activation_checkpointing = activation_checkpointing
 peak = gpu_peak_flops(device_name(device), peak_flops) if cuda else peak_flops
 
 
@@ -113,7 +119,7 @@ def interleaved(variants, run):
 # training: whole steps on random tokens
 optimizer = make_optimizer(model, learning_rate, weight_decay, (0.9, 0.95), device)
 x, y = torch.randint(0, vocab_size, (2, batch_size, block_size), device=device).unbind(0)
-train_variants = {"eager": model} | ({"compiled": torch.compile(model)} if compile else {})
+train_variants = ({"eager": model} if eager else {}) | ({"compiled": torch.compile(model)} if compile else {})
 
 
 def train_step(net):
@@ -150,6 +156,7 @@ try:
     from transformers import AutoConfig, AutoModelForCausalLM
 except ImportError:
     hf = False
+hf = hf and bool(decode_batch_sizes)  # nothing to compare without decoding
 if hf:
     from hf import hf_config, to_hf
     try:
