@@ -247,9 +247,10 @@ else:
 seed_everything(seed + dist.rank)  # but different dropout masks in each process
 
 # with cpu_offload the parameters are in CPU memory, and so the optimizer steps there
-if checkpoint is not None and checkpoint["config"].get("optimizer", "adamw") != optimizer:
-    raise SystemExit(f"config error: {ckpt_path} was trained with optimizer='{checkpoint['config'].get('optimizer', 'adamw')}'"
-                     f", this run has '{optimizer}'; resume with the run's optimizer, or set another --out_dir")
+trained_with = checkpoint["config"].get("optimizer", "adamw") if checkpoint is not None else optimizer
+if trained_with != optimizer:
+    raise SystemExit(f"config error: {ckpt_path} was trained with optimizer='{trained_with}', this run has "
+                     f"'{optimizer}'; resume with the run's optimizer, or set another --out_dir")
 optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), "cpu" if cpu_offload else device,
                            optimizer, muon_lr, muon_momentum)  # the config key's string becomes the optimizer
 if checkpoint is not None:
@@ -262,9 +263,10 @@ if pipeline is None:
     model = wrap_model(model, dist, parallelism, compile, log)
 
 peak = gpu_peak_flops(device_name(device), peak_flops) if device.startswith("cuda") or peak_flops else 0.0
+# metrics.jsonl, the trackers, the plot and the report card: rank 0's
 run_log = RunLog(out_dir, config, master, metrics_path, stage="pretrain",
                  data=f"{data_dir}: {meta['splits']['train']['tokens']:,} train tokens", parameters=parameters,
-                 device=device_name(device), processes=dist.world_size, dtype=dtype)  # metrics.jsonl, trackers, plot and report card: rank 0's
+                 device=device_name(device), processes=dist.world_size, dtype=dtype)
 if "unigram_loss" in meta:
     log(f"baseline: a model that ignores context (unigram) has val loss {meta['unigram_loss']:.4f}")
 
