@@ -24,7 +24,6 @@ import json
 import os
 import resource
 import statistics
-import tempfile
 import time
 from dataclasses import fields
 
@@ -32,6 +31,7 @@ import torch
 
 from configurator import configure, print_config
 from model import GPT, GPTConfig, peak_flops as gpu_peak_flops
+from runlog import save_atomically
 from runtime import autocast_context, device_name, pick_device, pick_dtype
 from training import make_optimizer
 
@@ -203,9 +203,5 @@ for batch, rows in results["decode"].items():
         print(f"{batch + ' ' + name:<24}{r['tokens_per_s']:>12.1f}{r['first_token_ms']:>10.1f}"
               f"{str(r['same_tokens_as_ours']):>8}")
 if out:
-    # atomically: a reader never sees half a file
-    handle, temp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)), suffix=".tmp")
-    with os.fdopen(handle, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(temp, out)
+    save_atomically(out, lambda f: json.dump(results, f, indent=2))  # a reader never sees half a file
     print(f"wrote {out}")

@@ -46,7 +46,6 @@ then renames it into place.
 import json
 import math
 import os
-import tempfile
 import time
 from contextlib import nullcontext
 
@@ -56,7 +55,7 @@ from benchmarks import describe, evaluate_examples, gather, progress_bar, read_e
 from chat import has_chat_tokens
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import configure, print_config
-from runlog import write_card
+from runlog import save_atomically, write_card
 from runtime import autocast_context, device_name, pick_dtype, setup_distributed, teardown_distributed
 from tokenizer import Tokenizer
 from training import load_meta
@@ -197,21 +196,6 @@ def count_bytes(tokenizer, ids):
     return len(tokenizer.decode(ids).encode("utf-8")) - n_eot * marker
 
 
-# -----------------------------------------------------------------------------
-# output
-
-
-def save_report(path, report):
-    """Write the JSON report to a temporary file beside path, then rename it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".eval-", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 if __name__ == "__main__":
     config = configure(globals())
     dist = setup_distributed(device)
@@ -281,9 +265,10 @@ if __name__ == "__main__":
 
     if dist.is_main:
         report_path = report or os.path.join(os.path.dirname(ckpt_path), "eval.json")
-        save_report(report_path, {"checkpoint": ckpt_path, "kind": checkpoint.get("kind", "pretrain"), "chat": use_chat,
-                                  "step": checkpoint.get("step"), "processes": dist.world_size,
-                                  "device": device_name(dist.device), "config": config, "results": results})
+        record = {"checkpoint": ckpt_path, "kind": checkpoint.get("kind", "pretrain"), "chat": use_chat,
+                  "step": checkpoint.get("step"), "processes": dist.world_size, "device": device_name(dist.device),
+                  "config": config, "results": results}
+        save_atomically(report_path, lambda f: f.write(json.dumps(record, indent=2) + "\n"))
         print(f"wrote {report_path}")
         print(f"wrote {write_card(os.path.dirname(report_path) or '.')}")
     teardown_distributed()
