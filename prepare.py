@@ -28,7 +28,8 @@ and max_documents / max_tokens take a deterministic prefix of a large corpus.
 Downloads (into <data_root>/<dataset>/download/; hf:// ones into the hub's cache,
 HF_HOME, with HF_TOKEN for gated datasets) run download_workers at a time while
 earlier files are read; a dropped one resumes where it stopped, and each is
-checked against its sha256 when one is known (url_sha256, the URL list, the hub).
+checked against its sha256 when one is known (url_sha256 for the preset's url,
+input_sha256 for a single --input, the URL list, the hub).
 
 The pipeline, each step switched on or off by the config (all off by default,
 so the default corpus of code goes through untouched; config/data_gutenberg.py
@@ -114,7 +115,8 @@ shard_tokens = 100_000_000  # tokens per bin file; a split with more is written 
 # standard library
 input = ""
 url = ""  # a preset's download, used when input is empty
-url_sha256 = ""  # the expected sha256 of url, or of --input when it is a single URL; empty skips the check
+url_sha256 = ""  # the expected sha256 of url; a config's url and its checksum are not used when --input is given
+input_sha256 = ""  # the expected sha256 of --input when it is one file or URL; empty skips the check
 glob = "**/*"  # which files of a folder to read, matched on the path relative to it ('**/' spans folders)
 text_field = "text"  # the field (JSON) or column (Parquet) of each record that holds its document
 download_workers = 4  # downloads that run at once, ahead of the file being read
@@ -212,7 +214,8 @@ def download(url, expected_sha256, folder, stop=None):
         os.remove(part)
         raise SystemExit(
             f"prepare error: {url} has sha256 {digest}, expected {expected_sha256}; the file changed upstream: "
-            "check it, then pass its sha256 (--url_sha256=, or after the URL in a URL list) or leave the check out"
+            "check it, then pass its sha256 (--url_sha256= for a config's url, --input_sha256= for --input, or after the "
+            "URL in a URL list) or leave the check out"
         )
     os.replace(part, path)
     return path, digest
@@ -295,7 +298,7 @@ def input_sources(spec, out_dir):
     in reading order.
 
     spec: a file, a folder, a URL, an hf:// glob, a file listing URLs, or several of these separated by
-    spaces or newlines. A single URL is checked against url_sha256. A file found in a folder is
+    spaces or newlines. A single file or URL is checked against input_sha256. A file found in a folder is
     skipped when in no known format; one named directly is an error."""
     if os.path.exists(os.path.expanduser(spec)):
         parts = [spec]  # a path with spaces in its name
@@ -327,11 +330,16 @@ def input_sources(spec, out_dir):
             else:
                 sources.append((os.path.basename(path), path, "", False))
     remote = [s for s in sources if is_remote(s[1])]
-    if len(sources) == 1 and remote and url_sha256 and not sources[0][2]:
-        sources[0] = (*sources[0][:2], url_sha256, False)
-    elif url_sha256 and len(remote) != 1:
-        raise SystemExit("prepare error: url_sha256 checks a single download, and --input names "
-                         f"{len(remote)}; give each URL's sha256 after it in a URL list instead")
+    if input_sha256:
+        name, where, _, listed = sources[0]
+        if len(sources) != 1 or listed or isinstance(where, tuple):
+            raise SystemExit(f"prepare error: input_sha256 checks a single file or URL, and --input names {len(sources)} "
+                             "files; give each URL's sha256 after it in a URL list instead")
+        if is_remote(where):
+            sources[0] = (name, where, input_sha256, listed)  # checked as it downloads
+        elif (digest := file_sha256(where)) != input_sha256:
+            raise SystemExit(f"prepare error: {where} has sha256 {digest}, expected input_sha256={input_sha256}; "
+                             "check the file, or leave the check out")
     names = [s[0] for s in remote if isinstance(s[1], str)]
     if len(set(names)) < len(names):
         raise SystemExit("prepare error: two URLs end in the same file name, and downloads are kept by name; "

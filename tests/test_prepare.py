@@ -572,3 +572,54 @@ def test_an_interrupted_run_leaves_the_previous_dataset_whole_and_no_temporary_f
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
     if process.returncode != 0:  # it stopped before renaming anything into place
         assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "report.json"} == before
+
+
+def local_input_for(config_path, folder):
+    """A small local stand-in for what a data config downloads or reads, in the format it expects."""
+    text = "".join(f"Line {i}: the quick brown fox, said she, jumps over the lazy dog.\n" for i in range(400))
+    texts = ["".join(f"{word} {i}: the {word} fox, said {word}, jumps over the dog.\n" for i in range(400))
+             for word in ("red", "quiet", "older")]  # different enough to survive near deduplication
+    if "fineweb" in config_path:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        path = folder / "shard.parquet"
+        pq.write_table(pa.table({"text": [text[i:i + 2000] for i in range(0, len(text), 2000)]}), path)
+        return path
+    if "gutenberg" in config_path or "sitepackages" in config_path:  # configs that read a folder
+        name = "{}.py" if "sitepackages" in config_path else "{}.txt"
+        write_files(folder / "in", {name.format(i): t for i, t in enumerate(texts)})
+        return folder / "in"
+    (folder / "input.txt").write_text(text * 10)  # 260 KB: more than one piece of max_document_chars
+    return folder / "input.txt"
+
+
+DATA_CONFIGS = sorted(os.path.relpath(p, REPO) for p in __import__("glob").glob(os.path.join(REPO, "config", "data_*.py")))
+
+
+@pytest.mark.parametrize("config_path", DATA_CONFIGS)
+def test_every_data_config_prepares_a_local_input_offline(tmp_path, config_path, monkeypatch):
+    # the README's offline form of every data config: --input replaces the config's url (whose checksum is
+    # the download's, not the local file's) or its folder
+    source = (open(os.path.join(REPO, config_path)).read())
+    if 'tokenizer = "gpt2"' in source:
+        if not os.path.isdir(TIKTOKEN_CACHE):
+            pytest.skip("tiktoken's gpt2 files are not in ../shared/data/tiktoken_cache, and tests do not download them")
+        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.path.abspath(TIKTOKEN_CACHE))
+    local = local_input_for(config_path, tmp_path)
+    extra = ["--bpe_vocab_size=300", "--quality_filters={}"] if "gutenberg" in config_path else []
+    result = run_script("prepare.py", config_path, f"--input={local}", f"--data_root={tmp_path / 'data'}", *extra)
+    assert "Traceback" not in result.stderr
+    dataset = next(p for p in (tmp_path / "data").iterdir())
+    meta = json.loads((dataset / "meta.json").read_text())
+    assert meta["splits"]["train"]["tokens"] > 0
+
+
+def test_input_sha256_checks_a_local_input_file(tmp_path):
+    (tmp_path / "input.txt").write_text("some text to check\n" * 50)
+    sha = hashlib.sha256((tmp_path / "input.txt").read_bytes()).hexdigest()
+    good = prepare_run(tmp_path, f"--input={tmp_path / 'input.txt'}", f"--input_sha256={sha}", "--max_document_chars=200")
+    assert good.returncode == 0
+    bad = prepare_run(tmp_path, f"--input={tmp_path / 'input.txt'}", f"--input_sha256={'1' * 64}", check=False)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
+        f"prepare error: {tmp_path / 'input.txt'} has sha256 {sha}, expected input_sha256={'1' * 64}; "
+        "check the file, or leave the check out"]

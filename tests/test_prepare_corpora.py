@@ -175,7 +175,7 @@ def test_a_dropped_download_resumes_with_a_range_request_and_is_checked(tmp_path
     server.files["/drop/shard.parquet"] = data
     server.drop_once.add("/drop/shard.parquet")
     sha = hashlib.sha256(data).hexdigest()
-    result = prepare_run(tmp_path, f"--input={server.url}/drop/shard.parquet", f"--url_sha256={sha}")
+    result = prepare_run(tmp_path, f"--input={server.url}/drop/shard.parquet", f"--input_sha256={sha}")
     assert "resuming" in result.stdout
     starts = [start for path, start in server.ranges if path == "/drop/shard.parquet"]
     assert len(starts) == 2 and starts[0] == 0 and len(data) // 4 < starts[1] <= len(data) // 2
@@ -284,10 +284,11 @@ BAD_INPUTS = [
     ("in", ["--val_fraction=0"], "val_fraction=0"),
     ("in", ["--tokenizer=char", "--max_tokens=100"], "max_tokens needs"),
     ("in", ["--row_filters={'score': (3,)}"], "not a (min, max) pair"),
-    ("URL/table/a.txt", [f"--url_sha256={'0' * 64}"], "expected 000"),
+    ("URL/table/a.txt", [f"--input_sha256={'0' * 64}"], "expected 000"),
+    ("in/0.txt", [f"--input_sha256={'0' * 64}"], "expected input_sha256=000"),
     ("URL/table/missing.txt", [], "404"),
     ("bad/urls.txt", [], "expected 000"),
-    ("URL/table/a.txt URL/table/b.txt", ["--url_sha256=abc"], "url_sha256 checks a single download"),
+    ("URL/table/a.txt URL/table/b.txt", ["--input_sha256=abc"], "input_sha256 checks a single file or URL"),
     ("hf://datasets/o/n/nothing/*.parquet", [], "cannot list hf://datasets/o/n/nothing"),
 ]
 
