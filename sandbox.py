@@ -109,15 +109,16 @@ def isolation():
     return {"mode": mode, "description": MODES[mode]}
 
 
-def limits_description(timeout, memory_mb, file_size_mb, disk_mb, open_files, max_output):
-    return (f"{timeout:g} s wall clock and {math.ceil(timeout)} s CPU, {memory_mb} MB address space, files up to "
-            f"{file_size_mb} MB" + (f" in a {disk_mb} MB tmpfs" if isolation()["mode"] != "none" else "")
-            + f", {open_files} open files, 1 process, {max_output:,} bytes of output")
-
-
 def run_program(source, timeout=3.0, memory_mb=1024, file_size_mb=16, disk_mb=64, open_files=64, max_output=1 << 20):
     """Run the Python program source in the sandbox (see the docstring); its Result."""
     return _run(source, isolation()["mode"], timeout, memory_mb, file_size_mb, disk_mb, open_files, max_output)[0]
+
+
+def limits_description(timeout=3.0, memory_mb=1024, file_size_mb=16, disk_mb=64, open_files=64, max_output=1 << 20):
+    """run_program's limits, in words."""
+    return (f"{timeout:g} s wall clock and {math.ceil(timeout)} s CPU, {memory_mb} MB address space, files up to "
+            f"{file_size_mb} MB" + (f" in a {disk_mb} MB tmpfs" if isolation()["mode"] != "none" else "")
+            + f", {open_files} open files, 1 process, {max_output:,} bytes of output")
 
 
 def run_programs(sources, workers=None, **limits):

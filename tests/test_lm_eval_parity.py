@@ -23,9 +23,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 import torch
 
-from benchmarks import evaluate_examples, read_examples
+from benchmarks import TASKS, evaluate_examples, read_examples
 from conftest import REPO
-from evaluate import _BENCHMARKS
 from hf import save_folder
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
@@ -128,8 +127,8 @@ def task_records():
     """The records of each task: the hand-built ones and, where the local eval files are, their first ones."""
     records = {task: list(rows) for task, rows in HAND_BUILT.items()}
     if os.path.isdir(LOCAL_EVALS):
-        for task, name in _BENCHMARKS.items():
-            with open(os.path.join(LOCAL_EVALS, name), encoding="utf-8") as f:
+        for task in OFFICIAL:
+            with open(os.path.join(LOCAL_EVALS, TASKS[task]), encoding="utf-8") as f:
                 records[task] += [json.loads(line) for _, line in zip(range(PARITY_EXAMPLES), f)]
     return records
 
