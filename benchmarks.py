@@ -1,15 +1,21 @@
 """
 Benchmarks: reading benchmark files and scoring a model on them, exactly as EleutherAI's
-lm-evaluation-harness (lm-eval 0.4.x) scores its zero-shot tasks. evaluate.py runs them from the
-command line; train.py scores one at every evaluation (--benchmark). Nothing here is run alone.
+lm-evaluation-harness (lm-eval 0.4.x) scores its tasks. evaluate.py runs them from the command line;
+train.py scores one at every evaluation (--benchmark). Nothing here is run alone.
 
-Formats (one JSON object per line; the keys tell the format, every record of a file in one):
+    kind, examples = read_task("gsm8k", "../shared/data/evals", limit=50)   # or a .jsonl path
+    evaluate_examples(kind, examples, model, tokenizer, chat=True)    # {"exact_match_flexible": ..., "chance": 0.0, ...}
+
+Formats (one JSON object per line, .jsonl or .jsonl.gz; the keys tell the format, every record of a
+file in one):
   HellaSwag, original  {"activity_label", "ctx_a", "ctx_b", "endings", "label"}
   HellaSwag, cleaned   {"activity_label", "ctx", "endings", "label"}   (activity_label optional)
   ARC, PIQA            {"query", "choices", "gold"}     context "<query>\\nAnswer:"
   Winogrande           {"context_options", "continuation", "gold"}
   LAMBADA              {"context", "continuation"}      the passage's last word is the continuation
   generation           {"prompt", "answers": [...]} or {"prompt", "answer"}
+  GSM8K                {"question", "answer"}           the answer a worked solution ending "#### N"
+  HumanEval (code)     {"task_id", "prompt", "test", "entry_point"}
 
 lm-eval's conventions, each mirrored from the lm-eval file named (paths inside its lm_eval package):
 - No leading end-of-text: a context is scored from its first token, as lm-eval's HF model does for
@@ -39,7 +45,13 @@ lm-eval's conventions, each mirrored from the lm-eval file named (paths inside i
 - Generation: greedy decoding from the prompt, up to max_new_tokens, ending at end-of-text (and at a
   newline if stop_at_newline); exact match and token F1 after SQuAD's answer normalisation, the best
   over the references. Prompts are batched by length and left-padded, with the padding masked, so each
-  answer is the one its prompt gets alone.
+  answer is the one its prompt gets alone (generate_texts, the one door to the model's decoding).
+- GSM8K (tasks/gsm8k/gsm8k.yaml): see its section below; the answer extraction (gsm8k_extract,
+  gsm8k_correct) is shared with anything that verifies GSM8K answers.
+- HumanEval (the HumanEval paper; tasks/humaneval/humaneval.yaml): completions cut at its stop strings,
+  run with the task's tests in sandbox.py, the only place model-written code runs; pass@k by Chen et
+  al.'s unbiased estimator.
+Every task's result has 'chance', the score of guessing, for evaluate.py's summary score.
 
 A context longer than block_size loses its first tokens, so the continuation is always scored (as
 lm-eval truncates too). Options are right-padded into batches (positions stay those of an unpadded

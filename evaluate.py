@@ -44,9 +44,10 @@ dataset the checkpoint was trained on, which for an sft.py or dpo.py checkpoint 
 Chat models (those with chat.py's tokens: sft.py and dpo.py checkpoints) get each
 generation prompt as a user turn in chat.py's format and answer in the assistant's turn,
 cut at <|end|> (chat='auto'; 'always' or 'never' forces it): GSM8K's question alone (zero-shot),
-HumanEval's function header and docstring (the answer's first fenced code block is the code). Multiple choice and perplexity stay
-plain text for every model: they score how likely a text continues, which is what the
-benchmarks define, and a chat wrapper around a sentence fragment would change the task.
+HumanEval's function header and docstring (the answer's first fenced code block is the code).
+Multiple choice and perplexity stay plain text for every model: they score how likely a text
+continues, which is what the benchmarks define, and a chat wrapper around a sentence fragment
+would change the task.
 
 Under torchrun the examples are dealt out by rank and the results gathered, so the
 numbers equal a single process's; rank 0 alone prints and writes. A progress bar shows
@@ -65,7 +66,6 @@ import time
 from contextlib import nullcontext
 
 import numpy as np
-
 import torch
 
 import sandbox
