@@ -75,8 +75,8 @@ MODES = {
                   "folders), as user nobody",
     "user": "user namespaces (no network, own process IDs, read-only file systems, empty home and temporary folders), "
             "as the invoking user without capabilities",
-    "none": "no namespaces: resource limits only; the program runs as the invoking user and can read and write that "
-            "user's files, use the network and signal that user's processes",
+    "none": "no namespaces: resource limits only; the program runs as the invoking user (nobody, for root) and can "
+            "read and write that user's files, use the network and signal that user's processes",
 }
 
 
