@@ -134,7 +134,7 @@ def test_multiple_choice_picks_the_ending_the_model_prefers_wherever_it_is():
     endings = [["sat on the mat", "xqzj wvk"], ["kqzv jwx", "qq", "sat on"]]
     examples = [choice_example(["the cat"] * len(e), e, e, gold) for e, gold in zip(endings, (0, 2))]
     result = evaluate_examples("choice", examples, model, BYTES)
-    assert result == {"examples": 2, "accuracy": 1.0, "accuracy_norm": 1.0}
+    assert result == {"examples": 2, "accuracy": 1.0, "accuracy_norm": 1.0, "chance": (1 / 2 + 1 / 3) / 2}
     examples[0]["gold"] = 1
     assert evaluate_examples("choice", examples, model, BYTES)["accuracy"] == 0.5
 
