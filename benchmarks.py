@@ -1,15 +1,21 @@
 """
 Benchmarks: reading benchmark files and scoring a model on them, exactly as EleutherAI's
-lm-evaluation-harness (lm-eval 0.4.x) scores its zero-shot tasks. evaluate.py runs them from the
-command line; train.py scores one at every evaluation (--benchmark). Nothing here is run alone.
+lm-evaluation-harness (lm-eval 0.4.x) scores its tasks. evaluate.py runs them from the command line;
+train.py scores one at every evaluation (--benchmark). Nothing here is run alone.
 
-Formats (one JSON object per line; the keys tell the format, every record of a file in one):
+    kind, examples = read_task("gsm8k", "../shared/data/evals", limit=50)   # or a .jsonl path
+    evaluate_examples(kind, examples, model, tokenizer, chat=True)    # {"exact_match_flexible": ..., "chance": 0.0, ...}
+
+Formats (one JSON object per line, .jsonl or .jsonl.gz; the keys tell the format, every record of a
+file in one):
   HellaSwag, original  {"activity_label", "ctx_a", "ctx_b", "endings", "label"}
   HellaSwag, cleaned   {"activity_label", "ctx", "endings", "label"}   (activity_label optional)
   ARC, PIQA            {"query", "choices", "gold"}     context "<query>\\nAnswer:"
   Winogrande           {"context_options", "continuation", "gold"}
   LAMBADA              {"context", "continuation"}      the passage's last word is the continuation
   generation           {"prompt", "answers": [...]} or {"prompt", "answer"}
+  GSM8K                {"question", "answer"}           the answer a worked solution ending "#### N"
+  HumanEval (code)     {"task_id", "prompt", "test", "entry_point"}
 
 lm-eval's conventions, each mirrored from the lm-eval file named (paths inside its lm_eval package):
 - No leading end-of-text: a context is scored from its first token, as lm-eval's HF model does for
@@ -39,26 +45,37 @@ lm-eval's conventions, each mirrored from the lm-eval file named (paths inside i
 - Generation: greedy decoding from the prompt, up to max_new_tokens, ending at end-of-text (and at a
   newline if stop_at_newline); exact match and token F1 after SQuAD's answer normalisation, the best
   over the references. Prompts are batched by length and left-padded, with the padding masked, so each
-  answer is the one its prompt gets alone.
+  answer is the one its prompt gets alone (generate_texts, the one door to the model's decoding).
+- GSM8K (tasks/gsm8k/gsm8k.yaml): see its section below; the answer extraction (gsm8k_extract,
+  gsm8k_correct) is shared with anything that verifies GSM8K answers.
+- HumanEval (the HumanEval paper; tasks/humaneval/humaneval.yaml): completions cut at its stop strings,
+  run with the task's tests in sandbox.py, the only place model-written code runs; pass@k by Chen et
+  al.'s unbiased estimator.
+Every task's result has 'chance', the score of guessing, for evaluate.py's summary score.
 
 A context longer than block_size loses its first tokens, so the continuation is always scored (as
 lm-eval truncates too). Options are right-padded into batches (positions stay those of an unpadded
 row) and the padding is masked out of every sum.
 """
 
+import gzip
+import hashlib
 import json
 import math
 import os
+import random
 import re
 import string
 import sys
 from collections import Counter
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import sandbox
 from chat import prompt_ids, stop_ids
 
 # -----------------------------------------------------------------------------
@@ -132,6 +149,12 @@ def parse_record(record, where):
                                         gold_index(record["gold"], len(contexts), where))
     if {"context", "continuation"} <= keys:  # LAMBADA
         return "lambada", {"pair": (text_field(record, "context", where), " " + text_field(record, "continuation", where))}
+    if {"task_id", "prompt", "test", "entry_point"} <= keys:  # HumanEval
+        return "code", {"task_id": str(record["task_id"]), "prompt": text_field(record, "prompt", where),
+                        "test": text_field(record, "test", where), "entry_point": text_field(record, "entry_point", where)}
+    if {"question", "answer"} <= keys:  # GSM8K
+        question, answer = text_field(record, "question", where), text_field(record, "answer", where)
+        return "gsm8k", {"question": question, "answer": answer, "base_prompt": gsm8k_question(question)}
     if "prompt" in keys and ("answers" in keys or "answer" in keys):
         answers = record["answers"] if "answers" in keys else [record["answer"]]
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
@@ -140,19 +163,23 @@ def parse_record(record, where):
     raise SystemExit(f"evaluate error: {where}: unknown record format (keys {', '.join(sorted(keys))}); expected "
                      "HellaSwag (activity_label, ctx_a, ctx_b, endings, label; or ctx, endings, label), ARC/PIQA "
                      "(query, choices, gold), Winogrande (context_options, continuation, gold), LAMBADA (context, "
-                     "continuation) or generation (prompt, answers)")
+                     "continuation), generation (prompt, answers), GSM8K (question, answer) or HumanEval (task_id, prompt, "
+                     "test, entry_point)")
 
 
 def read_examples(path, limit=0):
-    """(kind, examples) of a benchmark JSONL file, all its records in one format; limit > 0 reads only the first ones."""
+    """(kind, examples) of a benchmark JSONL file (.jsonl.gz too), all its records in one format; limit > 0 reads
+    only the first ones."""
     if not os.path.isfile(path):
         raise SystemExit(f"evaluate error: no benchmark file {path}; point --data_dir at the folder holding it "
                          "or pass the path of a .jsonl file in --tasks")
     try:
-        with open(path, encoding="utf-8") as f:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")  # not splitlines(): JSON strings may hold U+2028 and its kin
     except UnicodeDecodeError:
         raise SystemExit(f"evaluate error: {path} is not UTF-8 text; convert it or pick another file") from None
+    except gzip.BadGzipFile:
+        raise SystemExit(f"evaluate error: {path} is not a gzip file; name it without .gz if it is plain JSONL") from None
     kind, examples = None, []
     for line_no, line in enumerate(lines, 1):
         if limit and len(examples) == limit:
@@ -174,6 +201,64 @@ def read_examples(path, limit=0):
         examples.append(example)
     if not examples:
         raise SystemExit(f"evaluate error: {path} holds no records; it should have one JSON object per line")
+    return kind, examples
+
+
+# Benchmark files in a data folder (evaluate.py's --data_dir), by task name.
+TASKS = {
+    "hellaswag": "hellaswag_val.jsonl",
+    "arc_easy": "arc_easy.jsonl",
+    "piqa": "piqa.jsonl",
+    "winogrande": "winogrande.jsonl",
+    "lambada": "lambada_openai.jsonl",
+    "gsm8k": "gsm8k/test.jsonl",
+    "humaneval": "humaneval/HumanEval.jsonl.gz",
+}
+# Where the generative tasks' files come from, each pinned by its sha256: a missing file is an error that says
+# how to fetch it, and a different one an error too (another version would give other scores).
+SOURCES = {
+    "gsm8k/test.jsonl": ("https://raw.githubusercontent.com/openai/grade-school-math/"
+                         "3101c7d5072418e28b9008a6636bde82a006892c/grade_school_math/data/test.jsonl",
+                         "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14"),
+    "gsm8k/train.jsonl": ("https://raw.githubusercontent.com/openai/grade-school-math/"
+                          "3101c7d5072418e28b9008a6636bde82a006892c/grade_school_math/data/train.jsonl",
+                          "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465"),
+    "humaneval/HumanEval.jsonl.gz": ("https://github.com/openai/human-eval/raw/"
+                                     "6d43fb980f9fee3c892a914eda09951f772ad10d/data/HumanEval.jsonl.gz",
+                                     "b796127e635a67f93fb35c04f4cb03cf06f38c8072ee7cee8833d7bee06979ef"),
+}
+
+
+def task_file(data_dir, name):
+    """The path of a task's file under data_dir, checked against its sha256 where SOURCES pins one."""
+    path = os.path.join(data_dir, name)
+    if name not in SOURCES:
+        return path
+    url, sha256 = SOURCES[name]
+    if not os.path.isfile(path):
+        raise SystemExit(f"evaluate error: no benchmark file {path}; fetch it (curl -L --create-dirs -o {path} {url}, "
+                         f"sha256 {sha256}) or point --data_dir at the folder holding {name}")
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    if digest != sha256:
+        raise SystemExit(f"evaluate error: {path} has sha256 {digest}, not {sha256} (the file of {url}); "
+                         "fetch that file again: another version gives other scores")
+    return path
+
+
+def read_task(task, data_dir="data/evals", limit=0):
+    """(kind, examples) of a task: a name in TASKS, read from data_dir, or the path of a .jsonl(.gz) file.
+    gsm8k by name gets lm-eval's five-shot prompts from its train split (for base models); a GSM8K file by
+    path gets lm-eval's zero-shot prompt."""
+    if task.endswith((".jsonl", ".jsonl.gz")):
+        return read_examples(task, limit)
+    if task not in TASKS:
+        raise SystemExit(f"evaluate error: unknown task '{task}'; use {', '.join(TASKS)}, perplexity or the path of "
+                         "a .jsonl file")
+    kind, examples = read_examples(task_file(data_dir, TASKS[task]), limit)
+    if task == "gsm8k":
+        _, shots = read_examples(task_file(data_dir, "gsm8k/train.jsonl"))
+        add_gsm8k_shots(examples, shots)
     return kind, examples
 
 
@@ -245,54 +330,71 @@ def score_continuations(model, tokenizer, pairs, bos=False, batch_size=16, autoc
     return score_rows(model, rows, batch_size, autocast, progress)
 
 
-def newline_tokens(tokenizer):
-    """Ids whose text holds a newline: generation stops at them when stop_at_newline."""
-    return [i for i in range(tokenizer.vocab_size) if i != tokenizer.eot_id and "\n" in tokenizer.decode([i])]
-
-
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts, max_new_tokens=32, stop_at_newline=True, autocast=nullcontext(),
-                     chat=False, batch_size=16):
-    """Greedy continuations of each prompt, cut at end-of-text (and the first newline), stripped.
-    With chat, each prompt is a user turn in chat.py's format and the answer is the assistant's
-    turn, cut at its <|end|>. Prompts go batch_size at a time, sorted by length so that a batch
-    needs little padding, and left-padded: every row's next token is at the same index, and
-    generate() masks the padding, so each answer is the one its prompt gets alone."""
+def generate_texts(model, tokenizer, prompts, max_new_tokens, end_ids=(), stop_strings=(), temperature=0.0,
+                   batch_size=16, autocast=nullcontext()):
+    """The text each prompt (a list of token ids) continues with: up to max_new_tokens tokens, greedy at
+    temperature 0 (else sampled), ending before the first of end_ids and cut before the first of stop_strings.
+
+    The one door to the model's decoding for every benchmark. Prompts go batch_size at a time, sorted by
+    length so that a batch needs little padding, and left-padded: every row's next token is at the same
+    index and the model masks the padding, so a greedy answer is the one its prompt gets alone. A prompt
+    longer than the context keeps its last block_size tokens, and the window slides as the answer grows
+    (lm-eval instead cuts a prompt to block_size - max_new_tokens tokens; the two agree whenever prompt and
+    answer fit). A batch ends as soon as every row has ended."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    ends = sorted(stop_ids(tokenizer)) if chat else [tokenizer.eot_id]
-    stop = ends + (newline_tokens(tokenizer) if stop_at_newline else [])
-    rows = []
-    for prompt in prompts:
-        if chat:
-            ids = prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
-        else:
-            ids = [tokenizer.eot_id] + tokenizer.encode(prompt)
-        rows.append(ids[-model.config.block_size :])
-    answers = [None] * len(prompts)
+    block_size = model.config.block_size
+    rows = [ids[-block_size:] for ids in prompts]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     # A batch whose context fills up runs its whole window for every new token: prompts that
     # would never fill it alone get batches of their own, or they would pay that too.
-    fits = [i for i in order if len(rows[i]) + max_new_tokens <= model.config.block_size]
+    fits = [i for i in order if len(rows[i]) + max_new_tokens <= block_size]
     batches = [group[first : first + batch_size] for group in (fits, order[len(fits) :])
                for first in range(0, len(group), batch_size)]
+    longest_stop = max((len(stop) for stop in stop_strings), default=0)
+    texts = [None] * len(rows)
     for batch in batches:
         width = max(len(rows[i]) for i in batch)
-        pad = [width - len(rows[i]) for i in batch]  # tokens before each row, of any id: generate() masks them
+        pad = [width - len(rows[i]) for i in batch]  # tokens before each row, of any id: the model masks them
         idx = torch.tensor([[tokenizer.eot_id] * n + rows[i] for n, i in zip(pad, batch)], device=device)
+        new = [[] for _ in batch]
+        tails = [""] * len(batch)  # the end of each row's text so far, to spot a stop string
+        done = [False] * len(batch)
         with autocast:
-            out = model.generate(idx, max_new_tokens, temperature=0, stop_tokens=stop,
-                                 pad=torch.tensor(pad, device=device) if any(pad) else None)  # one length: no mask
+            stream = model.generate_stream(idx, max_new_tokens, temperature, stop_tokens=list(end_ids),
+                                           pad=torch.tensor(pad, device=device) if any(pad) else None)  # one length: no mask
+            for tokens in stream:
+                for r, token in enumerate(tokens[:, 0].tolist()):
+                    if done[r]:
+                        continue
+                    if token in end_ids:
+                        done[r] = True
+                        continue
+                    new[r].append(token)
+                    if stop_strings:
+                        tails[r] = (tails[r] + tokenizer.decode([token]))[-(longest_stop + 64) :]
+                        done[r] = any(stop in tails[r] for stop in stop_strings)
+                if all(done):
+                    break
         for r, i in enumerate(batch):
-            # A row that stopped early repeats its stop token until the whole batch has stopped: the
-            # answer ends at the first end token here, and at the first newline below.
-            new = out[r, width:].tolist()
-            new = new[: min((new.index(t) for t in ends if t in new), default=len(new))]
-            text = tokenizer.decode(new)
-            answers[i] = (text.split("\n")[0] if stop_at_newline else text).strip()
+            text = tokenizer.decode(new[r])
+            texts[i] = text[: min((text.index(stop) for stop in stop_strings if stop in text), default=len(text))]
     model.train(was_training)
-    return answers
+    return texts
+
+
+def generate_answers(model, tokenizer, prompts, max_new_tokens=32, stop_at_newline=True, autocast=nullcontext(),
+                     chat=False, batch_size=16):
+    """Greedy answers to prompts (strings), cut at end-of-text (and the first newline), stripped. With chat,
+    each prompt is a user turn in chat.py's format and the answer is the assistant's turn, cut at its <|end|>."""
+    rows = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) if chat else [tokenizer.eot_id] + tokenizer.encode(p)
+            for p in prompts]
+    ends = sorted(stop_ids(tokenizer)) if chat else [tokenizer.eot_id]
+    texts = generate_texts(model, tokenizer, rows, max_new_tokens, ends, ["\n"] if stop_at_newline else [],
+                           batch_size=batch_size, autocast=autocast)
+    return [text.strip() for text in texts]
 
 
 def normalize_answer(text):
@@ -326,6 +428,88 @@ def f1_score(prediction, references):
     return best
 
 
+# -----------------------------------------------------------------------------
+# GSM8K, as lm-evaluation-harness 0.4's gsm8k task (tasks/gsm8k/gsm8k.yaml; filters/extraction.py RegexFilter,
+# api/metrics.py exact_match_hf_evaluate, api/samplers.py ContextSampler)
+
+GSM8K_SHOTS, GSM8K_SEED = 5, 1234  # its num_fewshot, and lm-eval's default fewshot_random_seed
+GSM8K_STOPS = ["Question:", "</s>", "<|im_end|>"]  # its generation_kwargs' until (and end-of-text ends an answer)
+GSM8K_MAX_NEW_TOKENS = 256  # lm-eval's default max_gen_toks
+GSM8K_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")  # strict-match: the number after '#### ', the first one
+GSM8K_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")  # flexible-extract: the last number-like run
+GSM8K_IGNORE = [",", r"\$", "(?s).*#### ", r"\.$"]  # regexes_to_ignore, removed in this order before comparing
+GSM8K_INVALID = "[invalid]"  # the filters' fallback when nothing matches
+
+
+def gsm8k_question(question):
+    return f"Question: {question}\nAnswer:"
+
+
+def add_gsm8k_shots(examples, shots):
+    """Give each example (in order) lm-eval's five-shot prompt: examples drawn from shots (the train split)
+    by one random.Random(1234) in turn, each "Question: ...\nAnswer: <worked answer>" and a blank line,
+    then the example's own question."""
+    rng = random.Random(GSM8K_SEED)
+    for example in examples:
+        drawn = rng.sample(shots, GSM8K_SHOTS)
+        example["base_prompt"] = "".join(f"{gsm8k_question(s['question'])} {s['answer']}\n\n" for s in drawn) \
+            + gsm8k_question(example["question"])
+
+
+def gsm8k_extract(text, strict=False):
+    """The answer in a GSM8K solution: strict, the number after the first '#### ' (the format the dataset's
+    answers end with); else the last number in the text. GSM8K_INVALID when there is none."""
+    if strict:
+        found = GSM8K_STRICT.findall(text)
+        return found[0].strip() if found else GSM8K_INVALID
+    found = GSM8K_FLEXIBLE.findall(text)
+    groups = [g for g in found[-1] if g] if found else []
+    return groups[0].strip() if groups else GSM8K_INVALID
+
+
+def gsm8k_normalize(text):
+    for pattern in GSM8K_IGNORE:
+        text = re.sub(pattern, "", text)
+    return text.lower()
+
+
+def gsm8k_correct(text, reference, strict=False):
+    """Whether the answer extracted from a model's text equals a reference (a worked answer ending in '#### N',
+    or just N) after lm-eval's normalisation: no commas, dollar signs, trailing period, or text up to '#### '."""
+    return gsm8k_normalize(gsm8k_extract(text, strict)) == gsm8k_normalize(reference)
+
+
+# -----------------------------------------------------------------------------
+# HumanEval: completions run as programs in the sandbox (sandbox.py), scored by pass@k
+
+CODE_STOPS = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]  # the HumanEval paper's, as lm-eval's humaneval.yaml
+CODE_MAX_NEW_TOKENS = 512
+CODE_FENCE = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
+
+
+def code_completion(example, text, chat):
+    """The code that follows the prompt: a base model's text as it is; from a chat answer its first fenced block
+    (or the whole answer) up to a main guard, which may continue the function's body or define it again (the
+    prompt's stub, a docstring alone, is then replaced)."""
+    if not chat:
+        return text
+    fenced = CODE_FENCE.search(text)
+    return (fenced.group(1) if fenced else text).split("\nif __name__")[0]
+
+
+def code_program(example, completion):
+    """The program that tests a completion, as human-eval's execution.py builds it."""
+    return f"{example['prompt']}{completion}\n{example['test']}\ncheck({example['entry_point']})"
+
+
+def pass_at_k(n, c, k):
+    """The unbiased estimate of pass@k from n samples of which c passed (Chen et al. 2021, eq. 1):
+    1 - C(n - c, k) / C(n, k), as a running product for numerical stability."""
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
 def gather(local, world_size):
     """Every rank's results in the order of the items they were dealt from: rank r had items r, r + world_size, ..."""
     if world_size == 1:
@@ -340,32 +524,98 @@ def argmax(values):
 
 
 def evaluate_examples(kind, examples, model, tokenizer, batch_size=16, autocast=nullcontext(), rank=0, world_size=1,
-                      max_new_tokens=32, stop_at_newline=True, chat=False, bos=False, progress=""):
-    """The metrics of one task (kind and examples as read_examples returns them), every rank taking its share;
-    chat: generation prompts in the chat format (see generate_answers); bos: contexts scored after end-of-text;
-    progress: the description of a progress bar; empty for none."""
+                      max_new_tokens=0, stop_at_newline=True, chat=False, bos=False, progress="", *, temperature=0.0,
+                      samples=1, code_timeout=3.0, unisolated_code=False, details=False):
+    """The metrics of one task (kind and examples as read_task returns them), every rank taking its share, with
+    'chance', the score of guessing, for the summary score. chat: prompts in the chat format (see
+    generate_answers); bos: contexts after end-of-text; progress: a progress bar's description, empty for none.
+    Generative tasks: max_new_tokens (0: the task's own), temperature (0: greedy); code: samples per problem
+    (pass@k for each k in 1, 10, 100 up to it), each program's timeout in the sandbox, and whether to run
+    programs where the sandbox cannot isolate them. details: also the answers, example by example."""
     mine = examples[rank::world_size]
     if kind == "generation":
-        answers = generate_answers(model, tokenizer, [ex["prompt"] for ex in mine], max_new_tokens, stop_at_newline,
+        answers = generate_answers(model, tokenizer, [ex["prompt"] for ex in mine], max_new_tokens or 32, stop_at_newline,
                                    autocast, chat, batch_size)
         scores = gather([(exact_match_score(a, ex["answers"]), f1_score(a, ex["answers"])) for a, ex in zip(answers, mine)],
                         world_size)
         return {"examples": len(scores), "exact_match": sum(em for em, _ in scores) / len(scores),
-                "f1": sum(f1 for _, f1 in scores) / len(scores)}
+                "f1": sum(f1 for _, f1 in scores) / len(scores), "chance": 0.0}
+    if kind == "gsm8k":
+        return evaluate_gsm8k(mine, model, tokenizer, batch_size, autocast, world_size, max_new_tokens or GSM8K_MAX_NEW_TOKENS,
+                              chat, bos, temperature, details)
+    if kind == "code":
+        return evaluate_code(mine, model, tokenizer, batch_size, autocast, world_size, max_new_tokens or CODE_MAX_NEW_TOKENS,
+                             chat, bos, temperature, samples, code_timeout, unisolated_code, details)
     pairs = [pair for ex in mine for pair in (ex["options"] if kind == "choice" else [ex["pair"]])]
     scores = iter(score_continuations(model, tokenizer, pairs, bos, batch_size, autocast, progress) if pairs else [])
     if kind == "lambada":
         results = gather([next(scores) for _ in mine], world_size)
         return {"examples": len(results), "accuracy": sum(hit for _, hit in results) / len(results),
-                "perplexity": math.exp(-sum(logprob for logprob, _ in results) / len(results))}
+                "perplexity": math.exp(-sum(logprob for logprob, _ in results) / len(results)), "chance": 0.0}
     picks = []
     for ex in mine:
         logprobs = [next(scores)[0] for _ in ex["options"]]
         per_char = [logprob / chars for logprob, chars in zip(logprobs, ex["choice_chars"])]
-        picks.append((argmax(logprobs) == ex["gold"], argmax(per_char) == ex["gold"]))
+        picks.append((argmax(logprobs) == ex["gold"], argmax(per_char) == ex["gold"], len(logprobs)))
     picks = gather(picks, world_size)
-    return {"examples": len(picks), "accuracy": sum(hit for hit, _ in picks) / len(picks),
-            "accuracy_norm": sum(hit for _, hit in picks) / len(picks)}
+    return {"examples": len(picks), "accuracy": sum(hit for hit, _, _ in picks) / len(picks),
+            "accuracy_norm": sum(hit for _, hit, _ in picks) / len(picks),
+            "chance": sum(1 / n for _, _, n in picks) / len(picks)}
+
+
+def task_prompts(examples, tokenizer, chat, bos, base_key, chat_key):
+    """Token ids of each example's prompt: a user turn of its chat_key text, or its base_key text."""
+    if chat:
+        return [prompt_ids(tokenizer, [{"role": "user", "content": ex[chat_key]}]) for ex in examples]
+    return [([tokenizer.eot_id] if bos else []) + tokenizer.encode(ex[base_key]) for ex in examples]
+
+
+def evaluate_gsm8k(mine, model, tokenizer, batch_size, autocast, world_size, max_new_tokens, chat, bos, temperature,
+                   details):
+    """GSM8K's exact match under both of lm-eval's filters. A base model gets lm-eval's prompt and stop strings;
+    a chat model the question as a user turn, answering until <|end|>."""
+    ends, stops = (sorted(stop_ids(tokenizer)), []) if chat else ([tokenizer.eot_id], GSM8K_STOPS)
+    texts = generate_texts(model, tokenizer, task_prompts(mine, tokenizer, chat, bos, "base_prompt", "question"),
+                           max_new_tokens, ends, stops, temperature, batch_size, autocast)
+    rows = []
+    for ex, text in zip(mine, texts):
+        strict, flexible = gsm8k_extract(text, strict=True), gsm8k_extract(text)
+        rows.append({"target": gsm8k_normalize(ex["answer"]), "completion": text, "strict": strict, "flexible": flexible,
+                     "strict_correct": gsm8k_correct(text, ex["answer"], strict=True),
+                     "flexible_correct": gsm8k_correct(text, ex["answer"])})
+    rows = gather(rows, world_size)
+    result = {"examples": len(rows), "exact_match_strict": sum(r["strict_correct"] for r in rows) / len(rows),
+              "exact_match_flexible": sum(r["flexible_correct"] for r in rows) / len(rows), "chance": 0.0}
+    return {**result, "per_example": rows} if details else result
+
+
+def evaluate_code(mine, model, tokenizer, batch_size, autocast, world_size, max_new_tokens, chat, bos, temperature,
+                  samples, timeout, unisolated, details):
+    """HumanEval's pass@k: samples completions of each problem, each run with the problem's tests in the sandbox."""
+    prompts = task_prompts(mine, tokenizer, chat, bos, "prompt", "prompt")
+    ends, stops = (sorted(stop_ids(tokenizer)), []) if chat else ([tokenizer.eot_id], CODE_STOPS)
+    texts = generate_texts(model, tokenizer, [p for p in prompts for _ in range(samples)], max_new_tokens, ends, stops,
+                           temperature, batch_size, autocast)
+    programs = [code_program(ex, code_completion(ex, texts[i * samples + j], chat))
+                for i, ex in enumerate(mine) for j in range(samples)]
+    try:
+        if sandbox.isolation()["mode"] == "none" and not unisolated:
+            raise SystemExit("evaluate error: this machine allows no Linux namespaces (not root, no unprivileged user "
+                             "namespaces), so model-written programs would run as you with resource limits only; run "
+                             "as root or enable user namespaces, or pass --unisolated_code=True to run them anyway")
+        runs = sandbox.run_programs(programs, timeout=timeout)
+    except sandbox.SandboxError as e:
+        raise SystemExit(f"evaluate error: the sandbox failed: {e}") from None
+    rows = gather([{"task_id": ex["task_id"], "passed": sum(r.passed for r in runs[i * samples : (i + 1) * samples]),
+                    "completions": texts[i * samples : (i + 1) * samples],
+                    "statuses": [r.status for r in runs[i * samples : (i + 1) * samples]]}
+                   for i, ex in enumerate(mine)], world_size)
+    result = {"examples": len(rows), "samples": samples}
+    for k in (1, 10, 100):
+        if k <= samples:
+            result[f"pass@{k}"] = sum(pass_at_k(samples, r["passed"], k) for r in rows) / len(rows)
+    result["chance"] = 0.0
+    return {**result, "per_example": rows} if details else result
 
 
 def describe(result):
@@ -377,4 +627,9 @@ def describe(result):
         return f"accuracy {100 * result['accuracy']:.2f}%  accuracy_norm {100 * result['accuracy_norm']:.2f}%"
     if "exact_match" in result:
         return f"exact_match {100 * result['exact_match']:.2f}%  f1 {100 * result['f1']:.2f}%"
+    if "exact_match_strict" in result:
+        return (f"exact_match {100 * result['exact_match_strict']:.2f}% strict-match  "
+                f"{100 * result['exact_match_flexible']:.2f}% flexible-extract")
+    if "pass@1" in result:
+        return "  ".join(f"{key} {100 * value:.2f}%" for key, value in result.items() if key.startswith("pass@"))
     return f"accuracy {100 * result['accuracy']:.2f}%  perplexity {result['perplexity']:.4g}"

