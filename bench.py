@@ -17,7 +17,7 @@ are random and so are the tokens: speed does not depend on them. Timings are med
 time to first token is a generate() of one token, the decoding rate is batch x new_tokens
 over a generate() of new_tokens, prompt included. Peak memory is CUDA's
 max_memory_allocated over the timed runs; on a CPU, the process's peak resident set size so far,
-which only grows. MFU needs the GPU's peak FLOP/s (model.py's table, or --peak_flops).
+which only grows. MFU needs the GPU's peak FLOP/s (runtime.GPUS, or --peak_flops).
 """
 
 import json
@@ -30,14 +30,14 @@ from dataclasses import fields
 import torch
 
 from configurator import configure, print_config
-from model import GPT, GPTConfig, peak_flops as gpu_peak_flops
+from model import GPT, GPTConfig
 from optim import make_optimizer
 from runlog import save_atomically
-from runtime import autocast_context, device_name, pick_device, pick_dtype
+from runtime import autocast_context, device_name, peak_flops as gpu_peak_flops, pick_device, pick_dtype
 
 # -----------------------------------------------------------------------------
 # model: every GPTConfig field is a key, as in train.py (n_layer, n_embd, mlp, pos, ...), with
-# GPTConfig's default: GPT-2 124M's shape (and vocabulary) in the modern style
+# GPTConfig's default, train.py's: GPT-2 124M's shape (and vocabulary) in train.py's style
 globals().update({f.name: f.default for f in fields(GPTConfig)})
 # training
 batch_size = 8  # sequences per step

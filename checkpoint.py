@@ -340,8 +340,6 @@ def checkpoint_to_resume(resume, out_dir, kind, config, model_keys):
     if there is one, else (None, None). Stops with one line if it cannot continue this run: there
     is none, another script wrote it, it has no optimizer state, or it was trained with other
     values of the config keys that fix the model (model_keys)."""
-    if resume not in ("no", "yes", "auto"):
-        raise SystemExit(f"config error: resume='{resume}' is not one of no, yes, auto")
     if resume == "no":
         return None, None
     checkpoint, path = load_newest_checkpoint(out_dir)

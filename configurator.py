@@ -22,6 +22,7 @@ final config, which the script prints and stores in its checkpoints.
 """
 
 import ast
+import contextlib
 import difflib
 import math
 import os
@@ -36,6 +37,10 @@ def _at_least(low):
     return f"an integer >= {low}", lambda v: v >= low
 
 
+def _one_of(*choices):
+    return f"one of {', '.join(choices)}", lambda v: v in choices
+
+
 def _finite(low, high=None, low_open=False):
     bounds = (f"> {low}" if low_open else f">= {low}") + (f" and < {high:g}" if high is not None else "")
     return (f"a finite number {bounds}",
@@ -43,17 +48,18 @@ def _finite(low, high=None, low_open=False):
 
 
 # The valid values of every key that more than one script has or that a mistake makes silently
-# wrong: configure() checks each key of this table that a script has. A key whose default in
+# wrong (plan.py's too): configure() checks each key of this table that a script has. A key whose default in
 # that script is 0 may also be 0, where it means "derive it" (sft.py's max_iters: from epochs).
 VALID_RANGES = {
     **{k: _at_least(1) for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "total_batch_tokens",
                                   "total_batch_size", "eval_iters", "eval_interval", "log_interval", "max_iters",
-                                  "keep_checkpoints", "epochs", "benchmark_limit", "pipeline_stages")},
+                                  "keep_checkpoints", "epochs", "benchmark_limit", "pipeline_stages", "num_gpus")},
     **{k: _at_least(0) for k in ("n_kv_head", "ffn_hidden", "warmup_iters", "lr_decay_iters", "lora_rank")},
     **{k: _finite(0, 1) for k in ("dropout", "lora_dropout", "val_fraction", "beta1", "beta2")},
-    **{k: _finite(0, low_open=True) for k in ("beta", "rope_theta", "norm_eps", "lora_alpha")},
+    **{k: _finite(0, low_open=True) for k in ("beta", "rope_theta", "norm_eps", "lora_alpha", "pcie_gb_per_s")},
     **{k: _finite(0) for k in ("weight_decay", "grad_clip", "peak_flops", "max_seconds", "eval_seconds",
-                                "logit_softcap")},
+                                "logit_softcap", "flops", "hours", "gpu_memory_gb")},
+    "mfu": ("a fraction in (0, 1]", lambda v: 0 < v <= 1),
     "muon_momentum": _finite(0, 1),
     "lr_decay_fraction": ("a number in (0, 1]", lambda v: 0 < v <= 1),
     # A rate of 1e9 is a typo, and one beyond float32's range (~3e38) stops AdamW with a traceback.
@@ -61,6 +67,13 @@ VALID_RANGES = {
     "min_lr": _finite(0, 1e9),
     "label_smoothing": _finite(0, 0.5),
     "device": ("auto, cpu, cuda, cuda:N or mps", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None),
+    "parallelism": _one_of("ddp", "fsdp"),
+    "pipeline_schedule": _one_of("gpipe", "1f1b"),
+    "optimizer": _one_of("adamw", "muon"),
+    "lr_schedule": _one_of("cosine", "wsd"),
+    "lr_decay_shape": _one_of("linear", "1-sqrt"),
+    "resume": _one_of("no", "yes", "auto"),
+    "law": _one_of("chinchilla", "kaplan", "both"),
 }
 
 
@@ -138,11 +151,36 @@ def _print_help(namespace, keys):
         print(f"  --{k}={namespace[k]!r}")
 
 
+class _DefaultsRead(Exception):
+    """How configure() ends the import of a script under defaults_only."""
+
+
+_defaults_only = None
+
+
+@contextlib.contextmanager
+def defaults_only():
+    """`with defaults_only() as defaults: import train` runs a stage script only up to its
+    configure(globals()) call, which puts the script's config defaults into defaults and ends the
+    import there: nothing of the script past its defaults runs. plan.py reads train.py's so."""
+    global _defaults_only
+    _defaults_only = {}
+    try:
+        yield _defaults_only
+    except _DefaultsRead:
+        pass
+    finally:
+        _defaults_only = None
+
+
 def configure(namespace, argv=None):
     """Apply config files and --key=value overrides to namespace; return the final config dict."""
     argv = sys.argv[1:] if argv is None else argv
     keys = config_keys(namespace)
     defaults = {k: namespace[k] for k in keys}
+    if _defaults_only is not None:
+        _defaults_only.update(defaults)
+        raise _DefaultsRead
     if "-h" in argv or "--help" in argv:
         _print_help(namespace, keys)
         raise SystemExit(0)

@@ -144,7 +144,7 @@ def gpt_config(hf, folder):
             raise SystemExit(f"import error: {folder}/config.json has {key}={value!r}; model.py runs only "
                              + " or ".join(f"{key}={v!r}" for v in supported))
     try:
-        return GPTConfig(**fields)
+        return GPTConfig(**fields, qk_norm=False, logit_softcap=0.0, zero_init_proj=False)  # options neither has
     except ValueError as e:
         raise SystemExit(f"import error: {folder}/config.json: {e}") from None
 

@@ -6,11 +6,14 @@ The decoder-only Transformer that every stage script shares.
     logits, loss = model(idx, targets)
     out = model.generate(idx, max_new_tokens=100, temperature=0.8, top_k=200)
 
-One class covers two families, chosen by config fields:
-- the 'gpt2' preset: GPT-2 124M exactly (learned positions, LayerNorm with bias,
-  GELU MLP, tied input/output embeddings), for comparison and weight import;
-- the default modern style (Llama-like): RMSNorm, SwiGLU MLP, rotary position
-  embeddings (RoPE), no biases, optional grouped-query attention and QK-norm.
+One class covers several families, chosen by config fields:
+- GPTConfig's defaults are train.py's (its fast recipe): RMSNorm, ReLU² MLP, rotary position
+  embeddings (RoPE), QK-norm, logits soft-capped at 15, output projections starting at zero,
+  no biases, untied embeddings;
+- Llama's style (mlp='swiglu', qk_norm=False, logit_softcap=0): what hf.py imports and exports,
+  with optional grouped-query attention;
+- GPT-2's (norm='layernorm', mlp='gelu', pos='learned', tie_embeddings=True, bias=True, and the
+  three above off): GPT-2 124M exactly, for comparison and weight import (config/train_gpt2.py).
 
 Design notes, the why behind the choices:
 - Pre-norm residual blocks (x + f(norm(x))) keep the residual stream an identity
@@ -23,9 +26,12 @@ Design notes, the why behind the choices:
   in quality.
 - SwiGLU (Shazeer 2020) beats GELU at equal parameters; its hidden width is
   8/3 of n_embd (rounded up to a multiple of 64) so the three matrices hold as
-  many weights as GELU's two at 4x.
-- Residual output projections start with std 0.02/sqrt(2*n_layer) (GPT-2 paper),
-  so the residual stream's variance does not grow with depth at init.
+  many weights as GELU's two at 4x. ReLU² (So et al. 2021) is as good at less
+  compute per parameter. QK-norm keeps attention logits bounded at high learning
+  rates, and the soft cap keeps a few output logits from running away early.
+- Residual output projections start at zero (each block starts as the identity),
+  or with zero_init_proj=False at std 0.02/sqrt(2*n_layer) (GPT-2 paper), so the
+  residual stream's variance does not grow with depth at init.
 - The embedding table and output layer are padded to a multiple of 64 rows:
   matrix shapes with large power-of-two factors run faster on GPUs. The padded
   ids are not tokens: the logits, and so every softmax over them, leave them out.
@@ -59,16 +65,16 @@ class GPTConfig:
     n_embd: int = 768
     ffn_hidden: int = 0  # 0: 4*n_embd for gelu and relu2, 8/3*n_embd rounded up to 64 for swiglu
     norm: str = "rmsnorm"  # 'rmsnorm' | 'layernorm'
-    mlp: str = "swiglu"  # 'swiglu' | 'gelu' | 'relu2'
+    mlp: str = "relu2"  # 'relu2' | 'swiglu' | 'gelu'
     pos: str = "rope"  # 'rope' | 'learned' | 'sinusoidal'
     rope_theta: float = 10000.0
-    qk_norm: bool = False  # normalise q and k per head before attention
+    qk_norm: bool = True  # normalise q and k per head before attention
     tie_embeddings: bool = False  # share the input embedding with the output layer
     bias: bool = False  # biases in linear layers and LayerNorm
     dropout: float = 0.0
     norm_eps: float = 1e-5
-    zero_init_proj: bool = False  # residual output projections (attention's and the MLP's) start at zero
-    logit_softcap: float = 0.0  # >0: logits = cap * tanh(logits / cap); 0: off
+    zero_init_proj: bool = True  # residual output projections (attention's and the MLP's) start at zero
+    logit_softcap: float = 15.0  # >0: logits = cap * tanh(logits / cap); 0: off
 
     def __post_init__(self):
         for field in fields(self):  # a checkpoint's config is untrusted input: a string or a bool where a number goes
@@ -111,21 +117,12 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d):
-        """Build from a dict such as a checkpoint's model config, ignoring keys this version does not know."""
+        """Build from a dict such as a checkpoint's model config, ignoring keys this version does not know.
+        A checkpoint written before a field existed lacks it: the field takes its value of then (off)."""
         if not isinstance(d, dict):
             raise ValueError(f"a model config is a dict of GPTConfig's fields, not a {type(d).__name__}")
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-# Architectures by name; fields not given take GPTConfig's (modern) defaults.
-PRESETS = {
-    "gpt2": dict(
-        vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768,
-        norm="layernorm", mlp="gelu", pos="learned", tie_embeddings=True, bias=True,
-    ),
-    "modern": dict(),
-}
+        return cls(**{"logit_softcap": 0.0, "zero_init_proj": False, **{k: v for k, v in d.items() if k in names}})
 
 
 def cross_entropy(logits, targets):
@@ -337,10 +334,6 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = False  # set by the trainer to trade compute for memory
-        # Packed and padded rows: FlexAttention (a compiled kernel that skips masked-out blocks)
-        # or SDPA with a dense (B, 1, T, T) mask, which only SDPA's math kernel takes (T^2 memory per
-        # head). None picks flex on CUDA; on CPU, torch (2.11-2.14) has no flex backward.
-        self.flex_attention = None
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -408,8 +401,9 @@ class GPT(nn.Module):
             positions, mask_mod = slice(0, T), None  # a slice: views of the tables, no index tensor per call
         mask = None
         if mask_mod is not None:
-            flex = self.flex_attention if self.flex_attention is not None else idx.is_cuda
-            if flex and not decoding and not (self.training and self.config.dropout):  # flex has no dropout
+            # FlexAttention on CUDA (it has no dropout; on a CPU torch 2.11-2.14 has no flex backward), else
+            # SDPA with a dense (B, 1, T, T) mask, which only its math kernel takes (T^2 memory per head)
+            if idx.is_cuda and not decoding and not (self.training and self.config.dropout):
                 mask = create_block_mask(mask_mod, B, None, T, T, device=idx.device)
             else:  # a decoding step attends to the whole cache: keys are its block_size slots
                 mask = dense_mask(mask_mod, B, query, self.config.block_size if decoding else T)
@@ -547,39 +541,3 @@ class GPT(nn.Module):
 def compiled_forward(cuda_graphs):
     """GPT.forward compiled for decoding steps, whose shapes stay the same from step to step."""
     return torch.compile(GPT.forward, mode="reduce-overhead" if cuda_graphs else None, fullgraph=True, dynamic=False)
-
-
-# Peak dense bf16 tensor FLOP/s per GPU (vendor data sheets, no sparsity), for MFU.
-# Matched against torch.cuda.get_device_name(); the first key found in the name wins, so
-# longer names come first.
-PEAK_BF16_FLOPS = {
-    "H100 PCIe": 756e12,
-    "H100 NVL": 835e12,
-    "H100": 989e12,  # SXM
-    "H200": 989e12,
-    "H800": 989e12,
-    "GH200": 989e12,
-    "B200": 2250e12,
-    "A100": 312e12,
-    "A800": 312e12,
-    "A10G": 70e12,
-    "A10": 125e12,
-    "L40S": 362e12,
-    "L40": 181e12,
-    "L4": 121e12,
-    "RTX 6000 Ada": 364e12,
-    "A6000": 155e12,
-    "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
-    "MI300X": 1307e12,
-}
-
-
-def peak_flops(device_name, override=0.0):
-    """Peak bf16 FLOP/s of a GPU by name, or override if given; 0.0 when unknown (MFU is then not shown)."""
-    if override:
-        return override
-    for key, flops in PEAK_BF16_FLOPS.items():
-        if key in device_name:
-            return flops
-    return 0.0

@@ -1,7 +1,8 @@
 """
-Where a model trains: its initial weights (the same however it is placed), placed whole on this
-process's device or sharded over the processes with FSDP2, its blocks compiled, wrapped in DDP;
-and the sums over processes that evaluation needs (estimate_loss).
+Where a model trains: the placements that can run (check_layout), its initial weights (the same
+however it is placed), placed whole on this process's device or sharded over the processes with
+FSDP2, its blocks compiled, wrapped in DDP; and evaluation batches dealt out to the processes and
+summed over them (sum_over_batches, estimate_loss).
 
     place_model(model, dist, "fsdp", "bfloat16", seed=1337)   # a model built on the meta device gets its weights here
     model = wrap_model(model, dist, "ddp", compile=True)        # what the training loop calls
@@ -21,6 +22,22 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import RMSNorm, rope_tables
+
+
+def check_layout(parallelism, dtype, cpu_offload, stages, processes):
+    """Stop with one line at a placement over the processes that training cannot run: train.py checks
+    its run with it, plan.py each run it plans (pipeline.pipeline_layers checks the stages' layers)."""
+    half = dtype == "float16"
+    for wrong, fix in (
+        (parallelism == "fsdp" and half, "parallelism='fsdp' runs in bfloat16 or float32; set --dtype=bfloat16"),
+        (cpu_offload and parallelism != "fsdp", "cpu_offload=True offloads FSDP's shards; set --parallelism=fsdp"),
+        (processes % stages, f"pipeline_stages={stages} does not divide the {processes} processes; run a multiple "
+                             "of it (torchrun --nproc_per_node, plan.py --num_gpus)"),
+        (stages > 1 and half, "pipeline stages run in bfloat16 or float32; set --dtype=bfloat16"),
+    ):
+        if wrong:
+            raise SystemExit(f"config error: {fix}")
+
 
 def init_weights(model, seed, which=lambda name: True):
     """Give the GPT's modules whose names pass `which` their initial weights, each module from a

@@ -23,10 +23,14 @@ from checkpoint import gather_training_state
 from model import cross_entropy
 from parallel import compile_blocks, init_weights, shard_model
 
-def pipeline_layers(n_layer, stages):
-    """The layers of each pipeline stage: consecutive and as even as whole layers allow."""
+def pipeline_layers(n_layer, stages, tie_embeddings=False):
+    """The layers of each pipeline stage: consecutive and as even as whole layers allow. A config
+    error if the model cannot be cut so (train.py and plan.py check their model with it)."""
     if not 1 <= stages <= n_layer:
         raise SystemExit(f"config error: pipeline_stages={stages} must be between 1 and n_layer={n_layer}")
+    if stages > 1 and tie_embeddings:
+        raise SystemExit("config error: tie_embeddings=True shares one matrix between the first and the last "
+                         "pipeline stage; set --tie_embeddings=False")
     return [range(s * n_layer // stages, (s + 1) * n_layer // stages) for s in range(stages)]
 
 

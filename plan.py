@@ -10,145 +10,19 @@ config costs in FLOPs, time and memory per GPU.
     python plan.py --num_gpus=8 --pipeline_stages=4 --parallelism=fsdp --cpu_offload=True  # per stage; CPU and PCIe
 
 plan.py's own options are listed in OPTIONS below; every other key is train.py's, read exactly as
-train.py reads it: train.py's defaults (its source up to `config = configure(globals())`), then
-config files, then --key=value. The vocabulary size comes from data_root/dataset/meta.json, or is
-GPT-2's 50304 (padded) when the data is not prepared yet; a budget plans with GPT-2's unless
---dataset (or a config file) names the data. Runs nothing and writes nothing: the model is built on
-the 'meta' device (shapes, no storage), so counting its parameters costs nothing. Values it cannot
+train.py reads it: train.py's defaults (imported, as configurator.defaults_only allows), then config
+files, then --key=value, checked by the same range table (configurator.VALID_RANGES) and placement
+checks (parallel.check_layout, pipeline.pipeline_layers). The vocabulary size comes from
+data_root/dataset/meta.json, or is GPT-2's 50304 (padded) when the data is not prepared yet; a
+budget plans with GPT-2's unless --dataset (or a config file) names the data. A GPU's peak FLOP/s
+and memory come from runtime.GPUS. Runs nothing and writes nothing: the model is built on the
+'meta' device (shapes, no storage), so counting its parameters costs nothing. Values it cannot
 plan with (a budget outside 1e12..1e27 FLOPs, sizes < 1, MFU outside (0, 1]) stop with one line.
 
-Compute-optimal size (Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models", the
-Chinchilla paper). Training costs C = 6*N*D FLOPs for N parameters and D tokens (2N per token
-forward, 4N backward; Kaplan et al. 2020), and for a given C the lowest loss comes from growing N and
-D together at about D = 20*N (Chinchilla: 70B parameters, 1.4T tokens). So C = 120*N^2:
-    N = sqrt(C / 120),  D = 20 * N
-N counts every parameter, embeddings included, as the paper does and as train.py prints. A config
-between 10 and 40 tokens per parameter is close enough (N within sqrt(2) of the optimum for its
-FLOPs, where the IsoFLOP curves are flat); below, the same FLOPs give a lower loss with a smaller
-model on more tokens; above, with a bigger one (fine on purpose: a small model is cheaper to run).
-A budget in time: C = peak bf16 FLOP/s (model.py's PEAK_BF16_FLOPS) * num_gpus * seconds * mfu.
-
-The advice before it (--law=kaplan; Kaplan et al. 2020, "Scaling Laws for Neural Language Models",
-section 6.1, eq. 6.1 and Figure 14): the loss-optimal size grows much faster than the data,
-    N = 1.3e9 * (C / PF-day)^0.73,  D = C / (6N)        (1 PF-day = 8.64e19 FLOPs)
-with N without the embeddings (Kaplan's convention, so the shape is matched on that count) and C
-their C_min, the least compute that reaches a given loss (batches well below the critical size). D/N falls from ~66 at 1e18 FLOPs to ~0.1 at
-1e24, where Chinchilla keeps 20 (Hoffmann et al. 2022's Table 2 lists Kaplan's exponents, 0.73 and
-0.27, beside their own 0.50 and 0.50). Chinchilla supersedes it for this choice: Hoffmann et al. trace
-the difference mainly to Kaplan's learning-rate schedule, whose length was not matched to each
-run's tokens. --law=both prints the two plans side by side and a table of budgets 1e18..1e24.
-
-The shape for N: the modern defaults of train.py (or the config's style), head size 64 below
-n_embd 1024 and 128 from there (GPT-2, Llama), n_embd a multiple of it, aspect ratio n_embd/n_layer
-from 64 to 128 (GPT-2 124M has 64, Llama-2 7B 128; Kaplan et al. found loss nearly flat across
-this range). Of the shapes whose parameter count (exact, from model.py) is within 2% of N, the one
-with aspect ratio nearest 96; if none is, the nearest count. block_size stays the config's. The
-search costs a few dozen one-layer models on 'meta' at any size (compute_optimal_shape).
-
-Cost of a config. FLOPs per token: model.flops_per_token(block_size), 6*N_non-embedding plus
-attention's 12*n_layer*n_embd*block_size (PaLM, appendix B). Total: that * total_batch_tokens *
-max_iters. Time: total / (num_gpus * peak * mfu); activation checkpointing runs each block's forward
-twice, 8N instead of 6N per token, so 4/3 of that.
-
-Memory per GPU, at the peak (the top of a micro-step's backward), in eager mode (torch.compile
-usually keeps less). P: parameters as stored (vocabulary padding included); P_block: one block's;
-P_root = P - n_layer*P_block (embeddings, final norm, head); W: num_gpus, the world size; S = W
-under FSDP, 1 under DDP; h = n_embd, a = n_head, kv = n_kv_head*head_dim, f = ffn_hidden,
-V = the padded vocabulary; e = 2 bytes under bf16/fp16 autocast, 4 in float32.
-- weights 4P/S, gradients 4P/S, AdamW's two moments 8P/S: all fp32 (autocast computes in 16 bits
-  but keeps the fp32 weights as the master copy); the fused AdamW kernel needs no temporaries.
-- communication: DDP (W > 1) all-reduces the gradients from buckets of its own, one more copy: 4P.
-  FSDP (W > 1; train.py shards each block, then the root, with 16-bit compute parameters) gathers
-  the root's parameters (embeddings, head) for the whole step and two blocks' at a time (the one
-  computing, the next prefetched), and holds one unit's full gradient, plus its fp32 copy for the
-  reduce-scatter: e*(P_root + 2*P_block) + (e + 4)*max(P_root, P_block).
-- 16-bit weight copies, DDP or one GPU: autocast casts each weight once per forward and the matmul
-  keeps the copy for its backward: 2*(n_layer*P_block + V*h); with checkpointing, one block's:
-  2*(P_block + V*h). FSDP's gathered parameters are already 16-bit: none.
-- activations, bytes per token per block, counting what each op of model.py's Block saves for
-  backward (checked with torch.autograd.graph.saved_tensors_hooks; SDPA/flash stores no a*s*s
-  score matrix):
-      8h          the fp32 residual stream at the inputs of the two norms (the embedding is fp32,
-                  so the stream is; layer_norm and CUDA's fused rms_norm keep just their input,
-                  the CPU's composite rms_norm its output too)
-      e*3h        the 16-bit inputs of c_attn and c_fc, and attention's output (kept by SDPA; on
-                  CUDA the input of c_proj is a view of it)
-      e*(h+2kv)   c_attn's output: v is a view into it, so all of it stays alive
-      e*(h+kv)    q and k after RoPE (RoPE only)
-      4a          attention's log-sum-exp per head
-      e*4f        SwiGLU: gate and up (2f), silu(gate) (f) and the product (f); GELU: e*2f
-      4(h+kv)     QK-norm only: the fp32 inputs of the q and k norms
-      2h          dropout > 0 only: the 1-byte masks of the two residual dropouts
-  GPT-2 124M: 36h + 4a. Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
-  Transformer Models") count 34h + 5as for the same block all in 16 bits with dropout: their 5as
-  is the stored scores, which flash attention does not keep; +4h here for the fp32 residual
-  stream, -2h for no dropout masks. The modern block keeps more (SwiGLU's wider MLP, RoPE's
-  copies of q and k): 45.4h at n_embd 768.
-  Outside the blocks: the final norm's fp32 input and the head's input, 4h + e*h per token.
-  With activation checkpointing each block keeps only its fp32 input, 4h per token, and the
-  backward recomputes one block's activations at a time. Under FSDP the residual stream may be
-  16-bit (the parameters are), so these are a little high there.
-- logits and loss, 12*V per token: the fp32 log-probabilities cross_entropy keeps, and the two
-  fp32 gradients of that shape alive at the top of the backward (train.py drops the logits
-  themselves, and the fp32 copy made for the loss, once the loss is computed).
-A config fits when the total is within 90% of the GPU's memory: the rest is for the CUDA context,
-allocator fragmentation and the small temporaries not counted. The micro-batch to use is the
-largest power of two that fits and divides the step: accumulation = total_batch_tokens /
-(micro_batch * block_size * dp), dp = W without pipelining.
-
-Pipeline parallelism (pipeline_stages = p > 1; train.py runs torch.distributed.pipelining). The
-layers are split into p consecutive stages (pipeline.pipeline_layers: as even as whole layers allow),
-one per process. The first stage also holds the token embedding (and the learned position table),
-the last the final norm and lm_head; tie_embeddings would put one matrix on both, so it is refused.
-Each stage is data parallel over the dp = W/p processes holding it (S = dp under FSDP), and its
-weights, gradients and moments are its own: P_s = L_s*P_block + the root pieces it holds. The
-schedule's micro-batches are the accumulation micro-steps, m = total_batch_tokens /
-(micro_batch * block_size * dp).
-- bubble: under both schedules a stage idles (p-1)/(m+p-1) of the step, the p-1 slots of m+p-1
-  in which the pipe fills and drains (Huang et al. 2019, GPipe; Narayanan et al. 2021 for 1F1B,
-  PipeDream-Flush). The time is the ideal one divided by 1 - bubble.
-- micro-batches held at the peak on stage s: GPipe runs every forward before any backward, so m on
-  every stage; 1F1B starts the backwards as soon as the last stage can, so min(m, p - s) (torch's
-  Schedule1F1B warms up with exactly that many forwards, and refuses m < p). Stage 0 holds the most,
-  p, against GPipe's m. Each held micro-batch keeps its blocks' activations (the table above, or 4h
-  per token and block with checkpointing, whose recompute is one block of one micro-batch at a
-  time) and, on the stages before the last, the fp32 output sent on, 4h per token, which its
-  backward starts from.
-- the last stage keeps, per held micro-batch (one under 1F1B), the final norm's and head's inputs
-  (4h + e*h per token, as without pipelining), the log-probabilities and the logits themselves
-  ((4 + e)*V: the schedule keeps the stage's output for its backward), plus the two 8V gradients of
-  one backward. (train.py runs the schedule with return_outputs=False; otherwise the last stage
-  would keep all m micro-batches' logits besides.)
-- 16-bit weight copies (not FSDP): the stage's own blocks, and the head on the last, with or without
-  checkpointing: train.py runs the whole schedule, backwards included, in one autocast region, and
-  autocast keeps each cast in its cache until the region ends.
-- communication: not FSDP, none: train.py's Pipeline does not wrap a stage in DDP, it all-reduces
-  each gradient in place once per step. FSDP: torch's PipelineStage turns off FSDP's gradient sync
-  and its resharding after backward until the step's end (pipelining/stage.py,
-  backward_maybe_with_nosync), so after a backward every unit stays gathered and every gradient
-  accumulates unsharded in fp32 until one reduce-scatter: (e + 4)*P_s, where FSDP without
-  pipelining holds about two blocks'. So a pipeline's FSDP shards the fp32 weights and moments,
-  but every GPU holds its stage's whole gradient until the step's end.
-- between stages each micro-batch sends its residual stream, micro_batch*block_size*h elements (fp32;
-  16-bit under FSDP), and gets a gradient of that size back: reported, small, not counted.
-The memory table shows the most loaded stage (the largest total); the pipeline lines show each.
-
-CPU offload (cpu_offload=True with parallelism='fsdp': FSDP2's CPUOffloadPolicy, also on one GPU).
-The sharded fp32 weights, gradients and AdamW moments live in pinned CPU memory, 16*P/S bytes per
-process (P_s, the stage's, under pipelining), and the optimizer step runs on the CPU. The GPU holds
-none of them: only FSDP's gathered 16-bit parameters and in-flight gradients (the communication
-term above, here also with S = 1), the activations and the logits. Traffic per step and GPU,
-assuming FSDP2's defaults and train.py's loop, which reduce-scatters at every micro-step: each
-micro-step copies every block's fp32 shard to the GPU for the forward and again for the backward
-(a block is resharded after its forward), the root's once (the root stays gathered in between),
-and brings the fp32 gradient shard back (FSDP2 copies the fp32 shard and casts it on the GPU:
-fsdp/_fully_shard/_fsdp_param.py, all_gather_inputs):
-    to the GPU  m * 4*(2*n_layer*P_block + P_root)/S,    back  m * 4*P/S    bytes
-Under pipelining the stage's gradients come back once per step (the one reduce-scatter), and the
-parameter copies are an upper bound (after a backward the stage stays gathered). The time is that
-over pcie_gb_per_s, an assumption (about 25 GB/s, PCIe Gen4 x16 with pinned memory; Gen5 twice
-that), one direction at a time and not hidden behind compute (FSDP2 prefetches the next unit, so
-partly it is): compare it with a step's compute time. The CPU's AdamW step is not estimated.
+How each number is found is written beside the function that computes it: the compute-optimal
+size (chinchilla, kaplan, compute_optimal_shape), the cost of a config (plan_config), the memory
+per GPU (memory_per_stage, activation_bytes_per_token), pipelines (micro_batches_held) and CPU
+offload (offload_traffic).
 """
 
 import json
@@ -159,50 +33,25 @@ from dataclasses import replace
 
 import torch
 
-from configurator import configure
-from model import GPT, GPTConfig, peak_flops
+from configurator import configure, defaults_only
+from model import GPT, GPTConfig
+from parallel import check_layout
 from pipeline import pipeline_layers
 from runlog import format_duration
-
-REPO = os.path.dirname(os.path.abspath(__file__))
+from runtime import GPUS, gpu_named
 
 # plan.py's own options (--key=value); every other key is train.py's.
 OPTIONS = dict(
-    gpu="H100",  # a name from GPU_MEMORY_GIB; its peak FLOP/s come from model.py's PEAK_BF16_FLOPS
+    gpu="H100",  # a GPU of runtime.GPUS, which gives its peak FLOP/s and its memory
     num_gpus=1,  # the run's world size: the processes that split each step and, under FSDP, the state
     mfu=0.4,  # the model FLOPs utilisation assumed for time (train.py logs the real one)
     flops=0.0,  # a compute budget: plan the compute-optimal model for it
     hours=0.0,  # or a budget of hours on num_gpus x gpu at mfu
     law="chinchilla",  # the budget's split: 'chinchilla' (2022), 'kaplan' (2020) or 'both', a table of the two
-    gpu_memory_gb=0.0,  # memory per GPU in GiB; 0: from GPU_MEMORY_GIB
+    gpu_memory_gb=0.0,  # memory per GPU in GiB; 0: from runtime.GPUS
     pcie_gb_per_s=25.0,  # host<->GPU bandwidth assumed for cpu_offload's copies: ~25 for PCIe Gen4 x16, ~50 for Gen5
     json=False,  # print one JSON object instead of the report
 )
-
-# Memory per GPU in GiB (2^30 bytes), from vendor data sheets. As in model.peak_flops, the first key
-# found in the name wins, so longer names come first ('GH200' before 'H200', 'A100 40GB' before 'A100').
-GPU_MEMORY_GIB = {
-    "H100 PCIe": 80,
-    "H100 NVL": 94,
-    "H100": 80,
-    "GH200": 96,
-    "H200": 141,
-    "H800": 80,
-    "B200": 180,
-    "A100 40GB": 40,
-    "A100": 80,
-    "A800": 80,
-    "A10G": 24,
-    "A10": 24,
-    "L40S": 48,
-    "L40": 48,
-    "L4": 24,
-    "RTX 6000 Ada": 48,
-    "A6000": 48,
-    "RTX 4090": 24,
-    "RTX 3090": 24,
-    "MI300X": 192,
-}
 
 GIB = 2**30
 FALLBACK_VOCAB = 50304  # GPT-2's 50257 padded to a multiple of 64
@@ -210,7 +59,6 @@ TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022
 TOKENS_PER_PARAM_BAND = (10, 40)
 PF_DAY = 1e15 * 24 * 3600  # FLOPs in a petaflop/s-day, Kaplan et al.'s unit of compute
 KAPLAN_PARAMS_AT_PF_DAY, KAPLAN_EXPONENT = 1.3e9, 0.73  # Kaplan et al. 2020, eq. 6.1 and Figure 14
-LAWS = ("chinchilla", "kaplan", "both")
 BUDGET_RANGE = tuple(float(f"1e{e}") for e in range(18, 25))  # the budgets of --law=both's table
 FLOPS_RANGE = (1e12, 1e27)  # a second of a laptop; ten times the largest training runs so far
 MAX_LAYERS = 2000  # deeper than any transformer trained; the meta model is built layer by layer
@@ -218,23 +66,16 @@ SHAPE_TOLERANCE = 0.02
 ASPECT_RANGE, ASPECT_PREFERRED = (64, 128), 96
 HEADROOM = 0.9  # plan within 90% of the GPU's memory
 COMBOS = (("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True))  # (parallelism, activation checkpointing)
-SCHEDULES = ("gpipe", "1f1b")
 
 
 # -----------------------------------------------------------------------------
 # the config, as train.py would see it
 
 def train_defaults():
-    """train.py's defaults: its source up to `config = configure(globals())`, run in a fresh namespace."""
-    path = os.path.join(REPO, "train.py")
-    with open(path) as f:
-        head, found, _ = f.read().partition("\nconfig = configure(globals())")
-    if not found:
-        raise SystemExit(f"plan error: {path} has no line 'config = configure(globals())'; "
-                         "plan.py reads train.py's defaults from above it")
-    namespace = {}
-    exec(compile(head, path, "exec"), namespace)
-    return namespace
+    """train.py's config defaults: train.py imported up to its configure(globals()) call."""
+    with defaults_only() as defaults:
+        import train  # noqa: F401  (configure() ends the import there)
+    return defaults
 
 
 def read_config(argv):
@@ -254,23 +95,11 @@ def read_config(argv):
 
 
 def check_options(options, config):
-    """One line for each value plan.py cannot plan with, before any model is built."""
-    finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)
-    for key, valid, rule in (
-        ("flops", lambda x: finite(x) and x >= 0, "a finite number of FLOPs >= 0 (0: no budget)"),
-        ("hours", lambda x: finite(x) and x >= 0, "a finite number of hours >= 0 (0: no budget)"),
-        ("num_gpus", lambda x: x >= 1, "at least 1"),
-        ("mfu", lambda x: finite(x) and 0 < x <= 1, "a fraction in (0, 1], e.g. 0.4"),
-        ("gpu_memory_gb", lambda x: finite(x) and x >= 0, ">= 0 (0: from the GPU's name)"),
-        ("pcie_gb_per_s", lambda x: finite(x) and x > 0, "a bandwidth > 0"),
-    ):
-        if not valid(options[key]):
-            raise SystemExit(f"config error: {key}={options[key]!r} must be {rule}")
+    """One line for each combination plan.py cannot plan with, before any model is built (the values
+    themselves are checked by configure's range table)."""
     if config["n_layer"] > MAX_LAYERS:
         raise SystemExit(f"config error: n_layer={config['n_layer']} is deeper than any transformer trained; "
                          f"plan.py plans up to {MAX_LAYERS} layers")
-    if options["law"] not in LAWS:
-        raise SystemExit(f"config error: law={options['law']!r} must be one of {', '.join(LAWS)}")
     if options["flops"] and options["hours"]:
         raise SystemExit("config error: give the budget as --flops or as --hours, not both")
     if options["law"] == "kaplan" and not (options["flops"] or options["hours"]):
@@ -309,36 +138,36 @@ def model_config(config, vocab):
         raise SystemExit(f"config error: {e}") from None
 
 
-def check_parallel_keys(config, c, world):
-    """The pipeline and offload keys' errors, one line each: what train.py cannot run."""
-    stages = config["pipeline_stages"]
-    pipeline_layers(c.n_layer, stages)  # its own config error unless 1 <= stages <= n_layer
-    if stages > 1 and config["pipeline_schedule"] not in SCHEDULES:
-        raise SystemExit(f"config error: pipeline_schedule={config['pipeline_schedule']!r} must be 'gpipe' or '1f1b'")
-    if world % stages:
-        raise SystemExit(f"config error: num_gpus={world} must be a multiple of pipeline_stages={stages} "
-                         "(each stage runs on num_gpus/pipeline_stages processes)")
-    if stages > 1 and c.tie_embeddings:
-        raise SystemExit(f"config error: tie_embeddings=True cannot be split into pipeline_stages={stages} (the shared "
-                         "matrix would sit on the first and the last stage); use --tie_embeddings=False")
-    if config["cpu_offload"] and config["parallelism"] != "fsdp":
-        raise SystemExit(f"config error: cpu_offload=True needs --parallelism=fsdp (FSDP2's CPUOffloadPolicy), "
-                         f"not parallelism={config['parallelism']!r}")
-
-
 def gpu_spec(options, config):
     """(name, peak bf16 FLOP/s, memory in GiB) of the GPU named by --gpu; train.py's --peak_flops overrides the peak."""
-    name = next((k for k in GPU_MEMORY_GIB if k.lower() in options["gpu"].lower()), None)
-    peak = peak_flops(name or "", config["peak_flops"])
-    memory = options["gpu_memory_gb"] or GPU_MEMORY_GIB.get(name, 0)
+    name = gpu_named(options["gpu"])
+    peak, memory = GPUS.get(name, (0, 0))
+    peak, memory = config["peak_flops"] or peak, options["gpu_memory_gb"] or memory
     if not peak or not memory:
-        raise SystemExit(f"plan error: unknown GPU '{options['gpu']}'; use one of {', '.join(GPU_MEMORY_GIB)}, "
+        raise SystemExit(f"plan error: unknown GPU '{options['gpu']}'; use one of {', '.join(GPUS)}, "
                          "or give --peak_flops and --gpu_memory_gb")
     return name or options["gpu"], peak, memory
 
 
 # -----------------------------------------------------------------------------
 # compute-optimal size
+#
+# Hoffmann et al. 2022 ("Training Compute-Optimal Large Language Models", Chinchilla): training costs
+# C = 6*N*D FLOPs for N parameters and D tokens (2N per token forward, 4N backward; Kaplan et al.
+# 2020), and for a given C the lowest loss comes from growing N and D together at about D = 20*N
+# (Chinchilla: 70B parameters, 1.4T tokens). So C = 120*N^2, N = sqrt(C / 120), D = 20*N, N counting
+# every parameter as the paper does and as train.py prints. A config between 10 and 40 tokens per
+# parameter is close enough (N within sqrt(2) of the optimum, where the IsoFLOP curves are flat);
+# below, the same FLOPs give a lower loss with a smaller model on more tokens; above, with a bigger
+# one (fine on purpose: a small model is cheaper to run). A budget in time is
+# C = peak bf16 FLOP/s * num_gpus * seconds * mfu.
+#
+# The advice before it (--law=kaplan; Kaplan et al. 2020, "Scaling Laws for Neural Language Models",
+# eq. 6.1 and Figure 14): N = 1.3e9 * (C / PF-day)^0.73, D = C / (6N) (1 PF-day = 8.64e19 FLOPs), N
+# without the embeddings (so the shape is matched on that count) and C their C_min, the least compute
+# that reaches a given loss. D/N falls from ~66 at 1e18 FLOPs to ~0.1 at 1e24, where Chinchilla keeps
+# 20. Chinchilla supersedes it: Hoffmann et al. trace the difference mainly to Kaplan's learning-rate
+# schedule, whose length was not matched to each run's tokens. --law=both prints the two side by side.
 
 def chinchilla(flops):
     """(parameters, tokens) that spend flops at the lowest loss: C = 6ND and D = 20N."""
@@ -377,8 +206,12 @@ def shape_width(i):
 
 
 def compute_optimal_shape(target, base, non_embedding=False):
-    """The shape of the docstring's family nearest target parameters (without the embeddings when
-    non_embedding): (GPTConfig, parameters so counted).
+    """The shape nearest target parameters (without the embeddings when non_embedding): (GPTConfig,
+    parameters so counted). The family: base's style (train.py's defaults, or the config's), head size
+    64 below n_embd 1024 and 128 from there (GPT-2, Llama), n_embd a multiple of it, aspect ratio
+    n_embd/n_layer from 64 to 128 (GPT-2 124M has 64, Llama-2 7B 128; Kaplan et al. found loss nearly
+    flat across this range). Of the shapes whose count (exact, from model.py) is within 2% of target,
+    the one with aspect ratio nearest 96; if none is, the nearest count. block_size stays base's.
 
     The count is linear in depth (the rest of the model plus n_layer identical blocks), so one
     single-layer model per width gives every depth's count, and the continuous aspect ratio at the
@@ -455,6 +288,51 @@ def compute_optimal_shape(target, base, non_embedding=False):
 
 # -----------------------------------------------------------------------------
 # cost of a config
+#
+# FLOPs per token: model.flops_per_token(block_size), 6*N_non-embedding plus attention's
+# 12*n_layer*n_embd*block_size (PaLM, appendix B); times total_batch_tokens * max_iters. Time: that /
+# (num_gpus * peak * mfu); activation checkpointing runs each block's forward twice, 8N instead of 6N
+# per token, so 4/3 of that.
+#
+# Memory per GPU at the peak (the top of a micro-step's backward), in eager mode (torch.compile
+# usually keeps less). P: parameters as stored (vocabulary padding included); P_block: one block's;
+# P_root = P - n_layer*P_block (embeddings, final norm, head); W: num_gpus; S = W under FSDP, 1 under
+# DDP; h = n_embd, V = the padded vocabulary; e = 2 bytes under bf16/fp16 autocast, 4 in float32.
+# - weights 4P/S, gradients 4P/S, AdamW's moments 8P/S: all fp32 (autocast keeps the fp32 weights as
+#   the master copy); the fused AdamW kernel needs no temporaries.
+# - communication: DDP (W > 1) all-reduces the gradients from buckets of its own: 4P. FSDP (W > 1;
+#   train.py shards each block, then the root) gathers the root's 16-bit parameters for the whole
+#   step and two blocks' at a time (the one computing, the next prefetched), and holds one unit's
+#   full gradient plus its fp32 copy for the reduce-scatter: e*(P_root + 2*P_block) + (e+4)*max(P_root, P_block).
+# - 16-bit weight copies, DDP or one GPU: autocast casts each weight once per forward and the matmul
+#   keeps the copy for its backward: 2*(n_layer*P_block + V*h); with checkpointing one block's. FSDP's
+#   gathered parameters are already 16-bit: none.
+# - activations: activation_bytes_per_token per block and token; outside the blocks the final norm's
+#   fp32 input and the head's input, 4h + e*h. With activation checkpointing each block keeps only its
+#   fp32 input, 4h, and the backward recomputes one block at a time. Under FSDP the residual stream
+#   may be 16-bit, so these are a little high there.
+# - logits and loss, 12*V per token: the fp32 log-probabilities cross_entropy keeps and the two fp32
+#   gradients of that shape at the top of the backward (train.py drops the logits once it has the loss).
+# A config fits within 90% of the GPU's memory (the rest: the CUDA context, fragmentation, small
+# temporaries). The micro-batch to use is the largest power of two that fits and divides the step.
+#
+# Pipelines (pipeline_stages = p > 1): p stages of consecutive layers (pipeline.pipeline_layers), the
+# embeddings on the first, the final norm and head on the last, each stage data parallel over its
+# dp = W/p processes (S = dp under FSDP), with the weights, gradients and moments of its own P_s. The
+# schedule's m micro-batches are the accumulation micro-steps.
+# - bubble: under both schedules a stage idles (p-1)/(m+p-1) of the step, while the pipe fills and
+#   drains (Huang et al. 2019, GPipe; Narayanan et al. 2021, 1F1B): the time is divided by 1 - bubble.
+# - micro_batches_held says how many micro-batches' activations a stage holds; on the stages before the
+#   last each also keeps its fp32 output, 4h per token, which its backward starts from. The last stage
+#   keeps, per held micro-batch, the logits with their log-probabilities ((4 + e)*V: the schedule keeps a
+#   stage's output for its backward), plus the two 8V gradients of one backward.
+# - 16-bit weight copies (not FSDP): every block of the stage, with or without checkpointing: the whole
+#   schedule runs in one autocast region, whose cache keeps each cast until it ends.
+# - communication: not FSDP, none (Pipeline all-reduces each gradient in place). FSDP: PipelineStage turns
+#   off FSDP's gradient sync and resharding until the step's end (pipelining/stage.py,
+#   backward_maybe_with_nosync), so the stage stays gathered and its gradient unsharded: (e + 4)*P_s.
+# - between stages a micro-batch sends its residual stream, micro_batch*block_size*h elements, and gets
+#   a gradient of that size back: reported, small, not counted.
 
 def element_bytes(dtype):
     """Bytes per activation element: dtype 'auto' is bf16 autocast on the GPUs planned for."""
@@ -462,7 +340,20 @@ def element_bytes(dtype):
 
 
 def activation_bytes_per_token(c, e):
-    """What one Block saves for backward, bytes per token (the docstring's table)."""
+    """What one Block saves for backward, bytes per token with e bytes per 16-bit element, counted op by
+    op in model.py's Block (checked with torch.autograd.graph.saved_tensors_hooks; SDPA/flash keeps no
+    score matrix); a = n_head, kv = n_kv_head*head_dim, f = ffn_hidden:
+        8h          the fp32 residual stream at the inputs of the two norms (CPU's rms_norm: its output too)
+        e*3h        the 16-bit inputs of c_attn and c_fc, and attention's output (on CUDA c_proj's input)
+        e*(h+2kv)   c_attn's output: v is a view into it, so all of it stays alive
+        e*(h+kv)    q and k after RoPE (RoPE only)
+        4a          attention's log-sum-exp per head
+        e*4f        SwiGLU: gate and up (2f), silu(gate) and the product; ReLU² and GELU: e*2f
+        4(h+kv)     QK-norm only: the fp32 inputs of the q and k norms
+        2h          dropout > 0 only: the 1-byte masks of the two residual dropouts
+    GPT-2 124M: 36h + 4a, where Korthikanti et al. 2022 count 34h + 5as in 16 bits with dropout (their
+    5as is the stored scores, which flash attention does not keep; +4h for the fp32 stream, -2h for no
+    dropout masks)."""
     h, kv = c.n_embd, c.n_kv_head * c.head_dim
     saved = 8 * h + e * 3 * h + e * (h + 2 * kv) + 4 * c.n_head
     saved += e * (4 if c.mlp == "swiglu" else 2) * c.ffn_hidden
@@ -493,7 +384,9 @@ def pipeline_bubble(stages, micro_batches):
 
 
 def micro_batches_held(stage, stages, schedule, micro_batches):
-    """The micro-batches whose activations a stage holds at its peak (the docstring's pipeline terms)."""
+    """The micro-batches whose activations a stage holds at its peak: GPipe runs every forward before
+    any backward, so all m; 1F1B starts the backwards as soon as the last stage can, so min(m, p - s)
+    (torch's Schedule1F1B warms up with exactly that many forwards, and refuses m < p)."""
     if stages == 1:
         return 1  # train.py's own loop: each micro-step's backward follows its forward
     if schedule == "gpipe":
@@ -503,7 +396,7 @@ def micro_batches_held(stage, stages, schedule, micro_batches):
 
 def memory_per_stage(c, params, block_params, micro_batch, world, dtype, parallelism, checkpointing,
                      stages=1, schedule="1f1b", micro_batches=1, cpu_offload=False):
-    """Peak GPU bytes by term on each pipeline stage (the docstring's formulas); params and block_params
+    """Peak GPU bytes by term on each pipeline stage (the formulas above); params and block_params
     as stored. With one stage, the whole model; cpu_offload applies to the FSDP runs only."""
     e = element_bytes(dtype)
     dp = world // stages
@@ -562,7 +455,18 @@ def memory_per_gpu(c, params, block_params, micro_batch, world, dtype, paralleli
 
 
 def offload_traffic(c, params, block_params, world, stages, micro_batches):
-    """(bytes to the GPU, bytes back) per step under CPU offload, on the stage that moves the most."""
+    """(bytes to the GPU, bytes back) per step under CPU offload, on the stage that moves the most.
+
+    cpu_offload=True with parallelism='fsdp' (FSDP2's CPUOffloadPolicy, also on one GPU) keeps the sharded
+    fp32 weights, gradients and AdamW moments in pinned CPU memory, 16*P/S bytes per process, and steps
+    the optimizer there; the GPU holds only the gathered 16-bit parameters, in-flight gradients,
+    activations and logits. Each of the m micro-steps copies every block's fp32 shard to the GPU for the
+    forward and again for the backward (a block is resharded after its forward), the root's once, and
+    brings the fp32 gradient shard back (FSDP2 casts on the GPU: fsdp/_fully_shard/_fsdp_param.py):
+        to the GPU  m * 4*(2*n_layer*P_block + P_root)/S,    back  m * 4*P/S
+    Under pipelining the gradients come back once per step, and the copies are an upper bound. The time
+    is that over pcie_gb_per_s (~25 GB/s for PCIe Gen4 x16 with pinned memory), not hidden behind compute
+    (FSDP2 prefetches, so partly it is); the CPU's AdamW step is not estimated."""
     dp = world // stages
     gradient_copies = 1 if stages > 1 else micro_batches  # a pipeline reduce-scatters once per step
     traffic = []
@@ -603,7 +507,8 @@ def plan_config(config, options, vocab=None):
     stored = sum(p.numel() for p in model.parameters())
     block_params = sum(p.numel() for p in model.blocks[0].parameters())
     world, step_tokens = options["num_gpus"], config["total_batch_tokens"]
-    check_parallel_keys(config, c, world)
+    check_layout(config["parallelism"], config["dtype"], config["cpu_offload"], config["pipeline_stages"], world)
+    pipeline_layers(c.n_layer, config["pipeline_stages"], c.tie_embeddings)
     stages, schedule, offload = config["pipeline_stages"], config["pipeline_schedule"], config["cpu_offload"]
     dp = world // stages
     warnings = [vocab_warning] if vocab_warning else []

@@ -121,3 +121,41 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+# What each GPU can do, by a name found in torch.cuda.get_device_name(): peak dense bf16 tensor FLOP/s
+# (no sparsity), for MFU and plan.py's times, and memory in GiB (2^30 bytes), for plan.py; from vendor
+# data sheets. The first key found in a name wins, so longer names come first ('GH200' before 'H200').
+GPUS = {
+    "H100 PCIe": (756e12, 80),
+    "H100 NVL": (835e12, 94),
+    "H100": (989e12, 80),  # SXM
+    "GH200": (989e12, 96),
+    "H200": (989e12, 141),
+    "H800": (989e12, 80),
+    "B200": (2250e12, 180),
+    "A100 40GB": (312e12, 40),
+    "A100": (312e12, 80),
+    "A800": (312e12, 80),
+    "A10G": (70e12, 24),
+    "A10": (125e12, 24),
+    "L40S": (362e12, 48),
+    "L40": (181e12, 48),
+    "L4": (121e12, 24),
+    "RTX 6000 Ada": (364e12, 48),
+    "A6000": (155e12, 48),
+    "RTX 4090": (165e12, 24),
+    "RTX 3090": (71e12, 24),
+    "MI300X": (1307e12, 192),
+}
+
+
+def gpu_named(name):
+    """The key of GPUS found in name (a device name, or a user's 'h100'), or None."""
+    return next((key for key in GPUS if key.lower() in name.lower()), None)
+
+
+def peak_flops(device_name, override=0.0):
+    """Peak bf16 FLOP/s of a GPU by name, or override if given; 0.0 when unknown (MFU is then not shown)."""
+    key = gpu_named(device_name)
+    return override or (GPUS[key][0] if key else 0.0)

@@ -48,11 +48,11 @@ from benchmarks import describe, evaluate_examples, read_examples
 from checkpoint import load_checkpoint, load_newest_checkpoint
 from configurator import configure, print_config
 from data import TokenBins, load_meta
-from model import GPT, GPTConfig, peak_flops as gpu_peak_flops
+from model import GPT, GPTConfig
 from optim import learning_rate_at, make_optimizer, optimizer_step, set_learning_rate
-from parallel import all_reduce_sum, estimate_loss, place_model, wrap_model
+from parallel import all_reduce_sum, check_layout, estimate_loss, place_model, wrap_model
 from pipeline import Pipeline, estimate_loss_pipelined, pipeline_layers, pipeline_optimizer_step, pipeline_stage_part
-from runtime import device_name, seed_everything
+from runtime import device_name, peak_flops as gpu_peak_flops, seed_everything
 from tokenizer import Tokenizer
 from trainer import (Pace, finish, gradient_accumulation, gradient_scaler, open_run_log, resume_state, save, start,
                      stop_if_not_finite, take_out_dir)
@@ -132,22 +132,10 @@ print_config(config)
 
 dist, dtype, autocast = start(device, dtype, seed, parallelism, cpu_offload)
 device, log = dist.device, dist.log  # log: print on rank 0 only
-if parallelism == "fsdp" and dtype == "float16":
-    raise SystemExit("config error: parallelism='fsdp' runs in bfloat16 or float32; set --dtype=bfloat16")
-if benchmark and parallelism == "fsdp" and dist.world_size > 1:
-    raise SystemExit("config error: benchmark scoring runs on the unsharded model; use it with parallelism='ddp'")
-if cpu_offload and parallelism != "fsdp":
-    raise SystemExit("config error: cpu_offload=True offloads FSDP's shards; set --parallelism=fsdp")
-if pipeline_stages > 1:
-    if pipeline_schedule not in ("gpipe", "1f1b"):
-        raise SystemExit(f"config error: pipeline_schedule='{pipeline_schedule}' is not one of gpipe, 1f1b")
-    if dist.world_size % pipeline_stages:
-        raise SystemExit(f"config error: pipeline_stages={pipeline_stages} does not divide the {dist.world_size} "
-                         f"processes; launch a multiple of it with torchrun --nproc_per_node")
-    if dtype == "float16":
-        raise SystemExit("config error: pipeline stages run in bfloat16 or float32; set --dtype=bfloat16")
-    if benchmark:
-        raise SystemExit("config error: benchmark scoring runs on the whole model; use it without pipeline_stages")
+check_layout(parallelism, dtype, cpu_offload, pipeline_stages, dist.world_size)
+if benchmark and (pipeline_stages > 1 or parallelism == "fsdp" and dist.world_size > 1):
+    raise SystemExit("config error: benchmark scoring runs on the whole, unsharded model; use it with "
+                     "parallelism='ddp' and without pipeline_stages")
 if init_from not in ("scratch", "resume", "auto") and not init_from.startswith("hf:"):
     raise SystemExit(f"config error: init_from='{init_from}' is not one of scratch, resume, auto, hf:FOLDER")
 lr_decay_iters = lr_decay_iters or max_iters
@@ -221,13 +209,11 @@ model.activation_checkpointing = activation_checkpointing
 flops_per_token = model.flops_per_token(block_size)
 parameters = model.num_params()  # counted before pipeline stages cut the model into parts
 log(f"model: {model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs per token")
+stage_layers = pipeline_layers(model_config.n_layer, pipeline_stages, model_config.tie_embeddings)
 if pipeline_stages > 1:
-    if model_config.tie_embeddings:
-        raise SystemExit("config error: tie_embeddings=True shares one matrix between the first and the last "
-                         "pipeline stage; set --tie_embeddings=False")
     pipeline = Pipeline(model, dist, pipeline_stages, pipeline_schedule, accumulation_steps, parallelism, dtype,
                         cpu_offload, compile, seed)  # model is cut down to this process's stage
-    log(f"pipeline: stage layers {[list(r) for r in pipeline_layers(model_config.n_layer, pipeline_stages)]}")
+    log(f"pipeline: stage layers {[list(r) for r in stage_layers]}")
 else:
     pipeline = None
     place_model(model, dist, parallelism, dtype, cpu_offload, seed)

@@ -53,8 +53,6 @@ TUNED_KEYS = ("init_from", "lora_rank", "lora_alpha", "lora_dropout", "lora_targ
 def start(device, dtype, seed, parallelism, cpu_offload=False):
     """Join the processes (under torchrun) and pick the device and precision: (dist, dtype, autocast).
     Every process seeds its generators alike, so every process builds the same initial weights."""
-    if parallelism not in ("ddp", "fsdp"):
-        raise SystemExit(f"config error: parallelism='{parallelism}' is not one of ddp, fsdp")
     dist = setup_distributed(device, cpu_offload=parallelism == "fsdp" and cpu_offload)
     dtype = pick_dtype(dist.device, dtype)
     seed_everything(seed)

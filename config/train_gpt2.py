@@ -2,7 +2,7 @@
 # hyperparameters for this size), on one GPU with about 0.5M tokens per optimizer step.
 #   python prepare.py config/data_sitepackages.py     # or --input=/your/corpus --tokenizer=gpt2 --dataset=NAME
 #   python train.py config/train_gpt2.py
-# The architecture is the 'gpt2' preset of model.py: learned positions, LayerNorm with bias,
+# The architecture is GPT-2's (model.py's docstring): learned positions, LayerNorm with bias,
 # GELU MLP, tied embeddings, 12 layers, 12 heads, 768 wide, 1024 tokens of context.
 out_dir = "out/gpt2"
 dataset = "sitepackages"  # any GPT-2-tokenized dataset prepared by prepare.py

@@ -7,9 +7,12 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from runlog import read_metrics  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 # A model small enough that a training step takes milliseconds on a CPU.
 TINY_MODEL = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
@@ -21,9 +24,50 @@ TINY_MODEL = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "-
 # tests/test_recipe.py checks Muon across layouts.
 
 
-def run_script(script, *args, check=True, stdin=None):
-    """Run a stage script of the repository in a subprocess (stdin: text to pipe in); return the CompletedProcess."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+# Model styles for tests (GPTConfig's defaults are train.py's: ReLU², QK-norm, a soft cap, output
+# projections starting at zero, which would make a fresh model's blocks the identity). Llama's is what
+# hf.py exports and transformers checks; GPT-2's is GPT-2 124M's.
+LLAMA = dict(mlp="swiglu", qk_norm=False, logit_softcap=0.0, zero_init_proj=False)
+GPT2 = dict(LLAMA, norm="layernorm", mlp="gelu", pos="learned", tie_embeddings=True, bias=True)
+TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+
+
+def tiny_gpt(seed=0, spread=0.0, **config):
+    """A tiny GPT in eval mode, in Llama's style unless config (GPTConfig fields over TINY's) says
+    otherwise, its weights drawn from seed. spread > 0: every matrix redrawn from N(0, spread^2) and
+    every vector (norm gains, biases) moved by N(0, 0.01), so that attention is far from uniform and
+    logits vary widely: greedy decoding has clear winners, options rarely tie, and a tensor mapped to
+    the wrong place changes the output."""
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**TINY, **LLAMA, **config})).eval()
+    if spread:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, spread)
+                else:
+                    p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def weights(out_dir):
+    """The weights of out_dir's newest checkpoint."""
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
+
+
+def assert_same_weights(a, b, atol=0.0):
+    """Two state dicts hold the same tensors by name, to atol (0: bit for bit)."""
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
+
+
+def run_script(script, *args, check=True, stdin=None, threads=None):
+    """Run a stage script of the repository in a subprocess (stdin: text to pipe in; threads: torch's, else
+    the environment's); return the CompletedProcess."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     result = subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600, input=stdin)
     if check and result.returncode != 0:
@@ -56,9 +100,7 @@ def stop_and_resume(script, args, root, at_step, nproc=1):
 
 def logged_after(out_dir, step):
     """The records of out_dir/metrics.jsonl after step, without their wall-clock times."""
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        records = [{k: v for k, v in json.loads(line).items() if k != "time"} for line in f]
-    return [r for r in records if r["step"] > step]
+    return [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(out_dir) if r["step"] > step]
 
 
 def write_byte_dataset(data_dir, documents, val_documents):
@@ -87,13 +129,20 @@ def tiny_data_root(tmp_path_factory):
     return str(root)
 
 
+# The session's trained checkpoints come out the same whatever runs beside them (test_export runs on one
+# thread) and whichever test asks first (under pytest-xdist, any): a float sum's rounding depends on the
+# number of threads, and test_dpo's greedy answers on those roundings.
+FIXTURE_THREADS = 2
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_data_root, tmp_path_factory):
     """out_dir of a tiny model trained for a few steps on the tiny dataset, in Llama's architecture
     (SwiGLU, no QK-norm or soft-cap) so that the export tests can export it."""
     out_dir = str(tmp_path_factory.mktemp("run"))
     run_script("train.py", *TINY_MODEL, f"--data_root={tiny_data_root}", "--dataset=tiny", f"--out_dir={out_dir}",
-               "--max_iters=4", "--eval_interval=4", "--mlp=swiglu", "--qk_norm=False", "--logit_softcap=0")
+               "--max_iters=4", "--eval_interval=4", "--mlp=swiglu", "--qk_norm=False", "--logit_softcap=0",
+               threads=FIXTURE_THREADS)
     return out_dir
 
 
@@ -116,5 +165,6 @@ def tiny_sft_checkpoint(tiny_checkpoint, tmp_path_factory):
     (root / "toy.json").write_text(json.dumps(TOY_INSTRUCTIONS))
     run_script("sft.py", f"--init_from={tiny_checkpoint}/ckpt.pt", f"--data={root / 'toy.json'}", f"--out_dir={root / 'out'}",
                "--device=cpu", f"--val_fraction={TOY_VAL_FRACTION}", "--batch_size=4", "--total_batch_size=4",
-               "--max_iters=80", "--learning_rate=1e-2", "--min_lr=1e-3", "--eval_interval=40", "--log_interval=20")
+               "--max_iters=80", "--learning_rate=1e-2", "--min_lr=1e-3", "--eval_interval=40", "--log_interval=20",
+               threads=FIXTURE_THREADS)
     return str(root / "out")

@@ -12,15 +12,14 @@ import torch
 from torch.distributed.tensor import distribute_tensor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import GPT, GPTConfig  # noqa: E402
-from runtime import setup_distributed, teardown_distributed  # noqa: E402
+from conftest import tiny_gpt  # noqa: E402
 from optim import make_optimizer  # noqa: E402
 from parallel import shard_model  # noqa: E402
+from runtime import setup_distributed, teardown_distributed  # noqa: E402
 
 
 def tiny_model():
-    torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    return tiny_gpt().train()
 
 
 def full_gradients(model, step):

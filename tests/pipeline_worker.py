@@ -13,15 +13,13 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import GPT, GPTConfig  # noqa: E402
-from runtime import setup_distributed, teardown_distributed  # noqa: E402
+from conftest import tiny_gpt  # noqa: E402
 from pipeline import Pipeline  # noqa: E402
+from runtime import setup_distributed, teardown_distributed  # noqa: E402
 
 
 def tiny_model(pos):
-    torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=97, block_size=16, n_layer=4, n_head=2, n_embd=32, pos=pos,
-                         norm="layernorm" if pos == "learned" else "rmsnorm"))
+    return tiny_gpt(vocab_size=97, n_layer=4, pos=pos, norm="layernorm" if pos == "learned" else "rmsnorm").train()
 
 
 MAX_NORM = 0.5  # below the tiny model's gradient norm, so the clipping acts

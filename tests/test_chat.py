@@ -9,16 +9,14 @@ import torch
 
 from chat import (CHAT_TOKENS, END, add_chat_tokens, conversation, has_chat_tokens, preference, prompt_ids,
                   read_records, render, split_held_out)
-from conftest import run_script
-from model import GPT, GPTConfig
+from conftest import run_script, tiny_gpt
 from tokenizer import EOT, Tokenizer
 
 SHARED_TIKTOKEN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tiktoken_cache")
 
 
 def tiny(vocab_size, **overrides):
-    torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=32, **overrides))
+    return tiny_gpt(vocab_size=vocab_size, n_layer=1, n_embd=16, block_size=32, **overrides).train()
 
 
 def test_byte_chat_tokens_take_unused_rows_and_decode_to_their_names():

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, TINY_MODEL
+from conftest import LLAMA, REPO, TINY_MODEL, assert_same_weights, read_metrics, weights
 
 # Enough learning rate that 4 steps move the weights well beyond float noise.
 FAST = ["--learning_rate=1e-2", "--warmup_iters=1", "--eval_interval=2"]
@@ -31,19 +31,8 @@ def train(data_root, out_dir, *args, nproc=1):
     return result.stdout
 
 
-def weights(out_dir):
-    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
-
-
 def losses(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return {m["step"]: m["loss"] for m in map(json.loads, f) if "loss" in m}
-
-
-def assert_same_weights(a, b, atol):
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
+    return {m["step"]: m["loss"] for m in read_metrics(out_dir) if "loss" in m}
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +144,7 @@ def test_fsdp_with_accumulation_syncing_once_or_every_micro_step_ends_with_the_w
 def test_a_model_built_on_the_meta_device_gets_block_by_block_the_weights_of_one_built_whole(style):
     from model import GPT, GPTConfig
     from parallel import init_weights
-    config = GPTConfig(vocab_size=100, n_layer=2, n_head=2, n_embd=16, block_size=16, **style)
+    config = GPTConfig(vocab_size=100, n_layer=2, n_head=2, n_embd=16, block_size=16, **{**LLAMA, **style})
     whole = GPT(config)
     init_weights(whole, 7)
     with torch.device("meta"):

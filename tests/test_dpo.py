@@ -8,10 +8,9 @@ import os
 
 import pytest
 
-import torch
-
 from checkpoint import load_checkpoint
-from conftest import logged_after, run_script, run_torchrun, stop_and_resume
+from conftest import (FIXTURE_THREADS, assert_same_weights, logged_after, read_metrics, run_script, run_torchrun,
+                      stop_and_resume)
 
 # the chosen answers are the ones SFT taught (TOY_INSTRUCTIONS)
 TOY_PAIRS = [
@@ -30,15 +29,14 @@ def dpo_runs(tiny_sft_checkpoint, tmp_path_factory):
               "--val_fraction=0", "--batch_size=3", "--total_batch_size=3", "--log_interval=1", "--beta=0.5",
               "--warmup_iters=2"]
     run_script("dpo.py", *common, f"--out_dir={root / 'lora'}", "--lora_rank=4", "--max_iters=12",
-               "--learning_rate=1e-2", "--min_lr=1e-3", "--eval_interval=12")
+               "--learning_rate=1e-2", "--min_lr=1e-3", "--eval_interval=12", threads=FIXTURE_THREADS)
     run_script("dpo.py", *common, f"--out_dir={root / 'full'}", "--max_iters=6", "--learning_rate=1e-3",
-               "--min_lr=1e-4", "--eval_interval=6")
+               "--min_lr=1e-4", "--eval_interval=6", threads=FIXTURE_THREADS)
     return {kind: str(root / kind) for kind in ("lora", "full")}
 
 
 def train_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [m for m in map(json.loads, f) if "loss" in m]
+    return [m for m in read_metrics(out_dir) if "loss" in m]
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])
@@ -61,7 +59,9 @@ def test_dpo_with_lora_saves_adapters_on_the_sft_checkpoint(dpo_runs, tiny_sft_c
 
 
 def test_base_to_sft_to_dpo_to_chat_answers_piped_questions_turn_by_turn(dpo_runs):
-    result = run_script("sample.py", f"--out_dir={dpo_runs['lora']}", "--device=cpu", "--chat=True", "--temperature=0",
+    # The full run's small steps keep what SFT taught; the LoRA run's large ones (its loss must fall
+    # within 12 steps) move the policy off it, so its greedy answer hangs on the last bits of the weights.
+    result = run_script("sample.py", f"--out_dir={dpo_runs['full']}", "--device=cpu", "--chat=True", "--temperature=0",
                         "--max_new_tokens=12", stdin="What is 2+2?\nSay hi.\n")
     # each answer follows a '> ' prompt; the third prompt meets the end of the input
     assert result.stdout.startswith("> Four.\n> ") and result.stdout.count("> ") == 3
@@ -78,8 +78,7 @@ def test_lora_dpo_under_fsdp_in_two_processes_ends_with_the_adapters_of_one(tiny
     one, two = (load_checkpoint(str(tmp_path / run / "ckpt.pt"))["model"] for run in ("one", "two"))
     assert one.keys() == two.keys() and all(".lora_" in k for k in one)
     assert max(one[k].abs().max() for k in one if "lora_B" in k) > 1e-3  # B starts at zero: the adapters trained
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=name)
+    assert_same_weights(two, one, atol=1e-5)
 
 
 @pytest.mark.parametrize("lora", [True, False])
@@ -98,7 +97,5 @@ def test_dpo_stopped_and_resumed_ends_with_the_weights_and_losses_of_an_uninterr
     assert [r["step"] for r in logged_after(whole, 2)] == [3, 4, 4]  # two steps' statistics, then the held-out ones
     assert logged_after(resumed, 2) == logged_after(whole, 2)
     ends = [load_checkpoint(str(run / "ckpt.pt")) for run in (whole, resumed)]
-    assert ends[1]["model"].keys() == ends[0]["model"].keys()
-    for name, tensor in ends[0]["model"].items():
-        assert torch.equal(ends[1]["model"][name], tensor), name
+    assert_same_weights(ends[1]["model"], ends[0]["model"])
     assert ends[1]["reference"]["path"] == os.path.join(os.path.abspath(tiny_sft_checkpoint), "ckpt-0000080.pt")

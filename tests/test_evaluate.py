@@ -22,8 +22,13 @@ import benchmarks
 import sandbox
 from benchmarks import (choice_example, evaluate_examples, exact_match_score, f1_score, generate_answers, parse_record, read_examples,
                         score_continuations)
+<<<<<<< HEAD
 from conftest import run_script
 from evaluate import perplexity
+=======
+from conftest import LLAMA, run_script, tiny_gpt
+from evaluate import _BENCHMARKS, perplexity
+>>>>>>> restructure
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
@@ -31,9 +36,8 @@ SHARED_EVALS = os.environ.get("LOCAL_EVALS", os.path.join(REPO, "..", "shared", 
 BYTES = Tokenizer({"kind": "byte", "eot": "<|endoftext|>"})
 
 
-def tiny_gpt(pos="rope", block_size=32, seed=0):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=257, block_size=block_size, n_layer=2, n_head=2, n_embd=32, pos=pos)).eval()
+def tiny_byte_gpt(pos="rope", block_size=32, seed=0):
+    return tiny_gpt(seed, vocab_size=257, block_size=block_size, pos=pos)
 
 
 class Bigram(nn.Module):
@@ -84,7 +88,7 @@ class Induction(nn.Module):
 
 
 def test_perplexity_is_exp_of_the_mean_token_loss():
-    model = tiny_gpt()
+    model = tiny_byte_gpt()
     tokens = torch.tensor([BYTES.eot_id] + BYTES.encode("def forward(self, x):\n  return x"))
     assert len(tokens) <= model.config.block_size + 1  # one window: a plain forward pass is the reference
     nats, n = perplexity(model, tokens.numpy())
@@ -96,7 +100,7 @@ def test_perplexity_is_exp_of_the_mean_token_loss():
 
 
 def test_a_stride_of_block_size_scores_non_overlapping_windows():
-    model, W = tiny_gpt(block_size=16), 16
+    model, W = tiny_byte_gpt(block_size=16), 16
     tokens = torch.randint(0, 257, (3 * W + 7,))
     total = 0.0
     with torch.no_grad():
@@ -162,7 +166,7 @@ def test_a_context_longer_than_the_model_keeps_its_end_and_the_continuation_is_s
 
 @pytest.mark.parametrize("pos", ["rope", "learned"])
 def test_batched_scores_equal_one_at_a_time(pos):
-    model = tiny_gpt(pos=pos)
+    model = tiny_byte_gpt(pos=pos)
     contexts = ["The cat", "A much longer context about a dog that", "x", "Question: why?\nAnswer:", "w" * 50]
     continuations = [" sat.", " ran home quickly", " y", " Because it is so.", " long context, cut"]
     alone = score_continuations(model, BYTES, list(zip(contexts, continuations)), batch_size=1)
@@ -329,7 +333,7 @@ def test_a_row_that_stops_early_in_a_batch_keeps_the_answer_it_has_alone():
 def test_batched_generation_equals_one_prompt_at_a_time(pos):
     # Prompts of 2 to 38 tokens against a 32-token context and 12 new tokens: the three longest
     # fill the context (two keep only their last 32 tokens) and slide, a padded row among them.
-    model = tiny_gpt(pos=pos)
+    model = tiny_byte_gpt(pos=pos)
     prompts = ["The capital of France is", "x", "Question: why is the sky blue?\nAnswer:", "Q: 2+2?\nA:",
                "w" * 50 + " end", "ab"]
     alone = generate_answers(model, BYTES, prompts, max_new_tokens=12, batch_size=1)
@@ -518,7 +522,7 @@ def test_bad_benchmark_files_are_one_line_errors_naming_the_line(tmp_path):
 
 
 def save_tiny_checkpoint(path):
-    model = tiny_gpt(block_size=64)
+    model = tiny_byte_gpt(block_size=64)
     torch.save({"kind": "pretrain", "model_config": asdict(model.config), "model": model.state_dict(),
                 "tokenizer": BYTES.description, "config": {}}, path)
     return str(path)
@@ -629,7 +633,7 @@ def test_chat_checkpoints_are_prompted_in_the_chat_format_unless_told_not_to(sma
 
     _, tasks, _, root = small_tasks
     qa = [t for t in tasks.split(",") if t.endswith("qa.jsonl")][0]
-    model, tokenizer = add_chat_tokens(tiny_gpt(block_size=64), BYTES)
+    model, tokenizer = add_chat_tokens(tiny_byte_gpt(block_size=64), BYTES)
     chat_ckpt = tmp_path / "chat.pt"
     torch.save({"kind": "sft", "model_config": asdict(model.config), "model": model.state_dict(),
                 "tokenizer": tokenizer.description, "config": {}}, chat_ckpt)
@@ -683,7 +687,7 @@ def test_a_checkpoint_whose_runs_record_no_dataset_is_a_one_line_error(short_sft
 
 
 def test_data_prepared_with_another_tokenizer_is_a_one_line_error(tiny_data_root, monkeypatch, tmp_path):
-    model = GPT(GPTConfig(vocab_size=4, block_size=16, n_layer=1, n_head=1, n_embd=8))
+    model = GPT(GPTConfig(vocab_size=4, block_size=16, n_layer=1, n_head=1, n_embd=8, **LLAMA))
     torch.save({"kind": "pretrain", "model_config": asdict(model.config), "model": model.state_dict(),
                 "tokenizer": {"kind": "char", "chars": "abc"}, "config": {"dataset": "tiny"}}, tmp_path / "char.pt")
     with pytest.raises(SystemExit, match="prepared with the byte tokenizer, not the checkpoint's \\(char\\)"):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from conftest import REPO, TINY_MODEL, run_script
+from conftest import GPT2, LLAMA, REPO, TINY_MODEL, run_script, tiny_gpt
 from forked import error_line, run_forked
 from hf import TOKENIZER_SIDECAR, architecture_of, read_folder, save_folder
 from lora import LoRALinear, add_lora, describe_base, lora_state
@@ -26,12 +26,11 @@ from tokenizer import Tokenizer
 TIKTOKEN_CACHE = os.path.join(REPO, os.pardir, "shared", "data", "tiktoken_cache")
 GPT2_FILES = os.path.join(REPO, os.pardir, "shared", "data", "gpt2_tokenizer")
 BYTE = {"kind": "byte", "eot": "<|endoftext|>"}
-GPT2_STYLE = dict(norm="layernorm", mlp="gelu", pos="learned")
 STYLES = {  # the two architectures, with and without tied embeddings, biases and grouped-query attention
-    "llama": dict(),
-    "llama-gqa-tied-bias": dict(n_kv_head=2, tie_embeddings=True, bias=True),
-    "gpt2-tied-bias": dict(GPT2_STYLE, tie_embeddings=True, bias=True),
-    "gpt2-untied-nobias": dict(GPT2_STYLE),
+    "llama": LLAMA,
+    "llama-gqa-tied-bias": dict(LLAMA, n_kv_head=2, tie_embeddings=True, bias=True),
+    "gpt2-tied-bias": GPT2,
+    "gpt2-untied-nobias": dict(GPT2, tie_embeddings=False, bias=False),
 }
 
 
@@ -51,16 +50,8 @@ def one_thread():
 
 
 def tiny_model(style, vocab_size=257, seed=0):
-    """A random model in eval mode; every tensor random (norm gains around 1, biases nonzero), so a
-    tensor mapped to the wrong place changes the logits, and greedy decoding has clear winners."""
-    torch.manual_seed(seed)
-    config = GPTConfig(vocab_size=vocab_size, block_size=32, n_layer=2, n_head=4, n_embd=32, **STYLES[style])
-    model = GPT(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            gain = name.endswith("weight") and p.dim() == 1
-            p.normal_(1.0 if gain else 0.0, 0.1 if p.dim() == 1 else 0.3)
-    return model
+    """A random model in eval mode (conftest.tiny_gpt), every tensor random."""
+    return tiny_gpt(seed, 0.3, vocab_size=vocab_size, block_size=32, n_head=4, **STYLES[style])
 
 
 def real_logits(model, idx):
@@ -147,11 +138,11 @@ def test_padding_rows_come_back_as_the_mean_of_the_real_rows(tmp_path):
     ("norm", dict(norm="layernorm")),  # RoPE with LayerNorm
     ("mlp", dict(mlp="gelu")),  # RoPE with GELU
     ("norm", dict(pos="learned", mlp="gelu")),  # learned positions with RMSNorm
-    ("mlp", dict(GPT2_STYLE, mlp="swiglu")),
-    ("n_kv_head", dict(GPT2_STYLE, n_kv_head=2)),
+    ("mlp", dict(GPT2, mlp="swiglu")),
+    ("n_kv_head", dict(GPT2, n_kv_head=2)),
 ])
 def test_options_hugging_face_cannot_express_are_one_line_errors_naming_the_option(option, style):
-    config = GPTConfig(vocab_size=257, block_size=32, n_layer=1, n_head=4, n_embd=32, **style)
+    config = GPTConfig(vocab_size=257, block_size=32, n_layer=1, n_head=4, n_embd=32, **{**LLAMA, **style})
     with pytest.raises(SystemExit) as excinfo:
         architecture_of(config)
     assert one_line_error(excinfo).startswith(f"export error: {option}=")
@@ -280,7 +271,7 @@ def test_a_trained_bpe_exports_as_a_tokenizer_transformers_encodes_the_same(tmp_
     transformers = pytest.importorskip("transformers")
     texts = [open(os.path.join(REPO, name), encoding="utf-8").read() for name in ("model.py", "train.py")]
     tokenizer = Tokenizer.train("bpe", texts, vocab_size=500)
-    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=32))
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=32, **LLAMA))
     save_folder(str(tmp_path), model, tokenizer)
     theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()

@@ -21,12 +21,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before lm-eval imports datasets 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
-import torch
 
 from benchmarks import TASKS, evaluate_examples, read_examples, read_task
-from conftest import REPO
+from conftest import GPT2, REPO, tiny_gpt
 from hf import save_folder
-from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install \"lm-eval[hf]==0.4.13\")")
@@ -119,14 +117,8 @@ def task_yaml(folder, task, data_file, train_file=None):
 
 def tiny_model(style, vocab_size, seed, block_size=256):
     """A random model whose logits vary widely, so that options rarely come near a tie."""
-    torch.manual_seed(seed)
-    styles = {"gpt2": dict(norm="layernorm", mlp="gelu", pos="learned", bias=True), "llama": dict(n_kv_head=2)}
-    model = GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=4, n_embd=32,
-                          **styles[style])).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if name.endswith("weight") and p.dim() == 1 else 0.0, 0.1 if p.dim() == 1 else 0.3)
-    return model
+    styles = {"gpt2": dict(GPT2, tie_embeddings=False), "llama": dict(n_kv_head=2)}
+    return tiny_gpt(seed, 0.3, vocab_size=vocab_size, block_size=block_size, n_head=4, **styles[style])
 
 
 def task_records():

@@ -8,19 +8,21 @@ definition (a float64 computation written out by hand, torch.nn.functional, a co
 rotation), the model is compared against it.
 """
 
+import dataclasses
 import math
+from dataclasses import asdict
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (GPT, PEAK_BF16_FLOPS, PRESETS, GPTConfig, apply_rope, dense_mask, document_mask, padding_mask,
-                   peak_flops, rope_tables)
+from torch.nn.attention.flex_attention import create_block_mask
 
-# The two families model.py covers, as small as they go; tests override what they need.
-STYLES = {
-    "modern": dict(),
-    "gpt2": dict(norm="layernorm", mlp="gelu", pos="learned", tie_embeddings=True, bias=True),
-}
+from conftest import GPT2, LLAMA, TINY, tiny_gpt
+from model import GPT, GPTConfig, apply_rope, dense_mask, document_mask, padding_mask, rope_tables
+
+# Two families model.py covers (Llama's, GPT-2's), as small as they go; tests override what they need.
+STYLES = {"modern": LLAMA, "gpt2": GPT2}
 
 
 # Where the GPU paths (FlexAttention, CUDA graphs) are tested when there is a GPU.
@@ -28,25 +30,12 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 
 def tiny_config(style, **overrides):
-    d = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
-    d.update(STYLES[style])
-    d.update(overrides)
-    return GPTConfig(**d)
+    return GPTConfig(**{**TINY, "n_head": 4, **STYLES[style], **overrides})
 
 
 def tiny_model(style, seed=0, sharpen=True, **overrides):
-    """A tiny model in eval mode. sharpen: larger random weights than the 0.02 init, so that
-    attention is far from uniform and greedy decoding has clear winners that vary by position."""
-    torch.manual_seed(seed)
-    model = GPT(tiny_config(style, **overrides)).eval()
-    if sharpen:
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() >= 2:
-                    p.normal_(0.0, 0.3)
-                else:  # norm weights around 1, biases around 0
-                    p.add_(0.1 * torch.randn_like(p))
-    return model
+    """A tiny model in eval mode; sharpen: larger random weights than the 0.02 init (conftest.tiny_gpt)."""
+    return tiny_gpt(seed, 0.3 if sharpen else 0.0, **{"n_head": 4, **STYLES[style], **overrides})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,20 +348,26 @@ def test_left_padded_greedy_generation_equals_each_prompt_alone(style, new, use_
 @pytest.mark.parametrize("rows", ["packed", "left-padded"])
 def test_flex_attention_gives_the_dense_mask_outputs_and_gradients(rows, device):
     # The same mask function, materialised as a BlockMask for the compiled flex kernel or as a dense
-    # boolean mask for SDPA. Two blocks of 128 positions, so that whole blocks are skipped.
+    # boolean mask for SDPA, through the model as its forward runs it. Two blocks of 128 positions, so
+    # that whole blocks are skipped.
     model = tiny_model("modern", n_kv_head=2, block_size=256, n_layer=1).to(device)
     g = torch.Generator().manual_seed(15)
     idx = torch.randint(0, 64, (2, 256), generator=g).to(device)
     if rows == "packed":
-        kwargs = dict(doc_ids=torch.tensor([[0] * 100 + [1] * 150 + [2] * 6, [0] * 20 + [1] * 236]).to(device))
+        positions, mask_mod = document_mask(torch.tensor([[0] * 100 + [1] * 150 + [2] * 6, [0] * 20 + [1] * 236]).to(device))
     else:
-        kwargs = dict(pad=torch.tensor([0, 140]).to(device))
+        positions, mask_mod = padding_mask(torch.tensor([0, 140]).to(device), torch.arange(256, device=device))
+    rope = (model.rope_cos[positions][:, None], model.rope_sin[positions][:, None])
+    masks = {True: create_block_mask(mask_mod, 2, None, 256, 256, device=device),
+             False: dense_mask(mask_mod, 2, torch.arange(256, device=device), 256)}
     results = {}
-    for flex in (False, True):
-        model.flex_attention = flex
+    for flex, mask in masks.items():
         model.zero_grad()
         with torch.set_grad_enabled(device != "cpu"):  # torch 2.11-2.14 have no flex backward on CPU
-            logits, _ = model(idx, all_logits=True, **kwargs)
+            x = model.wte(idx)
+            for block in model.blocks:
+                x = block(x, rope, mask=mask)
+            logits = model.lm_head(model.ln_f(x))
         if logits.requires_grad:
             logits.square().mean().backward()
         results[flex] = logits, [p.grad for p in model.parameters()]
@@ -527,9 +522,19 @@ def test_generation_stops_once_every_row_has_produced_a_stop_token():
 # ---------------------------------------------------------------------------------------------
 # Sizes, FLOPs and configs
 
+def test_the_defaults_are_train_py_s_and_a_config_from_before_an_option_existed_has_it_off():
+    from configurator import defaults_only
+    with defaults_only() as train_py:
+        import train  # noqa: F401  (ends at train.py's configure() call)
+    fields = {f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"}
+    assert fields == {k: train_py[k] for k in fields}
+    old = {k: v for k, v in asdict(GPTConfig(**LLAMA)).items() if k not in ("logit_softcap", "zero_init_proj")}
+    assert GPTConfig.from_dict(old) == GPTConfig(**LLAMA)  # a checkpoint written before the two existed
+
+
 def test_gpt2_preset_has_124M_parameters_and_a_vocabulary_padded_to_50304():
     with torch.device("meta"):  # shapes only: no memory, no init time
-        model = GPT(GPTConfig(**PRESETS["gpt2"]))
+        model = GPT(GPTConfig(**STYLES["gpt2"]))
     assert model.config.vocab_size == 50257
     assert model.num_params() == 124_439_808
     assert model.wte.weight.shape == (50304, 768)
@@ -555,27 +560,6 @@ def test_flops_per_token_is_6N_plus_attention(style, overrides):
     assert model.num_params(non_embedding=True) == N
     for T in (16, 7):
         assert model.flops_per_token(T) == 6 * N + 12 * config.n_layer * config.n_embd * T
-
-
-@pytest.mark.parametrize("name,flops", [
-    ("NVIDIA H100 80GB HBM3", 989e12),
-    ("NVIDIA H100 PCIe", 756e12),
-    ("NVIDIA A100-SXM4-80GB", 312e12),
-    ("Some Future Accelerator", 0.0),
-])
-def test_peak_flops_looks_up_the_gpu_name(name, flops):
-    assert peak_flops(name) == flops
-
-
-def test_peak_flops_override_wins():
-    assert peak_flops("NVIDIA H100 80GB HBM3", override=123e12) == 123e12
-    assert peak_flops("Some Future Accelerator", override=123e12) == 123e12
-
-
-@pytest.mark.parametrize("key", PEAK_BF16_FLOPS)
-def test_every_peak_flops_entry_is_found_by_its_own_name(key):
-    # Catches a shorter key placed above a longer one that contains it ('A10' above 'A100').
-    assert peak_flops(f"NVIDIA {key}") == PEAK_BF16_FLOPS[key]
 
 
 @pytest.mark.parametrize("overrides", [

@@ -7,7 +7,7 @@ import pytest
 
 import plan
 from conftest import run_script
-from model import PEAK_BF16_FLOPS
+from runtime import GPUS, peak_flops
 
 GIB = 2**30
 GPT2 = ["--n_layer=12", "--n_head=12", "--n_embd=768", "--block_size=1024", "--norm=layernorm", "--mlp=gelu",
@@ -47,7 +47,7 @@ def test_gpt2_parameters_and_flops_equal_the_hand_count(data_root):
     assert r["flops_per_token"] == flops_per_token
     assert r["train_flops"] == flops_per_token * 524288 * 2000
     assert r["tokens_per_param"] == pytest.approx(524288 * 2000 / params)
-    seconds = r["train_flops"] / (PEAK_BF16_FLOPS["H100"] * 0.4)
+    seconds = r["train_flops"] / (GPUS["H100"][0] * 0.4)
     assert r["hours"] == pytest.approx(seconds / 3600)
 
 
@@ -133,7 +133,7 @@ def test_a_budget_in_gpu_hours_is_peak_times_gpus_times_seconds_times_mfu(data_r
     argv = ["--gpu=H100", "--num_gpus=8", "--hours=24", "--mfu=0.4", f"--data_root={data_root}", "--dataset=bytes"]
     options, config = plan.read_config(argv)
     flops = plan.budget_flops(options, config)
-    assert flops == PEAK_BF16_FLOPS["H100"] * 8 * 24 * 3600 * 0.4
+    assert flops == GPUS["H100"][0] * 8 * 24 * 3600 * 0.4
     plan.print_budget_report(plan.plan_budget(flops, config, options), options, argv[-2:])
     out = capsys.readouterr().out
     assert out.startswith(f"budget    {flops:.3g} FLOPs (8 x H100 for 24 h at 40% MFU)")
@@ -254,14 +254,14 @@ def test_the_report_prints_the_pipeline_and_offload_lines(data_root, capsys):
     (["--gpu=Z100"], "plan error: unknown GPU 'Z100'; use one of H100 PCIe"),
     (["--n_layr=3"], "config error: unknown key 'n_layr' on the command line; did you mean --n_layer"),
     (["--n_embd=100"], "config error: n_embd=100 must be divisible by n_head=12"),
-    (["--num_gpus=6", "--pipeline_stages=4"], "config error: num_gpus=6 must be a multiple of pipeline_stages=4"),
+    (["--num_gpus=6", "--pipeline_stages=4"], "config error: pipeline_stages=4 does not divide the 6 processes"),
     (["--n_layer=2", "--pipeline_stages=3", "--num_gpus=3"],
      "config error: pipeline_stages=3 must be between 1 and n_layer=2"),
     (["--pipeline_schedule=zb", "--pipeline_stages=2", "--num_gpus=2"],
-     "config error: pipeline_schedule='zb' must be 'gpipe' or '1f1b'"),
+     "config error: pipeline_schedule='zb' is invalid; pipeline_schedule must be one of gpipe, 1f1b"),
     (["--tie_embeddings=True", "--pipeline_stages=2", "--num_gpus=2"],
-     "config error: tie_embeddings=True cannot be split"),
-    (["--cpu_offload=True"], "config error: cpu_offload=True needs --parallelism=fsdp"),
+     "config error: tie_embeddings=True shares one matrix between the first and the last"),
+    (["--cpu_offload=True"], "config error: cpu_offload=True offloads FSDP's shards; set --parallelism=fsdp"),
 ])
 def test_bad_input_stops_with_one_line(argv, message, tmp_path):
     with pytest.raises(SystemExit) as e:
@@ -385,22 +385,22 @@ def plan_main(*argv):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--flops=-1e21"], "config error: flops=-1e+21 must be a finite number of FLOPs >= 0"),
+    (["--flops=-1e21"], "config error: flops=-1e+21 is invalid; flops must be a finite number >= 0"),
     (["--flops=1e60"], "config error: a budget of 1e+60 FLOPs is outside what plan.py plans, 1e+12 "),
     (["--flops=1", "--law=kaplan"], "config error: a budget of 1 FLOPs is outside what plan.py plans"),
     (["--hours=1e12", "--num_gpus=1024"], "config error: a budget of 1.46e+33 FLOPs is outside"),
-    (["--flops=1e999"], "config error: flops=inf must be"),
+    (["--flops=1e999"], "config error: flops=inf is invalid"),
     (["--flops=lots"], "config error: flops='lots' on the command line is a str"),
-    (["--hours=-24"], "config error: hours=-24.0 must be a finite number of hours >= 0"),
+    (["--hours=-24"], "config error: hours=-24.0 is invalid; hours must be a finite number >= 0"),
     (["--hours=1e-9"], "config error: a budget of 1.42e+09 FLOPs is outside"),
-    (["--hours=1e999"], "config error: hours=inf must be"),
-    (["--num_gpus=0"], "config error: num_gpus=0 must be at least 1"),
-    (["--num_gpus=-8", "--flops=1e21"], "config error: num_gpus=-8 must be at least 1"),
-    (["--mfu=0"], "config error: mfu=0.0 must be a fraction in (0, 1]"),
-    (["--mfu=1.5", "--hours=24"], "config error: mfu=1.5 must be a fraction in (0, 1]"),
-    (["--mfu=-0.4"], "config error: mfu=-0.4 must be"),
-    (["--gpu_memory_gb=-80"], "config error: gpu_memory_gb=-80.0 must be >= 0"),
-    (["--pcie_gb_per_s=0"], "config error: pcie_gb_per_s=0.0 must be a bandwidth > 0"),
+    (["--hours=1e999"], "config error: hours=inf is invalid"),
+    (["--num_gpus=0"], "config error: num_gpus=0 is invalid; num_gpus must be an integer >= 1"),
+    (["--num_gpus=-8", "--flops=1e21"], "config error: num_gpus=-8 is invalid"),
+    (["--mfu=0"], "config error: mfu=0.0 is invalid; mfu must be a fraction in (0, 1]"),
+    (["--mfu=1.5", "--hours=24"], "config error: mfu=1.5 is invalid; mfu must be a fraction in (0, 1]"),
+    (["--mfu=-0.4"], "config error: mfu=-0.4 is invalid"),
+    (["--gpu_memory_gb=-80"], "config error: gpu_memory_gb=-80.0 is invalid; gpu_memory_gb must be a finite number >= 0"),
+    (["--pcie_gb_per_s=0"], "config error: pcie_gb_per_s=0.0 is invalid; pcie_gb_per_s must be a finite number > 0"),
     (["--n_layer=0"], "config error: n_layer=0 is invalid; n_layer must be an integer >= 1"),
     (["--n_layer=-1"], "config error: n_layer=-1 is invalid; n_layer must be an integer >= 1"),
     (["--n_head=0"], "config error: n_head=0 is invalid; n_head must be an integer >= 1"),
@@ -410,7 +410,7 @@ def plan_main(*argv):
     (["--total_batch_tokens=0"], "config error: total_batch_tokens=0 is invalid; total_batch_tokens must be an integer >= 1"),
     (["--max_iters=0"], "config error: max_iters=0 is invalid; max_iters must be an integer >= 1"),
     (["--n_layer=100000"], "config error: n_layer=100000 is deeper than any transformer trained"),
-    (["--law=hoffmann", "--flops=1e21"], "config error: law='hoffmann' must be one of chinchilla, kaplan, both"),
+    (["--law=hoffmann", "--flops=1e21"], "config error: law='hoffmann' is invalid; law must be one of chinchilla, kaplan, both"),
     (["--law=kaplan"], "config error: --law=kaplan plans a budget; give --flops or --hours"),
     (["--flops=1e21", "--hours=24"], "config error: give the budget as --flops or as --hours, not both"),
     (["--dataset=broken"], "data error: "),
@@ -422,3 +422,27 @@ def test_a_value_plan_cannot_plan_with_stops_in_one_line(argv, message, tmp_path
         plan_main(f"--data_root={tmp_path}", *argv)
     assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
 
+
+# -----------------------------------------------------------------------------
+# runtime.GPUS, the one hardware table (train.py's MFU, bench.py and plan.py read it)
+
+@pytest.mark.parametrize("name,flops", [
+    ("NVIDIA H100 80GB HBM3", 989e12),
+    ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("Some Future Accelerator", 0.0),
+])
+def test_peak_flops_looks_up_the_gpu_name(name, flops):
+    assert peak_flops(name) == flops
+
+
+def test_peak_flops_override_wins():
+    assert peak_flops("NVIDIA H100 80GB HBM3", override=123e12) == 123e12
+    assert peak_flops("Some Future Accelerator", override=123e12) == 123e12
+
+
+@pytest.mark.parametrize("key", GPUS)
+def test_every_gpu_is_found_by_its_own_name(key):
+    # Catches a shorter key placed above a longer one that contains it ('A10' above 'A100').
+    assert peak_flops(f"NVIDIA {key}") == GPUS[key][0]
+    assert plan.gpu_spec({"gpu": key.lower(), "gpu_memory_gb": 0}, {"peak_flops": 0})[1:] == GPUS[key]

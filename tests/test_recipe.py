@@ -16,19 +16,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, TINY_MODEL, run_script
+from configurator import configure
+from conftest import LLAMA, REPO, TINY_MODEL, assert_same_weights, run_script, tiny_gpt, weights
 from hf import architecture_of
-from model import GPT, GPTConfig
+from model import GPTConfig
 from muon_worker import full_gradients, tiny_model
-from test_distributed import FAST, assert_same_weights, losses, train, weights
+from test_distributed import FAST, losses, train
 from optim import MuonWithAdamW, learning_rate_at, make_optimizer, newton_schulz
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic's coefficients in the Muon paper and torch.optim.Muon
-
-
-def tiny_gpt(**overrides):
-    torch.manual_seed(0)
-    return GPT(GPTConfig(**{**dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32), **overrides}))
 
 
 def reference_newton_schulz(g, steps=5):
@@ -221,8 +217,8 @@ def test_wsd_warms_up_holds_then_decays_over_the_last_fraction():
     assert math.isclose(lr(90), 0.55) and math.isclose(lr(100), 0.1) and lr(150) == 0.1
     assert math.isclose(lr(85, "1-sqrt"), 0.1 + 0.9 * (1 - math.sqrt(0.25)))
     assert lr(85, "1-sqrt") < lr(85) and all(lr(s) >= lr(s + 1) for s in range(80, 110))
-    with pytest.raises(SystemExit, match="lr_schedule='step'"):
-        learning_rate_at(50, 1.0, 10, 100, 0.1, "step")
+    with pytest.raises(SystemExit, match="lr_schedule='step' is invalid; lr_schedule must be one of cosine, wsd"):
+        configure({"lr_schedule": "wsd"}, ["--lr_schedule=step"])
 
 
 def test_relu2_mlp_is_relu_squared_with_4x_hidden():
@@ -273,4 +269,4 @@ def test_sinusoidal_positions_are_the_original_transformers_and_not_learned():
 @pytest.mark.parametrize("option", [dict(mlp="relu2"), dict(pos="sinusoidal"), dict(logit_softcap=15.0)])
 def test_export_refuses_options_hugging_face_cannot_express(option):
     with pytest.raises(SystemExit, match=f"export error: {next(iter(option))}="):
-        architecture_of(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32, **option))
+        architecture_of(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=32, **{**LLAMA, **option}))

@@ -15,7 +15,7 @@ import types
 
 import pytest
 
-from conftest import TINY_MODEL, run_script
+from conftest import TINY_MODEL, read_metrics, run_script
 import runlog
 
 # A stand-in for the wandb package: each call goes as one JSON line to the file $FAKE_WANDB_LOG,
@@ -85,11 +85,6 @@ def fake_tensorboard(monkeypatch):
 
 needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
                                       reason="matplotlib is not installed (pip install matplotlib)")
-
-
-def read_metrics(folder):
-    with open(os.path.join(folder, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def png_size(path):

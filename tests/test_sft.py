@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from chat import add_chat_tokens, collate, pack, render, response_logprobs, split_held_out, training_example
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from conftest import TOY_INSTRUCTIONS, TOY_VAL_FRACTION, logged_after, run_script, run_torchrun, stop_and_resume
+from checkpoint import checkpoint_to_resume, load_checkpoint, model_from_checkpoint, save_checkpoint
+from configurator import configure
+from conftest import (LLAMA, TOY_INSTRUCTIONS, TOY_VAL_FRACTION, assert_same_weights, logged_after, run_script, run_torchrun,
+                      stop_and_resume)
 from lora import LoRALinear, adapters_disabled, add_lora, describe_base, lora_state, merge_lora
 from model import GPT, GPTConfig
 from tokenizer import EOT, Tokenizer
-from checkpoint import checkpoint_to_resume
 
 BYTE = {"kind": "byte", "eot": EOT}
 LORA = dict(rank=4, alpha=8.0, dropout=0.0, targets=["c_attn", "c_proj", "c_fc"])
@@ -24,7 +25,7 @@ LORA = dict(rank=4, alpha=8.0, dropout=0.0, targets=["c_attn", "c_proj", "c_fc"]
 
 def chat_model(**overrides):
     torch.manual_seed(0)
-    config = dict(vocab_size=257, n_layer=2, n_head=2, n_embd=32, block_size=64) | overrides
+    config = dict(vocab_size=257, n_layer=2, n_head=2, n_embd=32, block_size=64, **LLAMA) | overrides
     return add_chat_tokens(GPT(GPTConfig(**config)), Tokenizer(BYTE))
 
 
@@ -107,7 +108,7 @@ def test_only_the_adapters_get_gradients():
 
 def test_an_adapter_checkpoint_rebuilds_base_plus_adapters_and_refuses_a_changed_base(tmp_path):
     torch.manual_seed(0)
-    base = GPT(GPTConfig(vocab_size=257, n_layer=2, n_head=2, n_embd=32, block_size=64))
+    base = GPT(GPTConfig(vocab_size=257, n_layer=2, n_head=2, n_embd=32, block_size=64, **LLAMA))
     base_ckpt = {"kind": "pretrain", "model_config": asdict(base.config), "model": base.state_dict(),
                  "tokenizer": BYTE, "step": 7}
     save_checkpoint(base_ckpt, tmp_path / "base.pt")
@@ -176,9 +177,7 @@ def test_sft_in_two_processes_ends_with_the_weights_of_one(parallelism, tiny_che
     one, two = (load_checkpoint(str(tmp_path / run / "ckpt.pt"))["model"] for run in ("one", "two"))
     start = model_from_checkpoint(load_checkpoint(f"{tiny_checkpoint}/ckpt.pt"))[0].state_dict()
     assert (one["blocks.0.attn.c_attn.weight"] - start["blocks.0.attn.c_attn.weight"]).abs().max() > 1e-3
-    assert one.keys() == two.keys()
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=name)
+    assert_same_weights(two, one, atol=1e-5)
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -195,9 +194,7 @@ def test_sft_stopped_and_resumed_ends_with_the_weights_and_losses_of_an_uninterr
     assert [r["step"] for r in logged_after(whole, 2)] == [3, 4, 4]  # two steps' losses, then the held-out loss
     assert logged_after(resumed, 2) == logged_after(whole, 2)
     ends = [load_checkpoint(str(run / "ckpt.pt")) for run in (whole, resumed)]
-    assert ends[1]["model"].keys() == ends[0]["model"].keys()
-    for name, tensor in ends[0]["model"].items():
-        assert torch.equal(ends[1]["model"][name], tensor), name
+    assert_same_weights(ends[1]["model"], ends[0]["model"])
     if lora:  # the file stays small: adapters only, and the optimizer state of the adapters only
         assert all(".lora_" in k for k in ends[1]["model"])
         assert set(ends[1]["optimizer"]["state"]) == set(ends[1]["model"])
@@ -217,8 +214,7 @@ def test_a_one_process_lora_run_resumes_under_fsdp_in_two_processes_with_its_wei
     assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], abs=1e-5)
     one, two = (load_checkpoint(str(run / "ckpt.pt"))["model"] for run in (whole, resumed))
     assert one.keys() == two.keys() and all(".lora_" in k for k in one)
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=name)
+    assert_same_weights(two, one, atol=1e-5)
 
 
 def test_resuming_stops_with_one_line_when_out_dir_has_no_checkpoint_that_can_continue_the_run(tiny_checkpoint,
@@ -233,7 +229,8 @@ def test_resuming_stops_with_one_line_when_out_dir_has_no_checkpoint_that_can_co
 
     assert checkpoint_to_resume("auto", str(tmp_path), "sft", config, keys) == (None, None)  # nothing there: a new run
     assert error("yes").startswith(f"config error: resume='yes' but {tmp_path} has no checkpoint that loads")
-    assert error("True").startswith("config error: resume='True' is not one of no, yes, auto")
+    with pytest.raises(SystemExit, match="^config error: resume='True' is invalid; resume must be one of no, yes, auto$"):
+        configure({"resume": "no"}, ["--resume=True"])  # the range table: before the script does anything
     os.link(f"{tiny_checkpoint}/ckpt-0000004.pt", tmp_path / "ckpt-0000004.pt")
     assert error("auto").startswith(f"checkpoint error: {tmp_path / 'ckpt-0000004.pt'} is of kind 'pretrain', "
                                     "not one of sft.py's")

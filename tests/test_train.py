@@ -7,16 +7,10 @@ import os
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
-from conftest import TINY_MODEL, run_script
-from checkpoint import save_training_checkpoint, wait_for_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, save_training_checkpoint, wait_for_checkpoint
+from conftest import LLAMA, TINY_MODEL, read_metrics, run_script
 from data import TokenBins
 from optim import learning_rate_at, make_optimizer
-
-
-def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def train(data_root, out_dir, *args, check=True):
@@ -133,7 +127,7 @@ def tiny_training_state():
     """A tiny model and its AdamW, and a function that takes one training step."""
     from model import GPT, GPTConfig
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=16))
+    model = GPT(GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=16, block_size=16, **LLAMA))
     optimizer = make_optimizer(model, 1e-2, 0.1, (0.9, 0.95), "cpu")
 
     def train_step():
