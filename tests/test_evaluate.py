@@ -22,13 +22,8 @@ import benchmarks
 import sandbox
 from benchmarks import (choice_example, evaluate_examples, exact_match_score, f1_score, generate_answers, parse_record, read_examples,
                         score_continuations)
-<<<<<<< HEAD
-from conftest import run_script
-from evaluate import perplexity
-=======
 from conftest import LLAMA, run_script, tiny_gpt
-from evaluate import _BENCHMARKS, perplexity
->>>>>>> restructure
+from evaluate import perplexity
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
