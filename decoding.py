@@ -92,49 +92,53 @@ class Decoder:
         self.newest = torch.zeros(slots, dtype=torch.long, device=self.device)  # each slot's last sampled token
         self.finished = torch.zeros(slots, dtype=torch.bool, device=self.device)  # has produced a stop token
         self.stop_ids = torch.full((slots, 1), -1, device=self.device)  # each slot's stop tokens, -1 for none
+        self.finite = 0  # the cache slots [0, finite) hold finite numbers in every row (see make_finite)
         self.length = [None] * slots  # positions each slot's cache holds; None: the slot is free
         self.unfed = [False] * slots  # the slot's newest token is not in its cache yet
         self.sampling = [None] * slots  # (temperature, top_k, top_p, generator) per slot
-        self.stops = [[] for _ in range(slots)]
+        self.stops = [[] for _ in range(slots)]  # each slot's stop tokens
 
     @property
     def free_slots(self):
         return [s for s in range(self.slots) if self.length[s] is None]
 
     @torch.no_grad()
-    def prefill(self, ids, temperature=1.0, top_k=None, top_p=None, seed=None, stop_tokens=()):
-        """Start a sequence in a free slot and return the slot: its prompt ids (the last block_size
-        of them) go into the slot's cache, and the next step() samples its first token. temperature
-        0 is greedy; top_k and top_p as in sample_next_token; seed makes the slot's samples
-        reproducible whatever else is decoding (None: one is drawn from torch's global generator).
-        Once the slot samples one of stop_tokens it is finished: it repeats that token until freed."""
-        if not self.free_slots:
-            raise RuntimeError(f"all {self.slots} slots are busy: free() one first")
-        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)[-self.block_size :]
-        if ids.dim() != 1 or not len(ids):
-            raise ValueError(f"a prompt is a non-empty list of token ids, got shape {tuple(ids.shape)}")
-        slot = self.free_slots[0]
-        generator = None
-        if temperature > 0:
-            generator = torch.Generator(self.device)
-            generator.manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
-        self.sampling[slot] = (temperature, top_k, top_p, generator)
-        self.fill(torch.tensor([slot], device=self.device), ids[None])
-        self.unfed[slot] = False
-        self.finished[slot] = False
-        self.set_stops(slot, sorted(set(stop_tokens)))
-        return slot
+    def prefill(self, prompts, temperature=1.0, top_k=None, top_p=None, seed=None, stop_tokens=()):
+        """Start a sequence for each prompt (a list of token ids; its last block_size count) in a free
+        slot and return their slots: the prompts run through the model into the slots' caches
+        (prompts of one length in one batch), and the next step() samples their first tokens.
+        temperature 0 is greedy; top_k and top_p as in sample_next_token; seed makes the samples
+        reproducible whatever else is decoding (prompt i gets seed + i; None: drawn from torch's
+        global generator). Once a sequence samples one of stop_tokens it is finished: it repeats
+        that token until freed."""
+        prompts = [torch.as_tensor(ids, dtype=torch.long, device=self.device)[-self.block_size :] for ids in prompts]
+        if any(ids.dim() != 1 or not len(ids) for ids in prompts):
+            raise ValueError("a prompt is a non-empty list of token ids")
+        if len(prompts) > len(self.free_slots):
+            raise RuntimeError(f"{len(prompts)} prompts and {len(self.free_slots)} of {self.slots} slots free: "
+                               "free() some first")
+        slots = self.free_slots[: len(prompts)]
+        stops = sorted(set(stop_tokens))
+        for i, slot in enumerate(slots):
+            generator = None
+            if temperature > 0:
+                generator = torch.Generator(self.device)
+                generator.manual_seed(int(torch.randint(2**62, ())) if seed is None else seed + i)
+            self.sampling[slot] = (temperature, top_k, top_p, generator)
+            self.stops[slot] = stops
+            self.unfed[slot] = False
+        self.finished[slots] = False
+        self.stop_ids = stop_table(self.stops, self.device)
+        for length in sorted({len(ids) for ids in prompts}):
+            rows = [i for i, ids in enumerate(prompts) if len(ids) == length]
+            self.fill(torch.tensor([slots[i] for i in rows], device=self.device), torch.stack([prompts[i] for i in rows]))
+        return slots
 
     def free(self, slot):
         """End the slot's sequence; the slot takes the next prefill."""
-        self.length[slot], self.unfed[slot], self.sampling[slot] = None, False, None
+        self.length[slot], self.unfed[slot], self.sampling[slot], self.stops[slot] = None, False, None, []
         self.finished[slot] = False
-        self.set_stops(slot, [])
-
-    def set_stops(self, slot, stops):
-        self.stops[slot] = stops
-        width = max(1, *map(len, self.stops))
-        self.stop_ids = torch.tensor([s + [-1] * (width - len(s)) for s in self.stops], device=self.device)
+        self.stop_ids = stop_table(self.stops, self.device)
 
     @torch.no_grad()
     def step(self):
@@ -166,11 +170,12 @@ class Decoder:
         for layer, new in zip(self.cache, layers):
             for name in ("k", "v"):
                 if name not in layer:
-                    # zeros, not empty: a masked slot's weight is 0, but 0 * NaN from stale memory is NaN
-                    shape = (self.slots, new[name].size(1), self.block_size, new[name].size(3))
-                    layer[name] = new[name].new_zeros(shape)
+                    layer[name] = new[name].new_empty(self.slots, new[name].size(1), self.block_size, new[name].size(3))
                     if self.cuda_graphs:  # CUDA graphs replay their writes into the cache where it is now
                         torch._dynamo.mark_static_address(layer[name])
+        self.make_finite(T)
+        for layer, new in zip(self.cache, layers):
+            for name in ("k", "v"):
                 layer[name][rows, :, :T] = new[name]
         if self.logits is None:
             self.logits = torch.zeros(self.slots, logits.size(-1), device=self.device)
@@ -178,6 +183,16 @@ class Decoder:
         self.context[rows, :T] = ids
         for slot in rows.tolist():
             self.length[slot] = T
+
+    def make_finite(self, length):
+        """Zero the cache slots [finite, length) of every row, before anything is written there or read.
+        A masked slot that a step reads gets weight 0, but 0 * NaN from uninitialised memory is NaN;
+        zeroing only what the steps read so far spares writing a whole block_size cache per batch."""
+        if length > self.finite:
+            for layer in self.cache:
+                for buffer in layer.values():
+                    buffer[:, :, self.finite : length].zero_()
+            self.finite = length
 
     def advance(self, rows):
         """Run the newest token of each slot in rows (each with room in its cache) through the
@@ -190,6 +205,7 @@ class Decoder:
                for s in range(self.slots)]
         keys = attended_length(max(pos[s] for s in rows) + 1, self.block_size)
         positions = torch.tensor(pos, device=self.device)
+        self.make_finite(keys)
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are used up
         logits, _ = self.forward(self.newest[:, None], cache=self.cache, pos=positions, keys=keys)
@@ -200,6 +216,12 @@ class Decoder:
             self.length[s] += 1
 
 
+def stop_table(stops, device):
+    """Each slot's stop tokens as one (slots, most) tensor, -1 where a slot has fewer."""
+    width = max(1, *map(len, stops))
+    return torch.tensor([s + [-1] * (width - len(s)) for s in stops], device=device)
+
+
 @torch.no_grad()
 def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=None, pad=None,
                     compile=None, check_every=1):
@@ -207,9 +229,8 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     checked (a wait for the device) every check_every tokens: up to check_every - 1 tokens past
     that point, each row repeating its stop token, may come out."""
     decoder = Decoder(model, idx.size(0), compile)
-    for row, ids in enumerate(idx):
-        decoder.prefill(ids if pad is None else ids[int(pad[row]) :], temperature, top_k, top_p,
-                        stop_tokens=stop_tokens or ())
+    prompts = idx if pad is None else [ids[start:] for ids, start in zip(idx, pad.tolist())]
+    decoder.prefill(prompts, temperature, top_k, top_p, stop_tokens=stop_tokens or ())  # slot i is row i
     for i in range(max_new_tokens):
         yield decoder.step()[:, None]
         if stop_tokens and (i + 1) % check_every == 0 and bool(decoder.finished.all()):
