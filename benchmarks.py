@@ -255,9 +255,9 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens=32, stop_at_newli
                      chat=False, batch_size=16):
     """Greedy continuations of each prompt, cut at end-of-text (and the first newline), stripped.
     With chat, each prompt is a user turn in chat.py's format and the answer is the assistant's
-    turn, cut at its <|end|>. Prompts go batch_size at a time, sorted by length so that a batch
-    needs little padding, and left-padded: every row's next token is at the same index, and
-    generate() masks the padding, so each answer is the one its prompt gets alone."""
+    turn, cut at its <|end|>. Prompts go batch_size at a time, sorted by length (prompts of one
+    length prefill together), left-padded into one tensor; generate() decodes each row in a slot
+    of its own, at its own position, so each answer is the one its prompt gets alone."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -272,18 +272,13 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens=32, stop_at_newli
         rows.append(ids[-model.config.block_size :])
     answers = [None] * len(prompts)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    # A batch whose context fills up runs its whole window for every new token: prompts that
-    # would never fill it alone get batches of their own, or they would pay that too.
-    fits = [i for i in order if len(rows[i]) + max_new_tokens <= model.config.block_size]
-    batches = [group[first : first + batch_size] for group in (fits, order[len(fits) :])
-               for first in range(0, len(group), batch_size)]
-    for batch in batches:
+    for batch in (order[first : first + batch_size] for first in range(0, len(order), batch_size)):
         width = max(len(rows[i]) for i in batch)
-        pad = [width - len(rows[i]) for i in batch]  # tokens before each row, of any id: generate() masks them
+        pad = [width - len(rows[i]) for i in batch]  # tokens before each row, of any id: generate() drops them
         idx = torch.tensor([[tokenizer.eot_id] * n + rows[i] for n, i in zip(pad, batch)], device=device)
         with autocast:
             out = model.generate(idx, max_new_tokens, temperature=0, stop_tokens=stop,
-                                 pad=torch.tensor(pad, device=device) if any(pad) else None)  # one length: no mask
+                                 pad=torch.tensor(pad, device=device))
         for r, i in enumerate(batch):
             # A row that stopped early repeats its stop token until the whole batch has stopped: the
             # answer ends at the first end token here, and at the first newline below.
