@@ -22,11 +22,11 @@ Design notes, the why behind the choices:
   forward of one token per slot), then samples one token for every active slot. So a sequence's
   first token costs its prefill and nothing more, and a step with a new arrival advances the
   others too.
-- A step has static shapes: every slot takes part (a free slot computes a token no one reads),
-  and attention reads the cache's first L slots, L the next power of two above the longest
-  sequence (at least 64, at most block_size). Reading all block_size slots at every step made a
-  batch of 8 short sequences read 8x the cache the weights are worth; with a few lengths L, a
-  compiled step keeps a few graphs (on CUDA, CUDA graphs).
+- Every slot takes part in every step (a free slot computes a token no one reads), and attention
+  reads the cache's first L slots: eager, L is the longest sequence's length; compiled, the next
+  power of two above it (at least 64, at most block_size), so that the step keeps a few shapes
+  and so a few graphs (on CUDA, CUDA graphs). Reading all block_size slots at every step, as a
+  single static shape would, made a batch of 8 short sequences read more cache than weights.
 - A greedy row gives the same tokens alone or beside others, and the same as recomputing its
   whole context at every step. Once a sequence fills block_size, its last block_size tokens
   run again from position 0 at every step (a sliding window, exactly as without a cache).
@@ -38,14 +38,16 @@ import functools
 
 import torch
 
-SMALLEST_ATTENDED = 64  # the shortest cache prefix a step reads: below it, fewer shapes matter more than less reading
+SMALLEST_BUCKET = 64  # the shortest cache prefix a compiled step reads: below it, fewer graphs matter more
 
 
-def attended_length(longest, block_size):
+def attended_length(longest, block_size, bucketed):
     """How many cache slots a decoding step reads when its longest row holds `longest` positions
-    (the new token's included): the next power of two, at least SMALLEST_ATTENDED, at most
-    block_size."""
-    return min(block_size, max(SMALLEST_ATTENDED, 1 << (longest - 1).bit_length()))
+    (the new token's included): bucketed (a compiled step, one graph per length), the next power
+    of two, at least SMALLEST_BUCKET, at most block_size; eager, exactly `longest`."""
+    if not bucketed:
+        return longest
+    return min(block_size, max(SMALLEST_BUCKET, 1 << (longest - 1).bit_length()))
 
 
 def sample_next_token(logits, temperature, top_k=None, top_p=None, generator=None):
@@ -84,8 +86,8 @@ class Decoder:
         self.block_size = model.config.block_size
         self.device = next(model.parameters()).device
         self.cuda_graphs = self.device.type == "cuda" and compile is not False
-        compiled = compile or self.cuda_graphs
-        self.forward = functools.partial(compiled_forward(type(model), self.cuda_graphs), model) if compiled else model
+        self.compiled = bool(compile or self.cuda_graphs)
+        self.forward = functools.partial(compiled_forward(type(model), self.cuda_graphs), model) if self.compiled else model
         self.cache = [{} for _ in model.blocks]  # per layer "k" and "v" (slots, n_kv_head, block_size, head_dim)
         self.logits = None  # (slots, vocab_size) float32: each slot's next-token logits
         self.context = torch.zeros(slots, self.block_size, dtype=torch.long, device=self.device)  # what the cache holds
@@ -203,7 +205,7 @@ class Decoder:
         # position (or, free or full, at 0), which holds nothing it needs.
         pos = [self.length[s] if self.length[s] is not None and self.length[s] < self.block_size else 0
                for s in range(self.slots)]
-        keys = attended_length(max(pos[s] for s in rows) + 1, self.block_size)
+        keys = attended_length(max(pos[s] for s in rows) + 1, self.block_size, bucketed=self.compiled)
         positions = torch.tensor(pos, device=self.device)
         self.make_finite(keys)
         if self.cuda_graphs:

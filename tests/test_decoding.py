@@ -96,24 +96,28 @@ def test_a_seeded_row_samples_the_same_tokens_alone_and_beside_other_rows():
     assert alone[0] != greedy_reference(model, [prompt], 20)[0].tolist()
 
 
-def test_a_step_reads_the_next_power_of_two_of_cache_slots_within_64_and_block_size():
-    assert [attended_length(n, 1024) for n in (1, 63, 64, 65, 128, 129, 1000, 1024)] == [
+def test_a_compiled_step_reads_the_next_power_of_two_of_cache_slots_within_64_and_block_size():
+    assert [attended_length(n, 1024, bucketed=True) for n in (1, 63, 64, 65, 128, 129, 1000, 1024)] == [
         64, 64, 64, 128, 128, 256, 1024, 1024]
-    assert attended_length(20, 16) == 16 and attended_length(100, 192) == 128 and attended_length(150, 192) == 192
+    assert [attended_length(n, 16, True) for n in (1, 16)] == [16, 16] and attended_length(150, 192, True) == 192
+    assert attended_length(65, 1024, bucketed=False) == 65  # eager: exactly the longest row
 
 
-def test_bucketed_cache_reads_give_the_tokens_of_reading_the_whole_cache(monkeypatch):
-    # A 256-token context; two rows at different lengths grow through the buckets 64, 128 and 256.
+@pytest.mark.parametrize("read", ["buckets", "all"])
+def test_reading_the_cache_in_buckets_or_whole_gives_the_tokens_of_reading_the_filled_part(read, monkeypatch):
+    # A 256-token context; two rows at different lengths grow through the buckets 64, 128 and 256. An
+    # eager step reads exactly the filled part; here it reads what a compiled step would, or everything.
     model = tiny_model("modern", n_kv_head=2, block_size=256)
-    prompts = random_prompts([10, 50], seed=14)
-    read = []
-    monkeypatch.setattr(decoding, "attended_length", lambda *a: read.append(attended_length(*a)) or read[-1])
-    _, bucketed = run(Decoder(model, slots=2), [(0, prompts[0], GREEDY), (0, prompts[1], GREEDY)], steps=150)
-    assert {64, 128, 256} <= set(read)
-    monkeypatch.setattr(decoding, "attended_length", lambda longest, block_size: block_size)
-    _, whole = run(Decoder(model, slots=2), [(0, prompts[0], GREEDY), (0, prompts[1], GREEDY)], steps=150)
-    assert bucketed == whole
-    assert len(set(whole[0])) > 5 and whole[0] != whole[1]  # tokens vary, so the match means something
+    requests = [(0, p, GREEDY) for p in random_prompts([10, 50], seed=14)]
+    exact = run(Decoder(model, slots=2), requests, steps=150)[1]
+    lengths = []
+    def bucketed(longest, block_size, bucketed):
+        lengths.append(attended_length(longest, block_size, True) if read == "buckets" else block_size)
+        return lengths[-1]
+    monkeypatch.setattr(decoding, "attended_length", bucketed)
+    assert run(Decoder(model, slots=2), requests, steps=150)[1] == exact
+    assert set(lengths) == ({64, 128, 256} if read == "buckets" else {256})
+    assert len(set(exact[0])) > 5 and exact[0] != exact[1]  # tokens vary, so the match means something
 
 
 def test_prefill_refuses_an_empty_prompt_and_more_prompts_than_free_slots():
@@ -128,9 +132,10 @@ def test_prefill_refuses_an_empty_prompt_and_more_prompts_than_free_slots():
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_compiled_step_gives_the_eager_tokens_as_rows_join_and_leave(device):
     # The one test that compiles the decoding step (on CUDA it replays as CUDA graphs): rows joining and
-    # leaving change no shape, so it compiles once (fullgraph) and a second decoder recompiles nothing.
-    model = tiny_model("modern", n_kv_head=2).to(device)
-    prompts = [p.to(device) for p in random_prompts([2, 5, 4])]
+    # leaving change no shape; the longest row grows from the 64-slot bucket into the 128-slot one, so it
+    # compiles two graphs (fullgraph), and a second decoder recompiles nothing.
+    model = tiny_model("modern", n_kv_head=2, block_size=128).to(device)
+    prompts = [p.to(device) for p in random_prompts([2, 60, 4])]
     requests = [(0, prompts[0], GREEDY), (3, prompts[1], GREEDY), (5, prompts[2], dict(temperature=1.0, seed=5))]
     _, eager = run(Decoder(model, slots=3, compile=False), requests, steps=12)
     for _ in range(2):  # a second decoder brings a new cache: CUDA graphs record again, nothing recompiles
