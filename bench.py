@@ -8,16 +8,18 @@ generate on the same weights (exported with hf.py), side by side in one run.
     python bench.py --device=cpu --compile=False --out=bench.json   # JSON as well as the table
 
 The model keys are train.py's (n_layer, n_head, n_kv_head, n_embd, mlp, pos, ... and the
-vocabulary, vocab_size), as are batch_size, activation_checkpointing, device, dtype, compile and
+vocabulary, vocab_size), as are batch_size, activation_checkpointing, optimizer, device, dtype, compile and
 peak_flops (--eager=False times the compiled model alone; --decode_batch_sizes=[] skips decoding); the weights
 are random and so are the tokens: speed does not depend on them. Timings are medians over
 `repeats` after `warmup` untimed runs (compiling happens there), with the variants interleaved
 (A B A B ...) so that a change in the machine's load hits them alike. Training runs whole steps
-(forward, backward, AdamW). Decoding is greedy from a prompt of prompt_tokens random tokens:
+(forward, backward, Muon's step as train.py's). Decoding is greedy from a prompt of prompt_tokens random tokens:
 time to first token is a generate() of one token, the decoding rate is batch x new_tokens
 over a generate() of new_tokens, prompt included. Peak memory is CUDA's
 max_memory_allocated over the timed runs; on a CPU, the process's peak resident set size so far,
 which only grows. MFU needs the GPU's peak FLOP/s (model.py's table, or --peak_flops).
+The table and the JSON start with the facts of the machine that the numbers depend on (runtime.machine_facts:
+torch, CPU model and capability, threads, whether bfloat16 matrix products are native, the GPU).
 """
 
 import json
@@ -32,7 +34,7 @@ import torch
 from configurator import configure, print_config
 from model import GPT, GPTConfig, peak_flops as gpu_peak_flops
 from runlog import save_atomically
-from runtime import autocast_context, device_name, pick_device, pick_dtype
+from runtime import autocast_context, describe_machine, device_name, machine_facts, pick_device, pick_dtype
 from training import make_optimizer
 
 # -----------------------------------------------------------------------------
@@ -42,6 +44,7 @@ globals().update({f.name: f.default for f in fields(GPTConfig)})
 # training
 batch_size = 8  # sequences per step
 activation_checkpointing = False  # recompute each block's activations in the backward pass, as train.py's key
+optimizer = "muon"  # as train.py's: 'muon' or 'adamw'
 learning_rate = 6e-4
 weight_decay = 0.1
 # decoding
@@ -73,6 +76,7 @@ device = pick_device(device)
 dtype = pick_dtype(device, dtype)
 autocast = autocast_context(device, dtype)
 cuda = device.startswith("cuda")
+machine = machine_facts(device)  # before the runs: the load average is the one they start under
 torch.manual_seed(seed)
 try:
     model_config = GPTConfig(**{f.name: config[f.name] for f in fields(GPTConfig)})
@@ -117,7 +121,7 @@ def interleaved(variants, run):
 
 # -----------------------------------------------------------------------------
 # training: whole steps on random tokens
-optimizer = make_optimizer(model, learning_rate, weight_decay, (0.9, 0.95), device)
+optimizer = make_optimizer(model, learning_rate, weight_decay, (0.9, 0.95), device, optimizer)
 x, y = torch.randint(0, vocab_size, (2, batch_size, block_size), device=device).unbind(0)
 train_variants = ({"eager": model} if eager else {}) | ({"compiled": torch.compile(model)} if compile else {})
 
@@ -133,9 +137,7 @@ def train_step(net):
 if cuda:
     torch.cuda.reset_peak_memory_stats()
 train_times = interleaved(train_variants, train_step)
-results = {"config": config, "device": device_name(device), "dtype": dtype, "torch": torch.__version__,
-           "load_average": os.getloadavg()[0], "cpu_threads": torch.get_num_threads(),
-           "train": {}, "decode": {}}
+results = {"machine": machine, "config": config, "device": device_name(device), "dtype": dtype, "train": {}, "decode": {}}
 for name, seconds in train_times.items():
     tokens_per_s = batch_size * block_size / statistics.median(seconds)
     results["train"][name] = {
@@ -191,8 +193,9 @@ for batch in decode_batch_sizes:
     results["decode"][f"batch{batch}"] = rows
 
 # -----------------------------------------------------------------------------
-print(f"\n{results['device']}, {dtype}, torch {torch.__version__}, {model.num_params() / 1e6:.1f}M parameters, "
-      f"load average {results['load_average']:.1f}, peak memory {results['peak_memory_mb']:.0f} MB")
+print(f"\n{describe_machine(machine)}")
+print(f"{results['device']}, {dtype}, {model.num_params() / 1e6:.1f}M parameters, load average at the end "
+      f"{os.getloadavg()[0]:.1f}, peak memory {results['peak_memory_mb']:.0f} MB")
 print(f"{'training':<24}{'tokens/s':>12}{'step ms':>10}{'MFU':>8}")
 for name, r in results["train"].items():
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"

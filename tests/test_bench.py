@@ -18,6 +18,13 @@ def test_bench_writes_training_and_decoding_numbers_for_each_variant(tmp_path):
                         "--decode_batch_sizes=[1, 2]", "--warmup=1", "--repeats=1", f"--out={out}")
     results = json.loads(out.read_text())
     assert "training" in result.stdout and "decoding" in result.stdout
+    # the facts the numbers depend on, at the top of the table and in the JSON
+    machine = results["machine"]
+    assert machine["cpu_capability"] and machine["cpu_float32_gflops"] > 0 and machine["torch"]
+    table = result.stdout[result.stdout.index("machine: "):]
+    table_top = table[:table.index("training")]
+    assert machine["cpu_capability"] in table_top and machine["cpu"] in table_top
+    assert results["config"]["optimizer"] == "muon"  # train.py's default, timed as it trains
     assert results["peak_memory_mb"] > 0
     step = results["train"]["eager"]
     assert step["tokens_per_s"] > 0 and step["step_ms_median"] > 0 and step["mfu"] is None  # no peak for a CPU
