@@ -44,7 +44,7 @@ globals().update({f.name: f.default for f in fields(GPTConfig)})
 # training
 batch_size = 8  # sequences per step
 activation_checkpointing = False  # recompute each block's activations in the backward pass, as train.py's key
-optimizer = "muon"  # as train.py's: 'muon' or 'adamw'
+optimizer = "muon"  # as train.py's: 'muon' or 'adamw'; or both, "muon,adamw", timed in turn
 learning_rate = 6e-4
 weight_decay = 0.1
 # decoding
@@ -121,17 +121,21 @@ def interleaved(variants, run):
 
 # -----------------------------------------------------------------------------
 # training: whole steps on random tokens
-optimizer = make_optimizer(model, learning_rate, weight_decay, (0.9, 0.95), device, optimizer)
+optimizers = {name: make_optimizer(model, learning_rate, weight_decay, (0.9, 0.95), device, name)
+              for name in optimizer.split(",")}
 x, y = torch.randint(0, vocab_size, (2, batch_size, block_size), device=device).unbind(0)
-train_variants = ({"eager": model} if eager else {}) | ({"compiled": torch.compile(model)} if compile else {})
+nets = ({"eager": model} if eager else {}) | ({"compiled": torch.compile(model)} if compile else {})
+train_variants = {(f"{mode} {name}" if len(optimizers) > 1 else mode): (net, opt)
+                  for mode, net in nets.items() for name, opt in optimizers.items()}
 
 
-def train_step(net):
+def train_step(variant):
+    net, opt = variant
     with autocast:
         loss = net(x, y)[1]
     loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 if cuda:
@@ -146,7 +150,7 @@ for name, seconds in train_times.items():
         "mfu": model.flops_per_token(block_size) * tokens_per_s / peak if peak else None,
     }
 results["peak_memory_mb"] = peak_memory_mb()  # training's peak: it needs more than decoding
-del optimizer, train_variants
+del optimizers, train_variants
 model.eval()
 
 # -----------------------------------------------------------------------------

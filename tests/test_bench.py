@@ -43,14 +43,15 @@ def test_bench_refuses_a_prompt_and_answer_longer_than_the_context():
     assert result.returncode != 0 and "config error" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_bench_trains_with_activation_checkpointing_and_skips_decoding_when_asked(tmp_path):
+def test_bench_trains_with_activation_checkpointing_and_two_optimizers_and_skips_decoding_when_asked(tmp_path):
     out = tmp_path / "bench.json"
     run_script("bench.py", "--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32",
                "--block_size=32", "--vocab_size=257", "--batch_size=2", "--prompt_tokens=8", "--new_tokens=4",
-               "--activation_checkpointing=True",
+               "--activation_checkpointing=True", "--optimizer=muon,adamw",
                "--decode_batch_sizes=[]", "--warmup=1", "--repeats=1", f"--out={out}")
     results = json.loads(out.read_text())
-    assert results["config"]["activation_checkpointing"] and results["train"]["eager"]["tokens_per_s"] > 0
+    assert results["config"]["activation_checkpointing"] and set(results["train"]) == {"eager muon", "eager adamw"}
+    assert all(r["tokens_per_s"] > 0 for r in results["train"].values())
     assert results["decode"] == {}
 
 
