@@ -10,16 +10,17 @@ generate on the same weights (exported with hf.py), side by side in one run.
 
 The model keys are train.py's (n_layer, n_head, n_kv_head, n_embd, mlp, pos, ... and the
 vocabulary, vocab_size), as are batch_size, activation_checkpointing, device, dtype, compile and
-peak_flops (--eager=False times the compiled model alone; --decode_batch_sizes=[] skips decoding, --train=False
-training); the weights
-are random and so are the tokens: speed does not depend on them. Timings are medians over
+peak_flops (--optimizers=muon,adamw times both optimizers; --eager=False times the compiled model alone;
+--decode_batch_sizes=[] skips decoding, --train=False training); the weights are random and so are the tokens: speed does not depend on them. Timings are medians over
 `repeats` after `warmup` untimed runs (compiling happens there), with the variants interleaved
 (A B A B ...) so that a change in the machine's load hits them alike. Training runs whole steps
-(forward, backward, AdamW). Decoding is greedy from a prompt of prompt_tokens random tokens:
+(forward, backward, Muon's step as train.py's). Decoding is greedy from a prompt of prompt_tokens random tokens:
 time to first token is a generate() of one token, the decoding rate is batch x new_tokens
 over a generate() of new_tokens, prompt included, and "vs hf" its ratio to transformers'. Peak memory is CUDA's
 max_memory_allocated over the timed runs; on a CPU, the process's peak resident set size so far,
 which only grows. MFU needs the GPU's peak FLOP/s (runtime.GPUS, or --peak_flops).
+The table and the JSON start with the facts of the machine that the numbers depend on (runtime.machine_facts:
+torch, CPU model and capability, threads, whether bfloat16 matrix products are native, the GPU).
 """
 
 import json
@@ -35,7 +36,8 @@ from configurator import configure, print_config
 from model import GPT, GPTConfig
 from optim import make_optimizer
 from runlog import save_atomically
-from runtime import autocast_context, device_name, peak_flops as gpu_peak_flops, pick_device, pick_dtype
+from runtime import (autocast_context, describe_machine, device_name, machine_facts, peak_flops as gpu_peak_flops,
+                     pick_device, pick_dtype)
 
 # -----------------------------------------------------------------------------
 # model: every GPTConfig field is a key, as in train.py (n_layer, n_embd, mlp, pos, ...), with
@@ -45,6 +47,7 @@ globals().update({f.name: f.default for f in fields(GPTConfig)})
 train = True  # False: time decoding alone (a 124M training step takes minutes on a CPU)
 batch_size = 8  # sequences per step
 activation_checkpointing = False  # recompute each block's activations in the backward pass, as train.py's key
+optimizers = "muon"  # train.py's optimizer: 'muon' or 'adamw'; or both, "muon,adamw", timed in turn
 learning_rate = 6e-4
 weight_decay = 0.1
 # decoding
@@ -76,6 +79,7 @@ device = pick_device(device)
 dtype = pick_dtype(device, dtype)
 autocast = autocast_context(device, dtype)
 cuda = device.startswith("cuda")
+machine = machine_facts(device)  # before the runs: the load average is the one they start under
 torch.manual_seed(seed)
 try:
     model_config = GPTConfig(**{f.name: config[f.name] for f in fields(GPTConfig)})
@@ -120,25 +124,30 @@ def interleaved(variants, run):
 
 # -----------------------------------------------------------------------------
 # training: whole steps on random tokens
-optimizer = make_optimizer(model, learning_rate, weight_decay, (0.9, 0.95), device)
+for name in optimizers.split(","):
+    if name not in ("muon", "adamw"):
+        raise SystemExit(f"config error: optimizers={optimizers!r}: each is 'muon' or 'adamw', e.g. --optimizers=muon,adamw")
+optimizer_of = {name: make_optimizer(model, learning_rate, weight_decay, (0.9, 0.95), device, name)
+                for name in optimizers.split(",")}
 x, y = torch.randint(0, vocab_size, (2, batch_size, block_size), device=device).unbind(0)
-train_variants = ({"eager": model} if eager else {}) | ({"compiled": torch.compile(model)} if compile else {})
+nets = ({"eager": model} if eager else {}) | ({"compiled": torch.compile(model)} if compile else {})
+train_variants = {(f"{mode} {name}" if len(optimizer_of) > 1 else mode): (net, opt)
+                  for mode, net in nets.items() for name, opt in optimizer_of.items()}
 
 
-def train_step(net):
+def train_step(variant):
+    net, opt = variant
     with autocast:
         loss = net(x, y)[1]
     loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 if cuda:
     torch.cuda.reset_peak_memory_stats()
 train_times = interleaved(train_variants, train_step) if train else {}
-results = {"config": config, "device": device_name(device), "dtype": dtype, "torch": torch.__version__,
-           "load_average": os.getloadavg()[0], "cpu_threads": torch.get_num_threads(),
-           "train": {}, "decode": {}}
+results = {"machine": machine, "config": config, "device": device_name(device), "dtype": dtype, "train": {}, "decode": {}}
 for name, seconds in train_times.items():
     tokens_per_s = batch_size * block_size / statistics.median(seconds)
     results["train"][name] = {
@@ -147,7 +156,7 @@ for name, seconds in train_times.items():
         "mfu": model.flops_per_token(block_size) * tokens_per_s / peak if peak else None,
     }
 results["peak_memory_mb"] = peak_memory_mb()  # training's peak: it needs more than decoding
-del optimizer, train_variants
+del optimizer_of, train_variants
 model.eval()
 
 # -----------------------------------------------------------------------------
@@ -197,8 +206,9 @@ for batch in decode_batch_sizes:
     results["decode"][f"batch{batch}"] = rows
 
 # -----------------------------------------------------------------------------
-print(f"\n{results['device']}, {dtype}, torch {torch.__version__}, {model.num_params() / 1e6:.1f}M parameters, "
-      f"load average {results['load_average']:.1f}, peak memory {results['peak_memory_mb']:.0f} MB")
+print(f"\n{describe_machine(machine)}")
+print(f"{results['device']}, {dtype}, {model.num_params() / 1e6:.1f}M parameters, load average at the end "
+      f"{os.getloadavg()[0]:.1f}, peak memory {results['peak_memory_mb']:.0f} MB")
 print(f"{'training':<24}{'tokens/s':>12}{'step ms':>10}{'MFU':>8}")
 for name, r in results["train"].items():
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"

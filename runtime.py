@@ -4,6 +4,7 @@ Device, precision, distributed and random-state setup shared by every stage scri
     dist = setup_distributed("auto")             # rank, world size and device, from torchrun's variables
     dtype = pick_dtype(dist.device, "auto")      # bfloat16 where the GPU has it, else float16 / float32
     autocast = autocast_context(dist.device, dtype)   # `with autocast:` around forward passes
+    print(describe_machine(machine_facts(dist.device)))   # what a timing depends on, to print beside it
 
 Run under torchrun, a script gets one process per GPU (or CPU worker); torchrun sets
 RANK, LOCAL_RANK and WORLD_SIZE, and the processes meet through torch.distributed
@@ -11,7 +12,9 @@ RANK, LOCAL_RANK and WORLD_SIZE, and the processes meet through torch.distribute
 """
 
 import os
+import platform
 import random
+import time
 from dataclasses import dataclass
 from contextlib import nullcontext
 
@@ -94,8 +97,10 @@ def teardown_distributed():
 def pick_dtype(device, dtype="auto"):
     """The compute precision: bf16 on GPUs that have it, fp16 on older GPUs, else float32.
 
-    On CPUs bf16 autocast works but is slower than float32 unless the CPU has bf16
-    matrix units, so 'auto' keeps float32 there; ask for bfloat16 explicitly to try it.
+    On a CPU 'auto' is float32 always. Most CPUs have no bfloat16 matrix units (AVX2 only:
+    bf16 products run ~25x slower than fp32, machine_facts measures it), and even on one that
+    has them (AVX512-BF16) bf16 autocast did not train the quickstart's model faster than
+    float32 (docs/train.md); ask for bfloat16 explicitly to try it on a bigger one.
     """
     if dtype == "auto":
         if device.startswith("cuda"):
@@ -115,6 +120,52 @@ def autocast_context(device, dtype):
 
 def device_name(device):
     return torch.cuda.get_device_name(device) if device.startswith("cuda") else device
+
+
+def cpu_model_name():
+    try:
+        with open("/proc/cpuinfo") as f:  # Linux
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def matmul_gflops(dtype, size=256, seconds=0.05):
+    """GFLOP/s of one CPU core's size x size matrix products in dtype: the fastest of those run in
+    `seconds`, on one thread, so that a busy machine's interruptions and a late thread do not count."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a @ b  # the first call sets up the kernel
+        fastest, start = float("inf"), time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            began = time.perf_counter()
+            a @ b
+            fastest = min(fastest, time.perf_counter() - began)
+    finally:
+        torch.set_num_threads(threads)
+    return 2 * size**3 / fastest / 1e9
+
+
+def machine_facts(device="cpu"):
+    """What a speed measured on this machine depends on, measured in a fraction of a second. A CPU's
+    bfloat16 matrix products are native when they run at least half as fast as float32 ones (CPUs
+    with AMX or AVX512-BF16); emulated (AVX2 and most laptops) they run ~25x slower."""
+    float32, bfloat16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
+    return {"torch": torch.__version__, "cpu": cpu_model_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "cpu_float32_gflops": round(float32, 1),
+            "cpu_bfloat16_gflops": round(bfloat16, 1), "cpu_bfloat16_native": bfloat16 >= 0.5 * float32,
+            "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
+            "load_average": round(os.getloadavg()[0], 2)}
+
+
+def describe_machine(facts):
+    """machine_facts as one line, to print at the top of a table of timings."""
+    bf16 = "native" if facts["cpu_bfloat16_native"] else "emulated"
+    return (f"machine: {facts['cpu']} ({facts['cpu_capability']}, {facts['threads']} threads; bfloat16 matmul {bf16}: "
+            f"{facts['cpu_bfloat16_gflops']:g} vs {facts['cpu_float32_gflops']:g} GFLOP/s float32 per core), "
+            f"GPU {facts['gpu'] or 'none'}, torch {facts['torch']}, load average {facts['load_average']:g}")
 
 
 def seed_everything(seed):

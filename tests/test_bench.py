@@ -18,6 +18,13 @@ def test_bench_writes_training_and_decoding_numbers_for_each_variant(tmp_path):
                         "--decode_batch_sizes=[1, 2]", "--warmup=1", "--repeats=1", f"--out={out}")
     results = json.loads(out.read_text())
     assert "training" in result.stdout and "decoding" in result.stdout
+    # the facts the numbers depend on, at the top of the table and in the JSON
+    machine = results["machine"]
+    assert machine["cpu_capability"] and machine["cpu_float32_gflops"] > 0 and machine["torch"]
+    table = result.stdout[result.stdout.index("machine: "):]
+    table_top = table[:table.index("training")]
+    assert machine["cpu_capability"] in table_top and machine["cpu"] in table_top
+    assert results["config"]["optimizers"] == "muon"  # train.py's default, timed as it trains
     assert results["peak_memory_mb"] > 0
     step = results["train"]["eager"]
     assert step["tokens_per_s"] > 0 and step["step_ms_median"] > 0 and step["mfu"] is None  # no peak for a CPU
@@ -36,14 +43,15 @@ def test_bench_refuses_a_prompt_and_answer_longer_than_the_context():
     assert result.returncode != 0 and "config error" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_bench_trains_with_activation_checkpointing_and_skips_decoding_or_training_when_asked(tmp_path):
+def test_bench_trains_with_activation_checkpointing_and_two_optimizers_and_skips_decoding_or_training_when_asked(tmp_path):
     out = tmp_path / "bench.json"
     tiny = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
             "--vocab_size=257", "--batch_size=2", "--prompt_tokens=8", "--new_tokens=4", "--warmup=1", "--repeats=1",
             f"--out={out}", "--hf=False"]
-    run_script("bench.py", *tiny, "--activation_checkpointing=True", "--decode_batch_sizes=[]")
+    run_script("bench.py", *tiny, "--activation_checkpointing=True", "--optimizers=muon,adamw", "--decode_batch_sizes=[]")
     results = json.loads(out.read_text())
-    assert results["config"]["activation_checkpointing"] and results["train"]["eager"]["tokens_per_s"] > 0
+    assert results["config"]["activation_checkpointing"] and set(results["train"]) == {"eager muon", "eager adamw"}
+    assert all(r["tokens_per_s"] > 0 for r in results["train"].values())
     assert results["decode"] == {}
     run_script("bench.py", *tiny, "--train=False", "--decode_batch_sizes=[2]")
     results = json.loads(out.read_text())

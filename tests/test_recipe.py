@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from configurator import configure
 from conftest import LLAMA, REPO, TINY_MODEL, assert_same_weights, run_script, tiny_gpt, weights
 from hf import architecture_of
-from model import GPTConfig
+from model import GPT, GPTConfig
+from matmul_dtypes import MatmulDtypes
 from muon_worker import full_gradients, tiny_model
 from test_distributed import FAST, losses, train
 from optim import MuonWithAdamW, learning_rate_at, make_optimizer, newton_schulz
@@ -113,19 +114,6 @@ def test_newton_schulz_in_bfloat16_is_torch_muons_and_float32_stays_within_the_i
 
 def test_a_cpu_muon_step_runs_no_bfloat16_matrix_product():
     # torch.optim.Muon casts to bfloat16, which an AVX2 CPU runs 20x slower than float32: the step must not
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class MatmulDtypes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm,
-                                       torch.ops.aten.matmul):
-                self.seen.append(args[-1].dtype)
-            return func(*args, **(kwargs or {}))
-
     model = tiny_gpt()
     optimizer = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cpu", "muon")
     for p in model.parameters():
