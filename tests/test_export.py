@@ -50,11 +50,12 @@ def one_thread():
         os.environ["OMP_NUM_THREADS"] = variable
 
 
-def tiny_model(style, vocab_size=257, seed=0):
+def tiny_model(style, vocab_size=257, seed=0, **overrides):
     """A random model in eval mode; every tensor random (norm gains around 1, biases nonzero), so a
     tensor mapped to the wrong place changes the logits, and greedy decoding has clear winners."""
     torch.manual_seed(seed)
-    config = GPTConfig(vocab_size=vocab_size, block_size=32, n_layer=2, n_head=4, n_embd=32, **STYLES[style])
+    config = GPTConfig(**{**dict(vocab_size=vocab_size, block_size=32, n_layer=2, n_head=4, n_embd=32),
+                          **STYLES[style], **overrides})
     model = GPT(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
