@@ -106,8 +106,9 @@ size = f"{model.num_params() / 1e6:.2f}M parameters in {gguf_type if format == '
 shape = f"vocabulary {model.config.vocab_size}, context {model.config.block_size}"
 if format == "gguf":
     print(f"{ckpt_path} -> {target}: llama.cpp's {architecture}, {size}, {os.path.getsize(target) / 1e6:.1f} MB, {shape}")
-    chat = "--jinja -cnv" if has_chat_tokens(tokenizer) else '-no-cnv -p "..."'
-    print(f"run it: llama-cli -m {target} -c {model.config.block_size} {chat} (Ollama: a Modelfile, see docs/export.md)")
+    run = (f"llama-cli -m {target} -c {model.config.block_size} --jinja" if has_chat_tokens(tokenizer) else
+           f'llama-completion -m {target} -c {model.config.block_size} -no-cnv -p "..."')
+    print(f"run it: {run} (Ollama: a Modelfile, see docs/export.md)")
 else:
     print(f"{ckpt_path} -> {target}: {ARCHITECTURES[architecture]}, {size}, {shape}")
     print(f"wrote {', '.join(files)}")
