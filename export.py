@@ -62,9 +62,9 @@ for key, value, allowed in (("format", format, ("hf", "gguf")), ("dtype", dtype,
         raise SystemExit(f"config error: {key}='{value}' is not one of {', '.join(allowed)}")
 ckpt_path = ckpt or os.path.join(out_dir, "ckpt.pt")
 if format == "gguf":
-    # named after the run's folder (of an hf:FOLDER, that folder) and written into it
-    run_folder = os.path.abspath(ckpt_path[3:]) if ckpt_path.startswith("hf:") else os.path.dirname(os.path.abspath(ckpt_path))
-    target = os.path.expanduser(file) if file else os.path.join(run_folder, f"{os.path.basename(run_folder)}-{gguf_type}.gguf")
+    # by default named after the run's folder (of an hf:FOLDER, that folder) and written into it
+    run = os.path.abspath(ckpt_path[3:]) if ckpt_path.startswith("hf:") else os.path.dirname(os.path.abspath(ckpt_path))
+    target = os.path.expanduser(file) if file else os.path.join(run, f"{os.path.basename(run)}-{gguf_type}.gguf")
     if os.path.isdir(target):
         raise SystemExit(f"export error: {target} is a folder; give --file a file name, such as {target}/model.gguf")
     if os.path.isfile(target):
@@ -78,7 +78,8 @@ existing = os.path.abspath(existing)  # the folder to write into, or the nearest
 while not os.path.exists(existing):
     existing = os.path.dirname(existing)
 if not os.path.isdir(existing):
-    raise SystemExit(f"export error: {existing} is a file, not a folder; choose another --{'file' if format == 'gguf' else 'folder'}")
+    key = "file" if format == "gguf" else "folder"
+    raise SystemExit(f"export error: {existing} is a file, not a folder; choose another --{key}")
 
 # Each of the three steps takes seconds per 100M parameters (37 s in all for GPT-2 124M on a busy CPU),
 # so a terminal shows which one is running; piped or logged, nothing.
@@ -105,16 +106,18 @@ with tqdm(total=3, desc="export", bar_format="{desc} {n}/{total} steps, {elapsed
 size = f"{model.num_params() / 1e6:.2f}M parameters in {gguf_type if format == 'gguf' else dtype}"
 shape = f"vocabulary {model.config.vocab_size}, context {model.config.block_size}"
 if format == "gguf":
-    print(f"{ckpt_path} -> {target}: llama.cpp's {architecture}, {size}, {os.path.getsize(target) / 1e6:.1f} MB, {shape}")
-    run = (f"llama-cli -m {target} -c {model.config.block_size} --jinja" if has_chat_tokens(tokenizer) else
-           f'llama-completion -m {target} -c {model.config.block_size} -no-cnv -p "..."')
-    print(f"run it: {run} (Ollama: a Modelfile, see docs/export.md)")
+    megabytes = os.path.getsize(target) / 1e6
+    print(f"{ckpt_path} -> {target}: llama.cpp's {architecture}, {size}, {megabytes:.1f} MB, {shape}")
+    command = (f"llama-cli -m {target} -c {model.config.block_size} --jinja" if has_chat_tokens(tokenizer) else
+               f'llama-completion -m {target} -c {model.config.block_size} -no-cnv -p "..."')
+    print(f"run it: {command} (Ollama: a Modelfile, see docs/export.md)")
 else:
     print(f"{ckpt_path} -> {target}: {ARCHITECTURES[architecture]}, {size}, {shape}")
     print(f"wrote {', '.join(files)}")
     if "vocab.json" in files:
         print(f"load it: AutoModelForCausalLM.from_pretrained('{target}'), AutoTokenizer.from_pretrained('{target}')")
     else:
-        print(f"load it: AutoModelForCausalLM.from_pretrained('{target}'); transformers has no {tokenizer.kind} tokenizer"
+        print(f"load it: AutoModelForCausalLM.from_pretrained('{target}'); "
+              f"transformers has no {tokenizer.kind} tokenizer"
               + (": ids 0-255 are the bytes, 256 is end-of-text" if tokenizer.kind == "byte" else "")
               + f"; this repository reads it back with --ckpt=hf:{target}")

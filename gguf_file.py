@@ -51,7 +51,8 @@ def import_gguf():
 def interleave_rope_pairs(weight, heads):
     """q or k rows (or biases) from (first half, second half) order within each head to interleaved
     pairs: row i of a head's second half moves next to row i of its first half."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+    pairs = weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])  # (head, half, row)
+    return pairs.transpose(1, 2).reshape(weight.shape)
 
 
 def gguf_tensors(model, gguf):

@@ -66,10 +66,10 @@ EXPORT_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt", 
 def architecture_of(config):
     """'gpt2' or 'llama', the transformers architecture that expresses config; a one-line error if none does."""
     def refuse(option, why):
-        raise SystemExit(f"export error: {option}={getattr(config, option)!r} {why}; GPT-2 (GPT2LMHeadModel, llama.cpp's "
-                         "gpt2) needs pos='learned', norm='layernorm', mlp='gelu', n_kv_head=n_head and Llama "
-                         "(LlamaForCausalLM, llama.cpp's llama) pos='rope', norm='rmsnorm', mlp='swiglu'; to export, train "
-                         "with one of them, e.g. --mlp=swiglu --qk_norm=False --logit_softcap=0")
+        raise SystemExit(f"export error: {option}={getattr(config, option)!r} {why}; GPT-2 (GPT2LMHeadModel, "
+                         "llama.cpp's gpt2) needs pos='learned', norm='layernorm', mlp='gelu', n_kv_head=n_head and "
+                         "Llama (LlamaForCausalLM, llama.cpp's llama) pos='rope', norm='rmsnorm', mlp='swiglu'; to "
+                         "export, train with one of them, e.g. --mlp=swiglu --qk_norm=False --logit_softcap=0")
     if config.qk_norm:
         refuse("qk_norm", "has no equivalent in GPT-2 or Llama")
     if config.logit_softcap:
@@ -351,7 +351,8 @@ def write_file(path, data):
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     except OSError as e:
-        raise SystemExit(f"export error: cannot write into {folder} ({e.strerror}); choose a folder you can write to") from None
+        raise SystemExit(f"export error: cannot write into {folder} ({e.strerror}); choose a folder you can "
+                         "write to") from None
     try:
         with os.fdopen(fd, "wb") as f:
             if callable(data):

@@ -95,8 +95,8 @@ model = model.float().eval()
 prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
 context = model.config.block_size
 if len(prompt_ids) + new_tokens > context:
-    raise SystemExit(f"config error: the prompt's {len(prompt_ids)} tokens and new_tokens={new_tokens} do not fit in the "
-                     f"model's context of {context}; llama.cpp would go past it where model.py slides a window")
+    raise SystemExit(f"config error: the prompt's {len(prompt_ids)} tokens and new_tokens={new_tokens} do not fit in "
+                     f"the model's context of {context}; llama.cpp would go past it where model.py slides a window")
 print(f"{ckpt_path}: {model.num_params() / 1e6:.2f}M parameters; {len(prompt_ids)} prompt tokens, {new_tokens} greedy "
       f"tokens; llama-cpp-python {llama_cpp.__version__} with a {kv_cache} KV cache, torch {torch.__version__}, "
       f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
