@@ -10,7 +10,9 @@ difference is llama.cpp's arithmetic alone) and as trained, in float32 (the expo
 
 Reads the checkpoint; writes each type's file into a temporary folder (removed at the end), prints
 one row per type and, with --out, the rows as JSON. Logits are compared on llama.cpp's own sequence
-(the prompt, then its tokens), so one early difference in a token does not shift every later row.
+(the prompt, then its tokens), so one early difference in a token does not shift every later row;
+where the tokens differ, the row says how far apart our logits of the two picks were (a near-tie is
+one either side's rounding may break). --kv_cache=f32 leaves out llama.cpp's float16 keys and values.
 """
 
 import copy
