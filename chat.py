@@ -115,6 +115,19 @@ def prompt_ids(tokenizer, messages):
     return render(tokenizer, messages)[0] + [tokenizer.special_tokens["<|assistant|>"]]
 
 
+def chat_template(tokenizer):
+    """The format above as a Jinja template, which Hugging Face's tokenizer_config.json and a GGUF
+    file carry (chat_template), so that transformers, llama.cpp and Ollama's importer render a
+    conversation as render() and prompt_ids() do. They then tokenize the text with the special
+    tokens recognised by name, so there a message that spells out <|user|> does fake a turn."""
+    eot = next(name for name, i in tokenizer.special_tokens.items() if i == tokenizer.eot_id)
+    return (f"{eot}{{% for message in messages %}}"
+            f"{{% if message['role'] not in {list(ROLES)} %}}"
+            f"{{{{ raise_exception('a message role is one of {', '.join(ROLES)}') }}}}{{% endif %}}"
+            f"<|{{{{ message['role'] }}}}|>{{{{ message['content'] }}}}{END}{{% endfor %}}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
 def stop_ids(tokenizer):
     """Where an answer ends: <|end|>, or end-of-text should a model produce that instead."""
     return {tokenizer.special_tokens[END], tokenizer.eot_id}

@@ -48,6 +48,7 @@ from dataclasses import asdict
 import torch
 from safetensors.torch import load_file, save
 
+from chat import chat_template, has_chat_tokens
 from model import GPTConfig
 from tokenizer import EOT, Tokenizer, read_ranks
 
@@ -65,9 +66,10 @@ EXPORT_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt", 
 def architecture_of(config):
     """'gpt2' or 'llama', the transformers architecture that expresses config; a one-line error if none does."""
     def refuse(option, why):
-        raise SystemExit(f"export error: {option}={getattr(config, option)!r} {why}; Hugging Face's GPT2LMHeadModel "
-                         "needs pos='learned', norm='layernorm', mlp='gelu', n_kv_head=n_head and LlamaForCausalLM "
-                         "needs pos='rope', norm='rmsnorm', mlp='swiglu'; train with options one of them can express")
+        raise SystemExit(f"export error: {option}={getattr(config, option)!r} {why}; GPT-2 (GPT2LMHeadModel, "
+                         "llama.cpp's gpt2) needs pos='learned', norm='layernorm', mlp='gelu', n_kv_head=n_head and "
+                         "Llama (LlamaForCausalLM, llama.cpp's llama) pos='rope', norm='rmsnorm', mlp='swiglu'; to "
+                         "export, train with one of them, e.g. --mlp=swiglu --qk_norm=False --logit_softcap=0")
     if config.qk_norm:
         refuse("qk_norm", "has no equivalent in GPT-2 or Llama")
     if config.logit_softcap:
@@ -269,27 +271,48 @@ def merges_of(tokens):
     return merges
 
 
-def bpe_files(tokenizer, block_size):
-    """vocab.json, merges.txt and tokenizer_config.json (as text) for a byte-level BPE tokenizer."""
-    specials = tokenizer.special_tokens
-    special_ids = set(specials.values())
+def byte_level_bpe(tokenizer):
+    """Any of tokenizer.py's kinds as byte-level BPE, the form that Hugging Face's GPT2Tokenizer and
+    llama.cpp's 'gpt2' tokenizer read: ({token: id}, [(left, right), ...] the merges in rank order),
+    each token written in byte_to_unicode's characters, the special tokens under their names.
+    'gpt2' and 'bpe' are BPE already. 'byte' is the 256 one-byte tokens with no merges. 'char' is a
+    token per character, whose bytes (if more than one) merge left to right; a merge never joins two
+    characters, since a character's later bytes are UTF-8 continuation bytes, which never begin one."""
+    special_ids = set(tokenizer.special_tokens.values())
     if tokenizer.kind == "bpe":
         ranks = read_ranks(tokenizer.description["ranks"])
         tokens = sorted(ranks, key=ranks.get)
-    else:  # gpt2: tiktoken's ranks are the ids that are not special
+    elif tokenizer.kind == "gpt2":  # tiktoken's ranks are the ids that are not special
         tokens = [tokenizer._enc.decode_single_token_bytes(i) for i in range(tokenizer.vocab_size) if i not in special_ids]
+    elif tokenizer.kind == "byte":
+        tokens = [bytes([b]) for b in range(256)]
+    else:
+        tokens = [c.encode("utf-8") for c in tokenizer.chars]
+    if tokenizer.kind == "char":
+        merges = list(dict.fromkeys((t[:k], t[k : k + 1]) for t in tokens for k in range(1, len(t))))
+    else:
+        merges = merges_of(tokens)  # none for 'byte'
     to_char = byte_to_unicode()
     text = lambda token: "".join(to_char[b] for b in token)
-    vocab = {text(token): i for i, token in enumerate(tokens)} | specials
-    merges = "#version: 0.2\n" + "".join(f"{text(a)} {text(b)}\n" for a, b in merges_of(tokens))
+    vocab = {text(token): i for i, token in enumerate(tokens)} | tokenizer.special_tokens
+    return vocab, [(text(a), text(b)) for a, b in merges]
+
+
+def bpe_files(tokenizer, block_size):
+    """vocab.json, merges.txt and tokenizer_config.json (as text) for a byte-level BPE tokenizer."""
+    vocab, merges = byte_level_bpe(tokenizer)
     eot = tokenizer.description.get("eot", EOT)
     config = {
         "tokenizer_class": "GPT2Tokenizer", "model_max_length": block_size, "add_prefix_space": False,
         "bos_token": eot, "eos_token": eot, "unk_token": eot,
         "added_tokens_decoder": {str(i): {"content": name, "special": True, "lstrip": False, "rstrip": False,
-                                          "normalized": False, "single_word": False} for name, i in specials.items()},
+                                          "normalized": False, "single_word": False}
+                                 for name, i in tokenizer.special_tokens.items()},
     }
-    return {"vocab.json": json.dumps(vocab, ensure_ascii=False), "merges.txt": merges,
+    if has_chat_tokens(tokenizer):
+        config["chat_template"] = chat_template(tokenizer)
+    return {"vocab.json": json.dumps(vocab, ensure_ascii=False),
+            "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
             "tokenizer_config.json": json.dumps(config, indent=2)}
 
 
@@ -320,15 +343,30 @@ def tokenizer_of(folder):
 
 
 def write_file(path, data):
-    """Write bytes or text under a temporary name, then rename into place."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".tmp")
+    """Write data under a temporary name beside path, then rename it into place: bytes or text, or a
+    function that writes the file at the (temporary) path it is given. A folder that cannot be
+    written (read-only, full) is a one-line error, and no temporary file is left behind."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    except OSError as e:
+        raise SystemExit(f"export error: cannot write into {folder} ({e.strerror}); choose a folder you can "
+                         "write to") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
+            if callable(data):
+                data(tmp)  # through a handle of its own: fsync flushes the file, whichever handle wrote it
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+                f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's files are private; a model folder is meant to be shared
+        os.chmod(tmp, 0o644)  # mkstemp's files are private; a model file is meant to be shared
         os.replace(tmp, path)
+    except OSError as e:
+        os.unlink(tmp)
+        raise SystemExit(f"export error: writing {path} failed ({e.strerror}); free some space or choose another "
+                         "folder") from None
     except BaseException:
         os.unlink(tmp)
         raise
@@ -343,7 +381,6 @@ def save_folder(folder, model, tokenizer, dtype=torch.float32):
         if foreign:
             raise SystemExit(f"export error: {folder} holds files export.py does not write ({', '.join(foreign[:3])}); "
                              "choose a new or empty folder")
-    os.makedirs(folder, exist_ok=True)
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     tensors = {name: t.to(dtype) for name, t in to_hf(model.state_dict(), config).items()}
     files = {"config.json": json.dumps(hf, indent=2), "model.safetensors": save(tensors, metadata={"format": "pt"}),

@@ -49,9 +49,9 @@ def one_thread():
         os.environ["OMP_NUM_THREADS"] = variable
 
 
-def tiny_model(style, vocab_size=257, seed=0):
+def tiny_model(style, vocab_size=257, seed=0, **overrides):
     """A random model in eval mode (conftest.tiny_gpt), every tensor random."""
-    return tiny_gpt(seed, 0.3, vocab_size=vocab_size, block_size=32, n_head=4, **STYLES[style])
+    return tiny_gpt(seed, 0.3, **{"vocab_size": vocab_size, "block_size": 32, "n_head": 4, **STYLES[style], **overrides})
 
 
 def real_logits(model, idx):
