@@ -320,8 +320,14 @@ def tokenizer_of(folder):
 
 
 def write_file(path, data):
-    """Write bytes or text under a temporary name, then rename into place."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".tmp")
+    """Write bytes or text under a temporary name, then rename into place (making the folder); a folder
+    that cannot be written (read-only, not ours) stops with one line, before anything is written there."""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".tmp")
+    except OSError as e:
+        raise SystemExit(f"export error: cannot write in {os.path.dirname(path) or '.'} ({e.strerror}); "
+                         "choose a --folder you can write to") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
@@ -343,7 +349,6 @@ def save_folder(folder, model, tokenizer, dtype=torch.float32):
         if foreign:
             raise SystemExit(f"export error: {folder} holds files export.py does not write ({', '.join(foreign[:3])}); "
                              "choose a new or empty folder")
-    os.makedirs(folder, exist_ok=True)
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     tensors = {name: t.to(dtype) for name, t in to_hf(model.state_dict(), config).items()}
     files = {"config.json": json.dumps(hf, indent=2), "model.safetensors": save(tensors, metadata={"format": "pt"}),

@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -73,6 +74,24 @@ def write_byte_dataset(data_dir, documents, val_documents):
             "vocab_size": 257, "eot_id": 256, "dtype": "uint16", "splits": splits}
     with open(os.path.join(data_dir, "meta.json"), "w") as f:
         json.dump(meta, f)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """An empty folder no one may write in: chmod 555, or for root (whom permissions do not stop) a
+    read-only tmpfs mounted there; skips where neither works."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+        yield folder
+        folder.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("root ignores permissions, and mounting a read-only tmpfs failed")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
 
 
 @pytest.fixture(scope="session")
