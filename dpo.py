@@ -203,9 +203,9 @@ if checkpoint is not None:
 scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
 raw_model = model
 model = wrap_model(model, dist, parallelism, compile, log)
-run_log = RunLog(out_dir, config, master, run_log_path(out_dir, resumed=step > 0), stage="dpo", data=data,
-                 parameters=raw_model.num_params(), trained_parameters=trainable, device=device_name(device),
-                 processes=dist.world_size, dtype=dtype)
+run_log = RunLog(out_dir, config, master, run_log_path(out_dir, resumed=step > 0), resumed_at=step or None,
+                 stage="dpo", data=data, parameters=raw_model.num_params(), trained_parameters=trainable,
+                 device=device_name(device), processes=dist.world_size, dtype=dtype)
 
 STATS = ("loss", "accuracy", "margin", "logp_chosen", "logp_rejected")
 

@@ -222,7 +222,8 @@ else:
     except ValueError as e:
         raise SystemExit(f"config error: {e}") from None
     step, best_val_loss = 0, float("inf")
-metrics_path = run_log_path(out_dir, resumed=checkpoint is not None)
+resumed_at = step if checkpoint is not None else None  # the trackers continue the curves from there
+metrics_path = run_log_path(out_dir, resumed=resumed_at is not None)
 # Built on the meta device, with no memory: place_model (or the pipeline) gives it its weights, a new
 # run's from the seed and under FSDP block by block, each process keeping only its shards.
 with torch.device("cpu" if pretrained is not None else "meta"):
@@ -264,7 +265,7 @@ if pipeline is None:
 
 peak = gpu_peak_flops(device_name(device), peak_flops) if device.startswith("cuda") or peak_flops else 0.0
 # metrics.jsonl, the trackers, the plot and the report card: rank 0's
-run_log = RunLog(out_dir, config, master, metrics_path, stage="pretrain",
+run_log = RunLog(out_dir, config, master, metrics_path, resumed_at=resumed_at, stage="pretrain",
                  data=f"{data_dir}: {meta['splits']['train']['tokens']:,} train tokens", parameters=parameters,
                  device=device_name(device), processes=dist.world_size, dtype=dtype)
 if "unigram_loss" in meta:
