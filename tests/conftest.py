@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(REPO, os.pardir, "shared")  # read-only public data, when present
 sys.path.insert(0, REPO)
 
 # A model small enough that a training step takes milliseconds on a CPU.
@@ -74,6 +75,27 @@ def write_byte_dataset(data_dir, documents, val_documents):
             "vocab_size": 257, "eot_id": 256, "dtype": "uint16", "splits": splits}
     with open(os.path.join(data_dir, "meta.json"), "w") as f:
         json.dump(meta, f)
+
+
+def files_under(folder):
+    """{relative path: (size, mtime)} of every file under folder."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            info = os.stat(os.path.join(root, name))
+            files[os.path.relpath(os.path.join(root, name), folder)] = (info.st_size, info.st_mtime_ns)
+    return files
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_is_never_written():
+    """The tests read ../shared but never write there. tiktoken, for one, copies every file it loads
+    by path or URL into TIKTOKEN_CACHE_DIR, which the gpt2 tests point at ../shared/data/tiktoken_cache."""
+    before = files_under(SHARED)
+    yield
+    after = files_under(SHARED)
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    assert not changed, f"the tests wrote into {SHARED}: {', '.join(changed[:5])}"
 
 
 @pytest.fixture
