@@ -941,6 +941,21 @@ def batched(items, max_chars=1 << 20):
         yield batch
 
 
+@contextlib.contextmanager
+def worker_pool(workers, initializer, initargs):
+    """multiprocessing.Pool, closed and joined at the end however the block ends. Pool's own `with`
+    terminates the workers, and one stopped while it writes a large result (a batch of cleaned text
+    is about 1 MB, more than a pipe holds) keeps the result queue's lock forever, so terminate waits
+    for it: prepare hung after "stopping at the limit" in 2 of 200 runs. Closing lets the batches
+    still in flight finish (seconds at most); then the workers end by themselves."""
+    pool = multiprocessing.Pool(workers, initializer=initializer, initargs=initargs)
+    try:
+        yield pool
+    finally:
+        pool.close()
+        pool.join()
+
+
 def imap_bounded(pool, fn, batches, ahead):
     """pool.imap with at most `ahead` tasks in flight: Pool.imap reads its whole input at once,
     which would hold the corpus in memory."""
@@ -1173,7 +1188,7 @@ if __name__ == "__main__":
                          or unicode_nfc or normalize_whitespace or html_to_text and any(is_html(s[0]) for s in sources))
         if not share_out:
             load_cleaner(config)
-        with (multiprocessing.Pool(workers, initializer=start_cleaner, initargs=(config,)) if share_out
+        with (worker_pool(workers, start_cleaner, (config,)) if share_out
               else contextlib.nullcontext()) as pool, \
                 open(scratch, "w", encoding="utf-8") as out, progress(unit=" docs", desc="reading") as bar:
             documents = read_documents(files, stats, removed)
@@ -1213,6 +1228,7 @@ if __name__ == "__main__":
                     print(f"  {n_in:,} documents read, {len(pieces_per_doc):,} kept", flush=True)
                     last_print = time.time()
             documents.close()
+        stop_downloads.set()  # the files fetched ahead of a limit are not needed (their .part stays for a later run)
         t_clean = time.time() - t0
         sources = {"input": input or url or stdlib}
         sources.update((k, stats[k]) for k in ("files", "bytes", "sha256", "skipped_binary", "replaced_chars", "bad_records"))
@@ -1245,7 +1261,7 @@ if __name__ == "__main__":
         counts = {split: np.zeros(tok.vocab_size, dtype=np.int64) for split in writers}
         documents_per_split = collections.Counter()
         units = pieces_by_split(read_scratch(scratch), is_val, max_document_chars)
-        with multiprocessing.Pool(workers, initializer=start_encoder, initargs=(tok.description, dtype)) as pool, \
+        with worker_pool(workers, start_encoder, (tok.description, dtype)) as pool, \
                 progress(total=n_pieces, unit=" pieces", desc="tokenizing") as bar:
             for results in imap_bounded(pool, encode_batch, batched(units), 2 * workers):
                 bar.update(len(results))
