@@ -29,7 +29,7 @@ import sys
 import torch
 
 from checkpoint import checkpoints_newest_first
-from training import wait_for_checkpoint
+from training import checkpoint_writer, wait_for_checkpoint
 
 LOCK_NAME = "run.lock"
 METRICS_NAME = "metrics.jsonl"
@@ -114,6 +114,11 @@ def exit_quietly_on_interrupt(out_dir, dist, how_to_continue):
                 wait_for_checkpoint()  # a save under way in the background finishes first: it is the newest
             except SystemExit:
                 pass  # it failed: the newest is the one before it
+            pending = os.path.join(out_dir, PENDING_METRICS_NAME)
+            if checkpoint_writer.written and os.path.exists(pending):
+                # a new run stopped between its first checkpoint and replacing the earlier run: finish that,
+                # or the earlier run's checkpoints would stay beside this one and this run's log would go
+                replace_earlier_run(out_dir, checkpoint_writer.written, pending, lambda *args: None)
             newest = checkpoints_newest_first(out_dir)
             print("interrupted: " + (f"the newest checkpoint is {newest[0]}; continue with {how_to_continue}" if newest
                                      else f"no checkpoint was written in {out_dir}"), file=sys.stderr, flush=True)
