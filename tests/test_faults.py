@@ -1,0 +1,348 @@
+"""What a run survives, pinned: stopped by signals mid-run and resumed twice, it ends as one
+uninterrupted run; killed (SIGKILL) halfway through writing a checkpoint, it resumes from the one
+before; two prepare runs into one folder leave what one would; two torchrun agents train as a
+two-node job on 127.0.0.1, and when one of their processes is killed both agents end in bounded
+time; prepare's worker pool ends without a hang with batches still in flight; and a checkpoint
+crafted to run code when unpickled runs nothing in any stage that loads checkpoints.
+
+The tables take a row per stage: a new trainer adds itself to TRAINERS, a new reader of
+checkpoints to CHECKPOINT_READERS. Every process here runs on one thread (OMP_NUM_THREADS=1), so
+runs that should agree do so bit for bit.
+"""
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_MODEL, TOY_INSTRUCTIONS, TOY_VAL_FRACTION
+from forked import Forked, run_forked
+
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+TOY_PAIRS = [  # the chosen answers are the ones SFT taught (TOY_INSTRUCTIONS)
+    {"instruction": "What is 2+2?", "chosen": "Four.", "rejected": "Five."},
+    {"instruction": "Say hi.", "chosen": "Hi there!", "rejected": "Go away."},
+    {"instruction": "Capital of France?", "chosen": "Paris.", "rejected": "Rome."},
+]
+
+
+def train_args(fixtures, root):
+    return [*TINY_MODEL, f"--data_root={fixtures['tiny_data_root']}", "--dataset=tiny", "--learning_rate=1e-2",
+            "--warmup_iters=1", "--max_iters=40", "--eval_interval=4", "--init_from=auto"]
+
+
+def sft_args(fixtures, root):
+    (root / "toy.json").write_text(json.dumps(TOY_INSTRUCTIONS))
+    return ["--device=cpu", f"--init_from={fixtures['tiny_checkpoint']}/ckpt.pt", f"--data={root / 'toy.json'}",
+            f"--val_fraction={TOY_VAL_FRACTION}", "--batch_size=2", "--total_batch_size=4", "--max_iters=40",
+            "--eval_interval=4", "--log_interval=1", "--learning_rate=1e-2", "--warmup_iters=1", "--resume=auto"]
+
+
+def dpo_args(fixtures, root):
+    (root / "pairs.json").write_text(json.dumps(TOY_PAIRS))
+    return ["--device=cpu", f"--init_from={fixtures['tiny_sft_checkpoint']}/ckpt.pt", f"--data={root / 'pairs.json'}",
+            "--val_fraction=0.3", "--batch_size=1", "--total_batch_size=2", "--max_iters=40", "--eval_interval=4",
+            "--log_interval=1", "--beta=0.5", "--learning_rate=1e-3", "--warmup_iters=1", "--resume=auto"]
+
+
+# Trainers: the script, the fixtures its arguments need, and the arguments of a short run (40 steps, a
+# checkpoint every 4) that resumes the newest checkpoint of its out_dir if there is one.
+TRAINERS = {
+    "train": ("train.py", ["tiny_data_root"], train_args),
+    "sft": ("sft.py", ["tiny_checkpoint"], sft_args),
+    "dpo": ("dpo.py", ["tiny_sft_checkpoint"], dpo_args),
+}
+
+
+@pytest.fixture
+def trainer(request, tmp_path):
+    """(script, arguments) of the TRAINERS row the test is parametrized with."""
+    script, needs, args = TRAINERS[request.param]
+    return script, args({name: request.getfixturevalue(name) for name in needs}, tmp_path)
+
+
+def start(script, *args):
+    """Start a script of the repository (a path under it, or `-m module`) in its own process group."""
+    command = [sys.executable, *(script if isinstance(script, list) else [os.path.join(REPO, script)]), *args]
+    return subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def finish(process, timeout=300):
+    """Wait for process; returns (returncode, stdout, stderr)."""
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode, stdout, stderr
+
+
+def succeed(script, *args):
+    """Run script to its end in a forked child (tests/forked.py); returns its stdout."""
+    result = run_forked(script, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def signal_at_first_save(signum, script, *args):
+    """Run script in a forked child and send it signum once it has saved a checkpoint (its 'saving ...'
+    line): the runs have many steps left then, so the signal comes mid-run. Returns the child's result."""
+    run = Forked(script, *args)
+    deadline = time.time() + 300
+    while "\nsaving " not in "\n" + open(run.stdout_path).read():
+        assert time.time() < deadline, f"{script} saved no checkpoint in 300 s"
+        time.sleep(0.01)
+    os.kill(run.pid, signum)
+    result = run.wait()
+    assert result.returncode != 0, "the run ended before the signal came:\n" + result.stdout + result.stderr
+    return result
+
+
+def records(out_dir):
+    """metrics.jsonl without wall-clock times, each record once: a resumed run evaluates again at the
+    step it resumes from, and finds what the stopped run found there."""
+    unique = []
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        for line in f:
+            record = {k: v for k, v in json.loads(line).items() if k not in ("time", "tokens_per_sec", "compile_seconds")}
+            if record not in unique:
+                unique.append(record)
+    return unique
+
+
+def weights(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
+
+
+def assert_same_weights(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
+
+
+def newest_checkpoint_step(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["step"]
+
+
+# -----------------------------------------------------------------------------
+# signals, kills during a save, resumes
+
+
+@pytest.mark.parametrize("trainer, signals", [("train", ("SIGINT", "SIGTERM")), ("sft", ("SIGTERM", "SIGINT")),
+                                              ("dpo", ("SIGINT", "SIGTERM"))], indirect=["trainer"])
+def test_stopped_by_two_signals_and_resumed_twice_a_run_ends_as_one_uninterrupted_run(trainer, signals, tmp_path):
+    script, args = trainer
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    succeed(script, *args, f"--out_dir={whole}")
+    for signum in signals:
+        result = signal_at_first_save(getattr(signal, signum), script, *args, f"--out_dir={stopped}")
+        assert "Traceback" not in result.stderr, result.stderr
+        if signum == "SIGINT":  # Ctrl-C: one line naming the newest checkpoint, which a background save finished
+            assert result.returncode == 130, result.stderr
+            assert result.stderr.startswith("interrupted: the newest checkpoint is "), result.stderr
+    assert "resuming" in succeed(script, *args, f"--out_dir={stopped}")
+    assert records(stopped) == records(whole)
+    assert_same_weights(weights(stopped), weights(whole))
+
+
+def test_killed_while_writing_a_checkpoint_a_run_resumes_from_the_one_before(tiny_data_root, tmp_path):
+    args = train_args({"tiny_data_root": tiny_data_root}, tmp_path)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    succeed("train.py", *args, f"--out_dir={whole}")
+    # the third checkpoint, of step 12, is half written when the process is killed
+    assert run_forked("tests/killed_in_save.py", "3", "train.py", *args, f"--out_dir={killed}").returncode == \
+        -signal.SIGKILL
+    half_written = [name for name in os.listdir(killed) if name.endswith(".tmp")]
+    assert [name.split(".")[0] for name in half_written] == ["ckpt-0000012"]
+    assert newest_checkpoint_step(killed) == 8
+    stdout = succeed("train.py", *args, f"--out_dir={killed}")
+    assert "removed 1 temporary files" in stdout and "at step 8" in stdout
+    assert not [name for name in os.listdir(killed) if name.endswith(".tmp")]
+    assert records(killed) == records(whole)
+    assert_same_weights(weights(killed), weights(whole))
+
+
+# -----------------------------------------------------------------------------
+# two prepare runs into one folder; prepare's pool with batches in flight
+
+
+def test_two_prepare_runs_into_one_folder_leave_what_one_run_leaves(tmp_path):
+    args = [f"--input={REPO}", "--glob=*.py", "--dataset=code", "--num_workers=2", "--dedup_exact=True"]
+    alone, together = tmp_path / "alone", tmp_path / "together"
+    succeed("prepare.py", *args, f"--data_root={alone}")
+    both = [start("prepare.py", *args, f"--data_root={together}") for _ in range(2)]
+    for process in both:
+        returncode, stdout, stderr = finish(process)
+        assert returncode == 0 and "Traceback" not in stderr, stdout + stderr
+    assert sorted(os.listdir(together / "code")) == sorted(os.listdir(alone / "code"))
+    for name in ("train.bin", "val.bin"):
+        assert (together / "code" / name).read_bytes() == (alone / "code" / name).read_bytes()
+    metas = [json.loads((root / "code" / "meta.json").read_text()) for root in (alone, together)]
+    assert metas[1]["splits"] == metas[0]["splits"]
+
+
+POOL_WITH_BATCHES_IN_FLIGHT = r"""
+import random, sys, time
+sys.path.insert(0, sys.argv[1])
+from prepare import worker_pool
+
+def clean(seed):  # a batch of cleaned text comes back as about 1 MB, more than a pipe holds
+    time.sleep(random.Random(seed).random() * 0.02)
+    return b"x" * (1 << 20)
+
+if __name__ == "__main__":
+    for attempt in range(10):
+        with worker_pool(8, None, ()) as pool:
+            in_flight = [pool.apply_async(clean, (16 * attempt + k,)) for k in range(16)]
+            in_flight[0].get()  # then stop, as prepare does at max_tokens, with the rest still running
+    print("ended")
+"""
+
+
+def test_prepares_worker_pool_ends_with_large_batches_still_in_flight(tmp_path):
+    # multiprocessing.Pool's own `with` hung in 26 of 40 such pools (one worker killed while it held the
+    # result queue's lock); prepare hung so after "stopping at the limit" in 2 of 200 runs
+    (tmp_path / "pool.py").write_text(POOL_WITH_BATCHES_IN_FLIGHT)
+    returncode, stdout, stderr = finish(start([str(tmp_path / "pool.py"), REPO]), timeout=120)
+    assert returncode == 0 and stdout == "ended\n", stderr
+
+
+# -----------------------------------------------------------------------------
+# two torchrun agents as a two-node job on 127.0.0.1
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_two_nodes(*args):
+    """Two torchrun agents, node 0 and node 1 of a job on 127.0.0.1, one training process each."""
+    port = free_port()
+    return [start(["-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}",
+                   "--master_addr=127.0.0.1", f"--master_port={port}", os.path.join(REPO, "train.py")], *args)
+            for node in (0, 1)]
+
+
+def test_two_torchrun_agents_train_as_a_two_node_job_like_one_process(tiny_data_root, tmp_path):
+    args = [*TINY_MODEL, f"--data_root={tiny_data_root}", "--dataset=tiny", "--learning_rate=1e-2",
+            "--warmup_iters=1", "--max_iters=4", "--eval_interval=2"]
+    succeed("train.py", *args, f"--out_dir={tmp_path / 'one'}")
+    outputs = [finish(agent) for agent in start_two_nodes(*args, f"--out_dir={tmp_path / 'two'}")]
+    for returncode, stdout, stderr in outputs:
+        assert returncode == 0, stdout + stderr
+    assert "x 2 processes" in outputs[0][1] and "done: val loss" in outputs[0][1]
+    assert_same_weights(weights(tmp_path / "two"), weights(tmp_path / "one"), atol=1e-5)
+
+
+def test_when_a_process_of_a_two_node_job_is_killed_both_agents_end_in_bounded_time(tiny_data_root, tmp_path):
+    agents = start_two_nodes(*TINY_MODEL, f"--data_root={tiny_data_root}", "--dataset=tiny", "--max_iters=100000",
+                             "--eval_interval=5", "--log_interval=100", f"--out_dir={tmp_path}")
+    try:
+        deadline = time.time() + 120
+        while not any(name.startswith("ckpt-") for name in os.listdir(tmp_path)):  # training is under way
+            assert time.time() < deadline and all(a.poll() is None for a in agents), "no checkpoint appeared"
+            time.sleep(0.05)
+        (worker,) = child_pids(agents[1].pid)
+        os.kill(worker, signal.SIGKILL)
+        started = time.time()
+        ends = [finish(agent, timeout=90) for agent in agents]
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                os.killpg(agent.pid, signal.SIGKILL)
+    assert time.time() - started < 90
+    assert all(returncode != 0 for returncode, _, _ in ends)
+    assert newest_checkpoint_step(tmp_path) >= 5  # what was saved stays, for --init_from=auto
+
+
+def child_pids(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+# -----------------------------------------------------------------------------
+# a checkpoint crafted to run code when unpickled
+
+
+class CreatesAFile:
+    """Unpickling this calls open(path, 'w'): code from the file, run by the reader."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+# (script, arguments, what the output says). {bad} is a crafted checkpoint, {bad_run} an out_dir whose newest
+# checkpoint is one, {adapters} a LoRA checkpoint whose base is one (its sha256 recorded, so only unpickling
+# can stop it). A new stage that reads checkpoints adds its rows.
+CHECKPOINT_READERS = [
+    ("train.py", "--init_from=resume --out_dir={bad_run}", "is corrupt or not a checkpoint"),
+    ("train.py", "--init_from=auto --out_dir={bad_run} --max_iters=1", "trying the previous checkpoint"),
+    ("sft.py", "--init_from={bad}", "is corrupt or not a checkpoint"),
+    ("sft.py", "--init_from={bad_run}/ckpt.pt --resume=yes --out_dir={bad_run}", "has no checkpoint that loads"),
+    ("dpo.py", "--init_from={bad}", "is corrupt or not a checkpoint"),
+    ("sample.py", "--ckpt={bad}", "is corrupt or not a checkpoint"),
+    ("sample.py", "--ckpt={adapters}", "is corrupt or not a checkpoint"),
+    ("evaluate.py", "--ckpt={bad} --tasks=perplexity", "is corrupt or not a checkpoint"),
+    ("export.py", "--ckpt={bad} --folder={out}", "is corrupt or not a checkpoint"),
+    ("export.py", "--ckpt={adapters} --folder={out}", "is corrupt or not a checkpoint"),
+]
+
+
+@pytest.fixture(scope="module")
+def crafted(tiny_checkpoint, tmp_path_factory):
+    """The crafted files (see CHECKPOINT_READERS), and the file their unpickling would create."""
+    root = tmp_path_factory.mktemp("crafted")
+    marker = root / "code_ran"
+    good = torch.load(os.path.join(tiny_checkpoint, "ckpt.pt"), weights_only=True)
+    torch.save({**good, "model_config": CreatesAFile(str(marker))}, root / "bad.pt")
+    torch.load(root / "bad.pt", weights_only=False)  # what a plain torch.load would do
+    assert marker.exists()
+    marker.unlink()
+    (root / "bad_run").mkdir()
+    with open(root / "bad_run" / "ckpt-0000009.pt", "wb") as f:  # the older format: a bare pickle
+        pickle.dump({"model_config": good["model_config"], "model": CreatesAFile(str(marker)),
+                     "tokenizer": good["tokenizer"]}, f)
+    os.link(root / "bad_run" / "ckpt-0000009.pt", root / "bad_run" / "ckpt.pt")
+    with open(root / "bad.pt", "rb") as f:
+        sha256 = hashlib.sha256(f.read()).hexdigest()
+    lora = {"rank": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["c_attn"]}
+    torch.save({**good, "kind": "sft", "model": {}, "lora": lora,
+                "base": {"path": str(root / "bad.pt"), "step": 4, "sha256": sha256}}, root / "adapters.pt")
+    (root / "toy.json").write_text(json.dumps(TOY_INSTRUCTIONS))
+    return root, marker
+
+
+@pytest.mark.parametrize("script, args, expected", CHECKPOINT_READERS,
+                         ids=[f"{s[:-3]} {a}" for s, a, _ in CHECKPOINT_READERS])
+def test_a_checkpoint_crafted_to_run_code_runs_nothing(crafted, tiny_data_root, script, args, expected, tmp_path):
+    root, marker = crafted
+    shutil.copytree(root / "bad_run", tmp_path / "bad_run")  # a run may write there (train.py --init_from=auto)
+    names = {"bad": root / "bad.pt", "bad_run": tmp_path / "bad_run", "adapters": root / "adapters.pt",
+             "out": tmp_path / "out"}
+    args = [a.format(**names) for a in args.split()]
+    common = {"train.py": [*TINY_MODEL, f"--data_root={tiny_data_root}", "--dataset=tiny"],
+              "sft.py": ["--device=cpu", f"--data={root / 'toy.json'}"],
+              "dpo.py": ["--device=cpu", f"--data={root / 'toy.json'}"],
+              "sample.py": ["--device=cpu"], "evaluate.py": ["--device=cpu"]}.get(script, [])
+    if script in ("train.py", "sft.py", "dpo.py") and not any(a.startswith("--out_dir=") for a in args):
+        common.append(f"--out_dir={names['out']}")
+    result = run_forked(script, *common, *args)
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+    assert expected in result.stdout + result.stderr, result.stdout + result.stderr
+    assert not marker.exists()
