@@ -76,6 +76,7 @@ import array
 import collections
 import concurrent.futures
 import contextlib
+import fcntl
 import functools
 import gzip
 import hashlib
@@ -171,8 +172,36 @@ def download(url, expected_sha256, folder, stop=None):
 
     The bytes arrive in <name>.part, which a dropped connection or an earlier run's failure leaves
     behind: the next try asks the server for the rest only (an HTTP Range request). stop, a
-    threading.Event, ends a download in another thread between chunks."""
+    threading.Event, ends a download in another thread between chunks. Two runs that fetch the same
+    file (every node of a job preparing onto one shared folder) take turns on <name>.lock: the second
+    waits for the first and uses its copy, where both writing one .part would garble it."""
     path = os.path.join(folder, os.path.basename(urllib.parse.urlparse(url).path) or "download")
+    os.makedirs(folder, exist_ok=True)
+    with exclusive(path + ".lock"):
+        return _download(url, expected_sha256, path, stop)
+
+
+@contextlib.contextmanager
+def exclusive(lock_path):
+    """Hold an flock on lock_path, waiting for any other process that holds it; the file goes at the end.
+    (The kernel releases an flock when its process dies, so a killed run never blocks the next one.)"""
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed the file while we waited: lock the new one
+    try:
+        yield
+    finally:
+        os.unlink(lock_path)  # while still holding it, so nobody takes the old file as the lock
+        os.close(fd)
+
+
+def _download(url, expected_sha256, path, stop):
     if os.path.isfile(path):
         digest = file_sha256(path)
         if not expected_sha256 or digest == expected_sha256:
@@ -180,7 +209,6 @@ def download(url, expected_sha256, folder, stop=None):
             return path, digest
         print(f"the cached {path} does not match its sha256; downloading it again")
         os.remove(path)
-    os.makedirs(folder, exist_ok=True)
     part = path + ".part"
     for attempt in range(3):
         have = os.path.getsize(part) if os.path.exists(part) else 0
@@ -1071,8 +1099,9 @@ def remove_stale_temporaries(folder):
             pass
         except PermissionError:  # alive, run by another user
             continue
-        os.remove(os.path.join(folder, name))
-        print(f"removed {name}, left by a run that was stopped")
+        with contextlib.suppress(FileNotFoundError):  # a run started beside this one may have removed it first
+            os.remove(os.path.join(folder, name))
+            print(f"removed {name}, left by a run that was stopped")
 
 
 def save_json(path, obj):
@@ -1277,7 +1306,7 @@ if __name__ == "__main__":
         # counts; then the bins are renamed into place, and meta.json comes last
         meta_path = os.path.join(out_dir, "meta.json")
         replacing = True
-        if os.path.exists(meta_path):
+        with contextlib.suppress(FileNotFoundError):  # no earlier one, or a run beside this one removed it
             os.remove(meta_path)
         splits = {}
         for split, writer in writers.items():
@@ -1294,7 +1323,8 @@ if __name__ == "__main__":
     written = {name for s in splits.values() for name in s["files"]}
     for name in os.listdir(out_dir):  # what an earlier run with other shards or another tokenizer left
         if re.fullmatch(r"(train|val)(_\d+)?\.bin", name) and name not in written or name == "tokenizer.tiktoken":
-            os.remove(os.path.join(out_dir, name))
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out_dir, name))
     loss = unigram_loss(counts["train"], counts["val"])
     meta = {
         "dataset": dataset,

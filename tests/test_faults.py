@@ -11,6 +11,7 @@ runs that should agree do so bit for bit.
 """
 
 import hashlib
+import http.server
 import json
 import os
 import pickle
@@ -19,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -177,15 +179,48 @@ def test_killed_while_writing_a_checkpoint_a_run_resumes_from_the_one_before(tin
 # two prepare runs into one folder; prepare's pool with batches in flight
 
 
-def test_two_prepare_runs_into_one_folder_leave_what_one_run_leaves(tmp_path):
-    args = [f"--input={REPO}", "--glob=*.py", "--dataset=code", "--num_workers=2", "--dedup_exact=True"]
+class SlowServer(http.server.BaseHTTPRequestHandler):
+    """Serves server.data at any path in 16 KB pieces over about a second, so that two runs that start
+    together download at the same time."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.server.data)))
+        self.end_headers()
+        for start in range(0, len(self.server.data), 1 << 14):
+            self.wfile.write(self.server.data[start : start + (1 << 14)])
+            time.sleep((1 << 14) / len(self.server.data))
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def slow_server(monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # a proxy configured in the environment must not see loopback requests
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowServer)
+    httpd.data = b"".join(open(os.path.join(REPO, name), "rb").read() for name in sorted(os.listdir(REPO))
+                          if name.endswith(".py"))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_two_prepare_runs_downloading_into_one_folder_leave_what_one_run_leaves(tmp_path, slow_server):
+    # as every node of a job would, preparing onto one shared folder
+    url = f"http://127.0.0.1:{slow_server.server_port}/corpus.txt"
+    args = [f"--input={url}", f"--input_sha256={hashlib.sha256(slow_server.data).hexdigest()}", "--dataset=code",
+            "--num_workers=2", "--max_document_chars=20000"]
     alone, together = tmp_path / "alone", tmp_path / "together"
     succeed("prepare.py", *args, f"--data_root={alone}")
     both = [start("prepare.py", *args, f"--data_root={together}") for _ in range(2)]
-    for process in both:
-        returncode, stdout, stderr = finish(process)
+    outputs = [finish(process) for process in both]
+    for returncode, stdout, stderr in outputs:
         assert returncode == 0 and "Traceback" not in stderr, stdout + stderr
+    assert any("using the cached download" in stdout for _, stdout, _ in outputs)  # one waited for the other's
     assert sorted(os.listdir(together / "code")) == sorted(os.listdir(alone / "code"))
+    assert os.listdir(together / "code" / "download") == ["corpus.txt"]
     for name in ("train.bin", "val.bin"):
         assert (together / "code" / name).read_bytes() == (alone / "code" / name).read_bytes()
     metas = [json.loads((root / "code" / "meta.json").read_text()) for root in (alone, together)]
