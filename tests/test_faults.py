@@ -282,6 +282,56 @@ def test_two_torchrun_agents_train_as_a_two_node_job_like_one_process(tiny_data_
     assert_same_weights(weights(tmp_path / "two"), weights(tmp_path / "one"), atol=1e-5)
 
 
+def until_first_save(process):
+    """Read process's output until it says it is saving a checkpoint; returns what it read."""
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith("saving "):
+            return "".join(seen)
+    raise AssertionError("the run ended without saving a checkpoint:\n" + "".join(seen) + process.stderr.read())
+
+
+def signal_agent(signum):
+    return lambda agent: agent.send_signal(signum)
+
+
+def kill_a_worker(agent):
+    os.kill(child_pids(agent.pid)[-1], signal.SIGKILL)
+
+
+# Faults a torchrun job meets, each given to a run once it has saved a checkpoint: the torchrun flags
+# the row needs, what the test does to the job, and whether the job then finishes by itself (else it is
+# started again with the same command). A new fault adds a row.
+TORCHRUN_FAULTS = [
+    ("SIGTERM to torchrun", [], signal_agent(signal.SIGTERM), False),
+    ("SIGUSR1 to torchrun", ["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"],
+     signal_agent(signal.SIGUSR1), False),
+    ("a worker killed, --max-restarts=1", ["--max-restarts=1"], kill_a_worker, True),
+]
+
+
+def test_a_torchrun_job_meeting_every_fault_in_turn_ends_as_one_uninterrupted_job(tiny_data_root, tmp_path):
+    args = [*train_args({"tiny_data_root": tiny_data_root}, tmp_path), "--max_iters=24"]
+
+    def torchrun(out_dir, flags=()):
+        return start(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *flags,
+                      os.path.join(REPO, "train.py")], *args, f"--out_dir={out_dir}")
+
+    whole, faulted = tmp_path / "whole", tmp_path / "faulted"
+    returncode, stdout, stderr = finish(torchrun(whole))
+    assert returncode == 0, stdout + stderr
+    for name, flags, fault, recovers in TORCHRUN_FAULTS:
+        job = torchrun(faulted, flags)
+        seen = until_first_save(job)
+        fault(job)
+        returncode, stdout, stderr = finish(job)
+        assert (returncode == 0) == recovers, f"{name}:\n{seen}{stdout}{stderr}"
+    assert "resuming" in stdout and "done: val loss" in stdout
+    assert records(faulted) == records(whole)
+    assert_same_weights(weights(faulted), weights(whole))
+
+
 def test_when_a_process_of_a_two_node_job_is_killed_both_agents_end_in_bounded_time(tiny_data_root, tmp_path):
     agents = start_two_nodes(*TINY_MODEL, f"--data_root={tiny_data_root}", "--dataset=tiny", "--max_iters=100000",
                              "--eval_interval=5", "--log_interval=100", f"--out_dir={tmp_path}")
