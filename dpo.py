@@ -51,15 +51,16 @@ import torch.nn.functional as F
 
 from chat import (batch_of, collate, has_chat_tokens, preference, read_records, render, response_logprobs,
                   split_held_out, training_example)
-from checkpoint import load_checkpoint, model_from_checkpoint, restore_training_state
+from checkpoint import (checkpoint_to_resume, load_checkpoint, model_from_checkpoint, restore_rng_state,
+                        restore_training_state, save_training_checkpoint, wait_for_checkpoint)
 from configurator import configure, print_config
+from data import to_device
 from lora import adapters_disabled, add_lora, checked_base, describe_base, merge_lora
+from optim import learning_rate_at, make_optimizer, optimizer_step
 from outdir import exit_quietly_on_interrupt, lock_out_dir, replace_earlier_run, run_log_path, stop_unless_finite
-from runlog import RunLog
+from parallel import all_reduce_sum, place_model, wrap_model
+from runlog import RunLog, format_duration
 from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
-from training import (all_reduce_sum, checkpoint_to_resume, format_duration, learning_rate_at,
-                      make_optimizer, optimizer_step, place_model, restore_rng_state, save_training_checkpoint,
-                      to_device, wait_for_checkpoint, wrap_model)
 
 # -----------------------------------------------------------------------------
 # I/O

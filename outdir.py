@@ -28,8 +28,7 @@ import sys
 
 import torch
 
-from checkpoint import checkpoints_newest_first
-from training import checkpoint_writer, wait_for_checkpoint
+from checkpoint import checkpoint_writer, checkpoints_newest_first, wait_for_checkpoint
 
 LOCK_NAME = "run.lock"
 METRICS_NAME = "metrics.jsonl"

@@ -23,7 +23,7 @@ Batches: packing lays the shuffled examples end to end into rows of block_size t
 attention kept inside each example (model.forward's doc_ids), so no compute goes to padding;
 packing=False pads each batch to its longest example. Either way a batch is a pure function of
 the step (chat.batch_of), as in train.py. The optimizer, schedule, accumulation, clipping,
-placement (DDP or FSDP) and checkpoint rotation are train.py's, from training.py.
+placement (DDP or FSDP) and checkpoint rotation are train.py's (optim.py, parallel.py, checkpoint.py).
 
 Resuming: resume='yes' continues the run in out_dir from its newest checkpoint that loads, as
 if it had never stopped: the same model (with LoRA, the base the checkpoint names plus its
@@ -46,15 +46,16 @@ import torch
 
 from chat import (CHAT_TOKENS, add_chat_tokens, batch_of, collate, conversation, has_chat_tokens, pack, read_records,
                   render, split_held_out, training_example)
-from checkpoint import load_checkpoint, model_from_checkpoint, restore_training_state
+from checkpoint import (checkpoint_to_resume, load_checkpoint, model_from_checkpoint, restore_rng_state,
+                        restore_training_state, save_training_checkpoint, wait_for_checkpoint)
 from configurator import configure, print_config
+from data import to_device
 from lora import add_lora, describe_base, merge_lora
+from optim import learning_rate_at, make_optimizer, optimizer_step
 from outdir import exit_quietly_on_interrupt, lock_out_dir, replace_earlier_run, run_log_path, stop_unless_finite
-from runlog import RunLog
+from parallel import all_reduce_sum, place_model, wrap_model
+from runlog import RunLog, format_duration
 from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
-from training import (all_reduce_sum, checkpoint_to_resume, format_duration, learning_rate_at,
-                      make_optimizer, optimizer_step, place_model, restore_rng_state, save_training_checkpoint,
-                      to_device, wait_for_checkpoint, wrap_model)
 
 # -----------------------------------------------------------------------------
 # I/O

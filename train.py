@@ -44,17 +44,18 @@ import time
 
 import torch
 
-from checkpoint import load_checkpoint, load_newest_checkpoint, restore_training_state
-from configurator import configure, print_config
 from benchmarks import describe, evaluate_examples, read_examples
+from checkpoint import (load_checkpoint, load_newest_checkpoint, restore_rng_state, restore_training_state,
+                        save_training_checkpoint, wait_for_checkpoint)
+from configurator import configure, print_config
+from data import TokenBins, load_meta
 from model import GPT, GPTConfig, peak_flops as gpu_peak_flops
+from optim import learning_rate_at, make_optimizer, optimizer_step
 from outdir import exit_quietly_on_interrupt, lock_out_dir, replace_earlier_run, run_log_path, stop_unless_finite
+from parallel import all_reduce_sum, estimate_loss, place_model, wrap_model
+from pipeline import Pipeline, estimate_loss_pipelined, pipeline_layers, pipeline_optimizer_step, pipeline_stage_part
+from runlog import RunLog, format_duration
 from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
-from training import (Pipeline, TokenBins, all_reduce_sum, estimate_loss, estimate_loss_pipelined,
-                      format_duration, learning_rate_at, load_meta, make_optimizer, optimizer_step, pipeline_layers,
-                      pipeline_optimizer_step, pipeline_stage_part, place_model, restore_rng_state,
-                      save_training_checkpoint, wait_for_checkpoint, wrap_model)
-from runlog import RunLog
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
