@@ -152,6 +152,14 @@ def learning_rate_at(step, learning_rate, warmup_iters, decay_iters, min_lr, sch
     return min_lr + remaining * (learning_rate - min_lr)
 
 
+def set_learning_rate(optimizer, lr):
+    """Set the schedule's rate lr on every group, times the group's lr_scale: Muon's groups run at
+    muon_lr, AdamW's at learning_rate (a checkpoint's groups from before Muon have no lr_scale: 1)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return lr
+
+
 def optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip,
                    sync_every_micro_step=False):
     """One optimizer step: accumulate the gradients of accumulation_steps micro-batches

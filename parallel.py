@@ -111,25 +111,34 @@ def wrap_model(model, dist, parallelism, compile, log=print):
 
 
 @torch.no_grad()
-def estimate_loss(model, bins_by_split, eval_iters, batch_size, device, autocast, seed, rank=0, world_size=1):
-    """Mean loss per split over eval_iters batches. The batches are the same at every call
-    (seeded by split and index), so successive evaluations differ only by the model. Under
-    torchrun the batches are dealt out to the processes and the sums added up, so the result
-    does not depend on the number of processes."""
+def sum_over_batches(model, batches, sums_of, dist):
+    """The sum over batches of sums_of(batch), a tensor, with the model in eval mode. The batches are
+    dealt out to the processes and their sums added up, so the result does not depend on the number
+    of processes. Every process runs as many batches, since under FSDP each forward is a collective:
+    the last round's missing ones are repeats that do not count."""
     was_training = model.training
     model.eval()
+    total = None
+    for i in range(dist.rank, dist.world_size * math.ceil(len(batches) / dist.world_size), dist.world_size):
+        sums = sums_of(batches[i % len(batches)])
+        total = torch.zeros_like(sums) if total is None else total
+        if i < len(batches):
+            total += sums
+    model.train(was_training)
+    return all_reduce_sum(total, dist.world_size)
+
+
+def estimate_loss(model, bins_by_split, eval_iters, batch_size, device, autocast, seed, dist):
+    """Mean loss per split over eval_iters batches, the same at every call (seeded by split and
+    index), so that successive evaluations differ only by the model."""
     losses = {}
     for split_index, (split, bins) in enumerate(bins_by_split.items()):
-        total = torch.zeros((), device=device)
-        # Every process runs the same number of forward passes: under FSDP each one is a collective.
-        for i in range(rank, world_size * math.ceil(eval_iters / world_size), world_size):
-            x, y = bins.sample(batch_size, (seed, 1, split_index, i % eval_iters), device)
+        def batch_loss(i):
+            x, y = bins.sample(batch_size, (seed, 1, split_index, i), device)
             with autocast:
-                _, loss = model(x, y)
-            if i < eval_iters:
-                total += loss.float()
-        losses[split] = all_reduce_sum(total, world_size).item() / eval_iters
-    model.train(was_training)
+                return model(x, y)[1].float()
+
+        losses[split] = sum_over_batches(model, range(eval_iters), batch_loss, dist).item() / eval_iters
     return losses
 
 
