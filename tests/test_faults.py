@@ -111,6 +111,21 @@ def signal_at_first_save(signum, script, *args):
     return result
 
 
+def stopped_at(stderr):
+    """The step a signal stopped a run at, from its last line (or every process's, under torchrun)."""
+    return {int(line.split(" at step ")[1].split(":")[0]) for line in stderr.splitlines()
+            if line.startswith("stopped by SIG")}
+
+
+def assert_same_run(stopped, whole, stops):
+    """stopped (resumed after each stop) logged what whole did, plus an evaluation where each stop
+    came (a stopped run evaluates and saves as at its end), and ends with its weights."""
+    extra = [r for r in records(stopped) if r not in records(whole)]
+    assert all(r["step"] in stops and "lr" not in r for r in extra), extra
+    assert [r for r in records(stopped) if r not in extra] == records(whole)
+    assert_same_weights(weights(stopped), weights(whole))
+
+
 def records(out_dir):
     """metrics.jsonl without wall-clock times, each record once: a resumed run evaluates again at the
     step it resumes from, and finds what the stopped run found there."""
@@ -141,21 +156,28 @@ def newest_checkpoint_step(out_dir):
 # signals, kills during a save, resumes
 
 
-@pytest.mark.parametrize("trainer, signals", [("train", ("SIGINT", "SIGTERM")), ("sft", ("SIGTERM", "SIGINT")),
-                                              ("dpo", ("SIGINT", "SIGTERM"))], indirect=["trainer"])
-def test_stopped_by_two_signals_and_resumed_twice_a_run_ends_as_one_uninterrupted_run(trainer, signals, tmp_path):
+@pytest.mark.parametrize("trainer, signals", [("train", ("SIGINT", "SIGTERM", "SIGUSR1")), ("sft", ("SIGUSR1", "SIGINT")),
+                                              ("dpo", ("SIGTERM", "SIGINT"))], indirect=["trainer"])
+def test_stopped_by_signals_and_resumed_each_time_a_run_ends_as_one_uninterrupted_run(trainer, signals, tmp_path):
     script, args = trainer
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     succeed(script, *args, f"--out_dir={whole}")
+    stops = set()
     for signum in signals:
         result = signal_at_first_save(getattr(signal, signum), script, *args, f"--out_dir={stopped}")
         assert "Traceback" not in result.stderr, result.stderr
         if signum == "SIGINT":  # Ctrl-C: one line naming the newest checkpoint, which a background save finished
             assert result.returncode == 130, result.stderr
             assert result.stderr.startswith("interrupted: the newest checkpoint is "), result.stderr
+        else:  # preemption: the step in flight finishes, and every step done is saved
+            (step,) = stops_here = stopped_at(result.stderr)
+            assert result.returncode == 128 + getattr(signal, signum), result.stderr
+            assert result.stderr == f"stopped by {signum} at step {step}: saved {stopped}/ckpt-{step:07d}.pt; " \
+                f"continue with {'--init_from=auto' if script == 'train.py' else '--resume=yes'}\n"
+            assert newest_checkpoint_step(stopped) == step == max(r["step"] for r in records(stopped))
+            stops |= stops_here
     assert "resuming" in succeed(script, *args, f"--out_dir={stopped}")
-    assert records(stopped) == records(whole)
-    assert_same_weights(weights(stopped), weights(whole))
+    assert_same_run(stopped, whole, stops)
 
 
 def test_killed_while_writing_a_checkpoint_a_run_resumes_from_the_one_before(tiny_data_root, tmp_path):
@@ -321,15 +343,20 @@ def test_a_torchrun_job_meeting_every_fault_in_turn_ends_as_one_uninterrupted_jo
     whole, faulted = tmp_path / "whole", tmp_path / "faulted"
     returncode, stdout, stderr = finish(torchrun(whole))
     assert returncode == 0, stdout + stderr
+    stops = set()
     for name, flags, fault, recovers in TORCHRUN_FAULTS:
         job = torchrun(faulted, flags)
         seen = until_first_save(job)
         fault(job)
         returncode, stdout, stderr = finish(job)
         assert (returncode == 0) == recovers, f"{name}:\n{seen}{stdout}{stderr}"
+        if not recovers:  # stopped by a signal: both processes at the same step, and every step done is saved
+            (step,) = stops_here = stopped_at(stderr)
+            assert newest_checkpoint_step(faulted) == step == max(r["step"] for r in records(faulted)), \
+                f"{name}:\n{seen}{stdout}{stderr}"
+            stops |= stops_here
     assert "resuming" in stdout and "done: val loss" in stdout
-    assert records(faulted) == records(whole)
-    assert_same_weights(weights(faulted), weights(whole))
+    assert_same_run(faulted, whole, stops)
 
 
 def test_when_a_process_of_a_two_node_job_is_killed_both_agents_end_in_bounded_time(tiny_data_root, tmp_path):
