@@ -19,6 +19,7 @@ temporary found there then is a killed save's and can go.
 """
 
 import atexit
+import ctypes
 import fcntl
 import glob
 import os
@@ -143,6 +144,12 @@ class StopSignals:
         self.received = self.agreed = 0  # signal numbers: the first one that came here; the one all stop for
         for signum in self.SIGNALS:
             signal.signal(signum, self._note)
+        if "TORCHELASTIC_RUN_ID" in os.environ and sys.platform.startswith("linux"):
+            # Should torchrun itself die (killed, or ended by a signal it does not pass on: SIGUSR1 without
+            # --signals-to-handle), the kernel sends this process SIGTERM, and it stops with a checkpoint
+            # instead of training on unattended.
+            PR_SET_PDEATHSIG = 1
+            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         # CPU tensors over gloo even beside NCCL, outside the order of the training's own collectives
         self.group = torch.distributed.new_group(backend="gloo") if dist.world_size > 1 else None
         self.reduction = None  # (flags, work) of the all-reduce under way

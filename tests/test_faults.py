@@ -329,6 +329,8 @@ TORCHRUN_FAULTS = [
     ("SIGTERM to torchrun", [], signal_agent(signal.SIGTERM), False),
     ("SIGUSR1 to torchrun", ["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"],
      signal_agent(signal.SIGUSR1), False),
+    # torchrun dies of it; its processes, told so by the kernel (SIGTERM), stop as above
+    ("SIGUSR1 to torchrun, which does not pass it on", [], signal_agent(signal.SIGUSR1), False),
     ("a worker killed, --max-restarts=1", ["--max-restarts=1"], kill_a_worker, True),
 ]
 
