@@ -126,6 +126,7 @@ class TensorBoardTracker:
         for key, value in record.items():
             if key not in ("step", "time"):
                 self.writer.add_scalar(key, value, record["step"], walltime=record.get("time"))
+        self.writer.flush()  # on disk now, not within 2 minutes: a killed run loses no event before its checkpoint
 
     def image(self, name, path, step):
         import matplotlib.image

@@ -78,6 +78,9 @@ def fake_tensorboard(monkeypatch):
         def add_text(self, tag, text):
             calls.append(("text", tag, text))
 
+        def flush(self):
+            calls.append(("flush",))
+
         def add_image(self, tag, image, step, dataformats):
             calls.append(("image", tag, image.shape, dataformats))
 
@@ -166,6 +169,7 @@ def test_trackers_receive_the_records_of_metrics_jsonl_the_config_and_the_plot(t
     assert calls[-1] == {"call": "finish"}
     scalars = [c[1:] for c in fake_tensorboard if c[0] == "scalar"]
     assert scalars == [(k, v, r["step"]) for r in written for k, v in r.items() if k not in ("step", "time")]
+    assert [c[0] for c in fake_tensorboard].count("flush") == len(written)  # each record on disk at once
     assert ("text", "config") == fake_tensorboard[1][:2] and "learning_rate = 0.001" in fake_tensorboard[1][2]
     width, height = png_size(tmp_path / "plot.png")
     assert fake_tensorboard[-2] == ("image", "plot", (height, width, 3), "HWC") and fake_tensorboard[-1] == ("close",)
