@@ -1,10 +1,12 @@
 """
 A run's out_dir kept safe: one run at a time, nothing of an earlier run deleted before the new
-one has a checkpoint, no non-finite model saved, a clean exit on Ctrl-C. train.py, sft.py and
-dpo.py call these in this order:
+one has a checkpoint, no non-finite model saved, a clean exit on Ctrl-C, and on SIGTERM or SIGUSR1
+(preemption) a stop after the step in flight, with a checkpoint of it. The trainers (through
+trainer.py) call these in this order:
 
     lock_out_dir(out_dir, dist)                          # refuse a second run; clear a killed save's temporaries
     exit_quietly_on_interrupt(out_dir, dist, "--init_from=auto")
+    stop = StopSignals(dist, "--init_from=auto")         # the loop ends where stop.requested(), saving as at its end
     metrics_path = run_log_path(out_dir, resumed)        # a new run logs beside the earlier run's metrics.jsonl
     ...
     stop_unless_finite(raw_model, [loss], dist, "train", step, out_dir)     # before every save
