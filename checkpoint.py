@@ -235,6 +235,7 @@ class BackgroundCheckpointWriter:
 
     def __init__(self):
         self.thread, self.error = None, None
+        self.written = None  # the path of the last checkpoint written to disk
 
     def save(self, checkpoint, out_dir, keep):
         """Start writing checkpoint; returns the path it goes to."""
@@ -242,7 +243,7 @@ class BackgroundCheckpointWriter:
 
         def write():
             try:
-                save_run_checkpoint(checkpoint, out_dir, keep)
+                self.written = save_run_checkpoint(checkpoint, out_dir, keep)
             except BaseException as e:  # reported on the main thread by wait(); SystemExit too (a one-line error)
                 self.error = e
 

@@ -109,7 +109,7 @@ dist, dtype, autocast = start(device, dtype, seed, parallelism)
 device, log = dist.device, dist.log  # log: print on rank 0 only
 accumulation_steps = gradient_accumulation("total_batch_size", total_batch_size, batch_size=batch_size,
                                            processes=dist.world_size)
-take_out_dir(out_dir, dist, "--resume=yes")
+stop = take_out_dir(out_dir, dist, "--resume=yes")
 
 # model: a new run takes the chat checkpoint, merged if it holds adapters; a resumed run takes its
 # own checkpoint's model as it was, adapters included
@@ -225,7 +225,7 @@ start_step, val_stats = step, None
 pace = Pace(step, max_iters)
 while True:
     lr = set_learning_rate(optimizer, learning_rate_at(step, learning_rate, warmup_iters, max_iters, min_lr))
-    done = step >= max_iters  # the one place where the run decides to end
+    done = step >= max_iters or stop.requested()  # the one place where the run decides to end
 
     if step % eval_interval == 0 or done:
         if val_batches:  # val_fraction=0: nothing held out
@@ -255,5 +255,6 @@ while True:
         log(f"step {step}/{max_iters} | {describe(stats)} | lr {lr:.2e} | {pace.lap(step)[1]}")
         run_log.log({"step": step, **stats, "lr": lr, "time": time.time()})
 
-finish(run_log, dist, f"done after {step} steps" + (f", held-out {describe(val_stats)}" if val_stats is not None else "")
+finish(run_log, dist, stop, step, f"done after {step} steps"
+       + (f", held-out {describe(val_stats)}" if val_stats is not None else "")
        + f"; chat with: python sample.py --out_dir={out_dir} --chat=True")

@@ -174,6 +174,12 @@ def model_with_adapters(checkpoint, path, load_base):
     if checkpoint["model_config"]["vocab_size"] > model.config.vocab_size:
         model, tokenizer = add_chat_tokens(model, tokenizer)
     add_lora(model, **checkpoint["lora"])
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    wrong = [k for k, v in checkpoint["model"].items() if k in shapes and v.shape != shapes[k]]
+    if wrong:  # a base of another shape (the base entry edited, or the file replaced along with its sha256)
+        raise SystemExit(f"checkpoint error: {path}'s adapters do not fit its base {checkpoint['base']['path']} "
+                         f"({wrong[0]} is {list(checkpoint['model'][wrong[0]].shape)} in the adapters, "
+                         f"{list(shapes[wrong[0]])} in the base); load them on the model they were trained on")
     result = model.load_state_dict(checkpoint["model"], strict=False)
     missing = [k for k in result.missing_keys if k.endswith((".lora_A", ".lora_B"))]
     if missing or result.unexpected_keys:

@@ -1,10 +1,12 @@
 """
 A run's out_dir kept safe: one run at a time, nothing of an earlier run deleted before the new
-one has a checkpoint, no non-finite model saved, a clean exit on Ctrl-C. train.py, sft.py and
-dpo.py call these in this order:
+one has a checkpoint, no non-finite model saved, a clean exit on Ctrl-C, and on SIGTERM or SIGUSR1
+(preemption) a stop after the step in flight, with a checkpoint of it. The trainers (through
+trainer.py) call these in this order:
 
     lock_out_dir(out_dir, dist)                          # refuse a second run; clear a killed save's temporaries
     exit_quietly_on_interrupt(out_dir, dist, "--init_from=auto")
+    stop = StopSignals(dist, "--init_from=auto")         # the loop ends where stop.requested(), saving as at its end
     metrics_path = run_log_path(out_dir, resumed)        # a new run logs beside the earlier run's metrics.jsonl
     ...
     stop_unless_finite(raw_model, [loss], dist, "train", step, out_dir)     # before every save
@@ -19,6 +21,7 @@ temporary found there then is a killed save's and can go.
 """
 
 import atexit
+import ctypes
 import fcntl
 import glob
 import os
@@ -28,7 +31,8 @@ import sys
 
 import torch
 
-from checkpoint import checkpoints_newest_first, wait_for_checkpoint
+from checkpoint import checkpoint_writer, checkpoints_newest_first, wait_for_checkpoint
+from runtime import teardown_distributed
 
 LOCK_NAME = "run.lock"
 METRICS_NAME = "metrics.jsonl"
@@ -102,8 +106,8 @@ def lock_out_dir(out_dir, dist, log=print):
 def exit_quietly_on_interrupt(out_dir, dist, how_to_continue):
     """Ctrl-C ends the run with one line naming out_dir's newest checkpoint, and no traceback; the
     other ranks, which the terminal interrupts too, end silently. A save under way in the background
-    is finished first; one that fails leaves only its temporary, which the next run removes. (SIGTERM keeps its default, an immediate
-    quiet end: torchrun sends it to stop the workers it restarts, some of them inside a collective.)"""
+    is finished first; one that fails leaves only its temporary, which the next run removes.
+    (SIGTERM and SIGUSR1 stop a run at a step boundary, with a checkpoint: StopSignals.)"""
 
     def stop(signum, frame):
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -113,12 +117,71 @@ def exit_quietly_on_interrupt(out_dir, dist, how_to_continue):
                 wait_for_checkpoint()  # a save under way in the background finishes first: it is the newest
             except SystemExit:
                 pass  # it failed: the newest is the one before it
+            pending = os.path.join(out_dir, PENDING_METRICS_NAME)
+            if checkpoint_writer.written and os.path.exists(pending):
+                # a new run stopped between its first checkpoint and replacing the earlier run: finish that,
+                # or the earlier run's checkpoints would stay beside this one and this run's log would go
+                replace_earlier_run(out_dir, checkpoint_writer.written, pending, lambda *args: None)
             newest = checkpoints_newest_first(out_dir)
             print("interrupted: " + (f"the newest checkpoint is {newest[0]}; continue with {how_to_continue}" if newest
                                      else f"no checkpoint was written in {out_dir}"), file=sys.stderr, flush=True)
         raise SystemExit(130)
 
     signal.signal(signal.SIGINT, stop)
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 ask the run to stop and save: a scheduler's preemption, a spot instance
+    taken back, SLURM's --signal warning before the time limit, torchrun passing on any of these.
+    The handler only notes the signal; the loop asks requested() at every step boundary, and every
+    process gets the same answer at the same step, so all of them finish the step in flight and end
+    together, with a checkpoint of that step that holds every process's state. A process that got
+    no signal learns of it through an all-reduce over a gloo group of its own, started at one
+    boundary and read at the next: no step waits for it, and a run stops one step later at most."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, dist, how_to_continue):
+        self.dist, self.how_to_continue = dist, how_to_continue
+        self.received = self.agreed = 0  # signal numbers: the first one that came here; the one all stop for
+        for signum in self.SIGNALS:
+            signal.signal(signum, self._note)
+        if "TORCHELASTIC_RUN_ID" in os.environ and sys.platform.startswith("linux"):
+            # Should torchrun itself die (killed, or ended by a signal it does not pass on: SIGUSR1 without
+            # --signals-to-handle), the kernel sends this process SIGTERM, and it stops with a checkpoint
+            # instead of training on unattended.
+            PR_SET_PDEATHSIG = 1
+            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        # CPU tensors over gloo even beside NCCL, outside the order of the training's own collectives
+        self.group = torch.distributed.new_group(backend="gloo") if dist.world_size > 1 else None
+        self.reduction = None  # (flags, work) of the all-reduce under way
+
+    def _note(self, signum, frame):
+        self.received = self.received or signum
+
+    def requested(self):
+        """At a step boundary: whether to stop here (true on every process at once)."""
+        if self.group is None:
+            self.agreed = self.received
+        elif self.reduction is not None:
+            flags, work = self.reduction
+            work.wait()
+            self.agreed = int(flags.item())
+        if self.group is not None and not self.agreed:
+            flags = torch.tensor([self.received], dtype=torch.int32)
+            work = torch.distributed.all_reduce(flags, torch.distributed.ReduceOp.MAX, self.group, async_op=True)
+            self.reduction = flags, work
+        return bool(self.agreed)
+
+    def exit(self, step, saved):
+        """End a stopped run, its checkpoint (saved: the path, or None if it took no step) on disk: one line,
+        and the exit status of a process ended by the signal (128 + its number), which tells a scheduler or
+        a batch script that the run did not finish."""
+        name = signal.Signals(self.agreed).name
+        self.dist.log(f"stopped by {name} at step {step}: " + (f"saved {saved}; " if saved else "no step since the "
+                      "last checkpoint; ") + f"continue with {self.how_to_continue}", file=sys.stderr, flush=True)
+        teardown_distributed()
+        raise SystemExit(128 + self.agreed)
 
 
 def run_log_path(out_dir, resumed):

@@ -76,6 +76,7 @@ import array
 import collections
 import concurrent.futures
 import contextlib
+import fcntl
 import functools
 import gzip
 import hashlib
@@ -171,8 +172,36 @@ def download(url, expected_sha256, folder, stop=None):
 
     The bytes arrive in <name>.part, which a dropped connection or an earlier run's failure leaves
     behind: the next try asks the server for the rest only (an HTTP Range request). stop, a
-    threading.Event, ends a download in another thread between chunks."""
+    threading.Event, ends a download in another thread between chunks. Two runs that fetch the same
+    file (every node of a job preparing onto one shared folder) take turns on <name>.lock: the second
+    waits for the first and uses its copy, where both writing one .part would garble it."""
     path = os.path.join(folder, os.path.basename(urllib.parse.urlparse(url).path) or "download")
+    os.makedirs(folder, exist_ok=True)
+    with exclusive(path + ".lock"):
+        return _download(url, expected_sha256, path, stop)
+
+
+@contextlib.contextmanager
+def exclusive(lock_path):
+    """Hold an flock on lock_path, waiting for any other process that holds it; the file goes at the end.
+    (The kernel releases an flock when its process dies, so a killed run never blocks the next one.)"""
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock_path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed the file while we waited: lock the new one
+    try:
+        yield
+    finally:
+        os.unlink(lock_path)  # while still holding it, so nobody takes the old file as the lock
+        os.close(fd)
+
+
+def _download(url, expected_sha256, path, stop):
     if os.path.isfile(path):
         digest = file_sha256(path)
         if not expected_sha256 or digest == expected_sha256:
@@ -180,7 +209,6 @@ def download(url, expected_sha256, folder, stop=None):
             return path, digest
         print(f"the cached {path} does not match its sha256; downloading it again")
         os.remove(path)
-    os.makedirs(folder, exist_ok=True)
     part = path + ".part"
     for attempt in range(3):
         have = os.path.getsize(part) if os.path.exists(part) else 0
@@ -941,6 +969,21 @@ def batched(items, max_chars=1 << 20):
         yield batch
 
 
+@contextlib.contextmanager
+def worker_pool(workers, initializer, initargs):
+    """multiprocessing.Pool, closed and joined at the end however the block ends. Pool's own `with`
+    terminates the workers, and one stopped while it writes a large result (a batch of cleaned text
+    is about 1 MB, more than a pipe holds) keeps the result queue's lock forever, so terminate waits
+    for it: prepare hung after "stopping at the limit" in 2 of 200 runs. Closing lets the batches
+    still in flight finish (seconds at most); then the workers end by themselves."""
+    pool = multiprocessing.Pool(workers, initializer=initializer, initargs=initargs)
+    try:
+        yield pool
+    finally:
+        pool.close()
+        pool.join()
+
+
 def imap_bounded(pool, fn, batches, ahead):
     """pool.imap with at most `ahead` tasks in flight: Pool.imap reads its whole input at once,
     which would hold the corpus in memory."""
@@ -1056,8 +1099,9 @@ def remove_stale_temporaries(folder):
             pass
         except PermissionError:  # alive, run by another user
             continue
-        os.remove(os.path.join(folder, name))
-        print(f"removed {name}, left by a run that was stopped")
+        with contextlib.suppress(FileNotFoundError):  # a run started beside this one may have removed it first
+            os.remove(os.path.join(folder, name))
+            print(f"removed {name}, left by a run that was stopped")
 
 
 def save_json(path, obj):
@@ -1173,7 +1217,7 @@ if __name__ == "__main__":
                          or unicode_nfc or normalize_whitespace or html_to_text and any(is_html(s[0]) for s in sources))
         if not share_out:
             load_cleaner(config)
-        with (multiprocessing.Pool(workers, initializer=start_cleaner, initargs=(config,)) if share_out
+        with (worker_pool(workers, start_cleaner, (config,)) if share_out
               else contextlib.nullcontext()) as pool, \
                 open(scratch, "w", encoding="utf-8") as out, progress(unit=" docs", desc="reading") as bar:
             documents = read_documents(files, stats, removed)
@@ -1213,6 +1257,7 @@ if __name__ == "__main__":
                     print(f"  {n_in:,} documents read, {len(pieces_per_doc):,} kept", flush=True)
                     last_print = time.time()
             documents.close()
+        stop_downloads.set()  # the files fetched ahead of a limit are not needed (their .part stays for a later run)
         t_clean = time.time() - t0
         sources = {"input": input or url or stdlib}
         sources.update((k, stats[k]) for k in ("files", "bytes", "sha256", "skipped_binary", "replaced_chars", "bad_records"))
@@ -1245,7 +1290,7 @@ if __name__ == "__main__":
         counts = {split: np.zeros(tok.vocab_size, dtype=np.int64) for split in writers}
         documents_per_split = collections.Counter()
         units = pieces_by_split(read_scratch(scratch), is_val, max_document_chars)
-        with multiprocessing.Pool(workers, initializer=start_encoder, initargs=(tok.description, dtype)) as pool, \
+        with worker_pool(workers, start_encoder, (tok.description, dtype)) as pool, \
                 progress(total=n_pieces, unit=" pieces", desc="tokenizing") as bar:
             for results in imap_bounded(pool, encode_batch, batched(units), 2 * workers):
                 bar.update(len(results))
@@ -1261,7 +1306,7 @@ if __name__ == "__main__":
         # counts; then the bins are renamed into place, and meta.json comes last
         meta_path = os.path.join(out_dir, "meta.json")
         replacing = True
-        if os.path.exists(meta_path):
+        with contextlib.suppress(FileNotFoundError):  # no earlier one, or a run beside this one removed it
             os.remove(meta_path)
         splits = {}
         for split, writer in writers.items():
@@ -1278,7 +1323,8 @@ if __name__ == "__main__":
     written = {name for s in splits.values() for name in s["files"]}
     for name in os.listdir(out_dir):  # what an earlier run with other shards or another tokenizer left
         if re.fullmatch(r"(train|val)(_\d+)?\.bin", name) and name not in written or name == "tokenizer.tiktoken":
-            os.remove(os.path.join(out_dir, name))
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out_dir, name))
     loss = unigram_loss(counts["train"], counts["val"])
     meta = {
         "dataset": dataset,

@@ -19,7 +19,11 @@ with write_card:
     report.json    prepare.py's report, in a dataset's folder (with its meta.json)
 
 Trackers: wandb_project='NAME' logs to Weights & Biases, tensorboard=True writes TensorBoard
-events to out_dir/tensorboard; each is imported only when asked for.
+events to out_dir/tensorboard; each is imported only when asked for. A resumed run continues
+the same curves: metrics.jsonl loses the records after the checkpoint's step (the killed run
+logged them, the resumed one logs them again), W&B continues the run whose id out_dir/wandb_run_id
+holds (resume='allow'; the steps W&B already has it keeps), and TensorBoard hides the earlier
+events after that step (SummaryWriter's purge_step).
 """
 
 import glob
@@ -70,15 +74,31 @@ def read_metrics(folder):
 # -----------------------------------------------------------------------------
 # experiment trackers
 
+WANDB_ID_NAME = "wandb_run_id"  # in out_dir: the W&B run a resumed run continues
+
+
 class WandbTracker:
-    def __init__(self, project, out_dir, config):
+    def __init__(self, project, out_dir, config, resumed):
         try:
             import wandb
         except ImportError:
             raise SystemExit("config error: wandb_project needs Weights & Biases; pip install wandb") from None
         self.wandb = wandb
+        id_path = os.path.join(out_dir, WANDB_ID_NAME)
+        run_id = None
+        if resumed and os.path.isfile(id_path):
+            with open(id_path) as f:
+                run_id = f.read().strip() or None
         self.run = wandb.init(project=project, name=os.path.basename(os.path.abspath(out_dir)), config=config,
-                              dir=out_dir)
+                              dir=out_dir, id=run_id, resume="allow" if run_id else None)
+        self.id_to_keep = None if run_id else (id_path, self.run.id)  # kept once this run owns out_dir
+
+    def keep_id(self):
+        """Write the run's id to out_dir, where a resumed run finds it; once."""
+        if self.id_to_keep is not None:
+            path, run_id = self.id_to_keep
+            save_atomically(path, lambda f: f.write(run_id + "\n"))
+            self.id_to_keep = None
 
     def log(self, record):
         self.run.log(record, step=record["step"])
@@ -91,18 +111,22 @@ class WandbTracker:
 
 
 class TensorBoardTracker:
-    def __init__(self, out_dir, config):
+    def __init__(self, out_dir, config, resumed_at=None):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise SystemExit("config error: tensorboard=True needs TensorBoard; pip install tensorboard") from None
-        self.writer = SummaryWriter(log_dir=os.path.join(out_dir, "tensorboard"))
+        # A new events file beside the earlier run's; purge_step hides that run's events after the
+        # checkpoint's step (TensorBoard's Python reader showed both otherwise; its Rust one keeps the newest).
+        self.writer = SummaryWriter(log_dir=os.path.join(out_dir, "tensorboard"),
+                                    purge_step=None if resumed_at is None else resumed_at + 1)
         self.writer.add_text("config", "\n".join(f"    {k} = {v!r}" for k, v in config.items()))
 
     def log(self, record):
         for key, value in record.items():
             if key not in ("step", "time"):
                 self.writer.add_scalar(key, value, record["step"], walltime=record.get("time"))
+        self.writer.flush()  # on disk now, not within 2 minutes: a killed run loses no event before its checkpoint
 
     def image(self, name, path, step):
         import matplotlib.image
@@ -115,11 +139,12 @@ class TensorBoardTracker:
 class RunLog:
     """The log of one run: metrics.jsonl, the trackers, the plot and the card (see the module's doc)."""
 
-    def __init__(self, out_dir, config, enabled=True, metrics_path=None, **facts):
+    def __init__(self, out_dir, config, enabled=True, metrics_path=None, resumed_at=None, **facts):
         """metrics_path: the file records go to, out_dir/metrics.jsonl by default. A new run in a folder
         that holds an earlier one logs to a file of its own until its first checkpoint (outdir.run_log_path),
         then sets metrics_path to metrics.jsonl (outdir.replace_earlier_run); until then it leaves the
-        earlier run's plot, run.json and card alone."""
+        earlier run's plot, run.json and card alone. resumed_at: the step of the checkpoint a resumed run
+        continues from (see the module's doc)."""
         self.enabled = enabled
         if not enabled:  # not rank 0: nothing to write, no tracker to open
             return
@@ -128,11 +153,14 @@ class RunLog:
         # how long the last drawing took (a guess before the first) and when it ended (or the run began)
         self.plot_seconds, self.plotted_at = 1.0, time.time()
         os.makedirs(out_dir, exist_ok=True)
+        if resumed_at is not None and os.path.isfile(self.metrics_path):
+            kept = [r for r in read_metrics(out_dir) if r.get("step", 0) <= resumed_at]
+            save_atomically(self.metrics_path, lambda f: f.writelines(json.dumps(r) + "\n" for r in kept))
         self.trackers = []
         if config.get("wandb_project"):
-            self.trackers.append(WandbTracker(config["wandb_project"], out_dir, config))
+            self.trackers.append(WandbTracker(config["wandb_project"], out_dir, config, resumed_at is not None))
         if config.get("tensorboard"):
-            self.trackers.append(TensorBoardTracker(out_dir, config))
+            self.trackers.append(TensorBoardTracker(out_dir, config, resumed_at))
         self.run_info = {**facts, "started": time.time(), "config": config}
 
     def owns_folder(self):
@@ -148,6 +176,8 @@ class RunLog:
             f.write(json.dumps(record) + "\n")
         for tracker in self.trackers:
             tracker.log(record)
+            if isinstance(tracker, WandbTracker) and self.owns_folder():
+                tracker.keep_id()
         self.step, self.plotted = record["step"], False
 
     def plot(self, always=False):

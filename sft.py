@@ -102,7 +102,7 @@ dist, dtype, autocast = start(device, dtype, seed, parallelism)
 device, log = dist.device, dist.log  # log: print on rank 0 only
 accumulation_steps = gradient_accumulation("total_batch_size", total_batch_size, batch_size=batch_size,
                                            processes=dist.world_size)
-take_out_dir(out_dir, dist, "--resume=yes")
+stop = take_out_dir(out_dir, dist, "--resume=yes")
 
 # model: a new run takes the checkpoint to fine-tune, merged if it holds adapters, with the chat
 # tokens; a resumed run takes its own checkpoint's model as it was, adapters included
@@ -199,7 +199,7 @@ start_step = step
 pace = Pace(step, max_iters)
 while True:
     lr = set_learning_rate(optimizer, learning_rate_at(step, learning_rate, warmup_iters, max_iters, min_lr))
-    done = step >= max_iters  # the one place where the run decides to end
+    done = step >= max_iters or stop.requested()  # the one place where the run decides to end
 
     if step % eval_interval == 0 or done:
         val_loss = None  # val_fraction=0: nothing held out
@@ -227,5 +227,6 @@ while True:
         log(f"step {step}/{max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | {pace.lap(step)[1]}")
         run_log.log({"step": step, "loss": train_loss, "lr": lr, "time": time.time()})
 
-finish(run_log, dist, f"done after {step} steps" + (f", held-out loss {val_loss:.4f}" if val_loss is not None else "")
+finish(run_log, dist, stop, step, f"done after {step} steps"
+       + (f", held-out loss {val_loss:.4f}" if val_loss is not None else "")
        + f"; chat with: python sample.py --out_dir={out_dir} --chat=True")

@@ -151,7 +151,7 @@ log(f"device {device_name(device)} x {dist.world_size} processes ({layout}{', cp
     f"{dtype}; {total_batch_tokens:,} tokens per step = {batch_size} sequences x {block_size} tokens x {data_parallel} "
     f"data-parallel processes x {accumulation_steps} " + ("accumulation steps" if pipeline_stages == 1 else
                                                            f"micro-batches ({pipeline_schedule})"))
-take_out_dir(out_dir, dist, "--init_from=auto")  # one run per out_dir; Ctrl-C ends it with one line
+stop = take_out_dir(out_dir, dist, "--init_from=auto")  # one run per out_dir; Ctrl-C, SIGTERM end it in one line
 
 # data: the bins are memory-mapped once and read as random windows
 data_dir = os.path.join(data_root, dataset)
@@ -271,7 +271,8 @@ while True:
     schedule_step = min(max_iters, int(max_iters * train_seconds / max_seconds)) if max_seconds > 0 else step
     lr = set_learning_rate(optimizer, learning_rate_at(schedule_step, learning_rate, warmup_iters, lr_decay_iters,
                                                        min_lr, lr_schedule, lr_decay_fraction, lr_decay_shape))
-    done = train_seconds >= max_seconds if max_seconds > 0 else step >= max_iters  # where the run decides to end
+    # where the run decides to end: at max_iters (or max_seconds), or at a stop signal every process heard of
+    done = (train_seconds >= max_seconds if max_seconds > 0 else step >= max_iters) or stop.requested()
     eval_due = eval_seconds > 0 and train_seconds >= next_eval_seconds
     while eval_seconds > 0 and train_seconds >= next_eval_seconds:
         next_eval_seconds += eval_seconds
@@ -342,5 +343,5 @@ while True:
         run_log.log({"step": step, "tokens": step * total_batch_tokens, "loss": train_loss, "lr": lr,
                      "tokens_per_sec": tokens_per_sec, "mfu": mfu, "time": time.time()})
 
-finish(run_log, dist, f"done: val loss {losses['val']:.4f} (best {best_val_loss:.4f}) after {step} steps; "
-       f"sample with: python sample.py --out_dir={out_dir}")
+finish(run_log, dist, stop, step, f"done: val loss {losses['val']:.4f} (best {best_val_loss:.4f}) after {step} "
+       f"steps; sample with: python sample.py --out_dir={out_dir}")

@@ -6,7 +6,7 @@ bottom with its own loop in view. A trainer is written like this:
     dist, dtype, autocast = start(device, dtype, seed, parallelism)
     accumulation = gradient_accumulation("total_batch_size", total_batch_size, batch_size=batch_size,
                                       processes=dist.world_size)
-    take_out_dir(out_dir, dist, "--resume=yes")                    # one run per out_dir; Ctrl-C ends it cleanly
+    stop = take_out_dir(out_dir, dist, "--resume=yes")             # one run per out_dir; Ctrl-C ends it cleanly
     checkpoint, ckpt_path = checkpoint_to_resume(resume, out_dir, "rl", config, TUNED_KEYS)
     model, tokenizer, origin = model_to_tune(init_from, checkpoint, ckpt_path, dist.log)
     ...                                                             # the trainer's own data and losses
@@ -15,7 +15,7 @@ bottom with its own loop in view. A trainer is written like this:
     run_log = open_run_log(out_dir, config, dist, dtype, step, "rl", data=data, parameters=...)
     start_step = step
     while True:
-        done = step >= max_iters                    # the one place where a run decides to end
+        done = step >= max_iters or stop.requested()   # the one place where a run decides to end
         if step % eval_interval == 0 or done:
             losses = ...                            # sum_over_batches deals the held-out batches to the processes
             if step > start_step:
@@ -25,10 +25,13 @@ bottom with its own loop in view. A trainer is written like this:
         loss = optimizer_step(model, optimizer, scaler, accumulation, micro_step_loss, grad_clip)
         step += 1
         ...                                         # log lines: stop_if_not_finite, pace
-    finish(run_log, f"done after {step} steps")
+    finish(run_log, dist, stop, step, f"done after {step} steps")
 
 Each checkpoint is written at an evaluation, after a check that the model and the losses are
 finite; a new run's first one replaces an earlier run in out_dir (outdir.py keeps it safe until then).
+SIGTERM or SIGUSR1 (a preemption, SLURM's warning before the time limit) makes stop.requested() true
+on every process at the same step boundary: the run evaluates and saves that step as at its end, and
+finish ends it with a line saying so and the signal's exit status (outdir.StopSignals).
 """
 
 import math
@@ -36,11 +39,12 @@ import time
 
 import torch
 
-from checkpoint import (load_checkpoint, model_from_checkpoint, restore_rng_state, restore_training_state,
-                        save_training_checkpoint, wait_for_checkpoint)
+from checkpoint import (checkpoint_writer, load_checkpoint, model_from_checkpoint, restore_rng_state,
+                        restore_training_state, save_training_checkpoint, wait_for_checkpoint)
 from lora import describe_base, merge_lora
 from optim import make_optimizer
-from outdir import exit_quietly_on_interrupt, lock_out_dir, replace_earlier_run, run_log_path, stop_unless_finite
+from outdir import (StopSignals, exit_quietly_on_interrupt, lock_out_dir, replace_earlier_run, run_log_path,
+                    stop_unless_finite)
 from parallel import place_model, wrap_model
 from runlog import RunLog, format_duration
 from runtime import (autocast_context, device_name, pick_dtype, seed_everything, setup_distributed,
@@ -73,9 +77,12 @@ def gradient_accumulation(key, total, **parts):
 
 
 def take_out_dir(out_dir, dist, how_to_continue):
-    """Lock out_dir for this run (outdir.py), and end the run on Ctrl-C with one line saying how to go on."""
+    """Lock out_dir for this run (outdir.py), and end the run on Ctrl-C with one line saying how to go on.
+    Returns its StopSignals: SIGTERM or SIGUSR1 ends it after the step in flight, with a checkpoint
+    (the loop asks stop.requested() where it decides to end)."""
     lock_out_dir(out_dir, dist, dist.log)
     exit_quietly_on_interrupt(out_dir, dist, how_to_continue)
+    return StopSignals(dist, how_to_continue)
 
 
 def model_to_tune(init_from, checkpoint, ckpt_path, log, describe_start=True):
@@ -130,9 +137,10 @@ def gradient_scaler(dist, dtype):
 
 
 def open_run_log(out_dir, config, dist, dtype, step, stage, **facts):
-    """The run's RunLog: a resumed run (step > 0) goes on in metrics.jsonl, a new one logs beside it."""
-    return RunLog(out_dir, config, dist.is_main, run_log_path(out_dir, resumed=step > 0), stage=stage,
-                  device=device_name(dist.device), processes=dist.world_size, dtype=dtype, **facts)
+    """The run's RunLog: a resumed run (step > 0) goes on in metrics.jsonl, and its curves from its
+    checkpoint's step (runlog.py); a new one logs beside it."""
+    return RunLog(out_dir, config, dist.is_main, run_log_path(out_dir, resumed=step > 0), resumed_at=step or None,
+                  stage=stage, device=device_name(dist.device), processes=dist.world_size, dtype=dtype, **facts)
 
 
 def save(raw_model, optimizer, dist, out_dir, keep, run_log, script, losses, pipeline=None, lora=None, base=None,
@@ -175,9 +183,12 @@ class Pace:
         return seconds, f"{1000 * seconds:.0f} ms/step | eta {format_duration((self.max_iters - step) * seconds)}"
 
 
-def finish(run_log, dist, line):
-    """The end of a run: the last checkpoint on disk, the plot and report card, the closing line."""
+def finish(run_log, dist, stop, step, line):
+    """The end of a run: the last checkpoint on disk, the plot and report card, the closing line; or
+    for a run that a signal stopped (stop), the line that says so and how to continue."""
     wait_for_checkpoint()
     run_log.finish()
+    if stop.agreed:
+        stop.exit(step, checkpoint_writer.written)
     dist.log(line)
     teardown_distributed()

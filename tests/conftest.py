@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from runlog import read_metrics  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(REPO, os.pardir, "shared")  # read-only public data, when present
 
 # A model small enough that a training step takes milliseconds on a CPU.
 TINY_MODEL = ["--device=cpu", "--compile=False", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
@@ -115,6 +117,45 @@ def write_byte_dataset(data_dir, documents, val_documents):
             "vocab_size": 257, "eot_id": 256, "dtype": "uint16", "splits": splits}
     with open(os.path.join(data_dir, "meta.json"), "w") as f:
         json.dump(meta, f)
+
+
+def files_under(folder):
+    """{relative path: (size, mtime)} of every file under folder."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            info = os.stat(os.path.join(root, name))
+            files[os.path.relpath(os.path.join(root, name), folder)] = (info.st_size, info.st_mtime_ns)
+    return files
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_is_never_written():
+    """The tests read ../shared but never write there. tiktoken, for one, copies every file it loads
+    by path or URL into TIKTOKEN_CACHE_DIR, which the gpt2 tests point at ../shared/data/tiktoken_cache."""
+    before = files_under(SHARED)
+    yield
+    after = files_under(SHARED)
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    assert not changed, f"the tests wrote into {SHARED}: {', '.join(changed[:5])}"
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """An empty folder no one may write in: chmod 555, or for root (whom permissions do not stop) a
+    read-only tmpfs mounted there; skips where neither works."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+        yield folder
+        folder.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("root ignores permissions, and mounting a read-only tmpfs failed")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,8 @@ A server process imports torch and this repository's modules once, then forks a 
 (a fresh copy of that process, with stdout and stderr sent to files at the file-descriptor level)
 which runs the script as __main__ the way the interpreter would: a SystemExit message goes to stderr
 with exit status 1, any other exception prints its traceback. The server never runs a torch
-operation, so forking it is safe. Used by the bad-input tables, where each row is one short run.
+operation, so forking it is safe. Used by the bad-input tables, where each row is one short run, and
+by the fault tests, which signal a run (Forked) while it trains.
 
 Why a server and not a fork of pytest itself: by the time a test runs, pytest's process has run
 torch operations (its intra-op thread pool, maybe gloo's threads), and threads do not survive a
@@ -54,6 +55,7 @@ for line in sys.stdin:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+    print(pid, flush=True)
     _, status = os.waitpid(pid, 0)
     print(os.waitstatus_to_exitcode(status), flush=True)
 """.replace("REPO", repr(REPO))
@@ -63,33 +65,52 @@ TIMEOUT = 600  # seconds, as conftest.run_script's
 _server = None
 
 
-def run_forked(script, *args):
-    """Run REPO/script with args in a forked child; return an object with returncode, stdout and stderr."""
-    global _server
-    if _server is None:
-        _server = subprocess.Popen([sys.executable, "-c", SERVER], cwd=REPO, stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, text=True, start_new_session=True,
-                                   env=dict(os.environ, OMP_NUM_THREADS="1"))
-        atexit.register(_server.stdin.close)
-    with tempfile.TemporaryDirectory() as tmp:
-        out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
-        for path in (out, err):
+class Forked:
+    """A run of REPO/script with args in a child forked from the server: pid, the child's id (to signal
+    it, as a test of interrupts does), stdout_path (to watch), and wait() for its result. One at a time."""
+
+    def __init__(self, script, *args):
+        global _server
+        if _server is None:
+            _server = subprocess.Popen([sys.executable, "-c", SERVER], cwd=REPO, stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True, start_new_session=True,
+                                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+            atexit.register(_server.stdin.close)
+        self.folder = tempfile.TemporaryDirectory()
+        self.stdout_path, self.stderr_path = (os.path.join(self.folder.name, name) for name in ("stdout", "stderr"))
+        for path in (self.stdout_path, self.stderr_path):
             open(path, "w").close()
+        self.command = f"{script} {' '.join(args)}"
         _server.stdin.write(json.dumps({"script": os.path.join(REPO, script), "args": list(args),
-                                        "stdout": out, "stderr": err}) + "\n")
+                                        "stdout": self.stdout_path, "stderr": self.stderr_path}) + "\n")
         _server.stdin.flush()
-        if not select.select([_server.stdout], [], [], TIMEOUT)[0]:  # the one reply line: the exit status
+        self.pid = int(self._reply())
+
+    def _reply(self):
+        global _server
+        if not select.select([_server.stdout], [], [], TIMEOUT)[0]:
             os.killpg(_server.pid, signal.SIGKILL)  # the server and the child still running
             _server.wait()
             _server = None
-            raise AssertionError(f"{script} {' '.join(args)} did not finish in {TIMEOUT} s")
+            raise AssertionError(f"{self.command} did not finish in {TIMEOUT} s")
         reply = _server.stdout.readline()
         if not reply:
             _server = None
             raise AssertionError("the fork server of tests/forked.py died; its traceback is above")
-        returncode = int(reply)
-        with open(out) as f_out, open(err) as f_err:
-            return SimpleNamespace(returncode=returncode, stdout=f_out.read(), stderr=f_err.read())
+        return reply
+
+    def wait(self):
+        """The finished run: an object with returncode, stdout and stderr."""
+        returncode = int(self._reply())
+        with open(self.stdout_path) as f_out, open(self.stderr_path) as f_err:
+            result = SimpleNamespace(returncode=returncode, stdout=f_out.read(), stderr=f_err.read())
+        self.folder.cleanup()
+        return result
+
+
+def run_forked(script, *args):
+    """Run REPO/script with args in a forked child; return an object with returncode, stdout and stderr."""
+    return Forked(script, *args).wait()
 
 
 def error_line(result):

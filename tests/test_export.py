@@ -211,6 +211,15 @@ def test_a_lora_checkpoint_is_exported_with_its_adapters_merged(tmp_path):
     assert (real_logits(exported_model.eval(), idx) - real_logits(model, idx)).abs().max() < 1e-4
 
 
+def test_a_folder_that_cannot_be_written_is_one_line_and_nothing_is_left(tmp_path, read_only_folder):
+    save_checkpoint({"kind": "pretrain", "model_config": asdict(tiny_model("llama").config),
+                     "model": tiny_model("llama").state_dict(), "tokenizer": BYTE}, str(tmp_path / "ckpt.pt"))
+    for folder in (read_only_folder, read_only_folder / "hf"):  # an existing folder, and a new one inside it
+        line = error_line(run_forked("export.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--folder={folder}"))
+        assert line.startswith(f"export error: cannot write into {folder} (") and "choose a folder you can write to" in line, line
+    assert os.listdir(read_only_folder) == []
+
+
 def test_export_refuses_a_folder_with_files_it_did_not_write(tmp_path):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "notes.txt").write_text("mine")

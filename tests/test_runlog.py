@@ -32,6 +32,9 @@ class Image:
         self.path = path
 
 class Run:
+    def __init__(self, id):
+        self.id = id
+
     def log(self, data, step=None):
         _write("log", data={k: v.path if isinstance(v, Image) else v for k, v in data.items()}, step=step,
                image=any(isinstance(v, Image) for v in data.values()))
@@ -39,9 +42,10 @@ class Run:
     def finish(self):
         _write("finish")
 
-def init(project=None, name=None, config=None, dir=None):
-    _write("init", project=project, config=config)
-    return Run()
+def init(project=None, name=None, config=None, dir=None, id=None, resume=None):
+    run = Run(id or os.urandom(4).hex())
+    _write("init", project=project, config=config, id=run.id, resume=resume)
+    return run
 '''
 
 
@@ -65,14 +69,17 @@ def fake_tensorboard(monkeypatch):
     calls = []
 
     class SummaryWriter:
-        def __init__(self, log_dir):
-            calls.append(("init", log_dir))
+        def __init__(self, log_dir, purge_step=None):
+            calls.append(("init", log_dir, purge_step))
 
         def add_scalar(self, tag, value, step, walltime=None):
             calls.append(("scalar", tag, value, step))
 
         def add_text(self, tag, text):
             calls.append(("text", tag, text))
+
+        def flush(self):
+            calls.append(("flush",))
 
         def add_image(self, tag, image, step, dataformats):
             calls.append(("image", tag, image.shape, dataformats))
@@ -149,16 +156,55 @@ def test_trackers_receive_the_records_of_metrics_jsonl_the_config_and_the_plot(t
     written = read_metrics(tmp_path)
     assert [r["step"] for r in written] == [0, 10, 10] and "mfu" not in written[1]  # None is left out
     calls = fake_wandb()
-    assert calls[0] == {"call": "init", "project": "proj", "config": config}
+    assert {k: calls[0][k] for k in ("call", "project", "config", "resume")} == {
+        "call": "init", "project": "proj", "config": config, "resume": None}
     assert [c["data"] for c in calls if c["call"] == "log" and not c["image"]] == written
     images = [c for c in calls if c["call"] == "log" and c["image"]]
     assert len(images) == 1 and images[0]["data"] == {"plot": str(tmp_path / "plot.png")} and images[0]["step"] == 10
     assert calls[-1] == {"call": "finish"}
     scalars = [c[1:] for c in fake_tensorboard if c[0] == "scalar"]
     assert scalars == [(k, v, r["step"]) for r in written for k, v in r.items() if k not in ("step", "time")]
+    assert [c[0] for c in fake_tensorboard].count("flush") == len(written)  # each record on disk at once
     assert ("text", "config") == fake_tensorboard[1][:2] and "learning_rate = 0.001" in fake_tensorboard[1][2]
     width, height = png_size(tmp_path / "plot.png")
     assert fake_tensorboard[-2] == ("image", "plot", (height, width, 3), "HWC") and fake_tensorboard[-1] == ("close",)
+
+
+def test_a_resumed_run_continues_its_wandb_run_and_its_curves_from_the_checkpoints_step(tmp_path, fake_wandb,
+                                                                                        fake_tensorboard):
+    config = {"wandb_project": "proj", "tensorboard": True}
+    first = runlog.RunLog(str(tmp_path), config)
+    for step in range(7):
+        first.log({"step": step, "loss": 10.0 - step})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')  # killed mid-line, after its last checkpoint (step 4)
+    resumed = runlog.RunLog(str(tmp_path), config, resumed_at=4)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3, 4]  # what the resumed run logs again is gone
+    for step in range(5, 9):
+        resumed.log({"step": step, "loss": 10.0 - step})
+    resumed.finish()
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(9))
+    inits = [c for c in fake_wandb() if c["call"] == "init"]
+    assert [c["resume"] for c in inits] == [None, "allow"] and inits[1]["id"] == inits[0]["id"]
+    assert (tmp_path / runlog.WANDB_ID_NAME).read_text() == inits[0]["id"] + "\n"
+    # TensorBoard: a second events file in the same folder, hiding the first one's events after step 4
+    assert [c[1:] for c in fake_tensorboard if c[0] == "init"] == [(str(tmp_path / "tensorboard"), None),
+                                                                   (str(tmp_path / "tensorboard"), 5)]
+
+
+def test_a_new_run_in_a_used_folder_gets_its_own_wandb_run_and_names_it_only_once_it_owns_the_folder(
+        tmp_path, fake_wandb):
+    config = {"wandb_project": "proj"}
+    runlog.RunLog(str(tmp_path), config).log({"step": 0, "loss": 1.0})
+    earlier = (tmp_path / runlog.WANDB_ID_NAME).read_text()
+    new = runlog.RunLog(str(tmp_path), config, metrics_path=str(tmp_path / "metrics.jsonl.new.tmp"))
+    new.log({"step": 0, "loss": 2.0})
+    assert (tmp_path / runlog.WANDB_ID_NAME).read_text() == earlier  # before its first checkpoint: the earlier run's
+    new.metrics_path = str(tmp_path / "metrics.jsonl")  # as outdir.replace_earlier_run does at the first checkpoint
+    new.log({"step": 1, "loss": 1.5})
+    inits = [c for c in fake_wandb() if c["call"] == "init"]
+    assert inits[1]["resume"] is None and inits[1]["id"] != inits[0]["id"]
+    assert (tmp_path / runlog.WANDB_ID_NAME).read_text() == inits[1]["id"] + "\n"
 
 
 def test_a_missing_tracker_package_is_one_line_naming_the_pip_command(tmp_path, monkeypatch):

@@ -133,6 +133,15 @@ def test_an_adapter_checkpoint_rebuilds_base_plus_adapters_and_refuses_a_changed
     with pytest.raises(SystemExit, match="which has changed since"):
         model_from_checkpoint(load_checkpoint(str(tmp_path / "adapter.pt")))
 
+    # a base of another shape, named with its own sha256 (the adapter file edited): one line, no size mismatch
+    wider = GPT(GPTConfig(vocab_size=257, n_layer=2, n_head=2, n_embd=48, block_size=64))
+    wider_ckpt = {**base_ckpt, "model_config": asdict(wider.config), "model": wider.state_dict()}
+    save_checkpoint(wider_ckpt, tmp_path / "wider.pt")
+    save_checkpoint({**adapter, "base": describe_base(str(tmp_path / "wider.pt"), wider_ckpt)}, tmp_path / "moved.pt")
+    with pytest.raises(SystemExit, match=r"adapters do not fit its base .*wider.pt \(blocks.0.attn.c_attn.lora_A is "
+                                         r"\[4, 32\] in the adapters, \[4, 48\] in the base\)"):
+        model_from_checkpoint(load_checkpoint(str(tmp_path / "moved.pt")))
+
 
 def test_sft_makes_a_small_model_repeat_a_training_answer_verbatim(tiny_sft_checkpoint):
     train_records, held_out = split_held_out(TOY_INSTRUCTIONS, TOY_VAL_FRACTION)

@@ -102,7 +102,9 @@ def test_the_description_loads_under_torch_weights_only(bpe_on_mixed_text, tmp_p
     assert Tokenizer(description).encode("caf\u00e9 \U0001F642") == bpe_on_mixed_text.encode("caf\u00e9 \U0001F642")
 
 
-def test_the_ranks_text_is_a_tiktoken_file(bpe_on_mixed_text, tmp_path):
+def test_the_ranks_text_is_a_tiktoken_file(bpe_on_mixed_text, tmp_path, monkeypatch):
+    # tiktoken copies every file it loads into TIKTOKEN_CACHE_DIR, which may be ../shared's: '' turns that off
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
     (tmp_path / "t.tiktoken").write_text(bpe_on_mixed_text.description["ranks"])
     assert tiktoken.load.load_tiktoken_bpe(str(tmp_path / "t.tiktoken")) == read_ranks(bpe_on_mixed_text.description["ranks"])
 
