@@ -3,7 +3,7 @@ Documented Python functions -> SFT and DPO records: offline post-training data m
 prepared code corpus. Each documented function becomes a chat turn, the request made from its
 name, arguments and the first paragraph of its docstring, the answer its source without the
 docstring; and a preference pair, chosen that source, rejected another function's body under its
-def line or its own body cut in half.
+def line, its body under another's def line, or its body cut in half.
 
     python prepare_chat.py                        # data/pystdlib (prepare.py's default) -> data/pystdlib_chat
     python prepare_chat.py --block_size=1024 --dataset=sitepackages      # the GPU chain's (run_gpu.sh)
@@ -191,22 +191,27 @@ removed["also in train"] = len(kept["val"]) - len(heldout)
 kept["val"] = heldout
 
 
+REJECTED = ("another function's body", "another function's def line", "its body cut in half")
+
+
 def pairs(funcs, rng):
-    """A preference record per function, or None where no rejected answer fits: rejected is, for every
-    other function, the body of another one (the first in a seeded order that differs and fits) under
-    this one's def lines, and otherwise this body cut to its first half of lines."""
+    """A preference record per function: chosen its code, rejected (in turn, one kind per function)
+    another function's body under its def line (does the code do what was asked?), its body under
+    another function's def line (is it the function that was asked for?), or its body cut to the
+    first half of its lines (is it whole?). The other function is the first in a seeded order that
+    makes a different answer that fits; where none does, the cut body is rejected."""
     order = rng.permutation(len(funcs))
     records = []
     for i, (name, request, head, body) in enumerate(funcs):
-        chosen, rejected = "\n".join(head + body), None
-        if i % 2 == 0:
-            for j in order[i % len(order):][:50]:
-                other = "\n".join(head + funcs[j][3])
+        chosen, rejected, kind = "\n".join(head + body), None, REJECTED[i % 3]
+        if kind != REJECTED[2]:
+            for j in (order[(i + k) % len(order)] for k in range(min(50, len(order)))):
+                other = "\n".join(head + funcs[j][3] if kind == REJECTED[0] else funcs[j][2] + body)
                 if other != chosen and fits(request, other):
-                    rejected, kind = other, "another function's body"
+                    rejected = other
                     break
         if rejected is None:
-            rejected, kind = "\n".join(head + body[: len(body) // 2]), "its body cut in half"
+            rejected, kind = "\n".join(head + body[: len(body) // 2]), REJECTED[2]
         records.append({"instruction": request, "chosen": chosen, "rejected": rejected, "function": name,
                         "rejected_is": kind})
     return records
@@ -232,7 +237,8 @@ for split, suffix in (("train", "train"), ("val", "heldout")):
     counts[f"{suffix} functions"] = len(funcs)
     counts[f"{suffix} methods"] = sum("." in name for name, _, _, _ in funcs)
     counts[f"{suffix} answer tokens"] = sum(n_tokens(r["output"]) for r in sft)
-    counts[f"{suffix} pairs rejecting another body"] = sum(r["rejected_is"] != "its body cut in half" for r in dpo)
+    for kind in REJECTED:
+        counts[f"{suffix} pairs rejecting {kind}"] = sum(r["rejected_is"] == kind for r in dpo)
 write_jsonl(os.path.join(out_dir, "heldout_def_lines.jsonl"),
             [{"prompt": request, "answer": head[0]} for _, request, head, _ in kept["val"]])
 # the example: a held-out module-level function with a short one-line description and a body of a few lines,

@@ -143,7 +143,7 @@ def test_held_out_functions_are_those_of_the_val_split_and_never_in_a_train_file
     assert (folder / "example_request.txt").read_text().startswith("Write a Python function `count_vowels(")
 
 
-def test_pairs_choose_the_real_code_and_reject_other_code_under_the_same_def_line(chat_data):
+def test_pairs_choose_the_real_code_and_reject_another_body_another_def_line_or_half_the_body(chat_data):
     folder, _ = chat_data
     for suffix in ("train", "heldout"):
         sft, dpo = records(folder / f"sft_{suffix}.jsonl"), records(folder / f"dpo_{suffix}.jsonl")
@@ -152,12 +152,17 @@ def test_pairs_choose_the_real_code_and_reject_other_code_under_the_same_def_lin
         assert [r["function"] for r in split_held_out(sft, 0.5)[1]] == [r["function"] for r in split_held_out(dpo, 0.5)[1]]
         for s, pair in zip(sft, dpo):
             assert pair["instruction"] == s["instruction"] and pair["chosen"] == s["output"]
-            assert pair["rejected"] != pair["chosen"]
-            assert pair["rejected"].split("\n")[0] == pair["chosen"].split("\n")[0]
-            if pair["rejected_is"] == "its body cut in half":
-                assert pair["chosen"].startswith(pair["rejected"])
-    kinds = {r["rejected_is"] for r in records(folder / "dpo_train.jsonl")}
-    assert kinds == {"another function's body", "its body cut in half"}
+            (def_line, *body), (rejected_def_line, *rejected_body) = (pair[k].split("\n") for k in ("chosen", "rejected"))
+            if pair["rejected_is"] == "another function's body":
+                assert rejected_def_line == def_line and rejected_body != body
+            elif pair["rejected_is"] == "another function's def line":
+                assert rejected_def_line != def_line and rejected_body == body
+            else:
+                assert pair["rejected_is"] == "its body cut in half"
+                assert rejected_def_line == def_line and rejected_body == body[: len(body) // 2]
+    kinds = [r["rejected_is"] for r in records(folder / "dpo_train.jsonl")]
+    assert kinds == ["another function's body", "another function's def line", "its body cut in half",
+                     "another function's body"]
 
 
 def test_the_same_corpus_gives_byte_identical_files(chat_data, tmp_path):
