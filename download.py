@@ -72,15 +72,16 @@ def download(url, expected_sha256, folder, stop=None, *, stage, local_option, sh
         for attempt in range(3):
             have = os.path.getsize(part) if os.path.exists(part) else 0
             try:
-                with requests.get(url, stream=True, timeout=30, headers={"Range": f"bytes={have}-"} if have else {}) as r:
+                headers = {"Range": f"bytes={have}-"} if have else {}
+                with requests.get(url, stream=True, timeout=30, headers=headers) as r:
                     if r.status_code == 416:  # the part already holds the whole file
                         break
                     r.raise_for_status()
                     if r.status_code != 206:  # the server ignored the range: start over
                         have = 0
                     total = have + int(r.headers.get("Content-Length", 0)) or None
-                    with open(part, "ab" if have else "wb") as f, \
-                            progress(total=total, initial=have, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+                    bar = progress(total=total, initial=have, unit="B", unit_scale=True, desc=os.path.basename(path))
+                    with open(part, "ab" if have else "wb") as f, bar:
                         for chunk in r.iter_content(1 << 16):
                             if stop is not None and stop.is_set():
                                 return None, None
@@ -91,8 +92,9 @@ def download(url, expected_sha256, folder, stop=None, *, stage, local_option, sh
                 print(f"the connection to {url} dropped at {os.path.getsize(part):,} bytes; resuming")
             except requests.RequestException as e:
                 if attempt == 2 or isinstance(e, requests.HTTPError):
-                    raise SystemExit(f"{stage} error: could not download {url} ({type(e).__name__}: {e}); check the URL "
-                                     f"and the network, or fetch the file another way and pass {local_option}=PATH") from None
+                    raise SystemExit(f"{stage} error: could not download {url} ({type(e).__name__}: {e}); check the "
+                                     f"URL and the network, or fetch the file another way and pass {local_option}=PATH"
+                                     ) from None
                 print(f"the connection to {url} failed ({type(e).__name__}); resuming")
         digest = file_sha256(part)
         if expected_sha256 and digest != expected_sha256:

@@ -1,24 +1,25 @@
 """
 Documented Python functions -> SFT and DPO records: offline post-training data made from a
-prepared code corpus. Each documented function becomes a chat turn, the request made from its
-name, arguments and the first paragraph of its docstring, the answer its source without the
-docstring; and a preference pair, chosen that source, rejected another function's body under its
-def line, its body under another's def line, or its body cut in half.
+prepared code corpus. Each documented function becomes a chat turn, the request made of its name,
+arguments and the first paragraph of its docstring, the answer its code without the docstring;
+and a preference pair, chosen that code, rejected (in turn) another function's body under its def
+line, its body under another function's def line, or its body cut in half.
 
-    python prepare_chat.py                        # data/pystdlib (prepare.py's default) -> data/pystdlib_chat
-    python prepare_chat.py --block_size=1024 --dataset=sitepackages      # the GPU chain's (run_gpu.sh)
+    python prepare_chat.py                        # data/pystdlib_bpe -> data/pystdlib_bpe_chat, for run.sh's chain
+    python prepare_chat.py --dataset=pystdlib --block_size=512         # prepare.py's default dataset, bytes
+    python prepare_chat.py --dataset=sitepackages --block_size=1024    # SCALE=gpt2 bash run.sh
 
-    {"instruction": "Write a Python function `ensure_text(s, encoding='utf-8')` that: ...",
-     "output": "def ensure_text(s, encoding='utf-8'):\n    if isinstance(s, bytes):\n ...", "function": "ensure_text"}
+    {"instruction": "Write a Python function `quotedata(data)` that: Quote data for email.",
+     "output": "def quotedata(data):\n    return re.sub(...)", "function": "quotedata"}
 
 Reads data_root/<dataset>/ as prepare.py wrote it (meta.json and the token files of each split):
 the documents are decoded with the dataset's tokenizer and parsed as Python, so the functions are
 those of the very text pretraining reads. The split follows pretraining's: the functions of the
 train split's documents are for training, those of the val split's are held out. A held-out
 function was so never trained on, neither as a chat turn nor as text in pretraining, and a
-held-out score measures what a model makes of a request it has not seen. The training functions
-were in pretraining's text, inside their files, before they became chat turns: SFT teaches the
-format and the link from a description to code the model may have read.
+held-out score measures what a model makes of a request for code it has never read. The
+training functions were in pretraining's text, inside their files, before they became chat
+turns: SFT teaches the format and the link from a description to code the model may have read.
 
 Kept: functions at module level and methods of module-level classes that are public (no leading
 underscore, so no dunders either), not tests (test*, Test* classes), have a docstring and more than
@@ -54,10 +55,10 @@ from runlog import save_atomically, write_card
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
-dataset = "pystdlib"  # the prepared code corpus, data_root/<dataset> (prepare.py's output)
+dataset = "pystdlib_bpe"  # the prepared code corpus, data_root/<dataset> (prepare.py config/data_pystdlib_bpe.py)
 data_root = "data"
 out_dir = ""  # where the records go; empty: data_root/<dataset>_chat
-block_size = 512  # the chat model's context in tokens: a request with its answer (each answer of a pair) must fit
+block_size = 256  # the chat model's context in tokens: a request with its answer (each answer of a pair) must fit
 max_answer_chars = 2000  # longer answers are left out, whatever the context
 seed = 1337  # which other function's body a rejected answer borrows
 config = configure(globals())

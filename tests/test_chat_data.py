@@ -112,9 +112,11 @@ def chat_data(tmp_path_factory):
 def test_a_documented_function_becomes_a_request_from_its_signature_and_first_paragraph_and_its_code(chat_data):
     folder, _ = chat_data
     sft = {r["function"]: r for r in records(folder / "sft_train.jsonl")}
-    assert sft["join_words"]["instruction"] == "Write a Python function `join_words(words, sep=' ')` that: Join words with sep between them."
+    assert sft["join_words"]["instruction"] == ("Write a Python function `join_words(words, sep=' ')` that: Join words "
+                                                "with sep between them.")
     assert sft["join_words"]["output"] == 'def join_words(words, sep=" "):\n    # a comment stays\n    return sep.join(words)'
-    assert sft["Stack.push"]["instruction"] == "Write a method `push(self, item)` of a Python class `Stack` that: Put item on top."
+    assert sft["Stack.push"]["instruction"] == ("Write a method `push(self, item)` of a Python class `Stack` that: Put "
+                                                "item on top.")
     assert sft["Stack.push"]["output"] == "def push(self, item):\n    self.items.append(item)\n    return len(self.items)"
     heldout = {r["function"]: r for r in records(folder / "sft_heldout.jsonl")}
     assert heldout["fetch_all"]["instruction"].startswith("Write an async Python function `fetch_all(urls)`")
@@ -149,10 +151,12 @@ def test_pairs_choose_the_real_code_and_reject_another_body_another_def_line_or_
         sft, dpo = records(folder / f"sft_{suffix}.jsonl"), records(folder / f"dpo_{suffix}.jsonl")
         # the same functions in the same order: sft.py and dpo.py hold out the same ones
         assert [r["function"] for r in sft] == [r["function"] for r in dpo]
-        assert [r["function"] for r in split_held_out(sft, 0.5)[1]] == [r["function"] for r in split_held_out(dpo, 0.5)[1]]
+        held_out = [[r["function"] for r in split_held_out(made, 0.5)[1]] for made in (sft, dpo)]
+        assert held_out[0] == held_out[1]
         for s, pair in zip(sft, dpo):
             assert pair["instruction"] == s["instruction"] and pair["chosen"] == s["output"]
-            (def_line, *body), (rejected_def_line, *rejected_body) = (pair[k].split("\n") for k in ("chosen", "rejected"))
+            def_line, *body = pair["chosen"].split("\n")
+            rejected_def_line, *rejected_body = pair["rejected"].split("\n")
             if pair["rejected_is"] == "another function's body":
                 assert rejected_def_line == def_line and rejected_body != body
             elif pair["rejected_is"] == "another function's def line":
@@ -227,8 +231,9 @@ def test_a_wrong_sha256_stops_with_one_line_and_leaves_nothing_behind(server, tm
     sha = serve(tmp_path, "prefs.json", [{"instruction": "Hi?", "chosen": "Hello.", "rejected": "Go away."}])
     with pytest.raises(SystemExit) as stop:
         read_records(f"{server.url}/prefs.json", "0" * 64)
-    assert str(stop.value) == (f"data error: {server.url}/prefs.json has sha256 {sha}, expected {'0' * 64}; the file "
-                               "changed upstream: check it, then pass its sha256 (--data_sha256=) or leave the check out")
+    assert str(stop.value) == (f"data error: {server.url}/prefs.json has sha256 {sha}, expected {'0' * 64}; the "
+                               "file changed upstream: check it, then pass its sha256 (--data_sha256=) or leave the "
+                               "check out")
     assert os.listdir("data/downloads") == []
 
 
