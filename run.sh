@@ -7,13 +7,15 @@
 #
 #   pip install -r requirements.txt && bash run.sh       # a 2-core CPU, about 7 minutes (docs/post-training.md)
 #   SCALE=gpt2 bash run.sh      # the same chain at GPT-2-small scale on site-packages' code, one GPU
-#   TINY=1 bash run.sh          # every step at toy size, in seconds: checks the chain (tests/test_chain.py)
+#   TINY=1 bash run.sh          # every step at toy size, in seconds, into out/tiny/ (tests/test_chain.py)
 #   DATA=/tmp/data OUT=/tmp/chain bash run.sh    # elsewhere than data/ and out/chain/
 #
 # Writes DATA/<dataset> (prepare.py), DATA/<dataset>_chat (prepare_chat.py), OUT/pretrain, OUT/sft,
 # OUT/dpo (checkpoints, metrics, cards, eval.json) and OUT/report.md, the page of all stages.
 set -euo pipefail
 cd "$(dirname "$0")"
+tiny=${TINY:-0}
+if [[ $tiny == 1 ]]; then DATA=${DATA:-out/tiny/data} OUT=${OUT:-out/tiny}; fi   # toy runs leave data/ and out/chain/ alone
 DATA=${DATA:-data}
 OUT=${OUT:-out/chain}
 
@@ -30,10 +32,10 @@ case ${SCALE:-cpu} in
 esac
 # toy sizes for every step (TINY=1): a few documents, a 2-layer model, a few steps each
 tiny_prepare="" tiny_train="" tiny_post="" tiny_eval="" tiny_sample=""
-if [[ ${TINY:-0} == 1 ]]; then
+if [[ $tiny == 1 ]]; then
   context=256
   tiny_prepare="--max_documents=100"
-  tiny_train="--n_layer=2 --n_head=2 --n_kv_head=0 --n_embd=32 --batch_size=4 --total_batch_tokens=1024 --max_iters=4
+  tiny_train="--n_layer=2 --n_head=2 --n_embd=32 --batch_size=4 --total_batch_tokens=1024 --max_iters=4
               --eval_interval=4 --eval_iters=1 --log_interval=1 --warmup_iters=1 --compile=False --device=cpu"
   tiny_post="--max_iters=2 --eval_interval=2 --log_interval=1 --warmup_iters=1 --batch_size=2 --total_batch_size=2
              --compile=False --device=cpu"
