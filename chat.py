@@ -28,7 +28,8 @@ mean of the rows of the tokens that spell its name ("user" for <|user|>): the fo
 distinct from the start and like ordinary tokens in scale, so even a LoRA run, whose
 embeddings stay frozen, can tell them apart.
 
-Data files are a JSON list (.json) or one JSON object per line (.jsonl) of records:
+Data files are a JSON list (.json) or one JSON object per line (.jsonl) of records, local or
+an http(s) URL (downloaded once into data/downloads/, checked against a given sha256):
   Alpaca-style  {"instruction", "input" (optional), "output"}: a user turn (the instruction,
                 then the input after a blank line) and the assistant's answer
   chat          {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
@@ -48,6 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from download import download
 from tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -198,13 +200,20 @@ FORMATS = ("a record is {instruction, input (optional), output} or {messages: [{
            "a preference record has chosen and rejected instead of the output")
 
 
+DOWNLOADS = "data/downloads"  # where data given by URL is kept
+
+
 def bad_record(where, problem):
     return SystemExit(f"data error: {where}: {problem}")
 
 
-def read_records(path):
+def read_records(path, sha256=""):
     """(where, record) pairs of a .json list or a .jsonl file; `where` names the file and the
-    record (or line) for error messages."""
+    record (or line) for error messages. An http(s) URL is downloaded once into DOWNLOADS and
+    checked against sha256 (unless it is empty)."""
+    if path.startswith(("http://", "https://")):
+        path = download(path, sha256, DOWNLOADS, stage="data", local_option="--data",
+                        sha256_option="--data_sha256=")[0]
     if not os.path.isfile(path):
         raise SystemExit(f"data error: no file {path}; pass --data=PATH to a .json or .jsonl file of records")
     try:

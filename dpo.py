@@ -72,7 +72,8 @@ log_interval = 10
 wandb_project = ""  # a Weights & Biases project to log the run to (pip install wandb); '' for none
 tensorboard = False  # also write TensorBoard events to out_dir/tensorboard (pip install tensorboard)
 # data
-data = "data/instruction/instruction-data-with-preference.json"  # preference records, .json or .jsonl
+data = "data/instruction/instruction-data-with-preference.json"  # preference records, .json or .jsonl: a path or a URL
+data_sha256 = ""  # the expected sha256 of data given by URL (downloaded once into data/downloads/); empty: no check
 val_fraction = 0.05  # of the records, held out for evaluation (always the same ones)
 block_size = 0  # longest prompt + answer; longer ones are cut. 0: the model's context
 batch_size = 4  # pairs per micro-step on each process
@@ -122,7 +123,7 @@ reference_file = reference_file if checkpoint is None else checkpoint["reference
 block_size = context_length(block_size, model)
 
 # data: records -> (prompt, chosen, rejected) -> a unit (inputs, targets, doc ids) for each answer
-records = [preference(record, where) for where, record in read_records(data)]
+records = [preference(record, where) for where, record in read_records(data, data_sha256)]
 train_records, val_records = split_held_out(records, val_fraction)
 
 

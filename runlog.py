@@ -283,9 +283,9 @@ def summarise(folder):
     summary = {"folder": folder}
     if os.path.isfile(os.path.join(folder, "run.json")):
         summary.update(read_json(os.path.join(folder, "run.json")))
-    if os.path.isfile(os.path.join(folder, "report.json")):  # prepare.py's
-        summary["stage"] = "prepare"
+    if os.path.isfile(os.path.join(folder, "report.json")):  # prepare.py's (or prepare_chat.py's, which names its stage)
         summary["prepare"] = read_json(os.path.join(folder, "report.json"))
+        summary["stage"] = summary["prepare"].get("stage", "prepare")
         summary["seconds"] = summary["prepare"].get("seconds", {}).get("total")
         summary["tokens"] = sum(summary["prepare"].get("output", {}).get("tokens", {}).values()) or None
         if os.path.isfile(os.path.join(folder, "meta.json")):

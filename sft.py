@@ -67,7 +67,8 @@ log_interval = 10
 wandb_project = ""  # a Weights & Biases project to log the run to (pip install wandb); '' for none
 tensorboard = False  # also write TensorBoard events to out_dir/tensorboard (pip install tensorboard)
 # data
-data = "data/instruction/instruction-data.json"  # Alpaca-style or chat records, .json or .jsonl
+data = "data/instruction/instruction-data.json"  # Alpaca-style or chat records, .json or .jsonl: a path or a URL
+data_sha256 = ""  # the expected sha256 of data given by URL (downloaded once into data/downloads/); empty: no check
 val_fraction = 0.05  # of the records, held out for the eval loss (always the same ones)
 packing = True  # rows of block_size tokens packed with whole examples; False: pad each batch to its longest example
 block_size = 0  # tokens per row; longer examples are cut. 0: the model's context
@@ -116,7 +117,7 @@ base = base if checkpoint is None else checkpoint.get("base")  # what a LoRA che
 block_size = context_length(block_size, model)
 
 # data: records -> conversations -> (inputs, targets) -> units (packed rows, or examples)
-records = [conversation(record, where) for where, record in read_records(data)]
+records = [conversation(record, where) for where, record in read_records(data, data_sha256)]
 train_records, val_records = split_held_out(records, val_fraction)
 if not train_records:
     raise SystemExit(f"data error: {data} has {len(records)} records, none left to train on after holding out "

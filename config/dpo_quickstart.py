@@ -4,7 +4,8 @@
 #   python dpo.py config/dpo_quickstart.py && python sample.py --out_dir=out/dpo_quickstart --chat=True
 init_from = "out/sft_quickstart/ckpt.pt"
 out_dir = "out/dpo_quickstart"
-data = "data/instruction/instruction-data-with-preference.json"
+data = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/28c65cdfbc3338e2e040016eea4b7fdf556e4d57/ch07/04_preference-tuning-with-dpo/instruction-data-with-preference.json"
+data_sha256 = "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e"  # downloaded once into data/downloads/
 eval_interval = 20
 log_interval = 5
 

@@ -7,7 +7,8 @@
 # (--init_from=hf:path/to/gpt2). With LoRA: --lora_rank=16 --learning_rate=2e-4.
 init_from = "out/gpt2/ckpt.pt"
 out_dir = "out/sft_gpt2"
-data = "data/instruction/instruction-data.json"
+data = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/28c65cdfbc3338e2e040016eea4b7fdf556e4d57/ch07/01_main-chapter-code/instruction-data.json"
+data_sha256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"  # downloaded once into data/downloads/
 eval_interval = 50
 log_interval = 10
 

@@ -5,7 +5,8 @@
 #   python sft.py config/sft_quickstart.py && python sample.py --out_dir=out/sft_quickstart --chat=True
 init_from = "out/quickstart/ckpt.pt"
 out_dir = "out/sft_quickstart"
-data = "data/instruction/instruction-data.json"
+data = "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/28c65cdfbc3338e2e040016eea4b7fdf556e4d57/ch07/01_main-chapter-code/instruction-data.json"
+data_sha256 = "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"  # downloaded once into data/downloads/
 eval_interval = 100
 log_interval = 20
 
