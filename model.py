@@ -549,6 +549,247 @@ def compiled_forward(cuda_graphs):
     return torch.compile(GPT.forward, mode="reduce-overhead" if cuda_graphs else None, fullgraph=True, dynamic=False)
 
 
+# -----------------------------------------------------------------------------
+# The encoder-decoder (Vaswani et al. 2017) for translation, built from GPT's own parts
+
+
+@dataclass
+class EncoderDecoderConfig(GPTConfig):
+    """GPTConfig's fields shape both stacks; n_layer counts the decoder's blocks. block_size bounds
+    the source and the target each (a target's start token included)."""
+
+    n_encoder_layer: int = 6
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.n_encoder_layer < 1:
+            raise ValueError(f"n_encoder_layer={self.n_encoder_layer} must be at least 1")
+
+
+class CrossAttention(Attention):
+    """The decoder's attention to the source: queries from the target, keys and values from the
+    encoder's output, through Attention's own weights (c_attn's rows: the queries', then the keys'
+    and values'). No positions: a target position and a source position do not line up."""
+
+    def projection(self, part):
+        """c_attn's weight and bias rows of the queries ('q') or of the keys and values ('kv')."""
+        rows = slice(0, self.n_head * self.head_dim) if part == "q" else slice(self.n_head * self.head_dim, None)
+        return self.c_attn.weight[rows], None if self.c_attn.bias is None else self.c_attn.bias[rows]
+
+    def source_keys_values(self, memory):
+        """The keys and values (B, kv heads, S, head_dim) of the encoder's output (B, S, n_embd). Computed
+        once per source: every decoding step reads them as they are."""
+        B, S, _ = memory.shape
+        k, v = F.linear(memory, *self.projection("kv")).view(B, S, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        return (k if self.k_norm is None else self.k_norm(k)), v
+
+    def forward(self, x, keys_values, source_mask):
+        B, T, _ = x.shape
+        q = F.linear(x, *self.projection("q")).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        y = F.scaled_dot_product_attention(q, *keys_values, attn_mask=source_mask,
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class DecoderBlock(Block):
+    """A block that also reads the source: self-attention, then cross-attention, then the MLP."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.ln_cross = make_norm(config, config.n_embd)
+        self.cross_attn = CrossAttention(config)
+
+    def forward(self, x, rope, cache=None, pos=0, mask=None, source=None):
+        """source: this block's (keys and values of the source, the source's padding mask)."""
+        x = x + self.attn(self.ln_1(x), rope, cache, pos, mask)
+        x = x + self.cross_attn(self.ln_cross(x), *source)
+        return x + self.mlp(self.ln_2(x))
+
+
+class EncoderDecoder(GPT):
+    """The original Transformer: forward(src, tgt) encodes the source, decodes the target with it,
+    and maps the decoder's output to next-token logits:
+
+        memory = encoder(src)            # bidirectional self-attention, the padding masked
+        hidden = decoder(tgt, memory)    # causal self-attention + cross-attention to memory
+        logits = lm_head(hidden)
+
+    GPT's parts serve as they are: its embedding and positions (shared by both sides: a joint
+    vocabulary, so one table; with tie_embeddings the output layer too, as Vaswani et al. 2017,
+    section 3.4), its blocks, final norm and output layer. The encoder is a stack of GPT blocks
+    given a padding mask instead of the causal one; the decoder's blocks add cross-attention.
+    Sources are right-padded: row b's tokens are its first src_lengths[b], the rest may be any id."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.n_layer))  # in place of GPT's
+        self.encoder = nn.ModuleList(Block(config) for _ in range(config.n_encoder_layer))
+        self.ln_source = make_norm(config, config.n_embd)
+        self.apply(self._init_weights)
+
+    def embed(self, idx, positions):
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe.weight[positions]
+        elif self.config.pos == "sinusoidal":
+            # The sinusoids' entries are of size 1, the embedding's of 0.02: scaled by sqrt(n_embd) as in
+            # Vaswani et al. (section 3.4), the tokens are not drowned by their positions.
+            x = x * math.sqrt(self.config.n_embd) + self.sinusoidal_pos[positions].to(x.dtype)
+        return self.drop(x)
+
+    def rope_at(self, positions):
+        return (self.rope_cos[positions], self.rope_sin[positions]) if self.config.pos == "rope" else None
+
+    def check_length(self, length, side):
+        if length > self.config.block_size:
+            raise ValueError(f"a {side} of {length} tokens is longer than block_size={self.config.block_size}")
+
+    def encode(self, src, src_lengths=None):
+        """The encoder's output (B, S, n_embd) for src (B, S), and the mask of its real tokens (B, 1, 1, S)
+        that attention to it takes; src_lengths (B,) None: every token is real."""
+        B, S = src.shape
+        self.check_length(S, "source")
+        lengths = torch.full((B,), S, device=src.device) if src_lengths is None else src_lengths
+        source_mask = (torch.arange(S, device=src.device) < lengths[:, None])[:, None, None, :]
+        x, rope = self.embed(src, slice(0, S)), self.rope_at(slice(0, S))
+        for block in self.encoder:
+            x = block(x, rope, mask=source_mask)  # a mask, so not the causal one: every token sees the whole source
+        return self.ln_source(x), source_mask
+
+    def source_keys_values(self, memory):
+        """Each decoder block's keys and values of the encoder's output."""
+        return [block.cross_attn.source_keys_values(memory) for block in self.blocks]
+
+    def decode(self, tgt, sources, source_mask, cache=None, pos=0, all_logits=True):
+        """Next-token logits after each position of tgt (B, T) (all_logits=False: the last one's), given the
+        source_keys_values and the source_mask. cache and pos decode one token at a time, as in GPT.forward."""
+        B, T = tgt.shape
+        self.check_length(T, "target")
+        if torch.is_tensor(pos):  # a decoding step: one token per row, at index pos of the cache
+            positions, mask = pos, dense_mask(causal, B, pos, self.config.block_size)
+        else:
+            positions, mask = slice(0, T), None  # None: attention's own causal mask
+        x, rope = self.embed(tgt, positions), self.rope_at(positions)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, None if cache is None else cache[i], pos, mask, (sources[i], source_mask))
+        x = self.ln_f(x)
+        return self.soft_cap(self.lm_head(x if all_logits else x[:, -1:])[..., : self.config.vocab_size])
+
+    def forward(self, src, tgt, targets=None, src_lengths=None):
+        """Logits (B, T, vocab_size) of the token after each position of tgt (B, T), which starts with the
+        start token; with targets (B, T), also the mean cross-entropy over those that are not -1."""
+        memory, source_mask = self.encode(src, src_lengths)
+        logits = self.decode(tgt, self.source_keys_values(memory), source_mask)
+        return logits, None if targets is None else cross_entropy(logits, targets)
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per target token, a source of the same length counted with it: 6N plus attention's
+        (self-attention in both stacks, cross-attention in the decoder), as GPT.flops_per_token counts them."""
+        c = self.config
+        T = seq_len or c.block_size
+        return 6 * self.num_params(non_embedding=True) + 12 * (c.n_encoder_layer + 2 * c.n_layer) * c.n_embd * T
+
+    def stepper(self, src, src_lengths=None, copies=1, use_cache=True):
+        """A function step(tokens, order=None) for greedy_decode and beam_search: the next-token logits
+        (rows, vocab_size) after tokens (rows, t), where each source row stands for `copies` rows (beam
+        search's beams). The source is encoded, and the keys and values of every decoder block's
+        cross-attention computed, once here. With the cache a step runs only the newest token; order
+        (rows,), given when the rows changed places, says which row of the previous step each continues."""
+        memory, source_mask = self.encode(src, src_lengths)
+        sources = [(k.repeat_interleave(copies, 0), v.repeat_interleave(copies, 0))
+                   for k, v in self.source_keys_values(memory)]
+        source_mask = source_mask.repeat_interleave(copies, 0)
+        cache = [{} for _ in self.blocks] if use_cache else None
+
+        def step(tokens, order=None):
+            if cache is None or tokens.size(1) == 1:  # without a cache, or the first step: the whole target
+                return self.decode(tokens, sources, source_mask, cache, all_logits=False)[:, -1]
+            if order is not None:
+                for layer in cache:
+                    for name in layer:
+                        layer[name] = layer[name][order]
+            pos = torch.tensor([tokens.size(1) - 1], device=tokens.device)
+            return self.decode(tokens[:, -1:], sources, source_mask, cache, pos, all_logits=False)[:, -1]
+
+        return step
+
+    @torch.no_grad()
+    def translate(self, src, src_lengths, start, end, max_new_tokens, beam_size=1, length_penalty=1.0,
+                  use_cache=True):
+        """The translation of each source row as a list of token ids, the end token left out: greedy with
+        beam_size 1, else beam search. The target starts with the token start and ends at end."""
+        step = self.stepper(src, src_lengths, beam_size, use_cache)
+        first = torch.full((src.size(0), 1), start, dtype=torch.long, device=src.device)
+        max_new_tokens = min(max_new_tokens, self.config.block_size - 1)  # the target holds the start token too
+        if beam_size == 1:
+            return greedy_decode(step, first, end, max_new_tokens)
+        return beam_search(step, first, end, max_new_tokens, beam_size, length_penalty)
+
+
+def greedy_decode(step, first, end, max_new_tokens):
+    """Continue each row of first (B, t) with its likeliest next token (step: as EncoderDecoder.stepper's)
+    until it produces end or has max_new_tokens new ones; returns each row's new tokens, end left out."""
+    tokens, done = first, torch.zeros(first.size(0), dtype=torch.bool, device=first.device)
+    for _ in range(max_new_tokens):
+        next_token = step(tokens).argmax(dim=-1).masked_fill(done, end)  # a finished row repeats end
+        tokens = torch.cat((tokens, next_token[:, None]), dim=1)
+        done |= next_token == end
+        if bool(done.all()):
+            break
+    return [until_end(row, end) for row in tokens[:, first.size(1):].tolist()]
+
+
+def beam_search(step, first, end, max_new_tokens, beam_size, length_penalty=1.0):
+    """Each row of first (B, t)'s best continuation of up to max_new_tokens tokens (end left out) by beam
+    search, batched over the rows; step must give beam_size rows per row of first (EncoderDecoder.stepper's
+    copies). As fairseq's: at each step the 2k best extensions of the k beams are ranked; those among the
+    first k that end (produce end) are finished hypotheses, scored by their log-probability over
+    length**length_penalty (length: new tokens, end included; 0 ranks by the sum, 1 by the mean per token);
+    the k best that do not end are the next beams. A row is done once it has k finished hypotheses; at
+    max_new_tokens its live beams finish as they are."""
+    B, k, device = first.size(0), beam_size, first.device
+    tokens = first.repeat_interleave(k, 0)
+    scores = torch.full((B, k), -math.inf, device=device)
+    scores[:, 0] = 0.0  # the beams start equal: only one of them may expand, or every hypothesis would come k times
+    best_score = [-math.inf] * B
+    best = [[] for _ in range(B)]
+    finished = [0] * B
+    order, rank = None, torch.arange(2 * k, device=device)
+    for t in range(1, max_new_tokens + 1):
+        logprobs = step(tokens, order).float().log_softmax(dim=-1)
+        V = logprobs.size(-1)
+        top_scores, top = (scores.reshape(-1, 1) + logprobs).view(B, k * V).topk(2 * k, dim=1)
+        beam, token = top // V, top % V
+        # At most k extensions end (one per beam), so k of the 2k never do: the next beams.
+        ends = (token == end) & (rank < k) & (top_scores > -math.inf) & (torch.tensor(finished, device=device) < k)[:, None]
+        for b, col in ends.nonzero().tolist():
+            finished[b] += 1
+            score = top_scores[b, col].item() / t ** length_penalty
+            if score > best_score[b]:
+                best_score[b], best[b] = score, tokens[b * k + beam[b, col], first.size(1):].tolist()
+        keep = (token == end).int().argsort(dim=1, stable=True)[:, :k]
+        beam, token, scores = beam.gather(1, keep), token.gather(1, keep), top_scores.gather(1, keep)
+        order = (torch.arange(B, device=device)[:, None] * k + beam).view(-1)
+        tokens = torch.cat((tokens[order], token.view(-1, 1)), dim=1)
+        if min(finished) >= k:
+            break
+    # Rows not done: their live beams are hypotheses too, as they stand.
+    live = scores / (tokens.size(1) - first.size(1)) ** length_penalty
+    for b in (b for b in range(B) if finished[b] < k):
+        j = int(live[b].argmax())
+        if live[b, j].item() > best_score[b]:
+            best[b] = tokens[b * k + j, first.size(1):].tolist()
+    return best
+
+
+def until_end(ids, end):
+    return ids[: ids.index(end)] if end in ids else ids
+
+
 # Peak dense bf16 tensor FLOP/s per GPU (vendor data sheets, no sparsity), for MFU.
 # Matched against torch.cuda.get_device_name(); the first key found in the name wins, so
 # longer names come first.
