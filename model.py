@@ -580,7 +580,8 @@ class CrossAttention(Attention):
         """The keys and values (B, kv heads, S, head_dim) of the encoder's output (B, S, n_embd). Computed
         once per source: every decoding step reads them as they are."""
         B, S, _ = memory.shape
-        k, v = F.linear(memory, *self.projection("kv")).view(B, S, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        kv = F.linear(memory, *self.projection("kv")).view(B, S, 2, self.n_kv_head, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4)  # each (B, kv heads, S, head_dim)
         return (k if self.k_norm is None else self.k_norm(k)), v
 
     def forward(self, x, keys_values, source_mask):
@@ -721,68 +722,80 @@ class EncoderDecoder(GPT):
     def translate(self, src, src_lengths, start, end, max_new_tokens, beam_size=1, length_penalty=1.0,
                   use_cache=True):
         """The translation of each source row as a list of token ids, the end token left out: greedy with
-        beam_size 1, else beam search. The target starts with the token start and ends at end."""
+        beam_size 1, else beam search. The target starts with the token start and ends at end, or after
+        max_new_tokens tokens (one number, or one per row)."""
         step = self.stepper(src, src_lengths, beam_size, use_cache)
         first = torch.full((src.size(0), 1), start, dtype=torch.long, device=src.device)
-        max_new_tokens = min(max_new_tokens, self.config.block_size - 1)  # the target holds the start token too
-        if beam_size == 1:
-            return greedy_decode(step, first, end, max_new_tokens)
-        return beam_search(step, first, end, max_new_tokens, beam_size, length_penalty)
+        limits = torch.as_tensor(max_new_tokens).expand(src.size(0)).clamp(max=self.config.block_size - 1).tolist()
+        return search(step, first, end, limits, beam_size, length_penalty)  # the target holds the start token too
 
 
-def greedy_decode(step, first, end, max_new_tokens):
+def search(step, first, end, max_new_tokens, beam_size=1, length_penalty=1.0):
+    """greedy_decode with beam_size 1, else beam_search. max_new_tokens: one number, or one per row of first."""
+    limits = torch.as_tensor(max_new_tokens).expand(first.size(0)).tolist()
+    if beam_size == 1:
+        return greedy_decode(step, first, end, limits)
+    return beam_search(step, first, end, limits, beam_size, length_penalty)
+
+
+def greedy_decode(step, first, end, limits):
     """Continue each row of first (B, t) with its likeliest next token (step: as EncoderDecoder.stepper's)
-    until it produces end or has max_new_tokens new ones; returns each row's new tokens, end left out."""
-    tokens, done = first, torch.zeros(first.size(0), dtype=torch.bool, device=first.device)
-    for _ in range(max_new_tokens):
+    until it produces end or has its limit of new tokens (limits: one per row); returns each row's new
+    tokens, end left out. A row's tokens do not depend on the other rows."""
+    tokens = first
+    done = torch.tensor([limit == 0 for limit in limits], device=first.device)
+    reached = {t: torch.tensor([limit == t for limit in limits], device=first.device) for t in set(limits)}
+    for t in range(1, max(limits) + 1):
         next_token = step(tokens).argmax(dim=-1).masked_fill(done, end)  # a finished row repeats end
         tokens = torch.cat((tokens, next_token[:, None]), dim=1)
-        done |= next_token == end
+        done |= (next_token == end) | reached.get(t, False)
         if bool(done.all()):
             break
-    return [until_end(row, end) for row in tokens[:, first.size(1):].tolist()]
+    new = tokens[:, first.size(1):].tolist()
+    return [until_end(row[:limit], end) for row, limit in zip(new, limits)]
 
 
-def beam_search(step, first, end, max_new_tokens, beam_size, length_penalty=1.0):
-    """Each row of first (B, t)'s best continuation of up to max_new_tokens tokens (end left out) by beam
-    search, batched over the rows; step must give beam_size rows per row of first (EncoderDecoder.stepper's
-    copies). As fairseq's: at each step the 2k best extensions of the k beams are ranked; those among the
-    first k that end (produce end) are finished hypotheses, scored by their log-probability over
-    length**length_penalty (length: new tokens, end included; 0 ranks by the sum, 1 by the mean per token);
-    the k best that do not end are the next beams. A row is done once it has k finished hypotheses; at
-    max_new_tokens its live beams finish as they are."""
+def beam_search(step, first, end, limits, beam_size, length_penalty=1.0):
+    """Each row of first (B, t)'s best continuation of up to its limit of new tokens (limits: one per row;
+    end left out) by beam search, batched over the rows; step must give beam_size rows per row of first
+    (EncoderDecoder.stepper's copies). As fairseq's: at each step the 2k best extensions of the k beams
+    are ranked; those among the first k that end (produce end) are finished hypotheses, scored by their
+    log-probability over length**length_penalty (length: new tokens, end included; 0 ranks by the sum,
+    1 by the mean per token); the k best that do not end are the next beams. A row is done once it has
+    k finished hypotheses, or at its limit, where its live beams finish as they are."""
     B, k, device = first.size(0), beam_size, first.device
     tokens = first.repeat_interleave(k, 0)
     scores = torch.full((B, k), -math.inf, device=device)
     scores[:, 0] = 0.0  # the beams start equal: only one of them may expand, or every hypothesis would come k times
-    best_score = [-math.inf] * B
-    best = [[] for _ in range(B)]
-    finished = [0] * B
+    best_score, best = [-math.inf] * B, [[] for _ in range(B)]
+    finished = [0 if limit else k for limit in limits]  # k: the row is done
     order, rank = None, torch.arange(2 * k, device=device)
-    for t in range(1, max_new_tokens + 1):
+
+    def consider(b, beam, score, t):
+        if score > best_score[b]:
+            best_score[b], best[b] = score, tokens[b * k + beam, first.size(1) : first.size(1) + t].tolist()
+
+    for t in range(1, max(limits) + 1):
         logprobs = step(tokens, order).float().log_softmax(dim=-1)
         V = logprobs.size(-1)
         top_scores, top = (scores.reshape(-1, 1) + logprobs).view(B, k * V).topk(2 * k, dim=1)
         beam, token = top // V, top % V
         # At most k extensions end (one per beam), so k of the 2k never do: the next beams.
-        ends = (token == end) & (rank < k) & (top_scores > -math.inf) & (torch.tensor(finished, device=device) < k)[:, None]
+        open_rows = torch.tensor([n < k for n in finished], device=device)[:, None]
+        ends = (token == end) & (rank < k) & (top_scores > -math.inf) & open_rows
         for b, col in ends.nonzero().tolist():
             finished[b] += 1
-            score = top_scores[b, col].item() / t ** length_penalty
-            if score > best_score[b]:
-                best_score[b], best[b] = score, tokens[b * k + beam[b, col], first.size(1):].tolist()
+            consider(b, beam[b, col].item(), top_scores[b, col].item() / t**length_penalty, t - 1)
         keep = (token == end).int().argsort(dim=1, stable=True)[:, :k]
         beam, token, scores = beam.gather(1, keep), token.gather(1, keep), top_scores.gather(1, keep)
         order = (torch.arange(B, device=device)[:, None] * k + beam).view(-1)
         tokens = torch.cat((tokens[order], token.view(-1, 1)), dim=1)
+        for b in (b for b in range(B) if limits[b] == t and finished[b] < k):  # its live beams finish as they are
+            for j, score in enumerate((scores[b] / t**length_penalty).tolist()):
+                consider(b, j, score, t)
+            finished[b] = k
         if min(finished) >= k:
             break
-    # Rows not done: their live beams are hypotheses too, as they stand.
-    live = scores / (tokens.size(1) - first.size(1)) ** length_penalty
-    for b in (b for b in range(B) if finished[b] < k):
-        j = int(live[b].argmax())
-        if live[b, j].item() > best_score[b]:
-            best[b] = tokens[b * k + j, first.size(1):].tolist()
     return best
 
 

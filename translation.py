@@ -35,6 +35,7 @@ import os
 import numpy as np
 import torch
 
+from model import EncoderDecoder, search
 from tokenizer import Tokenizer
 
 MULTI30K_URL = "https://raw.githubusercontent.com/multi30k/dataset/a3d2e0d26b56f3846f66a952536ffed4e401d05a/data/task1/raw/"
@@ -59,8 +60,7 @@ MULTI30K_SPLITS = {"train": "train", "val": "val", "test": "test_2016_flickr"}
 def read_lines(path):
     """The lines of a UTF-8 text file, plain or .gz, without their line ends; one line if it cannot be read."""
     if not os.path.isfile(path):
-        raise SystemExit(f"data error: no file {path}; check the path (parallel data is SOURCE_FILE,TARGET_FILE "
-                         "or a .jsonl file)")
+        raise SystemExit(f"data error: no file {path}; check the path")
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8", newline="") as f:
             text = f.read()
@@ -123,6 +123,17 @@ def multi30k(folder, split, source_lang, target_lang):
                                   "--multi30k_dir=FOLDER", other_sha256="pass --multi30k_dir=FOLDER holding "
                                   "copies you trust")[0])
     return ",".join(names)
+
+
+def data_of(config, split):
+    """The parallel data of a split (train, val, test) that a translate.py config names, as read_parallel reads it;
+    '' for none. data='multi30k' also names its val and test sets, unless val_data or test_data say otherwise."""
+    spec = config["data"] if split == "train" else config[f"{split}_data"]
+    if not spec and config["data"] == "multi30k":
+        spec = "multi30k"
+    if spec == "multi30k":
+        return multi30k(config["multi30k_dir"], split, config["source_lang"], config["target_lang"])
+    return spec
 
 
 def without_empty(sources, targets):
@@ -208,27 +219,68 @@ def collate_pairs(pairs, pad_id):
 # translating and scoring
 
 
+def decoder_only_example(source_ids, target_ids):
+    """A decoder-only model's training row for a pair: the source, end-of-text, the target, end-of-text
+    (x, and its next tokens y with the loss on the target only, -1 over the source, as sft.py masks
+    the prompt)."""
+    sequence = source_ids + target_ids[1:]
+    return sequence[:-1], [-1] * (len(source_ids) - 1) + target_ids[1:]
+
+
+def decoder_only_stepper(model, prompts, copies=1):
+    """For a GPT that translates by continuing `source <end-of-text>`: (first, step) for greedy_decode and
+    beam_search, first the prompts left-padded (B, L) and step as EncoderDecoder.stepper's."""
+    L = max(len(p) for p in prompts)
+    device = model.lm_head.weight.device
+    first = torch.zeros((len(prompts), L), dtype=torch.long, device=device)
+    for row, ids in enumerate(prompts):
+        first[row, L - len(ids) :] = torch.tensor(ids)
+    pad = torch.tensor([L - len(ids) for ids in prompts], device=device).repeat_interleave(copies)
+    cache = [{} for _ in model.blocks]
+
+    def step(tokens, order=None):
+        if tokens.size(1) == L:
+            return model(tokens, cache=cache, pad=pad)[0][:, -1]
+        if order is not None:  # beams of one prompt move among its rows, whose padding is the same
+            for layer in cache:
+                for name in layer:
+                    layer[name] = layer[name][order]
+        pos = torch.tensor([tokens.size(1) - 1], device=device)
+        return model(tokens[:, -1:], cache=cache, pos=pos, pad=pad)[0][:, -1]
+
+    return first, step
+
+
 @torch.no_grad()
 def translate_lines(model, tokenizer, lines, batch_size=64, beam_size=1, length_penalty=1.0, autocast=None,
                     device="cpu"):
-    """The translation of each line (an empty line: an empty one) by an EncoderDecoder, in order, and how
-    many sources were cut at block_size. Lines go in batches of similar length, longest first."""
+    """The translation of each line (an empty line: an empty one), in order, and how many sources were cut
+    at block_size. An EncoderDecoder reads the source; a decoder-only GPT continues `source <end-of-text>`.
+    Lines go in batches of similar length, longest first."""
     block_size = model.config.block_size
-    ids = [encode_source(tokenizer, line, block_size) if line.strip() else [] for line in lines]
-    n_cut = sum(len(tokenizer.encode(line)) + 1 > block_size for line in lines)
+    decoder_only = not isinstance(model, EncoderDecoder)
+    room = block_size // 2 if decoder_only else block_size  # a decoder-only model's context holds both sides
+    ids = [encode_source(tokenizer, line, room) if line.strip() else [] for line in lines]
+    n_cut = sum(len(tokenizer.encode(line)) + 1 > room for line in lines if line.strip())
     order = sorted((i for i in range(len(lines)) if ids[i]), key=lambda i: -len(ids[i]))
     out = [""] * len(lines)
+    end = tokenizer.eot_id
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        src = torch.zeros((len(rows), len(ids[rows[0]])), dtype=torch.long)
-        for r, i in enumerate(rows):
-            src[r, : len(ids[i])] = torch.tensor(ids[i])
-        lengths = torch.tensor([len(ids[i]) for i in rows])
-        # a translation rarely runs past twice its source's length (fairseq's max_len_a, max_len_b)
-        max_new_tokens = 2 * src.size(1) + 10
+        longest = len(ids[rows[0]])
+        # A translation rarely runs past twice its source's length (fairseq's max_len_a, max_len_b); a
+        # decoder-only model's continuation has the room its context leaves after the longest source.
+        max_new_tokens = [min(2 * len(ids[i]) + 10, block_size - room if decoder_only else block_size) for i in rows]
         with autocast or torch.autocast("cpu", enabled=False):
-            translated = model.translate(src.to(device), lengths.to(device), tokenizer.eot_id, tokenizer.eot_id,
-                                         max_new_tokens, beam_size, length_penalty)
+            if decoder_only:
+                first, step = decoder_only_stepper(model, [ids[i] for i in rows], beam_size)
+                translated = search(step, first, end, max_new_tokens, beam_size, length_penalty)
+            else:
+                src = torch.zeros((len(rows), longest), dtype=torch.long, device=device)
+                for r, i in enumerate(rows):
+                    src[r, : len(ids[i])] = torch.tensor(ids[i])
+                lengths = torch.tensor([len(ids[i]) for i in rows], device=device)
+                translated = model.translate(src, lengths, end, end, max_new_tokens, beam_size, length_penalty)
         for i, new in zip(rows, translated):
             out[i] = tokenizer.decode(new).strip()
     return out, n_cut

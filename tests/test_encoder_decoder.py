@@ -110,7 +110,7 @@ def test_beam_size_one_is_greedy():
             model.translate(src, lengths, 1, 2, 15, beam_size=1, length_penalty=0.0)  # greedy either way
         greedy = model.translate(src, lengths, 1, 2, 15)
         step = model.stepper(src, lengths)
-        assert beam_search(step, torch.ones(5, 1, dtype=torch.long), 2, 15, 1) == greedy
+        assert beam_search(step, torch.ones(5, 1, dtype=torch.long), 2, [15] * 5, 1) == greedy
 
 
 @pytest.mark.parametrize("length_penalty", [0.0, 1.0])

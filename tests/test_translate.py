@@ -12,10 +12,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from model import GPT, GPTConfig, until_end
 from tokenizer import Tokenizer
-from translation import (batch_at, collate_pairs, corpus_scores, encode_pairs, epoch_batches, read_parallel,
-                         without_empty)
+from translation import (batch_at, collate_pairs, corpus_scores, decoder_only_example, encode_pairs, epoch_batches,
+                         read_parallel, translate_lines, without_empty)
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
                       "translation", "multi30k")
@@ -92,13 +94,17 @@ def test_collated_batch_pads_the_sources_and_masks_the_targets():
 
 
 def test_bleu_and_chrf_equal_the_sacrebleu_command_line(tmp_path):
-    references = ["Two young, White males are outside near many bushes.", "A little girl climbing into a wooden playhouse.",
-                  "Several men in hard hats are operating a giant pulley system.", "A man in a blue shirt is standing on a ladder.",
+    references = ["Two young, White males are outside near many bushes.",
+                  "A little girl climbing into a wooden playhouse.",
+                  "Several men in hard hats are operating a giant pulley system.",
+                  "A man in a blue shirt is standing on a ladder.",
                   "Two men are at the stove preparing food."]
-    hypotheses = ["Two young white men are outside near many bushes.", "A little girl climbs into a playhouse made of wood.",
-                  "Several men in helmets operate a drive wheel system.", "A man in a blue shirt stands on a ladder.",
+    hypotheses = ["Two young white men are outside near many bushes.",
+                  "A little girl climbs into a playhouse made of wood.",
+                  "Several men in helmets operate a drive wheel system.",
+                  "A man in a blue shirt stands on a ladder.",
                   "two men are cooking at the stove ."]
-    if os.path.isdir(SHARED):  # real text where it is at hand: Multi30K's val captions, each scored against the next
+    if os.path.isdir(SHARED):  # real text where it is at hand: each Multi30K val caption scored against the next
         references = read_parallel(f"{SHARED}/val.de.gz,{SHARED}/val.en.gz")[1]
         hypotheses = references[1:] + references[:1]
     ours = corpus_scores(hypotheses, references)
@@ -107,6 +113,32 @@ def test_bleu_and_chrf_equal_the_sacrebleu_command_line(tmp_path):
     cli = subprocess.run([sys.executable, "-m", "sacrebleu", str(tmp_path / "ref.txt"), "-i", str(tmp_path / "hyp.txt"),
                           "-m", "bleu", "chrf", "-w", "6"], capture_output=True, text=True, check=True)
     bleu, chrf = json.loads(cli.stdout)
-    assert ours["bleu"] == pytest.approx(bleu["score"], abs=1e-5) and ours["chrf"] == pytest.approx(chrf["score"], abs=1e-5)
+    assert ours["bleu"] == pytest.approx(bleu["score"], abs=1e-5)
+    assert ours["chrf"] == pytest.approx(chrf["score"], abs=1e-5)
     assert ours["bleu_signature"] == bleu["signature"] and ours["chrf_signature"] == chrf["signature"]
     assert 0 < ours["bleu"] < 100
+
+
+def test_a_decoder_only_model_translates_as_its_own_generate_continues_the_source():
+    """translate_lines on a GPT: greedy continuation of `source <end-of-text>`, batched and left-padded, is
+    what GPT.generate gives one line at a time; beam search with one beam is the same."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=257, block_size=48, n_layer=2, n_head=2, n_embd=32)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3) if p.dim() >= 2 else p.add_(0.1 * torch.randn_like(p))
+    tokenizer = Tokenizer.train("byte")
+    lines = ["abc", "", "hello there", "x"]
+    greedy, n_cut = translate_lines(model, tokenizer, lines, batch_size=2)
+    assert n_cut == 0 and greedy[1] == "" and translate_lines(model, tokenizer, lines, beam_size=1)[0] == greedy
+    for line, translation in zip(lines, greedy):
+        if line:
+            prompt = torch.tensor([tokenizer.encode(line) + [tokenizer.eot_id]])
+            limit = min(2 * prompt.size(1) + 10, 48 - 48 // 2)  # the context's other half is the translation's
+            out = model.generate(prompt, limit, temperature=0.0, stop_tokens=[tokenizer.eot_id])
+            assert translation == tokenizer.decode(until_end(out[0, prompt.size(1):].tolist(), tokenizer.eot_id)).strip()
+
+
+def test_decoder_only_rows_mask_the_source_and_learn_the_target():
+    x, y = decoder_only_example([5, 6, 9], [9, 1, 2, 9])
+    assert x == [5, 6, 9, 1, 2] and y == [-1, -1, 1, 2, 9]
