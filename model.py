@@ -569,27 +569,32 @@ class EncoderDecoderConfig(GPTConfig):
 class CrossAttention(Attention):
     """The decoder's attention to the source: queries from the target, keys and values from the
     encoder's output, through Attention's own weights (c_attn's rows: the queries', then the keys'
-    and values'). No positions: a target position and a source position do not line up."""
+    and values'). No positions: a target position and a source position do not line up. When
+    decoding, the source's keys and values are computed at the first step and kept in the layer's
+    cache for the others."""
 
     def projection(self, part):
         """c_attn's weight and bias rows of the queries ('q') or of the keys and values ('kv')."""
         rows = slice(0, self.n_head * self.head_dim) if part == "q" else slice(self.n_head * self.head_dim, None)
         return self.c_attn.weight[rows], None if self.c_attn.bias is None else self.c_attn.bias[rows]
 
-    def source_keys_values(self, memory):
-        """The keys and values (B, kv heads, S, head_dim) of the encoder's output (B, S, n_embd). Computed
-        once per source: every decoding step reads them as they are."""
-        B, S, _ = memory.shape
-        kv = F.linear(memory, *self.projection("kv")).view(B, S, 2, self.n_kv_head, self.head_dim)
-        k, v = kv.permute(2, 0, 3, 1, 4)  # each (B, kv heads, S, head_dim)
-        return (k if self.k_norm is None else self.k_norm(k)), v
-
-    def forward(self, x, keys_values, source_mask):
+    def forward(self, x, memory, source_mask, cache=None):
+        """x (B, T, n_embd) attends to memory (B, S, n_embd), the encoder's output, where source_mask
+        (B, 1, 1, S) is true."""
         B, T, _ = x.shape
+        if cache is not None and "source_k" in cache:
+            k, v = cache["source_k"], cache["source_v"]
+        else:
+            kv = F.linear(memory, *self.projection("kv")).view(B, memory.size(1), 2, self.n_kv_head, self.head_dim)
+            k, v = kv.permute(2, 0, 3, 1, 4)  # each (B, kv heads, S, head_dim)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
+            if cache is not None:
+                cache["source_k"], cache["source_v"] = k, v
         q = F.linear(x, *self.projection("q")).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        y = F.scaled_dot_product_attention(q, *keys_values, attn_mask=source_mask,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=source_mask,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
@@ -605,9 +610,9 @@ class DecoderBlock(Block):
         self.cross_attn = CrossAttention(config)
 
     def forward(self, x, rope, cache=None, pos=0, mask=None, source=None):
-        """source: this block's (keys and values of the source, the source's padding mask)."""
+        """source: (the encoder's output, the mask of its real tokens)."""
         x = x + self.attn(self.ln_1(x), rope, cache, pos, mask)
-        x = x + self.cross_attn(self.ln_cross(x), *source)
+        x = x + self.cross_attn(self.ln_cross(x), *source, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -661,13 +666,10 @@ class EncoderDecoder(GPT):
             x = block(x, rope, mask=source_mask)  # a mask, so not the causal one: every token sees the whole source
         return self.ln_source(x), source_mask
 
-    def source_keys_values(self, memory):
-        """Each decoder block's keys and values of the encoder's output."""
-        return [block.cross_attn.source_keys_values(memory) for block in self.blocks]
-
-    def decode(self, tgt, sources, source_mask, cache=None, pos=0, all_logits=True):
+    def decode(self, tgt, memory, source_mask, cache=None, pos=0, all_logits=True):
         """Next-token logits after each position of tgt (B, T) (all_logits=False: the last one's), given the
-        source_keys_values and the source_mask. cache and pos decode one token at a time, as in GPT.forward."""
+        encoder's output memory and its source_mask. cache and pos decode one token at a time, as in
+        GPT.forward."""
         B, T = tgt.shape
         self.check_length(T, "target")
         if torch.is_tensor(pos):  # a decoding step: one token per row, at index pos of the cache
@@ -676,7 +678,7 @@ class EncoderDecoder(GPT):
             positions, mask = slice(0, T), None  # None: attention's own causal mask
         x, rope = self.embed(tgt, positions), self.rope_at(positions)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, None if cache is None else cache[i], pos, mask, (sources[i], source_mask))
+            x = block(x, rope, None if cache is None else cache[i], pos, mask, (memory, source_mask))
         x = self.ln_f(x)
         return self.soft_cap(self.lm_head(x if all_logits else x[:, -1:])[..., : self.config.vocab_size])
 
@@ -684,7 +686,7 @@ class EncoderDecoder(GPT):
         """Logits (B, T, vocab_size) of the token after each position of tgt (B, T), which starts with the
         start token; with targets (B, T), also the mean cross-entropy over those that are not -1."""
         memory, source_mask = self.encode(src, src_lengths)
-        logits = self.decode(tgt, self.source_keys_values(memory), source_mask)
+        logits = self.decode(tgt, memory, source_mask)
         return logits, None if targets is None else cross_entropy(logits, targets)
 
     def flops_per_token(self, seq_len=None):
@@ -697,24 +699,22 @@ class EncoderDecoder(GPT):
     def stepper(self, src, src_lengths=None, copies=1, use_cache=True):
         """A function step(tokens, order=None) for greedy_decode and beam_search: the next-token logits
         (rows, vocab_size) after tokens (rows, t), where each source row stands for `copies` rows (beam
-        search's beams). The source is encoded, and the keys and values of every decoder block's
-        cross-attention computed, once here. With the cache a step runs only the newest token; order
-        (rows,), given when the rows changed places, says which row of the previous step each continues."""
+        search's beams). The source is encoded once, here; with the cache, the keys and values of each
+        decoder block's cross-attention are computed at the first step, and a step runs only the newest
+        token. order (rows,), given when the rows changed places, says which row of the previous step
+        each continues."""
         memory, source_mask = self.encode(src, src_lengths)
-        sources = [(k.repeat_interleave(copies, 0), v.repeat_interleave(copies, 0))
-                   for k, v in self.source_keys_values(memory)]
-        source_mask = source_mask.repeat_interleave(copies, 0)
+        memory, source_mask = memory.repeat_interleave(copies, 0), source_mask.repeat_interleave(copies, 0)
         cache = [{} for _ in self.blocks] if use_cache else None
 
         def step(tokens, order=None):
             if cache is None or tokens.size(1) == 1:  # without a cache, or the first step: the whole target
-                return self.decode(tokens, sources, source_mask, cache, all_logits=False)[:, -1]
-            if order is not None:
+                return self.decode(tokens, memory, source_mask, cache, all_logits=False)[:, -1]
+            if order is not None:  # the self-attention's keys and values follow their rows (a source's don't move)
                 for layer in cache:
-                    for name in layer:
-                        layer[name] = layer[name][order]
+                    layer["k"], layer["v"] = layer["k"][order], layer["v"][order]
             pos = torch.tensor([tokens.size(1) - 1], device=tokens.device)
-            return self.decode(tokens[:, -1:], sources, source_mask, cache, pos, all_logits=False)[:, -1]
+            return self.decode(tokens[:, -1:], memory, source_mask, cache, pos, all_logits=False)[:, -1]
 
         return step
 
