@@ -290,7 +290,7 @@ def summarise(folder):
 
 def headline(result):
     """The main number of one evaluate.py task result, as (name, value)."""
-    for key in ("accuracy_norm", "exact_match", "accuracy", "bits_per_byte"):
+    for key in ("accuracy_norm", "exact_match", "accuracy", "bits_per_byte", "bleu"):
         if key in result:
             return key, result[key]
     return None, None
