@@ -63,6 +63,7 @@ translating = bool(translate or translate_file)
 if ((prompt or system) and not chat) or (chat and start) or (translating and (chat or start)) or beam_size < 1:
     raise SystemExit("config error: --prompt and --system are for --chat=True, --start for plain text, --translate "
                      "and --translate_file for a translation model; pick one mode (and beam_size >= 1)")
+lines = (read_lines(translate_file) if translate_file else [translate]) if translating else None  # before the model
 device = pick_device(device)
 autocast = autocast_context(device, pick_dtype(device, dtype))
 torch.manual_seed(seed)
@@ -118,7 +119,6 @@ def stream(ids, stop_tokens=()):
 
 
 if translating:
-    lines = read_lines(translate_file) if translate_file else [translate]
     translations, n_cut = translate_lines(model, tokenizer, lines, beam_size=beam_size, length_penalty=length_penalty,
                                           autocast=autocast, device=device)
     if n_cut:
