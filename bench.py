@@ -31,9 +31,9 @@ import torch
 
 from configurator import configure, print_config
 from model import GPT, GPTConfig, peak_flops as gpu_peak_flops
+from optim import make_optimizer
 from runlog import save_atomically
 from runtime import autocast_context, device_name, pick_device, pick_dtype
-from training import make_optimizer
 
 # -----------------------------------------------------------------------------
 # model: every GPTConfig field is a key, as in train.py (n_layer, n_embd, mlp, pos, ...), with

@@ -1,5 +1,7 @@
 """
-Checkpoint save and load, shared by every stage script.
+Checkpoints: save and load, shared by every stage script, and a training run's checkpoints,
+written in the background while it trains and resumed exactly (weights, optimizer, step and
+every process's random state).
 
 A checkpoint is one file that torch.load(weights_only=True) reads: a dict with
   kind          'pretrain', 'sft' or 'dpo', what produced it
@@ -24,7 +26,9 @@ untrusted input: a plain pickle could run arbitrary code.
 A training run keeps its last few checkpoints as out_dir/ckpt-<step>.pt, and
 out_dir/ckpt.pt is a hard link to the newest (no extra disk space), so readers
 need only that one name while an automatic restart can fall back to an older
-file if the newest is damaged.
+file if the newest is damaged. save_training_checkpoint gathers the state into
+CPU memory and writes it from a thread while training goes on;
+wait_for_checkpoint waits until it is on disk.
 
 Weights and optimizer state go through torch.distributed.checkpoint's
 get_state_dict / set_state_dict with full (unsharded) state dicts: under FSDP
@@ -38,15 +42,19 @@ one machine, which matters only for models too large for one machine's memory.)
 import errno
 import glob
 import os
+import random
 import re
 import shutil
 import tempfile
 import threading
+from dataclasses import asdict
 
+import numpy as np
 import torch
+import torch.distributed
 
 from hf import read_folder
-from lora import model_with_adapters
+from lora import checkpoint_weights, model_with_adapters
 from model import GPT, EncoderDecoder, EncoderDecoderConfig, GPTConfig
 from tokenizer import Tokenizer
 
@@ -177,6 +185,9 @@ def restore_training_state(model, optimizer, checkpoint):
                    options=StateDictOptions(full_state_dict=True))
 
 
+# -----------------------------------------------------------------------------
+# a training run's checkpoints: written in the background, resumed exactly
+
 def _step_of(path):
     match = re.fullmatch(r"ckpt-(\d+)\.pt", os.path.basename(path))
     return int(match.group(1)) if match else None
@@ -258,3 +269,103 @@ class BackgroundCheckpointWriter:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise SystemExit(f"checkpoint error: writing a checkpoint to disk failed ({reason}); check that the "
                              "out_dir is writable and has free space, then resume from the last checkpoint")
+
+
+checkpoint_writer = BackgroundCheckpointWriter()  # rank 0's: one per process, as there is one run per process
+
+
+def save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep, pipeline=None, lora=None, base=None,
+                             **fields):
+    """Gather the model, optimizer and every process's random state into CPU memory, and (rank 0)
+    write them with fields (kind, step, config, tokenizer, ...) as out_dir/ckpt-<step>.pt from a
+    background thread, while training goes on (wait_for_checkpoint: until it is on disk). Every
+    process must call this. Returns the path being written (None on the other ranks). With lora
+    (the LoRA settings) the weights written are the adapters only, with the base they go on
+    (lora.checkpoint_weights); the optimizer holds only them anyway, as only they train."""
+    if pipeline is None:
+        model_state, optimizer_state = gather_training_state(raw_model, optimizer, keep=dist.is_main)
+    else:
+        model_state, optimizer_state = pipeline.training_state(raw_model, optimizer, dist)
+    rng_states = [None] * dist.world_size
+    if dist.world_size > 1:
+        torch.distributed.all_gather_object(rng_states, rng_state())
+    else:
+        rng_states = [rng_state()]
+    if not dist.is_main:
+        return None
+    checkpoint = {"model_config": asdict(raw_model.config), **checkpoint_weights(model_state, lora, base),
+                  "optimizer": optimizer_state, "rng": rng_states, **fields}
+    return checkpoint_writer.save(checkpoint, out_dir, keep)
+
+
+def wait_for_checkpoint():
+    """Until the checkpoint being written in the background is on disk; stops with one line if
+    writing it failed. Call it before the run ends."""
+    checkpoint_writer.wait()
+
+
+def rng_state():
+    """Every random-number generator's state, in types torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)), "pos": np_state["state"]["pos"],
+                  "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        # this process's GPU only: a process uses one, and a resumed run may see fewer GPUs per process
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if isinstance(cuda, list):  # older checkpoints hold every visible GPU's state: take this process's
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
+
+
+def restore_rng_state(rng_states, dist, log=print):
+    """Each process takes back its own random state, if the checkpoint has one per process."""
+    if len(rng_states) == dist.world_size:
+        set_rng_state(rng_states[dist.rank])
+    else:
+        log(f"note: the checkpoint was written by {len(rng_states)} processes, this run has {dist.world_size}: "
+            "the weights, optimizer and data position resume exactly, dropout's random state starts afresh")
+
+
+def checkpoint_to_resume(resume, out_dir, kind, config, model_keys):
+    """The checkpoint, and its path, that a post-training run of this kind continues: with resume
+    'yes' the newest one of out_dir that loads (falling back past damaged ones), with 'auto' that
+    if there is one, else (None, None). Stops with one line if it cannot continue this run: there
+    is none, another script wrote it, it has no optimizer state, or it was trained with other
+    values of the config keys that fix the model (model_keys)."""
+    if resume not in ("no", "yes", "auto"):
+        raise SystemExit(f"config error: resume='{resume}' is not one of no, yes, auto")
+    if resume == "no":
+        return None, None
+    checkpoint, path = load_newest_checkpoint(out_dir)
+    if checkpoint is None:
+        if resume == "yes":
+            raise SystemExit(f"config error: resume='yes' but {out_dir} has no checkpoint that loads; check --out_dir, "
+                             "or start a new run with --resume=no")
+        return None, None
+    if checkpoint.get("kind") != kind:
+        raise SystemExit(f"checkpoint error: {path} is of kind '{checkpoint.get('kind')}', not one of {kind}.py's; "
+                         "resume it with the script that wrote it, or set another --out_dir")
+    if "optimizer" not in checkpoint:
+        raise SystemExit(f"checkpoint error: {path} holds no optimizer state (an older {kind}.py wrote it) and cannot "
+                         f"resume; start a new run from it with --init_from={path} and another --out_dir")
+    for key in model_keys:
+        if checkpoint["config"][key] != config[key]:
+            raise SystemExit(f"config error: {path} was trained with {key}={checkpoint['config'][key]!r}, this run "
+                             f"has {key}={config[key]!r}; resume with the run's value, or set another --out_dir")
+    return checkpoint, path

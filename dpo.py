@@ -51,15 +51,15 @@ import torch.nn.functional as F
 
 from chat import (batch_of, collate, has_chat_tokens, preference, read_records, render, response_logprobs,
                   split_held_out, training_example)
-from checkpoint import load_checkpoint, model_from_checkpoint, restore_training_state
+from checkpoint import checkpoint_to_resume, load_checkpoint, model_from_checkpoint
 from configurator import configure, print_config
-from lora import adapters_disabled, add_lora, checked_base, describe_base, merge_lora
-from outdir import exit_quietly_on_interrupt, lock_out_dir, replace_earlier_run, run_log_path, stop_unless_finite
-from runlog import RunLog
-from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
-from training import (all_reduce_sum, checkpoint_to_resume, format_duration, learning_rate_at,
-                      make_optimizer, optimizer_step, place_model, restore_rng_state, save_training_checkpoint,
-                      to_device, wait_for_checkpoint, wrap_model)
+from data import to_device
+from lora import adapters_disabled, add_lora, checked_base, lora_settings, merge_lora
+from optim import learning_rate_at, optimizer_step, set_learning_rate
+from parallel import all_reduce_sum, place_model, sum_over_batches
+from runtime import device_name
+from trainer import (TUNED_KEYS, Pace, context_length, count_trained, finish, gradient_accumulation, model_to_tune,
+                     open_run_log, prepare_model, save, start, stop_if_not_finite, take_out_dir)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -105,42 +105,21 @@ config = configure(globals())
 print_config(config)
 # -----------------------------------------------------------------------------
 
-dist = setup_distributed(device)
-device, master = dist.device, dist.is_main
-log = dist.log  # print on rank 0 only
-dtype = pick_dtype(device, dtype)
-autocast = autocast_context(device, dtype)
-seed_everything(seed)
-if parallelism not in ("ddp", "fsdp"):
-    raise SystemExit(f"config error: parallelism='{parallelism}' is not one of ddp, fsdp")
-if total_batch_size % (batch_size * dist.world_size):
-    raise SystemExit(f"config error: total_batch_size={total_batch_size} is not a multiple of batch_size x processes "
-                     f"= {batch_size} x {dist.world_size}; change one of them")
-accumulation_steps = total_batch_size // (batch_size * dist.world_size)
-lock_out_dir(out_dir, dist, log)  # one run per out_dir; an earlier run's files stay until this one has a checkpoint
-exit_quietly_on_interrupt(out_dir, dist, "--resume=yes")
+dist, dtype, autocast = start(device, dtype, seed, parallelism)
+device, log = dist.device, dist.log  # log: print on rank 0 only
+accumulation_steps = gradient_accumulation("total_batch_size", total_batch_size, batch_size=batch_size,
+                                           processes=dist.world_size)
+take_out_dir(out_dir, dist, "--resume=yes")
 
 # model: a new run takes the chat checkpoint, merged if it holds adapters; a resumed run takes its
 # own checkpoint's model as it was, adapters included
-checkpoint, ckpt_path = checkpoint_to_resume(resume, out_dir, "dpo", config,
-                                             ("init_from", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets"))
-if checkpoint is None:
-    start = load_checkpoint(init_from)
-    model, tokenizer = model_from_checkpoint(start, init_from)
-    reference_file = describe_base(init_from, start)  # path, step, sha256; with LoRA, also the base
-    start = None  # free the memory
-    merge_lora(model)
-    if not has_chat_tokens(tokenizer):
-        raise SystemExit(f"dpo error: {init_from} is not a chat model (it has no chat tokens); fine-tune it with "
-                         "sft.py first and pass that checkpoint")
-else:
-    model, tokenizer = model_from_checkpoint(checkpoint, ckpt_path)
-    reference_file = checkpoint["reference"]
-    log(f"resuming {ckpt_path} at step {checkpoint['step']}")
-block_size = block_size or model.config.block_size
-if block_size > model.config.block_size:
-    raise SystemExit(f"config error: block_size={block_size} is longer than the model's context of "
-                     f"{model.config.block_size}; set --block_size=0 to use it")
+checkpoint, ckpt_path = checkpoint_to_resume(resume, out_dir, "dpo", config, TUNED_KEYS)
+model, tokenizer, reference_file = model_to_tune(init_from, checkpoint, ckpt_path, log)  # path, step, sha256
+if checkpoint is None and not has_chat_tokens(tokenizer):
+    raise SystemExit(f"dpo error: {init_from} is not a chat model (it has no chat tokens); fine-tune it with "
+                     "sft.py first and pass that checkpoint")
+reference_file = reference_file if checkpoint is None else checkpoint["reference"]
+block_size = context_length(block_size, model)
 
 # data: records -> (prompt, chosen, rejected) -> a unit (inputs, targets, doc ids) for each answer
 records = [preference(record, where) for where, record in read_records(data)]
@@ -172,12 +151,11 @@ log(f"device {device_name(device)} x {dist.world_size} processes, {dtype}; {tota
     f"{batch_size} x {dist.world_size} processes x {accumulation_steps} accumulation steps; {max_iters} steps "
     f"({steps_per_epoch} per epoch)")
 
-lora_settings = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
-                     targets=[t.strip() for t in lora_targets.split(",")]) if lora_rank else None
-if lora_settings:
+lora = lora_settings(lora_rank, lora_alpha, lora_dropout, lora_targets)
+if lora:
     reference = None  # the policy with its adapters off
     if checkpoint is None:  # a resumed model has its adapters already
-        add_lora(model, **lora_settings)
+        add_lora(model, **lora)
 else:
     if checkpoint is None:
         reference = copy.deepcopy(model)
@@ -186,26 +164,12 @@ else:
         reference = merge_lora(model_from_checkpoint(load_checkpoint(path), path)[0])
     reference.requires_grad_(False).eval()
     place_model(reference, dist, parallelism, dtype)
-trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-log(f"model: {model.num_params() / 1e6:.2f}M parameters, {trainable:,} of them trained "
-    f"({100 * trainable / sum(p.numel() for p in model.parameters()):.2f}%); reference: "
-    + ("the same model, adapters off" if lora_rank else "a frozen copy"))
-place_model(model, dist, parallelism, dtype)
-seed_everything(seed + dist.rank)
-
-optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device)
-step = 0
-if checkpoint is not None:
-    restore_training_state(model, optimizer, checkpoint)
-    restore_rng_state(checkpoint["rng"], dist, log)
-    step = checkpoint["step"]
-    checkpoint = None  # free the memory
-scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
-raw_model = model
-model = wrap_model(model, dist, parallelism, compile, log)
-run_log = RunLog(out_dir, config, master, run_log_path(out_dir, resumed=step > 0), stage="dpo", data=data,
-                 parameters=raw_model.num_params(), trained_parameters=trainable, device=device_name(device),
-                 processes=dist.world_size, dtype=dtype)
+trainable = count_trained(model, log, "; reference: " + ("the same model, adapters off" if lora else "a frozen copy"))
+model, raw_model, optimizer, scaler, step = prepare_model(model, checkpoint, dist, dtype, parallelism, compile, seed,
+                                                          learning_rate, weight_decay, (beta1, beta2))
+checkpoint = None  # free the memory
+run_log = open_run_log(out_dir, config, dist, dtype, step, "dpo", data=data, parameters=raw_model.num_params(),
+                       trained_parameters=trainable)
 
 STATS = ("loss", "accuracy", "margin", "logp_chosen", "logp_rejected")
 
@@ -247,20 +211,7 @@ def micro_step_loss(micro_step):
     return loss
 
 
-@torch.no_grad()
-def evaluate():
-    """STATS as means over every held-out pair (the batches dealt out to the processes)."""
-    batches = [val_pairs[i : i + batch_size] for i in range(0, len(val_pairs), batch_size)]
-    model.eval()
-    total = torch.zeros(len(STATS), device=device)
-    # Every process runs the same number of forward passes: under FSDP each one is a collective.
-    for i in range(dist.rank, dist.world_size * math.ceil(len(batches) / dist.world_size), dist.world_size):
-        stats = pair_stats(batches[i % len(batches)])[1]
-        if i < len(batches):
-            total += stats
-    model.train()
-    total = all_reduce_sum(total, dist.world_size) / len(val_pairs)
-    return dict(zip(STATS, total.tolist()))
+val_batches = [val_pairs[i : i + batch_size] for i in range(0, len(val_pairs), batch_size)]
 
 
 def describe(stats):
@@ -271,52 +222,38 @@ def describe(stats):
 # -----------------------------------------------------------------------------
 # training loop
 start_step, val_stats = step, None
-t_log, steps_since_log = time.time(), 0
+pace = Pace(step, max_iters)
 while True:
-    lr = learning_rate_at(step, learning_rate, warmup_iters, max_iters, min_lr)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    lr = set_learning_rate(optimizer, learning_rate_at(step, learning_rate, warmup_iters, max_iters, min_lr))
+    done = step >= max_iters  # the one place where the run decides to end
 
-    if step % eval_interval == 0 or step == max_iters:
-        val_stats = evaluate() if val_pairs else None  # val_fraction=0: nothing held out
-        if val_stats is not None:
+    if step % eval_interval == 0 or done:
+        if val_batches:  # val_fraction=0: nothing held out
+            # STATS as means over every held-out pair
+            val_sums = sum_over_batches(model, val_batches, lambda pairs: pair_stats(pairs)[1], dist)
+            val_stats = dict(zip(STATS, (val_sums / len(val_pairs)).tolist()))
             log(f"step {step}: held-out {describe(val_stats)}")
         if step > start_step:
-            stop_unless_finite(raw_model, [val_stats and val_stats["loss"], step_stats], dist, "dpo", step, out_dir)
-            path = save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep_checkpoints, lora=lora_settings,
-                                            base=reference_file, kind="dpo", step=step, val=val_stats,
-                                            reference=reference_file, config=config, tokenizer=tokenizer.description)
-            log(f"saving {path} in the background")
-            if master and not run_log.owns_folder():
-                # a new run's first checkpoint: once it is on disk, and only then, the earlier run in out_dir goes
-                wait_for_checkpoint()
-                run_log.metrics_path = replace_earlier_run(out_dir, path, run_log.metrics_path, log)
+            save(raw_model, optimizer, dist, out_dir, keep_checkpoints, run_log, "dpo",
+                 [val_stats and val_stats["loss"], step_stats], lora=lora, base=reference_file, kind="dpo", step=step,
+                 val=val_stats, reference=reference_file, config=config, tokenizer=tokenizer.description)
         if val_stats is not None:
             run_log.log({"step": step, **{f"val_{k}": v for k, v in val_stats.items()}})
             run_log.plot()
-        t_log, steps_since_log = time.time(), 0
-    if step >= max_iters:
+        pace.restart(step)
+    if done:
         break
 
     step_stats = torch.zeros(len(STATS), device=device)  # summed over the step's pairs by micro_step_loss
     optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip)
     step += 1
-    steps_since_log += 1
 
     if step % log_interval == 0 or step == max_iters:
         # the last step's pairs, over every process
         stats = dict(zip(STATS, (all_reduce_sum(step_stats, dist.world_size) / total_batch_size).tolist()))
-        if not math.isfinite(stats["loss"]):
-            raise SystemExit(f"dpo error: the loss is not finite ({stats['loss']}) at step {step}; stopping without "
-                             "saving. Lower learning_rate or check the data." if master else 1)
-        seconds_per_step = (time.time() - t_log) / steps_since_log
-        log(f"step {step}/{max_iters} | {describe(stats)} | lr {lr:.2e} | {1000 * seconds_per_step:.0f} ms/step | "
-            f"eta {format_duration((max_iters - step) * seconds_per_step)}")
+        stop_if_not_finite(stats["loss"], step, dist, "dpo", out_dir)
+        log(f"step {step}/{max_iters} | {describe(stats)} | lr {lr:.2e} | {pace.lap(step)[1]}")
         run_log.log({"step": step, **stats, "lr": lr, "time": time.time()})
-        t_log, steps_since_log = time.time(), 0
 
-wait_for_checkpoint()  # the last checkpoint is on disk before the run reports it
-run_log.finish()
-log(f"done after {step} steps" + (f", held-out {describe(val_stats)}" if val_stats is not None else "")
-    + f"; chat with: python sample.py --out_dir={out_dir} --chat=True")
-teardown_distributed()
+finish(run_log, dist, f"done after {step} steps" + (f", held-out {describe(val_stats)}" if val_stats is not None else "")
+       + f"; chat with: python sample.py --out_dir={out_dir} --chat=True")

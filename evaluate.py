@@ -65,11 +65,11 @@ from benchmarks import describe, evaluate_examples, gather, progress_bar, read_e
 from chat import has_chat_tokens
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import configure, print_config
+from data import load_meta
 from model import EncoderDecoder
 from runlog import save_atomically, write_card
 from runtime import autocast_context, device_name, pick_dtype, setup_distributed, teardown_distributed
 from tokenizer import Tokenizer
-from training import load_meta
 from translation import corpus_scores, data_of, read_parallel, translate_lines
 
 # -----------------------------------------------------------------------------

@@ -75,6 +75,14 @@ def add_lora(model, rank, alpha, dropout, targets):
                     setattr(parent, name, LoRALinear(child, rank, alpha, dropout))
 
 
+def lora_settings(rank, alpha, dropout, targets):
+    """The config keys lora_rank, lora_alpha, lora_dropout and lora_targets ('c_attn,c_proj') as add_lora's
+    keyword arguments, which a LoRA checkpoint records; None for rank 0 (every weight trains)."""
+    if not rank:
+        return None
+    return dict(rank=rank, alpha=alpha, dropout=dropout, targets=[t.strip() for t in targets.split(",")])
+
+
 def merge_lora(model):
     """Fold every adapter into its layer's weight (W += alpha / rank * B A), put plain nn.Linear
     layers back and make every parameter trainable again. A model without adapters is left as it is."""

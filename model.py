@@ -419,7 +419,7 @@ class GPT(nn.Module):
             if not isinstance(positions, slice):  # positions per row: (B, 1, T, head_dim/2), broadcast over heads
                 rope = (rope[0][:, None], rope[1][:, None])
         if self.wte is None:
-            x = idx  # a later pipeline stage (see training.split_for_pipeline): the hidden states of the one before
+            x = idx  # a later pipeline stage (see pipeline.split_for_pipeline): the hidden states of the one before
         else:
             x = self.wte(idx)
             if self.wpe is not None:

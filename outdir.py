@@ -28,8 +28,7 @@ import sys
 
 import torch
 
-from checkpoint import checkpoints_newest_first
-from training import wait_for_checkpoint
+from checkpoint import checkpoints_newest_first, wait_for_checkpoint
 
 LOCK_NAME = "run.lock"
 METRICS_NAME = "metrics.jsonl"

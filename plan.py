@@ -97,7 +97,7 @@ largest power of two that fits and divides the step: accumulation = total_batch_
 (micro_batch * block_size * dp), dp = W without pipelining.
 
 Pipeline parallelism (pipeline_stages = p > 1; train.py runs torch.distributed.pipelining). The
-layers are split into p consecutive stages (training.pipeline_layers: as even as whole layers allow),
+layers are split into p consecutive stages (pipeline.pipeline_layers: as even as whole layers allow),
 one per process. The first stage also holds the token embedding (and the learned position table),
 the last the final norm and lm_head; tie_embeddings would put one matrix on both, so it is refused.
 Each stage is data parallel over the dp = W/p processes holding it (S = dp under FSDP), and its
@@ -161,7 +161,8 @@ import torch
 
 from configurator import configure
 from model import GPT, GPTConfig, peak_flops
-from training import format_duration, pipeline_layers
+from pipeline import pipeline_layers
+from runlog import format_duration
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 

@@ -311,6 +311,14 @@ def formatted(key, value):
     return f"{value:,.0f}" if key == "tokens_per_sec" else f"{100 * value:.1f}%" if key == "mfu" else number(value)
 
 
+def format_duration(seconds):
+    """A time left or taken as a log line shows it: 1h02m, 12m05s."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 def duration(seconds):
     if seconds is None:
         return "-"

@@ -23,7 +23,7 @@ Batches: packing lays the shuffled examples end to end into rows of block_size t
 attention kept inside each example (model.forward's doc_ids), so no compute goes to padding;
 packing=False pads each batch to its longest example. Either way a batch is a pure function of
 the step (chat.batch_of), as in train.py. The optimizer, schedule, accumulation, clipping,
-placement (DDP or FSDP) and checkpoint rotation are train.py's, from training.py.
+placement (DDP or FSDP) and checkpoint rotation are train.py's (optim.py, parallel.py, checkpoint.py).
 
 Resuming: resume='yes' continues the run in out_dir from its newest checkpoint that loads, as
 if it had never stopped: the same model (with LoRA, the base the checkpoint names plus its
@@ -46,15 +46,15 @@ import torch
 
 from chat import (CHAT_TOKENS, add_chat_tokens, batch_of, collate, conversation, has_chat_tokens, pack, read_records,
                   render, split_held_out, training_example)
-from checkpoint import load_checkpoint, model_from_checkpoint, restore_training_state
+from checkpoint import checkpoint_to_resume
 from configurator import configure, print_config
-from lora import add_lora, describe_base, merge_lora
-from outdir import exit_quietly_on_interrupt, lock_out_dir, replace_earlier_run, run_log_path, stop_unless_finite
-from runlog import RunLog
-from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
-from training import (all_reduce_sum, checkpoint_to_resume, format_duration, learning_rate_at,
-                      make_optimizer, optimizer_step, place_model, restore_rng_state, save_training_checkpoint,
-                      to_device, wait_for_checkpoint, wrap_model)
+from data import to_device
+from lora import add_lora, lora_settings
+from optim import learning_rate_at, optimizer_step, set_learning_rate
+from parallel import all_reduce_sum, sum_over_batches
+from runtime import device_name
+from trainer import (TUNED_KEYS, Pace, context_length, count_trained, finish, gradient_accumulation, model_to_tune,
+                     open_run_log, prepare_model, save, start, stop_if_not_finite, take_out_dir)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -98,43 +98,22 @@ config = configure(globals())
 print_config(config)
 # -----------------------------------------------------------------------------
 
-dist = setup_distributed(device)
-device, master = dist.device, dist.is_main
-log = dist.log  # print on rank 0 only
-dtype = pick_dtype(device, dtype)
-autocast = autocast_context(device, dtype)
-seed_everything(seed)
-if parallelism not in ("ddp", "fsdp"):
-    raise SystemExit(f"config error: parallelism='{parallelism}' is not one of ddp, fsdp")
-if total_batch_size % (batch_size * dist.world_size):
-    raise SystemExit(f"config error: total_batch_size={total_batch_size} is not a multiple of batch_size x processes "
-                     f"= {batch_size} x {dist.world_size}; change one of them")
-accumulation_steps = total_batch_size // (batch_size * dist.world_size)
-lock_out_dir(out_dir, dist, log)  # one run per out_dir; an earlier run's files stay until this one has a checkpoint
-exit_quietly_on_interrupt(out_dir, dist, "--resume=yes")
+dist, dtype, autocast = start(device, dtype, seed, parallelism)
+device, log = dist.device, dist.log  # log: print on rank 0 only
+accumulation_steps = gradient_accumulation("total_batch_size", total_batch_size, batch_size=batch_size,
+                                           processes=dist.world_size)
+take_out_dir(out_dir, dist, "--resume=yes")
 
 # model: a new run takes the checkpoint to fine-tune, merged if it holds adapters, with the chat
 # tokens; a resumed run takes its own checkpoint's model as it was, adapters included
-checkpoint, ckpt_path = checkpoint_to_resume(resume, out_dir, "sft", config,
-                                             ("init_from", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets"))
-if checkpoint is None:
-    start = load_checkpoint(init_from)
-    model, tokenizer = model_from_checkpoint(start, init_from)
-    base = describe_base(init_from, start) if lora_rank else None  # what a LoRA checkpoint names as its base
-    start = None  # free the memory
-    merge_lora(model)
-    if not has_chat_tokens(tokenizer):
-        model, tokenizer = add_chat_tokens(model, tokenizer)
-        log("added the chat tokens: " + ", ".join(f"{name} {tokenizer.special_tokens[name]}" for name in CHAT_TOKENS)
-            + f"; the embedding has {model.config.padded_vocab_size} rows")
-else:
-    model, tokenizer = model_from_checkpoint(checkpoint, ckpt_path)
-    base = checkpoint.get("base")
-    log(f"resuming {ckpt_path} at step {checkpoint['step']}")
-block_size = block_size or model.config.block_size
-if block_size > model.config.block_size:
-    raise SystemExit(f"config error: block_size={block_size} is longer than the model's context of "
-                     f"{model.config.block_size}; set --block_size=0 to use it")
+checkpoint, ckpt_path = checkpoint_to_resume(resume, out_dir, "sft", config, TUNED_KEYS)
+model, tokenizer, base = model_to_tune(init_from, checkpoint, ckpt_path, log, describe_start=lora_rank > 0)
+if checkpoint is None and not has_chat_tokens(tokenizer):
+    model, tokenizer = add_chat_tokens(model, tokenizer)
+    log("added the chat tokens: " + ", ".join(f"{name} {tokenizer.special_tokens[name]}" for name in CHAT_TOKENS)
+        + f"; the embedding has {model.config.padded_vocab_size} rows")
+base = base if checkpoint is None else checkpoint.get("base")  # what a LoRA checkpoint names as its base
+block_size = context_length(block_size, model)
 
 # data: records -> conversations -> (inputs, targets) -> units (packed rows, or examples)
 records = [conversation(record, where) for where, record in read_records(data)]
@@ -172,29 +151,15 @@ log(f"device {device_name(device)} x {dist.world_size} processes, {dtype}; {tota
     f"{'rows' if packing else 'examples'} per step = {batch_size} x {dist.world_size} processes x {accumulation_steps} "
     f"accumulation steps; {max_iters} steps ({steps_per_epoch} per epoch)")
 
-lora_settings = dict(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
-                     targets=[t.strip() for t in lora_targets.split(",")]) if lora_rank else None
-if lora_settings and checkpoint is None:  # a resumed model has its adapters already
-    add_lora(model, **lora_settings)
-trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-log(f"model: {model.num_params() / 1e6:.2f}M parameters, {trainable:,} of them trained "
-    f"({100 * trainable / sum(p.numel() for p in model.parameters()):.2f}%)")
-place_model(model, dist, parallelism, dtype)
-seed_everything(seed + dist.rank)  # different dropout masks in each process
-
-optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device)
-step = 0
-if checkpoint is not None:
-    restore_training_state(model, optimizer, checkpoint)
-    restore_rng_state(checkpoint["rng"], dist, log)
-    step = checkpoint["step"]
-    checkpoint = None  # free the memory
-scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")
-raw_model = model
-model = wrap_model(model, dist, parallelism, compile, log)
-run_log = RunLog(out_dir, config, master, run_log_path(out_dir, resumed=step > 0), stage="sft", data=data,
-                 parameters=raw_model.num_params(), trained_parameters=trainable, device=device_name(device),
-                 processes=dist.world_size, dtype=dtype)
+lora = lora_settings(lora_rank, lora_alpha, lora_dropout, lora_targets)
+if lora and checkpoint is None:  # a resumed model has its adapters already
+    add_lora(model, **lora)
+trainable = count_trained(model, log)
+model, raw_model, optimizer, scaler, step = prepare_model(model, checkpoint, dist, dtype, parallelism, compile, seed,
+                                                          learning_rate, weight_decay, (beta1, beta2))
+checkpoint = None  # free the memory
+run_log = open_run_log(out_dir, config, dist, dtype, step, "sft", data=data, parameters=raw_model.num_params(),
+                       trained_parameters=trainable)
 
 
 def batch_loss(units):
@@ -221,69 +186,46 @@ def micro_step_loss(micro_step):
     return loss * count * (accumulation_steps * dist.world_size / step_answer_tokens)
 
 
-@torch.no_grad()
-def held_out_loss():
-    """Mean loss per answer token over every held-out unit (the batches dealt out to the processes)."""
-    batches = [val_units[i : i + batch_size] for i in range(0, len(val_units), batch_size)]
-    model.eval()
-    total = torch.zeros(2, device=device)  # loss sum, token count
-    # Every process runs the same number of forward passes: under FSDP each one is a collective.
-    for i in range(dist.rank, dist.world_size * math.ceil(len(batches) / dist.world_size), dist.world_size):
-        loss, count = batch_loss(batches[i % len(batches)])
-        if i < len(batches):
-            total += torch.stack([loss.float() * count, count])
-    model.train()
-    total = all_reduce_sum(total, dist.world_size)
-    return (total[0] / total[1]).item()
+def held_out_sums(units):
+    loss, count = batch_loss(units)
+    return torch.stack([loss.float() * count, count])
 
+
+val_batches = [val_units[i : i + batch_size] for i in range(0, len(val_units), batch_size)]
 
 # -----------------------------------------------------------------------------
 # training loop
 start_step = step
-t_log, steps_since_log = time.time(), 0
+pace = Pace(step, max_iters)
 while True:
-    lr = learning_rate_at(step, learning_rate, warmup_iters, max_iters, min_lr)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    lr = set_learning_rate(optimizer, learning_rate_at(step, learning_rate, warmup_iters, max_iters, min_lr))
+    done = step >= max_iters  # the one place where the run decides to end
 
-    if step % eval_interval == 0 or step == max_iters:
-        val_loss = held_out_loss() if val_units else None  # val_fraction=0: nothing held out
-        if val_loss is not None:
+    if step % eval_interval == 0 or done:
+        val_loss = None  # val_fraction=0: nothing held out
+        if val_batches:
+            loss_sum_and_count = sum_over_batches(model, val_batches, held_out_sums, dist)
+            val_loss = (loss_sum_and_count[0] / loss_sum_and_count[1]).item()  # the mean per answer token
             log(f"step {step}: held-out loss {val_loss:.4f}")
         if step > start_step:
-            stop_unless_finite(raw_model, [val_loss, loss_sum], dist, "sft", step, out_dir)
-            path = save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep_checkpoints, lora=lora_settings,
-                                            base=base, kind="sft", step=step, val_loss=val_loss, config=config,
-                                            tokenizer=tokenizer.description)
-            log(f"saving {path} in the background")
-            if master and not run_log.owns_folder():
-                # a new run's first checkpoint: once it is on disk, and only then, the earlier run in out_dir goes
-                wait_for_checkpoint()
-                run_log.metrics_path = replace_earlier_run(out_dir, path, run_log.metrics_path, log)
+            save(raw_model, optimizer, dist, out_dir, keep_checkpoints, run_log, "sft", [val_loss, loss_sum],
+                 lora=lora, base=base, kind="sft", step=step, val_loss=val_loss, config=config,
+                 tokenizer=tokenizer.description)
         run_log.log({"step": step, "val_loss": val_loss})
         run_log.plot()
-        t_log, steps_since_log = time.time(), 0
-    if step >= max_iters:
+        pace.restart(step)
+    if done:
         break
 
     step_answer_tokens = answer_tokens_of_step(step)
     loss_sum = optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip)
     step += 1
-    steps_since_log += 1
 
     if step % log_interval == 0 or step == max_iters:
         train_loss = all_reduce_sum(loss_sum, dist.world_size).item() / dist.world_size
-        if not math.isfinite(train_loss):
-            raise SystemExit(f"sft error: the loss is not finite ({train_loss}) at step {step}; stopping without "
-                             "saving. Lower learning_rate or check the data." if master else 1)
-        seconds_per_step = (time.time() - t_log) / steps_since_log
-        log(f"step {step}/{max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | {1000 * seconds_per_step:.0f} ms/step | "
-            f"eta {format_duration((max_iters - step) * seconds_per_step)}")
+        stop_if_not_finite(train_loss, step, dist, "sft", out_dir)
+        log(f"step {step}/{max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | {pace.lap(step)[1]}")
         run_log.log({"step": step, "loss": train_loss, "lr": lr, "time": time.time()})
-        t_log, steps_since_log = time.time(), 0
 
-wait_for_checkpoint()  # the last checkpoint is on disk before the run reports it
-run_log.finish()
-log(f"done after {step} steps" + (f", held-out loss {val_loss:.4f}" if val_loss is not None else "")
-    + f"; chat with: python sample.py --out_dir={out_dir} --chat=True")
-teardown_distributed()
+finish(run_log, dist, f"done after {step} steps" + (f", held-out loss {val_loss:.4f}" if val_loss is not None else "")
+       + f"; chat with: python sample.py --out_dir={out_dir} --chat=True")

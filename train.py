@@ -44,18 +44,18 @@ import time
 
 import torch
 
-from checkpoint import load_checkpoint, load_newest_checkpoint, restore_training_state
-from configurator import configure, print_config
 from benchmarks import describe, evaluate_examples, read_examples
+from checkpoint import load_checkpoint, load_newest_checkpoint
+from configurator import configure, print_config
+from data import TokenBins, load_meta
 from model import GPT, GPTConfig, peak_flops as gpu_peak_flops
-from outdir import exit_quietly_on_interrupt, lock_out_dir, replace_earlier_run, run_log_path, stop_unless_finite
-from runtime import autocast_context, device_name, pick_dtype, seed_everything, setup_distributed, teardown_distributed
-from training import (Pipeline, TokenBins, all_reduce_sum, estimate_loss, estimate_loss_pipelined,
-                      format_duration, learning_rate_at, load_meta, make_optimizer, optimizer_step, pipeline_layers,
-                      pipeline_optimizer_step, pipeline_stage_part, place_model, restore_rng_state,
-                      save_training_checkpoint, wait_for_checkpoint, wrap_model)
-from runlog import RunLog
+from optim import learning_rate_at, make_optimizer, optimizer_step, set_learning_rate
+from parallel import all_reduce_sum, estimate_loss, place_model, wrap_model
+from pipeline import Pipeline, estimate_loss_pipelined, pipeline_layers, pipeline_optimizer_step, pipeline_stage_part
+from runtime import device_name, seed_everything
 from tokenizer import Tokenizer
+from trainer import (Pace, finish, gradient_accumulation, gradient_scaler, open_run_log, resume_state, save, start,
+                     stop_if_not_finite, take_out_dir)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -130,17 +130,8 @@ config = configure(globals())
 print_config(config)
 # -----------------------------------------------------------------------------
 
-dist = setup_distributed(device, cpu_offload=parallelism == "fsdp" and cpu_offload)
-device, master = dist.device, dist.is_main
-log = dist.log  # print on rank 0 only
-dtype = pick_dtype(device, dtype)
-autocast = autocast_context(device, dtype)
-seed_everything(seed)  # the same initial weights in every process
-if device.startswith("cuda"):
-    torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
-    torch.backends.cudnn.allow_tf32 = True
-if parallelism not in ("ddp", "fsdp"):
-    raise SystemExit(f"config error: parallelism='{parallelism}' is not one of ddp, fsdp")
+dist, dtype, autocast = start(device, dtype, seed, parallelism, cpu_offload)
+device, log = dist.device, dist.log  # log: print on rank 0 only
 if parallelism == "fsdp" and dtype == "float16":
     raise SystemExit("config error: parallelism='fsdp' runs in bfloat16 or float32; set --dtype=bfloat16")
 if benchmark and parallelism == "fsdp" and dist.world_size > 1:
@@ -161,11 +152,9 @@ if init_from not in ("scratch", "resume", "auto") and not init_from.startswith("
     raise SystemExit(f"config error: init_from='{init_from}' is not one of scratch, resume, auto, hf:FOLDER")
 lr_decay_iters = lr_decay_iters or max_iters
 data_parallel = dist.world_size // pipeline_stages  # the processes that read different batches
-tokens_per_micro_step = batch_size * block_size * data_parallel
-if total_batch_tokens % tokens_per_micro_step:
-    raise SystemExit(f"config error: total_batch_tokens={total_batch_tokens} is not a multiple of batch_size x block_size "
-                     f"x data-parallel processes = {batch_size} x {block_size} x {data_parallel}; change one of them")
-accumulation_steps = total_batch_tokens // tokens_per_micro_step  # under pipelining: the schedule's micro-batches
+# under pipelining: the schedule's micro-batches
+accumulation_steps = gradient_accumulation("total_batch_tokens", total_batch_tokens, batch_size=batch_size,
+                                           block_size=block_size, data_parallel=data_parallel)
 if pipeline_stages > 1 and pipeline_schedule == "1f1b" and accumulation_steps < pipeline_stages:
     raise SystemExit(f"config error: 1f1b needs at least as many micro-batches as stages, and total_batch_tokens="
                      f"{total_batch_tokens} gives {accumulation_steps}; raise total_batch_tokens or lower batch_size")
@@ -174,8 +163,7 @@ log(f"device {device_name(device)} x {dist.world_size} processes ({layout}{', cp
     f"{dtype}; {total_batch_tokens:,} tokens per step = {batch_size} sequences x {block_size} tokens x {data_parallel} "
     f"data-parallel processes x {accumulation_steps} " + ("accumulation steps" if pipeline_stages == 1 else
                                                            f"micro-batches ({pipeline_schedule})"))
-lock_out_dir(out_dir, dist, log)  # one run per out_dir; an earlier run's files stay until this one has a checkpoint
-exit_quietly_on_interrupt(out_dir, dist, "--init_from=auto")
+take_out_dir(out_dir, dist, "--init_from=auto")  # one run per out_dir; Ctrl-C ends it with one line
 
 # data: the bins are memory-mapped once and read as random windows
 data_dir = os.path.join(data_root, dataset)
@@ -222,7 +210,6 @@ else:
     except ValueError as e:
         raise SystemExit(f"config error: {e}") from None
     step, best_val_loss = 0, float("inf")
-metrics_path = run_log_path(out_dir, resumed=checkpoint is not None)
 # Built on the meta device, with no memory: place_model (or the pipeline) gives it its weights, a new
 # run's from the seed and under FSDP block by block, each process keeping only its shards.
 with torch.device("cpu" if pretrained is not None else "meta"):
@@ -254,29 +241,19 @@ if trained_with != optimizer:
 optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), "cpu" if cpu_offload else device,
                            optimizer, muon_lr, muon_momentum)  # the config key's string becomes the optimizer
 if checkpoint is not None:
-    restore_training_state(model, optimizer, checkpoint if pipeline is None else pipeline_stage_part(checkpoint, model))
-    restore_rng_state(checkpoint["rng"], dist, log)
+    resume_state(model, optimizer, checkpoint if pipeline is None else pipeline_stage_part(checkpoint, model), dist)
     checkpoint = None  # free the memory
-scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == "float16")  # fp16 needs loss scaling; bf16 does not
+scaler = gradient_scaler(dist, dtype)
 raw_model = model  # what checkpoints are taken from: not the compiled or DDP wrapper
 if pipeline is None:
     model = wrap_model(model, dist, parallelism, compile, log)
 
 peak = gpu_peak_flops(device_name(device), peak_flops) if device.startswith("cuda") or peak_flops else 0.0
 # metrics.jsonl, the trackers, the plot and the report card: rank 0's
-run_log = RunLog(out_dir, config, master, metrics_path, stage="pretrain",
-                 data=f"{data_dir}: {meta['splits']['train']['tokens']:,} train tokens", parameters=parameters,
-                 device=device_name(device), processes=dist.world_size, dtype=dtype)
+run_log = open_run_log(out_dir, config, dist, dtype, step, "pretrain", parameters=parameters,
+                       data=f"{data_dir}: {meta['splits']['train']['tokens']:,} train tokens")
 if "unigram_loss" in meta:
     log(f"baseline: a model that ignores context (unigram) has val loss {meta['unigram_loss']:.4f}")
-
-
-def stop_if_not_finite(loss, at_step):
-    if not math.isfinite(loss):
-        # every process reaches this together; one message is enough
-        raise SystemExit(f"train error: the loss is not finite ({loss}) at step {at_step}; stopping without saving, so "
-                         f"{out_dir} keeps the last good checkpoint. Lower learning_rate or check the data."
-                         if master else 1)
 
 
 def micro_step_loss(micro_step):
@@ -300,29 +277,25 @@ def pipeline_step():
 # training loop
 start_step = step
 first_bad_step = torch.tensor(-1, device=device)  # kept on the device: reading the loss every step would stall a GPU
-t_log, steps_since_log = time.time(), 0
+pace = Pace(step, max_iters)
 timed = max_seconds > 0 or eval_seconds > 0
 train_seconds, next_eval_seconds = 0.0, eval_seconds  # time in training steps, without evaluations
 while True:
     # Under a time budget the schedule runs on the clock, so that it ends when the time does.
     schedule_step = min(max_iters, int(max_iters * train_seconds / max_seconds)) if max_seconds > 0 else step
-    lr = learning_rate_at(schedule_step, learning_rate, warmup_iters, lr_decay_iters, min_lr, lr_schedule,
-                          lr_decay_fraction, lr_decay_shape)
-    for group in optimizer.param_groups:
-        # Muon's groups run at muon_lr, AdamW's at learning_rate (checkpoints from before Muon: no lr_scale, 1)
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-    done = train_seconds >= max_seconds if max_seconds > 0 else step >= max_iters
+    lr = set_learning_rate(optimizer, learning_rate_at(schedule_step, learning_rate, warmup_iters, lr_decay_iters,
+                                                       min_lr, lr_schedule, lr_decay_fraction, lr_decay_shape))
+    done = train_seconds >= max_seconds if max_seconds > 0 else step >= max_iters  # where the run decides to end
     eval_due = eval_seconds > 0 and train_seconds >= next_eval_seconds
     while eval_seconds > 0 and train_seconds >= next_eval_seconds:
         next_eval_seconds += eval_seconds
 
     if step % eval_interval == 0 or done or eval_due:
         if pipeline is None:
-            losses = estimate_loss(model, bins, eval_iters, batch_size, device, autocast, seed, dist.rank,
-                                   dist.world_size)
+            losses = estimate_loss(model, bins, eval_iters, batch_size, device, autocast, seed, dist)
         else:
             losses = estimate_loss_pipelined(pipeline, bins, eval_iters, batch_size, device, autocast, seed)
-        stop_if_not_finite(losses["train"] + losses["val"], step)
+        stop_if_not_finite(losses["train"] + losses["val"], step, dist, "train", out_dir)
         log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         best_val_loss = min(best_val_loss, losses["val"])
         if benchmark:
@@ -333,20 +306,14 @@ while True:
             log(f"step {step}: {os.path.basename(benchmark)} {describe(scores)}")
             losses.update({f"benchmark_{k}": v for k, v in scores.items()})
         if step > start_step:
-            stop_unless_finite(raw_model, [loss_sum], dist, "train", step, out_dir)
-            path = save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep_checkpoints, pipeline,
-                                            kind="pretrain", step=step, best_val_loss=best_val_loss,
-                                            val_loss=losses["val"], config=config, tokenizer=meta["tokenizer"])
-            log(f"saving {path} in the background")
-            if master and not run_log.owns_folder():
-                # a new run's first checkpoint: once it is on disk, and only then, the earlier run in out_dir goes
-                wait_for_checkpoint()
-                run_log.metrics_path = replace_earlier_run(out_dir, path, run_log.metrics_path, log)
+            save(raw_model, optimizer, dist, out_dir, keep_checkpoints, run_log, "train", [loss_sum], pipeline,
+                 kind="pretrain", step=step, best_val_loss=best_val_loss, val_loss=losses["val"], config=config,
+                 tokenizer=meta["tokenizer"])
         run_log.log({"step": step, "tokens": step * total_batch_tokens,
                      **{f"{k}_loss" if k in bins else k: v for k, v in losses.items()},
                      **({"train_seconds": train_seconds} if timed else {})})
         run_log.plot()
-        t_log, steps_since_log = time.time(), 0  # evaluation time does not count toward tokens/s
+        pace.restart(step)  # evaluation time does not count toward tokens/s
     if done:
         break
 
@@ -371,7 +338,6 @@ while True:
             train_seconds += seconds
     first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss_sum), step, first_bad_step)
     step += 1
-    steps_since_log += 1
 
     if step % log_interval == 0 or step == max_iters:
         # reading values waits for the GPU, and averaging them waits for every process: only at log steps
@@ -380,19 +346,15 @@ while True:
         if dist.world_size > 1:
             torch.distributed.all_reduce(first_bad_step, op=torch.distributed.ReduceOp.MAX)
         if first_bad_step.item() >= 0:
-            stop_if_not_finite(float("nan") if math.isfinite(train_loss) else train_loss, first_bad_step.item())
-        seconds_per_step = (time.time() - t_log) / steps_since_log
+            stop_if_not_finite(float("nan") if math.isfinite(train_loss) else train_loss, first_bad_step.item(), dist,
+                               "train", out_dir)
+        seconds_per_step, pace_text = pace.lap(step)
         tokens_per_sec = total_batch_tokens / seconds_per_step
         mfu = flops_per_token * tokens_per_sec / (peak * dist.world_size) if peak else None
         log(f"step {step}/{max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | {tokens_per_sec:,.0f} tok/s | "
-            + (f"mfu {100 * mfu:.1f}% | " if mfu is not None else "")
-            + f"{1000 * seconds_per_step:.0f} ms/step | eta {format_duration((max_iters - step) * seconds_per_step)}")
+            + (f"mfu {100 * mfu:.1f}% | " if mfu is not None else "") + pace_text)
         run_log.log({"step": step, "tokens": step * total_batch_tokens, "loss": train_loss, "lr": lr,
                      "tokens_per_sec": tokens_per_sec, "mfu": mfu, "time": time.time()})
-        t_log, steps_since_log = time.time(), 0
 
-wait_for_checkpoint()  # the last checkpoint is on disk before the run reports it
-run_log.finish()
-log(f"done: val loss {losses['val']:.4f} (best {best_val_loss:.4f}) after {step} steps; "
-    f"sample with: python sample.py --out_dir={out_dir}")
-teardown_distributed()
+finish(run_log, dist, f"done: val loss {losses['val']:.4f} (best {best_val_loss:.4f}) after {step} steps; "
+       f"sample with: python sample.py --out_dir={out_dir}")

@@ -1,5 +1,5 @@
 """
-How long saving a checkpoint stops training: the main thread's time in training.save_training_checkpoint,
+How long saving a checkpoint stops training: the main thread's time in checkpoint.save_training_checkpoint,
 which copies the model and AdamW state to CPU memory and leaves the writing to a background thread,
 against a synchronous save (the same call, then waiting until the file is on disk).
 
@@ -23,7 +23,8 @@ sys.path.insert(0, REPO)
 from configurator import configure  # noqa: E402  (after the path: run from anywhere)
 from model import GPT, GPTConfig  # noqa: E402
 from runtime import Distributed  # noqa: E402
-from training import make_optimizer, save_training_checkpoint, wait_for_checkpoint  # noqa: E402
+from checkpoint import save_training_checkpoint, wait_for_checkpoint  # noqa: E402
+from optim import make_optimizer  # noqa: E402
 
 n_layer = 6
 n_embd = 512

@@ -80,7 +80,7 @@ def tiny_data_root(tmp_path_factory):
     """data_root holding dataset 'tiny': this repository's own model.py and train.py as text."""
     root = tmp_path_factory.mktemp("data")
     docs = []
-    for name in ("model.py", "train.py", "training.py", "configurator.py"):
+    for name in ("model.py", "train.py", "optim.py", "configurator.py"):
         with open(os.path.join(REPO, name)) as f:
             docs.append(f.read())
     write_byte_dataset(os.path.join(root, "tiny"), docs[:3], docs[3:])

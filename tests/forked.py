@@ -29,7 +29,8 @@ SERVER = r"""
 import atexit, json, os, runpy, sys, traceback
 sys.path.insert(0, REPO)
 import torch, torch.distributed.checkpoint.state_dict, numpy
-import checkpoint, configurator, chat, evaluate, hf, lora, model, outdir, runlog, runtime, tokenizer, training
+import checkpoint, configurator, chat, data, evaluate, hf, lora, model, optim, outdir, parallel, pipeline, runlog
+import runtime, tokenizer
 for line in sys.stdin:
     request = json.loads(line)
     pid = os.fork()

@@ -14,7 +14,8 @@ from torch.distributed.tensor import distribute_tensor
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import GPT, GPTConfig  # noqa: E402
 from runtime import setup_distributed, teardown_distributed  # noqa: E402
-from training import make_optimizer, shard_model  # noqa: E402
+from optim import make_optimizer  # noqa: E402
+from parallel import shard_model  # noqa: E402
 
 
 def tiny_model():

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import GPT, GPTConfig  # noqa: E402
 from runtime import setup_distributed, teardown_distributed  # noqa: E402
-from training import Pipeline  # noqa: E402
+from pipeline import Pipeline  # noqa: E402
 
 
 def tiny_model(pos):

@@ -68,7 +68,7 @@ def test_two_processes_end_with_the_weights_of_one_process_with_the_same_global_
 def GPT_INIT_DISTANCE(out_dir):
     """How far training moved the weights from their initial values (same seed, same init)."""
     from model import GPT, GPTConfig
-    from training import init_weights
+    from parallel import init_weights
     checkpoint = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
     init = GPT(GPTConfig.from_dict(checkpoint["model_config"]))
     init_weights(init, checkpoint["config"]["seed"])
@@ -154,7 +154,7 @@ def test_fsdp_with_accumulation_syncing_once_or_every_micro_step_ends_with_the_w
 @pytest.mark.parametrize("style", [dict(tie_embeddings=True), dict(norm="layernorm", bias=True, pos="learned")])
 def test_a_model_built_on_the_meta_device_gets_block_by_block_the_weights_of_one_built_whole(style):
     from model import GPT, GPTConfig
-    from training import init_weights
+    from parallel import init_weights
     config = GPTConfig(vocab_size=100, n_layer=2, n_head=2, n_embd=16, block_size=16, **style)
     whole = GPT(config)
     init_weights(whole, 7)

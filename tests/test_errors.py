@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import outdir
-import training
+import data
 from checkpoint import load_checkpoint
 from configurator import configure
 from conftest import REPO, TINY_MODEL, TOY_INSTRUCTIONS
@@ -307,11 +307,11 @@ def test_zero_is_valid_only_where_it_is_the_default_meaning_derive_it():
 
 
 def test_token_ids_are_checked_in_every_chunk_of_a_bin(world, monkeypatch):
-    meta = training.load_meta(str(world / "data" / "big_id"))
-    training.TokenBins(str(world / "data" / "big_id"), meta, "train", 32)  # the train bin is good
-    monkeypatch.setattr(training, "_CHECK_CHUNK", 7)  # the bad id, last in val.bin, falls in a later chunk
+    meta = data.load_meta(str(world / "data" / "big_id"))
+    data.TokenBins(str(world / "data" / "big_id"), meta, "train", 32)  # the train bin is good
+    monkeypatch.setattr(data, "_CHECK_CHUNK", 7)  # the bad id, last in val.bin, falls in a later chunk
     with pytest.raises(SystemExit, match="val.bin holds token id 300"):
-        training.TokenBins(str(world / "data" / "big_id"), meta, "val", 32)
+        data.TokenBins(str(world / "data" / "big_id"), meta, "val", 32)
 
 
 # -----------------------------------------------------------------------------

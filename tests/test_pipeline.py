@@ -13,7 +13,7 @@ import torch
 from conftest import REPO, TINY_MODEL, run_script
 from pipeline_worker import MAX_NORM, batch, tiny_model
 from test_distributed import FAST, assert_same_weights, train, weights
-from training import join_pipeline_stages, pipeline_layers, pipeline_stage_part, split_for_pipeline
+from pipeline import join_pipeline_stages, pipeline_layers, pipeline_stage_part, split_for_pipeline
 
 # 4 micro-batches of 4 sequences x 32 tokens per step: 1 process accumulates 4 micro-steps, a
 # 2 x 2 grid sends 2 micro-batches through each pipeline.

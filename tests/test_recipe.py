@@ -21,7 +21,7 @@ from hf import architecture_of
 from model import GPT, GPTConfig
 from muon_worker import full_gradients, tiny_model
 from test_distributed import FAST, assert_same_weights, losses, train, weights
-from training import MuonWithAdamW, learning_rate_at, make_optimizer, newton_schulz
+from optim import MuonWithAdamW, learning_rate_at, make_optimizer, newton_schulz
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic's coefficients in the Muon paper and torch.optim.Muon
 

@@ -16,7 +16,7 @@ from conftest import TOY_INSTRUCTIONS, TOY_VAL_FRACTION, logged_after, run_scrip
 from lora import LoRALinear, adapters_disabled, add_lora, describe_base, lora_state, merge_lora
 from model import GPT, GPTConfig
 from tokenizer import EOT, Tokenizer
-from training import checkpoint_to_resume
+from checkpoint import checkpoint_to_resume
 
 BYTE = {"kind": "byte", "eot": EOT}
 LORA = dict(rank=4, alpha=8.0, dropout=0.0, targets=["c_attn", "c_proj", "c_fc"])

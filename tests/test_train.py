@@ -9,7 +9,9 @@ import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import TINY_MODEL, run_script
-from training import TokenBins, learning_rate_at, make_optimizer, save_training_checkpoint, wait_for_checkpoint
+from checkpoint import save_training_checkpoint, wait_for_checkpoint
+from data import TokenBins
+from optim import learning_rate_at, make_optimizer
 
 
 def read_metrics(out_dir):

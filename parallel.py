@@ -1,0 +1,148 @@
+"""
+Where a model trains: its initial weights (the same however it is placed), placed whole on this
+process's device or sharded over the processes with FSDP2, its blocks compiled, wrapped in DDP;
+and the sums over processes that evaluation needs (estimate_loss).
+
+    place_model(model, dist, "fsdp", "bfloat16", seed=1337)   # a model built on the meta device gets its weights here
+    model = wrap_model(model, dist, "ddp", compile=True)        # what the training loop calls
+
+DDP keeps a whole copy of the model in every process and averages the gradients; FSDP shards each
+block's parameters, gradients and optimizer state over the processes and gathers a block's
+parameters only while it runs, so a model larger than one GPU's memory trains.
+"""
+
+import math
+import zlib
+
+import torch
+import torch.distributed
+import torch.nn as nn
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import RMSNorm, rope_tables
+
+def init_weights(model, seed, which=lambda name: True):
+    """Give the GPT's modules whose names pass `which` their initial weights, each module from a
+    generator seeded by seed and its name, by the model's own rule. So the weights are the same
+    however the model is built: whole in one process, or on the meta device and then block by
+    block under FSDP, where each process holds a whole block only until it is sharded. Parameters
+    on the meta device get CPU memory first (tied ones stay tied), and so do the RoPE tables."""
+    materialised = {}
+    for name, module in model.named_modules():
+        if not which(name) or not any(p is not None for p in module._parameters.values()):
+            continue
+        for key, p in module._parameters.items():
+            if p is not None and p.is_meta:
+                module._parameters[key] = materialised.setdefault(
+                    p, nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+            if isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            else:
+                module.reset_parameters()
+            model._init_weights(module)
+    if getattr(model, "rope_cos", None) is not None and model.rope_cos.is_meta:
+        model.rope_cos, model.rope_sin = rope_tables(model.config, model.config.block_size)
+
+
+def place_model(model, dist, parallelism, dtype, cpu_offload=False, seed=None):
+    """Put the model where it trains: sharded over the processes (FSDP), or whole on this process's
+    device. A model built on the meta device (a new run's) gets its initial weights here from seed."""
+    on_meta = any(p.is_meta for p in model.parameters())
+    if parallelism == "fsdp" and (dist.world_size > 1 or cpu_offload):
+        shard_model(model, model.blocks, None, dtype, cpu_offload,
+                    init=(lambda which: init_weights(model, seed, which)) if on_meta else None)
+    else:
+        if on_meta:
+            init_weights(model, seed)
+        model.to(dist.device)
+
+
+def shard_model(root, blocks, mesh, dtype, cpu_offload, init=None):
+    """FSDP2 over mesh (None: every process): each block on its own, so only one block's full
+    parameters exist at a time during forward and backward, then the root, which takes the rest
+    (embeddings, final norm, output layer). Compute in dtype but reduce gradients in fp32, so the
+    average over processes loses nothing. With cpu_offload the fp32 shards, their gradients and so
+    AdamW's state stay in CPU memory and the optimizer steps there: each block's parameters are
+    copied to the GPU when it runs, which costs time but lets one GPU train a model whose optimizer
+    state it could not hold. init(which), for a model on the meta device, gives the modules whose
+    names pass `which` their weights: each block just before it is sharded, so no process ever
+    holds the whole model."""
+    precision = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
+    # Pinned host memory lets the copies to the GPU run asynchronously; without a GPU there is none to pin.
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
+    present = [(i, block) for i, block in enumerate(blocks) if block is not None]  # None: another stage's layer
+    for i, block in present:
+        if init is not None:
+            init(lambda name: name.startswith(f"blocks.{i}."))
+        # The last block's parameters are the first the backward pass needs: freeing them after its
+        # forward would only gather them again at once.
+        fully_shard(block, mesh=mesh, mp_policy=precision, offload_policy=offload,
+                    reshard_after_forward=block is not present[-1][1])
+    if init is not None:
+        init(lambda name: not name.startswith("blocks."))
+    fully_shard(root, mesh=mesh, mp_policy=precision, offload_policy=offload)
+
+
+def compile_blocks(model):
+    """torch.compile each block in place, so that FSDP's hooks around the blocks stay outside the
+    compiled code: a whole-model compile breaks its graph at every hook and runs GPT.forward eagerly."""
+    for block in model.blocks:
+        if block is not None:  # None: a layer of another pipeline stage
+            block.compile()
+
+
+def wrap_model(model, dist, parallelism, compile, log=print):
+    """The module the training loop calls: compiled, and under DDP wrapped to average gradients."""
+    if compile:
+        log("compiling the model (the first steps are slow)...")
+        if isinstance(model, FSDPModule):
+            compile_blocks(model)
+        else:
+            model = torch.compile(model)
+    if parallelism == "ddp" and dist.world_size > 1:
+        # Gradients live in DDP's all-reduce buckets (no copy in and out); the only buffers are the
+        # RoPE tables, which never change, so nothing needs broadcasting before each forward.
+        model = DDP(model, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None,
+                    gradient_as_bucket_view=True, broadcast_buffers=False)
+    return model
+
+
+@torch.no_grad()
+def sum_over_batches(model, batches, sums_of, dist):
+    """The sum over batches of sums_of(batch), a tensor, with the model in eval mode. The batches are
+    dealt out to the processes and their sums added up, so the result does not depend on the number
+    of processes. Every process runs as many batches, since under FSDP each forward is a collective:
+    the last round's missing ones are repeats that do not count."""
+    was_training = model.training
+    model.eval()
+    total = None
+    for i in range(dist.rank, dist.world_size * math.ceil(len(batches) / dist.world_size), dist.world_size):
+        sums = sums_of(batches[i % len(batches)])
+        total = torch.zeros_like(sums) if total is None else total
+        if i < len(batches):
+            total += sums
+    model.train(was_training)
+    return all_reduce_sum(total, dist.world_size)
+
+
+def estimate_loss(model, bins_by_split, eval_iters, batch_size, device, autocast, seed, dist):
+    """Mean loss per split over eval_iters batches, the same at every call (seeded by split and
+    index), so that successive evaluations differ only by the model."""
+    losses = {}
+    for split_index, (split, bins) in enumerate(bins_by_split.items()):
+        def batch_loss(i):
+            x, y = bins.sample(batch_size, (seed, 1, split_index, i), device)
+            with autocast:
+                return model(x, y)[1].float()
+
+        losses[split] = sum_over_batches(model, range(eval_iters), batch_loss, dist).item() / eval_iters
+    return losses
+
+
+def all_reduce_sum(tensor, world_size):
+    if world_size > 1:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor

@@ -1,0 +1,185 @@
+"""
+The skeleton every trainer shares (train.py, sft.py, dpo.py, and each new one): the steps they all
+take, as plain functions each script calls in its own order, so that the script still reads top to
+bottom with its own loop in view. A trainer is written like this:
+
+    dist, dtype, autocast = start(device, dtype, seed, parallelism)
+    accumulation = gradient_accumulation("total_batch_size", total_batch_size, batch_size=batch_size,
+                                      processes=dist.world_size)
+    take_out_dir(out_dir, dist, "--resume=yes")                    # one run per out_dir; Ctrl-C ends it cleanly
+    checkpoint, ckpt_path = checkpoint_to_resume(resume, out_dir, "rl", config, TUNED_KEYS)
+    model, tokenizer, origin = model_to_tune(init_from, checkpoint, ckpt_path, dist.log)
+    ...                                                             # the trainer's own data and losses
+    model, raw_model, optimizer, scaler, step = prepare_model(model, checkpoint, dist, dtype, parallelism,
+                                                              compile, seed, learning_rate, weight_decay, betas)
+    run_log = open_run_log(out_dir, config, dist, dtype, step, "rl", data=data, parameters=...)
+    start_step = step
+    while True:
+        done = step >= max_iters                    # the one place where a run decides to end
+        if step % eval_interval == 0 or done:
+            losses = ...                            # sum_over_batches deals the held-out batches to the processes
+            if step > start_step:
+                save(raw_model, optimizer, dist, run_log, keep_checkpoints, "rl", [losses], kind="rl", step=step, ...)
+        if done:
+            break
+        loss = optimizer_step(model, optimizer, scaler, accumulation, micro_step_loss, grad_clip)
+        step += 1
+        ...                                         # log lines: stop_if_not_finite, pace
+    finish(run_log, f"done after {step} steps")
+
+Each checkpoint is written at an evaluation, after a check that the model and the losses are
+finite; a new run's first one replaces an earlier run in out_dir (outdir.py keeps it safe until then).
+"""
+
+import math
+import time
+
+import torch
+
+from checkpoint import (load_checkpoint, model_from_checkpoint, restore_rng_state, restore_training_state,
+                        save_training_checkpoint, wait_for_checkpoint)
+from lora import describe_base, merge_lora
+from optim import make_optimizer
+from outdir import exit_quietly_on_interrupt, lock_out_dir, replace_earlier_run, run_log_path, stop_unless_finite
+from parallel import place_model, wrap_model
+from runlog import RunLog, format_duration
+from runtime import (autocast_context, device_name, pick_dtype, seed_everything, setup_distributed,
+                     teardown_distributed)
+
+# The config keys that fix a post-training run's model: a resumed run must have the values it started with.
+TUNED_KEYS = ("init_from", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def start(device, dtype, seed, parallelism, cpu_offload=False):
+    """Join the processes (under torchrun) and pick the device and precision: (dist, dtype, autocast).
+    Every process seeds its generators alike, so every process builds the same initial weights."""
+    if parallelism not in ("ddp", "fsdp"):
+        raise SystemExit(f"config error: parallelism='{parallelism}' is not one of ddp, fsdp")
+    dist = setup_distributed(device, cpu_offload=parallelism == "fsdp" and cpu_offload)
+    dtype = pick_dtype(dist.device, dtype)
+    seed_everything(seed)
+    if dist.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    return dist, dtype, autocast_context(dist.device, dtype)
+
+
+def gradient_accumulation(key, total, **parts):
+    """Micro-steps per optimizer step: total (the value of the config key `key`) over the product of
+    parts, what one micro-step holds over all processes; a config error unless it divides."""
+    per_micro_step = math.prod(parts.values())
+    if total % per_micro_step:
+        raise SystemExit(f"config error: {key}={total} is not a multiple of {' x '.join(parts)} = "
+                         f"{' x '.join(map(str, parts.values()))}; change one of them")
+    return total // per_micro_step
+
+
+def take_out_dir(out_dir, dist, how_to_continue):
+    """Lock out_dir for this run (outdir.py), and end the run on Ctrl-C with one line saying how to go on."""
+    lock_out_dir(out_dir, dist, dist.log)
+    exit_quietly_on_interrupt(out_dir, dist, how_to_continue)
+
+
+def model_to_tune(init_from, checkpoint, ckpt_path, log, describe_start=True):
+    """The model and tokenizer a post-training run tunes, and origin: a new run's checkpoint init_from
+    (a LoRA one merged), named by lora.describe_base for the checkpoints to record (None without
+    describe_start, or for a resumed run); a resumed run's own checkpoint, adapters included."""
+    if checkpoint is not None:
+        log(f"resuming {ckpt_path} at step {checkpoint['step']}")
+        return *model_from_checkpoint(checkpoint, ckpt_path), None
+    start_checkpoint = load_checkpoint(init_from)
+    model, tokenizer = model_from_checkpoint(start_checkpoint, init_from)
+    origin = describe_base(init_from, start_checkpoint) if describe_start else None
+    merge_lora(model)
+    return model, tokenizer, origin
+
+
+def context_length(block_size, model):
+    """The block_size key's tokens (0: the model's context), which the model's context must hold."""
+    if block_size > model.config.block_size:
+        raise SystemExit(f"config error: block_size={block_size} is longer than the model's context of "
+                         f"{model.config.block_size}; set --block_size=0 to use it")
+    return block_size or model.config.block_size
+
+
+def count_trained(model, log, note=""):
+    """How many of the model's parameters train (LoRA: the adapters only), said in a line."""
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"model: {model.num_params() / 1e6:.2f}M parameters, {trained:,} of them trained "
+        f"({100 * trained / sum(p.numel() for p in model.parameters()):.2f}%){note}")
+    return trained
+
+
+def prepare_model(model, checkpoint, dist, dtype, parallelism, compile, seed, learning_rate, weight_decay, betas):
+    """Place the model (parallel.py), make its AdamW, take back a resumed run's state, and wrap it for
+    the loop: (model to call, raw model to save, optimizer, gradient scaler, step)."""
+    place_model(model, dist, parallelism, dtype)
+    seed_everything(seed + dist.rank)  # different dropout masks in each process
+    optimizer = make_optimizer(model, learning_rate, weight_decay, betas, dist.device)
+    step = 0 if checkpoint is None else resume_state(model, optimizer, checkpoint, dist)
+    return wrap_model(model, dist, parallelism, compile, dist.log), model, optimizer, gradient_scaler(dist, dtype), step
+
+
+def resume_state(model, optimizer, checkpoint, dist):
+    """Put a checkpoint's weights, optimizer state and this process's random state back; returns its step."""
+    restore_training_state(model, optimizer, checkpoint)
+    restore_rng_state(checkpoint["rng"], dist, dist.log)
+    return checkpoint["step"]
+
+
+def gradient_scaler(dist, dtype):
+    return torch.amp.GradScaler(dist.device.split(":")[0], enabled=dtype == "float16")  # fp16 needs loss scaling
+
+
+def open_run_log(out_dir, config, dist, dtype, step, stage, **facts):
+    """The run's RunLog: a resumed run (step > 0) goes on in metrics.jsonl, a new one logs beside it."""
+    return RunLog(out_dir, config, dist.is_main, run_log_path(out_dir, resumed=step > 0), stage=stage,
+                  device=device_name(dist.device), processes=dist.world_size, dtype=dtype, **facts)
+
+
+def save(raw_model, optimizer, dist, out_dir, keep, run_log, script, losses, pipeline=None, lora=None, base=None,
+         **fields):
+    """At an evaluation: stop without saving if the model or losses are not finite, else write the
+    checkpoint in the background (checkpoint.py); a new run's first checkpoint, once it is on disk,
+    replaces the earlier run in out_dir. Every process must call this."""
+    stop_unless_finite(raw_model, losses, dist, script, fields["step"], out_dir)
+    path = save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep, pipeline, lora, base, **fields)
+    dist.log(f"saving {path} in the background")
+    if dist.is_main and not run_log.owns_folder():
+        wait_for_checkpoint()
+        run_log.metrics_path = replace_earlier_run(out_dir, path, run_log.metrics_path, dist.log)
+
+
+def stop_if_not_finite(loss, step, dist, script, out_dir):
+    """At a log step: stop, without saving, if the training loss (the same on every process) is not finite."""
+    if not math.isfinite(loss):
+        # every process reaches this together; one message is enough
+        raise SystemExit(f"{script} error: the loss is not finite ({loss}) at step {step}; stopping without saving, "
+                         f"so {out_dir} keeps the last good checkpoint. Lower learning_rate or check the data."
+                         if dist.is_main else 1)
+
+
+class Pace:
+    """Seconds per optimizer step between log lines, evaluations left out, and the time left at that pace."""
+
+    def __init__(self, step, max_iters):
+        self.max_iters = max_iters
+        self.restart(step)
+
+    def restart(self, step):
+        """Count from now, at step: after an evaluation, whose time is no step's."""
+        self.since, self.since_step = time.time(), step
+
+    def lap(self, step):
+        """(seconds per step since the last lap, 'N ms/step | eta T' for the log line); counts on from now."""
+        seconds = (time.time() - self.since) / (step - self.since_step)
+        self.restart(step)
+        return seconds, f"{1000 * seconds:.0f} ms/step | eta {format_duration((self.max_iters - step) * seconds)}"
+
+
+def finish(run_log, dist, line):
+    """The end of a run: the last checkpoint on disk, the plot and report card, the closing line."""
+    wait_for_checkpoint()
+    run_log.finish()
+    dist.log(line)
+    teardown_distributed()
