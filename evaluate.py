@@ -70,7 +70,7 @@ from model import EncoderDecoder
 from runlog import save_atomically, write_card
 from runtime import autocast_context, device_name, pick_dtype, setup_distributed, teardown_distributed
 from tokenizer import Tokenizer
-from translation import corpus_scores, data_of, read_parallel, translate_lines
+from translation import corpus_scores, data_of, read_pairs, translate_lines
 
 # -----------------------------------------------------------------------------
 # what to evaluate
@@ -250,10 +250,9 @@ if __name__ == "__main__":
         if not source:
             raise SystemExit(f"config error: {ckpt_path}'s run names no test set; pass "
                              "--parallel_data=SOURCE_FILE,TARGET_FILE or a .jsonl file")
-        sources, references = read_parallel(source, checkpoint["config"].get("source_field", "source"),
-                                            checkpoint["config"].get("target_field", "target"))
-        n = limit or len(sources)
-        task_data["translation"] = ("translation", (source, sources[:n], references[:n]))
+        pairs = read_pairs(source, checkpoint["config"].get("source_field", "source"),
+                           checkpoint["config"].get("target_field", "target"))[0][: limit or None]
+        task_data["translation"] = ("translation", (source, [s for s, _ in pairs], [t for _, t in pairs]))
     for task in [] if task_data else [t.strip() for t in tasks.split(",") if t.strip()]:
         if task == "perplexity" and text_file:
             task_data[task] = ("perplexity", (text_file, text_tokens(tokenizer, text_file)))

@@ -58,7 +58,7 @@ from runtime import device_name
 from trainer import (Pace, finish, gradient_accumulation, gradient_scaler, open_run_log, resume_state, save, start,
                      stop_if_not_finite, take_out_dir)
 from translation import (batch_at, collate_pairs, corpus_scores, data_of, decoder_only_example, encode_pairs,
-                         held_out_split, read_parallel, train_tokenizer, translate_lines, without_empty)
+                         held_out_split, read_pairs, train_tokenizer, translate_lines)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -148,19 +148,20 @@ accumulation_steps = gradient_accumulation("total_batch_size", total_batch_size,
 take_out_dir(out_dir, dist, "--resume=yes")
 checkpoint, ckpt_path = checkpoint_to_resume(resume, out_dir, "translate", config, RUN_KEYS)
 
-# data: pairs of sentences, then of token ids
-sources, targets, n_empty = without_empty(*read_parallel(data_of(config, "train"), source_field, target_field))
-if data_of(config, "val"):
-    val_sources, val_targets, n_val_empty = without_empty(*read_parallel(data_of(config, "val"), source_field,
-                                                                         target_field))
+# data: pairs of sentences (the test set's read now too: a bad file stops the run before it trains)
+specs = {split: data_of(config, split) for split in ("train", "val", "test")}
+train_text, n_empty = read_pairs(specs["train"], source_field, target_field)
+if specs["val"]:
+    val_text, n_val_empty = read_pairs(specs["val"], source_field, target_field)
     n_empty += n_val_empty
 else:
-    (sources, targets), (val_sources, val_targets) = held_out_split(sources, targets, val_fraction)
-if not sources:
+    train_text, val_text = held_out_split(train_text, val_fraction)
+test_text = read_pairs(specs["test"], source_field, target_field)[0] if specs["test"] else []
+if not train_text:
     raise SystemExit(f"data error: {data} has no pair with text on both sides to train on; check the files")
 if checkpoint is None:
     t0 = time.time()
-    tokenizer = train_tokenizer(tokenizer, sources + targets, vocab_size)
+    tokenizer = train_tokenizer(tokenizer, [text for pair in train_text for text in pair], vocab_size)
     log(f"tokenizer: {tokenizer.kind}, {tokenizer.vocab_size:,} ids ({time.time() - t0:.1f} s)")
     model_keys = {f.name for f in fields(EncoderDecoderConfig)} - {"vocab_size", "block_size"}
     model_config = dict({k: config[k] for k in model_keys if k in config}, vocab_size=tokenizer.vocab_size,
@@ -175,20 +176,20 @@ if checkpoint is None:
 else:
     model, tokenizer = model_from_checkpoint(checkpoint, ckpt_path)
     log(f"resuming {ckpt_path} at step {checkpoint['step']}")
-train_pairs, n_cut = encode_pairs(tokenizer, sources, targets, block_size)
-val_pairs, n_val_cut = encode_pairs(tokenizer, val_sources, val_targets, block_size)
+train_examples, n_cut = encode_pairs(tokenizer, train_text, block_size)
+val_examples, n_val_cut = encode_pairs(tokenizer, val_text, block_size)
 if architecture == "decoder-only":
-    train_units = [decoder_only_example(*pair) for pair in train_pairs]
-    val_units = [decoder_only_example(*pair) for pair in val_pairs]
+    train_units = [decoder_only_example(*example) for example in train_examples]
+    val_units = [decoder_only_example(*example) for example in val_examples]
 else:
-    train_units, val_units = train_pairs, val_pairs
-lengths = tuple(len(s) + len(t) for s, t in train_pairs)  # what batches of like length are made by
-target_counts = [len(t) - 1 for _, t in train_pairs]  # the tokens each pair's loss is over
-bleu_pairs = list(zip(val_sources, val_targets))[: bleu_sentences or None]
-log(f"data {data}: {len(train_pairs):,} train and {len(val_pairs):,} held-out pairs, "
+    train_units, val_units = train_examples, val_examples
+lengths = tuple(len(s) + len(t) for s, t in train_examples)  # what batches of like length are made by
+target_counts = [len(t) - 1 for _, t in train_examples]  # the tokens each pair's loss is over
+bleu_text = val_text[: bleu_sentences or None]
+log(f"data {data}: {len(train_examples):,} train and {len(val_examples):,} held-out pairs, "
     f"{sum(target_counts):,} target tokens to learn" + (f"; {n_empty} pairs with an empty side left out" if n_empty else "")
     + (f"; {n_cut + n_val_cut} sides longer than block_size={block_size} tokens cut" if n_cut + n_val_cut else ""))
-steps_per_epoch = math.ceil(len(train_pairs) / total_batch_size)
+steps_per_epoch = math.ceil(len(train_examples) / total_batch_size)
 log(f"device {device_name(device)} x {dist.world_size} processes, {dtype}; {total_batch_size} pairs per step = "
     f"{batch_size} x {dist.world_size} processes x {accumulation_steps} accumulation steps; "
     + (f"{max_seconds:.0f} s of training" if max_seconds else f"{max_iters} steps")
@@ -268,6 +269,18 @@ def translate_held_out(pairs, beam=1):
     return corpus_scores(translations, [t for _, t in pairs])
 
 
+def test_set_scores():
+    """The test set's BLEU and chrF, greedy and with beam_size beams, as {test_bleu_beam1: ..., ...}."""
+    results = {}
+    for beam in sorted({1, beam_size}):
+        scores = translate_held_out(test_text, beam)
+        log(f"test ({len(test_text)} sentences, {'greedy' if beam == 1 else f'beam {beam}'}): "
+            f"BLEU {scores['bleu']:.2f}, chrF {scores['chrf']:.2f}")
+        results.update({f"test_bleu_beam{beam}": scores["bleu"], f"test_chrf_beam{beam}": scores["chrf"]})
+    log(f"sacreBLEU {scores['bleu_signature']}; chrF {scores['chrf_signature']}")
+    return results
+
+
 val_batches = [[val_units[i] for i in range(j, min(j + batch_size, len(val_units)))]
                for j in range(0, len(val_units), batch_size)]
 
@@ -289,16 +302,17 @@ while True:
     if step % eval_interval == 0 or done or eval_due:
         sums = sum_over_batches(model, val_batches, held_out_sums, dist) if val_batches else None
         val_loss = (sums[0] / sums[1]).item() if sums is not None else None
-        scores = translate_held_out(bleu_pairs) if bleu_pairs and step > 0 else {}  # at step 0 it would be noise
+        scores = translate_held_out(bleu_text) if bleu_text and step > 0 else {}  # at step 0 it would be noise
+        test_scores = test_set_scores() if done and test_text else {}
         if val_loss is not None:
             log(f"step {step}: held-out loss {val_loss:.4f}" + (f", BLEU {scores['bleu']:.2f}, chrF {scores['chrf']:.2f}"
-                                                               f" ({len(bleu_pairs)} sentences, greedy)" if scores else ""))
+                                                               f" ({len(bleu_text)} sentences, greedy)" if scores else ""))
         if step > start_step:
             save(raw_model, optimizer, dist, out_dir, keep_checkpoints, run_log, "translate", [val_loss, loss_sum],
                  kind="translate", step=step, train_seconds=train_seconds, val_loss=val_loss,
-                 val_bleu=scores.get("bleu"), config=config, tokenizer=tokenizer.description)
+                 val_bleu=scores.get("bleu"), **test_scores, config=config, tokenizer=tokenizer.description)
         run_log.log({"step": step, "val_loss": val_loss, "val_bleu": scores.get("bleu"), "val_chrf": scores.get("chrf"),
-                     "train_seconds": train_seconds})
+                     **test_scores, "train_seconds": train_seconds})
         run_log.plot()
         pace.restart(step)
     if done:
@@ -324,15 +338,5 @@ while True:
         run_log.log({"step": step, "loss": train_loss, "lr": lr, "time": time.time(),
                      "tokens_per_sec": step_target_tokens / seconds_per_step})
 
-if data_of(config, "test"):
-    test_pairs = list(zip(*without_empty(*read_parallel(data_of(config, "test"), source_field, target_field))[:2]))
-    test_scores = {}
-    for beam in sorted({1, beam_size}):
-        scores = translate_held_out(test_pairs, beam)
-        log(f"test ({len(test_pairs)} sentences, {'greedy' if beam == 1 else f'beam {beam}'}): "
-            f"BLEU {scores['bleu']:.2f}, chrF {scores['chrf']:.2f}")
-        test_scores.update({f"test_bleu_beam{beam}": scores["bleu"], f"test_chrf_beam{beam}": scores["chrf"]})
-    log(f"sacreBLEU {scores['bleu_signature']}; chrF {scores['chrf_signature']}")
-    run_log.log({"step": step, **test_scores})
 finish(run_log, dist, f"done after {step} steps ({train_seconds:.0f} s of training); translate with: "
        f"python sample.py --out_dir={out_dir} --translate_file=FILE")

@@ -2,10 +2,10 @@
 Parallel text for the encoder-decoder, and the standard scores of a translation: what
 translate.py trains on and what it, sample.py and evaluate.py share.
 
-    sources, targets = read_parallel("train.de.gz,train.en.gz")
-    tokenizer = train_tokenizer("bpe", sources + targets, vocab_size=8000)
-    hypotheses = translate_lines(model, tokenizer, sources, beam_size=4)
-    scores = corpus_scores(hypotheses, targets)     # {'bleu': ..., 'chrf': ..., their signatures}
+    pairs, n_empty = read_pairs("train.de.gz,train.en.gz")          # [(German, English), ...]
+    tokenizer = train_tokenizer("bpe", [text for pair in pairs for text in pair], vocab_size=8000)
+    translations, n_cut = translate_lines(model, tokenizer, [s for s, _ in pairs], beam_size=4)
+    scores = corpus_scores(translations, [t for _, t in pairs])     # {'bleu': ..., 'chrf': ..., signatures}
 
 Parallel data is named by one string (translate.py's data, val_data and test_data keys):
 - "SOURCE_FILE,TARGET_FILE": two line-aligned text files, plain or .gz; line n of the target
@@ -136,18 +136,19 @@ def data_of(config, split):
     return spec
 
 
-def without_empty(sources, targets):
-    """The pairs with text on both sides, and how many were left out."""
-    kept = [(s, t) for s, t in zip(sources, targets) if s.strip() and t.strip()]
-    return [s for s, _ in kept], [t for _, t in kept], len(sources) - len(kept)
+def read_pairs(spec, source_field="source", target_field="target"):
+    """The (source, target) pairs of parallel data (see read_parallel) with text on both sides, and how
+    many were left out for an empty side."""
+    pairs = list(zip(*read_parallel(spec, source_field, target_field)))
+    kept = [(s, t) for s, t in pairs if s.strip() and t.strip()]
+    return kept, len(pairs) - len(kept)
 
 
-def held_out_split(sources, targets, fraction, seed=0):
-    """(train, held out) pairs, a fixed random `fraction` of them held out."""
-    order = np.random.default_rng(seed).permutation(len(sources))
-    n_held = round(fraction * len(sources))
-    pick = lambda indices: ([sources[i] for i in sorted(indices)], [targets[i] for i in sorted(indices)])
-    return pick(order[n_held:]), pick(order[:n_held])
+def held_out_split(pairs, fraction, seed=0):
+    """(train, held out): a fixed random `fraction` of the pairs held out, each part in its original order."""
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    held = set(order[: round(fraction * len(pairs))].tolist())
+    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
 
 
 # -----------------------------------------------------------------------------
@@ -166,17 +167,17 @@ def encode_source(tokenizer, text, block_size):
     return (tokenizer.encode(text) + [tokenizer.eot_id])[:block_size]
 
 
-def encode_pairs(tokenizer, sources, targets, block_size):
-    """Training examples (source ids, target ids) and how many sides were cut at block_size. The target
-    ids are end-of-text, its tokens, end-of-text: the decoder reads all but the last and predicts all
-    but the first, so it holds block_size + 1 ids at most."""
-    pairs, n_cut = [], 0
-    for source, target in zip(sources, targets):
+def encode_pairs(tokenizer, pairs, block_size):
+    """Training examples (source ids, target ids) of (source, target) text pairs, and how many sides were cut
+    at block_size. The target ids are end-of-text, its tokens, end-of-text: the decoder reads all but the
+    last and predicts all but the first, so it holds block_size + 1 ids at most."""
+    examples, n_cut = [], 0
+    for source, target in pairs:
         source_ids = tokenizer.encode(source) + [tokenizer.eot_id]
         target_ids = [tokenizer.eot_id] + tokenizer.encode(target) + [tokenizer.eot_id]
         n_cut += (len(source_ids) > block_size) + (len(target_ids) > block_size + 1)
-        pairs.append((source_ids[:block_size], target_ids[: block_size + 1]))
-    return pairs, n_cut
+        examples.append((source_ids[:block_size], target_ids[: block_size + 1]))
+    return examples, n_cut
 
 
 @functools.lru_cache(maxsize=4)

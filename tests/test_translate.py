@@ -23,7 +23,7 @@ from forked import error_line, run_forked
 from model import GPT, GPTConfig, until_end
 from tokenizer import Tokenizer
 from translation import (batch_at, collate_pairs, corpus_scores, decoder_only_example, encode_pairs, epoch_batches,
-                         read_lines, read_parallel, translate_lines, without_empty)
+                         read_lines, read_pairs, read_parallel, translate_lines)
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
                       "translation", "multi30k")
@@ -69,13 +69,14 @@ def test_bad_parallel_files_are_one_line_errors(tmp_path):
     assert "neither" in one_line_error(lambda: read_parallel(a))
 
 
-def test_pairs_with_an_empty_side_are_left_out_and_counted():
-    assert without_empty(["a", " ", "c", "d"], ["A", "B", "", "D"]) == (["a", "d"], ["A", "D"], 2)
+def test_pairs_with_an_empty_side_are_left_out_and_counted(tmp_path):
+    spec = f"{write(tmp_path / 'a.txt', ['a', ' ', 'c', 'd'])},{write(tmp_path / 'b.txt', ['A', 'B', '', 'D'])}"
+    assert read_pairs(spec) == ([("a", "A"), ("d", "D")], 2)
 
 
 def test_a_side_longer_than_block_size_is_cut_and_counted():
     tokenizer = Tokenizer.train("byte")
-    pairs, n_cut = encode_pairs(tokenizer, ["abcdefgh", "ab"], ["xy", "uvwxyz"], block_size=5)
+    pairs, n_cut = encode_pairs(tokenizer, [("abcdefgh", "xy"), ("ab", "uvwxyz")], block_size=5)
     eot = tokenizer.eot_id
     assert pairs == [([97, 98, 99, 100, 101], [eot, 120, 121, eot]), ([97, 98, eot], [eot, 117, 118, 119, 120, 121])]
     assert n_cut == 2  # the first source (9 ids) and the second target (8 ids, 7 allowed)
