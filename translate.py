@@ -45,6 +45,8 @@ from dataclasses import fields
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule
 
 from benchmarks import gather
 from chat import collate
@@ -196,6 +198,7 @@ log(f"device {device_name(device)} x {dist.world_size} processes, {dtype}; {tota
     + f" ({steps_per_epoch} steps per epoch)")
 
 log(f"model: {architecture}, {model.num_params() / 1e6:.2f}M parameters")
+unwrapped = type(model)  # FSDP makes the model an instance of a class of its own
 place_model(model, dist, parallelism, dtype)
 torch.manual_seed(seed + dist.rank)  # different dropout masks in each process
 optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device, optimizer, muon_lr,
@@ -252,19 +255,18 @@ def held_out_sums(units):
 
 
 def translate_held_out(pairs, beam=1):
-    """BLEU and chrF of the translations of pairs' sources against their targets. Under DDP the lines are
-    dealt out to the processes; under FSDP every process translates them all, since each forward is a
-    collective and the processes must run the same ones."""
-    raw_model.eval()
-    sharded = parallelism == "fsdp" and dist.world_size > 1
-    mine = [s for s, _ in pairs] if sharded else [s for s, _ in pairs][dist.rank :: dist.world_size]
-    if sharded:
-        raw_model.unshard()  # the root's own weights (embedding, encoder, output layer), which decoding reads
-    translations, _ = translate_lines(raw_model, tokenizer, mine, 64, beam, length_penalty, autocast, device)
-    if sharded:
-        raw_model.reshard()
+    """BLEU and chrF of the translations of pairs' sources against their targets, the lines dealt out to the
+    processes. Under FSDP each process translates with a whole copy of the model: decoding keeps its cache
+    in dicts passed to the blocks, which FSDP's calls would copy, and a copy needs no collectives."""
+    if isinstance(raw_model, FSDPModule):
+        translator = unwrapped(raw_model.config).to(device)
+        translator.load_state_dict(get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True)))
     else:
-        translations = gather(translations, dist.world_size)
+        translator = raw_model
+    translator.eval()
+    sources = [s for s, _ in pairs][dist.rank :: dist.world_size]
+    translations = gather(translate_lines(translator, tokenizer, sources, 64, beam, length_penalty, autocast,
+                                          device)[0], dist.world_size)
     raw_model.train()
     return corpus_scores(translations, [t for _, t in pairs])
 

@@ -251,17 +251,26 @@ def test_translate_stopped_and_resumed_ends_with_the_weights_and_scores_of_an_un
         assert torch.equal(ends[1][name], tensor), name
 
 
-def test_translate_in_two_processes_ends_with_the_weights_of_one(toy, tmp_path):
+SHORT = ["--max_iters=4", "--eval_interval=4", "--test_data=", "--bleu_sentences=8"]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(toy):
+    root, _, args = toy
+    run_script("translate.py", *args, *SHORT, f"--out_dir={root / 'one'}")
+    return root / "one"
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_translate_in_two_processes_ends_with_the_weights_and_scores_of_one(parallelism, toy, one_process_run,
+                                                                            tmp_path):
     """32 pairs a step: 2 micro-steps of 16 in one process, 1 in each of two (gloo)."""
-    _, _, args = toy
-    short = [*args, "--max_iters=4", "--eval_interval=4", "--test_data=", "--bleu_sentences=8"]
-    run_script("translate.py", *short, f"--out_dir={tmp_path / 'one'}")
-    result = run_torchrun("translate.py", *short, f"--out_dir={tmp_path / 'two'}")
+    result = run_torchrun("translate.py", *toy[2], *SHORT, f"--out_dir={tmp_path}", f"--parallelism={parallelism}")
     assert "16 x 2 processes x 1 accumulation steps" in result.stdout
-    one, two = (load_checkpoint(str(tmp_path / run / "ckpt.pt"))["model"] for run in ("one", "two"))
+    one, two = (load_checkpoint(str(run / "ckpt.pt"))["model"] for run in (one_process_run, tmp_path))
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=name)
-    scores = [[r.get("val_bleu") for r in logged_after(tmp_path / run, 3)] for run in ("one", "two")]
+    scores = [[r.get("val_bleu") for r in logged_after(run, 3)] for run in (one_process_run, tmp_path)]
     assert scores[0] == scores[1]
 
 
