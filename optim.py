@@ -33,7 +33,8 @@ def make_optimizer(model, learning_rate, weight_decay, betas, device, optimizer=
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     # Muon orthogonalises an update, which only means something for a matrix that maps one hidden
     # space to another: the embeddings are lookup tables and the output layer's rows are per-token.
-    hidden = {n for n, p in named if optimizer == "muon" and p.dim() == 2 and n.startswith("blocks.")}
+    # (An encoder-decoder's encoder blocks are such matrices too.)
+    hidden = {n for n, p in named if optimizer == "muon" and p.dim() == 2 and n.startswith(("blocks.", "encoder."))}
     adamw_groups = [
         {"params": [p for n, p in named if p.dim() >= 2 and n not in hidden], "weight_decay": weight_decay},
         {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0},

@@ -245,7 +245,7 @@ def plot_runs(folders, out_path, labels=None):
         (axes[0, 2], "time", ("loss", "val_loss"), "loss"),
         (axes[1, 0], "step", ("lr",), "learning rate"),
         (axes[1, 1], "step", ("tokens_per_sec",), "tokens/s"),
-        (axes[1, 2], "step", ("mfu",), "MFU"),
+        (axes[1, 2], "step", ("mfu", "val_bleu"), "MFU, or held-out BLEU (translate.py)"),
     ]
     x_names = {"step": "step", "tokens": "tokens", "time": "wall time (s)"}
     for i, (folder, label) in enumerate(zip(folders, labels)):
@@ -320,7 +320,7 @@ def summarise(folder):
 
 def headline(result):
     """The main number of one evaluate.py task result, as (name, value)."""
-    for key in ("pass@1", "exact_match_flexible", "accuracy_norm", "exact_match", "accuracy", "bits_per_byte"):
+    for key in ("pass@1", "exact_match_flexible", "accuracy_norm", "exact_match", "accuracy", "bits_per_byte", "bleu"):
         if key in result:
             return key, result[key]
     return None, None

@@ -7,12 +7,17 @@ Generate text from a trained checkpoint, printing each sample as it is generated
     python sample.py --ckpt=hf:out/quickstart/hf        # a Hugging Face GPT-2 or Llama folder (see export.py)
     python sample.py --out_dir=out/sft_quickstart --chat=True                     # talk to a chat model
     python sample.py --out_dir=out/sft_quickstart --chat=True --prompt="Name a color." --temperature=0
+    python sample.py --out_dir=out/multi30k_de_en --translate="Ein Hund rennt über die Wiese."
+    python sample.py --out_dir=out/multi30k_de_en --translate_file=sentences.de --beam_size=4 > sentences.en
 
 Reads the checkpoint only: the model, its config and its tokenizer are all in it. With
 --chat=True the checkpoint must be a chat model (sft.py, dpo.py): each line read from stdin is
 a user turn, the answer is printed as it is generated and ends at <|end|>, and the whole
 conversation so far (in chat.py's format) is the context of the next answer. --prompt asks
-one question and stops.
+one question and stops. A translation checkpoint (translate.py) translates --translate, or each
+line of --translate_file (plain or .gz) in batches: stdout gets one translation per line, in
+order, and nothing else (an empty line stays empty; notes go to stderr). Greedy, or beam search
+with --beam_size.
 """
 
 import os
@@ -23,7 +28,9 @@ import torch
 from chat import has_chat_tokens, prompt_ids as chat_prompt_ids, stop_ids
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import configure
+from model import EncoderDecoder
 from runtime import autocast_context, pick_device, pick_dtype
+from translation import read_lines, translate_lines
 
 # -----------------------------------------------------------------------------
 out_dir = "out/default"  # reads out_dir/ckpt.pt ...
@@ -41,15 +48,22 @@ dtype = "auto"
 chat = False  # a conversation: user turns from stdin (one per line), answers until <|end|>
 prompt = ""  # with chat: answer this one message and stop
 system = ""  # with chat: a system message that opens the conversation
+# translation checkpoints (translate.py)
+translate = ""  # a sentence to translate
+translate_file = ""  # a file (plain or .gz) whose lines to translate, one translation per line on stdout
+beam_size = 1  # 1 is greedy
+length_penalty = 1.0  # beam search ranks finished translations by log-probability / length**length_penalty
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
 if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or num_samples < 1 or max_new_tokens < 0:
     raise SystemExit("config error: need temperature >= 0, 0 < top_p <= 1, top_k >= 0, num_samples >= 1, "
                      "max_new_tokens >= 0")
-if ((prompt or system) and not chat) or (chat and start):
-    raise SystemExit("config error: --prompt and --system are for --chat=True, --start for plain text; "
-                     "pick one mode")
+translating = bool(translate or translate_file)
+if ((prompt or system) and not chat) or (chat and start) or (translating and (chat or start)) or beam_size < 1:
+    raise SystemExit("config error: --prompt and --system are for --chat=True, --start for plain text, --translate "
+                     "and --translate_file for a translation model; pick one mode (and beam_size >= 1)")
+lines = (read_lines(translate_file) if translate_file else [translate]) if translating else None  # before the model
 device = pick_device(device)
 autocast = autocast_context(device, pick_dtype(device, dtype))
 torch.manual_seed(seed)
@@ -64,6 +78,10 @@ block_size = model.config.block_size
 if chat and not has_chat_tokens(tokenizer):
     raise SystemExit(f"sample error: {ckpt_path} is not a chat model (it has no chat tokens); fine-tune it with "
                      "sft.py first, or leave out --chat")
+if translating != isinstance(model, EncoderDecoder):
+    raise SystemExit(f"sample error: {ckpt_path} is " + ("a decoder-only model, which does not translate; train a "
+                     "translation model with translate.py" if translating else "a translation model; give it "
+                     "--translate=TEXT or --translate_file=FILE"))
 
 if start.startswith("FILE:"):
     prompt_path = start[len("FILE:"):]
@@ -100,7 +118,15 @@ def stream(ids, stop_tokens=()):
     return generated
 
 
-if chat:
+if translating:
+    translations, n_cut = translate_lines(model, tokenizer, lines, beam_size=beam_size, length_penalty=length_penalty,
+                                          autocast=autocast, device=device)
+    if n_cut:
+        print(f"note: {n_cut} of {len(lines)} lines were longer than the model's block_size={block_size} tokens "
+              "and were cut", file=sys.stderr)
+    for translation in translations:
+        print(translation)
+elif chat:
     messages = [{"role": "system", "content": system}] if system else []
     while True:
         if prompt:
