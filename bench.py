@@ -6,16 +6,18 @@ generate on the same weights (exported with hf.py), side by side in one run.
     python bench.py                                              # GPT-2 124M shape, GPU if there is one
     python bench.py --n_layer=4 --n_head=4 --n_embd=128 --block_size=128 --vocab_size=257 --device=cpu
     python bench.py --device=cpu --compile=False --out=bench.json   # JSON as well as the table
+    python bench.py --device=cpu --train=False --compile=False     # decoding alone, ours beside transformers
 
 The model keys are train.py's (n_layer, n_head, n_kv_head, n_embd, mlp, pos, ... and the
 vocabulary, vocab_size), as are batch_size, activation_checkpointing, device, dtype, compile and
-peak_flops (--eager=False times the compiled model alone; --decode_batch_sizes=[] skips decoding); the weights
+peak_flops (--eager=False times the compiled model alone; --decode_batch_sizes=[] skips decoding, --train=False
+training); the weights
 are random and so are the tokens: speed does not depend on them. Timings are medians over
 `repeats` after `warmup` untimed runs (compiling happens there), with the variants interleaved
 (A B A B ...) so that a change in the machine's load hits them alike. Training runs whole steps
 (forward, backward, AdamW). Decoding is greedy from a prompt of prompt_tokens random tokens:
 time to first token is a generate() of one token, the decoding rate is batch x new_tokens
-over a generate() of new_tokens, prompt included. Peak memory is CUDA's
+over a generate() of new_tokens, prompt included, and "vs hf" its ratio to transformers'. Peak memory is CUDA's
 max_memory_allocated over the timed runs; on a CPU, the process's peak resident set size so far,
 which only grows. MFU needs the GPU's peak FLOP/s (model.py's table, or --peak_flops).
 """
@@ -40,6 +42,7 @@ from runtime import autocast_context, device_name, pick_device, pick_dtype
 # GPTConfig's default: GPT-2 124M's shape (and vocabulary) in the modern style
 globals().update({f.name: f.default for f in fields(GPTConfig)})
 # training
+train = True  # False: time decoding alone (a 124M training step takes minutes on a CPU)
 batch_size = 8  # sequences per step
 activation_checkpointing = False  # recompute each block's activations in the backward pass, as train.py's key
 learning_rate = 6e-4
@@ -132,7 +135,7 @@ def train_step(net):
 
 if cuda:
     torch.cuda.reset_peak_memory_stats()
-train_times = interleaved(train_variants, train_step)
+train_times = interleaved(train_variants, train_step) if train else {}
 results = {"config": config, "device": device_name(device), "dtype": dtype, "torch": torch.__version__,
            "load_average": os.getloadavg()[0], "cpu_threads": torch.get_num_threads(),
            "train": {}, "decode": {}}
@@ -148,7 +151,8 @@ del optimizer, train_variants
 model.eval()
 
 # -----------------------------------------------------------------------------
-# decoding: ours, eager and compiled, beside transformers' generate on the same weights
+# decoding: ours, eager and compiled, beside transformers' generate on the same weights. Ours reads the
+# cache's first 64, 128, 256, ... slots (decoding.attended_length), HF's cache grows by one at each step.
 decoders = {"ours": lambda idx, n: model.generate(idx, n, temperature=0.0, compile=False)}
 if compile:
     decoders["ours_compiled"] = lambda idx, n: model.generate(idx, n, temperature=0.0, compile=True)
@@ -188,6 +192,8 @@ for batch in decode_batch_sizes:
                       "generate_ms_median": 1e3 * statistics.median(whole[name]),
                       "generate_ms_min": 1e3 * min(whole[name]),
                       "same_tokens_as_ours": torch.equal(outputs[name], outputs["ours"])}
+    for r in rows.values():  # > 1: faster than transformers
+        r["speed_vs_hf"] = r["tokens_per_s"] / rows["hf"]["tokens_per_s"] if hf else None
     results["decode"][f"batch{batch}"] = rows
 
 # -----------------------------------------------------------------------------
@@ -197,11 +203,12 @@ print(f"{'training':<24}{'tokens/s':>12}{'step ms':>10}{'MFU':>8}")
 for name, r in results["train"].items():
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
     print(f"{name:<24}{r['tokens_per_s']:>12.0f}{r['step_ms_median']:>10.1f}{mfu:>8}")
-print(f"{'decoding':<24}{'tokens/s':>12}{'1st ms':>10}{'same':>8}")
+print(f"{'decoding':<24}{'tokens/s':>12}{'1st ms':>10}{'same':>8}{'vs hf':>8}")
 for batch, rows in results["decode"].items():
     for name, r in rows.items():
+        vs_hf = f"{r['speed_vs_hf']:.2f}x" if r["speed_vs_hf"] else "n/a"
         print(f"{batch + ' ' + name:<24}{r['tokens_per_s']:>12.1f}{r['first_token_ms']:>10.1f}"
-              f"{str(r['same_tokens_as_ours']):>8}")
+              f"{str(r['same_tokens_as_ours']):>8}{vs_hf:>8}")
 if out:
     save_atomically(out, lambda f: json.dump(results, f, indent=2))  # a reader never sees half a file
     print(f"wrote {out}")

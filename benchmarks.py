@@ -337,9 +337,9 @@ def generate_texts(model, tokenizer, prompts, max_new_tokens, end_ids=(), stop_s
     temperature 0 (else sampled), ending before the first of end_ids and cut before the first of stop_strings.
 
     The one door to the model's decoding for every benchmark. Prompts go batch_size at a time, sorted by
-    length so that a batch needs little padding, and left-padded: every row's next token is at the same
-    index and the model masks the padding, so a greedy answer is the one its prompt gets alone. A prompt
-    longer than the context keeps its last block_size tokens, and the window slides as the answer grows
+    length so that a batch needs little padding, and left-padded; each row decodes in a slot of its own
+    (decoding.py), so a greedy answer is the one its prompt gets alone. A prompt longer than the context
+    keeps its last block_size tokens, and the window slides as the answer grows
     (lm-eval instead cuts a prompt to block_size - max_new_tokens tokens; the two agree whenever prompt and
     answer fit). A batch ends as soon as every row has ended."""
     was_training = model.training
@@ -348,23 +348,18 @@ def generate_texts(model, tokenizer, prompts, max_new_tokens, end_ids=(), stop_s
     block_size = model.config.block_size
     rows = [ids[-block_size:] for ids in prompts]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    # A batch whose context fills up runs its whole window for every new token: prompts that
-    # would never fill it alone get batches of their own, or they would pay that too.
-    fits = [i for i in order if len(rows[i]) + max_new_tokens <= block_size]
-    batches = [group[first : first + batch_size] for group in (fits, order[len(fits) :])
-               for first in range(0, len(group), batch_size)]
     longest_stop = max((len(stop) for stop in stop_strings), default=0)
     texts = [None] * len(rows)
-    for batch in batches:
+    for batch in (order[first : first + batch_size] for first in range(0, len(order), batch_size)):
         width = max(len(rows[i]) for i in batch)
-        pad = [width - len(rows[i]) for i in batch]  # tokens before each row, of any id: the model masks them
+        pad = [width - len(rows[i]) for i in batch]  # tokens before each row, of any id: generate_stream() drops them
         idx = torch.tensor([[tokenizer.eot_id] * n + rows[i] for n, i in zip(pad, batch)], device=device)
         new = [[] for _ in batch]
         tails = [""] * len(batch)  # the end of each row's text so far, to spot a stop string
         done = [False] * len(batch)
         with autocast:
             stream = model.generate_stream(idx, max_new_tokens, temperature, stop_tokens=list(end_ids),
-                                           pad=torch.tensor(pad, device=device) if any(pad) else None)  # one length: no mask
+                                           pad=torch.tensor(pad, device=device))
             for tokens in stream:
                 for r, token in enumerate(tokens[:, 0].tolist()):
                     if done[r]:

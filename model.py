@@ -31,11 +31,10 @@ Design notes, the why behind the choices:
   ids are not tokens: the logits, and so every softmax over them, leave them out.
 - Attention goes through F.scaled_dot_product_attention, which dispatches to
   flash or memory-efficient kernels where the hardware has them; rows packed
-  from several examples or left-padded go through FlexAttention on GPUs, whose
-  kernel skips the masked-out blocks instead of reading a dense T x T mask.
-- Generation decodes with static shapes (the whole preallocated KV cache,
-  masked; the position a tensor), so one compiled graph, on CUDA a CUDA graph,
-  serves every step.
+  from several examples go through FlexAttention on GPUs, whose kernel skips
+  the masked-out blocks instead of reading a dense T x T mask.
+- Generation (decoding.py) runs a step of one token per sequence against a
+  preallocated KV cache, each row at its own position, with a few static shapes.
 """
 
 import functools
@@ -47,6 +46,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+import decoding
 
 
 @dataclass
@@ -176,10 +177,6 @@ def apply_rope(x, cos, sin):
 # signature, written with tensor ops so that the same function also gives SDPA's dense boolean
 # mask when called on broadcasting index tensors (see dense_mask). One definition, two kernels.
 
-def causal(b, h, q, kv):
-    return kv <= q
-
-
 def document_mask(doc_ids):
     """For rows packed from several examples (doc_ids (B, T): a run of equal ids is one example),
     each token's position within its example (B, T) and the mask that lets it see only the
@@ -196,22 +193,6 @@ def document_mask(doc_ids):
         return (run[b, q] == run[b, kv]) & (kv <= q)
 
     return positions, same_example
-
-
-def padding_mask(pad, query):
-    """For left-padded rows (pad (B,): row b's real tokens start at index pad[b]) and queries at
-    indices query (T,), each query's position counted from its row's first real token (B, T) and
-    the mask that lets a real token see only the earlier real tokens of its row. With both, a
-    padded row computes exactly what its real tokens would alone."""
-    positions = (query - pad[:, None]).clamp(min=0)  # a pad token's position is never used: any will do
-
-    def real_tokens(b, h, q, kv):
-        # A pad query has no real key to see, and softmax over no keys is NaN in some attention
-        # kernels (torch 2.13's CPU ones give 0); a NaN would reach real rows in the next layer
-        # through 0 * NaN in the weighted sum over masked keys. Seeing itself keeps it finite.
-        return ((kv <= q) & (kv >= pad[b])) | (kv == q)
-
-    return positions, real_tokens
 
 
 def dense_mask(mask_mod, batch, query, keys):
@@ -240,7 +221,7 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope, cache=None, pos=0, mask=None):
+    def forward(self, x, rope, cache=None, pos=None, mask=None):
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
@@ -254,19 +235,15 @@ class Attention(nn.Module):
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            if torch.is_tensor(pos):
-                # A decoding step (see GPT.forward): write at index pos, attend to the whole cache,
-                # whose slots after pos the mask hides. The shapes never change from step to step.
-                cache["k"].index_copy_(2, pos, k)
-                cache["v"].index_copy_(2, pos, v)
-                k, v = cache["k"], cache["v"]
+            if pos is None:  # a forward from position 0 hands its keys and values to the caller
+                cache["k"], cache["v"] = k, v
             else:
-                if not cache:  # room for the whole context, in the dtype autocast gave k and v
-                    # zeros, not empty: a masked key's weight is 0, but 0 * NaN from stale memory is NaN
-                    shape = (B, self.n_kv_head, self.block_size, self.head_dim)
-                    cache["k"], cache["v"] = k.new_zeros(shape), v.new_zeros(shape)
-                cache["k"][:, :, :T] = k
-                cache["v"][:, :, :T] = v
+                # A decoding step (see GPT.forward): each row's key and value go to the buffers at
+                # its position; it attends over the buffers' first mask.size(-1) slots.
+                rows = torch.arange(B, device=x.device)
+                cache["k"][rows, :, pos] = k[:, :, 0]
+                cache["v"][rows, :, pos] = v[:, :, 0]
+                k, v = cache["k"][:, :, : mask.size(-1)], cache["v"][:, :, : mask.size(-1)]
         if isinstance(mask, BlockMask):
             y = compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
         else:  # no mask is SDPA's own causal one, which its flash kernel takes
@@ -311,7 +288,7 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, cache=None, pos=0, mask=None):
+    def forward(self, x, rope, cache=None, pos=None, mask=None):
         x = x + self.attn(self.ln_1(x), rope, cache, pos, mask)
         return x + self.mlp(self.ln_2(x))
 
@@ -382,37 +359,41 @@ class GPT(nn.Module):
         T = seq_len or c.block_size
         return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * T
 
-    def forward(self, idx, targets=None, all_logits=False, cache=None, pos=0, doc_ids=None, pad=None):
+    def forward(self, idx, targets=None, all_logits=False, cache=None, pos=None, keys=None, doc_ids=None):
         """idx (B, T) token ids. With targets (B, T): returns all logits and the mean cross-entropy,
         ignoring targets of -1. Without: the last position's logits, or every position's if
-        all_logits. Logits cover the real vocab_size ids only. cache is for generation: per layer a
-        dict of key/value buffers, filled from position 0 by a call with pos=0; a decoding step then
-        passes one token per row and pos, a (1,) tensor: the cache index it goes to (a tensor, so
-        that every step has the same shapes and one compiled graph serves them all). doc_ids (B, T)
-        is for rows packed from several examples: the example each position belongs to (see
-        document_mask). pad (B,) is for left-padded rows: how many pad tokens each row (and its
-        cache) starts with (see padding_mask)."""
+        all_logits. Logits cover the real vocab_size ids only. doc_ids (B, T) is for rows packed
+        from several examples: the example each position belongs to (see document_mask).
+        cache is for decoding (decoding.py): a list of one dict per layer. A forward from position
+        0 (pos None) leaves each layer's keys and values in its dict as "k" and "v" (B, n_kv_head,
+        T, head_dim). A decoding step passes one token per row, pos (B,) the position of each, and
+        dicts holding key and value buffers (B, n_kv_head, block_size, head_dim): a row's key and
+        value are written at its position, and it attends over the buffers' first `keys` slots
+        (all if None), those after its position masked. pos is a tensor and keys one of a few
+        lengths, so that the steps have few shapes and a compiled graph serves many of them."""
         B, T = idx.shape[:2]
-        decoding = torch.is_tensor(pos)
-        if not decoding and (pos != 0 or T > self.config.block_size):
-            raise ValueError(f"a forward from position {pos} of {T} tokens: pos is 0 (or a decoding step's index "
-                             f"tensor) and at most block_size={self.config.block_size} tokens")
-        query = pos if decoding else torch.arange(T, device=idx.device)
-        if pad is not None:
-            positions, mask_mod = padding_mask(pad, query)
+        decoding = pos is not None
+        if decoding and not (torch.is_tensor(pos) and cache is not None and T == 1):
+            raise ValueError("a decoding step is one token per row with a cache and pos, a tensor of each row's "
+                             f"position; got {T} tokens and pos={pos!r}")
+        if T > self.config.block_size:
+            raise ValueError(f"a forward of {T} tokens: at most block_size={self.config.block_size}")
+        mask = None
+        if decoding:
+            positions = pos[:, None]
+            keys = keys or self.config.block_size
+            # (B, 1, 1, keys): a row sees the slots up to its position. Those after it may hold the keys of
+            # an earlier, longer sequence, or zeros; either way they must not count.
+            mask = (torch.arange(keys, device=idx.device) <= positions)[:, None, None, :]
         elif doc_ids is not None:
             positions, mask_mod = document_mask(doc_ids)
-        elif decoding:
-            positions, mask_mod = pos[None], causal
-        else:
-            positions, mask_mod = slice(0, T), None  # a slice: views of the tables, no index tensor per call
-        mask = None
-        if mask_mod is not None:
             flex = self.flex_attention if self.flex_attention is not None else idx.is_cuda
-            if flex and not decoding and not (self.training and self.config.dropout):  # flex has no dropout
+            if flex and not (self.training and self.config.dropout):  # flex has no dropout
                 mask = create_block_mask(mask_mod, B, None, T, T, device=idx.device)
-            else:  # a decoding step attends to the whole cache: keys are its block_size slots
-                mask = dense_mask(mask_mod, B, query, self.config.block_size if decoding else T)
+            else:
+                mask = dense_mask(mask_mod, B, torch.arange(T, device=idx.device), T)
+        else:
+            positions = slice(0, T)  # a slice: views of the tables, no index tensor per call
         rope = None
         if self.config.pos == "rope":
             rope = (self.rope_cos[positions], self.rope_sin[positions])
@@ -432,7 +413,7 @@ class GPT(nn.Module):
                 continue
             if self.activation_checkpointing and self.training:
                 # Keep only the block's input; recompute its insides during the backward pass.
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, None, 0, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, None, None, mask, use_reentrant=False)
             else:
                 x = block(x, rope, None if cache is None else cache[i], pos, mask)
         if self.lm_head is None:
@@ -454,99 +435,8 @@ class GPT(nn.Module):
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
 
-    def sample_next_token(self, logits, temperature, top_k, top_p):
-        """Pick one token per row from last-position logits (B, V)."""
-        logits = logits.to(torch.float32, copy=True)  # a copy: the caller's tensor stays as it was
-        logits[:, self.config.vocab_size :] = -float("inf")  # padding ids are never sampled
-        if temperature == 0:
-            return logits.argmax(dim=-1, keepdim=True)
-        logits = logits / temperature
-        # masked_fill, not logits[mask] = ...: boolean indexing waits for the device to count the mask
-        if top_k is not None:
-            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, -float("inf"))
-        if top_p is not None and top_p < 1.0:
-            # Keep the smallest set of most likely tokens whose probability reaches top_p.
-            sorted_logits, order = torch.sort(logits, descending=True)
-            cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-            drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p
-            sorted_logits = sorted_logits.masked_fill(drop, -float("inf"))
-            logits = torch.full_like(logits, -float("inf")).scatter(1, order, sorted_logits)
-        return torch.multinomial(logits.softmax(dim=-1), num_samples=1)
-
-    @torch.no_grad()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=None,
-                        use_cache=True, pad=None, compile=None, check_every=1):
-        """Yield (B, 1) next tokens one at a time; see generate(). Whether every row has stopped is
-        checked (a wait for the device) every check_every tokens: up to check_every - 1 tokens past
-        that point, each row repeating its stop token, may come out."""
-        block_size = self.config.block_size
-        stop = torch.tensor(sorted(stop_tokens or []), dtype=torch.long, device=idx.device)
-        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        cache = [{} for _ in self.blocks] if use_cache else None  # per layer: key and value buffers
-        cuda_graphs = idx.is_cuda and (compile or compile is None)
-        step = functools.partial(compiled_forward(cuda_graphs), self) if compile or cuda_graphs else self
-        cached = 0  # how many positions the cache holds
-        window_pad = pad  # the pad tokens at the start of the last window run, which the cache holds
-        for i in range(max_new_tokens):
-            if use_cache and 0 < cached < block_size:
-                # The cache holds every position but the newest token: run just that one.
-                if cuda_graphs:
-                    torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are used up
-                logits, _ = step(next_token, cache=cache, pos=pos, pad=window_pad)  # not idx[:, -1:]: its strides grow
-                pos += 1
-                cached += 1
-            else:
-                # First step, or the context is full: run the last block_size tokens from position 0.
-                # Once the context is full this happens every step, exactly as without a cache.
-                window = idx[:, -block_size:]
-                if pad is not None:
-                    # The tokens that slid out of the window are a row's pad tokens first.
-                    window_pad = (pad - (idx.size(1) - window.size(1))).clamp(min=0)
-                logits, _ = self(window, cache=cache, pad=window_pad)
-                cached = window.size(1)
-                pos = torch.tensor([cached], device=idx.device)  # moved on by the steps on the device
-                if cuda_graphs and use_cache:  # CUDA graphs replay writes into the cache where it is now
-                    for layer in cache:
-                        for buffer in layer.values():
-                            torch._dynamo.mark_static_address(buffer)
-            next_token = self.sample_next_token(logits[:, -1, :], temperature, top_k, top_p)
-            if len(stop):
-                # A finished row keeps repeating its stop token until every row is done.
-                next_token = torch.where(finished[:, None], idx[:, -1:], next_token)
-                finished |= torch.isin(next_token[:, 0], stop)
-            idx = torch.cat((idx, next_token), dim=1)
-            yield next_token
-            if len(stop) and (i + 1) % check_every == 0 and bool(finished.all()):
-                return
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=None,
-                 use_cache=True, pad=None, compile=None):
-        """Continue idx (B, T) by up to max_new_tokens tokens and return (B, T + new).
-
-        temperature 0 is greedy; top_k keeps the k most likely tokens; top_p keeps the smallest
-        set whose probability reaches p. Generation stops early once every row has produced one
-        of stop_tokens. With the KV cache each new token costs one position's compute; the
-        output is the same as recomputing the whole context every step (use_cache=False).
-        Prompts of different lengths go in one batch left-padded: pad (B,) says how many tokens
-        of any id each row starts with, and every row continues as it would alone.
-        compile: compile the decoding step (None: on CUDA, where it replays as a CUDA graph;
-        on a CPU the compiled step is ~1.5x faster (bench.py), but compiling takes longer than it
-        saves over a few hundred tokens)."""
-        new = torch.cat([idx[:, :0], *self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
-                                                           stop_tokens, use_cache, pad, compile, check_every=16)], dim=1)
-        if stop_tokens:  # cut what came after the step where the last row stopped
-            stopped = torch.isin(new, torch.tensor(sorted(stop_tokens), device=new.device))
-            if stopped.any(dim=1).all():
-                new = new[:, : stopped.int().argmax(dim=1).max() + 1]  # argmax: a row's first stop token
-        return torch.cat((idx, new), dim=1)
-
-
-@functools.cache
-def compiled_forward(cuda_graphs):
-    """GPT.forward compiled for decoding steps, whose shapes stay the same from step to step."""
-    return torch.compile(GPT.forward, mode="reduce-overhead" if cuda_graphs else None, fullgraph=True, dynamic=False)
+    # Generation lives in decoding.py; model.generate(...) as in nanoGPT.
+    generate, generate_stream = decoding.generate, decoding.generate_stream
 
 
 # Peak dense bf16 tensor FLOP/s per GPU (vendor data sheets, no sparsity), for MFU.

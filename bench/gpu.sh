@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The README's GPU measurements (issue 18) in one device run of about 6-8 minutes on one H100/H200:
-#   1. the CUDA-only tests of tests/test_model.py (the compiled decoding step, FlexAttention on CUDA)
+#   1. the CUDA-only tests of tests/test_model.py and tests/test_decoding.py (FlexAttention, the compiled
+#      decoding step as CUDA graphs)
 #   2. training throughput at GPT-2 124M's shape (12x768, 12 heads, context 1024, vocabulary 50304), bf16,
 #      compiled, with bench.py: the 'gpt2' architecture and the default modern one at each micro-batch of
 #      BATCHES: tokens/s, MFU, peak memory
 #   3. plan.py's predicted peak memory beside the measured one, and one run with activation checkpointing
-#   4. decoding at batch 1 and 8 (gpt2 architecture): our compiled static cache beside HF generate
+#   4. decoding at batch 1 and 8 (gpt2 architecture): our compiled bucketed cache beside HF generate
 #   5. one training step each of DDP (1 process, NCCL), FSDP2 and FSDP2 + CPU offload, on a byte-level
 #      dataset that prepare.py makes from the Python standard library's source (no network needed)
 # and prints a table last. PART=recipe runs bench/recipe.py at 124M scale instead (~2 min per recipe).
@@ -106,7 +107,7 @@ if [ "$PART" = recipe ]; then
     cp "$WORK/recipe/recipe.png" "$OUT/" 2>/dev/null || true
 else
     if [ "$SMOKE" != 1 ]; then
-        step cuda_tests 240 $PY -m pytest -q tests/test_model.py -k cuda  # the compiled decoding step, FlexAttention
+        step cuda_tests 240 $PY -m pytest -q tests/test_model.py tests/test_decoding.py -k cuda  # FlexAttention, CUDA graphs
     fi
     throughput() {  # throughput ARCH BATCH [bench.py keys...]: compiled training speed, and plan.py's memory beside it
         local arch=$1 batch=$2 keys=$GPT2

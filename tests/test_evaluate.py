@@ -38,10 +38,10 @@ def tiny_gpt(pos="rope", block_size=32, seed=0):
 
 class Bigram(nn.Module):
     """A rigged model: the logits of the next token depend only on the current one, through a table we set.
-    It borrows GPT's generation, which needs nothing but forward and sample_next_token."""
+    It borrows GPT's generation, which needs nothing but forward (and no layers to cache)."""
 
     blocks = ()
-    generate, generate_stream, sample_next_token = GPT.generate, GPT.generate_stream, GPT.sample_next_token
+    generate, generate_stream = GPT.generate, GPT.generate_stream
 
     def __init__(self, vocab_size=257, block_size=64):
         super().__init__()
@@ -53,8 +53,8 @@ class Bigram(nn.Module):
         for a, b in zip(text, text[1:]):
             self.table.data[ord(a), ord(b)] = logit
 
-    def forward(self, idx, targets=None, all_logits=False, cache=None, pos=0, pad=None):
-        assert idx.size(1) <= self.config.block_size  # positions and padding do not matter to a bigram
+    def forward(self, idx, targets=None, all_logits=False, cache=None, pos=None, keys=None):
+        assert idx.size(1) <= self.config.block_size  # positions do not matter to a bigram
         logits = self.table[idx]
         return (logits if all_logits else logits[:, -1:]), None
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (GPT, PEAK_BF16_FLOPS, PRESETS, GPTConfig, apply_rope, dense_mask, document_mask, padding_mask,
-                   peak_flops, rope_tables)
+from decoding import sample_next_token
+from model import GPT, PEAK_BF16_FLOPS, PRESETS, GPTConfig, apply_rope, dense_mask, document_mask, peak_flops, rope_tables
 
 # The two families model.py covers, as small as they go; tests override what they need.
 STYLES = {
@@ -194,85 +194,19 @@ def test_rope_attention_score_depends_only_on_relative_position():
 # ---------------------------------------------------------------------------------------------
 # KV cache
 
-@pytest.mark.parametrize("style,n_kv_head", [("modern", 4), ("modern", 2), ("modern", 1), ("gpt2", 4)],
-                         ids=["modern-mha", "modern-gqa", "modern-mqa", "gpt2-learned-pos"])
-def test_cached_greedy_generation_equals_uncached_also_past_block_size(style, n_kv_head):
-    model = tiny_model(style, n_kv_head=n_kv_head)
-    prompt = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(5))
+def greedy_reference(model, prompts, new):
+    """Greedy decoding written out without a cache: every step runs each prompt's last block_size
+    tokens from position 0, alone. The new tokens of each prompt."""
     block_size = model.config.block_size
-    new = 2 * block_size  # the context fills up and then slides
-    cached = model.generate(prompt, new, temperature=0.0, use_cache=True)
-    uncached = model.generate(prompt, new, temperature=0.0, use_cache=False)
-    assert cached.shape == (3, 5 + new)
-    assert len(set(uncached[:, 5:].flatten().tolist())) > 5  # greedy output varies, so the match means something
-    assert torch.equal(cached, uncached)
-
-
-@pytest.mark.parametrize("style", STYLES)
-def test_decoding_one_token_at_a_time_with_the_cache_gives_the_full_forward_logits(style):
-    model = tiny_model(style, n_kv_head=2)
-    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(6))
+    out = []
     with torch.no_grad():
-        full, _ = model(idx, all_logits=True)
-        cache = [{} for _ in model.blocks]
-        steps = [model(idx[:, :4], all_logits=True, cache=cache)[0]]
-        steps += [model(idx[:, t : t + 1], cache=cache, pos=torch.tensor([t]))[0] for t in range(4, 16)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+        for ids in prompts:
+            for _ in range(new):
+                logits, _ = model(ids[None, -block_size:])
+                ids = torch.cat((ids, logits[0, -1].argmax(-1, keepdim=True)))
+            out.append(ids[-new:])
+    return out
 
-
-@pytest.mark.parametrize("style", STYLES)
-def test_a_decoding_step_does_not_see_the_cache_slots_after_its_position(style):
-    # A decoding step attends to the whole cache (static shapes); slots it has not written yet
-    # may hold keys of an earlier, longer sequence, which the mask must hide.
-    model = tiny_model(style)
-    idx = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        full, _ = model(idx, all_logits=True)
-        cache = [{} for _ in model.blocks]
-        model(idx[:, :5], cache=cache)
-        for layer in cache:
-            for buffer in layer.values():
-                buffer[:, :, 5:] = 10 * torch.randn_like(buffer[:, :, 5:])
-        steps = [model(idx[:, t : t + 1], cache=cache, pos=torch.tensor([t]))[0] for t in range(5, 8)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 5:], rtol=1e-5, atol=1e-5)
-
-
-def test_a_forward_from_a_position_other_than_0_without_a_decoding_index_is_refused():
-    model = tiny_model("modern")
-    with pytest.raises(ValueError, match="pos is 0"):
-        model(torch.zeros(1, 3, dtype=torch.long), cache=[{} for _ in model.blocks], pos=4)
-
-
-def greedy_reference(model, idx, new, pad=None):
-    """Greedy decoding as generate() did before static shapes, written out: every step runs the
-    last block_size tokens from position 0, without a cache; the tokens that slid out of the
-    window are a row's pad tokens first."""
-    block_size, vocab_size = model.config.block_size, model.config.vocab_size
-    with torch.no_grad():
-        for _ in range(new):
-            window = idx[:, -block_size:]
-            window_pad = None if pad is None else (pad - (idx.size(1) - window.size(1))).clamp(min=0)
-            logits, _ = model(window, pad=window_pad)
-            idx = torch.cat((idx, logits[:, -1, :vocab_size].argmax(-1, keepdim=True)), dim=1)
-    return idx
-
-
-@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
-@pytest.mark.parametrize("style,n_kv_head", [("modern", 2), ("gpt2", 4)], ids=["modern-gqa", "gpt2"])
-def test_static_shape_greedy_decoding_is_token_identical_to_recomputing_past_block_size(style, n_kv_head, padded):
-    model = tiny_model(style, n_kv_head=n_kv_head)
-    if padded:
-        idx, pad = left_padded(random_prompts([2, 9, 5, 1]))
-    else:
-        idx, pad = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(5)), None
-    new = 2 * model.config.block_size  # the context fills up and then slides
-    out = model.generate(idx, new, temperature=0.0, pad=pad)
-    assert len(set(out[:, idx.size(1):].flatten().tolist())) > 5  # greedy output varies, so the match means something
-    assert torch.equal(out, greedy_reference(model, idx, new, pad))
-
-
-# ---------------------------------------------------------------------------------------------
-# Left padding: prompts of different lengths in one batch
 
 def left_padded(prompts, seed=9):
     """The prompts right-aligned in one (B, T) batch behind pad tokens of random ids (the ids must
@@ -289,30 +223,58 @@ def random_prompts(lengths, seed=10):
     return [torch.randint(0, 64, (n,), generator=g) for n in lengths]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_the_compiled_decoding_step_gives_the_eager_tokens(device):
-    # The one test that compiles the decoding step (on CUDA it replays as a CUDA graph): its
-    # shapes must not change from step to step, or the recompile limit stops it (fullgraph).
-    model = tiny_model("modern", n_kv_head=2).to(device)
-    idx, pad = left_padded(random_prompts([2, 5, 4]))
-    idx, pad = idx.to(device), pad.to(device)
-    eager = model.generate(idx, 12, temperature=0.0, pad=pad, compile=False)
-    for _ in range(2):  # a second call brings a new cache: CUDA graphs record again, nothing recompiles
-        assert torch.equal(model.generate(idx, 12, temperature=0.0, pad=pad, compile=True), eager)
+@pytest.mark.parametrize("prompts", [[5, 5, 5], [2, 9, 5, 1]], ids=["same-length", "left-padded"])
+@pytest.mark.parametrize("style,n_kv_head", [("modern", 4), ("modern", 2), ("modern", 1), ("gpt2", 4)],
+                         ids=["modern-mha", "modern-gqa", "modern-mqa", "gpt2-learned-pos"])
+def test_cached_greedy_generation_equals_recomputing_each_prompt_alone_also_past_block_size(style, n_kv_head,
+                                                                                          prompts):
+    # 1 to 9 tokens and a 16-token context: the context fills up and then slides, and for a while a short
+    # prompt's window still holds some, not all, of its row's pad tokens.
+    model = tiny_model(style, n_kv_head=n_kv_head)
+    prompts = random_prompts(prompts)
+    idx, pad = left_padded(prompts)
+    new = 2 * model.config.block_size
+    out = model.generate(idx, new, temperature=0.0, pad=pad)
+    assert out.shape == (len(prompts), idx.size(1) + new) and torch.equal(out[:, : idx.size(1)], idx)
+    expected = greedy_reference(model, prompts, new)
+    assert len({tuple(e.tolist()) for e in expected}) == len(prompts)  # rows differ, so the match means something
+    assert len(set(torch.cat(expected).tolist())) > 5  # greedy output varies by position too
+    for r in range(len(prompts)):
+        assert torch.equal(out[r, idx.size(1) :], expected[r]), r
 
 
-@pytest.mark.parametrize("query,keys", [(torch.arange(6), 6), (torch.tensor([6]), 16)], ids=["prefill", "decode"])
-def test_a_real_query_sees_its_rows_real_keys_up_to_itself_and_a_pad_query_only_itself(query, keys):
-    pad = torch.tensor([0, 2, 5, 7])
-    positions, mask_mod = padding_mask(pad, query)
-    mask = dense_mask(mask_mod, 4, query, keys)
-    assert mask.shape == (4, 1, len(query), keys)
-    for b in range(4):
-        for i, q in enumerate(query.tolist()):  # q: the query's index in the row
-            assert positions[b, i] == max(q - pad[b], 0)
-            # A pad query (q < pad[b]) seeing no key would give NaN in some attention kernels.
-            expected = [pad[b] <= k <= q if q >= pad[b] else k == q for k in range(keys)]
-            assert mask[b, 0, i].tolist() == expected, (b, i)
+@pytest.mark.parametrize("style", STYLES)
+def test_decoding_steps_at_a_position_per_row_give_the_full_forward_logits_and_ignore_later_cache_slots(style):
+    # Rows at different positions in one step, attending over the shortest cache prefix that holds them;
+    # the slots after a row's position hold large noise (an earlier, longer sequence's keys), which the
+    # mask must hide.
+    model = tiny_model(style, n_kv_head=2)
+    block_size = model.config.block_size
+    idx = torch.randint(0, 64, (2, block_size), generator=torch.Generator().manual_seed(6))
+    starts = [4, 7]
+    with torch.no_grad():
+        full, _ = model(idx, all_logits=True)
+        cache = [{name: 10 * torch.randn(2, 2, block_size, model.config.head_dim) for name in ("k", "v")}
+                 for _ in model.blocks]
+        for row, start in enumerate(starts):
+            layers = [{} for _ in model.blocks]
+            prefix, _ = model(idx[row : row + 1, :start], all_logits=True, cache=layers)
+            torch.testing.assert_close(prefix[0], full[row, :start], rtol=1e-5, atol=1e-5)
+            for layer, new in zip(cache, layers):
+                for name in ("k", "v"):
+                    layer[name][row, :, :start] = new[name][0]
+        for step in range(block_size - max(starts)):
+            pos = torch.tensor(starts) + step
+            logits, _ = model(idx[torch.arange(2), pos][:, None], cache=cache, pos=pos, keys=int(pos.max()) + 1)
+            torch.testing.assert_close(logits[:, 0], full[torch.arange(2), pos], rtol=1e-5, atol=1e-5)
+
+
+def test_a_decoding_step_without_a_position_tensor_or_of_more_than_one_token_is_refused():
+    model = tiny_model("modern")
+    cache = [{} for _ in model.blocks]
+    for tokens, pos in [(1, 4), (3, torch.tensor([4]))]:
+        with pytest.raises(ValueError, match="a decoding step is one token per row"):
+            model(torch.zeros(1, tokens, dtype=torch.long), cache=cache, pos=pos)
 
 
 def test_a_packed_token_sees_the_earlier_tokens_of_its_own_example_only():
@@ -326,47 +288,14 @@ def test_a_packed_token_sees_the_earlier_tokens_of_its_own_example_only():
             assert mask[b, 0, q].tolist() == [starts[b][q] <= k <= q for k in range(8)], (b, q)
 
 
-@pytest.mark.parametrize("style", STYLES)
-def test_a_left_padded_batch_gives_each_prompt_its_own_logits(style):
-    model = tiny_model(style, n_kv_head=2)
-    prompts = random_prompts([3, 9, 1, 6])
-    idx, pad = left_padded(prompts)
-    with torch.no_grad():
-        batched, _ = model(idx, all_logits=True, pad=pad)
-        for r, prompt in enumerate(prompts):
-            alone, _ = model(prompt[None], all_logits=True)
-            torch.testing.assert_close(batched[r, pad[r] :], alone[0], rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
-@pytest.mark.parametrize("new", [6, 40], ids=["within-context", "past-block_size"])
-@pytest.mark.parametrize("style", STYLES)
-def test_left_padded_greedy_generation_equals_each_prompt_alone(style, new, use_cache):
-    # Prompts of 1 to 9 tokens and a 16-token context: 6 new tokens stay within it; with 40 the
-    # window slides, and for a while it still holds some, not all, of a short prompt's pad tokens.
-    model = tiny_model(style, n_kv_head=2)
-    prompts = random_prompts([2, 9, 5, 1])
-    idx, pad = left_padded(prompts)
-    out = model.generate(idx, new, temperature=0.0, use_cache=use_cache, pad=pad)
-    alone = [model.generate(p[None], new, temperature=0.0, use_cache=use_cache)[0, len(p) :] for p in prompts]
-    assert len({tuple(a.tolist()) for a in alone}) == len(prompts)  # rows differ, so the match means something
-    assert torch.equal(out[:, : idx.size(1)], idx)
-    for r in range(len(prompts)):
-        assert torch.equal(out[r, idx.size(1) :], alone[r]), r
-
-
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("rows", ["packed", "left-padded"])
-def test_flex_attention_gives_the_dense_mask_outputs_and_gradients(rows, device):
+def test_flex_attention_gives_the_dense_mask_outputs_and_gradients(device):
     # The same mask function, materialised as a BlockMask for the compiled flex kernel or as a dense
     # boolean mask for SDPA. Two blocks of 128 positions, so that whole blocks are skipped.
     model = tiny_model("modern", n_kv_head=2, block_size=256, n_layer=1).to(device)
     g = torch.Generator().manual_seed(15)
     idx = torch.randint(0, 64, (2, 256), generator=g).to(device)
-    if rows == "packed":
-        kwargs = dict(doc_ids=torch.tensor([[0] * 100 + [1] * 150 + [2] * 6, [0] * 20 + [1] * 236]).to(device))
-    else:
-        kwargs = dict(pad=torch.tensor([0, 140]).to(device))
+    kwargs = dict(doc_ids=torch.tensor([[0] * 100 + [1] * 150 + [2] * 6, [0] * 20 + [1] * 236]).to(device))
     results = {}
     for flex in (False, True):
         model.flex_attention = flex
@@ -460,11 +389,10 @@ def test_padded_vocabulary_ids_are_never_sampled(temperature, top_k, top_p):
 
 
 def test_top_k_of_one_is_greedy():
-    model = tiny_model("modern", vocab_size=100)
-    logits = 3.0 * torch.randn(256, 128, generator=torch.Generator().manual_seed(10))
+    logits = 3.0 * torch.randn(256, 100, generator=torch.Generator().manual_seed(10))
     torch.manual_seed(11)
-    sampled = model.sample_next_token(logits.clone(), temperature=1.0, top_k=1, top_p=None)
-    assert torch.equal(sampled[:, 0], logits[:, :100].argmax(-1))
+    sampled = sample_next_token(logits.clone(), temperature=1.0, top_k=1, top_p=None)
+    assert torch.equal(sampled[:, 0], logits.argmax(-1))
 
 
 # Hand-made distribution over 4 real ids, deliberately not sorted: probability 0.1, 0.5, 0.15, 0.25.
@@ -473,11 +401,9 @@ PROBS = [0.1, 0.5, 0.15, 0.25]
 
 def sample_counts(top_k, top_p, temperature=1.0, draws=4000):
     """How often each of the 4 ids of PROBS is drawn."""
-    model = tiny_model("modern", vocab_size=4, sharpen=False)
-    logits = torch.zeros(draws, model.config.padded_vocab_size)
-    logits[:, :4] = torch.tensor(PROBS).log()
+    logits = torch.tensor(PROBS).log().expand(draws, 4)
     torch.manual_seed(12)
-    return torch.bincount(model.sample_next_token(logits, temperature, top_k, top_p)[:, 0], minlength=4)
+    return torch.bincount(sample_next_token(logits, temperature, top_k, top_p)[:, 0], minlength=4)
 
 
 def assert_drawn_from(counts, kept, probs=PROBS):
