@@ -108,7 +108,8 @@ device = pick_device(device)
 autocast = autocast_context(device, pick_dtype(device, dtype))
 ckpt_path = ckpt or os.path.join(out_dir, "ckpt.pt")
 model, tokenizer = model_for_generation(ckpt_path, device, "serve")
-model_name = model_name or os.path.basename(os.path.dirname(os.path.abspath(ckpt_path.removeprefix("hf:"))))
+model_name = model_name or os.path.basename(os.path.abspath(ckpt_path[3:] if ckpt_path.startswith("hf:") else
+                                                            os.path.dirname(ckpt_path)))
 chat_model = has_chat_tokens(tokenizer)
 block_size = model.config.block_size
 created = int(time.time())
@@ -445,7 +446,7 @@ async def answer(request, req, job, kind):
         if text is not None:
             delta["content"] = text
         choice = {"index": i, "delta": delta} if chat else {"index": i, "text": text or ""}
-        return f"data: {json.dumps({**head, 'choices': [{**choice, 'logprobs': None, 'finish_reason': finish_reason}]})}\n\n"
+        return sse({**head, "choices": [{**choice, "logprobs": None, "finish_reason": finish_reason}]})
 
     async def stream():
         try:
@@ -458,7 +459,7 @@ async def answer(request, req, job, kind):
                 ended += event == "end"
                 yield chunk(i, value) if event == "text" else chunk(i, finish_reason=value)
             if req.stream_options and req.stream_options.include_usage:
-                yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage()})}\n\n"
+                yield sse({**head, "choices": [], "usage": usage()})
         except APIError as e:  # the status line has gone: the error is the last event
             yield f"data: {e.response().body.decode()}\n\n"
         finally:
@@ -467,6 +468,11 @@ async def answer(request, req, job, kind):
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def sse(data):
+    """One server-sent event holding data as compact JSON."""
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
 async def disconnected(request):

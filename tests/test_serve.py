@@ -27,7 +27,7 @@ openai = pytest.importorskip("openai", reason="the serve tests use the openai cl
 pytest.importorskip("fastapi", reason="serve.py needs fastapi and uvicorn: pip install fastapi uvicorn")
 pytest.importorskip("uvicorn", reason="serve.py needs fastapi and uvicorn: pip install fastapi uvicorn")
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's
 
 
 class Server:
@@ -385,6 +385,8 @@ def test_the_page_streams_an_answer_stops_it_and_keeps_the_conversation(long_ser
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=flags)
         try:
             page = browser.new_page(viewport={"width": 390, "height": 760})  # a phone
+            fetched = []
+            page.on("request", lambda request: fetched.append(request.url))
             page.goto(long_server.url + "/")
             page.wait_for_selector(".dot.ok")
             assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing wider than the screen
@@ -392,6 +394,12 @@ def test_the_page_streams_an_answer_stops_it_and_keeps_the_conversation(long_ser
             page.locator("#temperature").evaluate("(slider) => { slider.value = 0; slider.dispatchEvent(new Event('input')); }")
             page.fill("#system", "Be brief.")
             assert page.inner_text("#temperature-value") == "0.00"
+            # A slow connection (3 kB/s, some 15 tokens a second), so that the answer is still arriving
+            # when Stop is pressed, however fast the server writes it.
+            cdp = page.context.new_cdp_session(page)
+            cdp.send("Network.enable")
+            cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": 3000,
+                                                          "uploadThroughput": -1})
             page.fill("#input", "Tell me a long story.")
             page.press("#input", "Enter")
             page.wait_for_selector(".msg.assistant.streaming")
@@ -414,5 +422,6 @@ def test_the_page_streams_an_answer_stops_it_and_keeps_the_conversation(long_ser
             assert page.inner_text(".msg.assistant .bubble") == answer
             page.click("#new-chat")
             assert page.locator(".msg").count() == 0
+            assert fetched and all(url.startswith(long_server.url + "/") for url in fetched)  # nothing from elsewhere
         finally:
             browser.close()
