@@ -54,7 +54,7 @@ import torch
 import torch.distributed
 
 from hf import read_folder
-from lora import checkpoint_weights, model_with_adapters
+from lora import checkpoint_weights, merge_lora, model_with_adapters
 from model import GPT, EncoderDecoder, EncoderDecoderConfig, GPTConfig
 from tokenizer import Tokenizer
 
@@ -143,6 +143,18 @@ def model_class_of(checkpoint):
     if isinstance(checkpoint["model_config"], dict) and "n_encoder_layer" in checkpoint["model_config"]:
         return EncoderDecoder, EncoderDecoderConfig
     return GPT, GPTConfig
+
+
+def model_for_generation(path, device, script):
+    """The model and tokenizer of checkpoint `path` (see load_checkpoint) ready to generate, for
+    sample.py and serve.py: LoRA adapters folded into the weights (one matmul per layer instead of
+    three, the same function up to rounding), in eval mode, on device. Weights that are not all
+    finite (a diverged run) stop with one line naming `script`."""
+    model, tokenizer = model_from_checkpoint(load_checkpoint(path), path)
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise SystemExit(f"{script} error: {path} has NaN or infinite weights (its run diverged); use an earlier "
+                         "checkpoint of the run (ckpt-*.pt) or train again with a lower learning_rate")
+    return merge_lora(model).eval().to(device), tokenizer
 
 
 def gather_training_state(model, optimizer, keep=True):

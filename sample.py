@@ -26,7 +26,7 @@ import sys
 import torch
 
 from chat import has_chat_tokens, prompt_ids as chat_prompt_ids, stop_ids
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import model_for_generation
 from configurator import configure
 from model import EncoderDecoder
 from runtime import autocast_context, pick_device, pick_dtype
@@ -69,11 +69,7 @@ autocast = autocast_context(device, pick_dtype(device, dtype))
 torch.manual_seed(seed)
 
 ckpt_path = ckpt or os.path.join(out_dir, "ckpt.pt")
-model, tokenizer = model_from_checkpoint(load_checkpoint(ckpt_path), ckpt_path)
-if not all(torch.isfinite(p).all() for p in model.parameters()):
-    raise SystemExit(f"sample error: {ckpt_path} has NaN or infinite weights (its run diverged); sample an earlier "
-                     "checkpoint of the run (ckpt-*.pt) or train again with a lower learning_rate")
-model.eval().to(device)
+model, tokenizer = model_for_generation(ckpt_path, device, "sample")
 block_size = model.config.block_size
 if chat and not has_chat_tokens(tokenizer):
     raise SystemExit(f"sample error: {ckpt_path} is not a chat model (it has no chat tokens); fine-tune it with "
