@@ -5,7 +5,7 @@
 # stage's report card into one page, and ask it to write a held-out function. Each line below is an
 # ordinary stage command with its config: any of them can be rerun alone.
 #
-#   pip install -r requirements.txt && bash run.sh       # a 2-core CPU, about 7 minutes (docs/post-training.md)
+#   pip install -r requirements.txt && bash run.sh       # a 2-core CPU; its cost, stage by stage: docs/post-training.md
 #   SCALE=gpt2 bash run.sh      # the same chain at GPT-2-small scale on site-packages' code, one GPU
 #   TINY=1 bash run.sh          # every step at toy size, in seconds, into out/tiny/ (tests/test_chain.py)
 #   DATA=/tmp/data OUT=/tmp/chain bash run.sh    # elsewhere than data/ and out/chain/
