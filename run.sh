@@ -5,7 +5,7 @@
 # stage's report card into one page, and ask it to write a held-out function. Each line below is an
 # ordinary stage command with its config: any of them can be rerun alone.
 #
-#   pip install -r requirements.txt && bash run.sh       # a 2-core CPU, about 7 minutes (docs/post-training.md)
+#   pip install -r requirements.txt && bash run.sh       # a 2-core CPU; its cost, stage by stage: docs/post-training.md
 #   SCALE=gpt2 bash run.sh      # the same chain at GPT-2-small scale on site-packages' code, one GPU
 #   TINY=1 bash run.sh          # every step at toy size, in seconds, into out/tiny/ (tests/test_chain.py)
 #   DATA=/tmp/data OUT=/tmp/chain bash run.sh    # elsewhere than data/ and out/chain/
@@ -38,8 +38,8 @@ if [[ $tiny == 1 ]]; then
   tiny_train="--n_layer=2 --n_head=2 --n_embd=32 --batch_size=4 --total_batch_tokens=1024 --max_iters=4
               --eval_interval=4 --eval_iters=1 --log_interval=1 --warmup_iters=1 --compile=False --device=cpu"
   tiny_post="--max_iters=2 --eval_interval=2 --log_interval=1 --warmup_iters=1 --batch_size=2 --total_batch_size=2
-             --compile=False --device=cpu"
-  tiny_eval="--limit=4 --device=cpu"; tiny_sample="--device=cpu"; answer_tokens=16
+             --val_fraction=0.01 --compile=False --device=cpu"
+  tiny_eval="--limit=4 --max_new_tokens=16 --device=cpu"; tiny_sample="--device=cpu"; answer_tokens=16
 fi
 chat=$DATA/${dataset}_chat
 
