@@ -4,6 +4,7 @@ failure, and the programs after them still run. A few seconds in all (the timeou
 import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -92,7 +93,7 @@ def test_without_namespaces_the_limits_alone_still_contain_what_they_bound(monke
     # limits, the timeout and the pass token stop does not depend on namespaces.
     monkeypatch.setitem(sandbox._modes, "best", "none")
     bounded = {
-        "infinite loop": ("while True:\n    pass", "timed out or killed by signal 24"),  # the CPU limit may win
+        "infinite loop": ("while True:\n    pass", "timed out or killed by signal 24"),  # or the CPU limit first
         "fork bomb": ("import os\nwhile True:\n    os.fork()", "exit status 1"),
         "thread": ("import threading\nthreading.Thread(target=print).start()", "exit status 1"),
         "allocate 50 GB": ("x = bytearray(50 * 2**30)", "exit status 1"),
@@ -102,13 +103,18 @@ def test_without_namespaces_the_limits_alone_still_contain_what_they_bound(monke
         "print 1 GB": ("import sys\nfor _ in range(1024):\n    sys.stdout.write('x' * 2**20)", "output limit"),
         "escape its session and sleep": ("import os, time\nos.setsid()\ntime.sleep(30)", "timed out"),
     }
-    results = run_programs([source for source, _ in bounded.values()], workers=4, **FAST)
+    # A longer timeout than FAST's: each program must be stopped by its own limit, not by a loaded machine's clock.
+    results = run_programs([source for source, _ in bounded.values()], workers=4, timeout=4.0, memory_mb=512)
     for (name, (_, expected)), result in zip(bounded.items(), results):
         assert result.status in expected.split(" or "), (name, result)
     assert "File too large" in results[list(bounded).index("write a 10 GB file")].output  # the file-size limit
     assert "MemoryError" in results[list(bounded).index("allocate 50 GB")].output
-    assert not any(r.passed for r in results) and all(r.seconds < 3 for r in results)
-    assert not _sandbox_processes(), "a sandboxed process outlived its run"
+    assert not any(r.passed for r in results) and all(r.seconds < 6 for r in results)
+    # The program that left its session dies of its parent-death signal, a moment after its run ends.
+    deadline = time.monotonic() + 2
+    while _sandbox_processes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _sandbox_processes(), "a sandboxed process outlived its run by two seconds"
     after = run_program("assert 2 + 2 == 4", timeout=10)  # the evaluation goes on (a loaded machine's start-up time)
     assert after.passed, after
 
