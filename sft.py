@@ -18,6 +18,8 @@ loss: the mean loss per assistant token. Writes out_dir/ckpt-<step>.pt (kind 'sf
 LoRA, only the adapters and the name, step and sha256 of the base; and the optimizer state,
 the step and every process's random state) with out_dir/ckpt.pt linked to the newest, and
 out_dir/metrics.jsonl, plot.png and report.md. sample.py --chat, evaluate.py and dpo.py read the checkpoint.
+With benchmark set (e.g. --benchmark=gsm8k --benchmark_dir=../shared/data/evals), that task of evaluate.py is
+also scored at every evaluation, asked in chat turns, and its metrics logged as benchmark_<metric>.
 
 Batches: packing lays the shuffled examples end to end into rows of block_size tokens, with
 attention kept inside each example (model.forward's doc_ids), so no compute goes to padding;

@@ -18,7 +18,8 @@ Reads data/<dataset>/meta.json and its bins. Writes out_dir/ckpt-<step>.pt
 everything sample.py needs and everything a resumed run needs to continue
 exactly), keeps the last keep_checkpoints of them with out_dir/ckpt.pt linked to
 the newest, and appends one JSON line per log step and per evaluation to
-out_dir/metrics.jsonl, and plot.png and report.md at the end (runlog.py).
+out_dir/metrics.jsonl, and plot.png and report.md at the end (runlog.py). With benchmark set, a task of
+evaluate.py (or a JSONL in its formats) is scored at every evaluation too, as benchmark_<metric>.
 
 Under torchrun each process trains on its own batches and the gradients are
 averaged once per optimizer step. total_batch_tokens fixes the tokens per step,
