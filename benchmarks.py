@@ -1,7 +1,7 @@
 """
 Benchmarks: reading benchmark files and scoring a model on them, exactly as EleutherAI's
 lm-evaluation-harness (lm-eval 0.4.x) scores its tasks. evaluate.py runs them from the command line;
-train.py scores one at every evaluation (--benchmark). Nothing here is run alone.
+train.py and sft.py score one at every evaluation (--benchmark). Nothing here is run alone.
 
     kind, examples = read_task("gsm8k", "../shared/data/evals", limit=50)   # or a .jsonl path
     evaluate_examples(kind, examples, model, tokenizer, chat=True)    # {"exact_match_flexible": ..., "chance": 0.0, ...}
@@ -44,8 +44,9 @@ lm-eval's conventions, each mirrored from the lm-eval file named (paths inside i
   mean negative log-likelihood of that word.
 - Generation: greedy decoding from the prompt, up to max_new_tokens, ending at end-of-text (and at a
   newline if stop_at_newline); exact match and token F1 after SQuAD's answer normalisation, the best
-  over the references. Prompts are batched by length and left-padded, with the padding masked, so each
-  answer is the one its prompt gets alone (generate_texts, the one door to the model's decoding).
+  over the references. Prompts are batched by length, each in a slot of its own decoding.Decoder (no
+  padding), so each greedy answer is the one its prompt gets alone (generate_texts, the one door to the
+  model's decoding for every benchmark).
 - GSM8K (tasks/gsm8k/gsm8k.yaml): see its section below; the answer extraction (gsm8k_extract,
   gsm8k_correct) is shared with anything that verifies GSM8K answers.
 - HumanEval (the HumanEval paper; tasks/humaneval/humaneval.yaml): completions cut at its stop strings,
@@ -580,6 +581,21 @@ def evaluate_gsm8k(mine, model, tokenizer, batch_size, autocast, world_size, max
     return {**result, "per_example": rows} if details else result
 
 
+def code_sandbox(timeout, unisolated=False):
+    """How model-written programs will run, for reports: sandbox.isolation() with the limits in words. An error
+    when the sandbox cannot run programs here, or could only without namespaces and unisolated is not set."""
+    try:
+        isolation = sandbox.isolation()
+    except sandbox.SandboxError as e:
+        raise SystemExit(f"evaluate error: the sandbox cannot run programs here: {e}") from None
+    if isolation["mode"] == "none" and not unisolated:
+        raise SystemExit("evaluate error: this machine allows no Linux namespaces (not root, no unprivileged user "
+                         "namespaces), so model-written programs would run as you with resource limits only; run "
+                         "as root or enable user namespaces, or pass --unisolated_code=True to evaluate.py to run "
+                         "them anyway")
+    return {**isolation, "limits": sandbox.limits_description(timeout)}
+
+
 def evaluate_code(mine, model, tokenizer, batch_size, autocast, world_size, max_new_tokens, chat, bos, temperature,
                   samples, timeout, unisolated, details):
     """HumanEval's pass@k: samples completions of each problem, each run with the problem's tests in the sandbox."""
@@ -589,11 +605,8 @@ def evaluate_code(mine, model, tokenizer, batch_size, autocast, world_size, max_
                            temperature, batch_size, autocast)
     programs = [code_program(ex, code_completion(ex, texts[i * samples + j], chat))
                 for i, ex in enumerate(mine) for j in range(samples)]
+    code_sandbox(timeout, unisolated)
     try:
-        if sandbox.isolation()["mode"] == "none" and not unisolated:
-            raise SystemExit("evaluate error: this machine allows no Linux namespaces (not root, no unprivileged user "
-                             "namespaces), so model-written programs would run as you with resource limits only; run "
-                             "as root or enable user namespaces, or pass --unisolated_code=True to run them anyway")
         runs = sandbox.run_programs(programs, timeout=timeout)
     except sandbox.SandboxError as e:
         raise SystemExit(f"evaluate error: the sandbox failed: {e}") from None
@@ -607,6 +620,26 @@ def evaluate_code(mine, model, tokenizer, batch_size, autocast, world_size, max_
             result[f"pass@{k}"] = sum(pass_at_k(samples, r["passed"], k) for r in rows) / len(rows)
     result["chance"] = 0.0
     return {**result, "per_example": rows} if details else result
+
+
+def read_benchmark(task, data_dir, limit, log=print):
+    """(name, kind, examples) of the benchmark a training run (train.py, sft.py) scores at every evaluation: a task
+    of evaluate.py read from data_dir, or a .jsonl path. For a code task it says how its programs will be
+    sandboxed, and stops the run before training where they cannot be."""
+    kind, examples = read_task(task, data_dir, limit)
+    if kind == "code":
+        used = code_sandbox(3.0)
+        log(f"benchmark {task}: model-written programs run in sandbox.py: {used['description']}; {used['limits']}")
+    return os.path.basename(task), kind, examples
+
+
+def score_benchmark(benchmark, model, tokenizer, batch_size, autocast, dist, chat, step, log=print):
+    """A training run's benchmark (read_benchmark's) scored on the whole model, for its metrics: 'benchmark_<metric>'."""
+    name, kind, examples = benchmark
+    scores = evaluate_examples(kind, examples, model, tokenizer, batch_size, autocast, dist.rank, dist.world_size,
+                               chat=chat)
+    log(f"step {step}: {name} {describe(scores)}")
+    return {f"benchmark_{key}": value for key, value in scores.items()}
 
 
 def describe(result):

@@ -78,8 +78,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-import sandbox
-from benchmarks import describe, evaluate_examples, gather, progress_bar, read_task, score_rows
+from benchmarks import code_sandbox, describe, evaluate_examples, gather, progress_bar, read_task, score_rows
 from chat import has_chat_tokens
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import configure, print_config
@@ -274,14 +273,10 @@ if __name__ == "__main__":
             task_data[name] = read_task(task, data_dir, limit)
     if not task_data:
         raise SystemExit("config error: --tasks is empty; name at least one task")
-    code_sandbox = None
+    sandbox_used = None
     if any(kind == "code" for kind, _ in task_data.values()):  # asked for: model-written programs will run
-        try:
-            isolation = sandbox.isolation()
-        except sandbox.SandboxError as e:
-            raise SystemExit(f"evaluate error: the sandbox cannot run programs here: {e}") from None
-        code_sandbox = {**isolation, "limits": sandbox.limits_description(code_timeout)}
-        log(f"model-written programs run in sandbox.py: {code_sandbox['description']}; {code_sandbox['limits']}")
+        sandbox_used = code_sandbox(code_timeout, unisolated_code)
+        log(f"model-written programs run in sandbox.py: {sandbox_used['description']}; {sandbox_used['limits']}")
 
     results, answers = {}, {}
     log(f"{'task':<16}{'examples/tokens':>16}  {'metrics':<62}{'seconds':>9}")
@@ -328,7 +323,7 @@ if __name__ == "__main__":
         report_path = report or os.path.join(os.path.dirname(ckpt_path), "eval.json")
         record = {"checkpoint": ckpt_path, "kind": checkpoint.get("kind", "pretrain"), "chat": use_chat,
                   "step": checkpoint.get("step"), "processes": dist.world_size, "device": device_name(dist.device),
-                  "config": config, "results": results, "summary": summary, "sandbox": code_sandbox,
+                  "config": config, "results": results, "summary": summary, "sandbox": sandbox_used,
                   "answers": answers}
         save_atomically(report_path, lambda f: f.write(json.dumps(record, indent=2) + "\n"))
         print(f"wrote {report_path}")

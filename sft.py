@@ -18,6 +18,8 @@ loss: the mean loss per assistant token. Writes out_dir/ckpt-<step>.pt (kind 'sf
 LoRA, only the adapters and the name, step and sha256 of the base; and the optimizer state,
 the step and every process's random state) with out_dir/ckpt.pt linked to the newest, and
 out_dir/metrics.jsonl, plot.png and report.md. sample.py --chat, evaluate.py and dpo.py read the checkpoint.
+With benchmark set (e.g. --benchmark=gsm8k --benchmark_dir=../shared/data/evals), that task of evaluate.py is
+also scored at every evaluation, asked in chat turns, and its metrics logged as benchmark_<metric>.
 
 Batches: packing lays the shuffled examples end to end into rows of block_size tokens, with
 attention kept inside each example (model.forward's doc_ids), so no compute goes to padding;
@@ -44,6 +46,7 @@ import time
 import numpy as np
 import torch
 
+from benchmarks import read_benchmark, score_benchmark
 from chat import (CHAT_TOKENS, add_chat_tokens, batch_of, collate, conversation, has_chat_tokens, pack, read_records,
                   render, split_held_out, training_example)
 from checkpoint import checkpoint_to_resume
@@ -66,6 +69,9 @@ eval_interval = 100  # evaluate and save a checkpoint every this many steps, and
 log_interval = 10
 wandb_project = ""  # a Weights & Biases project to log the run to (pip install wandb); '' for none
 tensorboard = False  # also write TensorBoard events to out_dir/tensorboard (pip install tensorboard)
+benchmark = ""  # scored at every evaluation, in chat prompts: a task of evaluate.py (gsm8k, ...) or a JSONL path
+benchmark_dir = "data/evals"  # the folder holding the task files (evaluate.py's data_dir)
+benchmark_limit = 100  # how many of its examples to score (gsm8k and humaneval generate up to 256 and 512 tokens each)
 # data
 data = "data/instruction/instruction-data.json"  # Alpaca-style or chat records, .json or .jsonl: a path or a URL
 data_sha256 = ""  # the expected sha256 of data given by URL (downloaded once into data/downloads/); empty: no check
@@ -103,6 +109,9 @@ dist, dtype, autocast = start(device, dtype, seed, parallelism)
 device, log = dist.device, dist.log  # log: print on rank 0 only
 accumulation_steps = gradient_accumulation("total_batch_size", total_batch_size, batch_size=batch_size,
                                            processes=dist.world_size)
+if benchmark and parallelism == "fsdp" and dist.world_size > 1:
+    raise SystemExit("config error: benchmark scoring runs on the whole, unsharded model; use it with parallelism='ddp'")
+benchmark_data = read_benchmark(benchmark, benchmark_dir, benchmark_limit, log) if benchmark else None
 stop = take_out_dir(out_dir, dist, "--resume=yes")
 
 # model: a new run takes the checkpoint to fine-tune, merged if it holds adapters, with the chat
@@ -208,11 +217,13 @@ while True:
             loss_sum_and_count = sum_over_batches(model, val_batches, held_out_sums, dist)
             val_loss = (loss_sum_and_count[0] / loss_sum_and_count[1]).item()  # the mean per answer token
             log(f"step {step}: held-out loss {val_loss:.4f}")
+        scores = score_benchmark(benchmark_data, raw_model, tokenizer, batch_size, autocast, dist, True, step,
+                                 log) if benchmark else {}
         if step > start_step:
             save(raw_model, optimizer, dist, out_dir, keep_checkpoints, run_log, "sft", [val_loss, loss_sum],
                  lora=lora, base=base, kind="sft", step=step, val_loss=val_loss, config=config,
                  tokenizer=tokenizer.description)
-        run_log.log({"step": step, "val_loss": val_loss})
+        run_log.log({"step": step, "val_loss": val_loss, **scores})
         run_log.plot()
         pace.restart(step)
     if done:

@@ -18,7 +18,8 @@ Reads data/<dataset>/meta.json and its bins. Writes out_dir/ckpt-<step>.pt
 everything sample.py needs and everything a resumed run needs to continue
 exactly), keeps the last keep_checkpoints of them with out_dir/ckpt.pt linked to
 the newest, and appends one JSON line per log step and per evaluation to
-out_dir/metrics.jsonl, and plot.png and report.md at the end (runlog.py).
+out_dir/metrics.jsonl, and plot.png and report.md at the end (runlog.py). With benchmark set, a task of
+evaluate.py (or a JSONL in its formats) is scored at every evaluation too, as benchmark_<metric>.
 
 Under torchrun each process trains on its own batches and the gradients are
 averaged once per optimizer step. total_batch_tokens fixes the tokens per step,
@@ -44,7 +45,7 @@ import time
 
 import torch
 
-from benchmarks import describe, evaluate_examples, read_examples
+from benchmarks import read_benchmark, score_benchmark
 from checkpoint import load_checkpoint, load_newest_checkpoint
 from configurator import configure, print_config
 from data import TokenBins, load_meta
@@ -65,8 +66,9 @@ init_from = "scratch"  # 'scratch'; 'resume' (out_dir/ckpt.pt); 'auto' (the newe
 keep_checkpoints = 3  # how many of the newest checkpoints to keep
 eval_interval = 250  # evaluate and save a checkpoint every this many steps, and at the end
 eval_iters = 50  # batches per split in each evaluation
-benchmark = ""  # a benchmark JSONL in one of evaluate.py's formats, scored at every evaluation; '' for none
-benchmark_limit = 500  # how many of its examples to score
+benchmark = ""  # scored at every evaluation: a task of evaluate.py (arc_easy, gsm8k, ...) or a JSONL in its formats
+benchmark_dir = "data/evals"  # the folder holding the task files (evaluate.py's data_dir)
+benchmark_limit = 500  # how many of its examples to score (gsm8k and humaneval generate up to 256 and 512 tokens each)
 log_interval = 10
 wandb_project = ""  # a Weights & Biases project to log the run to (pip install wandb); '' for none
 tensorboard = False  # also write TensorBoard events to out_dir/tensorboard (pip install tensorboard)
@@ -158,7 +160,8 @@ data_dir = os.path.join(data_root, dataset)
 meta = load_meta(data_dir)
 bins = {split: TokenBins(data_dir, meta, split, block_size) for split in ("train", "val")}
 if benchmark:
-    tokenizer, benchmark_examples = Tokenizer(meta["tokenizer"]), read_examples(benchmark, benchmark_limit)
+    tokenizer = Tokenizer(meta["tokenizer"])
+    benchmark_data = read_benchmark(benchmark, benchmark_dir, benchmark_limit, log)
 log(f"data {data_dir}: {meta['splits']['train']['tokens']:,} train and {meta['splits']['val']['tokens']:,} val tokens, "
     f"{meta['tokenizer']['kind']} tokenizer, vocabulary {meta['vocab_size']}")
 
@@ -287,11 +290,8 @@ while True:
         best_val_loss = min(best_val_loss, losses["val"])
         if benchmark:
             # The uncompiled model: the benchmark's varying shapes would make torch.compile recompile.
-            scores = evaluate_examples(*benchmark_examples, raw_model, tokenizer, batch_size, autocast, dist.rank,
-                                       dist.world_size)
-            raw_model.train()
-            log(f"step {step}: {os.path.basename(benchmark)} {describe(scores)}")
-            losses.update({f"benchmark_{k}": v for k, v in scores.items()})
+            losses.update(score_benchmark(benchmark_data, raw_model, tokenizer, batch_size, autocast, dist, False, step,
+                                          log))
         if step > start_step:
             save(raw_model, optimizer, dist, out_dir, keep_checkpoints, run_log, "train", [loss_sum], pipeline,
                  kind="pretrain", step=step, best_val_loss=best_val_loss, val_loss=losses["val"], config=config,

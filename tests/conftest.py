@@ -201,11 +201,16 @@ TOY_VAL_FRACTION = 0.2  # two of the six are held out
 
 @pytest.fixture(scope="session")
 def tiny_sft_checkpoint(tiny_checkpoint, tmp_path_factory):
-    """out_dir of sft.py run from tiny_checkpoint on TOY_INSTRUCTIONS long enough to learn them by heart."""
+    """out_dir of sft.py run from tiny_checkpoint on TOY_INSTRUCTIONS long enough to learn them by heart,
+    tracking TOY_BENCHMARK_RECORDS (its trained questions as a generation benchmark) at every evaluation."""
+    from chat import split_held_out
     root = tmp_path_factory.mktemp("sft")
     (root / "toy.json").write_text(json.dumps(TOY_INSTRUCTIONS))
+    trained = [r for r in split_held_out(TOY_INSTRUCTIONS, TOY_VAL_FRACTION)[0] if not r.get("input")]
+    (root / "toy_questions.jsonl").write_text("".join(json.dumps({"prompt": r["instruction"], "answer": r["output"]}) + "\n"
+                                                      for r in trained))
     run_script("sft.py", f"--init_from={tiny_checkpoint}/ckpt.pt", f"--data={root / 'toy.json'}", f"--out_dir={root / 'out'}",
                "--device=cpu", f"--val_fraction={TOY_VAL_FRACTION}", "--batch_size=4", "--total_batch_size=4",
                "--max_iters=80", "--learning_rate=1e-2", "--min_lr=1e-3", "--eval_interval=40", "--log_interval=20",
-               threads=FIXTURE_THREADS)
+               f"--benchmark={root / 'toy_questions.jsonl'}", threads=FIXTURE_THREADS)
     return str(root / "out")

@@ -446,6 +446,31 @@ def test_code_completions_run_with_their_tests_in_the_sandbox_and_give_pass_at_k
     assert result["per_example"][0]["statuses"] == ["passed", "exit status 1", "exit status 0", "passed"]
 
 
+def test_gsm8k_and_humaneval_prompt_a_chat_model_in_a_user_turn_and_a_base_model_as_lm_eval_does(monkeypatch):
+    from chat import prompt_ids, stop_ids
+
+    special = {"<|system|>": 257, "<|user|>": 258, "<|assistant|>": 259, "<|end|>": 260}
+    chat_tokenizer = Tokenizer({**BYTES.description, "special_tokens": {**BYTES.special_tokens, **special}})
+    asked = []
+    monkeypatch.setattr(benchmarks, "generate_texts", lambda model, tokenizer, prompts, max_new_tokens, ends, stops, *args:
+                        asked.append((prompts, ends, stops)) or ["#### 2"] * len(prompts))
+    monkeypatch.setattr(benchmarks, "code_sandbox", lambda *args: None)
+    monkeypatch.setattr(sandbox, "run_programs", lambda programs, **limits: [sandbox.Result(False, "", "", 0.0)] * len(programs))
+    gsm = {"question": "What is 1 + 1?", "answer": "1 + 1 = 2\n#### 2", "base_prompt": "Question: 5 shots\nAnswer:"}
+    for kind, example, chat_text, base_text, base_stops in (("gsm8k", gsm, gsm["question"], gsm["base_prompt"],
+                                                              benchmarks.GSM8K_STOPS),
+                                                             ("code", HUMANEVAL_LIKE, HUMANEVAL_LIKE["prompt"],
+                                                              HUMANEVAL_LIKE["prompt"], benchmarks.CODE_STOPS)):
+        asked.clear()
+        evaluate_examples(kind, [example], None, chat_tokenizer, chat=True)
+        evaluate_examples(kind, [example], None, BYTES, chat=False)
+        (chat_prompts, chat_ends, chat_stops), (base_prompts, base_ends, base_stops_used) = asked
+        assert chat_prompts == [prompt_ids(chat_tokenizer, [{"role": "user", "content": chat_text}])]
+        assert chat_ends == sorted(stop_ids(chat_tokenizer)) and chat_stops == []  # the answer ends at <|end|>
+        assert base_prompts == [BYTES.encode(base_text)] and base_ends == [BYTES.eot_id]  # no end-of-text first
+        assert base_stops_used == base_stops
+
+
 def test_a_chat_models_fenced_code_is_the_completion_and_may_redefine_the_function():
     answer = "Here it is:\n```python\ndef add(a, b):\n    return a + b\n\nif __name__ == '__main__':\n    print(1)\n```\nDone."
     completion = benchmarks.code_completion(HUMANEVAL_LIKE, answer, chat=True)

@@ -4,6 +4,7 @@ failure, and the programs after them still run. A few seconds in all (the timeou
 import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -85,6 +86,37 @@ def test_hostile_programs_are_contained_and_fail_while_the_evaluation_goes_on(mo
     assert connections == [None]  # the listener saw no connection
     assert "Network is unreachable" in results[list(hostile).index("open a socket to 127.0.0.1")].output
     assert not _sandbox_processes(), "a sandboxed process outlived its run"
+
+
+def test_without_namespaces_the_limits_alone_still_contain_what_they_bound(monkeypatch):
+    # Runs on every machine, also one (a CI container, say) where the table above skips: what the resource
+    # limits, the timeout and the pass token stop does not depend on namespaces.
+    monkeypatch.setitem(sandbox._modes, "best", "none")
+    bounded = {
+        "infinite loop": ("while True:\n    pass", "timed out or killed by signal 24"),  # or the CPU limit first
+        "fork bomb": ("import os\nwhile True:\n    os.fork()", "exit status 1"),
+        "thread": ("import threading\nthreading.Thread(target=print).start()", "exit status 1"),
+        "allocate 50 GB": ("x = bytearray(50 * 2**30)", "exit status 1"),
+        "write a 10 GB file": ("with open('big', 'wb') as f:\n    for _ in range(10240):\n        f.write(bytes(2**20))",
+                               "exit status 1"),
+        "sys.exit(0) before the tests": ("import sys\nsys.exit(0)\nassert False", "exit status 0"),
+        "print 1 GB": ("import sys\nfor _ in range(1024):\n    sys.stdout.write('x' * 2**20)", "output limit"),
+        "escape its session and sleep": ("import os, time\nos.setsid()\ntime.sleep(30)", "timed out"),
+    }
+    # A longer timeout than FAST's: each program must be stopped by its own limit, not by a loaded machine's clock.
+    results = run_programs([source for source, _ in bounded.values()], workers=4, timeout=4.0, memory_mb=512)
+    for (name, (_, expected)), result in zip(bounded.items(), results):
+        assert result.status in expected.split(" or "), (name, result)
+    assert "File too large" in results[list(bounded).index("write a 10 GB file")].output  # the file-size limit
+    assert "MemoryError" in results[list(bounded).index("allocate 50 GB")].output
+    assert not any(r.passed for r in results) and all(r.seconds < 6 for r in results)
+    # The program that left its session dies of its parent-death signal, a moment after its run ends.
+    deadline = time.monotonic() + 2
+    while _sandbox_processes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _sandbox_processes(), "a sandboxed process outlived its run by two seconds"
+    after = run_program("assert 2 + 2 == 4", timeout=10)  # the evaluation goes on (a loaded machine's start-up time)
+    assert after.passed, after
 
 
 def test_the_working_directory_is_empty_writable_and_removed_afterwards(mode):

@@ -157,6 +157,16 @@ def test_sft_makes_a_small_model_repeat_a_training_answer_verbatim(tiny_sft_chec
     assert len(held_out_losses) == 3  # steps 0, 40, 80
 
 
+def test_sft_tracks_a_generative_benchmark_in_chat_prompts_at_every_evaluation(tiny_sft_checkpoint):
+    # The fixture's benchmark asks the questions it trains on: a model that answers them verbatim in the chat
+    # format (see the test above) gets every one right only if the benchmark asks in that format too.
+    with open(os.path.join(tiny_sft_checkpoint, "metrics.jsonl")) as f:
+        evals = [m for m in map(json.loads, f) if "val_loss" in m]
+    assert [m["step"] for m in evals] == [0, 40, 80]
+    assert all(m["benchmark_examples"] == 4 and m["benchmark_chance"] == 0.0 for m in evals)
+    assert evals[0]["benchmark_exact_match"] == 0.0 and evals[-1]["benchmark_exact_match"] == 1.0
+
+
 def test_sft_with_lora_saves_only_the_adapters_and_says_how_many_weights_train(tiny_checkpoint, tmp_path):
     (tmp_path / "toy.jsonl").write_text("".join(json.dumps({"messages": exchange(r["instruction"], r["output"])}) + "\n"
                                                 for r in TOY_INSTRUCTIONS))
