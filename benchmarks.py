@@ -59,7 +59,6 @@ row) and the padding is masked out of every sum.
 """
 
 import hashlib
-import json
 import math
 import os
 import random
@@ -74,7 +73,7 @@ import torch
 import torch.nn.functional as F
 
 import sandbox
-from chat import bad_record, prompt_ids, read_text, stop_ids, text_field
+from chat import bad_record, jsonl_records, prompt_ids, read_text, stop_ids, text_field
 from decoding import Decoder
 from optional import optional
 
@@ -160,20 +159,12 @@ def parse_record(record, where):
 def read_examples(path, limit=0):
     """(kind, examples) of a benchmark JSONL file (.jsonl.gz too), all its records in one format; limit > 0 reads
     only the first ones."""
-    lines = read_text(path, "evaluate", "benchmark file", "point --data_dir at the folder holding it or pass the "
-                      "path of a .jsonl file in --tasks").split("\n")  # not splitlines(): JSON strings may hold U+2028
+    text = read_text(path, "evaluate", "benchmark file", "point --data_dir at the folder holding it or pass the "
+                     "path of a .jsonl file in --tasks")
     kind, examples = None, []
-    for line_no, line in enumerate(lines, 1):
+    for where, record in jsonl_records(text, path):
         if limit and len(examples) == limit:
             break
-        if not line.strip():
-            continue
-        where = f"{path} line {line_no}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"evaluate error: {where} is not valid JSON ({e.msg}); "
-                             "each line must be one JSON object") from None
         if not isinstance(record, dict):
             raise bad_record(where, "a record must be a JSON object")
         record_kind, example = parse_record(record, where)

@@ -222,6 +222,16 @@ def read_text(path, stage, what, hint):
         raise SystemExit(f"{stage} error: {what} {path} is not a gzip file; name it without .gz if it is plain text") from None
 
 
+def jsonl_records(text, path):
+    """(where, record) for each non-blank line of JSON Lines text read from path."""
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028 and its kin
+        if line.strip():
+            try:
+                yield f"{path} line {n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise bad_record(f"{path} line {n}", f"not valid JSON ({e.msg}); fix or remove the line") from None
+
+
 def read_records(path, sha256=""):
     """(where, record) pairs of a .json list or a .jsonl file; `where` names the file and the
     record (or line) for error messages. An http(s) URL is downloaded once into DOWNLOADS and
@@ -231,13 +241,7 @@ def read_records(path, sha256=""):
                         sha256_option="--data_sha256=")[0]
     text = read_text(path, "data", "file", "pass --data=PATH to a .json or .jsonl file of records")
     if path.endswith(".jsonl"):
-        records = []
-        for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028 and its kin
-            if line.strip():
-                try:
-                    records.append((f"{path} line {n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise bad_record(f"{path} line {n}", f"not valid JSON ({e.msg}); fix or remove the line") from None
+        records = list(jsonl_records(text, path))
     else:
         try:
             data = json.loads(text)

@@ -8,11 +8,11 @@ everything that does not need it (a plain text file is prepared without zstandar
 import importlib
 
 
-def optional(module, needed_for):
+def optional(module, needed_for, package=None):
     """The module imported, or a one-line error saying what needs it and the pip command that installs it
-    (its package is its top-level name: pyarrow for pyarrow.parquet)."""
+    (package, by default the module's top-level name: pyarrow for pyarrow.parquet)."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        package = module.split(".")[0]
+        package = package or module.split(".")[0]
         raise SystemExit(f"missing library: {needed_for} needs {package}; pip install {package}") from None

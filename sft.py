@@ -92,8 +92,6 @@ print_config(config)
 # -----------------------------------------------------------------------------
 
 dist, dtype, autocast = start(device, dtype, seed, parallelism)
-accumulation_steps = gradient_accumulation("total_batch_size", total_batch_size, batch_size=batch_size,
-                                           processes=dist.world_size)
 stop = take_out_dir(out_dir, dist, "--resume=yes")
 
 # model: a new run takes the checkpoint to fine-tune, merged if it holds adapters, with the chat
@@ -139,6 +137,8 @@ answer_tokens = sum(answer_counts)
 dist.log(f"data {data}: {len(train_records)} train and {len(val_records)} held-out records, {answer_tokens:,} answer tokens "
     f"to learn in {len(train_units)} {'packed rows' if packing else 'examples'} of up to {block_size} tokens"
     + (f"; {n_long} train records cut at block_size (those left with no answer are dropped)" if n_long else ""))
+accumulation_steps = gradient_accumulation("total_batch_size", total_batch_size, batch_size=batch_size,
+                                           processes=dist.world_size)
 dist.log(f"device {device_name(dist.device)} x {dist.world_size} processes, {dtype}; {total_batch_size} "
     f"{'rows' if packing else 'examples'} per step = {batch_size} x {dist.world_size} processes x {accumulation_steps} "
     f"accumulation steps; {max_iters} steps ({steps_per_epoch} per epoch)")
