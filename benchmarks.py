@@ -59,9 +59,7 @@ lm-eval truncates too). Options are right-padded into batches (positions stay th
 row) and the padding is masked out of every sum.
 """
 
-import gzip
 import hashlib
-import json
 import math
 import os
 import random
@@ -74,24 +72,14 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import sandbox
-from chat import prompt_ids, stop_ids
+from chat import bad_record, jsonl_records, prompt_ids, read_text, stop_ids, text_field
 from decoding import Decoder
+from optional import optional
 
 # -----------------------------------------------------------------------------
 # reading benchmark files
-
-
-def bad_record(where, problem):
-    return SystemExit(f"evaluate error: {where}: {problem}; fix the record or remove the line")
-
-
-def text_field(record, key, where):
-    if not isinstance(record[key], str) or not record[key].strip():
-        raise bad_record(where, f"'{key}' must be a non-empty string")
-    return record[key]
 
 
 def gold_index(value, n_options, where):
@@ -172,28 +160,12 @@ def parse_record(record, where):
 def read_examples(path, limit=0):
     """(kind, examples) of a benchmark JSONL file (.jsonl.gz too), all its records in one format; limit > 0 reads
     only the first ones."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"evaluate error: no benchmark file {path}; point --data_dir at the folder holding it "
-                         "or pass the path of a .jsonl file in --tasks")
-    try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")  # not splitlines(): JSON strings may hold U+2028 and its kin
-    except UnicodeDecodeError:
-        raise SystemExit(f"evaluate error: {path} is not UTF-8 text; convert it or pick another file") from None
-    except gzip.BadGzipFile:
-        raise SystemExit(f"evaluate error: {path} is not a gzip file; name it without .gz if it is plain JSONL") from None
+    text = read_text(path, "evaluate", "benchmark file", "point --data_dir at the folder holding it or pass the "
+                     "path of a .jsonl file in --tasks")
     kind, examples = None, []
-    for line_no, line in enumerate(lines, 1):
+    for where, record in jsonl_records(text, path):
         if limit and len(examples) == limit:
             break
-        if not line.strip():
-            continue
-        where = f"{path} line {line_no}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"evaluate error: {where} is not valid JSON ({e.msg}); "
-                             "each line must be one JSON object") from None
         if not isinstance(record, dict):
             raise bad_record(where, "a record must be a JSON object")
         record_kind, example = parse_record(record, where)
@@ -271,7 +243,9 @@ def read_task(task, data_dir="data/evals", limit=0):
 def progress_bar(items, description):
     """items with a progress bar on stderr when description is set and stderr is a terminal (a log file
     gets none)."""
-    return tqdm(items, desc=description, leave=False, disable=not description or not sys.stderr.isatty())
+    if not description or not sys.stderr.isatty():
+        return items
+    return optional("tqdm", "a progress bar").tqdm(items, desc=description, leave=False)
 
 
 @torch.no_grad()

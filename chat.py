@@ -39,6 +39,7 @@ stops the run with one line naming the file and the record.
 """
 
 import functools
+import gzip
 import json
 import math
 import os
@@ -207,6 +208,30 @@ def bad_record(where, problem):
     return SystemExit(f"data error: {where}: {problem}")
 
 
+def read_text(path, stage, what, hint):
+    """The UTF-8 text of the file at path (gunzipped if it ends in .gz), or a one-line error (stage's) if
+    there is no such file (hint: how to name another) or it is not UTF-8 (or gzip) text."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{stage} error: no {what} {path}; {hint}")
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError:
+        raise SystemExit(f"{stage} error: {what} {path} is not UTF-8 text; convert it or pick another file") from None
+    except gzip.BadGzipFile:
+        raise SystemExit(f"{stage} error: {what} {path} is not a gzip file; name it without .gz if it is plain text") from None
+
+
+def jsonl_records(text, path):
+    """(where, record) for each non-blank line of JSON Lines text read from path."""
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028 and its kin
+        if line.strip():
+            try:
+                yield f"{path} line {n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise bad_record(f"{path} line {n}", f"not valid JSON ({e.msg}); fix or remove the line") from None
+
+
 def read_records(path, sha256=""):
     """(where, record) pairs of a .json list or a .jsonl file; `where` names the file and the
     record (or line) for error messages. An http(s) URL is downloaded once into DOWNLOADS and
@@ -214,21 +239,9 @@ def read_records(path, sha256=""):
     if path.startswith(("http://", "https://")):
         path = download(path, sha256, DOWNLOADS, stage="data", local_option="--data",
                         sha256_option="--data_sha256=")[0]
-    if not os.path.isfile(path):
-        raise SystemExit(f"data error: no file {path}; pass --data=PATH to a .json or .jsonl file of records")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError:
-        raise SystemExit(f"data error: {path} is not UTF-8 text; convert it or pick another file") from None
+    text = read_text(path, "data", "file", "pass --data=PATH to a .json or .jsonl file of records")
     if path.endswith(".jsonl"):
-        records = []
-        for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028 and its kin
-            if line.strip():
-                try:
-                    records.append((f"{path} line {n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise bad_record(f"{path} line {n}", f"not valid JSON ({e.msg}); fix or remove the line") from None
+        records = list(jsonl_records(text, path))
     else:
         try:
             data = json.loads(text)

@@ -53,15 +53,18 @@ def _finite(low, high=None, low_open=False):
 VALID_RANGES = {
     **{k: _at_least(1) for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "total_batch_tokens",
                                   "total_batch_size", "eval_iters", "eval_interval", "log_interval", "max_iters",
-                                  "keep_checkpoints", "epochs", "benchmark_limit", "pipeline_stages", "num_gpus")},
-    **{k: _at_least(0) for k in ("n_kv_head", "ffn_hidden", "warmup_iters", "lr_decay_iters", "lora_rank")},
+                                  "keep_checkpoints", "epochs", "benchmark_limit", "pipeline_stages", "num_gpus",
+                                  "download_workers", "max_document_chars", "shard_tokens", "minhash_bands",
+                                  "minhash_rows")},
+    **{k: _at_least(0) for k in ("n_kv_head", "ffn_hidden", "warmup_iters", "lr_decay_iters", "lora_rank",
+                                  "max_documents", "max_tokens", "num_workers")},
+    "bpe_vocab_size": _at_least(258),  # the 256 bytes, end-of-text and at least one merge
     **{k: _finite(0, 1) for k in ("dropout", "lora_dropout", "val_fraction", "beta1", "beta2")},
     **{k: _finite(0, low_open=True) for k in ("beta", "rope_theta", "norm_eps", "lora_alpha", "pcie_gb_per_s")},
     **{k: _finite(0) for k in ("weight_decay", "grad_clip", "peak_flops", "max_seconds", "eval_seconds",
                                 "logit_softcap", "flops", "hours", "gpu_memory_gb")},
-    "mfu": ("a fraction in (0, 1]", lambda v: 0 < v <= 1),
     "muon_momentum": _finite(0, 1),
-    "lr_decay_fraction": ("a number in (0, 1]", lambda v: 0 < v <= 1),
+    **{k: ("a number in (0, 1]", lambda v: 0 < v <= 1) for k in ("lr_decay_fraction", "near_threshold", "mfu")},
     # A rate of 1e9 is a typo, and one beyond float32's range (~3e38) stops AdamW with a traceback.
     **{k: _finite(0, 1e9, low_open=True) for k in ("learning_rate", "muon_lr")},
     "min_lr": _finite(0, 1e9),
@@ -74,6 +77,7 @@ VALID_RANGES = {
     "lr_decay_shape": _one_of("linear", "1-sqrt"),
     "resume": _one_of("no", "yes", "auto"),
     "law": _one_of("chinchilla", "kaplan", "both"),
+    "tokenizer": _one_of("gpt2", "bpe", "char", "byte"),
 }
 
 

@@ -19,8 +19,7 @@ import sys
 import tempfile
 import urllib.parse
 
-import requests
-from tqdm import tqdm
+from optional import optional
 
 
 def file_sha256(path):
@@ -33,7 +32,7 @@ def file_sha256(path):
 
 def progress(**kwargs):
     """A tqdm bar on a terminal; nothing when stderr is a log file or a pipe."""
-    return tqdm(disable=not sys.stderr.isatty(), dynamic_ncols=True, **kwargs)
+    return optional("tqdm", "a progress bar").tqdm(disable=not sys.stderr.isatty(), dynamic_ncols=True, **kwargs)
 
 
 @contextlib.contextmanager
@@ -69,6 +68,7 @@ def download(url, expected_sha256, folder, stop=None, *, stage, local_option, sh
             os.remove(path)
         os.makedirs(folder, exist_ok=True)
         part = path + ".part"
+        requests = optional("requests", "a download")
         for attempt in range(3):
             have = os.path.getsize(part) if os.path.exists(part) else 0
             try:

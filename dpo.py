@@ -66,8 +66,8 @@ from trainer import (TUNED_KEYS, Pace, context_length, count_trained, finish, gr
 init_from = "out/sft/ckpt.pt"  # the chat checkpoint to tune (sft.py's); it is also the reference model
 out_dir = "out/dpo"
 resume = "no"  # 'yes': continue the run in out_dir; 'auto': continue it if out_dir has a checkpoint, else a new run
-keep_checkpoints = 2
 eval_interval = 50  # evaluate and save a checkpoint every this many steps, and at the end
+keep_checkpoints = 2
 log_interval = 10
 wandb_project = ""  # a Weights & Biases project to log the run to (pip install wandb); '' for none
 tensorboard = False  # also write TensorBoard events to out_dir/tensorboard (pip install tensorboard)
@@ -100,14 +100,13 @@ min_lr = 5e-7
 device = "auto"
 dtype = "auto"
 compile = False
-seed = 1337
 parallelism = "ddp"  # or 'fsdp', as in train.py
+seed = 1337
 config = configure(globals())
 print_config(config)
 # -----------------------------------------------------------------------------
 
 dist, dtype, autocast = start(device, dtype, seed, parallelism)
-device, log = dist.device, dist.log  # log: print on rank 0 only
 accumulation_steps = gradient_accumulation("total_batch_size", total_batch_size, batch_size=batch_size,
                                            processes=dist.world_size)
 stop = take_out_dir(out_dir, dist, "--resume=yes")
@@ -115,7 +114,7 @@ stop = take_out_dir(out_dir, dist, "--resume=yes")
 # model: a new run takes the chat checkpoint, merged if it holds adapters; a resumed run takes its
 # own checkpoint's model as it was, adapters included
 checkpoint, ckpt_path = checkpoint_to_resume(resume, out_dir, "dpo", config, TUNED_KEYS)
-model, tokenizer, reference_file = model_to_tune(init_from, checkpoint, ckpt_path, log)  # path, step, sha256
+model, tokenizer, reference_file = model_to_tune(init_from, checkpoint, ckpt_path, dist.log)  # path, step, sha256
 if checkpoint is None and not has_chat_tokens(tokenizer):
     raise SystemExit(f"dpo error: {init_from} is not a chat model (it has no chat tokens); fine-tune it with "
                      "sft.py first and pass that checkpoint")
@@ -145,10 +144,10 @@ if not train_pairs:
                      "raise block_size or shorten the prompts")
 steps_per_epoch = math.ceil(len(train_pairs) / total_batch_size)
 max_iters = max_iters or epochs * steps_per_epoch
-log(f"data {data}: {len(train_pairs)} train and {len(val_pairs)} held-out pairs"
+dist.log(f"data {data}: {len(train_pairs)} train and {len(val_pairs)} held-out pairs"
     + (f" ({len(records) - len(train_pairs) - len(val_pairs)} dropped: no answer left within block_size={block_size})"
        if len(train_pairs) + len(val_pairs) < len(records) else ""))
-log(f"device {device_name(device)} x {dist.world_size} processes, {dtype}; {total_batch_size} pairs per step = "
+dist.log(f"device {device_name(dist.device)} x {dist.world_size} processes, {dtype}; {total_batch_size} pairs per step = "
     f"{batch_size} x {dist.world_size} processes x {accumulation_steps} accumulation steps; {max_iters} steps "
     f"({steps_per_epoch} per epoch)")
 
@@ -165,7 +164,7 @@ else:
         reference = merge_lora(model_from_checkpoint(load_checkpoint(path), path)[0])
     reference.requires_grad_(False).eval()
     place_model(reference, dist, parallelism, dtype)
-trainable = count_trained(model, log, "; reference: " + ("the same model, adapters off" if lora else "a frozen copy"))
+trainable = count_trained(model, dist.log, "; reference: " + ("the same model, adapters off" if lora else "a frozen copy"))
 model, raw_model, optimizer, scaler, step = prepare_model(model, checkpoint, dist, dtype, parallelism, compile, seed,
                                                           learning_rate, weight_decay, (beta1, beta2))
 checkpoint = None  # free the memory
@@ -195,7 +194,7 @@ def reference_logprobs(x, y):
 def pair_stats(pairs):
     """The mean DPO loss over pairs (a tensor to backpropagate) and STATS, summed over the pairs."""
     x, y, _ = collate([chosen for chosen, _ in pairs] + [rejected for _, rejected in pairs], tokenizer.eot_id)
-    x, y = to_device(torch.stack((x, y)), device)  # one copy, cut up on the device
+    x, y = to_device(torch.stack((x, y)), dist.device)  # one copy, cut up on the device
     # chosen and rejected go through the model as one batch: one forward pass, not two
     policy_chosen, policy_rejected = logprobs(model, x, y).chunk(2)
     ref_chosen, ref_rejected = reference_logprobs(x, y).chunk(2)
@@ -233,7 +232,7 @@ while True:
             # STATS as means over every held-out pair
             val_sums = sum_over_batches(model, val_batches, lambda pairs: pair_stats(pairs)[1], dist)
             val_stats = dict(zip(STATS, (val_sums / len(val_pairs)).tolist()))
-            log(f"step {step}: held-out {describe(val_stats)}")
+            dist.log(f"step {step}: held-out {describe(val_stats)}")
         if step > start_step:
             save(raw_model, optimizer, dist, out_dir, keep_checkpoints, run_log, "dpo",
                  [val_stats and val_stats["loss"], step_stats], lora=lora, base=reference_file, kind="dpo", step=step,
@@ -245,7 +244,7 @@ while True:
     if done:
         break
 
-    step_stats = torch.zeros(len(STATS), device=device)  # summed over the step's pairs by micro_step_loss
+    step_stats = torch.zeros(len(STATS), device=dist.device)  # summed over the step's pairs by micro_step_loss
     optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip)
     step += 1
 
@@ -253,7 +252,7 @@ while True:
         # the last step's pairs, over every process
         stats = dict(zip(STATS, (all_reduce_sum(step_stats, dist.world_size) / total_batch_size).tolist()))
         stop_if_not_finite(stats["loss"], step, dist, "dpo", out_dir)
-        log(f"step {step}/{max_iters} | {describe(stats)} | lr {lr:.2e} | {pace.lap(step)[1]}")
+        dist.log(f"step {step}/{max_iters} | {describe(stats)} | lr {lr:.2e} | {pace.lap(step)[1]}")
         run_log.log({"step": step, **stats, "lr": lr, "time": time.time()})
 
 finish(run_log, dist, stop, step, f"done after {step} steps"

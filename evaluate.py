@@ -79,7 +79,7 @@ import numpy as np
 import torch
 
 from benchmarks import code_sandbox, describe, evaluate_examples, gather, progress_bar, read_task, score_rows
-from chat import has_chat_tokens
+from chat import has_chat_tokens, read_text
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import configure, print_config
 from data import load_meta
@@ -131,13 +131,7 @@ dtype = "auto"
 
 def text_tokens(tokenizer, path):
     """The token stream of a text file for perplexity, led by end-of-text so that its first token is scored too."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"evaluate error: no text file {path}; check --text_file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError:
-        raise SystemExit(f"evaluate error: {path} is not UTF-8 text; convert it or pick another file") from None
+    text = read_text(path, "evaluate", "text file", "check --text_file")
     if not text:
         raise SystemExit(f"evaluate error: {path} is empty; pick a file with text in it")
     return np.array([tokenizer.eot_id] + tokenizer.encode(text), dtype=np.int64)

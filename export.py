@@ -31,14 +31,13 @@ it stays quiet.
 """
 
 import os
-import sys
 
 import torch
-from tqdm import tqdm
 
 from chat import has_chat_tokens
 from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import configure
+from download import progress
 from gguf_file import GGUF_TYPES, save_gguf
 from hf import ARCHITECTURES, architecture_of, save_folder
 from lora import merge_lora
@@ -83,8 +82,7 @@ if not os.path.isdir(existing):
 
 # Each of the three steps takes seconds per 100M parameters (37 s in all for GPT-2 124M on a busy CPU),
 # so a terminal shows which one is running; piped or logged, nothing.
-with tqdm(total=3, desc="export", bar_format="{desc} {n}/{total} steps, {elapsed}{postfix}",
-          disable=not sys.stderr.isatty()) as steps:
+with progress(total=3, desc="export", bar_format="{desc} {n}/{total} steps, {elapsed}{postfix}") as steps:
     steps.set_postfix_str("reading the checkpoint")
     checkpoint = load_checkpoint(ckpt_path)
     steps.update()

@@ -35,17 +35,10 @@ from pathlib import Path
 
 from chat import END, chat_template, has_chat_tokens
 from hf import architecture_of, byte_level_bpe, to_hf, weight_names, write_file
+from optional import optional
 from tokenizer import GPT2_PATTERN
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # the tensor types written, by llama.cpp's names
-
-
-def import_gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise SystemExit("export error: --format=gguf needs the gguf package; pip install gguf") from None
-    return gguf
 
 
 def interleave_rope_pairs(weight, heads):
@@ -99,7 +92,7 @@ def add_tokenizer(writer, tokenizer, vocab_size, gguf):
 def save_gguf(path, model, tokenizer, gguf_type="f16"):
     """Write model (a GPT) and tokenizer as one GGUF file at path, its matrices in gguf_type
     (one of GGUF_TYPES); return the architecture's name in llama.cpp."""
-    gguf = import_gguf()
+    gguf = optional("gguf", "export.py --format=gguf")
     config = model.config
     architecture = architecture_of(config)  # refuses what llama.cpp cannot run, before anything is written
     writer = gguf.GGUFWriter(None, architecture)

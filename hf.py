@@ -46,10 +46,10 @@ import tempfile
 from dataclasses import asdict
 
 import torch
-from safetensors.torch import load_file, save
 
 from chat import chat_template, has_chat_tokens
 from model import GPTConfig
+from optional import optional
 from tokenizer import EOT, Tokenizer, read_ranks
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}  # model.py's two styles in transformers
@@ -383,7 +383,7 @@ def save_folder(folder, model, tokenizer, dtype=torch.float32):
                              "choose a new or empty folder")
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     tensors = {name: t.to(dtype) for name, t in to_hf(model.state_dict(), config).items()}
-    files = {"config.json": json.dumps(hf, indent=2), "model.safetensors": save(tensors, metadata={"format": "pt"}),
+    files = {"config.json": json.dumps(hf, indent=2), "model.safetensors": safetensors().save(tensors, metadata={"format": "pt"}),
              TOKENIZER_SIDECAR: json.dumps(tokenizer.description)}
     if tokenizer.kind in ("gpt2", "bpe"):  # byte-level BPE: transformers' GPT2Tokenizer reads it
         files |= bpe_files(tokenizer, config.block_size)
@@ -394,6 +394,10 @@ def save_folder(folder, model, tokenizer, dtype=torch.float32):
         elif os.path.exists(path):  # an earlier export's tokenizer files, for another tokenizer
             os.unlink(path)
     return sorted(files)
+
+
+def safetensors():
+    return optional("safetensors.torch", "a Hugging Face folder")
 
 
 def read_tensors(folder):
@@ -409,7 +413,7 @@ def read_tensors(folder):
                          "save the model with transformers' save_pretrained (safetensors)")
     tensors = {}
     for name in files:
-        tensors |= {k: v.float() for k, v in load_file(os.path.join(folder, name)).items()}
+        tensors |= {k: v.float() for k, v in safetensors().load_file(os.path.join(folder, name)).items()}
     return tensors
 
 

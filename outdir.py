@@ -1,8 +1,8 @@
 """
 A run's out_dir kept safe: one run at a time, nothing of an earlier run deleted before the new
 one has a checkpoint, no non-finite model saved, a clean exit on Ctrl-C, and on SIGTERM or SIGUSR1
-(preemption) a stop after the step in flight, with a checkpoint of it. The trainers (through
-trainer.py) call these in this order:
+(preemption) a stop after the step in flight, with a checkpoint of it. Every trainer calls these,
+through trainer.py (take_out_dir, open_run_log, save), in this order:
 
     lock_out_dir(out_dir, dist)                          # refuse a second run; clear a killed save's temporaries
     exit_quietly_on_interrupt(out_dir, dist, "--init_from=auto")

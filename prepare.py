@@ -12,53 +12,35 @@ removed.
     python prepare.py config/data_fineweb_edu.py        # FineWeb-Edu's Parquet shards from the Hugging Face hub
     python prepare.py --input=urls.txt --tokenizer=gpt2 --dataset=web --max_tokens=1_000_000_000
 
-Reads one of: --input (a file; a folder, searched recursively for the files
-matching --glob, skipping hidden ones and those in no known format; an http(s)
-URL; hf://datasets/OWNER/NAME/path/glob, a Hugging Face dataset's files; a file
-listing URLs, one a line, each optionally followed by its sha256; or several of
-these separated by spaces), the preset's --url (checked against url_sha256), or,
-when both are empty, the standard library's own .py files without its test
-suites: about 12 MB of code on any machine, no network.
-Formats, each streamed: Parquet (read a row group at a time; text_field is the
-column of the text), JSON Lines (.jsonl, .ndjson, and .json files whose content
-is a record a line), JSON arrays of records (.json), HTML (.html, .htm) and plain
-text (anything else); all but Parquet may be compressed as .gz, .zst or .zstd.
-Records' other fields can filter them (row_filters, e.g. FineWeb-Edu's score),
-and max_documents / max_tokens take a deterministic prefix of a large corpus.
-Downloads (into <data_root>/<dataset>/download/; hf:// ones into the hub's cache,
-HF_HOME, with HF_TOKEN for gated datasets) run download_workers at a time while
-earlier files are read; a dropped one resumes where it stopped, and each is
-checked against its sha256 when one is known (url_sha256 for the preset's url,
-input_sha256 for a single --input, the URL list, the hub).
+Reads --input (a file; a folder, searched recursively for the files matching --glob, skipping hidden
+ones and those in no known format; an http(s) URL; hf://datasets/OWNER/NAME/path/glob; a file listing
+URLs, one a line, each optionally followed by its sha256; or several of these separated by spaces),
+else the preset's --url (checked against url_sha256), else the standard library's own .py files
+without its test suites: about 12 MB of code on any machine, no network. Formats, each streamed:
+Parquet (a row group at a time; text_field is the column), JSON Lines, JSON arrays of records, HTML
+and plain text; all but Parquet may be .gz, .zst or .zstd. Records' other fields can filter them
+(row_filters), and max_documents / max_tokens take a deterministic prefix of a large corpus.
+Downloads go to <data_root>/<dataset>/download/ (hf:// ones to the hub's cache, with HF_TOKEN for
+gated datasets), download_workers at a time while earlier files are read; a dropped one resumes, and
+each is checked against its sha256 when one is known.
 
-The pipeline, each step switched on or off by the config (all off by default,
-so the default corpus of code goes through untouched; config/data_gutenberg.py
-switches on everything):
-  1. clean: HTML to text, the Project Gutenberg header and licence, Unicode NFC,
-     whitespace (html_to_text, strip_gutenberg, unicode_nfc, normalize_whitespace)
-  2. quality filters: quality_filters = {rule: (min, max)} bounds the measures
-     in _MEASURES below (Gopher and C4 style heuristics); a document outside
-     a bound is dropped and counted under the first rule it breaks
-  3. deduplication: exact (a hash of the lower-cased, whitespace-collapsed text)
-     and near (MinHash with LSH banding); the first of a group is kept
-  4. split: a document longer than max_document_chars is cut at line ends into
-     pieces, so even a single-file corpus splits into train and val; the pieces
-     are shuffled with a fixed seed and a val_fraction of them go to val; within
-     a split, a document's pieces follow each other in order and the last one
-     is followed by the end-of-text token
-  5. tokenize: 'bpe' first trains a byte-level BPE on the kept documents. Each
-     piece is tokenized alone, so the pool can share out a long document; for
-     the BPE tokenizers the tokens at a cut (a line end) can differ slightly
-     from those of the whole text.
-Documents stream through: steps 1-3 write the kept documents to a scratch file,
-which the tokenizer training and step 5 read back, and the per-document work
-(steps 1-2 and the hashing of 3, then tokenizing) runs in a pool of processes.
-Memory grows with the number of documents, not their size: a few bytes each for
-the split, plus the dedup sets (see the README for measured sizes per million).
-The scratch file holds the kept text once more on disk. Progress bars show on a
-terminal; a log gets a line every 10 seconds instead. Ctrl-C leaves the earlier
-dataset as it was, and temporary files carry their writer's process id, so the
-next run removes those that a killed run left.
+The pipeline, each step switched on by the config (all off by default, so the default corpus of code
+goes through untouched; config/data_gutenberg.py switches on everything):
+  1. clean: HTML to text, the Project Gutenberg header and licence, Unicode NFC, whitespace
+  2. quality filters: quality_filters = {rule: (min, max)} bounds the measures in _MEASURES (Gopher
+     and C4 style heuristics); a document is dropped and counted under the first rule it breaks
+  3. deduplication: exact (a hash of the lower-cased, whitespace-collapsed text) and near (MinHash
+     with LSH banding); the first of a group is kept
+  4. split: a document longer than max_document_chars is cut at line ends into pieces, which are
+     shuffled with a fixed seed, a val_fraction of them to val; within a split a document's pieces
+     follow each other in order, the last followed by the end-of-text token
+  5. tokenize: 'bpe' first trains a byte-level BPE on the kept documents; each piece is tokenized
+     alone, so the pool can share out a long document
+Steps 1-3 stream the kept documents to a scratch file, which the tokenizer and step 5 read back; the
+per-document work runs in a pool of processes. Memory grows with the number of documents, not their
+size. Progress bars show on a terminal, a log gets a line every 10 seconds. Ctrl-C leaves the earlier
+dataset as it was, and temporary files carry their writer's process id, so the next run removes
+those that a killed run left.
 
 Writes to <data_root>/<dataset>/:
     train.bin, val.bin  token ids, raw uint16 (uint32 when the vocabulary exceeds 65536), for np.memmap;
@@ -85,6 +67,7 @@ import multiprocessing
 import os
 import re
 import signal
+import sys
 import sysconfig
 import threading
 import time
@@ -93,12 +76,10 @@ import urllib.parse
 from html.parser import HTMLParser
 
 import numpy as np
-import pyarrow
-import pyarrow.parquet
-import zstandard
 
 from configurator import configure
 from download import download, file_sha256, progress
+from optional import optional
 from runlog import write_card
 from tokenizer import Tokenizer, count_words
 
@@ -155,14 +136,12 @@ def hub_files(pattern):
     """(name, repo_id, revision, path in the repository, the hub's sha256 or None) of each file of a
     dataset repository that hf://datasets/OWNER/NAME[@REVISION]/GLOB matches, in sorted order."""
     # imported here: only hub inputs need it, and it adds about a second to every start
-    from huggingface_hub import HfFileSystem
-    from huggingface_hub.errors import HfHubHTTPError
-
-    fs = HfFileSystem()
+    hub, errors = optional("huggingface_hub", "an hf:// input"), optional("huggingface_hub.errors", "an hf:// input")
+    fs = hub.HfFileSystem()
     try:
         resolved = fs.resolve_path(pattern)
         found = fs.glob(pattern, detail=True)
-    except (HfHubHTTPError, OSError, ValueError, NotImplementedError) as e:
+    except (errors.HfHubHTTPError, OSError, ValueError, NotImplementedError) as e:
         raise SystemExit(f"prepare error: cannot list {pattern} ({type(e).__name__}: {str(e).splitlines()[0]}); "
                          "check the dataset name and path, and HF_TOKEN for a gated or private dataset") from None
     if resolved.repo_type != "dataset":
@@ -179,12 +158,10 @@ def hub_files(pattern):
 
 def hub_download(repo_id, revision, in_repo, expected_sha256):
     """A dataset file from the hub, through its cache (resumed downloads, HF_TOKEN, HF_HOME); checked against the hub's sha256."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError
-
+    hub, errors = optional("huggingface_hub", "an hf:// input"), optional("huggingface_hub.errors", "an hf:// input")
     try:
-        path = hf_hub_download(repo_id, in_repo, repo_type="dataset", revision=revision)
-    except (HfHubHTTPError, OSError, ValueError) as e:
+        path = hub.hf_hub_download(repo_id, in_repo, repo_type="dataset", revision=revision)
+    except (errors.HfHubHTTPError, OSError, ValueError) as e:
         raise SystemExit(f"prepare error: could not download {in_repo} of {repo_id} ({type(e).__name__}: "
                          f"{str(e).splitlines()[0]}); check the network and HF_TOKEN") from None
     digest = file_sha256(path)
@@ -362,6 +339,7 @@ def open_decompressed(path):
     if lower.endswith(".gz"):
         return gzip.open(path, "rb")
     if lower.endswith((".zst", ".zstd")):
+        zstandard = optional("zstandard", "reading .zst files")
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True), 1 << 20)
     return open(path, "rb")
 
@@ -430,7 +408,7 @@ def jsonl_records(f):
 def parquet_records(path, columns):
     """(row number, {column: value}, 0) for each row of a Parquet file, one row group at a time, reading
     only the given columns."""
-    parquet = pyarrow.parquet.ParquetFile(path)
+    parquet = optional("pyarrow.parquet", "reading Parquet files").ParquetFile(path)
     missing = [c for c in columns if c not in parquet.schema_arrow.names]
     if missing:
         raise SystemExit(f"prepare error: {path} has no column {', '.join(map(repr, missing))} (its columns: "
@@ -479,6 +457,13 @@ def record_documents(name, records, stats, removed):
         stats["bad_records"] += n_bad
 
 
+def read_errors():
+    """What a damaged file raises as it is read: OSError and EOFError, and the errors of the zstandard
+    and Parquet readers once they are imported (a file of theirs was read)."""
+    return (OSError, EOFError) + tuple(getattr(sys.modules[module], name) for module, name in
+                                       (("zstandard", "ZstdError"), ("pyarrow", "ArrowException")) if module in sys.modules)
+
+
 def read_documents(files, stats, removed):
     """Yield (source, text) for every document of the files ((name, path, sha256 or None, found in a folder)
     each); a file in no known format is an error, or skipped with a warning when found in a folder; stats
@@ -507,7 +492,7 @@ def read_documents(files, stats, removed):
                         text, replaced = decode(f.read())
                         warn_replaced(name, replaced, stats)
                         yield name, text
-        except (OSError, EOFError, zstandard.ZstdError, pyarrow.ArrowException) as e:
+        except read_errors() as e:
             raise SystemExit(f"prepare error: cannot read {path} ({type(e).__name__}: {e}); "
                              "check the file (a truncated download?) or leave it out with --glob")
         if digest:
@@ -1032,34 +1017,21 @@ def read_scratch(path):
 
 
 def check_config():
-    if tokenizer not in ("gpt2", "bpe", "char", "byte"):
-        raise SystemExit(f"prepare error: unknown tokenizer '{tokenizer}'; use --tokenizer=gpt2, bpe, char or byte")
-    if tokenizer == "bpe" and bpe_vocab_size < 258:
-        raise SystemExit(f"prepare error: bpe_vocab_size={bpe_vocab_size} leaves no room for merges after the 256 bytes "
-                         "and end-of-text; use e.g. --bpe_vocab_size=8192")
+    """What configurator.VALID_RANGES cannot say about prepare.py's keys."""
     if not dataset or dataset in (".", "..") or os.path.basename(dataset) != dataset or "\\" in dataset:
         raise SystemExit(f"prepare error: --dataset={dataset!r} is not a folder name; name one folder under "
                          f"{data_root}, e.g. --dataset=mycorpus")
     if not 0 < val_fraction < 1:  # train.py needs a val split to evaluate on
         raise SystemExit(f"prepare error: val_fraction={val_fraction} is outside (0, 1), and training needs a val "
                          "split; use e.g. --val_fraction=0.1 (or 0.001 for a large corpus)")
-    if max_documents < 0 or max_tokens < 0:
-        raise SystemExit(f"prepare error: max_documents={max_documents} and max_tokens={max_tokens} must not be "
-                         "negative; use 0 for no limit")
     if max_tokens and tokenizer not in ("gpt2", "byte"):
         raise SystemExit(f"prepare error: max_tokens needs a tokenizer that exists before the corpus is read "
                          f"(gpt2 or byte), not {tokenizer}; use --max_documents instead")
-    if download_workers < 1:
-        raise SystemExit(f"prepare error: download_workers={download_workers} must be positive; use e.g. --download_workers=4")
     for column, allowed in row_filters.items():
         if isinstance(allowed, tuple) and not (len(allowed) == 2 and all(
                 v is None or isinstance(v, (int, float)) for v in allowed)):
             raise SystemExit(f"prepare error: row_filters['{column}'] = {allowed!r} is not a (min, max) pair; write "
                              "e.g. {'score': (3, None)}, a list of allowed values, or the one value allowed")
-    if max_document_chars < 1:
-        raise SystemExit(f"prepare error: max_document_chars={max_document_chars} must be positive; use e.g. --max_document_chars=100000")
-    if shard_tokens < 1:
-        raise SystemExit(f"prepare error: shard_tokens={shard_tokens} must be positive; use e.g. --shard_tokens=100000000")
     for rule, bound in quality_filters.items():
         if rule not in _MEASURES:
             raise SystemExit(f"prepare error: unknown quality filter '{rule}'; the rules are {', '.join(_MEASURES)}")
@@ -1067,13 +1039,6 @@ def check_config():
                 and all(v is None or isinstance(v, (int, float)) for v in bound)):
             raise SystemExit(f"prepare error: quality_filters['{rule}'] = {bound!r} is not a (min, max) pair; "
                              "write e.g. (None, 0.1), None for an open end")
-    if dedup_near and not 0 < near_threshold <= 1:
-        raise SystemExit(f"prepare error: near_threshold={near_threshold} is outside (0, 1]; use e.g. --near_threshold=0.8")
-    if dedup_near and min(minhash_bands, minhash_rows) < 1:
-        raise SystemExit(f"prepare error: minhash_bands={minhash_bands} and minhash_rows={minhash_rows} must be positive; "
-                         "use e.g. --minhash_bands=16 --minhash_rows=8")
-    if num_workers < 0:
-        raise SystemExit(f"prepare error: num_workers={num_workers} is negative; use 0 for one per CPU core")
 
 
 def summary_line(counts):

@@ -33,6 +33,8 @@ import statistics
 import tempfile
 import time
 
+from optional import optional
+
 PLOT_SIZE = (12, 7)  # inches; at PLOT_DPI the PNG is 1080 x 630 pixels
 PLOT_DPI = 90
 
@@ -79,11 +81,7 @@ WANDB_ID_NAME = "wandb_run_id"  # in out_dir: the W&B run a resumed run continue
 
 class WandbTracker:
     def __init__(self, project, out_dir, config, resumed):
-        try:
-            import wandb
-        except ImportError:
-            raise SystemExit("config error: wandb_project needs Weights & Biases; pip install wandb") from None
-        self.wandb = wandb
+        self.wandb = wandb = optional("wandb", "wandb_project")
         id_path = os.path.join(out_dir, WANDB_ID_NAME)
         run_id = None
         if resumed and os.path.isfile(id_path):
@@ -112,10 +110,7 @@ class WandbTracker:
 
 class TensorBoardTracker:
     def __init__(self, out_dir, config, resumed_at=None):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise SystemExit("config error: tensorboard=True needs TensorBoard; pip install tensorboard") from None
+        SummaryWriter = optional("torch.utils.tensorboard", "tensorboard=True", "tensorboard").SummaryWriter
         # A new events file beside the earlier run's; purge_step hides that run's events after the
         # checkpoint's step (TensorBoard's Python reader showed both otherwise; its Rust one keeps the newest).
         self.writer = SummaryWriter(log_dir=os.path.join(out_dir, "tensorboard"),
@@ -129,8 +124,8 @@ class TensorBoardTracker:
         self.writer.flush()  # on disk now, not within 2 minutes: a killed run loses no event before its checkpoint
 
     def image(self, name, path, step):
-        import matplotlib.image
-        self.writer.add_image(name, matplotlib.image.imread(path)[..., :3], step, dataformats="HWC")
+        image = optional("matplotlib.image", "a plot in TensorBoard")
+        self.writer.add_image(name, image.imread(path)[..., :3], step, dataformats="HWC")
 
     def close(self):
         self.writer.close()

@@ -25,7 +25,7 @@ import sys
 
 import torch
 
-from chat import has_chat_tokens, prompt_ids as chat_prompt_ids, stop_ids
+from chat import has_chat_tokens, prompt_ids as chat_prompt_ids, read_text, stop_ids
 from checkpoint import model_for_generation
 from configurator import configure
 from model import EncoderDecoder
@@ -80,14 +80,7 @@ if translating != isinstance(model, EncoderDecoder):
                      "--translate=TEXT or --translate_file=FILE"))
 
 if start.startswith("FILE:"):
-    prompt_path = start[len("FILE:"):]
-    if not os.path.isfile(prompt_path):
-        raise SystemExit(f"sample error: prompt file {prompt_path} not found")
-    try:
-        with open(prompt_path, encoding="utf-8") as f:
-            start = f.read()
-    except UnicodeDecodeError:
-        raise SystemExit(f"sample error: prompt file {prompt_path} is not UTF-8 text; save it as UTF-8") from None
+    start = read_text(start[len("FILE:"):], "sample", "prompt file", "check the path after --start=FILE:")
 prompt_ids = tokenizer.encode(start) if start else [tokenizer.eot_id]
 if len(prompt_ids) > block_size:
     print(f"warning: the prompt is {len(prompt_ids)} tokens, longer than the model's context of {block_size}; "

@@ -56,6 +56,7 @@ from chat import has_chat_tokens, prompt_ids, stop_ids
 from checkpoint import model_for_generation
 from configurator import configure
 from decoding import Decoder
+from optional import optional
 from runtime import autocast_context, pick_device, pick_dtype
 
 # -----------------------------------------------------------------------------
@@ -90,16 +91,14 @@ if not loopback and not api_key:
 if not 0 <= port < 65536 or slots < 1 or max_queue < 0 or max_n < 1 or max_body_bytes < 1:
     raise SystemExit("config error: need 0 <= port < 65536, slots >= 1, max_queue >= 0, max_n >= 1, max_body_bytes >= 1")
 max_n = min(max_n, slots)
-try:
-    import uvicorn
-    from fastapi import FastAPI, Request
-    from fastapi.middleware.cors import CORSMiddleware
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-    from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-    from starlette.datastructures import Headers
-    from starlette.exceptions import HTTPException
-except ImportError as e:
-    raise SystemExit(f"serve error: {e.name} is not installed; pip install fastapi uvicorn") from None
+uvicorn = optional("uvicorn", "serve.py", "fastapi uvicorn")
+optional("fastapi", "serve.py", "fastapi uvicorn")  # with pydantic and starlette, its own dependencies
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 page_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
 with open(page_path, encoding="utf-8") as f:
     page = f.read()

@@ -11,31 +11,23 @@ adapters (lora_rank > 0).
     torchrun --standalone --nproc_per_node=8 sft.py config/sft_gpt2.py
     torchrun --standalone --nproc_per_node=8 --max-restarts=3 sft.py config/sft_gpt2.py --resume=auto
 
-Reads the checkpoint init_from (a pretraining checkpoint, an earlier SFT one, or hf:FOLDER)
-and the records in data (Alpaca-style or chat, .json or .jsonl; see chat.py). A model without
-the chat tokens gets them first. A fixed val_fraction of the records is held out for the eval
-loss: the mean loss per assistant token. Writes out_dir/ckpt-<step>.pt (kind 'sft'; with
-LoRA, only the adapters and the name, step and sha256 of the base; and the optimizer state,
-the step and every process's random state) with out_dir/ckpt.pt linked to the newest, and
-out_dir/metrics.jsonl, plot.png and report.md. sample.py --chat, evaluate.py and dpo.py read the checkpoint.
+Reads the checkpoint init_from (a pretraining checkpoint, an earlier SFT one, or hf:FOLDER) and the
+records in data (Alpaca-style or chat, .json or .jsonl; see chat.py); a model without the chat
+tokens gets them first. A fixed val_fraction of the records is held out for the eval loss, the mean
+loss per assistant token. Writes out_dir/ckpt-<step>.pt (kind 'sft'; with LoRA only the adapters
+and the name, step and sha256 of the base) with out_dir/ckpt.pt linked to the newest, metrics.jsonl,
+plot.png and report.md; sample.py --chat, evaluate.py and dpo.py read the checkpoint.
 With benchmark set (e.g. --benchmark=gsm8k --benchmark_dir=../shared/data/evals), that task of evaluate.py is
 also scored at every evaluation, asked in chat turns, and its metrics logged as benchmark_<metric>.
 
-Batches: packing lays the shuffled examples end to end into rows of block_size tokens, with
-attention kept inside each example (model.forward's doc_ids), so no compute goes to padding;
-packing=False pads each batch to its longest example. Either way a batch is a pure function of
-the step (chat.batch_of), as in train.py. The optimizer, schedule, accumulation, clipping,
-placement (DDP or FSDP) and checkpoint rotation are train.py's (optim.py, parallel.py, checkpoint.py).
-
-Resuming: resume='yes' continues the run in out_dir from its newest checkpoint that loads, as
-if it had never stopped: the same model (with LoRA, the base the checkpoint names plus its
-adapters), the optimizer state, the step, and so the same batches, and each process's random
-state (at another world size all but dropout's, which starts afresh). resume='auto' does that
-if out_dir has a checkpoint and starts a new run if not, so torchrun --max-restarts recovers a
-crashed run by itself. It is a key of its own, not train.py's init_from='resume': here init_from
-names the checkpoint a run starts from, which resume='auto' still needs the first time. A
-resumed run must have the init_from and LoRA settings it was started with; the rest (max_iters,
-say) may change.
+packing lays the shuffled examples end to end into rows of block_size tokens, attention kept inside
+each example (model.forward's doc_ids); packing=False pads each batch to its longest example. A
+batch is a pure function of the step (chat.batch_of), as in train.py, so resume='yes' continues the
+run in out_dir from its newest checkpoint that loads exactly as if it had never stopped (at another
+world size all but dropout's random state), and resume='auto' does so if there is one, else starts
+a new run: torchrun --max-restarts then recovers a crash by itself. (init_from names the checkpoint a
+run starts from, which resume='auto' needs the first time; a resumed run keeps its init_from and LoRA
+settings, and the rest, max_iters say, may change.) The skeleton is train.py's (trainer.py).
 
 Every default below is a config key: override it in a config file or with --key=value.
 """
@@ -106,21 +98,18 @@ print_config(config)
 # -----------------------------------------------------------------------------
 
 dist, dtype, autocast = start(device, dtype, seed, parallelism)
-device, log = dist.device, dist.log  # log: print on rank 0 only
-accumulation_steps = gradient_accumulation("total_batch_size", total_batch_size, batch_size=batch_size,
-                                           processes=dist.world_size)
 if benchmark and parallelism == "fsdp" and dist.world_size > 1:
     raise SystemExit("config error: benchmark scoring runs on the whole, unsharded model; use it with parallelism='ddp'")
-benchmark_data = read_benchmark(benchmark, benchmark_dir, benchmark_limit, log) if benchmark else None
+benchmark_data = read_benchmark(benchmark, benchmark_dir, benchmark_limit, dist.log) if benchmark else None
 stop = take_out_dir(out_dir, dist, "--resume=yes")
 
 # model: a new run takes the checkpoint to fine-tune, merged if it holds adapters, with the chat
 # tokens; a resumed run takes its own checkpoint's model as it was, adapters included
 checkpoint, ckpt_path = checkpoint_to_resume(resume, out_dir, "sft", config, TUNED_KEYS)
-model, tokenizer, base = model_to_tune(init_from, checkpoint, ckpt_path, log, describe_start=lora_rank > 0)
+model, tokenizer, base = model_to_tune(init_from, checkpoint, ckpt_path, dist.log, describe_start=lora_rank > 0)
 if checkpoint is None and not has_chat_tokens(tokenizer):
     model, tokenizer = add_chat_tokens(model, tokenizer)
-    log("added the chat tokens: " + ", ".join(f"{name} {tokenizer.special_tokens[name]}" for name in CHAT_TOKENS)
+    dist.log("added the chat tokens: " + ", ".join(f"{name} {tokenizer.special_tokens[name]}" for name in CHAT_TOKENS)
         + f"; the embedding has {model.config.padded_vocab_size} rows")
 base = base if checkpoint is None else checkpoint.get("base")  # what a LoRA checkpoint names as its base
 block_size = context_length(block_size, model)
@@ -154,17 +143,19 @@ steps_per_epoch = math.ceil(len(train_units) / total_batch_size)
 max_iters = max_iters or epochs * steps_per_epoch
 answer_counts = [sum(t >= 0 for t in y) for _, y, _ in train_units]
 answer_tokens = sum(answer_counts)
-log(f"data {data}: {len(train_records)} train and {len(val_records)} held-out records, {answer_tokens:,} answer tokens "
+dist.log(f"data {data}: {len(train_records)} train and {len(val_records)} held-out records, {answer_tokens:,} answer tokens "
     f"to learn in {len(train_units)} {'packed rows' if packing else 'examples'} of up to {block_size} tokens"
     + (f"; {n_long} train records cut at block_size (those left with no answer are dropped)" if n_long else ""))
-log(f"device {device_name(device)} x {dist.world_size} processes, {dtype}; {total_batch_size} "
+accumulation_steps = gradient_accumulation("total_batch_size", total_batch_size, batch_size=batch_size,
+                                           processes=dist.world_size)
+dist.log(f"device {device_name(dist.device)} x {dist.world_size} processes, {dtype}; {total_batch_size} "
     f"{'rows' if packing else 'examples'} per step = {batch_size} x {dist.world_size} processes x {accumulation_steps} "
     f"accumulation steps; {max_iters} steps ({steps_per_epoch} per epoch)")
 
 lora = lora_settings(lora_rank, lora_alpha, lora_dropout, lora_targets)
 if lora and checkpoint is None:  # a resumed model has its adapters already
     add_lora(model, **lora)
-trainable = count_trained(model, log)
+trainable = count_trained(model, dist.log)
 model, raw_model, optimizer, scaler, step = prepare_model(model, checkpoint, dist, dtype, parallelism, compile, seed,
                                                           learning_rate, weight_decay, (beta1, beta2))
 checkpoint = None  # free the memory
@@ -173,7 +164,7 @@ run_log = open_run_log(out_dir, config, dist, dtype, step, "sft", data=data, par
 
 
 def batch_loss(units):
-    x, y, docs = to_device(torch.stack(collate(units, tokenizer.eot_id)), device)  # one copy, cut up on the device
+    x, y, docs = to_device(torch.stack(collate(units, tokenizer.eot_id)), dist.device)  # one copy, cut up on the device
     with autocast:
         return model(x, y, doc_ids=docs if packing else None)[1], (y >= 0).sum()
 
@@ -216,9 +207,9 @@ while True:
         if val_batches:
             loss_sum_and_count = sum_over_batches(model, val_batches, held_out_sums, dist)
             val_loss = (loss_sum_and_count[0] / loss_sum_and_count[1]).item()  # the mean per answer token
-            log(f"step {step}: held-out loss {val_loss:.4f}")
+            dist.log(f"step {step}: held-out loss {val_loss:.4f}")
         scores = score_benchmark(benchmark_data, raw_model, tokenizer, batch_size, autocast, dist, True, step,
-                                 log) if benchmark else {}
+                                 dist.log) if benchmark else {}
         if step > start_step:
             save(raw_model, optimizer, dist, out_dir, keep_checkpoints, run_log, "sft", [val_loss, loss_sum],
                  lora=lora, base=base, kind="sft", step=step, val_loss=val_loss, config=config,
@@ -236,7 +227,7 @@ while True:
     if step % log_interval == 0 or step == max_iters:
         train_loss = all_reduce_sum(loss_sum, dist.world_size).item() / dist.world_size
         stop_if_not_finite(train_loss, step, dist, "sft", out_dir)
-        log(f"step {step}/{max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | {pace.lap(step)[1]}")
+        dist.log(f"step {step}/{max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | {pace.lap(step)[1]}")
         run_log.log({"step": step, "loss": train_loss, "lr": lr, "time": time.time()})
 
 finish(run_log, dist, stop, step, f"done after {step} steps"

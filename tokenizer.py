@@ -26,6 +26,8 @@ import base64
 import collections
 import heapq
 
+from optional import optional
+
 EOT = "<|endoftext|>"
 
 # GPT-2's pre-tokenization, as tiktoken writes it: contractions, letters with an optional leading
@@ -39,10 +41,8 @@ class Tokenizer:
         self.description = description
         self.kind = description["kind"]
         if self.kind == "gpt2":
-            import tiktoken
-
             try:
-                self._enc = tiktoken.get_encoding("gpt2")
+                self._enc = optional("tiktoken", "the gpt2 tokenizer").get_encoding("gpt2")
             except Exception as e:  # network or cache failure surfaces as many exception types
                 raise SystemExit(
                     f"tokenizer error: could not load tiktoken's gpt2 files ({type(e).__name__}: {e}); "
@@ -52,10 +52,8 @@ class Tokenizer:
             self.vocab_size = self._enc.n_vocab
             self.special_tokens = {EOT: self.eot_id}
         elif self.kind == "bpe":
-            import tiktoken
-
             self.special_tokens = description["special_tokens"]
-            self._enc = tiktoken.Encoding(
+            self._enc = optional("tiktoken", "the bpe tokenizer").Encoding(
                 "bpe", pat_str=description["pat_str"], mergeable_ranks=read_ranks(description["ranks"]),
                 special_tokens=self.special_tokens,
             )
@@ -145,9 +143,8 @@ def read_ranks(text):
 
 def count_words(texts, pattern=GPT2_PATTERN):
     """Counter {pre-tokenized piece as UTF-8 bytes: how often it occurs} over all texts."""
-    import regex  # tiktoken's own dependency; the standard re module has no \p{L}
-
-    split = regex.compile(pattern).findall
+    # tiktoken's own dependency; the standard re module has no \p{L}
+    split = optional("regex", "training a BPE tokenizer").compile(pattern).findall
     counts = collections.Counter()
     for text in texts:
         counts.update(split(text))

@@ -13,28 +13,19 @@ Pretrain a GPT on the token bins that prepare.py wrote, on one CPU or GPU or man
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py --pipeline_stages=2 --tie_embeddings=False
     python train.py config/train_gpt2.py --parallelism=fsdp --cpu_offload=True   # optimizer state in CPU memory
 
-Reads data/<dataset>/meta.json and its bins. Writes out_dir/ckpt-<step>.pt
-(model, optimizer, step, every process's RNG state, config and tokenizer:
-everything sample.py needs and everything a resumed run needs to continue
-exactly), keeps the last keep_checkpoints of them with out_dir/ckpt.pt linked to
-the newest, and appends one JSON line per log step and per evaluation to
-out_dir/metrics.jsonl, and plot.png and report.md at the end (runlog.py). With benchmark set, a task of
+Reads data/<dataset>/meta.json and its bins. Writes out_dir/ckpt-<step>.pt (model, optimizer, step,
+every process's RNG state, config and tokenizer: all that sample.py needs and all that a resumed run
+needs to continue exactly), keeping the last keep_checkpoints with out_dir/ckpt.pt linked to the
+newest, and out_dir/metrics.jsonl, plot.png and report.md (runlog.py). With benchmark set, a task of
 evaluate.py (or a JSONL in its formats) is scored at every evaluation too, as benchmark_<metric>.
 
-Under torchrun each process trains on its own batches and the gradients are
-averaged once per optimizer step. total_batch_tokens fixes the tokens per step,
-and the gradient accumulation follows from it, so a config gives the same
-optimization on 1 or 8 GPUs. With parallelism='fsdp' each block, then the whole
-model, is sharded with FSDP2 (fully_shard): parameters, gradients and optimizer
-state are split across the processes, which is what lets a model larger than
-one GPU's memory train. With pipeline_stages=S the layers are split into S
-consecutive stages on S processes (torch.distributed.pipelining; embeddings
-on the first, final norm and output layer on the last), the step's micro-batches
-flow through them by the GPipe or 1F1B schedule, and the world is a grid of S
-stages x (processes / S) data-parallel replicas. cpu_offload=True keeps FSDP's
-parameters, gradients and optimizer state in CPU memory. Checkpoints have one
-format for all of these: any run resumes in any other layout. Only rank 0
-prints and writes files.
+total_batch_tokens fixes the tokens per step and the gradient accumulation follows, so a config gives
+the same optimization on 1 or 8 GPUs. Under torchrun each process trains on its own batches (DDP);
+parallelism='fsdp' shards each block's parameters, gradients and optimizer state over the processes
+(FSDP2), which lets a model larger than one GPU's memory train, and cpu_offload=True keeps them in CPU
+memory; pipeline_stages=S cuts the layers into S stages on S processes, the world a grid of S stages x
+processes/S data-parallel replicas, through which the GPipe or 1F1B schedule runs the micro-batches.
+Checkpoints have one format for all of these: any run resumes in any other layout.
 
 Every default below is a config key: override it in a config file or with --key=value.
 """
@@ -142,7 +133,7 @@ if init_from not in ("scratch", "resume", "auto") and not init_from.startswith("
     raise SystemExit(f"config error: init_from='{init_from}' is not one of scratch, resume, auto, hf:FOLDER")
 lr_decay_iters = lr_decay_iters or max_iters
 data_parallel = dist.world_size // pipeline_stages  # the processes that read different batches
-# under pipelining: the schedule's micro-batches
+# micro-steps per optimizer step; under pipelining, the micro-batches of the schedule
 accumulation_steps = gradient_accumulation("total_batch_tokens", total_batch_tokens, batch_size=batch_size,
                                            block_size=block_size, data_parallel=data_parallel)
 if pipeline_stages > 1 and pipeline_schedule == "1f1b" and accumulation_steps < pipeline_stages:

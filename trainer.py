@@ -1,30 +1,34 @@
 """
-The skeleton every trainer shares (train.py, sft.py, dpo.py, and each new one): the steps they all
-take, as plain functions each script calls in its own order, so that the script still reads top to
-bottom with its own loop in view. A trainer is written like this:
+The skeleton every trainer shares (train.py, sft.py, dpo.py and each new one), as plain functions
+that a script calls where a reader sees them, so that it still reads top to bottom with its own
+loop in view. A post-training script (rl.py, say) is written like this:
 
     dist, dtype, autocast = start(device, dtype, seed, parallelism)
     accumulation = gradient_accumulation("total_batch_size", total_batch_size, batch_size=batch_size,
-                                      processes=dist.world_size)
-    stop = take_out_dir(out_dir, dist, "--resume=yes")             # one run per out_dir; Ctrl-C ends it cleanly
+                                         processes=dist.world_size)
+    stop = take_out_dir(out_dir, dist, "--resume=yes")      # one run per out_dir; Ctrl-C ends it in one line
     checkpoint, ckpt_path = checkpoint_to_resume(resume, out_dir, "rl", config, TUNED_KEYS)
     model, tokenizer, origin = model_to_tune(init_from, checkpoint, ckpt_path, dist.log)
-    ...                                                             # the trainer's own data and losses
+    ...                                                     # its own data, batches and loss
     model, raw_model, optimizer, scaler, step = prepare_model(model, checkpoint, dist, dtype, parallelism,
                                                               compile, seed, learning_rate, weight_decay, betas)
-    run_log = open_run_log(out_dir, config, dist, dtype, step, "rl", data=data, parameters=...)
-    start_step = step
+    run_log = open_run_log(out_dir, config, dist, dtype, step, "rl", data=data, parameters=raw_model.num_params())
+    start_step, pace = step, Pace(step, max_iters)
     while True:
-        done = step >= max_iters or stop.requested()   # the one place where a run decides to end
+        lr = set_learning_rate(optimizer, learning_rate_at(step, ...))
+        done = step >= max_iters or stop.requested()        # the one place where the run decides to end
         if step % eval_interval == 0 or done:
-            losses = ...                            # sum_over_batches deals the held-out batches to the processes
+            sums = sum_over_batches(model, val_batches, batch_sums, dist)   # dealt out to the processes
             if step > start_step:
-                save(raw_model, optimizer, dist, run_log, keep_checkpoints, "rl", [losses], kind="rl", step=step, ...)
+                save(raw_model, optimizer, dist, out_dir, keep_checkpoints, run_log, "rl", [val_loss, loss],
+                     kind="rl", step=step, config=config, tokenizer=tokenizer.description)
+            pace.restart(step)
         if done:
             break
         loss = optimizer_step(model, optimizer, scaler, accumulation, micro_step_loss, grad_clip)
         step += 1
-        ...                                         # log lines: stop_if_not_finite, pace
+        if step % log_interval == 0:                        # all_reduce_sum, stop_if_not_finite, pace.lap
+            ...
     finish(run_log, dist, stop, step, f"done after {step} steps")
 
 Each checkpoint is written at an evaluation, after a check that the model and the losses are

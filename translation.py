@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from model import EncoderDecoder, search
+from optional import optional
 from tokenizer import Tokenizer
 
 MULTI30K_URL = "https://raw.githubusercontent.com/multi30k/dataset/a3d2e0d26b56f3846f66a952536ffed4e401d05a/data/task1/raw/"
@@ -309,11 +310,8 @@ def translate_lines(model, tokenizer, lines, batch_size=64, beam_size=1, length_
 def corpus_scores(hypotheses, references):
     """sacreBLEU's BLEU and chrF of the hypotheses against one reference each, as `sacrebleu REFS -i HYPS -m bleu
     chrf` computes them (cased, 13a tokenization inside BLEU), and their signatures."""
-    try:
-        from sacrebleu.metrics import BLEU, CHRF
-    except ImportError:
-        raise SystemExit("translate error: scoring translations needs sacrebleu: pip install sacrebleu") from None
-    bleu, chrf = BLEU(), CHRF()
+    metrics = optional("sacrebleu.metrics", "scoring translations")
+    bleu, chrf = metrics.BLEU(), metrics.CHRF()
     return {"bleu": bleu.corpus_score(hypotheses, [references]).score,
             "chrf": chrf.corpus_score(hypotheses, [references]).score,
             "bleu_signature": str(bleu.get_signature()), "chrf_signature": str(chrf.get_signature())}

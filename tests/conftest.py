@@ -44,13 +44,14 @@ def tiny_gpt(seed=0, spread=0.0, **config):
 
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**{**TINY, **LLAMA, **config})).eval()
-    if spread:
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() >= 2:
-                    p.normal_(0.0, spread)
-                else:
-                    p.add_(0.1 * torch.randn_like(p))
+    return spread_weights(model, spread) if spread else model
+
+
+def spread_weights(model, std):
+    """The model with every matrix drawn anew from N(0, std) and every vector moved by N(0, 0.01)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std) if p.dim() >= 2 else p.add_(0.1 * torch.randn_like(p))
     return model
 
 

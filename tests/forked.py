@@ -7,6 +7,8 @@ with exit status 1, any other exception prints its traceback. The server never r
 operation, so forking it is safe. Used by the bad-input tables, where each row is one short run, and
 by the fault tests, which signal a run (Forked) while it trains.
 
+It stays because the stage scripts stay flat scripts that run at import, as nanoGPT's do: each run
+needs a fresh process, and a subprocess spends seconds importing torch where a fork spends milliseconds.
 Why a server and not a fork of pytest itself: by the time a test runs, pytest's process has run
 torch operations (its intra-op thread pool, maybe gloo's threads), and threads do not survive a
 fork; it has also registered its own atexit handlers and may hold monkeypatched modules. The server

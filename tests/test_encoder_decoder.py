@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from conftest import spread_weights
 from model import EncoderDecoder, EncoderDecoderConfig, beam_search
 
 STYLES = {
@@ -27,11 +28,7 @@ def tiny_model(style="modern", seed=0, **overrides):
     from uniform and greedy decoding has clear winners that vary by position."""
     torch.manual_seed(seed)
     config = dict(vocab_size=40, block_size=16, n_layer=2, n_encoder_layer=2, n_head=4, n_embd=32)
-    model = EncoderDecoder(EncoderDecoderConfig(**{**config, **STYLES[style], **overrides})).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3) if p.dim() >= 2 else p.add_(0.1 * torch.randn_like(p))
-    return model
+    return spread_weights(EncoderDecoder(EncoderDecoderConfig(**{**config, **STYLES[style], **overrides})).eval(), 0.3)
 
 
 @pytest.mark.parametrize("style", STYLES)

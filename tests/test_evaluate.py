@@ -525,7 +525,7 @@ def test_bad_benchmark_files_are_one_line_errors_naming_the_line(tmp_path):
     cases = [
         (str(tmp_path / "none.jsonl"), "no benchmark file"),
         (write_lines(tmp_path / "empty.jsonl", ["", "  "]), "holds no records"),
-        (write_lines(tmp_path / "json.jsonl", [good, "{not json"]), "json.jsonl line 2 is not valid JSON"),
+        (write_lines(tmp_path / "json.jsonl", [good, "{not json"]), "json.jsonl line 2: not valid JSON"),
         (write_lines(tmp_path / "keys.jsonl", [{"question": "?", "label": 1}]), "line 1: unknown record format"),
         (write_lines(tmp_path / "gold.jsonl", [good, good, dict(good, gold=2)]), "line 3: the gold answer 2"),
         (write_lines(tmp_path / "mixed.jsonl", [good, {"context": "a", "continuation": "b"}]), "line 2: a lambada record"),

@@ -28,7 +28,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, TINY_MODEL, TOY_INSTRUCTIONS, TOY_VAL_FRACTION
+from conftest import REPO, TINY_MODEL, TOY_INSTRUCTIONS, TOY_VAL_FRACTION, assert_same_weights, weights
 from forked import Forked, run_forked
 
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
@@ -138,16 +138,6 @@ def records(out_dir):
             if record not in unique:
                 unique.append(record)
     return unique
-
-
-def weights(out_dir):
-    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
-
-
-def assert_same_weights(a, b, atol=0.0):
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
 
 
 def newest_checkpoint_step(out_dir):

@@ -623,3 +623,18 @@ def test_input_sha256_checks_a_local_input_file(tmp_path):
     assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
         f"prepare error: {tmp_path / 'input.txt'} has sha256 {sha}, expected input_sha256={'1' * 64}; "
         "check the file, or leave the check out"]
+
+
+def test_a_machine_without_the_optional_libraries_prepares_plain_text_and_names_the_pip_command_for_the_rest(
+        tmp_path, monkeypatch):
+    blocked = tmp_path / "blocked"  # modules that fail to import, found before the installed ones
+    for module in ("zstandard", "pyarrow", "huggingface_hub"):
+        write_files(blocked, {f"{module}.py": "raise ImportError('not installed')\n"})
+    monkeypatch.setenv("PYTHONPATH", str(blocked))
+    write_files(tmp_path, {"in/a.txt": "one document\n" * 50, "in/b.txt": "another one\n" * 50})
+    prepare_run(tmp_path, f"--input={tmp_path / 'in'}")
+    assert (tmp_path / "data" / "t" / "meta.json").exists()
+    for name, library in (("c.parquet", "pyarrow"), ("d.jsonl.zst", "zstandard")):
+        write_files(tmp_path, {name: b"PAR1" if library == "pyarrow" else b"\x28\xb5\x2f\xfd"})
+        result = prepare_run(tmp_path, f"--input={tmp_path / name}", "--dataset=u", check=False)
+        assert result.stderr.strip().endswith(f"needs {library}; pip install {library}"), result.stderr

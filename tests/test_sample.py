@@ -56,8 +56,8 @@ def bad_inputs(tmp_path_factory):
 @pytest.mark.parametrize("args, message", [
     (["--start=FILE:{root}/latin1.txt"], "sample error: prompt file {root}/latin1.txt is not UTF-8 text"),
     (["--out_dir={root}/nan"], "sample error: {root}/nan/ckpt.pt has NaN or infinite weights"),
-    (["--start=FILE:{root}/folder.txt"], "sample error: prompt file {root}/folder.txt not found"),
-    (["--start=FILE:{root}/none.txt"], "sample error: prompt file {root}/none.txt not found"),
+    (["--start=FILE:{root}/folder.txt"], "sample error: no prompt file {root}/folder.txt"),
+    (["--start=FILE:{root}/none.txt"], "sample error: no prompt file {root}/none.txt"),
     (["--out_dir={root}/none"], "checkpoint error: no checkpoint at {root}/none/ckpt.pt"),
     (["--ckpt={root}/latin1.txt"], "checkpoint error: {root}/latin1.txt is corrupt or not a checkpoint"),
     (["--ckpt={root}/truncated.pt"], "checkpoint error: {root}/truncated.pt is corrupt or not a checkpoint"),
