@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,7 @@ pytest.importorskip("fastapi", reason="serve.py needs fastapi and uvicorn: pip i
 pytest.importorskip("uvicorn", reason="serve.py needs fastapi and uvicorn: pip install fastapi uvicorn")
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's
+SCREENSHOT = os.path.join(tempfile.gettempdir(), "serve_page_phone.png")  # the browser test's, kept after the run
 
 
 class Server:
@@ -391,7 +393,7 @@ def test_bad_settings_stop_the_server_in_one_line(tiny_checkpoint, tmp_path, arg
 # the page, in a real browser
 
 
-def test_the_page_streams_an_answer_stops_it_and_keeps_the_conversation(long_server, tmp_path):
+def test_the_page_streams_an_answer_stops_it_and_keeps_the_conversation(long_server):
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install -y chromium")
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the browser is Debian's)")
@@ -429,7 +431,7 @@ def test_the_page_streams_an_answer_stops_it_and_keeps_the_conversation(long_ser
             assert page.inner_text("#send") == "Stop" and "tokens/s" in page.inner_text(".msg.assistant .meta")
             assert [(a["messages"], a["temperature"], a["stream"]) for a in asked] == \
                 [([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a long story."}], 0, True)]
-            page.screenshot(path=str(tmp_path / "serve_page_phone.png"))  # to look at, when this test fails
+            page.screenshot(path=SCREENSHOT)  # to look at: the page mid-answer on a phone
             page.click("#send")
             page.wait_for_selector(".msg.assistant:not(.streaming)")
             assert page.inner_text("#send") == "Send" and "stopped" in page.inner_text(".msg.assistant .meta")
