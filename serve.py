@@ -42,15 +42,12 @@ import ipaddress
 import json
 import os
 import socket
-import sys
 import threading
 import time
 import traceback
 import uuid
 from typing import Literal, Optional
 from urllib.parse import urlsplit
-
-import torch
 
 from chat import has_chat_tokens, prompt_ids, stop_ids
 from checkpoint import model_for_generation

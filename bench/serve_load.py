@@ -1,20 +1,23 @@
 """
-Load on serve.py: 1, 8, 32 and 64 clients at once, each streaming one chat request after another.
+Load on serve.py: 1, 4 and 8 clients at once, each streaming one chat request after another, on a
+server that batches them (continuous batching) and on one that answers one at a time.
 
-    python bench/serve_load.py --out_dir=out/sft_quickstart                  # 60 s per level
-    python bench/serve_load.py --out_dir=out/sft_quickstart --seconds=10 --levels=[1,32]
+    python bench/serve_load.py --out_dir=out/sft_quickstart        # 3 rounds of 10 s per level and server
+    python bench/serve_load.py --out_dir=out/sft_quickstart --seconds=60 --rounds=1 --levels=[1,8,32,64]
 
-Starts serve.py on a free port of 127.0.0.1 (never another host) with as many slots as the largest
-level, then per level runs that many client threads for `seconds`: each sends a streaming chat
-request (stream_options.include_usage), reads it to the end, and sends the next; a request still
-under way when the time is up is finished and counted, so a level takes a little longer than
-`seconds`. Per level it prints the requests, the errors (any status but 200, a stream without
-[DONE] or usage), the time to first token (p50, p99; queueing included), and tokens/s: all
-completion tokens over the level's wall time. With batching a level's tokens/s grows with its
-clients; with queueing it stays at one client's. The server's decoding step has a static shape
-(every slot computes, used or not), so one client on a server of many slots pays for all of them:
-the last row runs one client on a server of one slot (`baseline`), the fairest one-client rate.
-Reads the checkpoint only; writes nothing.
+Starts serve.py twice on free ports of 127.0.0.1 (never another host): with as many slots as the
+largest level (`batched`), and with one slot and a queue long enough for every client (`one at a
+time`). Both listen throughout; each level runs `rounds` times on one server, then the other, in
+turn, so that a change in the machine's load falls on both alike. A round runs that many client
+threads for `seconds`: each sends a streaming chat request (stream_options.include_usage), reads
+it to the end, and sends the next; a request still under way when the time is up is finished
+and counted. Per level and server it prints the requests, the errors (any status but 200, a
+stream without [DONE] or usage), the time to first token and to the whole answer (p50, p99 over
+all rounds; queueing included), and tokens/s (all completion tokens over a round's wall time;
+the median and the min of the rounds) with its ratio to one client on the same server. With
+batching tokens/s grow with the clients; one at a time they stay at one client's and the waits
+grow instead. The batched server's decoding step has a static shape (every slot computes, used
+or not), so its one client pays for all its slots. Reads the checkpoint only; writes nothing.
 """
 
 import http.client
@@ -33,23 +36,24 @@ sys.path.insert(0, REPO)
 from configurator import configure  # noqa: E402  (after the path: run from anywhere)
 
 out_dir = "out/sft_quickstart"  # the chat model to serve
-levels = [1, 8, 32, 64]  # clients at once
-seconds = 60.0  # per level
+levels = [1, 4, 8]  # clients at once
+seconds = 10.0  # per round of a level on a server
+rounds = 3  # of each level on each server, in turn
 max_tokens = 64  # per answer
 temperature = 0.8
-baseline = True  # also one client on a server with one slot
+one_at_a_time = True  # also every level on a server with one slot
 configure(globals())
-if not levels or not all(1 <= n <= 256 for n in levels) or seconds <= 0 or max_tokens < 1:
-    raise SystemExit("config error: need levels of 1 to 256 clients, seconds > 0 and max_tokens >= 1")
+if not levels or not all(1 <= n <= 256 for n in levels) or seconds <= 0 or rounds < 1 or max_tokens < 1:
+    raise SystemExit("config error: need levels of 1 to 256 clients, seconds > 0, rounds >= 1 and max_tokens >= 1")
 
 QUESTIONS = ["Name a color.", "What is the capital of France?", "Give me a synonym for fast.", "What is 7 times 8?",
              "Translate 'thank you' to Spanish.", "Name an animal that lives in the sea.", "What is the opposite of hot?",
              "Write a short greeting."]
 
 
-def start_server(slots):
+def start_server(slots, max_queue):
     process = subprocess.Popen([sys.executable, os.path.join(REPO, "serve.py"), f"--out_dir={out_dir}", "--port=0",
-                                f"--slots={slots}", f"--max_queue={2 * slots}"], cwd=REPO, stdout=subprocess.PIPE,
+                                f"--slots={slots}", f"--max_queue={max_queue}"], cwd=REPO, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:  # serve.py prints its address once it listens, or one line of error and stops
         if line.startswith("serving ") and "http://127.0.0.1:" in line:
@@ -103,43 +107,57 @@ def run_level(port, clients):
         thread.start()
     for thread in threads:
         thread.join()
-    wall = time.perf_counter() - begin
+    return results, time.perf_counter() - begin
+
+
+def percentiles(times):
+    """(p50, p99) in milliseconds."""
+    times = sorted(times)
+    if not times:
+        return float("nan"), float("nan")
+    return 1000 * statistics.median(times), 1000 * times[min(len(times) - 1, int(0.99 * len(times)))]
+
+
+def show(label, clients, runs, one_client):
+    """A table row for the rounds `runs` [(results, wall)] of one level on one server; returns its median tokens/s."""
+    results = [r for run, _ in runs for r in run]
     good = [r for r in results if not isinstance(r, str)]
     errors = [r for r in results if isinstance(r, str)]
-    firsts = sorted(r[0] for r in good if r[0] is not None)
-    p99 = firsts[min(len(firsts) - 1, int(0.99 * len(firsts)))] if firsts else float("nan")
-    return {"clients": clients, "requests": len(results), "errors": len(errors), "first_error": errors[0] if errors else "",
-            "ttft_p50": statistics.median(firsts) if firsts else float("nan"), "ttft_p99": p99,
-            "tokens": sum(r[2] for r in good), "wall": wall, "tokens_per_s": sum(r[2] for r in good) / wall}
+    rates = sorted(sum(r[2] for r in run if not isinstance(r, str)) / wall for run, wall in runs)
+    ttft, latency = percentiles([r[0] for r in good if r[0] is not None]), percentiles([r[1] for r in good])
+    ratio = f"{statistics.median(rates) / one_client:.1f}x" if one_client else "1.0x"
+    print(f"| {label} | {clients} | {len(results)} | {len(errors)} | {ttft[0]:.0f} / {ttft[1]:.0f} | "
+          f"{latency[0]:.0f} / {latency[1]:.0f} | {statistics.median(rates):.0f} ({rates[0]:.0f}) | {ratio} |", flush=True)
+    if errors:
+        print(f"first error: {errors[0]}", flush=True)
+    return statistics.median(rates)
 
 
-def show(row, one, label=None):
-    ratio = f"{row['tokens_per_s'] / one:5.1f}x" if one else "     "
-    print(f"{label or row['clients']:>10} {row['requests']:9d} {row['errors']:7d} {row['ttft_p50'] * 1000:9.0f} ms "
-          f"{row['ttft_p99'] * 1000:9.0f} ms {row['tokens_per_s']:10.1f} {ratio}", flush=True)
-    if row["errors"]:
-        print(f"           first error: {row['first_error']}", flush=True)
-
-
-print(f"serve.py load: {out_dir}, {seconds:g} s per level, max_tokens {max_tokens}, temperature {temperature}; "
-      f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} CPUs, "
-      f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-print(f"{'clients':>10} {'requests':>9} {'errors':>7} {'TTFT p50':>12} {'TTFT p99':>12} {'tokens/s':>10} vs 1")
-server, port = start_server(max(levels))
+print(f"serve.py load: {out_dir}, {rounds} rounds of {seconds:g} s per level, max_tokens {max_tokens}, temperature "
+      f"{temperature}; CPU capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} CPUs, torch threads "
+      f"{torch.get_num_threads()}, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+print("| server | clients | requests | errors | first token p50 / p99 (ms) | whole answer p50 / p99 (ms) | "
+      "tokens/s median (min) | vs 1 client |")
+print("|---|---|---|---|---|---|---|---|")
+# Both servers listen throughout (an idle one waits, computing nothing) and each round of a level runs
+# on one, then the other, so that a change in the machine's load falls on both alike.
+servers = {f"batched, {max(levels)} slots": start_server(max(levels), 2 * max(levels))}
+if one_at_a_time:
+    servers["one at a time"] = start_server(1, max(levels))
 try:
-    one_client = None
+    for _, port in servers.values():  # the first request pays one-time costs (allocations, lazy imports)
+        one_request(port, QUESTIONS[0])
+    one_client = {}
     for clients in levels:
-        row = run_level(port, clients)
-        one_client = one_client or (row["tokens_per_s"] if clients == 1 else None)
-        show(row, one_client)
+        runs = {label: [] for label in servers}
+        for _ in range(rounds):
+            for label, (_, port) in servers.items():
+                runs[label].append(run_level(port, clients))
+        for label in servers:
+            rate = show(label, clients, runs[label], one_client.get(label))
+            one_client.setdefault(label, rate if clients == 1 else None)
 finally:
-    server.terminate()
-    server.wait()
-if baseline:
-    server, port = start_server(1)
-    try:
-        show(run_level(port, 1), one_client, label="1, 1 slot")
-    finally:
-        server.terminate()
-        server.wait()
+    for process, _ in servers.values():
+        process.terminate()
+        process.wait()
 print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,7 @@ pytest.importorskip("fastapi", reason="serve.py needs fastapi and uvicorn: pip i
 pytest.importorskip("uvicorn", reason="serve.py needs fastapi and uvicorn: pip install fastapi uvicorn")
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's
+SCREENSHOT = os.path.join(tempfile.gettempdir(), "serve_page_phone.png")  # the browser test's, kept after the run
 
 
 class Server:
@@ -200,6 +202,16 @@ def test_a_seed_repeats_a_sample_and_n_gives_n_choices(server, tiny_sft_checkpoi
     assert first.usage.completion_tokens == produced and first.usage.prompt_tokens == len(tokenizer.encode("import "))
 
 
+def test_cors_is_off_unless_asked(server):
+    """No Access-Control-Allow-Origin by default: a web page on another site cannot read an answer."""
+    preflight = {"Origin": "https://elsewhere.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"}
+    status, headers, _ = server.request("OPTIONS", "/v1/chat/completions", headers=preflight)
+    assert status == 405 and "Access-Control-Allow-Origin" not in headers
+    status, headers, _ = server.request("GET", "/v1/models", headers={"Origin": "https://elsewhere.example"})
+    assert status == 200 and "Access-Control-Allow-Origin" not in headers
+
+
 def test_models_and_health(server):
     assert [m.id for m in server.client().models.list()] == ["out"]
     assert server.client().models.retrieve("out").id == "out"
@@ -334,7 +346,8 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot_and_a_full_queue_is_429(
 
 
 def test_a_base_model_refuses_chat_in_one_line_and_the_key_guards_the_api(tiny_checkpoint):
-    base = Server(f"--out_dir={tiny_checkpoint}", "--slots=2", env={"SERVE_API_KEY": "s3cret"})
+    base = Server(f"--out_dir={tiny_checkpoint}", "--slots=2", "--cors_origins=https://app.example",
+                  env={"SERVE_API_KEY": "s3cret"})
     try:
         status, _, reply = base.request("GET", "/v1/models")
         assert status == 401 and reply["error"]["code"] == "invalid_api_key"
@@ -344,8 +357,13 @@ def test_a_base_model_refuses_chat_in_one_line_and_the_key_guards_the_api(tiny_c
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model=os.path.basename(tiny_checkpoint), messages=[{"role": "user", "content": "Hi"}])
         assert refused.value.body["code"] == "model_not_chat" and "sft.py" in refused.value.body["message"]
+        assert len(refused.value.body["message"].splitlines()) == 1
         assert client.completions.create(model=os.path.basename(tiny_checkpoint), prompt="def ", max_tokens=4).usage.completion_tokens <= 4
         assert base.health()["api_key_required"] and not base.health()["chat"]  # the page and probes need no key
+        for origin, allowed in [("https://app.example", True), ("https://elsewhere.example", False)]:  # CORS, asked for
+            status, headers, _ = base.request("OPTIONS", "/v1/chat/completions", headers={
+                "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})
+            assert (status == 200, headers.get("Access-Control-Allow-Origin")) == (allowed, origin if allowed else None)
         status, headers, page = base.request("GET", "/")
         assert status == 200 and "<html" in page and "default-src 'none'" in headers["Content-Security-Policy"]
     finally:
@@ -385,8 +403,9 @@ def test_the_page_streams_an_answer_stops_it_and_keeps_the_conversation(long_ser
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=flags)
         try:
             page = browser.new_page(viewport={"width": 390, "height": 760})  # a phone
-            fetched = []
+            fetched, asked = [], []
             page.on("request", lambda request: fetched.append(request.url))
+            page.on("request", lambda request: asked.append(request.post_data_json) if request.method == "POST" else None)
             page.goto(long_server.url + "/")
             page.wait_for_selector(".dot.ok")
             assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing wider than the screen
@@ -410,6 +429,9 @@ def test_the_page_streams_an_answer_stops_it_and_keeps_the_conversation(long_ser
                 assert time.time() < deadline, lengths
                 time.sleep(0.02)
             assert page.inner_text("#send") == "Stop" and "tokens/s" in page.inner_text(".msg.assistant .meta")
+            assert [(a["messages"], a["temperature"], a["stream"]) for a in asked] == \
+                [([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a long story."}], 0, True)]
+            page.screenshot(path=SCREENSHOT)  # to look at: the page mid-answer on a phone
             page.click("#send")
             page.wait_for_selector(".msg.assistant:not(.streaming)")
             assert page.inner_text("#send") == "Send" and "stopped" in page.inner_text(".msg.assistant .meta")
