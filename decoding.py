@@ -22,8 +22,8 @@ Design notes, the why behind the choices:
   forward of one token per slot), then samples one token for every active slot. So a sequence's
   first token costs its prefill and nothing more, and a step with a new arrival advances the
   others too.
-- Every slot takes part in every step (a free slot computes a token no one reads), and attention
-  reads the cache's first L slots: eager, L is the longest sequence's length; compiled, the next
+- A step runs the slots up to the highest one in use (a free slot among them computes a token no
+  one reads), and attention reads the cache's first L slots: eager, L is the longest sequence's length; compiled, the next
   power of two above it (at least 64, at most block_size), so that the step keeps a few shapes
   and so a few graphs (on CUDA, CUDA graphs). Reading all block_size slots at every step, as a
   single static shape would, made a batch of 8 short sequences read more cache than weights.
@@ -198,19 +198,28 @@ class Decoder:
 
     def advance(self, rows):
         """Run the newest token of each slot in rows (each with room in its cache) through the
-        model: one step of one token for every slot."""
+        model: one step of one token for the slots up to the highest one in use."""
         if not rows:
             return
-        # Every slot writes its key and value somewhere: a slot not in rows at its next free
-        # position (or, free or full, at 0), which holds nothing it needs.
+        # prefill() fills the lowest free slots, so the sequences sit at the front: the step runs that
+        # prefix of the batch (views of the cache, so the writes land in it), and a server of 16 slots
+        # with one request computes one row, not 16. Compiled, the prefix is a power of two (few shapes);
+        # with CUDA graphs it is every slot, as the graphs replay on the whole cache where it lies.
+        width = max(s for s in range(self.slots) if self.length[s] is not None) + 1
+        if self.compiled:
+            width = self.slots if self.cuda_graphs else min(self.slots, 1 << (width - 1).bit_length())
+        # Every slot of the prefix writes its key and value somewhere: a slot not in rows at its next
+        # free position (or, free or full, at 0), which holds nothing it needs.
         pos = [self.length[s] if self.length[s] is not None and self.length[s] < self.block_size else 0
-               for s in range(self.slots)]
+               for s in range(width)]
         keys = attended_length(max(pos[s] for s in rows) + 1, self.block_size, bucketed=self.compiled)
         positions = torch.tensor(pos, device=self.device)
         self.make_finite(keys)
+        cache = self.cache if width == self.slots else [{name: buffer[:width] for name, buffer in layer.items()}
+                                                        for layer in self.cache]
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are used up
-        logits, _ = self.forward(self.newest[:, None], cache=self.cache, pos=positions, keys=keys)
+        logits, _ = self.forward(self.newest[:width, None], cache=cache, pos=positions, keys=keys)
         index = torch.tensor(rows, device=self.device)
         self.logits[index] = logits[index, -1].float()
         self.context[index, positions[index]] = self.newest[index]
