@@ -56,6 +56,7 @@ from chat import has_chat_tokens, prompt_ids, stop_ids
 from checkpoint import model_for_generation
 from configurator import configure
 from decoding import Decoder
+from model import EncoderDecoder
 from runtime import autocast_context, pick_device, pick_dtype
 
 # -----------------------------------------------------------------------------
@@ -108,6 +109,9 @@ device = pick_device(device)
 autocast = autocast_context(device, pick_dtype(device, dtype))
 ckpt_path = ckpt or os.path.join(out_dir, "ckpt.pt")
 model, tokenizer = model_for_generation(ckpt_path, device, "serve")
+if isinstance(model, EncoderDecoder):
+    raise SystemExit(f"serve error: {ckpt_path} is a translation model, which the API does not serve; translate with "
+                     f"python sample.py --ckpt={ckpt_path} --translate_file=FILE")
 model_name = model_name or os.path.basename(os.path.abspath(ckpt_path[3:] if ckpt_path.startswith("hf:") else
                                                             os.path.dirname(ckpt_path)))
 chat_model = has_chat_tokens(tokenizer)
