@@ -410,6 +410,11 @@ CHECKPOINT_READERS = [
     ("evaluate.py", "--ckpt={bad} --tasks=perplexity", "is corrupt or not a checkpoint"),
     ("export.py", "--ckpt={bad} --folder={out}", "is corrupt or not a checkpoint"),
     ("export.py", "--ckpt={adapters} --folder={out}", "is corrupt or not a checkpoint"),
+    ("export.py", "--ckpt={bad} --format=gguf --file={out}/model.gguf", "is corrupt or not a checkpoint"),
+    ("serve.py", "--ckpt={bad}", "is corrupt or not a checkpoint"),
+    ("serve.py", "--ckpt={adapters}", "is corrupt or not a checkpoint"),
+    ("translate.py", "--resume=yes --out_dir={bad_run}", "has no checkpoint that loads"),
+    ("evaluate.py", "--ckpt={bad} --parallel_data={out}/pairs.jsonl", "is corrupt or not a checkpoint"),
 ]
 
 
@@ -448,7 +453,8 @@ def test_a_checkpoint_crafted_to_run_code_runs_nothing(crafted, tiny_data_root, 
     common = {"train.py": [*TINY_MODEL, f"--data_root={tiny_data_root}", "--dataset=tiny"],
               "sft.py": ["--device=cpu", f"--data={root / 'toy.json'}"],
               "dpo.py": ["--device=cpu", f"--data={root / 'toy.json'}"],
-              "sample.py": ["--device=cpu"], "evaluate.py": ["--device=cpu"]}.get(script, [])
+              "sample.py": ["--device=cpu"], "evaluate.py": ["--device=cpu"], "serve.py": ["--device=cpu", "--port=0"],
+              "translate.py": ["--device=cpu"]}.get(script, [])
     if script in ("train.py", "sft.py", "dpo.py") and not any(a.startswith("--out_dir=") for a in args):
         common.append(f"--out_dir={names['out']}")
     result = run_forked(script, *common, *args)
