@@ -251,6 +251,68 @@ def test_two_prepare_runs_downloading_into_one_folder_leave_what_one_run_leaves(
     assert metas[1]["splits"] == metas[0]["splits"]
 
 
+class DroppingServer(http.server.BaseHTTPRequestHandler):
+    """At /resumes/NAME the first response drops after a third of server.data and a Range request gets
+    the rest (206); at /drops/NAME every response drops so, Range or not; at /whole/NAME all of it."""
+
+    def do_GET(self):
+        mode = self.path.split("/")[1]
+        start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
+        ranged = mode == "resumes" and start > 0
+        body = self.server.data[start if ranged else 0 :]
+        self.send_response(206 if ranged else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if mode == "drops" or (mode == "resumes" and not ranged):
+            body = body[: len(body) // 3]
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+DATA_SHA256 = "sha256 of the served data"
+# (where the file is asked for, what is expected, what the download prints or says in one line)
+DOWNLOAD_FAULTS = [
+    ("resumes", DATA_SHA256, "failed (ChunkedEncodingError); resuming"),
+    ("drops", DATA_SHA256, "fault error: could not download http://{host}/drops/data.bin (ChunkedEncodingError"),
+    ("whole", "0" * 64, "fault error: http://{host}/whole/data.bin has sha256 "),
+    ("whole/into_a_file", DATA_SHA256, "fault error: cannot write {folder}/data.bin.part (Not a directory)"),
+]
+
+
+@pytest.mark.parametrize("where, sha256, expected", DOWNLOAD_FAULTS, ids=[w for w, _, _ in DOWNLOAD_FAULTS])
+def test_a_download_resumes_a_dropped_connection_and_otherwise_fails_in_one_line_leaving_no_file(
+        where, sha256, expected, tmp_path, monkeypatch, capsys):
+    from download import download
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), DroppingServer)
+    httpd.data = bytes(range(256)) * 4096  # 1 MB
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    host = f"127.0.0.1:{httpd.server_port}"
+    folder = tmp_path / "downloads"
+    if where.endswith("into_a_file"):
+        (tmp_path / "a_file").write_text("the user's\n")
+        folder = tmp_path / "a_file" / "downloads"
+    sha256 = hashlib.sha256(httpd.data).hexdigest() if sha256 == DATA_SHA256 else sha256
+    try:
+        if where == "resumes":
+            path, digest = download(f"http://{host}/resumes/data.bin", sha256, str(folder), stage="fault",
+                                    local_option="--input", sha256_option="--url_sha256=")
+            assert open(path, "rb").read() == httpd.data and digest == sha256 and os.listdir(folder) == ["data.bin"]
+            assert expected in capsys.readouterr().out
+            return
+        with pytest.raises(SystemExit) as stopped:
+            download(f"http://{host}/{where.split('/')[0]}/data.bin", sha256, str(folder), stage="fault",
+                     local_option="--input", sha256_option="--url_sha256=")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    line = str(stopped.value)
+    assert "\n" not in line and line.startswith(expected.format(host=host, folder=folder)), line
+    assert not folder.exists() or not [n for n in os.listdir(folder) if n == "data.bin"]
+
+
 POOL_WITH_BATCHES_IN_FLIGHT = r"""
 import random, sys, time
 sys.path.insert(0, sys.argv[1])
