@@ -99,6 +99,7 @@ try:
     from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
     from starlette.datastructures import Headers
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 except ImportError as e:
     raise SystemExit(f"serve error: {e.name} is not installed; pip install fastapi uvicorn") from None
 page_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
@@ -204,10 +205,13 @@ async def read_request(request, schema):
     if length.isdigit() and int(length) > max_body_bytes:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_body_bytes:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body_bytes:
+                raise too_large
+    except ClientDisconnect:  # no one to answer, but no traceback in the log either
+        raise APIError(400, "the client left before sending the whole body", code="incomplete_body") from None
 
     def refuse_constant(name):  # json accepts NaN and Infinity, which are not JSON
         raise ValueError(f"{name} is not valid JSON")
@@ -219,6 +223,11 @@ async def read_request(request, schema):
         raise APIError(400, f"the body is not valid JSON ({str(reason)[:120]})", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the body must be a JSON object, not a {type(data).__name__}", code="invalid_json")
+    try:  # JSON's \ud800 escapes make Python strings that are not Unicode text, which no tokenizer takes
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "the body holds a lone surrogate (an escape from \\ud800 to \\udfff), which is not Unicode "
+                       "text", code="invalid_json") from None
     try:
         return schema.model_validate(data)
     except ValidationError as e:

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -337,6 +338,66 @@ def test_prepares_worker_pool_ends_with_large_batches_still_in_flight(tmp_path):
     (tmp_path / "pool.py").write_text(POOL_WITH_BATCHES_IN_FLIGHT)
     returncode, stdout, stderr = finish(start([str(tmp_path / "pool.py"), REPO]), timeout=120)
     assert returncode == 0 and stdout == "ended\n", stderr
+
+
+# -----------------------------------------------------------------------------
+# a server meeting clients that misbehave
+
+
+def raw_exchange(port, data, seconds):
+    """Send data on a new connection to 127.0.0.1:port, and read what comes back for up to seconds."""
+    with socket.create_connection(("127.0.0.1", port), timeout=seconds) as connection:
+        connection.sendall(data)
+        reply = b""
+        try:
+            while chunk := connection.recv(1 << 16):
+                reply += chunk
+        except TimeoutError:
+            pass
+    return reply
+
+
+def test_a_server_answers_misbehaving_clients_with_4xx_and_goes_on_serving_with_no_traceback(tiny_sft_checkpoint):
+    pytest.importorskip("fastapi", reason="serve.py needs fastapi and uvicorn: pip install fastapi uvicorn")
+    pytest.importorskip("uvicorn", reason="serve.py needs fastapi and uvicorn: pip install fastapi uvicorn")
+    server = start("serve.py", f"--out_dir={tiny_sft_checkpoint}", "--device=cpu", "--port=0", "--slots=2",
+                   "--max_queue=4")
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("serving "), line + server.stderr.read()
+        port = int(line.rsplit(":", 1)[1].strip(" /\n"))
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+
+        def post(body, seconds=10):
+            return raw_exchange(port, head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body, seconds)
+
+        # a lone surrogate escape, which is JSON but not text: a 400, not a 500
+        reply = post(b'{"prompt": "\\ud800x"}')
+        assert reply.startswith(b"HTTP/1.1 400") and b"lone surrogate" in reply, reply
+        # a client that promises 100 bytes, sends 11 and leaves
+        raw_exchange(port, head + b'Content-Length: 100\r\n\r\n{"prompt": ', 0.5)
+        # a TLS hello to a plain-HTTP port
+        assert raw_exchange(port, bytes.fromhex("160301020001000001fc0303") + bytes(100), 10).startswith(b"HTTP/1.1 400")
+        # 20 requests at once on 2 slots and a queue of 4: each is answered or told to retry
+        def complete(n):
+            reply = post(json.dumps({"prompt": "x" * n, "max_tokens": 8, "temperature": 0}).encode(), 60)
+            return int(reply.split(b" ", 2)[1])
+
+        with ThreadPoolExecutor(20) as pool:
+            statuses = list(pool.map(complete, [1 + i % 5 for i in range(20)]))
+        assert set(statuses) <= {200, 429} and statuses.count(200) >= 2, statuses
+        deadline = time.time() + 10
+        while True:  # every slot freed: the last answers were sent a moment before their slots were
+            health = json.loads(raw_exchange(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                             b"Connection: close\r\n\r\n", 10).split(b"\r\n\r\n", 1)[1])
+            if health["status"] == "ok" and health["running"] == health["waiting"] == 0:
+                break
+            assert time.time() < deadline, health
+            time.sleep(0.05)
+    finally:
+        server.send_signal(signal.SIGINT)
+        returncode, stdout, stderr = finish(server, timeout=30)
+    assert "Traceback" not in stdout + stderr, stdout + stderr
 
 
 # -----------------------------------------------------------------------------
