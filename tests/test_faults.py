@@ -59,12 +59,23 @@ def dpo_args(fixtures, root):
             "--log_interval=1", "--beta=0.5", "--learning_rate=1e-3", "--warmup_iters=1", "--resume=auto"]
 
 
+def translate_args(fixtures, root):
+    numbers = ["null", "eins", "zwei", "drei", "vier"], ["zero", "one", "two", "three", "four"]
+    for side, words in zip(("de", "en"), numbers):
+        (root / f"pairs.{side}").write_text("".join(f"{words[i % 5]} {words[i // 5 % 5]}.\n" for i in range(60)))
+    return ["--device=cpu", f"--data={root}/pairs.de,{root}/pairs.en", "--val_fraction=0.1", "--test_data=",
+            "--vocab_size=280", "--block_size=8", "--n_layer=1", "--n_encoder_layer=1", "--n_head=2", "--n_embd=32",
+            "--batch_size=4", "--total_batch_size=8", "--max_iters=16", "--eval_interval=4", "--log_interval=1",
+            "--warmup_iters=1", "--beam_size=1", "--resume=auto"]
+
+
 # Trainers: the script, the fixtures its arguments need, and the arguments of a short run (40 steps, a
 # checkpoint every 4) that resumes the newest checkpoint of its out_dir if there is one.
 TRAINERS = {
     "train": ("train.py", ["tiny_data_root"], train_args),
     "sft": ("sft.py", ["tiny_checkpoint"], sft_args),
     "dpo": ("dpo.py", ["tiny_sft_checkpoint"], dpo_args),
+    "translate": ("translate.py", [], translate_args),
 }
 
 
@@ -135,7 +146,8 @@ def records(out_dir):
     unique = []
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         for line in f:
-            record = {k: v for k, v in json.loads(line).items() if k not in ("time", "tokens_per_sec", "compile_seconds")}
+            record = {k: v for k, v in json.loads(line).items() if k not in ("time", "tokens_per_sec", "compile_seconds",
+                                                                                    "train_seconds")}
             if record not in unique:
                 unique.append(record)
     return unique
@@ -160,7 +172,8 @@ def newest_checkpoint_step(out_dir):
 
 
 @pytest.mark.parametrize("trainer, signals", [("train", ("SIGINT", "SIGTERM", "SIGUSR1")), ("sft", ("SIGUSR1", "SIGINT")),
-                                              ("dpo", ("SIGTERM", "SIGINT"))], indirect=["trainer"])
+                                              ("dpo", ("SIGTERM", "SIGINT")), ("translate", ("SIGTERM", "SIGINT"))],
+                         indirect=["trainer"])
 def test_stopped_by_signals_and_resumed_each_time_a_run_ends_as_one_uninterrupted_run(trainer, signals, tmp_path):
     script, args = trainer
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
