@@ -70,10 +70,9 @@ def download(url, expected_sha256, folder, stop=None, *, stage, local_option, sh
         part = path + ".part"
         try:
             os.makedirs(folder, exist_ok=True)
-            open(part, "ab").close()  # can it be written? (an empty part asks for the whole file)
         except OSError as e:
-            raise SystemExit(f"{stage} error: cannot write {part} ({e.strerror}); make {folder} a folder you can "
-                             f"write to, or fetch the file another way and pass {local_option}=PATH") from None
+            raise SystemExit(f"{stage} error: cannot create {folder} ({e.strerror}); make it a folder you can write "
+                             f"to, or fetch the file another way and pass {local_option}=PATH") from None
         for attempt in range(3):
             have = os.path.getsize(part) if os.path.exists(part) else 0
             try:
@@ -102,8 +101,8 @@ def download(url, expected_sha256, folder, stop=None, *, stage, local_option, sh
                                      ) from None
                 print(f"the connection to {url} failed ({type(e).__name__}); resuming")
             except OSError as e:  # after RequestException, which is one too: the disk, not the network
-                raise SystemExit(f"{stage} error: cannot write {part} ({e.strerror}); free some space and run again: "
-                                 "the download resumes where it stopped") from None
+                raise SystemExit(f"{stage} error: cannot write {part} ({e.strerror}); make room, or make {folder} "
+                                 "writable, and run again: the download resumes where it stopped") from None
         digest = file_sha256(part)
         if expected_sha256 and digest != expected_sha256:
             os.remove(part)

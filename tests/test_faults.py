@@ -291,7 +291,7 @@ DOWNLOAD_FAULTS = [
     ("resumes", DATA_SHA256, "failed (ChunkedEncodingError); resuming"),
     ("drops", DATA_SHA256, "fault error: could not download http://{host}/drops/data.bin (ChunkedEncodingError"),
     ("whole", "0" * 64, "fault error: http://{host}/whole/data.bin has sha256 "),
-    ("whole/into_a_file", DATA_SHA256, "fault error: cannot write {folder}/data.bin.part (Not a directory)"),
+    ("whole/into_a_file", DATA_SHA256, "fault error: cannot create {folder} ("),
 ]
 
 
