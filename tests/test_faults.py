@@ -414,6 +414,36 @@ def test_a_server_answers_misbehaving_clients_with_4xx_and_goes_on_serving_with_
 
 
 # -----------------------------------------------------------------------------
+# model-written programs that fight the sandbox (tests/test_sandbox.py has the first set)
+
+HOSTILE_PROGRAMS = {
+    "segfault": "import ctypes\nctypes.string_at(0)",
+    "ignore every signal, then loop": "import signal\nfor s in (signal.SIGTERM, signal.SIGALRM, signal.SIGXCPU, "
+                                      "signal.SIGINT):\n    signal.signal(s, signal.SIG_IGN)\nwhile True:\n    pass",
+    "sleep": "import time\ntime.sleep(100)",
+    "raise its memory limit": "import resource\nresource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY,) * 2)\n"
+                              "x = bytearray(4 * 2**30)",
+    "a detached child that sleeps": "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"
+                                    "time.sleep(60)",
+    "fill /dev/shm": "open('/dev/shm/sandbox_fault_test', 'wb').write(bytes(2**30))",
+    "100,000 files": "for i in range(100000):\n    open(f'f{i}', 'w')",
+    "10,000 threads": "import threading, time\nfor _ in range(10000):\n    threading.Thread(target=time.sleep, args=(10,)).start()",
+    "a UDP packet out": "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('8.8.8.8', 53))",
+}
+
+
+def test_programs_that_fight_the_sandbox_fail_within_their_time_and_the_evaluation_goes_on():
+    from sandbox import isolation, run_programs
+    if isolation()["mode"] == "none":
+        pytest.skip("this machine allows no namespaces: hostile programs would run with resource limits only")
+    results = run_programs([*HOSTILE_PROGRAMS.values(), "assert 2 + 2 == 4"], workers=4, timeout=1.0, memory_mb=512)
+    for name, result in zip(HOSTILE_PROGRAMS, results):
+        assert not result.passed and result.seconds < 3, (name, result)
+    assert results[-1].passed  # the evaluation goes on
+    assert not os.path.exists("/dev/shm/sandbox_fault_test")
+
+
+# -----------------------------------------------------------------------------
 # two torchrun agents as a two-node job on 127.0.0.1
 
 
