@@ -5,7 +5,10 @@ killed save's temporaries, Ctrl-C and a full disk, each on its own.
 
 The table's rows run each script as __main__ in a child forked from a server process that has
 imported torch and the repository's modules once (tests/forked.py): a real separate process that
-starts in milliseconds rather than the two seconds of a fresh interpreter. The lock, interrupt and
+starts in milliseconds rather than the two seconds of a fresh interpreter. A second table does the
+same for the stages of round 3 (translate.py, sample.py --translate_file, evaluate.py's generative
+and translation tasks, export.py, serve.py): 44 rows, about 15 s at load 18 beyond one 2-step
+translate.py run. The lock, interrupt and
 torchrun tests start fresh interpreters. 131 rows; the file took 112 s on 2 busy cores (load 12),
 about 35 s of it the rows.
 """

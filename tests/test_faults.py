@@ -2,14 +2,17 @@
 uninterrupted run; killed (SIGKILL) halfway through writing a checkpoint, it resumes from the one
 before; two prepare runs into one folder leave what one would; two torchrun agents train as a
 two-node job on 127.0.0.1, and when one of their processes is killed both agents end in bounded
-time; prepare's worker pool ends without a hang with batches still in flight; and a checkpoint
-crafted to run code when unpickled runs nothing in any stage that loads checkpoints.
+time; prepare's worker pool ends without a hang with batches still in flight; a download resumes
+a dropped connection; a server answers misbehaving clients and goes on; programs that fight the
+sandbox fail in their time; and a checkpoint crafted to run code when unpickled runs nothing in any
+stage that loads checkpoints.
 
 The tables take a row per stage or fault: a new trainer adds itself to TRAINERS, a new reader of
 checkpoints to CHECKPOINT_READERS, a new way for a torchrun job to fail to TORCHRUN_FAULTS. Every
 process here runs on one thread (OMP_NUM_THREADS=1), so runs that should agree do so bit for bit.
 (18 tests, about 130 CPU-seconds, the shared tiny_checkpoint and tiny_sft_checkpoint fixtures
-included: 8 minutes on 2 cores shared with other jobs at load 12.)
+included: 8 minutes on 2 cores shared with other jobs at load 12. The 12 tests round 3 added took
+about 55 s more at load 18: translate.py's signals 31 s, the server 12 s, the rest a few seconds.)
 """
 
 import hashlib
