@@ -12,7 +12,7 @@ checkpoints to CHECKPOINT_READERS, a new way for a torchrun job to fail to TORCH
 process here runs on one thread (OMP_NUM_THREADS=1), so runs that should agree do so bit for bit.
 (18 tests, about 130 CPU-seconds, the shared tiny_checkpoint and tiny_sft_checkpoint fixtures
 included: 8 minutes on 2 cores shared with other jobs at load 12. The 12 tests round 3 added took
-about 55 s more at load 18: translate.py's signals 31 s, the server 12 s, the rest a few seconds.)
+about 40-55 s more at load 18: translate.py's signals 22-31 s, the server 10-12 s, the rest a few seconds.)
 """
 
 import hashlib
