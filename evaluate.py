@@ -223,15 +223,11 @@ if __name__ == "__main__":
     log = print if dist.is_main else (lambda *args, **kwargs: None)
     if dist.is_main:
         print_config(config)
-    for key, value, valid, rule in (("limit", limit, limit >= 0, ">= 0"), ("batch_size", batch_size, batch_size >= 1, ">= 1"),
-                                    ("stride", stride, stride >= 0, ">= 0"),
-                                    ("max_new_tokens", max_new_tokens, max_new_tokens >= 0, ">= 0"),
-                                    ("temperature", temperature, temperature >= 0, ">= 0"),
-                                    ("samples", samples, samples >= 1, ">= 1"),
-                                    ("code_timeout", code_timeout, code_timeout > 0, "> 0"),
-                                    ("beam_size", beam_size, beam_size >= 1, ">= 1")):
-        if not valid:
-            raise SystemExit(f"config error: {key}={value} is invalid; {key} must be {rule}")
+    for key, low in (("limit", 0), ("batch_size", 1), ("stride", 0), ("max_new_tokens", 0), ("temperature", 0),
+                     ("samples", 1), ("code_timeout", 0), ("beam_size", 1)):
+        strict = key == "code_timeout"
+        if not (config[key] > low if strict else config[key] >= low):
+            raise SystemExit(f"config error: {key}={config[key]} is invalid; {key} must be {'>' if strict else '>='} {low}")
     if samples > 1 and temperature == 0:
         raise SystemExit(f"config error: samples={samples} at temperature 0 would be {samples} copies of the greedy "
                          "completion; sample them, e.g. --temperature=0.8")
