@@ -7,8 +7,8 @@ The table's rows run each script as __main__ in a child forked from a server pro
 imported torch and the repository's modules once (tests/forked.py): a real separate process that
 starts in milliseconds rather than the two seconds of a fresh interpreter. A second table does the
 same for the stages of round 3 (translate.py, sample.py --translate_file, evaluate.py's generative
-and translation tasks, export.py, serve.py): 44 rows, about 15 s at load 18 beyond one 2-step
-translate.py run. The lock, interrupt and
+and translation tasks, export.py, serve.py, prepare_chat.py): 48 rows, about 15 s at load 18
+beyond one 2-step translate.py run. The lock, interrupt and
 torchrun tests start fresh interpreters. 131 rows; the file took 112 s on 2 busy cores (load 12),
 about 35 s of it the rows.
 """
@@ -30,8 +30,9 @@ import outdir
 from checkpoint import load_checkpoint
 from configurator import configure
 from data import TokenBins, load_meta
-from conftest import REPO, TINY_MODEL, TOY_INSTRUCTIONS
+from conftest import REPO, TINY_MODEL, TOY_INSTRUCTIONS, write_byte_dataset
 from forked import error_line, run_forked
+from test_chat_data import TRAIN_MODULE, VAL_MODULE
 
 
 def fingerprint(folder):
@@ -501,6 +502,7 @@ def new_world(tmp_path_factory, tiny_checkpoint, tiny_sft_checkpoint):
     result = run_forked("translate.py", *TRANSLATE, f"--data={root}/train.de,{root}/train.en",
                         f"--out_dir={root}/translation")
     assert result.returncode == 0, result.stderr
+    write_byte_dataset(str(root / "data" / "code"), [TRAIN_MODULE], [VAL_MODULE])  # a Python corpus
     os.symlink(tiny_checkpoint, root / "pretrained")
     os.symlink(tiny_sft_checkpoint, root / "chat")
     return root
@@ -572,6 +574,10 @@ NEW_STAGE_ROWS = [
      "is a translation model (encoder-decoder), which neither format holds"),
     ("export.py", "--out_dir={root}/translation", "is a translation model (encoder-decoder)"),
     ("export.py", "--ckpt={root}/runs_code.zip.pt --format=gguf", "runs_code.zip.pt is corrupt or not a checkpoint"),
+    ("prepare_chat.py", "--out_dir={root}/a_file", "cannot write in {root}/a_file (File exists)"),
+    ("prepare_chat.py", "--out_dir={root}/a_file/chat", "cannot write in {root}/a_file/chat (Not a directory)"),
+    ("prepare_chat.py", "--seed=-1", "seed=-1 >= 0"),
+    ("prepare_chat.py", "--max_answer_chars=0", "max_answer_chars=0 must be >= 1"),
     ("serve.py", "--out_dir={root}/translation", "is a translation model, which the API does not serve"),
     ("serve.py", "--ckpt={root}/runs_code.zip.pt", "runs_code.zip.pt is corrupt or not a checkpoint"),
 ]
@@ -583,7 +589,7 @@ def test_bad_input_to_a_new_stage_stops_with_one_line_and_changes_no_file(new_wo
     base = {"translate.py": [*TRANSLATE, f"--data={new_world}/train.de,{new_world}/train.en",
                              f"--out_dir={new_world}/new_run"],
             "sample.py": ["--device=cpu"], "evaluate.py": ["--device=cpu"], "serve.py": ["--device=cpu", "--port=0"],
-            "export.py": []}[script]
+            "export.py": [], "prepare_chat.py": [f"--data_root={new_world}/data", "--dataset=code"]}[script]
     before = fingerprint(new_world)
     result = run_forked(script, *base, *args)
     line = error_line(result)
