@@ -47,6 +47,7 @@ import re
 import shutil
 import tempfile
 import threading
+import zipfile
 from dataclasses import asdict
 
 import numpy as np
@@ -109,7 +110,9 @@ def load_checkpoint(path, map_location="cpu"):
         # share the page cache instead of each holding a copy
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as e:
-        reason = str(e).strip().split(". ")[0][:160] or type(e).__name__  # torch's messages run long
+        # torch's messages run long, and of a file that is no zip archive name the wrong cause (mmap)
+        reason = (str(e).strip().split(". ")[0][:160] or type(e).__name__) if zipfile.is_zipfile(path) else \
+            "not a file torch.save wrote"
         raise SystemExit(f"checkpoint error: {path} is corrupt or not a checkpoint ({reason}); "
                          "use an earlier checkpoint or train again") from None
     missing = [k for k in ("model_config", "model", "tokenizer") if not isinstance(checkpoint, dict) or k not in checkpoint]

@@ -57,7 +57,7 @@ VALID_RANGES = {
                                   "download_workers", "max_document_chars", "shard_tokens", "minhash_bands",
                                   "minhash_rows")},
     **{k: _at_least(0) for k in ("n_kv_head", "ffn_hidden", "warmup_iters", "lr_decay_iters", "lora_rank",
-                                  "max_documents", "max_tokens", "num_workers")},
+                                  "max_documents", "max_tokens", "num_workers", "bleu_sentences")},
     "bpe_vocab_size": _at_least(258),  # the 256 bytes, end-of-text and at least one merge
     **{k: _finite(0, 1) for k in ("dropout", "lora_dropout", "val_fraction", "beta1", "beta2")},
     **{k: _finite(0, low_open=True) for k in ("beta", "rope_theta", "norm_eps", "lora_alpha", "pcie_gb_per_s")},

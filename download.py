@@ -66,8 +66,12 @@ def download(url, expected_sha256, folder, stop=None, *, stage, local_option, sh
                 return path, digest
             print(f"the cached {path} does not match its sha256; downloading it again")
             os.remove(path)
-        os.makedirs(folder, exist_ok=True)
         part = path + ".part"
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"{stage} error: cannot create {folder} ({e.strerror}); make it a folder you can write "
+                             f"to, or fetch the file another way and pass {local_option}=PATH") from None
         requests = optional("requests", "a download")
         for attempt in range(3):
             have = os.path.getsize(part) if os.path.exists(part) else 0
@@ -96,6 +100,9 @@ def download(url, expected_sha256, folder, stop=None, *, stage, local_option, sh
                                      f"URL and the network, or fetch the file another way and pass {local_option}=PATH"
                                      ) from None
                 print(f"the connection to {url} failed ({type(e).__name__}); resuming")
+            except OSError as e:  # after RequestException, which is one too: the disk, not the network
+                raise SystemExit(f"{stage} error: cannot write {part} ({e.strerror}); make room, or make {folder} "
+                                 "writable, and run again: the download resumes where it stopped") from None
         digest = file_sha256(part)
         if expected_sha256 and digest != expected_sha256:
             os.remove(part)

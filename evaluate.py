@@ -216,13 +216,17 @@ if __name__ == "__main__":
     log = print if dist.is_main else (lambda *args, **kwargs: None)
     if dist.is_main:
         print_config(config)
-    if limit < 0 or batch_size < 1 or stride < 0 or max_new_tokens < 0 or temperature < 0 or samples < 1 \
-            or code_timeout <= 0 or beam_size < 1:
-        raise SystemExit("config error: need limit >= 0, batch_size >= 1, stride >= 0, max_new_tokens >= 0, "
-                         "temperature >= 0, samples >= 1, code_timeout > 0 and beam_size >= 1")
+    for key, low in (("limit", 0), ("batch_size", 1), ("stride", 0), ("max_new_tokens", 0), ("temperature", 0),
+                     ("samples", 1), ("code_timeout", 0), ("beam_size", 1)):
+        strict = key == "code_timeout"
+        if not (config[key] > low if strict else config[key] >= low):
+            raise SystemExit(f"config error: {key}={config[key]} is invalid; {key} must be {'>' if strict else '>='} {low}")
     if samples > 1 and temperature == 0:
         raise SystemExit(f"config error: samples={samples} at temperature 0 would be {samples} copies of the greedy "
                          "completion; sample them, e.g. --temperature=0.8")
+    if report and os.path.isdir(report):  # found now, not after the evaluation
+        raise SystemExit(f"config error: report={report} is a folder; give a file name, such as "
+                         f"{os.path.join(report, 'eval.json')}")
     torch.manual_seed(seed + dist.rank)  # each process its own samples
     autocast = autocast_context(dist.device, pick_dtype(dist.device, dtype))
 
@@ -319,7 +323,11 @@ if __name__ == "__main__":
                   "step": checkpoint.get("step"), "processes": dist.world_size, "device": device_name(dist.device),
                   "config": config, "results": results, "summary": summary, "sandbox": sandbox_used,
                   "answers": answers}
-        save_atomically(report_path, lambda f: f.write(json.dumps(record, indent=2) + "\n"))
+        try:
+            save_atomically(report_path, lambda f: f.write(json.dumps(record, indent=2) + "\n"))
+        except OSError as e:
+            raise SystemExit(f"evaluate error: cannot write {report_path} ({e.strerror}); set --report to a file in a "
+                             "folder you can write to") from None
         print(f"wrote {report_path}")
         if "translation" in results:
             translations_path = os.path.join(os.path.dirname(report_path), "translations.txt")

@@ -41,6 +41,7 @@ from download import progress
 from gguf_file import GGUF_TYPES, save_gguf
 from hf import ARCHITECTURES, architecture_of, save_folder
 from lora import merge_lora
+from model import EncoderDecoder
 
 # -----------------------------------------------------------------------------
 out_dir = "out/default"  # exports out_dir/ckpt.pt ...
@@ -90,6 +91,9 @@ with progress(total=3, desc="export", bar_format="{desc} {n}/{total} steps, {ela
     # so what is written is a plain GPT (a model without adapters is left as it is).
     steps.set_postfix_str("building the model")
     model, tokenizer = model_from_checkpoint(checkpoint, ckpt_path)
+    if isinstance(model, EncoderDecoder):
+        raise SystemExit(f"export error: {ckpt_path} is a translation model (encoder-decoder), which neither format "
+                         f"holds; translate with python sample.py --ckpt={ckpt_path} --translate_file=FILE")
     merge_lora(model)
     architecture = architecture_of(model.config)
     steps.update()

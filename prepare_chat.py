@@ -63,6 +63,8 @@ max_answer_chars = 2000  # longer answers are left out, whatever the context
 seed = 1337  # which other function's body a rejected answer borrows
 config = configure(globals())
 print_config(config)
+if max_answer_chars < 1 or seed < 0:
+    raise SystemExit(f"config error: max_answer_chars={max_answer_chars} must be >= 1 and seed={seed} >= 0")
 # -----------------------------------------------------------------------------
 
 CHAT_TOKENS_PER_TURN = 5  # chat.render: <|endoftext|><|user|> request <|end|><|assistant|> answer <|end|>
@@ -226,7 +228,11 @@ if not kept["train"] or not kept["val"]:
     raise SystemExit(f"prepare_chat error: {folder} has {len(kept['train'])} training and {len(kept['val'])} held-out "
                      f"documented functions that fit block_size={block_size}; prepare a Python corpus, or raise "
                      "block_size")
-os.makedirs(out_dir, exist_ok=True)
+try:
+    os.makedirs(out_dir, exist_ok=True)
+except OSError as e:
+    raise SystemExit(f"prepare_chat error: cannot write in {out_dir} ({e.strerror}); set --out_dir to a folder you "
+                     "can write to") from None
 counts = {}
 for split, suffix in (("train", "train"), ("val", "heldout")):
     funcs = kept[split]

@@ -53,6 +53,7 @@ from chat import has_chat_tokens, prompt_ids, stop_ids
 from checkpoint import model_for_generation
 from configurator import configure
 from decoding import Decoder
+from model import EncoderDecoder
 from optional import optional
 from runtime import autocast_context, pick_device, pick_dtype
 
@@ -96,6 +97,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 page_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
 with open(page_path, encoding="utf-8") as f:
     page = f.read()
@@ -104,6 +106,9 @@ device = pick_device(device)
 autocast = autocast_context(device, pick_dtype(device, dtype))
 ckpt_path = ckpt or os.path.join(out_dir, "ckpt.pt")
 model, tokenizer = model_for_generation(ckpt_path, device, "serve")
+if isinstance(model, EncoderDecoder):
+    raise SystemExit(f"serve error: {ckpt_path} is a translation model, which the API does not serve; translate with "
+                     f"python sample.py --ckpt={ckpt_path} --translate_file=FILE")
 model_name = model_name or os.path.basename(os.path.abspath(ckpt_path[3:] if ckpt_path.startswith("hf:") else
                                                             os.path.dirname(ckpt_path)))
 chat_model = has_chat_tokens(tokenizer)
@@ -196,10 +201,13 @@ async def read_request(request, schema):
     if length.isdigit() and int(length) > max_body_bytes:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_body_bytes:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body_bytes:
+                raise too_large
+    except ClientDisconnect:  # no one to answer, but no traceback in the log either
+        raise APIError(400, "the client left before sending the whole body", code="incomplete_body") from None
 
     def refuse_constant(name):  # json accepts NaN and Infinity, which are not JSON
         raise ValueError(f"{name} is not valid JSON")
@@ -211,6 +219,11 @@ async def read_request(request, schema):
         raise APIError(400, f"the body is not valid JSON ({str(reason)[:120]})", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, f"the body must be a JSON object, not a {type(data).__name__}", code="invalid_json")
+    try:  # JSON's \ud800 escapes make Python strings that are not Unicode text, which no tokenizer takes
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "the body holds a lone surrogate (an escape from \\ud800 to \\udfff), which is not Unicode "
+                       "text", code="invalid_json") from None
     try:
         return schema.model_validate(data)
     except ValidationError as e:

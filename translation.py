@@ -142,6 +142,8 @@ def read_pairs(spec, source_field="source", target_field="target"):
     many were left out for an empty side."""
     pairs = list(zip(*read_parallel(spec, source_field, target_field)))
     kept = [(s, t) for s, t in pairs if s.strip() and t.strip()]
+    if not kept:
+        raise SystemExit(f"data error: {spec} has no pair with text on both sides; check the files")
     return kept, len(pairs) - len(kept)
 
 
@@ -160,6 +162,9 @@ def train_tokenizer(kind, texts, vocab_size):
     """A byte-level BPE learned on texts (both sides: one joint vocabulary) or, with kind 'gpt2', GPT-2's."""
     if kind not in ("bpe", "gpt2"):
         raise SystemExit(f"config error: tokenizer='{kind}' is not one of bpe, gpt2")
+    if kind == "bpe" and vocab_size < 258:
+        raise SystemExit(f"config error: vocab_size={vocab_size} leaves no room for merges after the 256 bytes and "
+                         "end-of-text; use e.g. --vocab_size=8000")
     return Tokenizer.train(kind, texts, vocab_size=vocab_size)
 
 

@@ -5,7 +5,10 @@ killed save's temporaries, Ctrl-C and a full disk, each on its own.
 
 The table's rows run each script as __main__ in a child forked from a server process that has
 imported torch and the repository's modules once (tests/forked.py): a real separate process that
-starts in milliseconds rather than the two seconds of a fresh interpreter. The lock, interrupt and
+starts in milliseconds rather than the two seconds of a fresh interpreter. A second table does the
+same for the stages of round 3 (translate.py, sample.py --translate_file, evaluate.py's generative
+and translation tasks, export.py, serve.py, prepare_chat.py): 48 rows, about 15 s at load 18
+beyond one 2-step translate.py run. The lock, interrupt and
 torchrun tests start fresh interpreters. 131 rows; the file took 112 s on 2 busy cores (load 12),
 about 35 s of it the rows.
 """
@@ -13,6 +16,7 @@ about 35 s of it the rows.
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -26,8 +30,9 @@ import outdir
 from checkpoint import load_checkpoint
 from configurator import configure
 from data import TokenBins, load_meta
-from conftest import REPO, TINY_MODEL, TOY_INSTRUCTIONS
-from forked import run_forked
+from conftest import REPO, TINY_MODEL, TOY_INSTRUCTIONS, write_byte_dataset
+from forked import error_line, run_forked
+from test_chat_data import TRAIN_MODULE, VAL_MODULE
 
 
 def fingerprint(folder):
@@ -461,3 +466,134 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_earlier_checkpoints(world
     assert "a run needs room for keep_checkpoints+1 checkpoints" in result.stderr
     assert sorted(os.listdir(tiny_disk)) == ["ckpt-0000001.pt", "ckpt.pt", "metrics.jsonl"]
     assert load_checkpoint(str(tiny_disk / "ckpt.pt"))["step"] == 1
+
+
+# -----------------------------------------------------------------------------
+# the stages of round 3: translation, generative evaluation, export, serving
+
+
+@pytest.fixture(scope="module")
+def new_world(tmp_path_factory, tiny_checkpoint, tiny_sft_checkpoint):
+    """Parallel files good and broken, a two-step translate.py run ('translation'), generation and
+    HumanEval-style task files good and broken, and a pickle that runs a command when unpickled."""
+    root = tmp_path_factory.mktemp("new_stages")
+
+    def lines(name, rows):
+        (root / name).write_text("".join(row + "\n" for row in rows))
+
+    lines("train.de", [f"eins zwei {i}." for i in range(40)])
+    lines("train.en", [f"one two {i}." for i in range(40)])
+    lines("blank.de", ["", " ", "\t"])
+    lines("blank.en", ["x", "y", "z"])
+    (root / "empty.jsonl").write_text("")
+    lines("no_target.jsonl", [json.dumps({"source": "eins"})])
+    lines("a_list.jsonl", [json.dumps(["eins", "one"])])
+    (root / "binary.de").write_bytes(bytes(range(256)) * 4)
+    (root / "folder").mkdir()
+    (root / "a_file").write_text("not a folder\n")
+    lines("gen.jsonl", [json.dumps({"prompt": "Say hi.", "answer": "Hi"})] * 2)
+    lines("gen_no_answer.jsonl", [json.dumps({"prompt": "Say hi."})])
+    lines("code_no_entry.jsonl", [json.dumps({"task_id": "t/0", "prompt": "def f():\n", "test": "assert 1"})])
+    for task in ("gsm8k/test.jsonl", "humaneval/HumanEval.jsonl.gz"):  # at their names, but not the pinned files
+        (root / "evals" / task).parent.mkdir(parents=True, exist_ok=True)
+        (root / "evals" / task).write_bytes(b"{not json\n")
+    (root / "runs_code.pt").write_bytes(pickle.dumps(RunsCode()))
+    torch.save({"model": RunsCode()}, root / "runs_code.zip.pt")
+    result = run_forked("translate.py", *TRANSLATE, f"--data={root}/train.de,{root}/train.en",
+                        f"--out_dir={root}/translation")
+    assert result.returncode == 0, result.stderr
+    write_byte_dataset(str(root / "data" / "code"), [TRAIN_MODULE], [VAL_MODULE])  # a Python corpus
+    os.symlink(tiny_checkpoint, root / "pretrained")
+    os.symlink(tiny_sft_checkpoint, root / "chat")
+    return root
+
+
+class RunsCode:
+    """Unpickled, it would create a file: a checkpoint from a stranger."""
+    def __reduce__(self):
+        return (os.system, (f"touch {PWNED}",))
+
+
+PWNED = f"/tmp/errors_test_pwned_{os.getpid()}"
+TRANSLATE = ["--device=cpu", "--vocab_size=300", "--block_size=16", "--n_layer=1", "--n_encoder_layer=1", "--n_head=2",
+             "--n_embd=32", "--batch_size=8", "--total_batch_size=8", "--max_iters=2", "--eval_interval=2",
+             "--log_interval=1", "--bleu_sentences=4", "--beam_size=2", "--val_fraction=0.1"]
+NEW_STAGE_ROWS = [
+    ("translate.py", "--data={root}/blank.de,{root}/blank.en", "blank.en has no pair with text on both sides"),
+    ("translate.py", "--data={root}/empty.jsonl", "empty.jsonl has no pair with text on both sides"),
+    ("translate.py", "--data={root}/no_target.jsonl",
+     "no_target.jsonl line 1 is not a record with string fields 'source' and 'target'"),
+    ("translate.py", "--data={root}/a_list.jsonl", "a_list.jsonl line 1 is not a record"),
+    ("translate.py", "--data={root}/binary.de,{root}/train.en", "binary.de is not UTF-8 text (byte 128 is not)"),
+    ("translate.py", "--data={root}/folder,{root}/train.en", "no file {root}/folder"),
+    ("translate.py", "--val_data={root}/blank.de,{root}/blank.en", "blank.en has no pair with text on both sides"),
+    ("translate.py", "--test_data={root}/train.de,{root}/missing.en", "no file {root}/missing.en"),
+    ("translate.py", "--vocab_size=100", "vocab_size=100 leaves no room for merges"),
+    ("translate.py", "--bleu_sentences=-1", "bleu_sentences=-1 is invalid"),
+    ("translate.py", "--total_batch_size=-8", "total_batch_size=-8 is invalid"),
+    ("translate.py", "--label_smoothing=1.5", "label_smoothing=1.5 is invalid"),
+    ("translate.py", "--val_fraction=1", "val_fraction=1.0 is invalid"),
+    ("translate.py", "--out_dir={root}/a_file", "cannot write in {root}/a_file"),
+    ("translate.py", "--resume=yes --out_dir={root}/folder", "{root}/folder has no checkpoint that loads"),
+    ("translate.py", "--resume=yes --out_dir={root}/pretrained", "is of kind 'pretrain', not one of translate.py's"),
+    ("translate.py", "--data=multi30k --multi30k_dir={root}/folder", "no file {root}/folder/train.de.gz"),
+    ("sample.py", "--out_dir={root}/translation --translate_file={root}/folder", "no file {root}/folder"),
+    ("sample.py", "--out_dir={root}/translation --translate_file={root}/binary.de", "binary.de is not UTF-8 text"),
+    ("sample.py", "--out_dir={root}/translation --translate=eins --beam_size=0", "(and beam_size >= 1)"),
+    ("sample.py", "--out_dir={root}/chat --translate=eins", "is a decoder-only model, which does not translate"),
+    ("sample.py", "--ckpt={root}/runs_code.pt --translate=eins",
+     "runs_code.pt is corrupt or not a checkpoint (not a file torch.save wrote)"),
+    ("sample.py", "--ckpt={root}/runs_code.zip.pt --translate=eins",
+     "runs_code.zip.pt is corrupt or not a checkpoint (Weights only load failed)"),
+    ("evaluate.py", "--out_dir={root}/translation --parallel_data={root}/blank.de,{root}/blank.en",
+     "blank.en has no pair with text on both sides"),
+    ("evaluate.py", "--out_dir={root}/translation --parallel_data={root}/no_target.jsonl",
+     "is not a record with string fields"),
+    ("evaluate.py", "--out_dir={root}/translation --beam_size=0", "beam_size=0 is invalid; beam_size must be >= 1"),
+    ("evaluate.py", "--out_dir={root}/chat --tasks=gsm8k --data_dir={root}/evals", "gsm8k/test.jsonl has sha256 "),
+    ("evaluate.py", "--out_dir={root}/chat --tasks=humaneval --data_dir={root}/evals",
+     "HumanEval.jsonl.gz has sha256 "),
+    ("evaluate.py", "--out_dir={root}/chat --tasks={root}/gen_no_answer.jsonl",
+     "gen_no_answer.jsonl line 1: unknown record format (keys prompt)"),
+    ("evaluate.py", "--out_dir={root}/chat --tasks={root}/code_no_entry.jsonl",
+     "code_no_entry.jsonl line 1: unknown record format (keys prompt, task_id, test)"),
+    ("evaluate.py", "--out_dir={root}/chat --tasks={root}/gen.jsonl --samples=0", "samples=0 is invalid"),
+    ("evaluate.py", "--out_dir={root}/chat --tasks={root}/gen.jsonl --temperature=-1", "temperature=-1.0 is invalid"),
+    ("evaluate.py", "--out_dir={root}/chat --tasks={root}/gen.jsonl --temperature=nan",
+     "temperature='nan' on the command line is a str"),
+    ("evaluate.py", "--out_dir={root}/chat --tasks={root}/gen.jsonl --limit=-1", "limit=-1 is invalid"),
+    ("evaluate.py", "--out_dir={root}/chat --tasks={root}/gen.jsonl --max_new_tokens=-1",
+     "max_new_tokens=-1 is invalid"),
+    ("evaluate.py", "--out_dir={root}/chat --tasks={root}/gen.jsonl --code_timeout=0", "code_timeout=0.0 is invalid"),
+    ("evaluate.py", "--out_dir={root}/chat --tasks={root}/gen.jsonl --report={root}/folder",
+     "report={root}/folder is a folder; give a file name, such as {root}/folder/eval.json"),
+    ("evaluate.py", "--out_dir={root}/chat --tasks={root}/gen.jsonl --report={root}/a_file/eval.json",
+     "evaluate error: cannot write {root}/a_file/eval.json"),
+    ("evaluate.py", "--ckpt={root}/runs_code.zip.pt", "runs_code.zip.pt is corrupt or not a checkpoint"),
+    ("export.py", "--out_dir={root}/translation --format=gguf",
+     "is a translation model (encoder-decoder), which neither format holds"),
+    ("export.py", "--out_dir={root}/translation", "is a translation model (encoder-decoder)"),
+    ("export.py", "--ckpt={root}/runs_code.zip.pt --format=gguf", "runs_code.zip.pt is corrupt or not a checkpoint"),
+    ("prepare_chat.py", "--out_dir={root}/a_file", "cannot write in {root}/a_file (File exists)"),
+    ("prepare_chat.py", "--out_dir={root}/a_file/chat", "cannot write in {root}/a_file/chat (Not a directory)"),
+    ("prepare_chat.py", "--seed=-1", "seed=-1 >= 0"),
+    ("prepare_chat.py", "--max_answer_chars=0", "max_answer_chars=0 must be >= 1"),
+    ("serve.py", "--out_dir={root}/translation", "is a translation model, which the API does not serve"),
+    ("serve.py", "--ckpt={root}/runs_code.zip.pt", "runs_code.zip.pt is corrupt or not a checkpoint"),
+]
+
+
+@pytest.mark.parametrize("script, args, expected", NEW_STAGE_ROWS, ids=[f"{s[:-3]} {a}" for s, a, _ in NEW_STAGE_ROWS])
+def test_bad_input_to_a_new_stage_stops_with_one_line_and_changes_no_file(new_world, script, args, expected):
+    args = [a.replace("{root}", str(new_world)) for a in args.split()]
+    base = {"translate.py": [*TRANSLATE, f"--data={new_world}/train.de,{new_world}/train.en",
+                             f"--out_dir={new_world}/new_run"],
+            "sample.py": ["--device=cpu"], "evaluate.py": ["--device=cpu"], "serve.py": ["--device=cpu", "--port=0"],
+            "export.py": [], "prepare_chat.py": [f"--data_root={new_world}/data", "--dataset=code"]}[script]
+    before = fingerprint(new_world)
+    result = run_forked(script, *base, *args)
+    line = error_line(result)
+    print(line)
+    assert expected.replace("{root}", str(new_world)) in line
+    assert fingerprint(new_world) == before
+    assert not os.path.exists(PWNED)

@@ -2,14 +2,17 @@
 uninterrupted run; killed (SIGKILL) halfway through writing a checkpoint, it resumes from the one
 before; two prepare runs into one folder leave what one would; two torchrun agents train as a
 two-node job on 127.0.0.1, and when one of their processes is killed both agents end in bounded
-time; prepare's worker pool ends without a hang with batches still in flight; and a checkpoint
-crafted to run code when unpickled runs nothing in any stage that loads checkpoints.
+time; prepare's worker pool ends without a hang with batches still in flight; a download resumes
+a dropped connection; a server answers misbehaving clients and goes on; programs that fight the
+sandbox fail in their time; and a checkpoint crafted to run code when unpickled runs nothing in any
+stage that loads checkpoints.
 
 The tables take a row per stage or fault: a new trainer adds itself to TRAINERS, a new reader of
 checkpoints to CHECKPOINT_READERS, a new way for a torchrun job to fail to TORCHRUN_FAULTS. Every
 process here runs on one thread (OMP_NUM_THREADS=1), so runs that should agree do so bit for bit.
 (18 tests, about 130 CPU-seconds, the shared tiny_checkpoint and tiny_sft_checkpoint fixtures
-included: 8 minutes on 2 cores shared with other jobs at load 12.)
+included: 8 minutes on 2 cores shared with other jobs at load 12. The 12 tests round 3 added took
+about 40-55 s more at load 18: translate.py's signals 22-31 s, the server 10-12 s, the rest a few seconds.)
 """
 
 import hashlib
@@ -24,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -58,12 +62,23 @@ def dpo_args(fixtures, root):
             "--log_interval=1", "--beta=0.5", "--learning_rate=1e-3", "--warmup_iters=1", "--resume=auto"]
 
 
+def translate_args(fixtures, root):
+    numbers = ["null", "eins", "zwei", "drei", "vier"], ["zero", "one", "two", "three", "four"]
+    for side, words in zip(("de", "en"), numbers):
+        (root / f"pairs.{side}").write_text("".join(f"{words[i % 5]} {words[i // 5 % 5]}.\n" for i in range(60)))
+    return ["--device=cpu", f"--data={root}/pairs.de,{root}/pairs.en", "--val_fraction=0.1", "--test_data=",
+            "--vocab_size=280", "--block_size=8", "--n_layer=1", "--n_encoder_layer=1", "--n_head=2", "--n_embd=32",
+            "--batch_size=4", "--total_batch_size=8", "--max_iters=16", "--eval_interval=4", "--log_interval=1",
+            "--warmup_iters=1", "--beam_size=1", "--resume=auto"]
+
+
 # Trainers: the script, the fixtures its arguments need, and the arguments of a short run (40 steps, a
 # checkpoint every 4) that resumes the newest checkpoint of its out_dir if there is one.
 TRAINERS = {
     "train": ("train.py", ["tiny_data_root"], train_args),
     "sft": ("sft.py", ["tiny_checkpoint"], sft_args),
     "dpo": ("dpo.py", ["tiny_sft_checkpoint"], dpo_args),
+    "translate": ("translate.py", [], translate_args),
 }
 
 
@@ -134,7 +149,8 @@ def records(out_dir):
     unique = []
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         for line in f:
-            record = {k: v for k, v in json.loads(line).items() if k not in ("time", "tokens_per_sec", "compile_seconds")}
+            record = {k: v for k, v in json.loads(line).items() if k not in ("time", "tokens_per_sec", "compile_seconds",
+                                                                                    "train_seconds")}
             if record not in unique:
                 unique.append(record)
     return unique
@@ -149,7 +165,8 @@ def newest_checkpoint_step(out_dir):
 
 
 @pytest.mark.parametrize("trainer, signals", [("train", ("SIGINT", "SIGTERM", "SIGUSR1")), ("sft", ("SIGUSR1", "SIGINT")),
-                                              ("dpo", ("SIGTERM", "SIGINT"))], indirect=["trainer"])
+                                              ("dpo", ("SIGTERM", "SIGINT")), ("translate", ("SIGTERM", "SIGINT"))],
+                         indirect=["trainer"])
 def test_stopped_by_signals_and_resumed_each_time_a_run_ends_as_one_uninterrupted_run(trainer, signals, tmp_path):
     script, args = trainer
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
@@ -241,6 +258,68 @@ def test_two_prepare_runs_downloading_into_one_folder_leave_what_one_run_leaves(
     assert metas[1]["splits"] == metas[0]["splits"]
 
 
+class DroppingServer(http.server.BaseHTTPRequestHandler):
+    """At /resumes/NAME the first response drops after a third of server.data and a Range request gets
+    the rest (206); at /drops/NAME every response drops so, Range or not; at /whole/NAME all of it."""
+
+    def do_GET(self):
+        mode = self.path.split("/")[1]
+        start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
+        ranged = mode == "resumes" and start > 0
+        body = self.server.data[start if ranged else 0 :]
+        self.send_response(206 if ranged else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if mode == "drops" or (mode == "resumes" and not ranged):
+            body = body[: len(body) // 3]
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+DATA_SHA256 = "sha256 of the served data"
+# (where the file is asked for, what is expected, what the download prints or says in one line)
+DOWNLOAD_FAULTS = [
+    ("resumes", DATA_SHA256, "failed (ChunkedEncodingError); resuming"),
+    ("drops", DATA_SHA256, "fault error: could not download http://{host}/drops/data.bin (ChunkedEncodingError"),
+    ("whole", "0" * 64, "fault error: http://{host}/whole/data.bin has sha256 "),
+    ("whole/into_a_file", DATA_SHA256, "fault error: cannot create {folder} ("),
+]
+
+
+@pytest.mark.parametrize("where, sha256, expected", DOWNLOAD_FAULTS, ids=[w for w, _, _ in DOWNLOAD_FAULTS])
+def test_a_download_resumes_a_dropped_connection_and_otherwise_fails_in_one_line_leaving_no_file(
+        where, sha256, expected, tmp_path, monkeypatch, capsys):
+    from download import download
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), DroppingServer)
+    httpd.data = bytes(range(256)) * 4096  # 1 MB
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    host = f"127.0.0.1:{httpd.server_port}"
+    folder = tmp_path / "downloads"
+    if where.endswith("into_a_file"):
+        (tmp_path / "a_file").write_text("the user's\n")
+        folder = tmp_path / "a_file" / "downloads"
+    sha256 = hashlib.sha256(httpd.data).hexdigest() if sha256 == DATA_SHA256 else sha256
+    try:
+        if where == "resumes":
+            path, digest = download(f"http://{host}/resumes/data.bin", sha256, str(folder), stage="fault",
+                                    local_option="--input", sha256_option="--url_sha256=")
+            assert open(path, "rb").read() == httpd.data and digest == sha256 and os.listdir(folder) == ["data.bin"]
+            assert expected in capsys.readouterr().out
+            return
+        with pytest.raises(SystemExit) as stopped:
+            download(f"http://{host}/{where.split('/')[0]}/data.bin", sha256, str(folder), stage="fault",
+                     local_option="--input", sha256_option="--url_sha256=")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    line = str(stopped.value)
+    assert "\n" not in line and line.startswith(expected.format(host=host, folder=folder)), line
+    assert not folder.exists() or not [n for n in os.listdir(folder) if n == "data.bin"]
+
+
 POOL_WITH_BATCHES_IN_FLIGHT = r"""
 import random, sys, time
 sys.path.insert(0, sys.argv[1])
@@ -265,6 +344,96 @@ def test_prepares_worker_pool_ends_with_large_batches_still_in_flight(tmp_path):
     (tmp_path / "pool.py").write_text(POOL_WITH_BATCHES_IN_FLIGHT)
     returncode, stdout, stderr = finish(start([str(tmp_path / "pool.py"), REPO]), timeout=120)
     assert returncode == 0 and stdout == "ended\n", stderr
+
+
+# -----------------------------------------------------------------------------
+# a server meeting clients that misbehave
+
+
+def raw_exchange(port, data, seconds):
+    """Send data on a new connection to 127.0.0.1:port, and read what comes back for up to seconds."""
+    with socket.create_connection(("127.0.0.1", port), timeout=seconds) as connection:
+        connection.sendall(data)
+        reply = b""
+        try:
+            while chunk := connection.recv(1 << 16):
+                reply += chunk
+        except TimeoutError:
+            pass
+    return reply
+
+
+def test_a_server_answers_misbehaving_clients_with_4xx_and_goes_on_serving_with_no_traceback(tiny_sft_checkpoint):
+    pytest.importorskip("fastapi", reason="serve.py needs fastapi and uvicorn: pip install fastapi uvicorn")
+    pytest.importorskip("uvicorn", reason="serve.py needs fastapi and uvicorn: pip install fastapi uvicorn")
+    server = start("serve.py", f"--out_dir={tiny_sft_checkpoint}", "--device=cpu", "--port=0", "--slots=2",
+                   "--max_queue=4")
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("serving "), line + server.stderr.read()
+        port = int(line.rsplit(":", 1)[1].strip(" /\n"))
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+
+        def post(body, seconds=10):
+            return raw_exchange(port, head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body, seconds)
+
+        # a lone surrogate escape, which is JSON but not text: a 400, not a 500
+        reply = post(b'{"prompt": "\\ud800x"}')
+        assert reply.startswith(b"HTTP/1.1 400") and b"lone surrogate" in reply, reply
+        # a client that promises 100 bytes, sends 11 and leaves
+        raw_exchange(port, head + b'Content-Length: 100\r\n\r\n{"prompt": ', 0.5)
+        # a TLS hello to a plain-HTTP port
+        assert raw_exchange(port, bytes.fromhex("160301020001000001fc0303") + bytes(100), 10).startswith(b"HTTP/1.1 400")
+        # 20 requests at once on 2 slots and a queue of 4: each is answered or told to retry
+        def complete(n):
+            reply = post(json.dumps({"prompt": "x" * n, "max_tokens": 8, "temperature": 0}).encode(), 60)
+            return int(reply.split(b" ", 2)[1])
+
+        with ThreadPoolExecutor(20) as pool:
+            statuses = list(pool.map(complete, [1 + i % 5 for i in range(20)]))
+        assert set(statuses) <= {200, 429} and statuses.count(200) >= 2, statuses
+        deadline = time.time() + 10
+        while True:  # every slot freed: the last answers were sent a moment before their slots were
+            health = json.loads(raw_exchange(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                             b"Connection: close\r\n\r\n", 10).split(b"\r\n\r\n", 1)[1])
+            if health["status"] == "ok" and health["running"] == health["waiting"] == 0:
+                break
+            assert time.time() < deadline, health
+            time.sleep(0.05)
+    finally:
+        server.send_signal(signal.SIGINT)
+        returncode, stdout, stderr = finish(server, timeout=30)
+    assert "Traceback" not in stdout + stderr, stdout + stderr
+
+
+# -----------------------------------------------------------------------------
+# model-written programs that fight the sandbox (tests/test_sandbox.py has the first set)
+
+HOSTILE_PROGRAMS = {
+    "segfault": "import ctypes\nctypes.string_at(0)",
+    "ignore every signal, then loop": "import signal\nfor s in (signal.SIGTERM, signal.SIGALRM, signal.SIGXCPU, "
+                                      "signal.SIGINT):\n    signal.signal(s, signal.SIG_IGN)\nwhile True:\n    pass",
+    "sleep": "import time\ntime.sleep(100)",
+    "raise its memory limit": "import resource\nresource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY,) * 2)\n"
+                              "x = bytearray(4 * 2**30)",
+    "a detached child that sleeps": "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"
+                                    "time.sleep(60)",
+    "fill /dev/shm": "open('/dev/shm/sandbox_fault_test', 'wb').write(bytes(2**30))",
+    "100,000 files": "for i in range(100000):\n    open(f'f{i}', 'w')",
+    "10,000 threads": "import threading, time\nfor _ in range(10000):\n    threading.Thread(target=time.sleep, args=(10,)).start()",
+    "a UDP packet out": "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('8.8.8.8', 53))",
+}
+
+
+def test_programs_that_fight_the_sandbox_fail_within_their_time_and_the_evaluation_goes_on():
+    from sandbox import isolation, run_programs
+    if isolation()["mode"] == "none":
+        pytest.skip("this machine allows no namespaces: hostile programs would run with resource limits only")
+    results = run_programs([*HOSTILE_PROGRAMS.values(), "assert 2 + 2 == 4"], workers=4, timeout=1.0, memory_mb=512)
+    for name, result in zip(HOSTILE_PROGRAMS, results):
+        assert not result.passed and result.seconds < 3, (name, result)
+    assert results[-1].passed  # the evaluation goes on
+    assert not os.path.exists("/dev/shm/sandbox_fault_test")
 
 
 # -----------------------------------------------------------------------------
@@ -400,6 +569,11 @@ CHECKPOINT_READERS = [
     ("evaluate.py", "--ckpt={bad} --tasks=perplexity", "is corrupt or not a checkpoint"),
     ("export.py", "--ckpt={bad} --folder={out}", "is corrupt or not a checkpoint"),
     ("export.py", "--ckpt={adapters} --folder={out}", "is corrupt or not a checkpoint"),
+    ("export.py", "--ckpt={bad} --format=gguf --file={out}/model.gguf", "is corrupt or not a checkpoint"),
+    ("serve.py", "--ckpt={bad}", "is corrupt or not a checkpoint"),
+    ("serve.py", "--ckpt={adapters}", "is corrupt or not a checkpoint"),
+    ("translate.py", "--resume=yes --out_dir={bad_run}", "has no checkpoint that loads"),
+    ("evaluate.py", "--ckpt={bad} --parallel_data={out}/pairs.jsonl", "is corrupt or not a checkpoint"),
 ]
 
 
@@ -438,7 +612,8 @@ def test_a_checkpoint_crafted_to_run_code_runs_nothing(crafted, tiny_data_root, 
     common = {"train.py": [*TINY_MODEL, f"--data_root={tiny_data_root}", "--dataset=tiny"],
               "sft.py": ["--device=cpu", f"--data={root / 'toy.json'}"],
               "dpo.py": ["--device=cpu", f"--data={root / 'toy.json'}"],
-              "sample.py": ["--device=cpu"], "evaluate.py": ["--device=cpu"]}.get(script, [])
+              "sample.py": ["--device=cpu"], "evaluate.py": ["--device=cpu"], "serve.py": ["--device=cpu", "--port=0"],
+              "translate.py": ["--device=cpu"]}.get(script, [])
     if script in ("train.py", "sft.py", "dpo.py") and not any(a.startswith("--out_dir=") for a in args):
         common.append(f"--out_dir={names['out']}")
     result = run_forked(script, *common, *args)

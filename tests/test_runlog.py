@@ -192,6 +192,23 @@ def test_a_resumed_run_continues_its_wandb_run_and_its_curves_from_the_checkpoin
                                                                    (str(tmp_path / "tensorboard"), 5)]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
+                    reason="reads the events with TensorBoard's own reader: pip install tensorboard")
+def test_tensorboard_reads_a_resumed_run_as_one_curve_without_the_killed_runs_steps_past_its_checkpoint(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    killed = runlog.RunLog(str(tmp_path), {"tensorboard": True})
+    for step in range(8):  # killed after step 7; its last checkpoint is of step 4
+        killed.log({"step": step, "loss": 10.0 - step})
+    resumed = runlog.RunLog(str(tmp_path), {"tensorboard": True}, resumed_at=4)
+    for step in range(5, 10):
+        resumed.log({"step": step, "loss": 100.0 + step})
+    resumed.finish()
+    assert len(os.listdir(tmp_path / "tensorboard")) == 2  # an events file per run, in one folder
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload().Scalars("loss")
+    assert [(e.step, e.value) for e in events] == ([(s, 10.0 - s) for s in range(5)]
+                                                   + [(s, 100.0 + s) for s in range(5, 10)])
+
+
 def test_a_new_run_in_a_used_folder_gets_its_own_wandb_run_and_names_it_only_once_it_owns_the_folder(
         tmp_path, fake_wandb):
     config = {"wandb_project": "proj"}
