@@ -8,7 +8,7 @@ crafted to run code when unpickled runs nothing in any stage that loads checkpoi
 The tables take a row per stage or fault: a new trainer adds itself to TRAINERS, a new reader of
 checkpoints to CHECKPOINT_READERS, a new way for a torchrun job to fail to TORCHRUN_FAULTS. Every
 process here runs on one thread (OMP_NUM_THREADS=1), so runs that should agree do so bit for bit.
-(18 tests, about 130 CPU-seconds, the shared tiny_checkpoint and tiny_sft_checkpoint fixtures
+(19 tests, about 135 CPU-seconds, the shared tiny_checkpoint and tiny_sft_checkpoint fixtures
 included: 8 minutes on 2 cores shared with other jobs at load 12.)
 """
 
@@ -58,12 +58,24 @@ def dpo_args(fixtures, root):
             "--log_interval=1", "--beta=0.5", "--learning_rate=1e-3", "--warmup_iters=1", "--resume=auto"]
 
 
+def translate_args(fixtures, root):
+    numbers = ["null", "eins", "zwei", "drei", "vier"], ["zero", "one", "two", "three", "four"]
+    for side, words in zip(("de", "en"), numbers):
+        lines = (f"{words[i % 5]} {words[i // 5 % 5]} {words[i // 25]}\n" for i in range(100))
+        (root / f"pairs.{side}").write_text("".join(lines))
+    return ["--device=cpu", f"--data={root / 'pairs.de'},{root / 'pairs.en'}", "--val_fraction=0.1",
+            "--bleu_sentences=4", "--vocab_size=280", "--block_size=8", "--n_layer=1", "--n_encoder_layer=1",
+            "--n_head=2", "--n_embd=32", "--batch_size=8", "--total_batch_size=8", "--max_iters=40", "--eval_interval=4", "--log_interval=1",
+            "--learning_rate=1e-2", "--warmup_iters=1", "--resume=auto"]
+
+
 # Trainers: the script, the fixtures its arguments need, and the arguments of a short run (40 steps, a
 # checkpoint every 4) that resumes the newest checkpoint of its out_dir if there is one.
 TRAINERS = {
     "train": ("train.py", ["tiny_data_root"], train_args),
     "sft": ("sft.py", ["tiny_checkpoint"], sft_args),
     "dpo": ("dpo.py", ["tiny_sft_checkpoint"], dpo_args),
+    "translate": ("translate.py", [], translate_args),
 }
 
 
@@ -134,7 +146,8 @@ def records(out_dir):
     unique = []
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         for line in f:
-            record = {k: v for k, v in json.loads(line).items() if k not in ("time", "tokens_per_sec", "compile_seconds")}
+            record = {k: v for k, v in json.loads(line).items()
+                      if k not in ("time", "tokens_per_sec", "compile_seconds", "train_seconds")}
             if record not in unique:
                 unique.append(record)
     return unique
@@ -159,7 +172,8 @@ def newest_checkpoint_step(out_dir):
 
 
 @pytest.mark.parametrize("trainer, signals", [("train", ("SIGINT", "SIGTERM", "SIGUSR1")), ("sft", ("SIGUSR1", "SIGINT")),
-                                              ("dpo", ("SIGTERM", "SIGINT"))], indirect=["trainer"])
+                                              ("dpo", ("SIGTERM", "SIGINT")), ("translate", ("SIGTERM", "SIGUSR1"))],
+                         indirect=["trainer"])
 def test_stopped_by_signals_and_resumed_each_time_a_run_ends_as_one_uninterrupted_run(trainer, signals, tmp_path):
     script, args = trainer
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
