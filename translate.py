@@ -296,7 +296,8 @@ while True:
     schedule_step = min(max_iters, int(max_iters * train_seconds / max_seconds)) if max_seconds else step
     lr = set_learning_rate(optimizer, learning_rate_at(schedule_step, learning_rate, warmup_iters, max_iters, min_lr,
                                                        lr_schedule, lr_decay_fraction))
-    done = (train_seconds >= max_seconds if max_seconds else step >= max_iters) or stop.requested()  # where the run ends
+    stopped = stop.requested()  # a signal (preemption): save now; the resumed run translates at its end
+    done = (train_seconds >= max_seconds if max_seconds else step >= max_iters) or stopped  # where the run ends
     eval_due = eval_seconds and train_seconds >= next_eval_seconds
     while eval_seconds and train_seconds >= next_eval_seconds:
         next_eval_seconds += eval_seconds
@@ -304,8 +305,9 @@ while True:
     if step % eval_interval == 0 or done or eval_due:
         sums = sum_over_batches(model, val_batches, held_out_sums, dist) if val_batches else None
         val_loss = (sums[0] / sums[1]).item() if sums is not None else None
-        scores = translate_held_out(bleu_text) if bleu_text and step > 0 else {}  # at step 0 it would be noise
-        test_scores = test_set_scores() if done and test_text else {}
+        # Translating takes minutes on a CPU, more than a preemption's grace period: a stopped run skips it.
+        scores = translate_held_out(bleu_text) if bleu_text and step > 0 and not stopped else {}  # step 0: noise
+        test_scores = test_set_scores() if done and test_text and not stopped else {}
         if val_loss is not None:
             log(f"step {step}: held-out loss {val_loss:.4f}" + (f", BLEU {scores['bleu']:.2f}, chrF {scores['chrf']:.2f}"
                                                                f" ({len(bleu_text)} sentences, greedy)" if scores else ""))

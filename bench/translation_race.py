@@ -4,6 +4,7 @@ time, at about the same parameter count: held-out BLEU against training time, an
 and with beam search, in one run.
 
     python bench/translation_race.py --multi30k_dir=../shared/data/translation/multi30k   # Multi30K de->en, 2 x 30 min
+    python bench/translation_race.py --multi30k_dir=... --out_dir=/tmp/race --plot=/tmp/race.png
     python bench/translation_race.py --budget_seconds=300 --eval_seconds=60 --multi30k_dir=...   # a quick look
 
 Each contestant is translate.py on base_config with max_seconds=budget_seconds and an evaluation
@@ -14,8 +15,8 @@ architecture='decoder-only'), with the same width, tokenizer (the same BPE, lear
 pairs with the same settings), data, batches and optimizer, and as many blocks as bring its
 parameter count closest to the encoder-decoder's (a decoder block with cross-attention holds 4/3
 of a plain one's weights). Both finish with translate.py's test scores, greedy and with beam_size
-beams. Writes out_dir/<architecture>/ (each run's files), out_dir/summary.json and
-out_dir/translation_race.png (BLEU against training time).
+beams. Writes out_dir/<architecture>/ (each run's files), out_dir/summary.json and the plot of BLEU
+against training time (plot, or out_dir/translation_race.png).
 
 Timings swing with the machine's load: compare the two only within one run.
 """
@@ -39,6 +40,7 @@ eval_seconds = 300.0  # held-out BLEU every this many seconds of training
 multi30k_dir = ""  # passed on to translate.py: a folder holding Multi30K's files; '' downloads them
 common = ""  # more translate.py overrides for both runs, space-separated, e.g. "--seed=2"
 out_dir = "out/translation_race"
+plot = ""  # where to write the plot (PNG); '' : out_dir/translation_race.png
 configure(globals())
 # -----------------------------------------------------------------------------
 
@@ -112,6 +114,6 @@ ax.set_title(f"{os.path.basename(base_config)}: {budget_seconds:.0f} s each")
 ax.grid(alpha=0.3)
 ax.legend(fontsize=8)
 fig.tight_layout()
-plot_path = os.path.join(out_dir, "translation_race.png")
+plot_path = plot or os.path.join(out_dir, "translation_race.png")
 save_atomically(plot_path, lambda f: fig.savefig(f, format="png"), mode="wb")
 print(f"wrote {os.path.join(out_dir, 'summary.json')} and {plot_path}")
