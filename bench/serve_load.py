@@ -16,8 +16,7 @@ stream without [DONE] or usage), the time to first token and to the whole answer
 all rounds; queueing included), and tokens/s (all completion tokens over a round's wall time;
 the median and the min of the rounds) with its ratio to one client on the same server. With
 batching tokens/s grow with the clients; one at a time they stay at one client's and the waits
-grow instead. The batched server's decoding step has a static shape (every slot computes, used
-or not), so its one client pays for all its slots. Reads the checkpoint only; writes nothing.
+grow instead. Reads the checkpoint only; writes nothing.
 """
 
 import http.client
