@@ -48,7 +48,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from chat import (batch_of, collate, has_chat_tokens, preference, read_records, render, response_logprobs,
+from chat import (batch_of, collate, preference, read_records, render, response_logprobs,
                   split_held_out, training_example)
 from checkpoint import checkpoint_to_resume
 from configurator import configure, print_config
@@ -57,8 +57,8 @@ from lora import add_lora, lora_settings
 from optim import learning_rate_at, optimizer_step, set_learning_rate
 from parallel import all_reduce_sum, sum_over_batches
 from runtime import device_name
-from trainer import (TUNED_KEYS, Pace, context_length, count_trained, finish, gradient_accumulation, model_to_tune,
-                     on_reference, open_run_log, prepare_model, reference_model, save, start,
+from trainer import (TUNED_KEYS, Pace, chat_model_to_tune, context_length, count_trained, finish,
+                     gradient_accumulation, on_reference, open_run_log, prepare_model, reference_model, save, start,
                      stop_if_not_finite, take_out_dir)
 
 # -----------------------------------------------------------------------------
@@ -115,11 +115,7 @@ stop = take_out_dir(out_dir, dist, "--resume=yes")
 # model: a new run takes the chat checkpoint, merged if it holds adapters; a resumed run takes its
 # own checkpoint's model as it was, adapters included
 checkpoint, ckpt_path = checkpoint_to_resume(resume, out_dir, "dpo", config, TUNED_KEYS)
-model, tokenizer, reference_file = model_to_tune(init_from, checkpoint, ckpt_path, log)  # path, step, sha256
-if checkpoint is None and not has_chat_tokens(tokenizer):
-    raise SystemExit(f"dpo error: {init_from} is not a chat model (it has no chat tokens); fine-tune it with "
-                     "sft.py first and pass that checkpoint")
-reference_file = reference_file if checkpoint is None else checkpoint["reference"]
+model, tokenizer, reference_file = chat_model_to_tune(init_from, checkpoint, ckpt_path, log, "dpo")
 block_size = context_length(block_size, model)
 
 # data: records -> (prompt, chosen, rejected) -> a unit (inputs, targets, doc ids) for each answer

@@ -41,7 +41,7 @@ import time
 import torch
 
 from benchmarks import evaluate_examples, read_examples
-from chat import batch_of, collate, has_chat_tokens, prompt_ids, stop_ids
+from chat import batch_of, collate, prompt_ids, stop_ids
 from checkpoint import checkpoint_to_resume
 from configurator import configure, print_config
 from grpo import group_advantages, policy_loss, sample_groups, token_logprobs
@@ -49,7 +49,7 @@ from lora import add_lora, lora_settings
 from optim import learning_rate_at, optimizer_step, set_learning_rate
 from parallel import all_reduce_sum
 from runtime import device_name
-from trainer import (TUNED_KEYS, Pace, count_trained, finish, gradient_accumulation, model_to_tune, on_reference,
+from trainer import (TUNED_KEYS, Pace, chat_model_to_tune, count_trained, finish, gradient_accumulation, on_reference,
                      open_run_log, prepare_model, reference_model, save, start, stop_if_not_finite, take_out_dir)
 from verifiers import KINDS, question, reward
 
@@ -110,11 +110,7 @@ stop = take_out_dir(out_dir, dist, "--resume=yes")
 # model: a new run takes the chat checkpoint, merged if it holds adapters; a resumed run takes its
 # own checkpoint's model as it was, adapters included
 checkpoint, ckpt_path = checkpoint_to_resume(resume, out_dir, "rl", config, TUNED_KEYS)
-model, tokenizer, reference_file = model_to_tune(init_from, checkpoint, ckpt_path, log)  # path, step, sha256
-if checkpoint is None and not has_chat_tokens(tokenizer):
-    raise SystemExit(f"rl error: {init_from} is not a chat model (it has no chat tokens); fine-tune it with "
-                     "sft.py first and pass that checkpoint")
-reference_file = reference_file if checkpoint is None else checkpoint["reference"]
+model, tokenizer, reference_file = chat_model_to_tune(init_from, checkpoint, ckpt_path, log, "rl")
 ends = sorted(stop_ids(tokenizer))
 
 

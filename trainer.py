@@ -40,6 +40,7 @@ import time
 
 import torch
 
+from chat import has_chat_tokens
 from checkpoint import (checkpoint_writer, load_checkpoint, model_from_checkpoint, restore_rng_state,
                         restore_training_state, save_training_checkpoint, wait_for_checkpoint)
 from lora import adapters_disabled, checked_base, describe_base, merge_lora
@@ -114,6 +115,19 @@ def reference_model(model, lora, checkpoint, reference_file, ckpt_path, dist, pa
     reference.requires_grad_(False).eval()
     place_model(reference, dist, parallelism, dtype)
     return reference
+
+
+def chat_model_to_tune(init_from, checkpoint, ckpt_path, log, script):
+    """model_to_tune for a trainer that starts from a chat model (dpo.py, rl.py): (model, tokenizer,
+    reference_file), where reference_file names the starting checkpoint (path, step, sha256), a resumed
+    run's as its checkpoint recorded it. A one-line error when init_from has no chat tokens."""
+    model, tokenizer, reference_file = model_to_tune(init_from, checkpoint, ckpt_path, log)
+    if checkpoint is not None:
+        return model, tokenizer, checkpoint["reference"]
+    if not has_chat_tokens(tokenizer):
+        raise SystemExit(f"{script} error: {init_from} is not a chat model (it has no chat tokens); fine-tune it "
+                         "with sft.py first and pass that checkpoint")
+    return model, tokenizer, reference_file
 
 
 @torch.no_grad()

@@ -5,7 +5,6 @@ rl.py does; bad input stops with one line."""
 
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -126,10 +125,15 @@ def toy_task(tmp_path_factory):
     return str(path)
 
 
+def deterministic(records):
+    """Logged records without their timings."""
+    return [{k: v for k, v in r.items() if "per_sec" not in k and k != "time"} for r in records]
+
+
 def rl_args(checkpoint, task, **overrides):
     settings = dict(init_from=f"{checkpoint}/ckpt.pt", data=task, held_out=task, device="cpu", batch_size=1,
                     prompts_per_step=2, group_size=4, max_new_tokens=8, max_iters=4, eval_interval=2,
-                    learning_rate=1e-2, min_lr=1e-3, warmup_iters=1)
+                    learning_rate=1e-2, min_lr=1e-3, warmup_iters=1, temperature=1.5)  # 1.5: some answers wrong, some right
     return [f"--{k}={v}" for k, v in {**settings, **overrides}.items()]
 
 
@@ -137,7 +141,8 @@ def test_rl_stopped_and_resumed_ends_as_an_uninterrupted_run_and_evaluate_agrees
     args = rl_args(tiny_sft_checkpoint, toy_task, resume="auto")
     whole, resumed, stdout = stop_and_resume("rl.py", args, tmp_path, at_step=2)
     assert f"resuming {resumed / 'ckpt-0000002.pt'} at step 2" in stdout
-    assert logged_after(resumed, 2) == logged_after(whole, 2) and len(logged_after(whole, 2)) == 3
+    assert deterministic(logged_after(resumed, 2)) == deterministic(logged_after(whole, 2))
+    assert len(logged_after(whole, 2)) == 3
     assert_same_weights(load_checkpoint(str(resumed / "ckpt.pt"))["model"], load_checkpoint(str(whole / "ckpt.pt"))["model"])
     steps = [r for r in read_metrics(whole) if "reward" in r]
     assert len(steps) == 4 and any(0 < r["no_signal"] < 1 or r["reward"] not in (0, 1) for r in steps)
@@ -155,9 +160,7 @@ def test_rl_in_two_processes_equals_one_with_the_same_global_batch(tiny_sft_chec
     run_torchrun("rl.py", *args, f"--out_dir={tmp_path / 'two'}")
     one, two = (load_checkpoint(str(tmp_path / run / "ckpt.pt"))["model"] for run in ("one", "two"))
     assert_same_weights(two, one, atol=1e-5)
-    logged = [[{k: v for k, v in r.items() if k in ("step", "reward", "no_signal", "answer_tokens", "val_pass_at_1")}
-               for r in read_metrics(tmp_path / run)] for run in ("one", "two")]
-    assert logged[0] == logged[1]
+    assert deterministic(read_metrics(tmp_path / "one")) == deterministic(read_metrics(tmp_path / "two"))
 
 
 @pytest.mark.parametrize("problem, expected", [
