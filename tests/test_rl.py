@@ -151,7 +151,7 @@ def test_rl_stopped_and_resumed_ends_as_an_uninterrupted_run_and_evaluate_agrees
     run_script("evaluate.py", f"--ckpt={whole}/ckpt.pt", f"--tasks={toy_task}", "--max_new_tokens=8", "--device=cpu",
                f"--report={report}")
     logged = [r["val_pass_at_1"] for r in read_metrics(whole) if "val_pass_at_1" in r]
-    assert json.loads(report.read_text())["results"][toy_task]["exact_match"] == logged[-1]
+    assert json.loads(report.read_text())["results"]["prompts"]["exact_match"] == logged[-1]  # named by the file
 
 
 def test_rl_in_two_processes_equals_one_with_the_same_global_batch(tiny_sft_checkpoint, toy_task, tmp_path):
