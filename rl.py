@@ -96,11 +96,15 @@ device = "auto"
 dtype = "auto"
 compile = False  # the shapes change with every batch of answers
 seed = 1337
-parallelism = "ddp"  # or 'fsdp', as in train.py
+parallelism = "ddp"  # the only choice: see the check below
 config = configure(globals())
 print_config(config)
 # -----------------------------------------------------------------------------
 
+# Each process samples its answers for as many decoding steps as they take: FSDP's sharded forward
+# needs every process in every call
+if parallelism != "ddp":
+    raise SystemExit(f"config error: rl.py runs with parallelism='ddp', not {parallelism!r}; set --parallelism=ddp")
 dist, dtype, autocast = start(device, dtype, seed, parallelism)
 device, log = dist.device, dist.log  # log: print on rank 0 only
 accumulation_steps = gradient_accumulation("prompts_per_step", prompts_per_step, batch_size=batch_size,
@@ -115,21 +119,23 @@ ends = sorted(stop_ids(tokenizer))
 
 
 def task(path, limit=0):
-    """(kind, examples, prompt ids) of a task file; prompts that leave no room for an answer are dropped."""
+    """(kind, examples) of a task file whose kind has a verifier."""
     kind, examples = read_examples(path, limit)
     if kind not in KINDS:
         raise SystemExit(f"data error: {path} holds {kind} records; rl.py needs GSM8K (question, answer) or generation "
                          "(prompt, answer) records, which verifiers.py can check")
-    prompts = [prompt_ids(tokenizer, [{"role": "user", "content": question(kind, ex)}]) for ex in examples]
-    fits = [i for i, ids in enumerate(prompts) if len(ids) + max_new_tokens <= model.config.block_size]
-    return kind, [examples[i] for i in fits], [prompts[i] for i in fits]
+    return kind, examples
 
 
-kind, examples, prompts = task(data)
+# the prompts to learn from, those that leave room for an answer; the held-out ones all, as evaluate.py reads them
+kind, examples = task(data)
+prompts = [prompt_ids(tokenizer, [{"role": "user", "content": question(kind, ex)}]) for ex in examples]
+fits = [i for i, ids in enumerate(prompts) if len(ids) + max_new_tokens <= model.config.block_size]
+examples, prompts = [examples[i] for i in fits], [prompts[i] for i in fits]
 if not examples:
     raise SystemExit(f"data error: no prompt of {data} fits the model's context of {model.config.block_size} tokens "
                      f"with max_new_tokens={max_new_tokens} left for the answer; lower max_new_tokens")
-held_kind, held_examples = read_examples(held_out, held_out_limit) if held_out else (None, [])
+held_kind, held_examples = task(held_out, held_out_limit) if held_out else (None, [])
 log(f"data {data}: {len(examples)} {kind} prompts; held out {held_out or 'none'}: {len(held_examples)} prompts")
 log(f"device {device_name(device)} x {dist.world_size} processes, {dtype}; {prompts_per_step} prompts x {group_size} "
     f"answers per step = {batch_size} x {dist.world_size} processes x {accumulation_steps} accumulation steps; "
