@@ -49,9 +49,9 @@ from lora import add_lora, lora_settings
 from optim import learning_rate_at, optimizer_step, set_learning_rate
 from parallel import all_reduce_sum
 from runtime import device_name
+import verifiers  # a module, so that its KINDS is no config key of this script
 from trainer import (TUNED_KEYS, Pace, chat_model_to_tune, count_trained, finish, gradient_accumulation, on_reference,
                      open_run_log, prepare_model, reference_model, save, start, stop_if_not_finite, take_out_dir)
-from verifiers import KINDS, question, reward
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -74,7 +74,7 @@ max_iters = 100  # steps (each one batch of sampled answers)
 # the algorithm (grpo.py)
 group_size = 8  # answers per prompt: the baseline is their mean; more answers, fewer groups with no signal
 temperature = 1.0  # sample from the policy itself: the policy gradient is for its own distribution
-scale_by_std = False  # GRPO divides advantages by the group's std; Dr. GRPO shows that biases toward easy and hard prompts
+scale_by_std = False  # GRPO divides by the group's std; Dr. GRPO shows that favours too-easy and too-hard prompts
 epochs = 1  # updates per batch of answers; 1 is on-policy REINFORCE, more reuse the samples under PPO's clipping
 clip_eps = 0.2  # PPO's clip on the probability ratio (only acts when epochs > 1); 0.2 as PPO and GRPO
 kl_coef = 0.0  # a KL penalty to the starting model; off, as DAPO and Dr. GRPO find it unneeded with verifiable rewards
@@ -121,7 +121,7 @@ ends = sorted(stop_ids(tokenizer))
 def task(path, limit=0):
     """(kind, examples) of a task file whose kind has a verifier."""
     kind, examples = read_examples(path, limit)
-    if kind not in KINDS:
+    if kind not in verifiers.KINDS:
         raise SystemExit(f"data error: {path} holds {kind} records; rl.py needs GSM8K (question, answer) or generation "
                          "(prompt, answer) records, which verifiers.py can check")
     return kind, examples
@@ -129,7 +129,7 @@ def task(path, limit=0):
 
 # the prompts to learn from, those that leave room for an answer; the held-out ones all, as evaluate.py reads them
 kind, examples = task(data)
-prompts = [prompt_ids(tokenizer, [{"role": "user", "content": question(kind, ex)}]) for ex in examples]
+prompts = [prompt_ids(tokenizer, [{"role": "user", "content": verifiers.question(kind, ex)}]) for ex in examples]
 fits = [i for i, ids in enumerate(prompts) if len(ids) + max_new_tokens <= model.config.block_size]
 examples, prompts = [examples[i] for i in fits], [prompts[i] for i in fits]
 if not examples:
@@ -167,7 +167,8 @@ def rollouts(micro_step):
                                 temperature)
     raw_model.train()
     texts = [tokenizer.decode([t for t in answer if t not in ends]) for answer in answers]
-    rewards = torch.tensor([reward(kind, text, examples[chosen[r // group_size]]) for r, text in enumerate(texts)])
+    rewards = torch.tensor([verifiers.reward(kind, text, examples[chosen[r // group_size]])
+                            for r, text in enumerate(texts)])
     advantages = group_advantages(rewards, group_size, scale_by_std)
     signal = (advantages.view(-1, group_size) != 0).any(dim=1)
     rows = [r for r in range(len(answers)) if signal[r // group_size]]
@@ -245,7 +246,8 @@ while True:
     if step % log_interval == 0 or step == max_iters:
         loss = all_reduce_sum(loss_sum, dist.world_size).item() / dist.world_size
         stop_if_not_finite(loss, step, dist, "rl", out_dir)
-        stats = {"reward": reward_sum / answers, "no_signal": no_signal / groups, "answer_tokens": sampled_tokens / answers,
+        stats = {"reward": reward_sum / answers, "no_signal": no_signal / groups,
+                 "answer_tokens": sampled_tokens / answers,
                  "sampling_tokens_per_sec": sampled_tokens / sampling_seconds,
                  "training_tokens_per_sec": epochs * step_answer_tokens / training_seconds}
         if kl_coef > 0:
