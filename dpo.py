@@ -42,24 +42,24 @@ checkpoint names its base), so a resumed run loads the same one again.
 Every default below is a config key: override it in a config file or with --key=value.
 """
 
-import copy
 import math
 import time
 
 import torch
 import torch.nn.functional as F
 
-from chat import (batch_of, collate, has_chat_tokens, preference, read_records, render, response_logprobs,
+from chat import (batch_of, collate, preference, read_records, render, response_logprobs,
                   split_held_out, training_example)
-from checkpoint import checkpoint_to_resume, load_checkpoint, model_from_checkpoint
+from checkpoint import checkpoint_to_resume
 from configurator import configure, print_config
 from data import to_device
-from lora import adapters_disabled, add_lora, checked_base, lora_settings, merge_lora
+from lora import add_lora, lora_settings
 from optim import learning_rate_at, optimizer_step, set_learning_rate
-from parallel import all_reduce_sum, place_model, sum_over_batches
+from parallel import all_reduce_sum, sum_over_batches
 from runtime import device_name
-from trainer import (TUNED_KEYS, Pace, context_length, count_trained, finish, gradient_accumulation, model_to_tune,
-                     open_run_log, prepare_model, save, start, stop_if_not_finite, take_out_dir)
+from trainer import (TUNED_KEYS, Pace, chat_model_to_tune, context_length, count_trained, finish,
+                     gradient_accumulation, on_reference, open_run_log, prepare_model, reference_model, save, start,
+                     stop_if_not_finite, take_out_dir)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -114,11 +114,7 @@ stop = take_out_dir(out_dir, dist, "--resume=yes")
 # model: a new run takes the chat checkpoint, merged if it holds adapters; a resumed run takes its
 # own checkpoint's model as it was, adapters included
 checkpoint, ckpt_path = checkpoint_to_resume(resume, out_dir, "dpo", config, TUNED_KEYS)
-model, tokenizer, reference_file = model_to_tune(init_from, checkpoint, ckpt_path, dist.log)  # path, step, sha256
-if checkpoint is None and not has_chat_tokens(tokenizer):
-    raise SystemExit(f"dpo error: {init_from} is not a chat model (it has no chat tokens); fine-tune it with "
-                     "sft.py first and pass that checkpoint")
-reference_file = reference_file if checkpoint is None else checkpoint["reference"]
+model, tokenizer, reference_file = chat_model_to_tune(init_from, checkpoint, ckpt_path, dist.log, "dpo")
 block_size = context_length(block_size, model)
 
 # data: records -> (prompt, chosen, rejected) -> a unit (inputs, targets, doc ids) for each answer
@@ -152,18 +148,9 @@ dist.log(f"device {device_name(dist.device)} x {dist.world_size} processes, {dty
     f"({steps_per_epoch} per epoch)")
 
 lora = lora_settings(lora_rank, lora_alpha, lora_dropout, lora_targets)
-if lora:
-    reference = None  # the policy with its adapters off
-    if checkpoint is None:  # a resumed model has its adapters already
-        add_lora(model, **lora)
-else:
-    if checkpoint is None:
-        reference = copy.deepcopy(model)
-    else:
-        path = checked_base(reference_file, ckpt_path)
-        reference = merge_lora(model_from_checkpoint(load_checkpoint(path), path)[0])
-    reference.requires_grad_(False).eval()
-    place_model(reference, dist, parallelism, dtype)
+reference = reference_model(model, lora, checkpoint, reference_file, ckpt_path, dist, parallelism, dtype)
+if lora and checkpoint is None:  # a resumed model has its adapters already
+    add_lora(model, **lora)
 trainable = count_trained(model, dist.log, "; reference: " + ("the same model, adapters off" if lora else "a frozen copy"))
 model, raw_model, optimizer, scaler, step = prepare_model(model, checkpoint, dist, dtype, parallelism, compile, seed,
                                                           learning_rate, weight_decay, (beta1, beta2))
@@ -179,25 +166,13 @@ def logprobs(net, x, y):
         return response_logprobs(net(x, all_logits=True)[0], y)
 
 
-@torch.no_grad()
-def reference_logprobs(x, y):
-    if reference is not None:
-        return logprobs(reference, x, y)
-    was_training = raw_model.training
-    raw_model.eval()  # the reference has no dropout
-    with adapters_disabled(raw_model):
-        result = logprobs(raw_model, x, y)
-    raw_model.train(was_training)
-    return result
-
-
 def pair_stats(pairs):
     """The mean DPO loss over pairs (a tensor to backpropagate) and STATS, summed over the pairs."""
     x, y, _ = collate([chosen for chosen, _ in pairs] + [rejected for _, rejected in pairs], tokenizer.eot_id)
     x, y = to_device(torch.stack((x, y)), dist.device)  # one copy, cut up on the device
     # chosen and rejected go through the model as one batch: one forward pass, not two
     policy_chosen, policy_rejected = logprobs(model, x, y).chunk(2)
-    ref_chosen, ref_rejected = reference_logprobs(x, y).chunk(2)
+    ref_chosen, ref_rejected = on_reference(reference, raw_model, lambda net: logprobs(net, x, y)).chunk(2)
     margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
     loss = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
     stats = torch.stack([loss, (margin > 0).float(), margin, policy_chosen, policy_rejected]).detach().sum(dim=1)

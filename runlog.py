@@ -240,7 +240,8 @@ def plot_runs(folders, out_path, labels=None):
         (axes[0, 2], "time", ("loss", "val_loss"), "loss"),
         (axes[1, 0], "step", ("lr",), "learning rate"),
         (axes[1, 1], "step", ("tokens_per_sec",), "tokens/s"),
-        (axes[1, 2], "step", ("mfu", "val_bleu"), "MFU, or held-out BLEU (translate.py)"),
+        (axes[1, 2], "step", ("mfu", "val_bleu", "reward", "val_pass_at_1"),
+         "MFU, held-out BLEU (translate.py), or reward and held-out pass@1 (rl.py)"),
     ]
     x_names = {"step": "step", "tokens": "tokens", "time": "wall time (s)"}
     for i, (folder, label) in enumerate(zip(folders, labels)):

@@ -38,14 +38,16 @@ on every process at the same step boundary: the run evaluates and saves that ste
 finish ends it with a line saying so and the signal's exit status (outdir.StopSignals).
 """
 
+import copy
 import math
 import time
 
 import torch
 
+from chat import has_chat_tokens
 from checkpoint import (checkpoint_writer, load_checkpoint, model_from_checkpoint, restore_rng_state,
                         restore_training_state, save_training_checkpoint, wait_for_checkpoint)
-from lora import describe_base, merge_lora
+from lora import adapters_disabled, checked_base, describe_base, merge_lora
 from optim import make_optimizer
 from outdir import (StopSignals, exit_quietly_on_interrupt, lock_out_dir, replace_earlier_run, run_log_path,
                     stop_unless_finite)
@@ -101,6 +103,49 @@ def model_to_tune(init_from, checkpoint, ckpt_path, log, describe_start=True):
     origin = describe_base(init_from, start_checkpoint) if describe_start else None
     merge_lora(model)
     return model, tokenizer, origin
+
+
+def reference_model(model, lora, checkpoint, reference_file, ckpt_path, dist, parallelism, dtype):
+    """The frozen starting model that dpo.py and rl.py measure the policy against: None with LoRA (the
+    policy with its adapters off is the starting model, at no cost in memory); else a frozen copy of
+    the model about to be tuned, or for a resumed run the starting checkpoint reference_file again."""
+    if lora:
+        return None
+    if checkpoint is None:
+        reference = copy.deepcopy(model)
+    else:
+        path = checked_base(reference_file, ckpt_path)
+        reference = merge_lora(model_from_checkpoint(load_checkpoint(path), path)[0])
+    reference.requires_grad_(False).eval()
+    place_model(reference, dist, parallelism, dtype)
+    return reference
+
+
+def chat_model_to_tune(init_from, checkpoint, ckpt_path, log, script):
+    """model_to_tune for a trainer that starts from a chat model (dpo.py, rl.py): (model, tokenizer,
+    reference_file), where reference_file names the starting checkpoint (path, step, sha256), a resumed
+    run's as its checkpoint recorded it. A one-line error when init_from has no chat tokens."""
+    model, tokenizer, reference_file = model_to_tune(init_from, checkpoint, ckpt_path, log)
+    if checkpoint is not None:
+        return model, tokenizer, checkpoint["reference"]
+    if not has_chat_tokens(tokenizer):
+        raise SystemExit(f"{script} error: {init_from} is not a chat model (it has no chat tokens); fine-tune it "
+                         "with sft.py first and pass that checkpoint")
+    return model, tokenizer, reference_file
+
+
+@torch.no_grad()
+def on_reference(reference, raw_model, forward):
+    """forward(net) on the reference model of reference_model(): the frozen copy, or with LoRA the policy
+    with its adapters off (and no dropout)."""
+    if reference is not None:
+        return forward(reference)
+    was_training = raw_model.training
+    raw_model.eval()
+    with adapters_disabled(raw_model):
+        result = forward(raw_model)
+    raw_model.train(was_training)
+    return result
 
 
 def context_length(block_size, model):
