@@ -28,7 +28,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402  (after the path: run from anywhere)
 from configurator import configure  # noqa: E402
-from gguf_file import GGUF_TYPES, import_gguf, save_gguf  # noqa: E402
+from gguf_file import GGUF_TYPES, save_gguf  # noqa: E402
+from optional import optional  # noqa: E402
 from lora import merge_lora  # noqa: E402
 from runlog import save_atomically  # noqa: E402
 
@@ -48,7 +49,7 @@ try:
 except ImportError:
     raise SystemExit("bench error: this compares with llama.cpp through llama-cpp-python; pip install llama-cpp-python "
                      "(it compiles llama.cpp, several minutes)") from None
-gguf = import_gguf()
+gguf = optional("gguf", "bench/gguf_parity.py")
 for gguf_type in types.split(","):
     if gguf_type not in GGUF_TYPES:
         raise SystemExit(f"config error: types has '{gguf_type}', not one of {', '.join(GGUF_TYPES)}")
