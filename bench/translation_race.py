@@ -9,7 +9,9 @@ and with beam search, in one run.
 
 Each contestant is translate.py on base_config with max_seconds=budget_seconds and an evaluation
 (held-out BLEU, greedy) every eval_seconds of training; evaluations and start-up are not training
-time. The encoder-decoder runs first, as base_config has it; the decoder-only GPT then learns
+time. By default both run at once, each on a core of its own with one thread (together=True), so
+that whatever else loads the machine falls on both alike; together=False runs them one after the
+other, each with every core. The encoder-decoder is as base_config has it; the decoder-only GPT learns
 `source <end-of-text> target` with the loss on the target only (translate.py's
 architecture='decoder-only'), with the same width, tokenizer (the same BPE, learned on the same
 pairs with the same settings), data, batches and optimizer, and as many blocks as bring its
@@ -18,7 +20,7 @@ of a plain one's weights). Both finish with translate.py's test scores, greedy a
 beams. Writes out_dir/<architecture>/ (each run's files), out_dir/summary.json and the plot of BLEU
 against training time (plot, or out_dir/translation_race.png).
 
-Timings swing with the machine's load: compare the two only within one run.
+Timings swing with the machine's load: compare the two only within one run, and prefer together=True.
 """
 
 import json
@@ -29,7 +31,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from configurator import configure  # noqa: E402  (after the path: run from anywhere)
+from configurator import configure, defaults_only  # noqa: E402  (after the path: run from anywhere)
 from model import EncoderDecoder, EncoderDecoderConfig, GPT, GPTConfig  # noqa: E402
 from runlog import save_atomically  # noqa: E402
 
@@ -41,22 +43,33 @@ multi30k_dir = ""  # passed on to translate.py: a folder holding Multi30K's file
 common = ""  # more translate.py overrides for both runs, space-separated, e.g. "--seed=2"
 out_dir = "out/translation_race"
 plot = ""  # where to write the plot (PNG); '' : out_dir/translation_race.png
+together = True  # both at once, one core and one thread each; False: one after the other with every core
 configure(globals())
 # -----------------------------------------------------------------------------
 
 
-def train(name, overrides):
+def start(name, overrides, core=None):
+    """Start translate.py for one contestant (pinned to core, with one thread, where core is given)."""
     run_dir = os.path.join(out_dir, name)
     args = [base_config, *overrides, *common.split(), f"--out_dir={run_dir}", f"--max_seconds={budget_seconds}",
             f"--eval_seconds={eval_seconds}", "--eval_interval=1000000000", "--keep_checkpoints=1"]
     if multi30k_dir:
         args.append(f"--multi30k_dir={multi30k_dir}")
-    print(f"--- {name}: python translate.py {' '.join(args)}", flush=True)
-    started = time.time()
-    result = subprocess.run([sys.executable, os.path.join(REPO, "translate.py"), *args], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        raise SystemExit(f"bench error: the {name} run failed:\n{result.stdout[-3000:]}")
+    print(f"--- {name}{'' if core is None else f' (core {core})'}: python translate.py {' '.join(args)}", flush=True)
+    env, pin = dict(os.environ), None
+    if core is not None:
+        env["OMP_NUM_THREADS"] = "1"
+        pin = lambda: os.sched_setaffinity(0, {core})  # noqa: E731
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, "translate.py"), *args], cwd=REPO, text=True, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=pin)
+    return name, run_dir, args, process, time.time()
+
+
+def finish(name, run_dir, args, process, started):
+    """Wait for a contestant's run and summarise it from its metrics.jsonl and run.json."""
+    output, _ = process.communicate()
+    if process.returncode != 0:
+        raise SystemExit(f"bench error: the {name} run failed:\n{output[-3000:]}")
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     with open(os.path.join(run_dir, "run.json")) as f:
@@ -83,9 +96,23 @@ def matching_decoder_layers(config):
 
 
 os.makedirs(out_dir, exist_ok=True)
-runs = {"encoder-decoder": train("encoder-decoder", [])}
-layers = matching_decoder_layers(runs["encoder-decoder"]["config"])
-runs["decoder-only"] = train("decoder-only", ["--architecture=decoder-only", f"--n_layer={layers}"])
+with defaults_only() as translate_defaults:
+    import translate  # noqa: F401  (runs translate.py only up to its defaults)
+layers = matching_decoder_layers(configure(dict(translate_defaults), [base_config, *common.split()]))
+contestants = {"encoder-decoder": [], "decoder-only": ["--architecture=decoder-only", f"--n_layer={layers}"]}
+cores = sorted(os.sched_getaffinity(0)) if together and hasattr(os, "sched_getaffinity") else []
+if together and len(cores) < 2:
+    raise SystemExit("bench error: together=True needs two cores; run with --together=False")
+if together:
+    started = [start(name, overrides, core) for (name, overrides), core in zip(contestants.items(), cores)]
+    try:
+        runs = {run[0]: finish(*run) for run in started}
+    finally:  # one failed: stop the other rather than leave it training alone
+        for run in started:
+            if run[3].poll() is None:
+                run[3].kill()
+else:
+    runs = {name: finish(*start(name, overrides)) for name, overrides in contestants.items()}
 
 beams = sorted({int(k.split("beam")[1]) for run in runs.values() for k in run if k.startswith("test_bleu_beam")})
 print(f"\n{'architecture':<16} {'params':>8} {'steps':>6} " + " ".join(f"{f'BLEU beam {b}':>12}" for b in beams))
