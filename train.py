@@ -326,7 +326,7 @@ while True:
         if first_bad_step.item() >= 0:
             stop_if_not_finite(float("nan") if math.isfinite(train_loss) else train_loss, first_bad_step.item(), dist,
                                "train", out_dir)
-        seconds_per_step, pace_text = pace.lap(step)
+        seconds_per_step, pace_text = pace.lap(step, max_seconds - train_seconds if max_seconds > 0 else None)
         tokens_per_sec = total_batch_tokens / seconds_per_step
         mfu = flops_per_token * tokens_per_sec / (peak * dist.world_size) if peak else None
         log(f"step {step}/{max_iters} | loss {train_loss:.4f} | lr {lr:.2e} | {tokens_per_sec:,.0f} tok/s | "

@@ -225,11 +225,13 @@ class Pace:
         """Count from now, at step: after an evaluation, whose time is no step's."""
         self.since, self.since_step = time.time(), step
 
-    def lap(self, step):
-        """(seconds per step since the last lap, 'N ms/step | eta T' for the log line); counts on from now."""
+    def lap(self, step, seconds_left=None):
+        """(seconds per step since the last lap, 'N ms/step | eta T' for the log line); counts on from now.
+        The eta is seconds_left for a run that ends on the clock, else max_iters' steps left at this pace."""
         seconds = (time.time() - self.since) / (step - self.since_step)
         self.restart(step)
-        return seconds, f"{1000 * seconds:.0f} ms/step | eta {format_duration((self.max_iters - step) * seconds)}"
+        eta = (self.max_iters - step) * seconds if seconds_left is None else max(0.0, seconds_left)
+        return seconds, f"{1000 * seconds:.0f} ms/step | eta {format_duration(eta)}"
 
 
 def finish(run_log, dist, stop, step, line):

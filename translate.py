@@ -337,7 +337,7 @@ while True:
     if step % log_interval == 0:
         train_loss = all_reduce_sum(loss_sum, dist.world_size).item() / dist.world_size
         stop_if_not_finite(train_loss, step, dist, "translate", out_dir)
-        seconds_per_step, pace_text = pace.lap(step)
+        seconds_per_step, pace_text = pace.lap(step, max_seconds - train_seconds if max_seconds else None)
         log(f"step {step} | loss {train_loss:.4f} | lr {lr:.2e} | {pace_text}")
         run_log.log({"step": step, "loss": train_loss, "lr": lr, "time": time.time(),
                      "tokens_per_sec": step_target_tokens / seconds_per_step})

@@ -97,6 +97,20 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_min_lr():
     assert all(lr(s) >= lr(s + 1) for s in range(10, 120))
 
 
+def test_the_eta_is_the_clock_left_for_a_run_on_the_clock_and_the_steps_left_otherwise(monkeypatch):
+    import trainer
+    now = [100.0]
+    monkeypatch.setattr(trainer.time, "time", lambda: now[0])
+    pace = trainer.Pace(0, max_iters=1000)
+    now[0] += 20.0  # 10 steps at 2 s
+    seconds, text = pace.lap(10)
+    assert seconds == 2.0 and text == "2000 ms/step | eta 33m00s"  # 990 steps left at 2 s
+    now[0] += 20.0
+    assert pace.lap(20, seconds_left=125.0)[1] == "2000 ms/step | eta 2m05s"  # max_seconds governs, not max_iters
+    now[0] += 20.0
+    assert pace.lap(30, seconds_left=-3.0)[1].endswith("eta 0m00s")  # the last step ran past the clock
+
+
 def test_a_benchmark_is_scored_at_every_evaluation(tiny_data_root, tmp_path):
     questions = tmp_path / "arc.jsonl"
     questions.write_text("\n".join(json.dumps({"query": f"Question {i}: what is {i} plus one?",
