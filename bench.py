@@ -8,19 +8,12 @@ generate on the same weights (exported with hf.py), side by side in one run.
     python bench.py --device=cpu --compile=False --out=bench.json   # JSON as well as the table
     python bench.py --device=cpu --train=False --compile=False     # decoding alone, ours beside transformers
 
-The model keys are train.py's (n_layer, n_head, n_kv_head, n_embd, mlp, pos, ... and the
-vocabulary, vocab_size), as are batch_size, activation_checkpointing, device, dtype, compile and
-peak_flops (--optimizers=muon,adamw times both optimizers; --eager=False times the compiled model alone;
---decode_batch_sizes=[] skips decoding, --train=False training); the weights are random and so are the tokens: speed does not depend on them. Timings are medians over
-`repeats` after `warmup` untimed runs (compiling happens there), with the variants interleaved
-(A B A B ...) so that a change in the machine's load hits them alike. Training runs whole steps
-(forward, backward, Muon's step as train.py's). Decoding is greedy from a prompt of prompt_tokens random tokens:
-time to first token is a generate() of one token, the decoding rate is batch x new_tokens
-over a generate() of new_tokens, prompt included, and "vs hf" its ratio to transformers'. Peak memory is CUDA's
-max_memory_allocated over the timed runs; on a CPU, the process's peak resident set size so far,
-which only grows. MFU needs the GPU's peak FLOP/s (runtime.GPUS, or --peak_flops).
-The table and the JSON start with the facts of the machine that the numbers depend on (runtime.machine_facts:
-torch, CPU model and capability, threads, whether bfloat16 matrix products are native, the GPU).
+The model keys are train.py's (n_layer, n_embd, mlp, ..., vocab_size, batch_size, device, dtype,
+compile, peak_flops); --optimizers=muon,adamw times both, --eager=False the compiled model alone,
+--decode_batch_sizes=[] skips decoding, --train=False training. Weights and tokens are random. Timings
+are medians over `repeats` after `warmup` untimed runs, the variants interleaved A B A B. Peak memory
+is CUDA's max_memory_allocated, or on a CPU the process's peak RSS so far. The table and the JSON
+start with the machine's facts (runtime.machine_facts). More: docs/benchmarks.md.
 """
 
 import json
@@ -90,12 +83,9 @@ model.activation_checkpointing = activation_checkpointing
 peak = gpu_peak_flops(device_name(device), peak_flops) if cuda else peak_flops
 
 
-def sync():
-    if cuda:
-        torch.cuda.synchronize()
-
-
 def timed(fn):
+    """Seconds fn takes, its GPU work included (synchronised before and after)."""
+    sync = torch.cuda.synchronize if cuda else lambda: None
     sync()
     start = time.perf_counter()
     fn()

@@ -17,49 +17,13 @@ file in one):
   GSM8K                {"question", "answer"}           the answer a worked solution ending "#### N"
   HumanEval (code)     {"task_id", "prompt", "test", "entry_point"}
 
-lm-eval's conventions, each mirrored from the lm-eval file named (paths inside its lm_eval package):
-- No leading end-of-text: a context is scored from its first token, as lm-eval's HF model does for
-  GPT-2-style tokenizers (api/model.py loglikelihood adds its prefix token only to an empty context).
-  bos=True puts end-of-text first, for models trained to expect one.
-- Context and continuation are joined by one space, whatever the continuation starts with (the
-  target_delimiter " " of api/task.py construct_requests). Trailing whitespace of the context moves to
-  the start of the continuation, and the continuation's tokens are those of the whole text after the
-  context's own tokens (api/model.py _encode_pair), so BPE sees ' word' as one piece.
-- accuracy picks the choice with the highest log-likelihood; accuracy_norm the highest log-likelihood
-  per character of the choice itself, without the space before it (api/task.py process_results,
-  completion_len = len(choice); its byte-length acc_bytes is another metric).
-- HellaSwag (tasks/hellaswag/utils.py): the context is activity_label + ': ' + ctx_a + ' ' + ctx_b
-  with ctx_b's first letter upper-cased and the rest lower-cased (Python's capitalize); context and
-  endings lose WikiHow's bracketed tags ([header], [step], ...), ' [title]' becoming '. ', and one pass
-  turns double spaces into single ones. The cleaned format gets the same clean-up, which changes
-  nothing in text that is clean already.
-- ARC and PIQA (tasks/arc/arc_easy.yaml, tasks/piqa/piqa.yaml): "Question: <question>\\nAnswer:" then
-  each choice; the query here holds "Question: <question>", and any whitespace around it is dropped.
-- Winogrande (tasks/winogrande/preprocess_winogrande.py): partial scoring. Each option fills the blank
-  and ends its own context; the rest of the sentence (stripped) is the continuation all options share,
-  and only it is scored. lm-eval's choices are those contexts, so accuracy_norm divides by their length
-  (lm-eval's winogrande task reports accuracy alone).
-- LAMBADA (tasks/lambada/lambada_openai.yaml): the last word, after one space, is the continuation;
-  'accuracy' counts passages whose every token of it is the greedy one, 'perplexity' is exp of the
-  mean negative log-likelihood of that word.
-- Generation: greedy decoding from the prompt, up to max_new_tokens, ending at end-of-text (and at a
-  newline if stop_at_newline); exact match and token F1 after SQuAD's answer normalisation, the best
-  over the references. Prompts are batched by length, each in a slot of its own decoding.Decoder (no
-  padding), so each greedy answer is the one its prompt gets alone (generate_texts, the one door to the
-  model's decoding for every benchmark).
-- GSM8K (tasks/gsm8k/gsm8k.yaml): see its section below; the answer extraction (gsm8k_extract,
-  gsm8k_correct) is shared with anything that verifies GSM8K answers.
-- HumanEval (the HumanEval paper; tasks/humaneval/humaneval.yaml): completions cut at its stop strings,
-  run with the task's tests in sandbox.py, the only place model-written code runs; pass@k by Chen et
-  al.'s unbiased estimator.
+lm-eval's conventions (no leading end-of-text; one space between context and continuation, the
+context's trailing whitespace moved to it; accuracy_norm per character of the choice; each task's own
+preprocessing and metrics) are listed with the lm-eval file each mirrors in docs/evaluation.md.
+A context longer than block_size loses its first tokens, so the continuation is always scored.
 Every task's result has 'chance', the score of guessing, for evaluate.py's summary score.
-
-A context longer than block_size loses its first tokens, so the continuation is always scored (as
-lm-eval truncates too). Options are right-padded into batches (positions stay those of an unpadded
-row) and the padding is masked out of every sum.
 """
 
-import hashlib
 import math
 import os
 import random
@@ -76,6 +40,7 @@ import torch.nn.functional as F
 import sandbox
 from chat import bad_record, jsonl_records, prompt_ids, read_text, stop_ids, text_field
 from decoding import Decoder
+from download import file_sha256
 from optional import optional
 
 # -----------------------------------------------------------------------------
@@ -98,7 +63,7 @@ def string_list(record, key, where, at_least):
 
 
 def hellaswag_clean(text):
-    """lm-eval's clean-up of HellaSwag text (see the docstring), in its order."""
+    """lm-eval's clean-up of HellaSwag text (tasks/hellaswag/utils.py), in its order."""
     text = text.strip().replace(" [title]", ". ")
     return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
 
@@ -212,9 +177,7 @@ def task_file(data_dir, name):
     if not os.path.isfile(path):
         raise SystemExit(f"evaluate error: no benchmark file {path}; fetch it (curl -L --create-dirs -o {path} {url}, "
                          f"sha256 {sha256}) or point --data_dir at the folder holding {name}")
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    if digest != sha256:
+    if (digest := file_sha256(path)) != sha256:
         raise SystemExit(f"evaluate error: {path} has sha256 {digest}, not {sha256} (the file of {url}); "
                          "fetch that file again: another version gives other scores")
     return path
@@ -250,13 +213,9 @@ def progress_bar(items, description):
 
 @torch.no_grad()
 def score_rows(model, rows, batch_size=16, autocast=nullcontext(), progress=""):
-    """Score the last n tokens of each row (ids, n), each token predicted from every token before it.
-
-    A row holds at most block_size + 1 tokens. Returns per row (sum of the n tokens' log-probabilities,
-    whether greedy decoding gives all n of them). Rows are batched by length and right-padded, so every
-    row keeps the positions it would have alone; targets of -1 mark context and padding, which no sum counts.
-    progress: the description of a progress bar over the batches; empty for none.
-    """
+    """Per row (ids, n) of at most block_size + 1 tokens: (the sum of its last n tokens' log-probabilities,
+    whether greedy decoding gives all n). Rows are batched by length and right-padded, so each keeps the
+    positions it would have alone. progress: a progress bar's description; empty for none."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -288,12 +247,9 @@ def score_rows(model, rows, batch_size=16, autocast=nullcontext(), progress=""):
 
 def score_continuations(model, tokenizer, pairs, bos=False, batch_size=16, autocast=nullcontext(), progress=""):
     """Per (context, continuation) pair: (log-likelihood of the continuation, whether greedy decoding gives it).
-
-    Tokenized as lm-eval does (see the docstring): the context's trailing whitespace moves to the
+    Tokenized as lm-eval does (api/model.py _encode_pair): the context's trailing whitespace moves to the
     continuation, whose tokens are those of the whole text after the context's. bos: end-of-text first.
-    When a pair is longer than the model's context, the context loses its first tokens (and a
-    continuation longer than block_size its first ones too).
-    """
+    A pair longer than the model's context loses its first tokens."""
     block_size = model.config.block_size
     rows = []
     for context, continuation in pairs:
@@ -309,15 +265,11 @@ def score_continuations(model, tokenizer, pairs, bos=False, batch_size=16, autoc
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompts, max_new_tokens, end_ids=(), stop_strings=(), temperature=0.0,
                    batch_size=16, autocast=nullcontext()):
-    """The text each prompt (a list of token ids) continues with: up to max_new_tokens tokens, greedy at
-    temperature 0 (else sampled), ending before the first of end_ids and cut before the first of stop_strings.
-
-    The one door to the model's decoding for every benchmark. Prompts go batch_size at a time, sorted by
-    length so that a batch's rows attend over similar lengths, each in a slot of its own decoding.Decoder:
-    a greedy answer is the one its prompt gets alone. A prompt longer than the context keeps its last
-    block_size tokens, and the window slides as the answer grows (lm-eval instead cuts a prompt to
-    block_size - max_new_tokens tokens; the two agree whenever prompt and answer fit). A batch ends as
-    soon as every row has ended."""
+    """The text each prompt (token ids) continues with: up to max_new_tokens tokens, greedy at temperature 0
+    (else sampled), ending before the first of end_ids and cut before the first of stop_strings. The one
+    door to the model's decoding for every benchmark: prompts go batch_size at a time, sorted by length,
+    each in a slot of its own decoding.Decoder, so a greedy answer is the one its prompt gets alone. A
+    prompt longer than the context keeps its last block_size tokens, the window sliding as it grows."""
     was_training = model.training
     model.eval()
     rows = [ids[-model.config.block_size :] for ids in prompts]
@@ -492,12 +444,10 @@ def argmax(values):
 def evaluate_examples(kind, examples, model, tokenizer, batch_size=16, autocast=nullcontext(), rank=0, world_size=1,
                       max_new_tokens=0, stop_at_newline=True, chat=False, bos=False, progress="", *, temperature=0.0,
                       samples=1, code_timeout=3.0, unisolated_code=False, details=False):
-    """The metrics of one task (kind and examples as read_task returns them), every rank taking its share, with
-    'chance', the score of guessing, for the summary score. chat: prompts in the chat format (see
-    generate_answers); bos: contexts after end-of-text; progress: a progress bar's description, empty for none.
-    Generative tasks: max_new_tokens (0: the task's own), temperature (0: greedy); code: samples per problem
-    (pass@k for each k in 1, 10, 100 up to it), each program's timeout in the sandbox, and whether to run
-    programs where the sandbox cannot isolate them. details: also the answers, example by example."""
+    """The metrics of one task (read_task's kind and examples), each rank taking its share, with 'chance'.
+    chat: prompts in the chat format; bos: contexts after end-of-text; max_new_tokens 0: the task's own;
+    code: samples per problem (pass@1, 10, 100 up to it), the sandbox's timeout, and whether to run programs
+    it cannot isolate. details: also the answers, example by example."""
     mine = examples[rank::world_size]
     if kind == "generation":
         answers = generate_answers(model, tokenizer, [ex["prompt"] for ex in mine], max_new_tokens or 32, stop_at_newline,

@@ -8,34 +8,22 @@ learns to say, and how post-training data is read and batched. sft.py, dpo.py, s
     ids, learned = render(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])
     ids = prompt_ids(tokenizer, [{"role": "user", "content": "Hi"}])   # then generate until <|end|>
 
-A conversation is an end-of-text token (pretraining documents begin after one), then for each
-message its role token, its content as ordinary text, and <|end|>:
+A conversation is an end-of-text token, then for each message its role token, its content as
+ordinary text (so typing "<|user|>" cannot fake a turn), and <|end|>:
 
     <|endoftext|><|system|>Be brief.<|end|><|user|>What is 2+2?<|end|><|assistant|>4<|end|>
 
-The role and end tokens are ids of their own. Content is encoded as ordinary text, so a user
-who types "<|user|>" gets those characters, not the token, and cannot fake a turn. A model
-learns only the assistant's tokens (its content and its <|end|>); the other targets are -1,
-which model.forward ignores. A prompt for generation ends with <|assistant|>, and the
-answer ends at <|end|>.
+A model learns only the assistant's tokens (its content and <|end|>); the other targets are -1. A
+prompt for generation ends with <|assistant|>, and the answer at <|end|>. The new ids go right after
+the tokenizer's last one, in the embedding's padding rows where there is room, each starting as the
+mean of the rows of the tokens that spell its name (docs/post-training.md).
 
-Where the new ids go (add_chat_tokens): right after the tokenizer's last id. The embedding
-table is padded to a multiple of 64 rows, so they usually take rows that were unused: GPT-2's
-50257 ids become 50261, inside its padded 50304 (nothing is resized); the byte tokenizer's 257
-become 261 of 320. When no rows are free (a char or trained BPE vocabulary just under a
-multiple of 64), the embedding and output layer grow by 64 rows. Each new row starts as the
-mean of the rows of the tokens that spell its name ("user" for <|user|>): the four are
-distinct from the start and like ordinary tokens in scale, so even a LoRA run, whose
-embeddings stay frozen, can tell them apart.
-
-Data files are a JSON list (.json) or one JSON object per line (.jsonl) of records, local or
-an http(s) URL (downloaded once into data/downloads/, checked against a given sha256):
-  Alpaca-style  {"instruction", "input" (optional), "output"}: a user turn (the instruction,
-                then the input after a blank line) and the assistant's answer
+Data files are a JSON list (.json) or JSON Lines (.jsonl), local or an http(s) URL (downloaded once
+into data/downloads/, checked against a given sha256):
+  Alpaca-style  {"instruction", "input" (optional), "output"}
   chat          {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
-Preference records (dpo.py) have "chosen" and "rejected" answers instead of the output, after
-an instruction (and input) or after "messages" that end with the user's turn. A bad record
-stops the run with one line naming the file and the record.
+Preference records (dpo.py) have "chosen" and "rejected" instead of the output. A bad record stops
+the run with one line naming the file and the record.
 """
 
 import functools
@@ -119,10 +107,9 @@ def prompt_ids(tokenizer, messages):
 
 
 def chat_template(tokenizer):
-    """The format above as a Jinja template, which Hugging Face's tokenizer_config.json and a GGUF
-    file carry (chat_template), so that transformers, llama.cpp and Ollama's importer render a
-    conversation as render() and prompt_ids() do. They then tokenize the text with the special
-    tokens recognised by name, so there a message that spells out <|user|> does fake a turn."""
+    """The format above as the Jinja chat_template of tokenizer_config.json and GGUF files, so transformers,
+    llama.cpp and Ollama render a conversation as render() and prompt_ids() do (though they recognise
+    special tokens by name, so there a message that spells out <|user|> does fake a turn)."""
     eot = next(name for name, i in tokenizer.special_tokens.items() if i == tokenizer.eot_id)
     return (f"{eot}{{% for message in messages %}}"
             f"{{% if message['role'] not in {list(ROLES)} %}}"
@@ -186,9 +173,8 @@ def epoch_order(n_units, seed, epoch):
 
 
 def batch_of(n_units, batch_size, index, seed):
-    """The unit indices of batch number `index` in an endless stream that visits every unit once
-    per epoch, in a new order each epoch. A pure function of its arguments: a batch never depends
-    on what ran before it, and a process can take its own batches without talking to the others."""
+    """The unit indices of batch `index` of an endless stream visiting every unit once per epoch, in a new
+    order each epoch: a pure function, so a process takes its own batches without asking the others."""
     positions = range(index * batch_size, (index + 1) * batch_size)
     return [int(epoch_order(n_units, seed, p // n_units)[p % n_units]) for p in positions]
 
@@ -233,9 +219,8 @@ def jsonl_records(text, path):
 
 
 def read_records(path, sha256=""):
-    """(where, record) pairs of a .json list or a .jsonl file; `where` names the file and the
-    record (or line) for error messages. An http(s) URL is downloaded once into DOWNLOADS and
-    checked against sha256 (unless it is empty)."""
+    """(where, record) pairs of a .json list or a .jsonl file, `where` naming the record for errors; an
+    http(s) URL is downloaded once into DOWNLOADS and checked against sha256 (unless it is empty)."""
     if path.startswith(("http://", "https://")):
         path = download(path, sha256, DOWNLOADS, stage="data", local_option="--data",
                         sha256_option="--data_sha256=")[0]
@@ -309,9 +294,8 @@ def preference(record, where):
 
 
 def split_held_out(items, fraction, seed=0):
-    """(train, held out): a random `fraction` of the items (at least one if fraction > 0) held out.
-    The seed is fixed, so every run, and every script reading the same file, holds out the same
-    records."""
+    """(train, held out): a random `fraction` of the items (at least one if fraction > 0) held out, by a
+    fixed seed, so every run and every script reading the same file holds out the same records."""
     n_held = math.ceil(fraction * len(items)) if fraction > 0 else 0
     held = set(np.random.default_rng(seed).permutation(len(items))[:n_held].tolist())
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]

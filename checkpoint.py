@@ -15,28 +15,16 @@ A checkpoint is one file that torch.load(weights_only=True) reads: a dict with
   step, optimizer, rng   for resuming a run (a LoRA checkpoint's optimizer state is the adapters')
   val_loss, val, best_val_loss   the evaluation at that step (and train.py's best so far)
 
-Saving writes a temporary file beside the target, flushes it to disk and renames
-it into place, so a crash mid-write never leaves a half-written ckpt.pt where a
-reader would take it (outdir.py removes a killed save's temporary at the next
-start). A full disk stops the run with one line saying how much room the save
-needed; a run needs room for keep+1 checkpoints, as the oldest is deleted only
-once the newest is written. Loading uses weights_only=True because a checkpoint is
-untrusted input: a plain pickle could run arbitrary code.
+Saving writes a temporary file beside the target, flushed to disk, and renames it into place, so a
+crash never leaves a half-written ckpt.pt; a full disk stops the run with one line. Loading uses
+weights_only=True: a checkpoint is untrusted input, and a plain pickle could run arbitrary code.
 
-A training run keeps its last few checkpoints as out_dir/ckpt-<step>.pt, and
-out_dir/ckpt.pt is a hard link to the newest (no extra disk space), so readers
-need only that one name while an automatic restart can fall back to an older
-file if the newest is damaged. save_training_checkpoint gathers the state into
-CPU memory and writes it from a thread while training goes on;
-wait_for_checkpoint waits until it is on disk.
-
-Weights and optimizer state go through torch.distributed.checkpoint's
-get_state_dict / set_state_dict with full (unsharded) state dicts: under FSDP
-they gather the shards into whole tensors on the CPU, and on load each process
-takes its own shard back. So a checkpoint is the same single file whether it
-came from one process, DDP or FSDP at any world size, and it loads into any of
-them. (torch.distributed.checkpoint's sharded format would avoid gathering on
-one machine, which matters only for models too large for one machine's memory.)
+A training run keeps its last few checkpoints as out_dir/ckpt-<step>.pt, out_dir/ckpt.pt a hard link
+to the newest, so an automatic restart can fall back past a damaged one; they are gathered into CPU
+memory and written from a thread while training goes on. Weights and optimizer state go through
+torch.distributed.checkpoint's get_state_dict / set_state_dict with full (unsharded) state dicts, so
+a checkpoint is the same single file from one process, DDP or FSDP at any world size, and loads
+into any of them.
 """
 
 import errno
@@ -45,7 +33,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import threading
 import zipfile
 from dataclasses import asdict
@@ -57,22 +44,16 @@ import torch.distributed
 from hf import read_folder
 from lora import checkpoint_weights, merge_lora, model_with_adapters
 from model import GPT, EncoderDecoder, EncoderDecoderConfig, GPTConfig
+from runlog import save_atomically
 from tokenizer import Tokenizer
 
 
 def save_checkpoint(checkpoint, path):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        save_atomically(path, lambda f: torch.save(checkpoint, f), "wb", sync=True)
     except BaseException as e:
-        os.unlink(tmp)
         if _disk_full(e):
+            folder = os.path.dirname(os.path.abspath(path))
             raise SystemExit(f"disk error: no space left for {path} (it needs about {_tensor_bytes(checkpoint) / 1e6:,.1f} "
                              f"MB, {shutil.disk_usage(folder).free / 1e6:,.1f} MB are free); the earlier checkpoints are "
                              "kept. Free some space: a run needs room for keep_checkpoints+1 checkpoints") from None
@@ -149,10 +130,8 @@ def model_class_of(checkpoint):
 
 
 def model_for_generation(path, device, script):
-    """The model and tokenizer of checkpoint `path` (see load_checkpoint) ready to generate, for
-    sample.py and serve.py: LoRA adapters folded into the weights (one matmul per layer instead of
-    three, the same function up to rounding), in eval mode, on device. Weights that are not all
-    finite (a diverged run) stop with one line naming `script`."""
+    """The model and tokenizer of checkpoint `path` ready to generate, for sample.py and serve.py: LoRA
+    adapters folded in, eval mode, on device; weights not all finite stop with one line naming `script`."""
     model, tokenizer = model_from_checkpoint(load_checkpoint(path), path)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise SystemExit(f"{script} error: {path} has NaN or infinite weights (its run diverged); use an earlier "
@@ -161,9 +140,8 @@ def model_for_generation(path, device, script):
 
 
 def gather_training_state(model, optimizer, keep=True):
-    """Copies of the full model and optimizer state dicts on the CPU, parameters keyed by name, where keep is true
-    (None elsewhere). Under FSDP every process must call this: the shards are gathered one tensor at
-    a time, so no more than one whole tensor beyond the shards is ever on the GPU."""
+    """Copies of the full model and optimizer state dicts on the CPU where keep is true (None elsewhere).
+    Under FSDP every process must call this: the shards are gathered one tensor at a time."""
     # imported here: they take most of a second, and sample.py and evaluate.py never need them
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.tensor import DTensor
@@ -189,9 +167,8 @@ def gather_training_state(model, optimizer, keep=True):
 
 
 def restore_training_state(model, optimizer, checkpoint):
-    """Load a checkpoint's weights (and optimizer state, if optimizer is given) into a model that
-    may be sharded by FSDP; every process passes the whole checkpoint. Weights the checkpoint lacks
-    keep their values: a LoRA checkpoint's are its adapters, on a base already loaded."""
+    """Load a checkpoint's weights (and optimizer state, if given) into a model that FSDP may shard, every
+    process passing the whole checkpoint; weights it lacks (a LoRA checkpoint's base's) keep their values."""
     optimizers = () if optimizer is None else optimizer
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
@@ -251,10 +228,8 @@ def load_newest_checkpoint(out_dir):
 
 
 class BackgroundCheckpointWriter:
-    """Writes run checkpoints (save_run_checkpoint) from a thread, so training goes on while a large
-    file goes to disk; the checkpoint must be a copy that training no longer changes. One write at
-    a time: a new one first waits for the last. wait() is called before each write and once at the
-    end of a run; it stops with one line if the last write failed, since the thread cannot."""
+    """Writes run checkpoints (a copy training no longer changes) from a thread, one at a time, while
+    training goes on. wait(), before each write and at the end, stops with one line if the last failed."""
 
     def __init__(self):
         self.thread, self.error = None, None
@@ -292,21 +267,17 @@ checkpoint_writer = BackgroundCheckpointWriter()  # rank 0's: one per process, a
 
 def save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep, pipeline=None, lora=None, base=None,
                              **fields):
-    """Gather the model, optimizer and every process's random state into CPU memory, and (rank 0)
-    write them with fields (kind, step, config, tokenizer, ...) as out_dir/ckpt-<step>.pt from a
-    background thread, while training goes on (wait_for_checkpoint: until it is on disk). Every
-    process must call this. Returns the path being written (None on the other ranks). With lora
-    (the LoRA settings) the weights written are the adapters only, with the base they go on
-    (lora.checkpoint_weights); the optimizer holds only them anyway, as only they train."""
+    """Gather the model, optimizer and every process's random state into CPU memory, and (rank 0) write
+    them with fields (kind, step, config, tokenizer, ...) as out_dir/ckpt-<step>.pt from a background
+    thread. Every process must call this; returns the path being written (None on the other ranks).
+    With lora the weights written are the adapters only, with the base they go on."""
     if pipeline is None:
         model_state, optimizer_state = gather_training_state(raw_model, optimizer, keep=dist.is_main)
     else:
         model_state, optimizer_state = pipeline.training_state(raw_model, optimizer, dist)
-    rng_states = [None] * dist.world_size
+    rng_states = [None] * dist.world_size if dist.world_size > 1 else [rng_state()]
     if dist.world_size > 1:
         torch.distributed.all_gather_object(rng_states, rng_state())
-    else:
-        rng_states = [rng_state()]
     if not dist.is_main:
         return None
     checkpoint = {"model_config": asdict(raw_model.config), **checkpoint_weights(model_state, lora, base),
@@ -359,11 +330,9 @@ def restore_rng_state(rng_states, dist, log=print):
 
 
 def checkpoint_to_resume(resume, out_dir, kind, config, model_keys):
-    """The checkpoint, and its path, that a post-training run of this kind continues: with resume
-    'yes' the newest one of out_dir that loads (falling back past damaged ones), with 'auto' that
-    if there is one, else (None, None). Stops with one line if it cannot continue this run: there
-    is none, another script wrote it, it has no optimizer state, or it was trained with other
-    values of the config keys that fix the model (model_keys)."""
+    """The checkpoint, and its path, that a post-training run of this kind continues: the newest of out_dir
+    that loads ('yes': one must exist; 'auto': else (None, None)). Stops with one line if another script
+    wrote it, it has no optimizer state, or it was trained with other values of model_keys."""
     if resume == "no":
         return None, None
     checkpoint, path = load_newest_checkpoint(out_dir)

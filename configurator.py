@@ -1,24 +1,14 @@
 """
 Config overrides shared by every stage script, with nanoGPT's semantics.
 
-A stage script lists its defaults as plain module-level variables, then calls
-
-    config = configure(globals())
-
-which applies, in order, each positional argument (a Python file executed in
-the script's globals, e.g. config/quickstart.py) and each --key=value argument
-(the value parsed with ast.literal_eval, falling back to the raw string).
-So `python train.py config/quickstart.py --learning_rate=3e-4 --compile=False`
-starts from train.py's defaults, applies the config file, then the two flags.
-
-A config key is any module-level name that does not start with an underscore
-and holds a bool, int, float, str, tuple, list, dict or None. Mistakes stop the
-run with one line naming the problem and the fix: an unknown key (with the
-closest valid names), a wrong type (an int where a float is expected is
-accepted), a value out of its range (VALID_RANGES, one table for every script),
-a missing config file, or one that is not UTF-8, has a syntax error or raises.
-All of it is checked before a script does any work. The returned dict is the
-final config, which the script prints and stores in its checkpoints.
+A stage script lists its defaults as module-level variables, then calls config = configure(globals()),
+which applies each positional argument (a Python file run in the script's globals, e.g.
+config/quickstart.py), then each --key=value (parsed with ast.literal_eval, else the raw string): so
+`python train.py config/quickstart.py --learning_rate=3e-4` is train.py's defaults, the file, the flag.
+A config key is a module-level name without a leading underscore holding a bool, int, float, str,
+tuple, list, dict or None. An unknown key (with the closest valid names), a wrong type, a value out
+of range (VALID_RANGES, one table for every script) or a bad config file stops the run with one line,
+before any work. The returned dict is the final config, printed and stored in checkpoints.
 """
 
 import ast
@@ -84,10 +74,8 @@ VALID_RANGES = {
 def check_ranges(config, defaults):
     """Stop with one line at the first key of config whose value is outside its VALID_RANGES."""
     for key, (valid, is_valid) in VALID_RANGES.items():
-        if key not in config or defaults[key] is None or config[key] is None:
-            continue
-        if config[key] == 0 == defaults[key]:
-            continue
+        if key not in config or defaults[key] is None or config[key] is None or config[key] == 0 == defaults[key]:
+            continue  # not this script's key, or None, or 0 where 0 is the default ("derive it")
         try:
             valid_value = is_valid(config[key])
         except TypeError:  # a script where the key is of another kind (a name, not a number) checks it itself
@@ -118,10 +106,6 @@ def _run_config_file(path, namespace):
     except Exception as e:
         line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == path), "?")
         raise SystemExit(f"config error: {path} line {line} raised {type(e).__name__}: {e}; fix the file") from None
-
-
-def config_keys(namespace):
-    return [k for k, v in namespace.items() if not k.startswith("_") and isinstance(v, CONFIG_TYPES)]
 
 
 def _unknown_key_error(key, known, where):
@@ -180,7 +164,7 @@ def defaults_only():
 def configure(namespace, argv=None):
     """Apply config files and --key=value overrides to namespace; return the final config dict."""
     argv = sys.argv[1:] if argv is None else argv
-    keys = config_keys(namespace)
+    keys = [k for k, v in namespace.items() if not k.startswith("_") and isinstance(v, CONFIG_TYPES)]
     defaults = {k: namespace[k] for k in keys}
     if _defaults_only is not None:
         _defaults_only.update(defaults)

@@ -49,11 +49,8 @@ _CHECK_CHUNK = 1 << 25
 
 
 class TokenBins:
-    """The token files of one split, memory-mapped once, read as random windows.
-
-    A split may be several files (shards); a window never crosses from one file into the
-    next, and every possible window start is equally likely.
-    """
+    """The token files of one split, memory-mapped once, read as random windows: a window never crosses
+    from one file (shard) into the next, and every possible window start is equally likely."""
 
     def __init__(self, data_dir, meta, split, block_size):
         if split not in meta["splits"]:
@@ -89,11 +86,9 @@ class TokenBins:
         return self.sample_many(batch_size, [seed], device)
 
     def sample_many(self, batch_size, seeds, device="cpu"):
-        """The batches of several seeds, one after another in one (len(seeds) * batch_size) batch.
-
-        The windows are read into one contiguous (rows, block_size + 1) array, in pinned memory when
-        it goes to a GPU, copied there at once, and cut into x and y on the device: x and y themselves
-        are strided views, which could be neither pinned nor copied in one piece."""
+        """The batches of several seeds, one after another in one (len(seeds) * batch_size) batch, read into
+        one contiguous (rows, block_size + 1) array (pinned for a GPU), copied at once and cut into x and y
+        on the device: x and y are strided views, which could be neither pinned nor copied in one piece."""
         windows = torch.empty((len(seeds) * batch_size, self.block_size + 1), dtype=torch.int64,
                               pin_memory=device.startswith("cuda"))
         rows = windows.numpy()
@@ -109,9 +104,8 @@ class TokenBins:
 
 
 def to_device(tensor, device):
-    """A CPU tensor on device. To a GPU from pinned memory and without waiting, so the copy overlaps
-    the work queued before it; pinning needs an accelerator, so a CPU run copies plainly (or not at
-    all). Tensors sent together go best as one contiguous tensor (one copy), cut up on the device."""
+    """A CPU tensor on device: to a GPU from pinned memory without waiting, so the copy overlaps the work
+    queued before it. Tensors sent together go best as one contiguous tensor, cut up on the device."""
     if device.startswith("cuda"):
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)

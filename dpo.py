@@ -9,35 +9,19 @@ All weights, or LoRA adapters (lora_rank > 0).
     python dpo.py config/dpo_quickstart.py --resume=yes         # continue the run in out_dir
     torchrun --standalone --nproc_per_node=8 dpo.py --init_from=out/sft_gpt2/ckpt.pt --data=prefs.json
 
-Reads the chat checkpoint init_from (from sft.py, or an earlier dpo.py run) and preference
-records (instruction and input, or messages ending with the user's turn, plus "chosen" and
-"rejected"; see chat.py). Writes out_dir/ckpt-<step>.pt (kind 'dpo'; with LoRA, only the
-adapters and the base's name, step and sha256; and the optimizer state, the step and every
-process's random state), out_dir/ckpt.pt linked to the newest, and out_dir/metrics.jsonl, plot.png, report.md.
-resume='yes' (or 'auto', for torchrun --max-restarts) continues the run in out_dir exactly; see
-sft.py's docstring.
+Reads the chat checkpoint init_from (from sft.py, or an earlier dpo.py run) and preference records
+("chosen" and "rejected" after an instruction or messages; see chat.py). Writes out_dir/ckpt-<step>.pt
+(kind 'dpo'; with LoRA only the adapters and their base's name, step and sha256), ckpt.pt linked to
+the newest, metrics.jsonl, plot.png and report.md; resume='yes' or 'auto' continues the run exactly.
 
-The loss, for a prompt x with chosen answer y_w and rejected y_l, policy pi and frozen
-reference model ref (the starting checkpoint), is
+The loss, for a prompt x with chosen answer y_w and rejected y_l, policy pi and frozen reference ref
+(the starting checkpoint; with LoRA the policy with its adapters off, else a frozen copy):
 
     margin = beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))]
     loss   = -log sigmoid(margin)                                   (the paper's equation 7)
 
-where log pi(y|x) sums the log-probabilities of the answer's tokens (its <|end|> included).
-beta * (log pi - log ref) is the answer's implicit reward; beta sets how far the policy may
-move from the reference. With label_smoothing e > 0 (conservative DPO, Mitchell 2023), each
-label is taken to be wrong with probability e: loss = -(1-e) log sigmoid(margin) - e log
-sigmoid(-margin). At the start the policy is the reference, so every margin is 0 and the loss
-is ln 2 = 0.6931. Logged: the loss, the reward accuracy (the share of pairs whose chosen answer
-has the larger reward), the mean reward margin, and the policy's mean log-probabilities of the
-chosen and the rejected answers (when both fall, the policy is moving away from the data).
-
-The reference model: with LoRA it is the policy itself with its adapters switched off (the
-starting weights, frozen under the adapters), which costs no memory; a LoRA checkpoint given as
-init_from has its adapters merged first, so that is the model it was. Without LoRA it is a
-frozen copy of the starting model: one more set of weights, but no gradients or optimizer state.
-Checkpoints name the reference (the starting checkpoint's path, step and sha256, as a LoRA
-checkpoint names its base), so a resumed run loads the same one again.
+log pi(y|x) summing the answer's tokens, <|end|> included; label_smoothing e > 0 is conservative DPO
+(Mitchell 2023). At the start every margin is 0 and the loss ln 2 = 0.6931. More: docs/post-training.md.
 
 Every default below is a config key: override it in a config file or with --key=value.
 """

@@ -15,58 +15,18 @@ on generation tasks; prints one table and writes one JSON report.
     python evaluate.py --out_dir=out/multi30k_de_en --parallel_data=test.de,test.en
 
 Tasks (--tasks, comma-separated): hellaswag, arc_easy, piqa, winogrande, lambada, gsm8k and
-humaneval are read from --data_dir (the file names are in benchmarks.TASKS; gsm8k and humaneval
-are pinned by sha256, and a missing one is an error that says where to fetch it); any other entry
-ending in .jsonl is a file in one of the formats of benchmarks.py, which also tells how each is
-scored and which lm-evaluation-harness file each convention mirrors: no end-of-text before a
-context (--bos=True adds it, for models trained to expect it), one space between context and
-continuation, accuracy_norm per character of the choice, lm-eval's HellaSwag preprocessing.
-'perplexity' scores --text_file, or else the --split of data_root/<dataset>: by default the
-dataset the checkpoint was trained on, which for an sft.py or dpo.py checkpoint is its base's
-(found through the init_from of each run).
+humaneval, read from --data_dir (file names in benchmarks.TASKS; gsm8k and humaneval pinned by
+sha256), any .jsonl file in one of benchmarks.py's formats, and 'perplexity' of --text_file or of
+the --split of the checkpoint's dataset (an sft.py or dpo.py checkpoint's base's). Generative tasks
+decode greedily or at --temperature; HumanEval's completions run only in sandbox.py. Chat models
+get generation prompts as a user turn; multiple choice and perplexity stay plain text. A translation
+model is scored instead on parallel text with sacreBLEU's BLEU and chrF (translations.txt beside the
+report). The summary score averages each task's metric centred on chance. Under torchrun the
+examples are dealt out by rank and gathered, so the numbers equal one process's.
 
-- Generative tasks (gsm8k, humaneval, generation files) decode greedily, or sample at
-  --temperature, up to --max_new_tokens (0: the task's own: GSM8K 256 as lm-eval, HumanEval 512,
-  generation files 32), batched, ending at the task's stop strings. GSM8K is lm-eval 0.4's gsm8k
-  (five-shot prompts for a base model, exact match under its strict-match and flexible-extract
-  filters). HumanEval runs each completion with its tests in sandbox.py (--samples completions per
-  problem, pass@k by Chen et al.'s unbiased estimator); model-written code runs only when humaneval
-  (or a file of its format) is asked for, and the report says how it was sandboxed.
-- The summary score: each task's headline metric centred on its chance level,
-  (metric - chance) / (1 - chance), averaged over the tasks (as nanochat's CORE / ChatCORE); 0 is
-  guessing, 1 is perfect. Perplexity does not count.
-- Perplexity: the text is cut into windows of block_size tokens starting every `stride`
-  tokens; each token is scored once, in the first window that reaches it, so with a
-  stride below block_size every token but the first block_size has at least
-  block_size - stride tokens of context (and the run costs block_size / stride times more).
-  The text starts with end-of-text, as a document does in training, so that its first
-  token is scored too. bits_per_byte = total nats / ln 2 / UTF-8 bytes of the scored text,
-  which compares models with different tokenizers.
-
-A translation model (translate.py's encoder-decoder) is scored on parallel text instead of the
-tasks: parallel_data (SOURCE_FILE,TARGET_FILE or a .jsonl file, as translate.py reads them), by
-default the test set its run names (Multi30K's test_2016_flickr for config/multi30k_de_en.py).
-Its translations (greedy, or beam search with beam_size) get sacreBLEU's BLEU and chrF against
-the raw references, exactly as the sacrebleu command line computes them, with their signatures;
-the translations are written to translations.txt beside the report, one a line, so that
-`sacrebleu REFERENCES -i translations.txt -m bleu chrf` gives the same numbers.
-
-Chat models (those with chat.py's tokens: sft.py and dpo.py checkpoints) get each
-generation prompt as a user turn in chat.py's format and answer in the assistant's turn,
-cut at <|end|> (chat='auto'; 'always' or 'never' forces it): GSM8K's question alone (zero-shot),
-HumanEval's function header and docstring (the answer's first fenced code block is the code).
-Multiple choice and perplexity stay plain text for every model: they score how likely a text
-continues, which is what the benchmarks define, and a chat wrapper around a sentence fragment
-would change the task.
-
-Under torchrun the examples are dealt out by rank and the results gathered, so the
-numbers equal a single process's; rank 0 alone prints and writes. A progress bar shows
-each task's batches when stderr is a terminal.
-
-Reads the checkpoint (the model, its config and tokenizer) and the task files. Writes
-the report (--report, default eval.json beside the checkpoint: the results, the summary score,
-each generative task's answers example by example, and the sandbox used) under a temporary
-name, then renames it into place, and the folder's report card (report.md).
+Writes the report (--report, default eval.json beside the checkpoint: results, summary score, the
+generative tasks' answers, the sandbox used) atomically, and the folder's report card (report.md).
+How each task is scored: docs/evaluation.md.
 """
 
 import json
@@ -192,8 +152,7 @@ def sliding_windows(n_tokens, block_size, stride):
 
 def perplexity(model, tokens, stride=0, batch_size=16, autocast=nullcontext(), rank=0, world_size=1, progress=""):
     """(total nats, scored tokens) over tokens[1:], each token scored once with up to block_size tokens of
-    context; stride 0 means block_size. exp(nats / tokens) is the perplexity. progress: a progress bar's
-    description; empty for none."""
+    context (stride 0: block_size); exp(nats / tokens) is the perplexity. progress: a bar's description."""
     block_size = model.config.block_size
     windows = sliding_windows(len(tokens), block_size, stride or block_size)
     mine, nats = windows[rank::world_size], []

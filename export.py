@@ -7,27 +7,13 @@ one GGUF file that llama.cpp and Ollama run.
     python export.py --out_dir=out/llama --format=gguf          # -> out/llama/llama-f16.gguf
     python export.py --out_dir=out/llama --format=gguf --gguf_type=q8_0 --file=llama.gguf
 
-and then, in Python with transformers installed:
-
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained("out/quickstart/hf")
-
-or `llama-cli -m out/llama/llama-f16.gguf` (docs/export.md: llama.cpp and Ollama).
-
-Reads the checkpoint (of a LoRA run: its base too, and the adapters are merged
-into the weights). Writes into the folder (each file under a temporary name,
-then renamed): config.json, model.safetensors, tokenizer_description.json, and
-for byte-level BPE tokenizers (gpt2, bpe) vocab.json, merges.txt and
-tokenizer_config.json, which AutoTokenizer reads. The 'gpt2' style exports as
-GPT2LMHeadModel, the modern style as LlamaForCausalLM; options neither can
-express (qk_norm, a mixed style) stop with a one-line error naming the option.
-The mapping is in hf.py, which also reads such folders back: train.py
---init_from=hf:FOLDER and sample.py --ckpt=hf:FOLDER. With --format=gguf, the
-same two architectures (llama.cpp's gpt2 and llama) and the tokenizer go into one
-.gguf file, written under a temporary name and renamed (gguf_file.py; needs
-`pip install gguf`). On a terminal a bar on stderr names the step running
-(reading, building, writing: seconds each per 100M parameters); piped or logged,
-it stays quiet.
+The folder loads with transformers' AutoModelForCausalLM.from_pretrained, the .gguf file with
+`llama-cli -m out/llama/llama-f16.gguf`. Reads the checkpoint (a LoRA run's base too, the adapters
+merged). Writes config.json, model.safetensors, tokenizer_description.json and, for byte-level BPE
+tokenizers, vocab.json, merges.txt and tokenizer_config.json; or one .gguf file (gguf_file.py, needs
+`pip install gguf`); each file atomically. GPT-2 style exports as GPT2LMHeadModel, the modern style
+as LlamaForCausalLM; what neither expresses stops with one line (the mapping: hf.py). More:
+docs/export.md.
 """
 
 import os

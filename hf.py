@@ -5,44 +5,21 @@ The Hugging Face formats: model.py's weights as a transformers folder and back.
     python train.py --init_from=hf:path/to/folder ...          # fine-tune a GPT-2 or Llama folder
     python sample.py --ckpt=hf:path/to/folder                  # sample from one
 
-Two transformers architectures cover model.py's two families:
-- GPT2LMHeadModel for the 'gpt2' style (learned positions, LayerNorm, GELU with
-  the tanh approximation, n_kv_head == n_head);
-- LlamaForCausalLM for the modern style (RoPE, RMSNorm, SwiGLU, grouped-query
-  attention; biases and tied embeddings are config flags there too).
-QK-norm and mixed styles (RoPE with LayerNorm, learned positions with SwiGLU, ...)
-have neither, and are refused with the option named.
-
-A folder holds config.json, model.safetensors (or shards listed in
-model.safetensors.index.json), the tokenizer files where transformers can read the
-tokenizer (byte-level BPE: 'gpt2' and 'bpe' become vocab.json and merges.txt), and
-tokenizer_description.json: the checkpoint's own tokenizer description, which
-restores any of tokenizer.py's kinds exactly on import.
-
-The mapping, tensor by tensor:
-- Names differ; q, k, v are one matrix here and in GPT-2 (same q, k, v order) but
-  three in Llama; SwiGLU's c_fc holds Llama's gate_proj then up_proj.
-- GPT-2's Conv1D layers store their weight as (in, out), the transpose of
-  nn.Linear's (out, in), because they compute x @ W + b.
-- RoPE needs no permutation: model.py rotates the (first half, second half) channel
-  pairs of each head with inv_freq = theta^(-2i/head_dim), which is exactly HF
-  Llama's rotate_half. (The permutation in HF's conversion script maps Meta's
-  original interleaved-pair layout to this one; HF folders are already in it.)
-- The vocabulary is written without model.py's padding rows (padded_vocab_size);
-  on import the padding rows get the mean of the real rows, so a padding id's
-  logit is the mean of the real logits. Zero rows would give logit 0, which can
-  be far above every real logit of a trained model and take most of the
-  probability in the loss; with the mean, Jensen's inequality bounds all P padding
-  ids together to at most P / (V + P) of it (V real ids), and far less for a
-  confident model.
-- A bias that one side has and the other lacks is zero: GPT-2 always has biases,
-  so a bias=False model exports with zero biases; Llama's attention_bias and
-  mlp_bias become bias=True, with zeros where the folder has none.
+GPT2LMHeadModel holds model.py's 'gpt2' style (learned positions, LayerNorm, GELU-tanh, no GQA) and
+LlamaForCausalLM its modern style (RoPE, RMSNorm, SwiGLU, GQA); QK-norm, capped logits and mixed
+styles have neither and are refused with the option named. A folder holds config.json,
+model.safetensors (or the shards of model.safetensors.index.json), vocab.json and merges.txt for
+the byte-level BPE tokenizers, and tokenizer_description.json, which restores any of tokenizer.py's
+kinds exactly. The mapping, tensor by tensor: q, k, v are one matrix here and in GPT-2 but three
+in Llama; SwiGLU's c_fc is Llama's gate_proj then up_proj; GPT-2's Conv1D stores the transpose of
+nn.Linear's weight; RoPE needs no permutation (model.py's pairs are HF Llama's rotate_half); the
+vocabulary is written without the padding rows, which come back on import as the mean of the real
+rows; a bias one side lacks is zero. Details: docs/export.md.
 """
 
+import errno
 import json
 import os
-import tempfile
 from dataclasses import asdict
 
 import torch
@@ -50,6 +27,7 @@ import torch
 from chat import chat_template, has_chat_tokens
 from model import GPTConfig
 from optional import optional
+from runlog import save_atomically
 from tokenizer import EOT, Tokenizer, read_ranks
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}  # model.py's two styles in transformers
@@ -70,12 +48,10 @@ def architecture_of(config):
                          "llama.cpp's gpt2) needs pos='learned', norm='layernorm', mlp='gelu', n_kv_head=n_head and "
                          "Llama (LlamaForCausalLM, llama.cpp's llama) pos='rope', norm='rmsnorm', mlp='swiglu'; to "
                          "export, train with one of them, e.g. --mlp=swiglu --qk_norm=False --logit_softcap=0")
-    if config.qk_norm:
-        refuse("qk_norm", "has no equivalent in GPT-2 or Llama")
-    if config.logit_softcap:
-        refuse("logit_softcap", "has no equivalent in GPT-2 or Llama")
-    if config.mlp == "relu2" or config.pos == "sinusoidal":
-        refuse("mlp" if config.mlp == "relu2" else "pos", "has no equivalent in GPT-2 or Llama")
+    for option, unsupported in (("qk_norm", config.qk_norm), ("logit_softcap", config.logit_softcap),
+                                ("mlp", config.mlp == "relu2"), ("pos", config.pos == "sinusoidal")):
+        if unsupported:
+            refuse(option, "has no equivalent in GPT-2 or Llama")
     if config.pos == "learned":
         for option, needed in (("norm", "layernorm"), ("mlp", "gelu")):
             if getattr(config, option) != needed:
@@ -243,14 +219,8 @@ def byte_to_unicode():
     Latin-1 bytes stand for themselves, the rest (space, control bytes) move to U+0100 and up, in order,
     so every token is a string of visible characters."""
     printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), 256))
-    table, moved = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + moved)
-            moved += 1
-    return table
+    moved = [b for b in range(256) if b not in printable]
+    return {b: chr(b) if b in printable else chr(256 + moved.index(b)) for b in range(256)}
 
 
 def merges_of(tokens):
@@ -272,12 +242,10 @@ def merges_of(tokens):
 
 
 def byte_level_bpe(tokenizer):
-    """Any of tokenizer.py's kinds as byte-level BPE, the form that Hugging Face's GPT2Tokenizer and
-    llama.cpp's 'gpt2' tokenizer read: ({token: id}, [(left, right), ...] the merges in rank order),
-    each token written in byte_to_unicode's characters, the special tokens under their names.
-    'gpt2' and 'bpe' are BPE already. 'byte' is the 256 one-byte tokens with no merges. 'char' is a
-    token per character, whose bytes (if more than one) merge left to right; a merge never joins two
-    characters, since a character's later bytes are UTF-8 continuation bytes, which never begin one."""
+    """Any of tokenizer.py's kinds as byte-level BPE, as Hugging Face's GPT2Tokenizer and llama.cpp's 'gpt2'
+    read it: ({token: id}, the merges [(left, right), ...] in rank order), in byte_to_unicode's characters.
+    'byte' is 256 tokens with no merges; 'char' a token per character, its bytes merged left to right
+    (a merge never joins two characters: a character's later bytes never begin one)."""
     special_ids = set(tokenizer.special_tokens.values())
     if tokenizer.kind == "bpe":
         ranks = read_ranks(tokenizer.description["ranks"])
@@ -343,33 +311,23 @@ def tokenizer_of(folder):
 
 
 def write_file(path, data):
-    """Write data under a temporary name beside path, then rename it into place: bytes or text, or a
-    function that writes the file at the (temporary) path it is given. A folder that cannot be
-    written (read-only, full) is a one-line error, and no temporary file is left behind."""
-    folder = os.path.dirname(os.path.abspath(path))
+    """Write data atomically and flushed to disk (runlog.save_atomically): bytes or text, or a function that
+    writes the file at the (temporary) path it is given. A folder that cannot be written (read-only,
+    full) is a one-line error, and no temporary file is left behind."""
+    def write(f):
+        if callable(data):
+            data(f.name)
+        else:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+        save_atomically(path, write, "wb", sync=True)
     except OSError as e:
-        raise SystemExit(f"export error: cannot write into {folder} ({e.strerror}); choose a folder you can "
-                         "write to") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                data(tmp)  # through a handle of its own: fsync flushes the file, whichever handle wrote it
-            else:
-                f.write(data.encode("utf-8") if isinstance(data, str) else data)
-                f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's files are private; a model file is meant to be shared
-        os.replace(tmp, path)
-    except OSError as e:
-        os.unlink(tmp)
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise SystemExit(f"export error: cannot write into {os.path.dirname(os.path.abspath(path))} "
+                             f"({e.strerror}); choose a folder you can write to") from None
         raise SystemExit(f"export error: writing {path} failed ({e.strerror}); free some space or choose another "
                          "folder") from None
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    os.chmod(path, 0o644)  # mkstemp's files are private; a model file is meant to be shared
 
 
 def save_folder(folder, model, tokenizer, dtype=torch.float32):

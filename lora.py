@@ -6,17 +6,11 @@ LoRA (Hu et al. 2021): fine-tune a frozen model through small low-rank adapters.
     ...                   # train: only the adapters require gradients
     merge_lora(model)     # fold them into the weights: a plain GPT again (export.py does this)
 
-Each targeted linear layer y = W x + b becomes y = W x + b + (alpha / rank) B A x, with A
-(rank x in) random and B (out x rank) zero: the model starts out computing exactly what it did,
-and only A and B train, rank * (in + out) numbers instead of in * out. Scaling by alpha / rank
-keeps the size of the update about the same when the rank changes, so the learning rate need
-not change with it (the paper, section 4.1).
-
-The layer keeps its parameters' names (weight, bias), so the state dict is the base model's
-plus lora_A and lora_B entries. An adapter checkpoint holds only those, the LoRA settings, and
-its base: the base checkpoint's path, step and sha256, which loading checks, so adapters are
-never put on weights they were not trained with. checkpoint.model_from_checkpoint rebuilds
-base + adapters through model_with_adapters below.
+Each targeted linear layer y = W x + b becomes y = W x + b + (alpha / rank) B A x, with A random and
+B zero, so the model starts out unchanged and only rank * (in + out) numbers train; alpha / rank keeps
+the update's size, and so the learning rate, about the same across ranks (the paper, section 4.1).
+The state dict is the base model's plus lora_A and lora_B entries. An adapter checkpoint holds only
+those, the settings, and its base's path, step and sha256, which loading checks.
 """
 
 import glob

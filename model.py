@@ -16,25 +16,19 @@ One class covers several families, chosen by config fields:
   three above off): GPT-2 124M exactly, for comparison and weight import (config/train_gpt2.py).
 
 Design notes, the why behind the choices:
-- Pre-norm residual blocks (x + f(norm(x))) keep the residual stream an identity
-  path, so deep stacks train without warmup tricks.
-- RoPE rotates q and k by an angle proportional to the position, so the q·k
-  score depends only on the distance between two tokens; nothing is learned and
-  nothing limits the position count but the context used in training.
-- Grouped-query attention (n_kv_head < n_head) lets several query heads share
-  one key/value head; the KV cache shrinks by n_head / n_kv_head at little cost
-  in quality.
-- SwiGLU (Shazeer 2020) beats GELU at equal parameters; its hidden width is
-  8/3 of n_embd (rounded up to a multiple of 64) so the three matrices hold as
-  many weights as GELU's two at 4x. ReLU² (So et al. 2021) is as good at less
-  compute per parameter. QK-norm keeps attention logits bounded at high learning
-  rates, and the soft cap keeps a few output logits from running away early.
-- Residual output projections start at zero (each block starts as the identity),
-  or with zero_init_proj=False at std 0.02/sqrt(2*n_layer) (GPT-2 paper), so the
-  residual stream's variance does not grow with depth at init.
-- The embedding table and output layer are padded to a multiple of 64 rows:
-  matrix shapes with large power-of-two factors run faster on GPUs. The padded
-  ids are not tokens: the logits, and so every softmax over them, leave them out.
+- Pre-norm residual blocks (x + f(norm(x))) keep the residual stream an identity path, so deep
+  stacks train without warmup tricks.
+- RoPE rotates q and k by an angle proportional to the position, so the q·k score depends only on
+  the distance between two tokens. Grouped-query attention (n_kv_head < n_head) shrinks the KV
+  cache by n_head / n_kv_head at little cost in quality.
+- SwiGLU (Shazeer 2020) beats GELU at equal parameters (hidden width 8/3 of n_embd, so its three
+  matrices hold as many weights as GELU's two at 4x); ReLU² (So et al. 2021) is as good at less
+  compute. QK-norm keeps attention logits bounded at high learning rates, and the soft cap keeps a
+  few output logits from running away early.
+- Residual output projections start at zero (each block starts as the identity), or at std
+  0.02/sqrt(2*n_layer) (GPT-2), so the residual stream's variance does not grow with depth.
+- The embedding and output layer are padded to a multiple of 64 rows, which runs faster on GPUs;
+  the padded ids are not tokens, and the logits leave them out.
 - Attention goes through F.scaled_dot_product_attention, which dispatches to
   flash or memory-efficient kernels where the hardware has them; rows packed
   from several examples go through FlexAttention on GPUs, whose kernel skips
@@ -131,19 +125,9 @@ def cross_entropy(logits, targets):
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
-
-
 def make_norm(config, dim):
     if config.norm == "rmsnorm":
-        return RMSNorm(dim, config.norm_eps)
+        return nn.RMSNorm(dim, eps=config.norm_eps)
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
@@ -328,11 +312,8 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding=False):
-        """Parameters the model really uses: the padding rows of the vocabulary are not counted.
-
-        non_embedding=True also leaves out the lookup tables (token and learned position
-        embeddings) but keeps the output layer, which is a matmul; this is the N of 6*N.
-        """
+        """Parameters the model really uses (not the vocabulary's padding rows); non_embedding also leaves
+        out the lookup tables (token and learned position embeddings), the N of 6*N."""
         c = self.config
         n = sum(p.numel() for p in self.parameters())
         pad_rows = c.padded_vocab_size - c.vocab_size
@@ -345,9 +326,8 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len=None):
-        """Training FLOPs per token: 6N for the matmuls (forward 2N, backward 4N) plus attention's
-        q·k and attention·v, 6 * 2 * n_layer * n_embd * seq_len (PaLM paper, appendix B;
-        the causal mask's halving is not counted, as there)."""
+        """Training FLOPs per token: 6N for the matmuls (forward 2N, backward 4N) plus attention's q·k and
+        attention·v, 12 * n_layer * n_embd * seq_len (PaLM, appendix B; the causal halving not counted)."""
         c = self.config
         T = seq_len or c.block_size
         return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * T
@@ -439,8 +419,8 @@ class GPT(nn.Module):
 
 @dataclass
 class EncoderDecoderConfig(GPTConfig):
-    """GPTConfig's fields shape both stacks; n_layer counts the decoder's blocks. block_size bounds
-    the source and the target each (a target's start token included)."""
+    """GPTConfig's fields shape both stacks; n_layer counts the decoder's blocks. block_size bounds the
+    source and the target each (a target's start token included)."""
 
     n_encoder_layer: int = 6
 
@@ -451,11 +431,9 @@ class EncoderDecoderConfig(GPTConfig):
 
 
 class CrossAttention(Attention):
-    """The decoder's attention to the source: queries from the target, keys and values from the
-    encoder's output, through Attention's own weights (c_attn's rows: the queries', then the keys'
-    and values'). No positions: a target position and a source position do not line up. When
-    decoding, the source's keys and values are computed at the first step and kept in the layer's
-    cache for the others."""
+    """The decoder's attention to the source: queries from the target, keys and values from the encoder's
+    output, through Attention's own c_attn rows; no positions. When decoding, the source's keys and
+    values are computed at the first step and kept in the layer's cache."""
 
     def projection(self, part):
         """c_attn's weight and bias rows of the queries ('q') or of the keys and values ('kv')."""
@@ -508,11 +486,10 @@ class EncoderDecoder(GPT):
         hidden = decoder(tgt, memory)    # causal self-attention + cross-attention to memory
         logits = lm_head(hidden)
 
-    GPT's parts serve as they are: its embedding and positions (shared by both sides: a joint
-    vocabulary, so one table; with tie_embeddings the output layer too, as Vaswani et al. 2017,
-    section 3.4), its blocks, final norm and output layer. The encoder is a stack of GPT blocks
-    given a padding mask instead of the causal one; the decoder's blocks add cross-attention.
-    Sources are right-padded: row b's tokens are its first src_lengths[b], the rest may be any id."""
+    GPT's parts serve as they are: one embedding for both sides (a joint vocabulary; with
+    tie_embeddings the output layer too, as Vaswani et al. section 3.4), its blocks, final norm and
+    output layer; the encoder's blocks take a padding mask instead of the causal one. Sources are
+    right-padded: row b's tokens are its first src_lengths[b]."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -613,9 +590,8 @@ class EncoderDecoder(GPT):
     @torch.no_grad()
     def translate(self, src, src_lengths, start, end, max_new_tokens, beam_size=1, length_penalty=1.0,
                   use_cache=True):
-        """The translation of each source row as a list of token ids, the end token left out: greedy with
-        beam_size 1, else beam search. The target starts with the token start and ends at end, or after
-        max_new_tokens tokens (one number, or one per row)."""
+        """The translation of each source row as token ids, end left out: greedy with beam_size 1, else beam
+        search, from the token start to end, or after max_new_tokens tokens (one number, or one per row)."""
         step = self.stepper(src, src_lengths, beam_size, use_cache)
         first = torch.full((src.size(0), 1), start, dtype=torch.long, device=src.device)
         limits = torch.as_tensor(max_new_tokens).expand(src.size(0)).clamp(max=self.config.block_size - 1).tolist()
@@ -631,9 +607,8 @@ def search(step, first, end, max_new_tokens, beam_size=1, length_penalty=1.0):
 
 
 def greedy_decode(step, first, end, limits):
-    """Continue each row of first (B, t) with its likeliest next token (step: as EncoderDecoder.stepper's)
-    until it produces end or has its limit of new tokens (limits: one per row); returns each row's new
-    tokens, end left out. A row's tokens do not depend on the other rows."""
+    """Continue each row of first (B, t) with its likeliest next token (step: EncoderDecoder.stepper's) until
+    end or its limit of new tokens; each row's new tokens, end left out, independent of the other rows."""
     tokens = first
     done = torch.tensor([limit == 0 for limit in limits], device=first.device)
     reached = {t: torch.tensor([limit == t for limit in limits], device=first.device) for t in set(limits)}
@@ -648,13 +623,11 @@ def greedy_decode(step, first, end, limits):
 
 
 def beam_search(step, first, end, limits, beam_size, length_penalty=1.0):
-    """Each row of first (B, t)'s best continuation of up to its limit of new tokens (limits: one per row;
-    end left out) by beam search, batched over the rows; step must give beam_size rows per row of first
-    (EncoderDecoder.stepper's copies). As fairseq's: at each step the 2k best extensions of the k beams
-    are ranked; those among the first k that end (produce end) are finished hypotheses, scored by their
-    log-probability over length**length_penalty (length: new tokens, end included; 0 ranks by the sum,
-    1 by the mean per token); the k best that do not end are the next beams. A row is done once it has
-    k finished hypotheses, or at its limit, where its live beams finish as they are."""
+    """Each row of first (B, t)'s best continuation of up to its limit of new tokens (end left out) by beam
+    search, batched over the rows; step gives beam_size rows per row of first. As fairseq's: of the 2k best
+    extensions of the k beams, those among the first k that end are finished, scored by log-probability
+    over length**length_penalty; the k best that do not end are the next beams. A row is done with k
+    finished hypotheses, or at its limit, where its live beams finish as they are."""
     B, k, device = first.size(0), beam_size, first.device
     tokens = first.repeat_interleave(k, 0)
     scores = torch.full((B, k), -math.inf, device=device)

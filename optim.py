@@ -21,15 +21,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 def make_optimizer(model, learning_rate, weight_decay, betas, device, optimizer="adamw", muon_lr=0.02,
                    muon_momentum=0.95):
-    """AdamW with weight decay on matrices (linear weights, embeddings) only; or with optimizer='muon',
-    Muon for the blocks' matrices and AdamW for the rest.
-
-    Decaying gains and biases would pull norms toward zero and buys nothing, so
-    every parameter with fewer than 2 dimensions goes to the group without decay.
-    The fused CUDA kernel updates all parameters in a few launches instead of several per tensor.
-    Each group's lr_scale is its peak learning rate over learning_rate: the loop sets
-    lr = schedule * lr_scale on every group, so one schedule drives both optimizers.
-    """
+    """AdamW with weight decay on matrices (linear weights, embeddings) only, since decaying gains and
+    biases pulls norms toward zero and buys nothing; or with optimizer='muon', Muon for the blocks'
+    matrices and AdamW for the rest. Each group's lr_scale is its peak learning rate over learning_rate,
+    so one schedule (set_learning_rate) drives both optimizers."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     # Muon orthogonalises an update, which only means something for a matrix that maps one hidden
     # space to another: the embeddings are lookup tables and the output layer's rows are per-token.
@@ -82,13 +77,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
 def muon_update(param, state, group):
     """torch.optim.Muon's update of one matrix: Nesterov momentum, the update orthogonalised by
     newton_schulz, decoupled weight decay, and the learning rate scaled by sqrt(max(1, rows/cols))
-    (torch's default, 'original', adjustment).
-
-    A matrix that FSDP2 shards over the processes (a DTensor) is gathered once, orthogonalised whole
-    exactly as one process would (bit for bit, tests/test_recipe.py), and each process keeps its own
-    shard. Orthogonalising the shards through DTensor's own matmuls is right in exact arithmetic, but
-    their partial products add up in low precision (on a 96x32 matrix over 2 processes: 0.037 from a
-    float64 reference against 0.011 whole) and every iteration pays collectives."""
+    (torch's default, 'original', adjustment). A matrix that FSDP2 shards (a DTensor) is gathered and
+    orthogonalised whole, bit for bit as one process would, each process keeping its shard: DTensor's own
+    matmuls add partial products in low precision (3x the error, docs/train.md) and pay collectives."""
     momentum = group["momentum"]
     buffer = state.setdefault("momentum_buffer", torch.zeros_like(param.grad))
     buffer.lerp_(param.grad, 1 - momentum)
@@ -110,11 +101,9 @@ def newton_schulz(matrix, coefficients, steps, eps, dtype=None):
     """The matrix's orthogonal polar factor U V^T, approximately, as torch.optim.Muon computes it: scaled to a
     spectral norm of at most 1, then steps of the quintic X <- a X + (b A + c A^2) X with A = X X^T, on the
     wide orientation (so A is the smaller Gram matrix). The coefficients trade accuracy for speed: singular
-    values end in a band around 1, not at 1, so the iteration tolerates low precision.
-
-    In bfloat16 on a GPU, as torch does (tensor cores); in float32 on a CPU, where bfloat16 matrix products
-    are native only on the newest server chips: on an AVX2 CPU a 512x128 product ran at 3 GFLOP/s in
-    bfloat16 against 81-209 in float32. dtype overrides the choice."""
+    values end in a band around 1, not at 1, so the iteration tolerates low precision. In bfloat16 on a GPU,
+    as torch does; in float32 on a CPU, where bfloat16 matmuls are native only on the newest server chips
+    (on AVX2, 3 GFLOP/s against 81-209 for a 512x128 product). dtype overrides the choice."""
     a, b, c = coefficients
     x = matrix.to(dtype or (torch.bfloat16 if matrix.is_cuda else torch.float32))
     tall = matrix.size(0) > matrix.size(1)
@@ -129,10 +118,9 @@ def newton_schulz(matrix, coefficients, steps, eps, dtype=None):
 
 def learning_rate_at(step, learning_rate, warmup_iters, decay_iters, min_lr, schedule="cosine", decay_fraction=0.2,
                      decay_shape="linear"):
-    """Linear warmup to learning_rate, then down to min_lr at decay_iters, then flat. With schedule
-    'cosine' the decay is a cosine from the end of the warmup; with 'wsd' (warmup-stable-decay) the rate
-    stays at learning_rate until the last decay_fraction of decay_iters, then falls linearly or as
-    1 - sqrt(progress) ('1-sqrt', which drops faster at first and slower at the end)."""
+    """Linear warmup to learning_rate, then down to min_lr at decay_iters, then flat: 'cosine' decays from the
+    end of the warmup; 'wsd' (warmup-stable-decay) holds learning_rate until the last decay_fraction of
+    decay_iters, then falls linearly or as 1 - sqrt(progress) ('1-sqrt')."""
     if step < warmup_iters:
         return learning_rate * (step + 1) / warmup_iters
     if step >= decay_iters:
@@ -158,12 +146,10 @@ def set_learning_rate(optimizer, lr):
 
 def optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip,
                    sync_every_micro_step=False):
-    """One optimizer step: accumulate the gradients of accumulation_steps micro-batches
-    (micro_step_loss(i) runs the forward of micro-batch i and returns its mean loss), clip the
-    global gradient norm, update, and return the step's mean loss as a tensor (not synchronised).
-    Gradients are averaged across processes once, after the last micro-step; under FSDP that means
-    each process holds whole (unsharded) gradients until then, and sync_every_micro_step
-    reduce-scatters them after every micro-step instead: less memory, more communication."""
+    """One optimizer step over accumulation_steps micro-batches (micro_step_loss(i): micro-batch i's mean
+    loss), clipped and scaled; returns the step's mean loss as a tensor. Gradients are synced across
+    processes after the last micro-step only; under FSDP, sync_every_micro_step reduce-scatters them
+    after every one instead: less memory, more communication."""
     loss_sum = None
     for micro_step in range(accumulation_steps):
         last = micro_step == accumulation_steps - 1

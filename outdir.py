@@ -13,11 +13,9 @@ through trainer.py (take_out_dir, open_run_log, save), in this order:
     path = save_training_checkpoint(...)
     metrics_path = replace_earlier_run(out_dir, path, metrics_path)       # after every save
 
-The lock is out_dir/run.lock, naming the process and host that hold it, with an flock on it:
-the kernel releases an flock when its process ends, however it ends (kill -9 included), so a
-lock left by a dead run is recognised as stale and taken over without guessing from process
-ids. Holding the lock means no other live run writes in out_dir, so every checkpoint
-temporary found there then is a killed save's and can go.
+The lock is out_dir/run.lock with an flock on it, which the kernel releases however its process ends
+(kill -9 included), so a dead run's lock is taken over without guessing from process ids; holding it,
+every checkpoint temporary in out_dir is a killed save's and can go.
 """
 
 import atexit
@@ -104,10 +102,8 @@ def lock_out_dir(out_dir, dist, log=print):
 
 
 def exit_quietly_on_interrupt(out_dir, dist, how_to_continue):
-    """Ctrl-C ends the run with one line naming out_dir's newest checkpoint, and no traceback; the
-    other ranks, which the terminal interrupts too, end silently. A save under way in the background
-    is finished first; one that fails leaves only its temporary, which the next run removes.
-    (SIGTERM and SIGUSR1 stop a run at a step boundary, with a checkpoint: StopSignals.)"""
+    """Ctrl-C ends the run with one line naming out_dir's newest checkpoint, no traceback (the other ranks
+    silently), after a save under way in the background; one that fails leaves only its temporary."""
 
     def stop(signum, frame):
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -131,13 +127,10 @@ def exit_quietly_on_interrupt(out_dir, dist, how_to_continue):
 
 
 class StopSignals:
-    """SIGTERM and SIGUSR1 ask the run to stop and save: a scheduler's preemption, a spot instance
-    taken back, SLURM's --signal warning before the time limit, torchrun passing on any of these.
-    The handler only notes the signal; the loop asks requested() at every step boundary, and every
-    process gets the same answer at the same step, so all of them finish the step in flight and end
-    together, with a checkpoint of that step that holds every process's state. A process that got
-    no signal learns of it through an all-reduce over a gloo group of its own, started at one
-    boundary and read at the next: no step waits for it, and a run stops one step later at most."""
+    """SIGTERM and SIGUSR1 (a preemption, SLURM's --signal warning, torchrun passing either on) ask the run
+    to stop and save. The handler only notes the signal; requested(), at every step boundary, gives every
+    process the same answer at the same step through an all-reduce over a gloo group of its own, started
+    at one boundary and read at the next: no step waits for it, and a run stops one step later at most."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -174,9 +167,8 @@ class StopSignals:
         return bool(self.agreed)
 
     def exit(self, step, saved):
-        """End a stopped run, its checkpoint (saved: the path, or None if it took no step) on disk: one line,
-        and the exit status of a process ended by the signal (128 + its number), which tells a scheduler or
-        a batch script that the run did not finish."""
+        """End a stopped run, its checkpoint (saved, or None if it took no step) on disk: one line, and the
+        exit status of a process ended by the signal (128 + its number), so a scheduler sees it unfinished."""
         name = signal.Signals(self.agreed).name
         self.dist.log(f"stopped by {name} at step {step}: " + (f"saved {saved}; " if saved else "no step since the "
                       "last checkpoint; ") + f"continue with {self.how_to_continue}", file=sys.stderr, flush=True)
@@ -185,9 +177,8 @@ class StopSignals:
 
 
 def run_log_path(out_dir, resumed):
-    """The file a run appends its metrics to: a resumed run its own metrics.jsonl; a new run a file of
-    its own, which becomes metrics.jsonl only with its first checkpoint (replace_earlier_run), and
-    is removed if the run ends before that."""
+    """The file a run appends its metrics to: a resumed run its metrics.jsonl; a new run a file of its own,
+    which becomes metrics.jsonl with its first checkpoint (replace_earlier_run), or goes if it ends before."""
     return os.path.join(out_dir, METRICS_NAME if resumed else PENDING_METRICS_NAME)
 
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import RMSNorm, rope_tables
+from model import rope_tables
 
 
 def check_layout(parallelism, dtype, cpu_offload, stages, processes):
@@ -40,11 +40,9 @@ def check_layout(parallelism, dtype, cpu_offload, stages, processes):
 
 
 def init_weights(model, seed, which=lambda name: True):
-    """Give the GPT's modules whose names pass `which` their initial weights, each module from a
-    generator seeded by seed and its name, by the model's own rule. So the weights are the same
-    however the model is built: whole in one process, or on the meta device and then block by
-    block under FSDP, where each process holds a whole block only until it is sharded. Parameters
-    on the meta device get CPU memory first (tied ones stay tied), and so do the RoPE tables."""
+    """Give the GPT's modules whose names pass `which` their initial weights by the model's own rule, each
+    from a generator seeded by seed and its name: the same weights whole in one process or block by block
+    under FSDP. Parameters on the meta device get CPU memory first (tied ones stay tied), as do the RoPE tables."""
     materialised = {}
     for name, module in model.named_modules():
         if not which(name) or not any(p is not None for p in module._parameters.values()):
@@ -55,10 +53,7 @@ def init_weights(model, seed, which=lambda name: True):
                     p, nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
-            if isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-            else:
-                module.reset_parameters()
+            module.reset_parameters()
             model._init_weights(module)
     if getattr(model, "rope_cos", None) is not None and model.rope_cos.is_meta:
         model.rope_cos, model.rope_sin = rope_tables(model.config, model.config.block_size)
@@ -78,15 +73,11 @@ def place_model(model, dist, parallelism, dtype, cpu_offload=False, seed=None):
 
 
 def shard_model(root, blocks, mesh, dtype, cpu_offload, init=None):
-    """FSDP2 over mesh (None: every process): each block on its own, so only one block's full
-    parameters exist at a time during forward and backward, then the root, which takes the rest
-    (embeddings, final norm, output layer). Compute in dtype but reduce gradients in fp32, so the
-    average over processes loses nothing. With cpu_offload the fp32 shards, their gradients and so
-    AdamW's state stay in CPU memory and the optimizer steps there: each block's parameters are
-    copied to the GPU when it runs, which costs time but lets one GPU train a model whose optimizer
-    state it could not hold. init(which), for a model on the meta device, gives the modules whose
-    names pass `which` their weights: each block just before it is sharded, so no process ever
-    holds the whole model."""
+    """FSDP2 over mesh (None: every process): each block on its own, so only one block's full parameters
+    exist at a time, then the root (embeddings, final norm, output layer). Compute in dtype, reduce
+    gradients in fp32. With cpu_offload the fp32 shards, gradients and AdamW's state stay in CPU memory
+    and the optimizer steps there. init(which), for a model on the meta device, gives the modules whose
+    names pass `which` their weights, each block just before it is sharded: no process holds the whole."""
     precision = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
     # Pinned host memory lets the copies to the GPU run asynchronously; without a GPU there is none to pin.
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
@@ -129,10 +120,9 @@ def wrap_model(model, dist, parallelism, compile, log=print):
 
 @torch.no_grad()
 def sum_over_batches(model, batches, sums_of, dist):
-    """The sum over batches of sums_of(batch), a tensor, with the model in eval mode. The batches are
-    dealt out to the processes and their sums added up, so the result does not depend on the number
-    of processes. Every process runs as many batches, since under FSDP each forward is a collective:
-    the last round's missing ones are repeats that do not count."""
+    """The sum over batches of sums_of(batch), a tensor, in eval mode, the batches dealt out to the processes
+    (the same result at any number). Each process runs as many, since under FSDP a forward is a
+    collective: the last round's missing ones are repeats that do not count."""
     was_training = model.training
     model.eval()
     total = None

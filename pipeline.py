@@ -35,10 +35,8 @@ def pipeline_layers(n_layer, stages, tie_embeddings=False):
 
 
 def split_for_pipeline(model, layers, first, last):
-    """Cut the model down, in place, to one pipeline stage: its layers, the embeddings if it is the
-    first stage, the final norm and output layer if it is the last. The parts kept keep their names
-    (layer 7 stays blocks.7), so a stage's state dict is a piece of the whole model's and checkpoints
-    have one format for every layout."""
+    """Cut the model down, in place, to one pipeline stage: its layers, the embeddings on the first, the final
+    norm and output layer on the last; the parts keep their names (blocks.7), so checkpoints have one format."""
     for i in range(len(model.blocks)):
         if i not in layers:
             model.blocks[i] = None
@@ -64,16 +62,11 @@ class PipelineStageModule(nn.Module):
 
 class Pipeline:
     """This process's place on a (pipeline x data) grid of processes, its stage of the model, and the
-    schedule that runs the step's micro-batches through the stages.
-
-    Process r holds stage r // data_parallel and is replica r % data_parallel of it: the processes of
-    one stage average their gradients (an all-reduce, or FSDP, over the 'data' dimension of the
-    mesh), and the processes of one replica pass activations forward and gradients back (the
-    'pipeline' dimension).
-    A step's micro-batches flow through the stages one after another, so stage s works on micro-batch
-    i while stage s+1 works on i-1; GPipe runs every forward, then every backward, and holds all the
-    micro-batches' activations; 1F1B starts each micro-batch's backward as soon as it can and holds at
-    most as many as there are stages. Both leave every stage idle for a fraction
+    schedule that runs the step's micro-batches through the stages. Process r holds stage
+    r // data_parallel as replica r % data_parallel: one stage's processes average their gradients (the
+    mesh's 'data' dimension), one replica's pass activations and gradients (its 'pipeline' dimension).
+    GPipe runs every forward, then every backward, holding all the micro-batches' activations; 1F1B starts
+    each backward as soon as it can, holding at most one per stage. Both idle a stage for
     (stages - 1) / (micro-batches + stages - 1) of the step (the bubble)."""
 
     def __init__(self, model, dist, stages, schedule, microbatches, parallelism, dtype, cpu_offload, compile,

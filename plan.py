@@ -9,20 +9,11 @@ config costs in FLOPs, time and memory per GPU.
     python plan.py config/quickstart.py --n_layer=8 --json        # any train.py key; one JSON object
     python plan.py --num_gpus=8 --pipeline_stages=4 --parallelism=fsdp --cpu_offload=True  # per stage; CPU and PCIe
 
-plan.py's own options are listed in OPTIONS below; every other key is train.py's, read exactly as
-train.py reads it: train.py's defaults (imported, as configurator.defaults_only allows), then config
-files, then --key=value, checked by the same range table (configurator.VALID_RANGES) and placement
-checks (parallel.check_layout, pipeline.pipeline_layers). The vocabulary size comes from
-data_root/dataset/meta.json, or is GPT-2's 50304 (padded) when the data is not prepared yet; a
-budget plans with GPT-2's unless --dataset (or a config file) names the data. A GPU's peak FLOP/s
-and memory come from runtime.GPUS. Runs nothing and writes nothing: the model is built on the
-'meta' device (shapes, no storage), so counting its parameters costs nothing. Values it cannot
-plan with (a budget outside 1e12..1e27 FLOPs, sizes < 1, MFU outside (0, 1]) stop with one line.
-
-How each number is found is written beside the function that computes it: the compute-optimal
-size (chinchilla, kaplan, compute_optimal_shape), the cost of a config (plan_config), the memory
-per GPU (memory_per_stage, activation_bytes_per_token), pipelines (micro_batches_held) and CPU
-offload (offload_traffic).
+plan.py's own options are in OPTIONS below; every other key is train.py's, read exactly as train.py
+reads it (its defaults, config files, --key=value, the same range and placement checks). The vocabulary
+comes from data_root/dataset/meta.json, or is GPT-2's when the data is not prepared yet (or, for a
+budget, unless --dataset names the data). Runs nothing and writes nothing: the model is built on the
+'meta' device. How each number is found: docs/planning.md.
 """
 
 import json
@@ -71,17 +62,11 @@ COMBOS = (("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True))  # (pa
 # -----------------------------------------------------------------------------
 # the config, as train.py would see it
 
-def train_defaults():
-    """train.py's config defaults: train.py imported up to its configure(globals()) call."""
-    with defaults_only() as defaults:
-        import train  # noqa: F401  (configure() ends the import there)
-    return defaults
-
-
 def read_config(argv):
     """(plan.py's options, train.py's config) after argv: config files and --key=value for either."""
     argv = ["--json=True" if a == "--json" else a for a in argv]  # a bare --json, as the usage line writes it
-    namespace = train_defaults()
+    with defaults_only() as namespace:  # train.py's config defaults: its configure(globals()) ends the import
+        import train  # noqa: F401
     default_dataset = namespace["dataset"]
     namespace.update(OPTIONS)  # one namespace, so a key that is neither plan.py's nor train.py's is an error
     namespace["__doc__"] = __doc__  # for --help
@@ -123,14 +108,6 @@ def vocab_size(config):
     return vocab, None
 
 
-def budget_vocab_size(config, options):
-    """vocab_size(config) for a budget plan: GPT-2's unless --dataset (or a config file) names the data."""
-    if options.get("dataset_given", True):
-        return vocab_size(config)
-    return FALLBACK_VOCAB, (f"assumed GPT-2's vocabulary, {FALLBACK_VOCAB} (padded); --dataset=NAME plans with "
-                            "a prepared dataset's")
-
-
 def model_config(config, vocab):
     try:
         return GPTConfig.from_dict(dict(config, vocab_size=vocab))  # GPTConfig's fields are train.py keys
@@ -150,24 +127,7 @@ def gpu_spec(options, config):
 
 
 # -----------------------------------------------------------------------------
-# compute-optimal size
-#
-# Hoffmann et al. 2022 ("Training Compute-Optimal Large Language Models", Chinchilla): training costs
-# C = 6*N*D FLOPs for N parameters and D tokens (2N per token forward, 4N backward; Kaplan et al.
-# 2020), and for a given C the lowest loss comes from growing N and D together at about D = 20*N
-# (Chinchilla: 70B parameters, 1.4T tokens). So C = 120*N^2, N = sqrt(C / 120), D = 20*N, N counting
-# every parameter as the paper does and as train.py prints. A config between 10 and 40 tokens per
-# parameter is close enough (N within sqrt(2) of the optimum, where the IsoFLOP curves are flat);
-# below, the same FLOPs give a lower loss with a smaller model on more tokens; above, with a bigger
-# one (fine on purpose: a small model is cheaper to run). A budget in time is
-# C = peak bf16 FLOP/s * num_gpus * seconds * mfu.
-#
-# The advice before it (--law=kaplan; Kaplan et al. 2020, "Scaling Laws for Neural Language Models",
-# eq. 6.1 and Figure 14): N = 1.3e9 * (C / PF-day)^0.73, D = C / (6N) (1 PF-day = 8.64e19 FLOPs), N
-# without the embeddings (so the shape is matched on that count) and C their C_min, the least compute
-# that reaches a given loss. D/N falls from ~66 at 1e18 FLOPs to ~0.1 at 1e24, where Chinchilla keeps
-# 20. Chinchilla supersedes it: Hoffmann et al. trace the difference mainly to Kaplan's learning-rate
-# schedule, whose length was not matched to each run's tokens. --law=both prints the two side by side.
+# compute-optimal size (Hoffmann et al. 2022; before it, Kaplan et al. 2020): docs/planning.md
 
 def chinchilla(flops):
     """(parameters, tokens) that spend flops at the lowest loss: C = 6ND and D = 20N."""
@@ -207,18 +167,8 @@ def shape_width(i):
 
 def compute_optimal_shape(target, base, non_embedding=False):
     """The shape nearest target parameters (without the embeddings when non_embedding): (GPTConfig,
-    parameters so counted). The family: base's style (train.py's defaults, or the config's), head size
-    64 below n_embd 1024 and 128 from there (GPT-2, Llama), n_embd a multiple of it, aspect ratio
-    n_embd/n_layer from 64 to 128 (GPT-2 124M has 64, Llama-2 7B 128; Kaplan et al. found loss nearly
-    flat across this range). Of the shapes whose count (exact, from model.py) is within 2% of target,
-    the one with aspect ratio nearest 96; if none is, the nearest count. block_size stays base's.
-
-    The count is linear in depth (the rest of the model plus n_layer identical blocks), so one
-    single-layer model per width gives every depth's count, and the continuous aspect ratio at the
-    target count grows with the width. An exponential search and a bisection find the width whose
-    aspect ratio at the target is 96; the scan then goes outward from it only while a width could
-    still beat the best shape found (its possible aspect ratios are an interval that moves away from
-    96), so the cost is logarithmic in the target, not linear as a scan over every width would be."""
+    parameters so counted). Of the shapes of base's style within 2% of target, the one with n_embd/n_layer
+    nearest 96; if none is, the nearest count. The family and the search: docs/planning.md."""
     counts = {}
 
     def count(i):  # (GPTConfig of one layer, the count without its blocks, parameters per block)
@@ -287,73 +237,11 @@ def compute_optimal_shape(target, base, non_embedding=False):
 
 
 # -----------------------------------------------------------------------------
-# cost of a config
-#
-# FLOPs per token: model.flops_per_token(block_size), 6*N_non-embedding plus attention's
-# 12*n_layer*n_embd*block_size (PaLM, appendix B); times total_batch_tokens * max_iters. Time: that /
-# (num_gpus * peak * mfu); activation checkpointing runs each block's forward twice, 8N instead of 6N
-# per token, so 4/3 of that.
-#
-# Memory per GPU at the peak (the top of a micro-step's backward), in eager mode (torch.compile
-# usually keeps less). P: parameters as stored (vocabulary padding included); P_block: one block's;
-# P_root = P - n_layer*P_block (embeddings, final norm, head); W: num_gpus; S = W under FSDP, 1 under
-# DDP; h = n_embd, V = the padded vocabulary; e = 2 bytes under bf16/fp16 autocast, 4 in float32.
-# - weights 4P/S, gradients 4P/S, AdamW's moments 8P/S: all fp32 (autocast keeps the fp32 weights as
-#   the master copy); the fused AdamW kernel needs no temporaries.
-# - communication: DDP (W > 1) all-reduces the gradients from buckets of its own: 4P. FSDP (W > 1;
-#   train.py shards each block, then the root) gathers the root's 16-bit parameters for the whole
-#   step and two blocks' at a time (the one computing, the next prefetched), and holds one unit's
-#   full gradient plus its fp32 copy for the reduce-scatter: e*(P_root + 2*P_block) + (e+4)*max(P_root, P_block).
-# - 16-bit weight copies, DDP or one GPU: autocast casts each weight once per forward and the matmul
-#   keeps the copy for its backward: 2*(n_layer*P_block + V*h); with checkpointing one block's. FSDP's
-#   gathered parameters are already 16-bit: none.
-# - activations: activation_bytes_per_token per block and token; outside the blocks the final norm's
-#   fp32 input and the head's input, 4h + e*h. With activation checkpointing each block keeps only its
-#   fp32 input, 4h, and the backward recomputes one block at a time. Under FSDP the residual stream
-#   may be 16-bit, so these are a little high there.
-# - logits and loss, 12*V per token: the fp32 log-probabilities cross_entropy keeps and the two fp32
-#   gradients of that shape at the top of the backward (train.py drops the logits once it has the loss).
-# A config fits within 90% of the GPU's memory (the rest: the CUDA context, fragmentation, small
-# temporaries). The micro-batch to use is the largest power of two that fits and divides the step.
-#
-# Pipelines (pipeline_stages = p > 1): p stages of consecutive layers (pipeline.pipeline_layers), the
-# embeddings on the first, the final norm and head on the last, each stage data parallel over its
-# dp = W/p processes (S = dp under FSDP), with the weights, gradients and moments of its own P_s. The
-# schedule's m micro-batches are the accumulation micro-steps.
-# - bubble: under both schedules a stage idles (p-1)/(m+p-1) of the step, while the pipe fills and
-#   drains (Huang et al. 2019, GPipe; Narayanan et al. 2021, 1F1B): the time is divided by 1 - bubble.
-# - micro_batches_held says how many micro-batches' activations a stage holds; on the stages before the
-#   last each also keeps its fp32 output, 4h per token, which its backward starts from. The last stage
-#   keeps, per held micro-batch, the logits with their log-probabilities ((4 + e)*V: the schedule keeps a
-#   stage's output for its backward), plus the two 8V gradients of one backward.
-# - 16-bit weight copies (not FSDP): every block of the stage, with or without checkpointing: the whole
-#   schedule runs in one autocast region, whose cache keeps each cast until it ends.
-# - communication: not FSDP, none (Pipeline all-reduces each gradient in place). FSDP: PipelineStage turns
-#   off FSDP's gradient sync and resharding until the step's end (pipelining/stage.py,
-#   backward_maybe_with_nosync), so the stage stays gathered and its gradient unsharded: (e + 4)*P_s.
-# - between stages a micro-batch sends its residual stream, micro_batch*block_size*h elements, and gets
-#   a gradient of that size back: reported, small, not counted.
-
-def element_bytes(dtype):
-    """Bytes per activation element: dtype 'auto' is bf16 autocast on the GPUs planned for."""
-    return 4 if dtype == "float32" else 2
-
+# cost of a config: FLOPs, time, and memory per GPU term by term (the formulas: docs/planning.md)
 
 def activation_bytes_per_token(c, e):
     """What one Block saves for backward, bytes per token with e bytes per 16-bit element, counted op by
-    op in model.py's Block (checked with torch.autograd.graph.saved_tensors_hooks; SDPA/flash keeps no
-    score matrix); a = n_head, kv = n_kv_head*head_dim, f = ffn_hidden:
-        8h          the fp32 residual stream at the inputs of the two norms (CPU's rms_norm: its output too)
-        e*3h        the 16-bit inputs of c_attn and c_fc, and attention's output (on CUDA c_proj's input)
-        e*(h+2kv)   c_attn's output: v is a view into it, so all of it stays alive
-        e*(h+kv)    q and k after RoPE (RoPE only)
-        4a          attention's log-sum-exp per head
-        e*4f        SwiGLU: gate and up (2f), silu(gate) and the product; ReLU² and GELU: e*2f
-        4(h+kv)     QK-norm only: the fp32 inputs of the q and k norms
-        2h          dropout > 0 only: the 1-byte masks of the two residual dropouts
-    GPT-2 124M: 36h + 4a, where Korthikanti et al. 2022 count 34h + 5as in 16 bits with dropout (their
-    5as is the stored scores, which flash attention does not keep; +4h for the fp32 stream, -2h for no
-    dropout masks)."""
+    op in model.py's Block (the table of terms: docs/planning.md)."""
     h, kv = c.n_embd, c.n_kv_head * c.head_dim
     saved = 8 * h + e * 3 * h + e * (h + 2 * kv) + 4 * c.n_head
     saved += e * (4 if c.mlp == "swiglu" else 2) * c.ffn_hidden
@@ -384,9 +272,7 @@ def pipeline_bubble(stages, micro_batches):
 
 
 def micro_batches_held(stage, stages, schedule, micro_batches):
-    """The micro-batches whose activations a stage holds at its peak: GPipe runs every forward before
-    any backward, so all m; 1F1B starts the backwards as soon as the last stage can, so min(m, p - s)
-    (torch's Schedule1F1B warms up with exactly that many forwards, and refuses m < p)."""
+    """The micro-batches whose activations a stage holds at its peak: all m under GPipe, min(m, p - s) under 1F1B."""
     if stages == 1:
         return 1  # train.py's own loop: each micro-step's backward follows its forward
     if schedule == "gpipe":
@@ -396,9 +282,9 @@ def micro_batches_held(stage, stages, schedule, micro_batches):
 
 def memory_per_stage(c, params, block_params, micro_batch, world, dtype, parallelism, checkpointing,
                      stages=1, schedule="1f1b", micro_batches=1, cpu_offload=False):
-    """Peak GPU bytes by term on each pipeline stage (the formulas above); params and block_params
-    as stored. With one stage, the whole model; cpu_offload applies to the FSDP runs only."""
-    e = element_bytes(dtype)
+    """Peak GPU bytes by term on each pipeline stage; params and block_params as stored. With one stage,
+    the whole model; cpu_offload applies to the FSDP runs only."""
+    e = 4 if dtype == "float32" else 2  # bytes per activation element: 'auto' is bf16 autocast on the GPUs planned for
     dp = world // stages
     offload = cpu_offload and parallelism == "fsdp"
     # train.py runs FSDP on one process per stage as a plain model, unless it offloads
@@ -455,18 +341,9 @@ def memory_per_gpu(c, params, block_params, micro_batch, world, dtype, paralleli
 
 
 def offload_traffic(c, params, block_params, world, stages, micro_batches):
-    """(bytes to the GPU, bytes back) per step under CPU offload, on the stage that moves the most.
-
-    cpu_offload=True with parallelism='fsdp' (FSDP2's CPUOffloadPolicy, also on one GPU) keeps the sharded
-    fp32 weights, gradients and AdamW moments in pinned CPU memory, 16*P/S bytes per process, and steps
-    the optimizer there; the GPU holds only the gathered 16-bit parameters, in-flight gradients,
-    activations and logits. Each of the m micro-steps copies every block's fp32 shard to the GPU for the
-    forward and again for the backward (a block is resharded after its forward), the root's once, and
-    brings the fp32 gradient shard back (FSDP2 casts on the GPU: fsdp/_fully_shard/_fsdp_param.py):
-        to the GPU  m * 4*(2*n_layer*P_block + P_root)/S,    back  m * 4*P/S
-    Under pipelining the gradients come back once per step, and the copies are an upper bound. The time
-    is that over pcie_gb_per_s (~25 GB/s for PCIe Gen4 x16 with pinned memory), not hidden behind compute
-    (FSDP2 prefetches, so partly it is); the CPU's AdamW step is not estimated."""
+    """(bytes to the GPU, bytes back) per step under CPU offload, on the stage that moves the most: each
+    micro-step copies every block's fp32 shard up twice (forward, backward) and the root's once, and the
+    gradient shard back, m * 4*(2*n_layer*P_block + P_root)/S and m * 4*P/S."""
     dp = world // stages
     gradient_copies = 1 if stages > 1 else micro_batches  # a pipeline reduce-scatters once per step
     traffic = []
@@ -621,16 +498,17 @@ def budget_flops(options, config):
 
 
 def plan_budget(flops, config, options, law="chinchilla"):
-    """The compute-optimal model for flops under law ('chinchilla' or 'kaplan'), its shape, and the report
-    of training it on config's settings. Kaplan's parameters leave out the embeddings, so its shape
-    is matched on that count."""
+    """The compute-optimal model for flops under law ('chinchilla' or 'kaplan'), its shape (for Kaplan matched
+    on the count without embeddings), and the report of training it on config's settings."""
     if law == "kaplan":
         params = round(kaplan(flops)[0])
         tokens = round(flops / (6 * params))
     else:
         params = round(chinchilla(flops)[0])
         tokens = TOKENS_PER_PARAM * params
-    vocab = budget_vocab_size(config, options)
+    vocab = vocab_size(config) if options.get("dataset_given", True) else (
+        FALLBACK_VOCAB, f"assumed GPT-2's vocabulary, {FALLBACK_VOCAB} (padded); --dataset=NAME plans with a "
+                        "prepared dataset's")
     shape, shape_params = compute_optimal_shape(params, model_config(config, vocab[0]), non_embedding=law == "kaplan")
     keys = dict(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd, n_kv_head=0, ffn_hidden=0,
                 max_iters=math.ceil(tokens / config["total_batch_tokens"]))
@@ -678,19 +556,20 @@ def print_config_report(r):
     rows = [("weights (fp32)", "weights"), ("gradients (fp32)", "gradients"), ("AdamW moments (fp32)", "optimizer"),
             ("DDP buckets/FSDP gather", "communication"), ("16-bit weight copies", "weight_copies"),
             ("activations", "activations"), ("logits and loss", "logits"), ("total", "total")]
+
+    def row(label, cell):  # one line of the table: cell(a combination's memory dict) for each column
+        print(f"  {label:<24}" + "".join(f"{cell(r['memory'][n]):>12}" for n in names))
     for label, key in rows:
-        print(f"  {label:<24}" + "".join(f"{r['memory'][n][key]:>12.2f}" for n in names))
+        row(label, lambda m: f"{m[key]:.2f}")
     if "offload" in r:
-        cells = (f"{r['memory'][n]['cpu_memory']:>12.2f}" if "cpu_memory" in r["memory"][n] else f"{'-':>12}"
-                 for n in names)
-        print(f"  {'CPU memory (offload)':<24}" + "".join(cells))
+        row("CPU memory (offload)", lambda m: f"{m['cpu_memory']:.2f}" if "cpu_memory" in m else "-")
     if "pipeline" in r:
-        print(f"  {'most loaded stage':<24}" + "".join(f"{r['memory'][n]['stage']:>12}" for n in names))
-    print(f"  {'fits':<24}" + "".join(f"{'yes' if r['memory'][n]['fits'] else 'no':>12}" for n in names))
-    print(f"  {'max micro-batch':<24}" + "".join(f"{r['memory'][n]['max_micro_batch'] or '-':>12}" for n in names))
-    print(f"  {'accumulation':<24}" + "".join(f"{r['memory'][n]['accumulation'] or '-':>12}" for n in names))
+        row("most loaded stage", lambda m: m["stage"])
+    row("fits", lambda m: "yes" if m["fits"] else "no")
+    row("max micro-batch", lambda m: m["max_micro_batch"] or "-")
+    row("accumulation", lambda m: m["accumulation"] or "-")
     if "pipeline" in r:
-        print(f"  {'pipeline bubble':<24}" + "".join(f"{r['memory'][n]['bubble']:>12.1%}" for n in names))
+        row("pipeline bubble", lambda m: f"{m['bubble']:.1%}")
     run = r["memory"][r["run"]]
     if run["max_micro_batch"]:
         print(f"use       --batch_size={run['max_micro_batch']} (accumulation {run['accumulation']}) for the "

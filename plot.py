@@ -6,9 +6,8 @@ wall time, the learning rate, tokens/s and MFU; several runs overlaid, one colou
     python plot.py out/quickstart out/quickstart_lr1e-3    # both runs in one figure, in the first one's folder
     python plot.py out/a out/b --out=compare.png --labels=baseline,wider
 
-Reads only the run folders' metrics.jsonl (a run still training draws fine), so it works on any
-machine that has the folders. Needs matplotlib (pip install matplotlib). train.py, sft.py and
-dpo.py draw the same plot.png at each evaluation and at the end of a run.
+Reads only the run folders' metrics.jsonl (a run still training draws fine); needs matplotlib. The
+trainers draw the same plot.png at each evaluation and at the end of a run.
 """
 
 import argparse

@@ -1,57 +1,24 @@
 """
-Turn raw text into the token files that train.py reads: read the documents,
-clean them, drop the low-quality ones and the duplicates, split them into train
-and val, tokenize, and write the ids to disk, with a report of what each step
-removed.
+Turn raw text into the token files that train.py reads: read the documents, clean them, drop the
+low-quality ones and the duplicates, split them into train and val, tokenize, and write the ids to
+disk, with a report of what each step removed.
 
     python prepare.py                                   # offline default: the Python standard library's source, byte-level
     python prepare.py config/data_gutenberg.py --input=../shared/data/gutenberg   # books: clean, filter, dedup, train a BPE
     python prepare.py config/data_shakespeare_char.py   # Tiny Shakespeare, char-level (downloads 1.1 MB once)
-    python prepare.py config/data_shakespeare_char.py --input=path/to/input.txt   # the same from a local copy
     python prepare.py --input=~/notes --glob='**/*.md' --dataset=notes --tokenizer=gpt2
     python prepare.py config/data_fineweb_edu.py        # FineWeb-Edu's Parquet shards from the Hugging Face hub
     python prepare.py --input=urls.txt --tokenizer=gpt2 --dataset=web --max_tokens=1_000_000_000
 
-Reads --input (a file; a folder, searched recursively for the files matching --glob, skipping hidden
-ones and those in no known format; an http(s) URL; hf://datasets/OWNER/NAME/path/glob; a file listing
-URLs, one a line, each optionally followed by its sha256; or several of these separated by spaces),
-else the preset's --url (checked against url_sha256), else the standard library's own .py files
-without its test suites: about 12 MB of code on any machine, no network. Formats, each streamed:
-Parquet (a row group at a time; text_field is the column), JSON Lines, JSON arrays of records, HTML
-and plain text; all but Parquet may be .gz, .zst or .zstd. Records' other fields can filter them
-(row_filters), and max_documents / max_tokens take a deterministic prefix of a large corpus.
-Downloads go to <data_root>/<dataset>/download/ (hf:// ones to the hub's cache, with HF_TOKEN for
-gated datasets), download_workers at a time while earlier files are read; a dropped one resumes, and
-each is checked against its sha256 when one is known.
-
-The pipeline, each step switched on by the config (all off by default, so the default corpus of code
-goes through untouched; config/data_gutenberg.py switches on everything):
-  1. clean: HTML to text, the Project Gutenberg header and licence, Unicode NFC, whitespace
-  2. quality filters: quality_filters = {rule: (min, max)} bounds the measures in _MEASURES (Gopher
-     and C4 style heuristics); a document is dropped and counted under the first rule it breaks
-  3. deduplication: exact (a hash of the lower-cased, whitespace-collapsed text) and near (MinHash
-     with LSH banding); the first of a group is kept
-  4. split: a document longer than max_document_chars is cut at line ends into pieces, which are
-     shuffled with a fixed seed, a val_fraction of them to val; within a split a document's pieces
-     follow each other in order, the last followed by the end-of-text token
-  5. tokenize: 'bpe' first trains a byte-level BPE on the kept documents; each piece is tokenized
-     alone, so the pool can share out a long document
-Steps 1-3 stream the kept documents to a scratch file, which the tokenizer and step 5 read back; the
-per-document work runs in a pool of processes. Memory grows with the number of documents, not their
-size. Progress bars show on a terminal, a log gets a line every 10 seconds. Ctrl-C leaves the earlier
-dataset as it was, and temporary files carry their writer's process id, so the next run removes
-those that a killed run left.
-
-Writes to <data_root>/<dataset>/:
-    train.bin, val.bin  token ids, raw uint16 (uint32 when the vocabulary exceeds 65536), for np.memmap;
-                        a split of more than shard_tokens tokens is train_000.bin, train_001.bin, ...
-    meta.json           tokenizer description, vocab_size, eot_id, dtype, per-split files and counts,
-                        sources and their sha256, the unigram baseline loss, the config
-    tokenizer.tiktoken  for 'bpe': the vocabulary, also inside meta.json, as a file tiktoken can load
-    report.json         what each step removed, tokens per split, time and throughput
-Each file is written under a temporary name and renamed into place, meta.json
-last, so a dataset with a meta.json is complete. Re-running with the same config
-rewrites byte-identical files (all but report.json, which holds timings).
+Reads --input (files, folders, URLs, hf:// globs, URL lists; plain text, HTML, JSON Lines, JSON
+arrays, Parquet, optionally .gz/.zst), else the preset's --url, else the standard library's .py
+files (about 12 MB, no network). The steps, each switched on by the config: 1. clean, 2. quality
+filters, 3. exact and near (MinHash) dedup, 4. split into train and val by document piece,
+5. tokenize (gpt2, char, byte, or a BPE trained here). Writes to <data_root>/<dataset>/: train.bin
+and val.bin (or numbered shards), meta.json (the tokenizer and counts, written last, so a dataset
+with a meta.json is complete), tokenizer.tiktoken for 'bpe', and report.json. Every file is
+written under a temporary name and renamed; a re-run rewrites byte-identical files (all but
+report.json). The formats, steps and measurements are in docs/prepare.md.
 """
 
 import array
@@ -90,8 +57,7 @@ data_root = "data"
 shard_tokens = 100_000_000  # tokens per bin file; a split with more is written as numbered shards
 # source
 # --input: a file, a folder, an http(s) URL, hf://datasets/OWNER/NAME/path/glob, a file listing URLs (one a line,
-# each optionally followed by its sha256), or several of these separated by spaces; empty: url if set, else the
-# standard library
+# each optionally followed by its sha256), or several of these separated by spaces; empty: url, else the stdlib
 input = ""
 url = ""  # a preset's download, used when input is empty
 url_sha256 = ""  # the expected sha256 of url; a config's url and its checksum are not used when --input is given
@@ -133,8 +99,8 @@ num_workers = 0  # processes that clean and tokenize; 0: one per CPU core
 
 
 def hub_files(pattern):
-    """(name, repo_id, revision, path in the repository, the hub's sha256 or None) of each file of a
-    dataset repository that hf://datasets/OWNER/NAME[@REVISION]/GLOB matches, in sorted order."""
+    """The sources (name, ("hub", repo_id, revision, path in the repository), the hub's sha256 or None, False)
+    of the files of a dataset repository that hf://datasets/OWNER/NAME[@REVISION]/GLOB matches, sorted."""
     # imported here: only hub inputs need it, and it adds about a second to every start
     hub, errors = optional("huggingface_hub", "an hf:// input"), optional("huggingface_hub.errors", "an hf:// input")
     fs = hub.HfFileSystem()
@@ -152,12 +118,13 @@ def hub_files(pattern):
         if info["type"] == "file":
             in_repo = path.split("/", 3)[3] if path.startswith(prefix) else path
             lfs = info.get("lfs") or {}
-            files.append((f"{resolved.repo_id}/{in_repo}", resolved.repo_id, resolved.revision, in_repo, lfs.get("sha256")))
+            files.append((f"{resolved.repo_id}/{in_repo}", ("hub", resolved.repo_id, resolved.revision, in_repo),
+                          lfs.get("sha256"), False))
     return files
 
 
 def hub_download(repo_id, revision, in_repo, expected_sha256):
-    """A dataset file from the hub, through its cache (resumed downloads, HF_TOKEN, HF_HOME); checked against the hub's sha256."""
+    """A dataset file from the hub, through its cache (resumed, HF_TOKEN, HF_HOME), checked against its sha256."""
     hub, errors = optional("huggingface_hub", "an hf:// input"), optional("huggingface_hub.errors", "an hf:// input")
     try:
         path = hub.hf_hub_download(repo_id, in_repo, repo_type="dataset", revision=revision)
@@ -179,8 +146,7 @@ def is_remote(where):
 
 
 def url_list(path):
-    """The (URL, sha256 or '') lines of a file that holds only URLs, one a line, each optionally followed by
-    its sha256; None for any other file. Blank lines and lines starting with # are skipped."""
+    """The (URL, sha256 or '') lines of a file that holds only URLs (and # comments), or None."""
     try:
         with open(path, "rb") as f:
             head = f.read(1 << 16)
@@ -202,22 +168,14 @@ def url_list(path):
 
 def input_sources(spec, out_dir):
     """What --input names, as (name, local path or URL or hub file, expected sha256, found in a folder)
-    in reading order.
-
-    spec: a file, a folder, a URL, an hf:// glob, a file listing URLs, or several of these separated by
-    spaces or newlines. A single file or URL is checked against input_sha256. A file found in a folder is
-    skipped when in no known format; one named directly is an error."""
-    if os.path.exists(os.path.expanduser(spec)):
-        parts = [spec]  # a path with spaces in its name
-    else:
-        parts = spec.split()
+    in reading order; a single file or URL is checked against input_sha256."""
+    parts = [spec] if os.path.exists(os.path.expanduser(spec)) else spec.split()  # [spec]: a path with spaces
     sources = []
     for part in parts:
         if part.startswith("hf://"):
-            matches = hub_files(part)
-            if not matches:
+            if not (matches := hub_files(part)):
                 raise SystemExit(f"prepare error: no file of the hub matches {part}; check the path and the glob")
-            sources += [(name, ("hub", repo, revision, in_repo), sha, False) for name, repo, revision, in_repo, sha in matches]
+            sources += matches
         elif part.startswith(("http://", "https://")):
             sources.append((os.path.basename(urllib.parse.urlparse(part).path) or part, part, "", False))
         else:
@@ -367,8 +325,7 @@ def file_format(name, head):
 
 
 def json_array_records(f):
-    """(number, item, 0) for each item of a JSON array, parsed one at a time from a stream, so the whole
-    file is never in memory."""
+    """(number, item, 0) for each item of a JSON array, parsed one at a time from a stream."""
     reader = io.TextIOWrapper(f, encoding="utf-8", errors="replace")
     decoder, buffer, pos, started, n = json.JSONDecoder(), "", 0, False, 0
     while True:
@@ -406,8 +363,7 @@ def jsonl_records(f):
 
 
 def parquet_records(path, columns):
-    """(row number, {column: value}, 0) for each row of a Parquet file, one row group at a time, reading
-    only the given columns."""
+    """(row number, {column: value}, 0) for each row of a Parquet file, a row group at a time."""
     parquet = optional("pyarrow.parquet", "reading Parquet files").ParquetFile(path)
     missing = [c for c in columns if c not in parquet.schema_arrow.names]
     if missing:
@@ -458,16 +414,14 @@ def record_documents(name, records, stats, removed):
 
 
 def read_errors():
-    """What a damaged file raises as it is read: OSError and EOFError, and the errors of the zstandard
-    and Parquet readers once they are imported (a file of theirs was read)."""
+    """What a damaged file raises as it is read, the zstandard and Parquet readers' errors once imported."""
     return (OSError, EOFError) + tuple(getattr(sys.modules[module], name) for module, name in
                                        (("zstandard", "ZstdError"), ("pyarrow", "ArrowException")) if module in sys.modules)
 
 
 def read_documents(files, stats, removed):
-    """Yield (source, text) for every document of the files ((name, path, sha256 or None, found in a folder)
-    each); a file in no known format is an error, or skipped with a warning when found in a folder; stats
-    counts what was read, removed the records that row_filters drop."""
+    """(source, text) of every document of the files ((name, path, sha256 or None, found in a folder));
+    a file in no known format is an error, or skipped with a warning when found in a folder."""
     combined = hashlib.sha256()
     for name, path, digest, listed in files:
         try:
@@ -484,10 +438,9 @@ def read_documents(files, stats, removed):
                 yield from record_documents(name, parquet_records(path, columns), stats, removed)
             else:
                 with open_decompressed(path) as f:
-                    if kind == "jsonl":  # read line by line: a .jsonl file can be larger than memory
-                        yield from record_documents(name, jsonl_records(f), stats, removed)
-                    elif kind == "json_array":
-                        yield from record_documents(name, json_array_records(f), stats, removed)
+                    if kind in ("jsonl", "json_array"):  # streamed: a file can be larger than memory
+                        records = (jsonl_records if kind == "jsonl" else json_array_records)(f)
+                        yield from record_documents(name, records, stats, removed)
                     else:
                         text, replaced = decode(f.read())
                         warn_replaced(name, replaced, stats)
@@ -508,12 +461,8 @@ def read_documents(files, stats, removed):
 
 
 class HTMLText(HTMLParser):
-    """The visible text of an HTML page, with a blank line between blocks (paragraphs, headings, list items).
-
-    What is not content goes: the tags, scripts, styles, the title, navigation, page headers and
-    footers. Entities (&amp;, &#233;) come back as characters; whitespace runs collapse to one
-    space, as a browser shows them, except inside <pre>.
-    """
+    """The visible text of an HTML page, a blank line between blocks: no tags, scripts, styles, title,
+    navigation, headers or footers; entities decoded; whitespace collapsed as a browser shows it, but in <pre>."""
 
     SKIP = {"script", "style", "noscript", "template", "svg", "title", "nav", "header", "footer", "aside"}
     BLOCKS = {"p", "div", "section", "article", "main", "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "li", "dl",
@@ -617,21 +566,6 @@ def words_of(text):
     return text.split()
 
 
-def mean_word_length(text):
-    words = words_of(text)
-    return ratio(sum(map(len, words)), len(words))
-
-
-def symbol_word_ratio(text):
-    """Hashes and ellipses per word: many mean lists of tags or truncated snippets (Gopher: at most 0.1)."""
-    return ratio(text.count("#") + text.count("...") + text.count("\u2026"), len(words_of(text)))
-
-
-def punctuation_word_ratio(text):
-    """Punctuation and symbol characters per word: high for tables, markup leftovers, code and spam."""
-    return ratio(len(re.sub(r"[\w\s]+", "", text)), len(words_of(text)))
-
-
 def lines_ending_in_punctuation(text):
     """Share of the non-blank lines that end like a sentence (C4 keeps only those lines; menus and lists do not)."""
     lines = [line.rstrip() for line in text.splitlines() if line.strip()]
@@ -640,16 +574,9 @@ def lines_ending_in_punctuation(text):
 
 
 def repeated_share(items):
-    """Share of items that repeat an earlier one."""
+    """Share of the non-blank items that repeat an earlier one."""
+    items = [item.strip() for item in items if item.strip()]
     return ratio(len(items) - len(set(items)), len(items))
-
-
-def duplicate_lines(text):
-    return repeated_share([line.strip() for line in text.splitlines() if line.strip()])
-
-
-def duplicate_paragraphs(text):
-    return repeated_share([p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()])
 
 
 def top_ngram_share(text, n):
@@ -676,16 +603,18 @@ def non_alphabetic(text):
     return ratio(len(re.sub(r"[^\W\d_]+", "", non_space)), len(non_space))
 
 
-# The quality rules by name, as quality_filters names them. Underscored, like the other module-level
-# constants: a config key holds settings.
+# The quality rules by name, as quality_filters names them (underscored: a config key holds settings).
 _MEASURES = {
     "words": lambda text: len(words_of(text)),
-    "mean_word_length": mean_word_length,
-    "symbol_word_ratio": symbol_word_ratio,
-    "punctuation_word_ratio": punctuation_word_ratio,
+    "mean_word_length": lambda text: ratio(sum(map(len, words_of(text))), len(words_of(text))),
+    # hashes and ellipses per word: many mean lists of tags or truncated snippets (Gopher: at most 0.1)
+    "symbol_word_ratio": lambda text: ratio(text.count("#") + text.count("...") + text.count("\u2026"),
+                                            len(words_of(text))),
+    # punctuation and symbol characters per word: high for tables, markup leftovers, code and spam
+    "punctuation_word_ratio": lambda text: ratio(len(re.sub(r"[\w\s]+", "", text)), len(words_of(text))),
     "lines_ending_in_punctuation": lines_ending_in_punctuation,
-    "duplicate_lines": duplicate_lines,
-    "duplicate_paragraphs": duplicate_paragraphs,
+    "duplicate_lines": lambda text: repeated_share(text.splitlines()),
+    "duplicate_paragraphs": lambda text: repeated_share(re.split(r"\n\s*\n", text)),
     "top_2gram": lambda text: top_ngram_share(text, 2),
     "top_3gram": lambda text: top_ngram_share(text, 3),
     "top_4gram": lambda text: top_ngram_share(text, 4),
@@ -723,12 +652,9 @@ def minhash_functions(n):
 
 
 def minhash(normal, a, b, shingle_bytes=32):
-    """MinHash signature of a normalized text: for each hash function, its smallest value over the text's shingles.
-
-    A shingle is the 32 bytes from the start of each word (about five words). Two signatures agree
-    at a position with probability equal to the Jaccard similarity of the two shingle sets, so the
-    share of agreeing positions estimates it.
-    """
+    """MinHash signature of a normalized text: for each hash function, its smallest value over the text's
+    shingles, the 32 bytes from each word start. The share of positions where two signatures agree
+    estimates the Jaccard similarity of their shingle sets."""
     data = np.frombuffer(normal.encode("utf-8") + bytes(shingle_bytes), dtype=np.uint8)
     starts = np.concatenate(([0], np.flatnonzero(data[:-shingle_bytes - 1] == ord(" ")) + 1))
     # each shingle read as four 64-bit numbers (8 bytes from the start, 8 more, ...), folded into one
@@ -750,11 +676,8 @@ def minhash(normal, a, b, shingle_bytes=32):
 
 class Duplicates:
     """The kept documents, remembered by exact key and by MinHash signature; the first of a group is kept.
-
-    Near duplicates are found with LSH banding: a new signature is compared only with the kept ones
-    that agree with it on every row of at least one band, and it is a near duplicate of the first
-    whose share of agreeing values (the estimated Jaccard similarity) reaches the threshold.
-    """
+    LSH banding: a new signature is compared only with the kept ones that agree with it on every row of
+    some band, and is a near duplicate of the first whose share of agreeing values reaches the threshold."""
 
     def __init__(self, bands, rows, threshold):
         self.rows, self.threshold = rows, threshold
@@ -803,12 +726,9 @@ def start_worker():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def start_cleaner(config):
-    start_worker()
-    load_cleaner(config)
-
-
-def load_cleaner(config):
+def load_cleaner(config, in_pool=True):
+    if in_pool:
+        start_worker()
     _worker["config"] = config
     _worker["minhash"] = minhash_functions(config["minhash_bands"] * config["minhash_rows"])
     if config["max_tokens"]:
@@ -861,11 +781,9 @@ def batched(items, max_chars=1 << 20):
 
 @contextlib.contextmanager
 def worker_pool(workers, initializer, initargs):
-    """multiprocessing.Pool, closed and joined at the end however the block ends. Pool's own `with`
-    terminates the workers, and one stopped while it writes a large result (a batch of cleaned text
-    is about 1 MB, more than a pipe holds) keeps the result queue's lock forever, so terminate waits
-    for it: prepare hung after "stopping at the limit" in 2 of 200 runs. Closing lets the batches
-    still in flight finish (seconds at most); then the workers end by themselves."""
+    """multiprocessing.Pool, closed and joined however the block ends. Not Pool's own `with`: its terminate
+    can stop a worker that is writing a result larger than a pipe holds, which then keeps the result
+    queue's lock forever (prepare hung after "stopping at the limit" in 2 of 200 runs)."""
     pool = multiprocessing.Pool(workers, initializer=initializer, initargs=initargs)
     try:
         yield pool
@@ -979,27 +897,15 @@ def temporary_name(path):
 def remove_stale_temporaries(folder):
     """Delete the temporary files that a killed run left in folder (their process is gone)."""
     for name in os.listdir(folder):
-        match = re.fullmatch(r".+\.(\d+)\.tmp", name)
-        if not match:
-            continue
-        try:
-            os.kill(int(match[1]), 0)  # signal 0 only asks whether the process exists
-            continue
-        except ProcessLookupError:
-            pass
-        except PermissionError:  # alive, run by another user
-            continue
-        with contextlib.suppress(FileNotFoundError):  # a run started beside this one may have removed it first
-            os.remove(os.path.join(folder, name))
-            print(f"removed {name}, left by a run that was stopped")
-
-
-def save_json(path, obj):
-    tmp = temporary_name(path)
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+        if match := re.fullmatch(r".+\.(\d+)\.tmp", name):
+            try:
+                os.kill(int(match[1]), 0)  # signal 0 only asks whether the process exists
+            except PermissionError:  # alive, run by another user
+                pass
+            except ProcessLookupError:
+                with contextlib.suppress(FileNotFoundError):  # a run started beside this one may have removed it first
+                    os.remove(os.path.join(folder, name))
+                    print(f"removed {name}, left by a run that was stopped")
 
 
 def save_text(path, text):
@@ -1018,6 +924,9 @@ def read_scratch(path):
 
 def check_config():
     """What configurator.VALID_RANGES cannot say about prepare.py's keys."""
+    def is_bounds(v):
+        return isinstance(v, (tuple, list)) and len(v) == 2 and all(x is None or isinstance(x, (int, float)) for x in v)
+
     if not dataset or dataset in (".", "..") or os.path.basename(dataset) != dataset or "\\" in dataset:
         raise SystemExit(f"prepare error: --dataset={dataset!r} is not a folder name; name one folder under "
                          f"{data_root}, e.g. --dataset=mycorpus")
@@ -1028,15 +937,13 @@ def check_config():
         raise SystemExit(f"prepare error: max_tokens needs a tokenizer that exists before the corpus is read "
                          f"(gpt2 or byte), not {tokenizer}; use --max_documents instead")
     for column, allowed in row_filters.items():
-        if isinstance(allowed, tuple) and not (len(allowed) == 2 and all(
-                v is None or isinstance(v, (int, float)) for v in allowed)):
+        if isinstance(allowed, tuple) and not is_bounds(allowed):
             raise SystemExit(f"prepare error: row_filters['{column}'] = {allowed!r} is not a (min, max) pair; write "
                              "e.g. {'score': (3, None)}, a list of allowed values, or the one value allowed")
     for rule, bound in quality_filters.items():
         if rule not in _MEASURES:
             raise SystemExit(f"prepare error: unknown quality filter '{rule}'; the rules are {', '.join(_MEASURES)}")
-        if not (isinstance(bound, (tuple, list)) and len(bound) == 2
-                and all(v is None or isinstance(v, (int, float)) for v in bound)):
+        if not is_bounds(bound):
             raise SystemExit(f"prepare error: quality_filters['{rule}'] = {bound!r} is not a (min, max) pair; "
                              "write e.g. (None, 0.1), None for an open end")
 
@@ -1086,8 +993,8 @@ if __name__ == "__main__":
         share_out = bool(quality_filters or dedup_exact or dedup_near or max_tokens or tokenizer == "bpe" or strip_gutenberg
                          or unicode_nfc or normalize_whitespace or html_to_text and any(is_html(s[0]) for s in sources))
         if not share_out:
-            load_cleaner(config)
-        with (worker_pool(workers, start_cleaner, (config,)) if share_out
+            load_cleaner(config, in_pool=False)
+        with (worker_pool(workers, load_cleaner, (config,)) if share_out
               else contextlib.nullcontext()) as pool, \
                 open(scratch, "w", encoding="utf-8") as out, progress(unit=" docs", desc="reading") as bar:
             documents = read_documents(files, stats, removed)
@@ -1188,7 +1095,7 @@ if __name__ == "__main__":
     finally:  # whatever stopped the run, leave no scratch or half-written bin behind
         stop_downloads.set()
         for path in [scratch] + [p for w in writers.values() for p in w.temporary]:
-            if os.path.exists(path):
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
     written = {name for s in splits.values() for name in s["files"]}
     for name in os.listdir(out_dir):  # what an earlier run with other shards or another tokenizer left
@@ -1224,8 +1131,8 @@ if __name__ == "__main__":
                     "tokenize_write": round(seconds - t_clean - t_tokenizer, 2), "total": round(seconds, 2)},
         "mb_per_s": round(stats["bytes"] / 1e6 / seconds, 2),
     }
-    save_json(os.path.join(out_dir, "report.json"), report)
-    save_json(meta_path, meta)
+    save_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
+    save_text(meta_path, json.dumps(meta, indent=2) + "\n")
 
     print(f"{out_dir}: {n_docs:,} documents in {n_pieces:,} pieces, {tokenizer} tokens as {meta['dtype']}")
     for split, s in splits.items():

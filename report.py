@@ -5,10 +5,8 @@ Join the report cards of a pipeline's folders into one Markdown page: a table co
     python report.py data/pystdlib out/quickstart out/sft out/dpo        # writes report.md here
     python report.py out/a out/b --out=out/compare.md
 
-Each folder is a run's out_dir (train.py, sft.py, dpo.py; with evaluate.py's reports beside the
-checkpoint) or a dataset's folder (prepare.py's). Every stage script writes its own card,
-report.md, into its folder at the end; this page is rebuilt from the same files, so it can be run
-at any time, also on a run that is still training.
+Each folder is a run's out_dir (with evaluate.py's reports beside the checkpoint) or a dataset's
+folder. The page is rebuilt from the files each stage leaves, so it runs at any time, mid-training too.
 """
 
 import argparse

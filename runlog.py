@@ -9,23 +9,14 @@ A trainer keeps one RunLog (rank 0 does the work; on the other processes it does
     run_log.plot()                                # out_dir/plot.png from metrics.jsonl
     run_log.finish()                              # the last plot, report.md, trackers closed
 
-Everything here reads only the files a run leaves, so plot.py and report.py draw and
-summarise any run, finished or not, and prepare.py and evaluate.py write their cards
-with write_card:
-    run.json       the stage, the config and a few facts (parameters, device, data, seconds), written at the end
-    metrics.jsonl  one JSON record per log step (loss, lr, tokens/s, mfu, time, ...) and per evaluation
-                   (val_loss, ...)
-    *.json         evaluate.py's reports (a 'results' per task) in the run's folder
-    report.json    prepare.py's report, in a dataset's folder (with its meta.json)
-
-Trackers: wandb_project='NAME' logs to Weights & Biases, tensorboard=True writes TensorBoard
-events to out_dir/tensorboard; each is imported only when asked for. A resumed run continues
-the same curves: metrics.jsonl loses the records after the checkpoint's step (the killed run
-logged them, the resumed one logs them again), W&B continues the run whose id out_dir/wandb_run_id
-holds (resume='allow'; the steps W&B already has it keeps), and TensorBoard hides the earlier
-events after that step (SummaryWriter's purge_step).
+Everything here reads only the files a run leaves (run.json, metrics.jsonl, evaluate.py's *.json
+reports, prepare.py's report.json), so plot.py and report.py draw and summarise any run, finished or
+not. Trackers (wandb_project, tensorboard=True) are imported only when asked for. A resumed run
+continues the same curves: metrics.jsonl drops the records after the checkpoint's step, W&B continues
+the run in out_dir/wandb_run_id, TensorBoard purges the later events. More: docs/train.md.
 """
 
+import contextlib
 import glob
 import json
 import os
@@ -39,14 +30,20 @@ PLOT_SIZE = (12, 7)  # inches; at PLOT_DPI the PNG is 1080 x 630 pixels
 PLOT_DPI = 90
 
 
-def save_atomically(path, write, mode="w"):
-    """Write path through write(file) to a temporary name beside it, then rename it into place."""
+def save_atomically(path, write, mode="w", sync=False):
+    """Write path through write(file) to a temporary name beside it (f.name, for a writer that opens it
+    itself), then rename it into place, so a reader sees the old file or the whole new one; with sync,
+    flushed to disk first (checkpoints, exports). Every file the repository writes whole goes through here."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode) as f:
+        with open(tmp, mode) as f:
             write(f)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())  # whichever handle wrote the file: fsync flushes the file itself
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -66,10 +63,8 @@ def read_metrics(folder):
     records = []
     with open(path) as f:
         for line in f:
-            try:
+            with contextlib.suppress(json.JSONDecodeError):
                 records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
     return records
 
 
@@ -135,11 +130,9 @@ class RunLog:
     """The log of one run: metrics.jsonl, the trackers, the plot and the card (see the module's doc)."""
 
     def __init__(self, out_dir, config, enabled=True, metrics_path=None, resumed_at=None, **facts):
-        """metrics_path: the file records go to, out_dir/metrics.jsonl by default. A new run in a folder
-        that holds an earlier one logs to a file of its own until its first checkpoint (outdir.run_log_path),
-        then sets metrics_path to metrics.jsonl (outdir.replace_earlier_run); until then it leaves the
-        earlier run's plot, run.json and card alone. resumed_at: the step of the checkpoint a resumed run
-        continues from (see the module's doc)."""
+        """metrics_path: where records go, out_dir/metrics.jsonl by default; a new run in a folder holding an
+        earlier one logs to its own file until its first checkpoint (outdir.py), leaving the earlier run's
+        plot, run.json and card alone. resumed_at: the step of the checkpoint a resumed run continues from."""
         self.enabled = enabled
         if not enabled:  # not rank 0: nothing to write, no tracker to open
             return
@@ -176,9 +169,8 @@ class RunLog:
         self.step, self.plotted = record["step"], False
 
     def plot(self, always=False):
-        """Draw out_dir/plot.png at an evaluation; returns its path, or None when matplotlib is missing
-        (said once) or when drawing now would take more than a twentieth of the time since the last
-        drawing (a second or so on a CPU: runs with evaluations seconds apart draw only at the end)."""
+        """Draw out_dir/plot.png at an evaluation and return its path; None without matplotlib, or when drawing
+        would take over a twentieth of the time since the last (evaluations seconds apart draw at the end)."""
         if not self.enabled or not self.owns_folder():
             return None
         if not always and time.time() - self.plotted_at < 20 * self.plot_seconds:
@@ -219,9 +211,8 @@ def curve(records, y_key, x_key="step"):
 
 
 def plot_runs(folders, out_path, labels=None):
-    """One PNG of the runs' curves overlaid (one colour per run): train (solid) and val (dashed, dots)
-    loss against steps, tokens and wall time; the learning rate, tokens/s and MFU against steps.
-    Returns out_path, or None when matplotlib is not installed."""
+    """One PNG of the runs' curves overlaid, a colour per run: train and val loss against steps, tokens and
+    wall time; the learning rate, tokens/s and MFU against steps. out_path, or None without matplotlib."""
     global _warned_no_matplotlib
     try:
         import matplotlib
@@ -323,10 +314,8 @@ def headline(result):
 
 
 def centred_scores(results):
-    """The summary score of evaluate.py's results, as nanochat's CORE: each task's headline metric centred on
-    its chance level, (metric - chance) / (1 - chance), so that guessing scores 0 and a perfect answer 1, then
-    the mean over the tasks that have a chance level (not perplexity). {'score': mean or None, 'tasks': {task:
-    centred}}."""
+    """The summary score of evaluate.py's results, as nanochat's CORE: {'score': the mean over the tasks with a
+    chance level of (metric - chance) / (1 - chance), 0 for guessing and 1 for perfect, 'tasks': {task: that}}."""
     tasks = {task: (headline(r)[1] - r["chance"]) / (1 - r["chance"]) for task, r in results.items() if "chance" in r}
     return {"score": sum(tasks.values()) / len(tasks) if tasks else None, "tasks": tasks}
 

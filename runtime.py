@@ -95,13 +95,9 @@ def teardown_distributed():
 
 
 def pick_dtype(device, dtype="auto"):
-    """The compute precision: bf16 on GPUs that have it, fp16 on older GPUs, else float32.
-
-    On a CPU 'auto' is float32 always. Most CPUs have no bfloat16 matrix units (AVX2 only:
-    bf16 products run ~25x slower than fp32, machine_facts measures it), and even on one that
-    has them (AVX512-BF16) bf16 autocast did not train the quickstart's model faster than
-    float32 (docs/train.md); ask for bfloat16 explicitly to try it on a bigger one.
-    """
+    """The compute precision: bf16 on GPUs that have it, fp16 on older GPUs, else float32. On a CPU 'auto'
+    is float32: most CPUs have no bfloat16 matrix units (~25x slower), and even AVX512-BF16 did not train
+    the quickstart's model faster (docs/train.md); ask for bfloat16 explicitly to try it."""
     if dtype == "auto":
         if device.startswith("cuda"):
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
@@ -149,9 +145,8 @@ def matmul_gflops(dtype, size=256, seconds=0.05):
 
 
 def machine_facts(device="cpu"):
-    """What a speed measured on this machine depends on, measured in a fraction of a second. A CPU's
-    bfloat16 matrix products are native when they run at least half as fast as float32 ones (CPUs
-    with AMX or AVX512-BF16); emulated (AVX2 and most laptops) they run ~25x slower."""
+    """What a speed measured on this machine depends on, in a fraction of a second. A CPU's bfloat16 matmuls
+    are native when at least half as fast as float32 ones (AMX, AVX512-BF16); emulated, ~25x slower."""
     float32, bfloat16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
     return {"torch": torch.__version__, "cpu": cpu_model_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "cpu_float32_gflops": round(float32, 1),

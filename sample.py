@@ -10,14 +10,11 @@ Generate text from a trained checkpoint, printing each sample as it is generated
     python sample.py --out_dir=out/multi30k_de_en --translate="Ein Hund rennt über die Wiese."
     python sample.py --out_dir=out/multi30k_de_en --translate_file=sentences.de --beam_size=4 > sentences.en
 
-Reads the checkpoint only: the model, its config and its tokenizer are all in it. With
---chat=True the checkpoint must be a chat model (sft.py, dpo.py): each line read from stdin is
-a user turn, the answer is printed as it is generated and ends at <|end|>, and the whole
-conversation so far (in chat.py's format) is the context of the next answer. --prompt asks
-one question and stops. A translation checkpoint (translate.py) translates --translate, or each
-line of --translate_file (plain or .gz) in batches: stdout gets one translation per line, in
-order, and nothing else (an empty line stays empty; notes go to stderr). Greedy, or beam search
-with --beam_size.
+Reads the checkpoint only: the model, its config and its tokenizer are all in it. With --chat=True
+(an sft.py or dpo.py model) each line of stdin is a user turn, answered as it is generated, the whole
+conversation the context of the next answer; --prompt asks one question and stops. A translation
+checkpoint translates --translate, or each line of --translate_file to one line of stdout (notes go
+to stderr), greedy or with --beam_size.
 """
 
 import os

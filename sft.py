@@ -12,22 +12,16 @@ adapters (lora_rank > 0).
     torchrun --standalone --nproc_per_node=8 --max-restarts=3 sft.py config/sft_gpt2.py --resume=auto
 
 Reads the checkpoint init_from (a pretraining checkpoint, an earlier SFT one, or hf:FOLDER) and the
-records in data (Alpaca-style or chat, .json or .jsonl; see chat.py); a model without the chat
-tokens gets them first. A fixed val_fraction of the records is held out for the eval loss, the mean
-loss per assistant token. Writes out_dir/ckpt-<step>.pt (kind 'sft'; with LoRA only the adapters
-and the name, step and sha256 of the base) with out_dir/ckpt.pt linked to the newest, metrics.jsonl,
-plot.png and report.md; sample.py --chat, evaluate.py and dpo.py read the checkpoint.
-With benchmark set (e.g. --benchmark=gsm8k --benchmark_dir=../shared/data/evals), that task of evaluate.py is
-also scored at every evaluation, asked in chat turns, and its metrics logged as benchmark_<metric>.
+records in data (Alpaca-style or chat, .json or .jsonl; see chat.py); a model without the chat tokens
+gets them first. A val_fraction of the records is held out for the eval loss per assistant token.
+Writes out_dir/ckpt-<step>.pt (kind 'sft'; with LoRA only the adapters and their base's name, step and
+sha256), ckpt.pt linked to the newest, metrics.jsonl, plot.png and report.md. With benchmark set
+(e.g. --benchmark=gsm8k), that task is also scored at every evaluation as benchmark_<metric>.
 
 packing lays the shuffled examples end to end into rows of block_size tokens, attention kept inside
-each example (model.forward's doc_ids); packing=False pads each batch to its longest example. A
-batch is a pure function of the step (chat.batch_of), as in train.py, so resume='yes' continues the
-run in out_dir from its newest checkpoint that loads exactly as if it had never stopped (at another
-world size all but dropout's random state), and resume='auto' does so if there is one, else starts
-a new run: torchrun --max-restarts then recovers a crash by itself. (init_from names the checkpoint a
-run starts from, which resume='auto' needs the first time; a resumed run keeps its init_from and LoRA
-settings, and the rest, max_iters say, may change.) The skeleton is train.py's (trainer.py).
+each example; packing=False pads each batch to its longest. A batch is a pure function of the step,
+so resume='yes' continues the run in out_dir exactly, and resume='auto' does so if there is a
+checkpoint (for torchrun --max-restarts). The skeleton is trainer.py's. More: docs/post-training.md.
 
 Every default below is a config key: override it in a config file or with --key=value.
 """

@@ -3,23 +3,10 @@ Tokenizers, rebuilt from the description that prepare.py writes into meta.json
 and every checkpoint copies, so any stage can turn text into ids and back with
 nothing but that description.
 
-Kinds:
-- 'gpt2': OpenAI's GPT-2 byte-level BPE through tiktoken (50257 ids, the last
-  one <|endoftext|>). tiktoken downloads its two files once; set
-  TIKTOKEN_CACHE_DIR to a folder that holds them to work offline.
-- 'bpe': a byte-level BPE trained on the corpus by prepare.py (train_bpe below),
-  encoded through tiktoken. The description holds the whole vocabulary inline,
-  in tiktoken's .tiktoken format (one "base64(token bytes) rank" line per
-  token), with the pre-tokenization pattern and the special tokens (name → id,
-  the first ids after the merges). So decode(encode(text)) == text always: every
-  byte is a token of its own.
-- 'char': one id per character seen in the corpus; the vocabulary is stored in
-  the description itself. End-of-text gets the next id.
-- 'byte': the 256 byte values, end-of-text is id 256. Any text encodes, and
-  decoding replaces byte sequences that are not valid UTF-8.
-
-Documents are joined with the end-of-text token, so a model learns where one
-document stops and the next begins.
+Kinds: 'gpt2' (tiktoken's GPT-2 BPE, 50257 ids; TIKTOKEN_CACHE_DIR for offline use), 'bpe' (a
+byte-level BPE that prepare.py trains, its whole vocabulary inline in tiktoken's format, encoded by
+tiktoken), 'char' (one id per character of the corpus, the vocabulary in the description) and 'byte'
+(256 ids). End-of-text takes the next id and joins documents; every kind but 'char' encodes any text.
 """
 
 import base64
@@ -50,39 +37,34 @@ class Tokenizer:
                 ) from None
             self.eot_id = self._enc.eot_token
             self.vocab_size = self._enc.n_vocab
-            self.special_tokens = {EOT: self.eot_id}
         elif self.kind == "bpe":
-            self.special_tokens = description["special_tokens"]
             self._enc = optional("tiktoken", "the bpe tokenizer").Encoding(
                 "bpe", pat_str=description["pat_str"], mergeable_ranks=read_ranks(description["ranks"]),
-                special_tokens=self.special_tokens,
+                special_tokens=description["special_tokens"],
             )
-            self.eot_id = self.special_tokens[description["eot"]]
+            self.eot_id = description["special_tokens"][description["eot"]]
             self.vocab_size = self._enc.n_vocab
         elif self.kind == "char":
             self.chars = description["chars"]
             self._stoi = {c: i for i, c in enumerate(self.chars)}
             self.eot_id = len(self.chars)
             self.vocab_size = len(self.chars) + 1
-            self.special_tokens = {EOT: self.eot_id}
         elif self.kind == "byte":
             self.eot_id = 256
             self.vocab_size = 257
-            self.special_tokens = {EOT: self.eot_id}
         else:
             raise SystemExit(f"tokenizer error: unknown tokenizer kind '{self.kind}'; expected gpt2, bpe, char or byte")
-        # Tokens added after the vocabulary (chat.py's roles and end of turn) are named in the
-        # description: they decode to their names, and no text encodes to them.
-        self.special_tokens = {**self.special_tokens, **description.get("special_tokens", {})}
+        # A bpe description names its special tokens; the others have end-of-text, and tokens added after
+        # the vocabulary (chat.py's roles and end of turn) named in the description: they decode to their
+        # names, and no text encodes to them.
+        self.special_tokens = {**({} if self.kind == "bpe" else {EOT: self.eot_id}),
+                               **description.get("special_tokens", {})}
         self.vocab_size = max(self.vocab_size, max(self.special_tokens.values()) + 1)
 
     @classmethod
     def train(cls, kind, texts=(), vocab_size=8192, word_counts=None, special_tokens=(EOT,)):
-        """Build a tokenizer of this kind; 'char' and 'bpe' learn their vocabulary from texts.
-
-        For 'bpe', vocab_size counts every id: the 256 bytes, the merges, then special_tokens
-        (end-of-text first); word_counts, count_words() of the texts counted elsewhere (in
-        parallel, say), replaces texts."""
+        """Build a tokenizer of this kind; 'char' and 'bpe' learn their vocabulary from texts (or, for 'bpe',
+        word_counts counted elsewhere). vocab_size counts every id: bytes, merges and special_tokens."""
         if kind == "char":
             chars = set()
             for text in texts:
@@ -166,13 +148,9 @@ def merge_pair(word, pair, new_id):
 
 def train_bpe(word_counts, n_merges):
     """Learn up to n_merges byte-pair merges from {word bytes: count}; return the new tokens in rank order.
-
-    Each step merges the most frequent adjacent pair (ties: the pair of smaller ids) into a new
-    token. Pair counts are taken once over the unique words, weighted by their counts; after a
-    merge only the words that hold the pair (found through an index pair → words) are
-    re-counted, and the best pair comes off a heap. So a merge costs the words it touches, not
-    the corpus: thousands of merges over tens of MB take about a minute.
-    """
+    Each step merges the most frequent adjacent pair (ties: smaller ids) into a new token. Only the words
+    that hold the pair (an index pair -> words) are re-counted, and the best pair comes off a heap, so a
+    merge costs the words it touches, not the corpus."""
     words = [list(word) for word in word_counts]
     freqs = list(word_counts.values())
     counts = collections.Counter()

@@ -14,18 +14,14 @@ Pretrain a GPT on the token bins that prepare.py wrote, on one CPU or GPU or man
     python train.py config/train_gpt2.py --parallelism=fsdp --cpu_offload=True   # optimizer state in CPU memory
 
 Reads data/<dataset>/meta.json and its bins. Writes out_dir/ckpt-<step>.pt (model, optimizer, step,
-every process's RNG state, config and tokenizer: all that sample.py needs and all that a resumed run
-needs to continue exactly), keeping the last keep_checkpoints with out_dir/ckpt.pt linked to the
-newest, and out_dir/metrics.jsonl, plot.png and report.md (runlog.py). With benchmark set, a task of
-evaluate.py (or a JSONL in its formats) is scored at every evaluation too, as benchmark_<metric>.
+RNG states, config and tokenizer: all that sample.py and a resumed run need), keeping the last
+keep_checkpoints with ckpt.pt linked to the newest, and metrics.jsonl, plot.png and report.md. With
+benchmark set, an evaluate.py task is scored at every evaluation too, as benchmark_<metric>.
 
 total_batch_tokens fixes the tokens per step and the gradient accumulation follows, so a config gives
-the same optimization on 1 or 8 GPUs. Under torchrun each process trains on its own batches (DDP);
-parallelism='fsdp' shards each block's parameters, gradients and optimizer state over the processes
-(FSDP2), which lets a model larger than one GPU's memory train, and cpu_offload=True keeps them in CPU
-memory; pipeline_stages=S cuts the layers into S stages on S processes, the world a grid of S stages x
-processes/S data-parallel replicas, through which the GPipe or 1F1B schedule runs the micro-batches.
-Checkpoints have one format for all of these: any run resumes in any other layout.
+the same optimization on 1 or 8 GPUs. Under torchrun: DDP, or parallelism='fsdp' (FSDP2, optionally
+cpu_offload), and pipeline_stages=S (GPipe or 1F1B); checkpoints have one format for all of these, so
+any run resumes in any other layout. More: docs/train.md and docs/scaling.md.
 
 Every default below is a config key: override it in a config file or with --key=value.
 """
@@ -184,11 +180,7 @@ elif pretrained is not None:
     log(f"starting a new run from the weights of {init_from}")
 else:
     try:
-        model_config = GPTConfig(vocab_size=meta["vocab_size"], block_size=block_size, n_layer=n_layer, n_head=n_head,
-                                 n_kv_head=n_kv_head, n_embd=n_embd, ffn_hidden=ffn_hidden, norm=norm, mlp=mlp,
-                                 pos=pos, rope_theta=rope_theta, qk_norm=qk_norm, tie_embeddings=tie_embeddings,
-                                 bias=bias, dropout=dropout, norm_eps=norm_eps,
-                                 zero_init_proj=zero_init_proj, logit_softcap=logit_softcap)
+        model_config = GPTConfig.from_dict(dict(config, vocab_size=meta["vocab_size"]))  # its fields are config keys
     except ValueError as e:
         raise SystemExit(f"config error: {e}") from None
     step, best_val_loss = 0, float("inf")

@@ -1,41 +1,28 @@
 """
-The skeleton every trainer shares (train.py, sft.py, dpo.py and each new one), as plain functions
+The skeleton every trainer shares (train.py, sft.py, dpo.py, rl.py, translate.py), as plain functions
 that a script calls where a reader sees them, so that it still reads top to bottom with its own
-loop in view. A post-training script (rl.py, say) is written like this:
+loop in view. A post-training script is written like this (sft.py is the shortest whole one):
 
     dist, dtype, autocast = start(device, dtype, seed, parallelism)
-    accumulation = gradient_accumulation("total_batch_size", total_batch_size, batch_size=batch_size,
-                                         processes=dist.world_size)
     stop = take_out_dir(out_dir, dist, "--resume=yes")      # one run per out_dir; Ctrl-C ends it in one line
     checkpoint, ckpt_path = checkpoint_to_resume(resume, out_dir, "rl", config, TUNED_KEYS)
     model, tokenizer, origin = model_to_tune(init_from, checkpoint, ckpt_path, dist.log)
-    ...                                                     # its own data, batches and loss
-    model, raw_model, optimizer, scaler, step = prepare_model(model, checkpoint, dist, dtype, parallelism,
-                                                              compile, seed, learning_rate, weight_decay, betas)
+    model, raw_model, optimizer, scaler, step = prepare_model(model, checkpoint, dist, dtype, parallelism, ...)
     run_log = open_run_log(out_dir, config, dist, dtype, step, "rl", data=data, parameters=raw_model.num_params())
-    start_step, pace = step, Pace(step, max_iters)
-    while True:
-        lr = set_learning_rate(optimizer, learning_rate_at(step, ...))
+    pace = Pace(step, max_iters)
+    while True:                                             # its own data, batches and loss around these
         done = step >= max_iters or stop.requested()        # the one place where the run decides to end
-        if step % eval_interval == 0 or done:
-            sums = sum_over_batches(model, val_batches, batch_sums, dist)   # dealt out to the processes
-            if step > start_step:
-                save(raw_model, optimizer, dist, out_dir, keep_checkpoints, run_log, "rl", [val_loss, loss],
-                     kind="rl", step=step, config=config, tokenizer=tokenizer.description)
-            pace.restart(step)
+        if step % eval_interval == 0 or done:               # sum_over_batches deals the held-out batches out
+            save(raw_model, optimizer, dist, out_dir, keep_checkpoints, run_log, "rl", [val_loss, loss], kind="rl", ...)
         if done:
             break
-        loss = optimizer_step(model, optimizer, scaler, accumulation, micro_step_loss, grad_clip)
-        step += 1
-        if step % log_interval == 0:                        # all_reduce_sum, stop_if_not_finite, pace.lap
-            ...
+        loss = optimizer_step(model, optimizer, scaler, gradient_accumulation(...), micro_step_loss, grad_clip)
+        step += 1                                           # at log steps: all_reduce_sum, stop_if_not_finite, pace.lap
     finish(run_log, dist, stop, step, f"done after {step} steps")
 
-Each checkpoint is written at an evaluation, after a check that the model and the losses are
-finite; a new run's first one replaces an earlier run in out_dir (outdir.py keeps it safe until then).
-SIGTERM or SIGUSR1 (a preemption, SLURM's warning before the time limit) makes stop.requested() true
-on every process at the same step boundary: the run evaluates and saves that step as at its end, and
-finish ends it with a line saying so and the signal's exit status (outdir.StopSignals).
+Each checkpoint is written at an evaluation, after a check that the model and losses are finite. SIGTERM
+or SIGUSR1 (a preemption) makes stop.requested() true on every process at the same step: the run saves
+that step as at its end and exits with the signal's status (outdir.StopSignals).
 """
 
 import copy
@@ -84,17 +71,15 @@ def gradient_accumulation(key, total, **parts):
 
 def take_out_dir(out_dir, dist, how_to_continue):
     """Lock out_dir for this run (outdir.py), and end the run on Ctrl-C with one line saying how to go on.
-    Returns its StopSignals: SIGTERM or SIGUSR1 ends it after the step in flight, with a checkpoint
-    (the loop asks stop.requested() where it decides to end)."""
+    Returns its StopSignals: SIGTERM or SIGUSR1 ends it after the step in flight, with a checkpoint."""
     lock_out_dir(out_dir, dist, dist.log)
     exit_quietly_on_interrupt(out_dir, dist, how_to_continue)
     return StopSignals(dist, how_to_continue)
 
 
 def model_to_tune(init_from, checkpoint, ckpt_path, log, describe_start=True):
-    """The model and tokenizer a post-training run tunes, and origin: a new run's checkpoint init_from
-    (a LoRA one merged), named by lora.describe_base for the checkpoints to record (None without
-    describe_start, or for a resumed run); a resumed run's own checkpoint, adapters included."""
+    """(model, tokenizer, origin) a post-training run tunes: a resumed run's own checkpoint, adapters included;
+    a new run's init_from, a LoRA one merged, with origin its lora.describe_base (if describe_start)."""
     if checkpoint is not None:
         log(f"resuming {ckpt_path} at step {checkpoint['step']}")
         return *model_from_checkpoint(checkpoint, ckpt_path), None
@@ -194,9 +179,8 @@ def open_run_log(out_dir, config, dist, dtype, step, stage, **facts):
 
 def save(raw_model, optimizer, dist, out_dir, keep, run_log, script, losses, pipeline=None, lora=None, base=None,
          **fields):
-    """At an evaluation: stop without saving if the model or losses are not finite, else write the
-    checkpoint in the background (checkpoint.py); a new run's first checkpoint, once it is on disk,
-    replaces the earlier run in out_dir. Every process must call this."""
+    """At an evaluation, on every process: stop if the model or losses are not finite, else write the checkpoint
+    in the background; a new run's first one, once on disk, replaces the earlier run in out_dir."""
     stop_unless_finite(raw_model, losses, dist, script, fields["step"], out_dir)
     path = save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep, pipeline, lora, base, **fields)
     dist.log(f"saving {path} in the background")
