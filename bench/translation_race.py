@@ -3,7 +3,7 @@ The encoder-decoder against a decoder-only GPT on the same parallel data, tokeni
 time, at about the same parameter count: held-out BLEU against training time, and test BLEU greedy
 and with beam search, in one run.
 
-    python bench/translation_race.py --multi30k_dir=../shared/data/translation/multi30k   # Multi30K de->en, 2 x 30 min
+    python bench/translation_race.py --multi30k_dir=../shared/data/translation/multi30k   # Multi30K de->en, 30 min each, both at once
     python bench/translation_race.py --multi30k_dir=... --out_dir=/tmp/race --plot=/tmp/race.png
     python bench/translation_race.py --budget_seconds=300 --eval_seconds=60 --multi30k_dir=...   # a quick look
 
