@@ -31,7 +31,10 @@ Design notes, the why behind the choices:
   whole context at every step. Once a sequence fills block_size, its last block_size tokens
   run again from position 0 at every step (a sliding window, exactly as without a cache).
 - Each sampling slot has its own torch.Generator (seeded by the request, or from torch's global
-  generator), so a seeded request gives the same tokens whatever else shares its batch.
+  generator), so a seeded request gives the same tokens whatever else shares its batch. A step
+  samples every sampling slot in one batched pass, each with its own settings, each drawing one
+  number from its own generator (sample_next_token): one call per slot cost more than the
+  forward step of a small model once a few dozen slots sampled.
 """
 
 import functools
