@@ -33,8 +33,7 @@ Design notes, the why behind the choices:
 - Each sampling slot has its own torch.Generator (seeded by the request, or from torch's global
   generator), so a seeded request gives the same tokens whatever else shares its batch. A step
   samples every sampling slot in one batched pass, each with its own settings, each drawing one
-  number from its own generator (sample_next_token): one call per slot cost more than the
-  forward step of a small model once a few dozen slots sampled.
+  number from its own generator (sample_next_token), not one pass per slot.
 """
 
 import functools
