@@ -24,7 +24,10 @@ steps (continuous batching). `slots` sequences decode at once (a request with n=
 up to `max_queue` more wait, and past that a request gets 429 with Retry-After. A client that
 goes away (a closed stream, a dropped connection) frees its slots before the next step. Each
 sequence keeps its own position, sampling settings, seed and stops, so a request at temperature 0
-(or with a seed) gets the same answer alone or beside others.
+(or with a seed) gets the same answer alone or beside others. The work per token stays small
+beside the step: the step's tokens reach the event loop in one wake-up for all requests, a stream
+writes all the events it has pending in one write, and requests that arrive together and sample
+alike share one prefill.
 
 Safety: binds 127.0.0.1 unless --host says otherwise. With api_key (or SERVE_API_KEY in the
 environment) every /v1/ request needs `Authorization: Bearer KEY`; a host other than loopback
