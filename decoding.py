@@ -31,7 +31,9 @@ Design notes, the why behind the choices:
   whole context at every step. Once a sequence fills block_size, its last block_size tokens
   run again from position 0 at every step (a sliding window, exactly as without a cache).
 - Each sampling slot has its own torch.Generator (seeded by the request, or from torch's global
-  generator), so a seeded request gives the same tokens whatever else shares its batch.
+  generator), so a seeded request gives the same tokens whatever else shares its batch. A step
+  samples every sampling slot in one batched pass, each with its own settings, each drawing one
+  number from its own generator (sample_next_token), not one pass per slot.
 """
 
 import functools
@@ -51,22 +53,62 @@ def attended_length(longest, block_size, bucketed):
 
 
 def sample_next_token(logits, temperature, top_k=None, top_p=None, generator=None):
-    """One token per row (B, 1) from next-token logits (B, V): temperature 0 is greedy; top_k keeps
-    the k most likely tokens; top_p keeps the smallest set whose probability reaches p."""
-    if temperature == 0:
+    """One token per row (B, 1) from next-token logits (B, V). Each setting is one value for every
+    row or a list of one per row: temperature 0 is greedy; top_k keeps the k most likely tokens
+    (None: all); top_p keeps the smallest set whose probability reaches p (None or 1.0: all).
+    generator: None (torch's global one), a torch.Generator, or a list of one per row (None in it:
+    the global one). Every row draws one uniform number u from its generator and takes the token
+    where its cumulative probability passes u (inverse CDF): one batched pass for all rows, and a
+    row's token depends on its own logits, settings and generator alone, whatever shares the batch."""
+    rows = logits.size(0)
+    temperature = per_row(temperature, rows, 0.0)
+    if not any(temperature):
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature  # a new tensor: the caller's stays as it was
+    cdf = kept_logits(logits, temperature, top_k, top_p).softmax(dim=-1).cumsum(dim=-1)
+    if isinstance(generator, (list, tuple)):
+        u = torch.stack([torch.rand((), generator=g, device=logits.device) for g in generator])
+    else:
+        u = torch.rand(rows, generator=generator, device=logits.device)
+    total = cdf[:, -1:]
+    # The first token whose cdf exceeds u * total, so never one of probability 0 (its cdf equals its
+    # predecessor's); u * total may round up to total, and then it is the first token that reaches it.
+    token = torch.searchsorted(cdf, u[:, None] * total, right=True)
+    token = torch.minimum(token, (cdf < total).sum(dim=-1, keepdim=True))
+    if all(temperature):
+        return token
+    sampled = torch.tensor(temperature, device=logits.device)[:, None] > 0
+    return torch.where(sampled, token, logits.argmax(dim=-1, keepdim=True))
+
+
+def kept_logits(logits, temperature, top_k=None, top_p=None):
+    """logits (B, V) / temperature in float32 (a new tensor: the caller's stays as it was), with -inf
+    at every token that top_k or top_p drops; settings as in sample_next_token, a greedy row's
+    temperature taken as 1. Each row's result is what it would be alone."""
+    rows, vocab = logits.shape
+    temperature = torch.tensor([t or 1.0 for t in per_row(temperature, rows, 0.0)], device=logits.device)
+    logits = logits.float() / temperature[:, None]
     # masked_fill, not logits[mask] = ...: boolean indexing waits for the device to count the mask
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+    top_k = [min(k, vocab) if k else vocab for k in per_row(top_k, rows, None)]
+    if min(top_k) < vocab:  # the k-th largest logit of each row that has a top_k (-inf: keep all)
+        largest = torch.topk(logits, max(k for k in top_k if k < vocab)).values
+        kth = largest.gather(1, torch.tensor([[k - 1 if k < vocab else 0] for k in top_k], device=logits.device))
+        kth = kth.masked_fill(torch.tensor([[k == vocab] for k in top_k], device=logits.device), -float("inf"))
         logits = logits.masked_fill(logits < kth, -float("inf"))
-    if top_p is not None and top_p < 1.0:
+    top_p = [p if p is not None and p < 1.0 else float("inf") for p in per_row(top_p, rows, None)]
+    if min(top_p) < 1.0:
         # Keep the smallest set of most likely tokens whose probability reaches top_p.
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        sorted_logits = sorted_logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, -float("inf"))
+        limit = torch.tensor(top_p, device=logits.device)[:, None]
+        sorted_logits = sorted_logits.masked_fill(probs.cumsum(dim=-1) - probs >= limit, -float("inf"))
         logits = torch.full_like(logits, -float("inf")).scatter(1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
+    return logits
+
+
+def per_row(setting, rows, default):
+    """A sampling setting as a list of one value per row, None as default."""
+    values = setting if isinstance(setting, (list, tuple)) else [setting] * rows
+    return [default if v is None else v for v in values]
 
 
 @functools.cache
@@ -153,10 +195,11 @@ class Decoder:
         if len(full):  # the context is full: run its last block_size tokens from position 0, as without a cache
             self.fill(full, torch.cat((self.context[full, 1:], self.newest[full, None]), dim=1))
         tokens = self.logits.argmax(dim=-1)
-        for s in active:
-            temperature, top_k, top_p, generator = self.sampling[s]
-            if temperature > 0:
-                tokens[s] = sample_next_token(self.logits[s : s + 1], temperature, top_k, top_p, generator)[0, 0]
+        rows = [s for s in active if self.sampling[s][0] > 0]
+        if rows:  # every sampling slot in one batched draw, each from its own generator
+            temperature, top_k, top_p, generator = map(list, zip(*(self.sampling[s] for s in rows)))
+            index = torch.tensor(rows, device=self.device)
+            tokens[index] = sample_next_token(self.logits[index], temperature, top_k, top_p, generator)[:, 0]
         tokens = torch.where(self.finished, self.newest, tokens)
         self.finished |= (tokens[:, None] == self.stop_ids).any(dim=1)
         self.newest = tokens

@@ -24,7 +24,10 @@ steps (continuous batching). `slots` sequences decode at once (a request with n=
 up to `max_queue` more wait, and past that a request gets 429 with Retry-After. A client that
 goes away (a closed stream, a dropped connection) frees its slots before the next step. Each
 sequence keeps its own position, sampling settings, seed and stops, so a request at temperature 0
-(or with a seed) gets the same answer alone or beside others.
+(or with a seed) gets the same answer alone or beside others. The work per token stays small
+beside the step: the step's tokens reach the event loop in one wake-up for all requests, a stream
+writes all the events it has pending in one write, and requests that arrive together and sample
+alike share one prefill.
 
 Safety: binds 127.0.0.1 unless --host says otherwise. With api_key (or SERVE_API_KEY in the
 environment) every /v1/ request needs `Authorization: Bearer KEY`; a host other than loopback
@@ -276,11 +279,18 @@ class Job:
     def __init__(self, ids, n, max_tokens, temperature, top_p, seed, stop_tokens, stop_strings):
         self.ids, self.n, self.temperature, self.top_p, self.seed, self.stop_tokens = ids, n, temperature, top_p, seed, stop_tokens
         self.answers = [Answer(stop_tokens, stop_strings, max_tokens) for _ in range(n)]
-        self.events, self.loop = asyncio.Queue(), asyncio.get_running_loop()
+        self.events, self.ready, self.loop = [], asyncio.Event(), asyncio.get_running_loop()
         self.cancelled = False
 
     def emit(self, *event):
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        self.loop.call_soon_threadsafe(deliver, [(self, event)])
+
+    async def take(self):
+        """Every event that came since the last take, in order (waits for one)."""
+        await self.ready.wait()
+        self.ready.clear()
+        events, self.events = self.events, []
+        return events
 
 
 class Batcher:
@@ -326,21 +336,29 @@ class Batcher:
                 while self.waiting and self.waiting[0].n <= free:  # in order: a large request is not passed over
                     admitted.append(self.waiting.popleft())
                     free -= admitted[-1].n
+            # Jobs that sample alike start in one prefill, where prompts of one length share a forward; a
+            # seeded job starts alone, as its choices take seed, seed + 1, ...
+            groups = {}
             for job in admitted:
-                self.start(job)
+                groups.setdefault(job if job.seed is not None else (job.temperature, job.top_p, tuple(job.stop_tokens)),
+                                  []).append(job)
+            for jobs in groups.values():
+                self.start(jobs)
             if self.running:
                 self.step()
 
-    def start(self, job):
+    def start(self, jobs):
+        """Prefill the sequences of jobs that share their sampling settings."""
+        job = jobs[0]
+        choices = [(job, i) for job in jobs for i in range(job.n)]
         try:
             with autocast:
-                slots = self.decoder.prefill([job.ids] * job.n, job.temperature, top_p=job.top_p, seed=job.seed,
-                                             stop_tokens=job.stop_tokens)
+                slots = self.decoder.prefill([job.ids for job, _ in choices], job.temperature, top_p=job.top_p,
+                                             seed=job.seed, stop_tokens=job.stop_tokens)
         except Exception as e:
-            self.fail([job], e)
+            self.fail(jobs, e)
             return
-        for i, slot in enumerate(slots):
-            self.running[slot] = (job, i)
+        self.running.update(zip(slots, choices))
 
     def step(self):
         try:
@@ -349,6 +367,7 @@ class Batcher:
         except Exception as e:  # out of memory, say: every running request fails, the server goes on
             self.fail({job for job, _ in self.running.values()}, e)
             return
+        events = []  # (job, event): handed over together below
         for slot, (job, i) in list(self.running.items()):
             answer = job.answers[i]
             try:
@@ -357,10 +376,14 @@ class Batcher:
                 self.fail([job], e)
                 continue
             if text:
-                job.emit("text", i, text)
+                events.append((job, ("text", i, text)))
             if answer.finish_reason:
-                job.emit("end", i, answer.finish_reason)
+                events.append((job, ("end", i, answer.finish_reason)))
                 self.end(slot)
+        # One wake-up of the event loop per step for all jobs, not one per token (each is a write to the
+        # loop's pipe and a turn of the loop).
+        for loop in {job.loop for job, _ in events}:
+            loop.call_soon_threadsafe(deliver, [(job, event) for job, event in events if job.loop is loop])
 
     def end(self, slot):
         self.decoder.free(slot)
@@ -373,6 +396,13 @@ class Batcher:
             job.cancelled = True
             for slot in [s for s, (j, _) in self.running.items() if j is job]:
                 self.end(slot)
+
+
+def deliver(events):
+    """Hand each (job, event) to its job (in the event loop's thread)."""
+    for job, event in events:
+        job.events.append(event)
+        job.ready.set()
 
 
 batcher = Batcher(Decoder(model, slots), max_queue)
@@ -413,24 +443,26 @@ async def answer(request, req, job, kind):
         done = sum(a.tokens for a in job.answers)
         return {"prompt_tokens": len(job.ids), "completion_tokens": done, "total_tokens": len(job.ids) + done}
 
-    async def next_event():
-        """("text", choice, text) or ("end", choice, finish reason)."""
-        event = await job.events.get()
-        if event[0] == "error":
-            raise APIError(500, f"decoding failed ({event[1]}); the server log has the traceback", kind="server_error",
-                           code="internal_error")
-        return event
+    async def next_events():
+        """The events since the last call, ("text", choice, text) or ("end", choice, finish reason): one
+        per token while the handler keeps up with the decoder, several when it has fallen behind."""
+        events = await job.take()
+        for event in events:
+            if event[0] == "error":
+                raise APIError(500, f"decoding failed ({event[1]}); the server log has the traceback",
+                               kind="server_error", code="internal_error")
+        return events
 
     if not req.stream:
         texts, reasons = [""] * job.n, [None] * job.n
 
         async def collect():
             while None in reasons:
-                event, i, value = await next_event()
-                if event == "text":
-                    texts[i] += value
-                else:
-                    reasons[i] = value
+                for event, i, value in await next_events():
+                    if event == "text":
+                        texts[i] += value
+                    else:
+                        reasons[i] = value
 
         try:
             collecting, gone = asyncio.ensure_future(collect()), asyncio.ensure_future(disconnected(request))
@@ -464,9 +496,12 @@ async def answer(request, req, job, kind):
                     yield chunk(i, "", role=True)
             ended = 0
             while ended < job.n:
-                event, i, value = await next_event()
-                ended += event == "end"
-                yield chunk(i, value) if event == "text" else chunk(i, finish_reason=value)
+                events = await next_events()
+                ended += sum(event == "end" for event, _, _ in events)
+                # An event per token, all that came since the last write in one write: a handler that has
+                # fallen behind (a busy server) catches up in one turn of the event loop, not one per token.
+                yield "".join(chunk(i, value) if event == "text" else chunk(i, finish_reason=value)
+                              for event, i, value in events)
             if req.stream_options and req.stream_options.include_usage:
                 yield sse({**head, "choices": [], "usage": usage()})
         except APIError as e:  # the status line has gone: the error is the last event

@@ -1,6 +1,7 @@
 """
 Tests for decoding.py: slots at their own positions, sequences joining and leaving a running batch,
-per-row stop tokens and seeds, the bucketed cache reads, and the compiled step.
+per-row stop tokens and seeds, the batched sampler's per-row settings, the bucketed cache reads,
+and the compiled step.
 
     python -m pytest -q tests/test_decoding.py
 
@@ -8,11 +9,13 @@ Tiny models on CPU. Greedy tokens are compared with recomputing each prompt alon
 cache (test_model.greedy_reference), which knows nothing of slots, caches or buckets.
 """
 
+import math
+
 import pytest
 import torch
 
 import decoding
-from decoding import Decoder, attended_length
+from decoding import Decoder, attended_length, kept_logits, sample_next_token
 from test_model import DEVICES, greedy_reference, random_prompts, tiny_model
 
 
@@ -94,6 +97,76 @@ def test_a_seeded_row_samples_the_same_tokens_alone_and_beside_other_rows():
     assert beside[2] == alone[0]
     assert reseeded[0] != alone[0]  # the seed decides the tokens, so the match means something
     assert alone[0] != greedy_reference(model, [prompt], 20)[0].tolist()
+
+
+# Per-row settings in one batch: (temperature, top_k, top_p), greedy rows among them.
+MIXED = [(1.0, None, None), (0.7, 5, None), (1.5, None, 0.6), (0.0, None, None), (1.0, 3, 0.9), (2.0, 40, 0.95),
+         (0.5, 1, None), (1.0, None, 1.0), (0.0, 4, 0.5), (1.2, 64, 0.3)]
+
+
+def kept_reference(logits, temperature, top_k, top_p):
+    """The token ids one row keeps, written out in float64 Python: top_k keeps the ids whose scaled
+    logit is at least the k-th largest; then top_p keeps an id if the ids more likely than it hold
+    less than p of the probability left."""
+    scaled = (logits.float() / (temperature or 1.0)).tolist()
+    kept = sorted(range(len(scaled)), key=lambda i: -scaled[i])
+    if top_k:
+        kept = [i for i in kept if scaled[i] >= scaled[kept[min(top_k, len(kept)) - 1]]]
+    if top_p is not None and top_p < 1.0:
+        weights = [math.exp(scaled[i] - scaled[kept[0]]) for i in kept]
+        before = [sum(weights[:j]) / sum(weights) for j in range(len(kept))]
+        kept = [i for i, b in zip(kept, before) if b < top_p]
+    return set(kept)
+
+
+def test_the_batched_sampler_keeps_per_row_exactly_the_tokens_each_row_keeps_alone():
+    logits = 2.0 * torch.randn(len(MIXED), 64, generator=torch.Generator().manual_seed(3))
+    temperature, top_k, top_p = map(list, zip(*MIXED))
+    batched = kept_logits(logits, temperature, top_k, top_p)
+    for row, (t, k, p) in enumerate(MIXED):
+        alone = kept_logits(logits[row : row + 1], t, k, p)[0]
+        assert torch.equal(batched[row], alone), row  # the same numbers, not only the same mask
+        assert set(torch.isfinite(alone).nonzero()[:, 0].tolist()) == kept_reference(logits[row], t, k, p), row
+    sizes = [int(torch.isfinite(row).sum()) for row in batched]
+    assert len(set(sizes)) >= 5 and sizes[6] == 1 and 64 in sizes  # the settings really differ per row
+
+
+def test_each_row_samples_from_softmax_over_its_temperature_of_the_tokens_it_keeps_and_0_is_greedy():
+    # 3,000 copies of each setting of MIXED in one batch; each row's frequencies against its distribution.
+    vocab, copies = 6, 3000
+    base = torch.tensor([1.5, -0.5, 0.3, 0.9, -1.2, 0.0])
+    settings = MIXED * copies
+    temperature, top_k, top_p = map(list, zip(*settings))
+    logits = base.expand(len(settings), vocab)
+    tokens = sample_next_token(logits, temperature, top_k, top_p, torch.Generator().manual_seed(4))[:, 0]
+    for row, (t, k, p) in enumerate(MIXED):
+        drawn = tokens[row :: len(MIXED)]
+        if t == 0:
+            assert (drawn == base.argmax()).all(), row
+            continue
+        kept = sorted(kept_reference(base, t, k, p))
+        expected = torch.zeros(vocab, dtype=torch.float64)
+        expected[kept] = (base.double()[kept] / t).softmax(dim=0)
+        frequencies = torch.bincount(drawn, minlength=vocab).double() / copies
+        assert set(drawn.tolist()) == set(kept), row  # never a dropped token
+        assert 0.5 * (frequencies - expected).abs().sum() < 0.03, (row, frequencies, expected)  # total variation
+
+
+def test_a_row_drawing_from_its_own_generator_samples_the_same_in_any_batch():
+    logits = torch.randn(5, 64, generator=torch.Generator().manual_seed(5))
+    temperature, top_k, top_p = [1.0, 0.8, 1.3, 1.0, 0.9], [None, 10, None, None, 20], [None, None, 0.9, 0.8, None]
+
+    def generators(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    batch = generators(range(5))
+    together = torch.cat([sample_next_token(logits, temperature, top_k, top_p, batch) for _ in range(40)], dim=1)
+    for row in range(5):
+        alone = generators([row])
+        tokens = torch.cat([sample_next_token(logits[row : row + 1], temperature[row], top_k[row], top_p[row], alone)
+                            for _ in range(40)], dim=1)
+        assert torch.equal(tokens[0], together[row]), row
+    assert len(set(together[0].tolist())) > 5  # the draws vary, so the match means something
 
 
 def test_a_compiled_step_reads_the_next_power_of_two_of_cache_slots_within_64_and_block_size():
