@@ -55,7 +55,10 @@ def sample_next_token(logits, temperature, top_k=None, top_p=None, generator=Non
     the k most likely tokens; top_p keeps the smallest set whose probability reaches p."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature  # a new tensor: the caller's stays as it was
+    # float(): a new tensor, the caller's stays as it was. Less each row's largest logit, so that a temperature
+    # too small for float32 (1e-300 is 0 there) makes the others -inf and the largest 0, never inf - inf = NaN
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     # masked_fill, not logits[mask] = ...: boolean indexing waits for the device to count the mask
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
@@ -64,6 +67,8 @@ def sample_next_token(logits, temperature, top_k=None, top_p=None, generator=Non
         # Keep the smallest set of most likely tokens whose probability reaches top_p.
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(dim=-1)
+        # (a top_p too small for float32 would be 0 there and drop the most likely token too: every token)
+        top_p = max(top_p, torch.finfo(torch.float32).tiny)
         sorted_logits = sorted_logits.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, -float("inf"))
         logits = torch.full_like(logits, -float("inf")).scatter(1, order, sorted_logits)
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
