@@ -264,8 +264,11 @@ class Answer:
             self.finish_reason = "length"
         ready = len(text)
         if self.finish_reason is None:
+            # a stop string's start can be no longer than the text: a client's 500,000-character stop string
+            # would otherwise cost a quadratic scan (minutes) at every token, with every slot waiting
             ready -= max([len(text) - len(text.rstrip("\ufffd"))] +
-                         [k for s in self.stop_strings for k in range(1, len(s)) if text.endswith(s[:k])])
+                         [k for s in self.stop_strings for k in range(1, min(len(s), len(text) + 1))
+                          if text.endswith(s[:k])])
         new, self.sent = text[self.sent : ready], max(self.sent, ready)
         return new
 
