@@ -211,7 +211,7 @@ if __name__ == "__main__":
 
     # read every task's data first, so that a bad file stops the run before any compute
     task_data = {}
-    if isinstance(model, EncoderDecoder):
+    if isinstance(model, EncoderDecoder) or checkpoint.get("kind") == "translate":  # either architecture translate.py trains
         source = parallel_data or data_of(checkpoint["config"], "test")
         if not source:
             raise SystemExit(f"config error: {ckpt_path}'s run names no test set; pass "

@@ -105,7 +105,7 @@ with open(page_path, encoding="utf-8") as f:
 device = pick_device(device)
 autocast = autocast_context(device, pick_dtype(device, dtype))
 ckpt_path = ckpt or os.path.join(out_dir, "ckpt.pt")
-model, tokenizer = model_for_generation(ckpt_path, device, "serve")
+model, tokenizer, _ = model_for_generation(ckpt_path, device, "serve")  # a decoder-only translator completes text
 if isinstance(model, EncoderDecoder):
     raise SystemExit(f"serve error: {ckpt_path} is a translation model, which the API does not serve; translate with "
                      f"python sample.py --ckpt={ckpt_path} --translate_file=FILE")
