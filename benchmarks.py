@@ -122,11 +122,12 @@ def parse_record(record, where):
                      "test, entry_point)")
 
 
-def read_examples(path, limit=0):
+def read_examples(path, limit=0, stage="evaluate", hint="point --data_dir at the folder holding it or pass the "
+                  "path of a .jsonl file in --tasks"):
     """(kind, examples) of a benchmark JSONL file (.jsonl.gz too), all its records in one format; limit > 0 reads
-    only the first ones."""
-    text = read_text(path, "evaluate", "benchmark file", "point --data_dir at the folder holding it or pass the "
-                     "path of a .jsonl file in --tasks")
+    only the first ones. A missing, unreadable or empty file stops with one line of stage's, the missing one
+    with hint: where the script's user names another."""
+    text = read_text(path, stage, "benchmark file", hint)
     kind, examples = None, []
     for where, record in jsonl_records(text, path):
         if limit and len(examples) == limit:
@@ -139,7 +140,7 @@ def read_examples(path, limit=0):
         kind = record_kind
         examples.append(example)
     if not examples:
-        raise SystemExit(f"evaluate error: {path} holds no records; it should have one JSON object per line")
+        raise SystemExit(f"{stage} error: {path} holds no records; it should have one JSON object per line")
     return kind, examples
 
 

@@ -130,13 +130,17 @@ def model_class_of(checkpoint):
 
 
 def model_for_generation(path, device, script):
-    """The model and tokenizer of checkpoint `path` ready to generate, for sample.py and serve.py: LoRA
-    adapters folded in, eval mode, on device; weights not all finite stop with one line naming `script`."""
-    model, tokenizer = model_from_checkpoint(load_checkpoint(path), path)
+    """The model and tokenizer of checkpoint `path` ready to generate, and whether it translates
+    (translate.py's: an encoder-decoder, or a decoder-only GPT continuing `source <end-of-text>`), for
+    sample.py and serve.py: LoRA adapters folded in, eval mode, on device; weights not all finite stop
+    with one line naming `script`."""
+    checkpoint = load_checkpoint(path)
+    model, tokenizer = model_from_checkpoint(checkpoint, path)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise SystemExit(f"{script} error: {path} has NaN or infinite weights (its run diverged); use an earlier "
                          "checkpoint of the run (ckpt-*.pt) or train again with a lower learning_rate")
-    return merge_lora(model).eval().to(device), tokenizer
+    translator = isinstance(model, EncoderDecoder) or checkpoint.get("kind") == "translate"
+    return merge_lora(model).eval().to(device), tokenizer, translator
 
 
 def gather_training_state(model, optimizer, keep=True):

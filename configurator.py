@@ -59,6 +59,8 @@ VALID_RANGES = {
     **{k: _finite(0, 1e9, low_open=True) for k in ("learning_rate", "muon_lr")},
     "min_lr": _finite(0, 1e9),
     "label_smoothing": _finite(0, 0.5),
+    # torch takes seeds below 2**64 and rl.py shifts its seed up by 32 bits: past that, a traceback mid-run
+    "seed": ("an integer from 0 to 2**32 - 1", lambda v: 0 <= v < 2**32),
     "device": ("auto, cpu, cuda, cuda:N or mps", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None),
     "parallelism": _one_of("ddp", "fsdp"),
     "pipeline_schedule": _one_of("gpipe", "1f1b"),

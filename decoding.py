@@ -86,7 +86,11 @@ def kept_logits(logits, temperature, top_k=None, top_p=None):
     temperature taken as 1. Each row's result is what it would be alone."""
     rows, vocab = logits.shape
     temperature = torch.tensor([t or 1.0 for t in per_row(temperature, rows, 0.0)], device=logits.device)
-    logits = logits.float() / temperature[:, None]
+    # float(): a new tensor. Less each row's largest logit, so that a temperature too small for float32
+    # (1e-300 is 0 there) makes the others -inf and the largest 0, never inf - inf = NaN
+    logits = logits.float()
+    temperature = temperature.clamp(min=torch.finfo(torch.float32).tiny)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature[:, None]
     # masked_fill, not logits[mask] = ...: boolean indexing waits for the device to count the mask
     top_k = [min(k, vocab) if k else vocab for k in per_row(top_k, rows, None)]
     if min(top_k) < vocab:  # the k-th largest logit of each row that has a top_k (-inf: keep all)
@@ -99,7 +103,8 @@ def kept_logits(logits, temperature, top_k=None, top_p=None):
         # Keep the smallest set of most likely tokens whose probability reaches top_p.
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = sorted_logits.softmax(dim=-1)
-        limit = torch.tensor(top_p, device=logits.device)[:, None]
+        # (a top_p too small for float32 would be 0 there and drop the most likely token too: every token)
+        limit = torch.tensor(top_p, device=logits.device).clamp(min=torch.finfo(torch.float32).tiny)[:, None]
         sorted_logits = sorted_logits.masked_fill(probs.cumsum(dim=-1) - probs >= limit, -float("inf"))
         logits = torch.full_like(logits, -float("inf")).scatter(1, order, sorted_logits)
     return logits

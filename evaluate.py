@@ -211,7 +211,7 @@ if __name__ == "__main__":
 
     # read every task's data first, so that a bad file stops the run before any compute
     task_data = {}
-    if isinstance(model, EncoderDecoder):
+    if isinstance(model, EncoderDecoder) or checkpoint.get("kind") == "translate":  # either architecture translate.py trains
         source = parallel_data or data_of(checkpoint["config"], "test")
         if not source:
             raise SystemExit(f"config error: {ckpt_path}'s run names no test set; pass "
@@ -227,6 +227,9 @@ if __name__ == "__main__":
             task_data[task] = ("perplexity", (f"{folder} {split}", split_tokens(tokenizer, folder, split)))
         else:
             name = os.path.splitext(os.path.basename(task).removesuffix(".gz"))[0]
+            if name in task_data:  # the report keys results by name: one would silently replace the other
+                raise SystemExit(f"config error: --tasks names two tasks '{name}' (the second is {task}); list each "
+                                 "task once, and give task files of one name in two folders names of their own")
             task_data[name] = read_task(task, data_dir, limit)
     if not task_data:
         raise SystemExit("config error: --tasks is empty; name at least one task")

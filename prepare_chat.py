@@ -51,6 +51,7 @@ import warnings
 import numpy as np
 
 from configurator import configure, print_config
+from data import TokenBins, load_meta
 from runlog import save_atomically, write_card
 from tokenizer import Tokenizer
 
@@ -63,8 +64,8 @@ max_answer_chars = 2000  # longer answers are left out, whatever the context
 seed = 1337  # which other function's body a rejected answer borrows
 config = configure(globals())
 print_config(config)
-if max_answer_chars < 1 or seed < 0:
-    raise SystemExit(f"config error: max_answer_chars={max_answer_chars} must be >= 1 and seed={seed} >= 0")
+if max_answer_chars < 1:
+    raise SystemExit(f"config error: max_answer_chars={max_answer_chars} must be >= 1")
 # -----------------------------------------------------------------------------
 
 CHAT_TOKENS_PER_TURN = 5  # chat.render: <|endoftext|><|user|> request <|end|><|assistant|> answer <|end|>
@@ -72,9 +73,9 @@ STUB_LINES = {"pass", "...", "raise NotImplementedError", "raise NotImplementedE
 
 
 def documents(folder, meta, tokenizer, split):
-    """The documents of a prepared split as text: its token files, decoded, cut at end-of-text."""
-    ids = np.concatenate([np.memmap(os.path.join(folder, name), dtype=meta["dtype"], mode="r")
-                          for name in meta["splits"][split]["files"]])
+    """The documents of a prepared split as text: its token files (checked as train.py checks them: there,
+    whole tokens, ids in the vocabulary), decoded, cut at end-of-text."""
+    ids = np.concatenate(TokenBins(folder, meta, split, block_size=1).files)
     ends = np.flatnonzero(ids == tokenizer.eot_id)
     starts = np.concatenate([[0], ends + 1])
     return [tokenizer.decode(ids[a:b]) for a, b in zip(starts, np.append(ends, len(ids))) if b > a]
@@ -148,8 +149,7 @@ if not os.path.isfile(os.path.join(data_root, dataset, "meta.json")):
                      f"python prepare.py first (with --dataset={dataset} if it is not the default)")
 t0 = time.time()
 folder = os.path.join(data_root, dataset)
-with open(os.path.join(folder, "meta.json")) as f:
-    meta = json.load(f)
+meta = load_meta(folder)  # checked, as train.py reads it: a broken meta.json is one line
 if not {"train", "val"} <= set(meta["splits"]):
     raise SystemExit(f"prepare_chat error: {folder} has no val split to hold functions out from; prepare it "
                      "with --val_fraction above 0")

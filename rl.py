@@ -105,6 +105,17 @@ print_config(config)
 # needs every process in every call
 if parallelism != "ddp":
     raise SystemExit(f"config error: rl.py runs with parallelism='ddp', not {parallelism!r}; set --parallelism=ddp")
+# Values that would crash mid-run, or run on learning nothing: a group of one answer is its own baseline and
+# a temperature of 0 samples one answer group_size times, so no group would ever carry signal.
+for key, valid, must in (("group_size", group_size >= 2, "an integer >= 2"),
+                         ("prompts_per_step", prompts_per_step >= 1, "an integer >= 1"),
+                         ("max_new_tokens", max_new_tokens >= 1, "an integer >= 1"),
+                         ("held_out_limit", held_out_limit >= 0, "an integer >= 0 (0: all)"),
+                         ("temperature", 0 < temperature < float("inf"), "a finite number > 0"),
+                         ("clip_eps", 0 < clip_eps < float("inf"), "a finite number > 0"),
+                         ("kl_coef", 0 <= kl_coef < float("inf"), "a finite number >= 0")):
+    if not valid:
+        raise SystemExit(f"config error: {key}={config[key]!r} is invalid; {key} must be {must}")
 dist, dtype, autocast = start(device, dtype, seed, parallelism)
 device, log = dist.device, dist.log  # log: print on rank 0 only
 accumulation_steps = gradient_accumulation("prompts_per_step", prompts_per_step, batch_size=batch_size,
@@ -118,9 +129,10 @@ model, tokenizer, reference_file = chat_model_to_tune(init_from, checkpoint, ckp
 ends = sorted(stop_ids(tokenizer))
 
 
-def task(path, limit=0):
-    """(kind, examples) of a task file whose kind has a verifier."""
-    kind, examples = read_examples(path, limit)
+def task(path, key, limit=0):
+    """(kind, examples) of the task file of config key `key`, whose kind has a verifier."""
+    kind, examples = read_examples(path, limit, "rl", f"check --{key} (python verifiers.py writes the addition "
+                                   "task's files)")
     if kind not in verifiers.KINDS:
         raise SystemExit(f"data error: {path} holds {kind} records; rl.py needs GSM8K (question, answer) or generation "
                          "(prompt, answer) records, which verifiers.py can check")
@@ -128,14 +140,14 @@ def task(path, limit=0):
 
 
 # the prompts to learn from, those that leave room for an answer; the held-out ones all, as evaluate.py reads them
-kind, examples = task(data)
+kind, examples = task(data, "data")
 prompts = [prompt_ids(tokenizer, [{"role": "user", "content": verifiers.question(kind, ex)}]) for ex in examples]
 fits = [i for i, ids in enumerate(prompts) if len(ids) + max_new_tokens <= model.config.block_size]
 examples, prompts = [examples[i] for i in fits], [prompts[i] for i in fits]
 if not examples:
     raise SystemExit(f"data error: no prompt of {data} fits the model's context of {model.config.block_size} tokens "
                      f"with max_new_tokens={max_new_tokens} left for the answer; lower max_new_tokens")
-held_kind, held_examples = task(held_out, held_out_limit) if held_out else (None, [])
+held_kind, held_examples = task(held_out, "held_out", held_out_limit) if held_out else (None, [])
 log(f"data {data}: {len(examples)} {kind} prompts; held out {held_out or 'none'}: {len(held_examples)} prompts")
 log(f"device {device_name(device)} x {dist.world_size} processes, {dtype}; {prompts_per_step} prompts x {group_size} "
     f"answers per step = {batch_size} x {dist.world_size} processes x {accumulation_steps} accumulation steps; "

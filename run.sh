@@ -15,6 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 tiny=${TINY:-0}
+case $tiny in 0|1) ;; *) echo "run.sh: TINY=${TINY} is not 0 or 1" >&2; exit 2 ;; esac   # TINY=yes would run full size
 if [[ $tiny == 1 ]]; then DATA=${DATA:-out/tiny/data} OUT=${OUT:-out/tiny}; fi   # toy runs leave data/ and out/chain/ alone
 DATA=${DATA:-data}
 OUT=${OUT:-out/chain}

@@ -25,7 +25,6 @@ import torch
 from chat import has_chat_tokens, prompt_ids as chat_prompt_ids, read_text, stop_ids
 from checkpoint import model_for_generation
 from configurator import configure
-from model import EncoderDecoder
 from runtime import autocast_context, pick_device, pick_dtype
 from translation import read_lines, translate_lines
 
@@ -66,12 +65,12 @@ autocast = autocast_context(device, pick_dtype(device, dtype))
 torch.manual_seed(seed)
 
 ckpt_path = ckpt or os.path.join(out_dir, "ckpt.pt")
-model, tokenizer = model_for_generation(ckpt_path, device, "sample")
+model, tokenizer, translator = model_for_generation(ckpt_path, device, "sample")
 block_size = model.config.block_size
 if chat and not has_chat_tokens(tokenizer):
     raise SystemExit(f"sample error: {ckpt_path} is not a chat model (it has no chat tokens); fine-tune it with "
                      "sft.py first, or leave out --chat")
-if translating != isinstance(model, EncoderDecoder):
+if translating != translator:
     raise SystemExit(f"sample error: {ckpt_path} is " + ("a decoder-only model, which does not translate; train a "
                      "translation model with translate.py" if translating else "a translation model; give it "
                      "--translate=TEXT or --translate_file=FILE"))

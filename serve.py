@@ -108,7 +108,7 @@ with open(page_path, encoding="utf-8") as f:
 device = pick_device(device)
 autocast = autocast_context(device, pick_dtype(device, dtype))
 ckpt_path = ckpt or os.path.join(out_dir, "ckpt.pt")
-model, tokenizer = model_for_generation(ckpt_path, device, "serve")
+model, tokenizer, _ = model_for_generation(ckpt_path, device, "serve")  # a decoder-only translator completes text
 if isinstance(model, EncoderDecoder):
     raise SystemExit(f"serve error: {ckpt_path} is a translation model, which the API does not serve; translate with "
                      f"python sample.py --ckpt={ckpt_path} --translate_file=FILE")
@@ -267,8 +267,11 @@ class Answer:
             self.finish_reason = "length"
         ready = len(text)
         if self.finish_reason is None:
+            # a stop string's start can be no longer than the text: a client's 500,000-character stop string
+            # would otherwise cost a quadratic scan (minutes) at every token, with every slot waiting
             ready -= max([len(text) - len(text.rstrip("\ufffd"))] +
-                         [k for s in self.stop_strings for k in range(1, len(s)) if text.endswith(s[:k])])
+                         [k for s in self.stop_strings for k in range(1, min(len(s), len(text) + 1))
+                          if text.endswith(s[:k])])
         new, self.sent = text[self.sent : ready], max(self.sent, ready)
         return new
 

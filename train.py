@@ -260,8 +260,8 @@ while True:
     # where the run decides to end: at max_iters (or max_seconds), or at a stop signal every process heard of
     done = (train_seconds >= max_seconds if max_seconds > 0 else step >= max_iters) or stop.requested()
     eval_due = eval_seconds > 0 and train_seconds >= next_eval_seconds
-    while eval_seconds > 0 and train_seconds >= next_eval_seconds:
-        next_eval_seconds += eval_seconds
+    if eval_due:  # the next multiple of eval_seconds: adding it up to the clock would loop for ever at 1e-20
+        next_eval_seconds = (train_seconds // eval_seconds + 1) * eval_seconds
 
     if step % eval_interval == 0 or done or eval_due:
         if pipeline is None:

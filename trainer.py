@@ -35,6 +35,7 @@ from chat import has_chat_tokens
 from checkpoint import (checkpoint_writer, load_checkpoint, model_from_checkpoint, restore_rng_state,
                         restore_training_state, save_training_checkpoint, wait_for_checkpoint)
 from lora import adapters_disabled, checked_base, describe_base, merge_lora
+from model import EncoderDecoder
 from optim import make_optimizer
 from outdir import (StopSignals, exit_quietly_on_interrupt, lock_out_dir, replace_earlier_run, run_log_path,
                     stop_unless_finite)
@@ -85,6 +86,9 @@ def model_to_tune(init_from, checkpoint, ckpt_path, log, describe_start=True):
         return *model_from_checkpoint(checkpoint, ckpt_path), None
     start_checkpoint = load_checkpoint(init_from)
     model, tokenizer = model_from_checkpoint(start_checkpoint, init_from)
+    if isinstance(model, EncoderDecoder):  # its forward takes a source and a target: no chat turn fits it
+        raise SystemExit(f"checkpoint error: {init_from} is a translation model (encoder-decoder), which post-training "
+                         "does not tune; start from a decoder-only checkpoint (train.py's, sft.py's)")
     origin = describe_base(init_from, start_checkpoint) if describe_start else None
     merge_lora(model)
     return model, tokenizer, origin

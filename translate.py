@@ -290,7 +290,7 @@ val_batches = [[val_units[i] for i in range(j, min(j + batch_size, len(val_units
 # training loop
 start_step = step
 pace = Pace(step, max_iters)
-next_eval_seconds = eval_seconds * (1 + int(train_seconds / eval_seconds)) if eval_seconds else 0.0
+next_eval_seconds = (train_seconds // eval_seconds + 1) * eval_seconds if eval_seconds else 0.0
 while True:
     # Under a time budget the schedule runs on the clock, so that it ends when the time does.
     schedule_step = min(max_iters, int(max_iters * train_seconds / max_seconds)) if max_seconds else step
@@ -299,8 +299,8 @@ while True:
     stopped = stop.requested()  # a signal (preemption): save now; the resumed run translates at its end
     done = (train_seconds >= max_seconds if max_seconds else step >= max_iters) or stopped  # where the run ends
     eval_due = eval_seconds and train_seconds >= next_eval_seconds
-    while eval_seconds and train_seconds >= next_eval_seconds:
-        next_eval_seconds += eval_seconds
+    if eval_due:  # the next multiple of eval_seconds: adding it up to the clock would loop for ever at 1e-20
+        next_eval_seconds = (train_seconds // eval_seconds + 1) * eval_seconds
 
     if step % eval_interval == 0 or done or eval_due:
         sums = sum_over_batches(model, val_batches, held_out_sums, dist) if val_batches else None

@@ -1,16 +1,21 @@
-"""Nothing lost, nothing cryptic: every bad setting, config file, dataset and checkpoint given to
-train.py, sft.py or dpo.py stops the script with one line naming the problem, no traceback, and an
-earlier run in the same out_dir unchanged byte for byte. Then the out_dir lock, the removal of a
-killed save's temporaries, Ctrl-C and a full disk, each on its own.
+"""Nothing lost, nothing cryptic: every bad setting, config file, dataset and checkpoint given to a
+stage stops the script with one line naming the problem, no traceback, and an earlier run in the
+same out_dir unchanged byte for byte. Then the out_dir lock, the removal of a killed save's
+temporaries, Ctrl-C and a full disk, each on its own.
 
-The table's rows run each script as __main__ in a child forked from a server process that has
-imported torch and the repository's modules once (tests/forked.py): a real separate process that
-starts in milliseconds rather than the two seconds of a fresh interpreter. A second table does the
-same for the stages of round 3 (translate.py, sample.py --translate_file, evaluate.py's generative
-and translation tasks, export.py, serve.py, prepare_chat.py): 48 rows, about 15 s at load 18
-beyond one 2-step translate.py run. The lock, interrupt and
-torchrun tests start fresh interpreters. 131 rows; the file took 112 s on 2 busy cores (load 12),
-about 35 s of it the rows.
+The table's rows (ROWS: train.py, sft.py, dpo.py) run each script as __main__ in a child forked
+from a server process that has imported torch and the repository's modules once (tests/forked.py):
+a real separate process that starts in milliseconds rather than the two seconds of a fresh
+interpreter. A second table (NEW_STAGE_ROWS) does the same for the later stages: round 3's
+(translate.py, sample.py --translate_file, evaluate.py's generative and translation tasks,
+export.py, serve.py, prepare_chat.py), 47 rows, about 15 s at load 18 beyond one 2-step
+translate.py run; and round 4's, 45 rows: rl.py's (task files, counts, checkpoints, out_dirs) and a
+sweep of the others (seeds, broken datasets given to prepare_chat.py, a translation checkpoint given
+to a post-trainer, two tasks of one name), 4.5 s at load 5 beyond one 2-step rl.py run. EXTREMES
+holds valid settings at their extremes that once crashed or hung (a temperature of 1e-300,
+eval_seconds of 1e-20): each must run to its end (7 s). The lock, interrupt, run.sh and torchrun
+tests start fresh interpreters. 242 tests; the file took 112 s on 2 busy cores (load 12) before
+round 4 added its 55, about 12 s at load 5.
 """
 
 import hashlib
@@ -33,6 +38,7 @@ from data import TokenBins, load_meta
 from conftest import REPO, TINY_MODEL, TOY_INSTRUCTIONS, write_byte_dataset
 from forked import error_line, run_forked
 from test_chat_data import TRAIN_MODULE, VAL_MODULE
+from test_rl import TOY_PROMPTS
 
 
 def fingerprint(folder):
@@ -503,8 +509,22 @@ def new_world(tmp_path_factory, tiny_checkpoint, tiny_sft_checkpoint):
                         f"--out_dir={root}/translation")
     assert result.returncode == 0, result.stderr
     write_byte_dataset(str(root / "data" / "code"), [TRAIN_MODULE], [VAL_MODULE])  # a Python corpus
+    shutil.copytree(root / "data" / "code", root / "data" / "tiny")  # the good dataset the broken ones are made of
+    write_bad_datasets(root / "data")
     os.symlink(tiny_checkpoint, root / "pretrained")
     os.symlink(tiny_sft_checkpoint, root / "chat")
+    # rl.py's task files, and a finished two-step run ('rl') that the failing runs must leave as it is
+    lines("prompts.jsonl", [json.dumps(p) for p in TOY_PROMPTS])
+    lines("truncated.jsonl", [json.dumps(TOY_PROMPTS[0]), json.dumps(TOY_PROMPTS[1])[:20]])
+    lines("code.jsonl", [json.dumps({"task_id": "t/0", "prompt": "def f():\n", "test": "assert f() == 1",
+                                     "entry_point": "f"})])
+    (root / "toy.json").write_text(json.dumps(TOY_INSTRUCTIONS))
+    lines("gsm.jsonl", [json.dumps({"question": "What is 2+2?", "answer": "2 and 2 make 4.\n#### 4"})])
+    (root / "sub").mkdir()
+    shutil.copy(root / "gen.jsonl", root / "sub" / "gen.jsonl")
+    result = run_forked("rl.py", *RL, f"--init_from={root}/chat/ckpt.pt", f"--data={root}/prompts.jsonl",
+                        f"--held_out={root}/prompts.jsonl", f"--out_dir={root}/rl")
+    assert result.returncode == 0, result.stderr
     return root
 
 
@@ -518,6 +538,8 @@ PWNED = f"/tmp/errors_test_pwned_{os.getpid()}"
 TRANSLATE = ["--device=cpu", "--vocab_size=300", "--block_size=16", "--n_layer=1", "--n_encoder_layer=1", "--n_head=2",
              "--n_embd=32", "--batch_size=8", "--total_batch_size=8", "--max_iters=2", "--eval_interval=2",
              "--log_interval=1", "--bleu_sentences=4", "--beam_size=2", "--val_fraction=0.1"]
+RL = ["--device=cpu", "--batch_size=1", "--prompts_per_step=2", "--group_size=2", "--max_new_tokens=4", "--max_iters=2",
+      "--eval_interval=2", "--temperature=1.5"]
 NEW_STAGE_ROWS = [
     ("translate.py", "--data={root}/blank.de,{root}/blank.en", "blank.en has no pair with text on both sides"),
     ("translate.py", "--data={root}/empty.jsonl", "empty.jsonl has no pair with text on both sides"),
@@ -576,10 +598,57 @@ NEW_STAGE_ROWS = [
     ("export.py", "--ckpt={root}/runs_code.zip.pt --format=gguf", "runs_code.zip.pt is corrupt or not a checkpoint"),
     ("prepare_chat.py", "--out_dir={root}/a_file", "cannot write in {root}/a_file (File exists)"),
     ("prepare_chat.py", "--out_dir={root}/a_file/chat", "cannot write in {root}/a_file/chat (Not a directory)"),
-    ("prepare_chat.py", "--seed=-1", "seed=-1 >= 0"),
     ("prepare_chat.py", "--max_answer_chars=0", "max_answer_chars=0 must be >= 1"),
     ("serve.py", "--out_dir={root}/translation", "is a translation model, which the API does not serve"),
     ("serve.py", "--ckpt={root}/runs_code.zip.pt", "runs_code.zip.pt is corrupt or not a checkpoint"),
+    # rl.py (round 4); its out_dir is {root}/rl, a finished run, unless a row names another
+    ("rl.py", "--data={root}/missing.jsonl", "rl error: no benchmark file {root}/missing.jsonl; check --data"),
+    ("rl.py", "--held_out={root}/missing.jsonl", "rl error: no benchmark file {root}/missing.jsonl; check --held_out"),
+    ("rl.py", "--data={root}/empty.jsonl", "rl error: {root}/empty.jsonl holds no records"),
+    ("rl.py", "--data={root}/binary.de", "rl error: benchmark file {root}/binary.de is not UTF-8 text"),
+    ("rl.py", "--data={root}/truncated.jsonl", "data error: {root}/truncated.jsonl line 2: not valid JSON"),
+    ("rl.py", "--data={root}/code.jsonl", "data error: {root}/code.jsonl holds code records; rl.py needs GSM8K"),
+    ("rl.py", "--held_out={root}/gen_no_answer.jsonl", "gen_no_answer.jsonl line 1: unknown record format"),
+    ("rl.py", "--init_from={root}/folder", "checkpoint error: no checkpoint at {root}/folder"),
+    ("rl.py", "--init_from={root}/translation/ckpt.pt", "{root}/translation/ckpt.pt is a translation model"),
+    ("rl.py", "--init_from={root}/prompts.jsonl", "{root}/prompts.jsonl is corrupt or not a checkpoint"),
+    ("rl.py", "--group_size=1", "config error: group_size=1 is invalid; group_size must be an integer >= 2"),
+    ("rl.py", "--group_size=0", "config error: group_size=0 is invalid"),
+    ("rl.py", "--prompts_per_step=0", "config error: prompts_per_step=0 is invalid"),
+    ("rl.py", "--batch_size=0", "config error: batch_size=0 is invalid"),
+    ("rl.py", "--max_iters=-1", "config error: max_iters=-1 is invalid"),
+    ("rl.py", "--max_new_tokens=0", "config error: max_new_tokens=0 is invalid"),
+    ("rl.py", "--max_new_tokens=-1", "config error: max_new_tokens=-1 is invalid"),
+    ("rl.py", "--max_new_tokens=100", "data error: no prompt of {root}/prompts.jsonl fits the model's context of 32"),
+    ("rl.py", "--temperature=0", "config error: temperature=0.0 is invalid; temperature must be a finite number > 0"),
+    ("rl.py", "--temperature=-1", "config error: temperature=-1.0 is invalid"),
+    ("rl.py", "--held_out_limit=-1", "config error: held_out_limit=-1 is invalid"),
+    ("rl.py", "--kl_coef=-0.1", "config error: kl_coef=-0.1 is invalid"),
+    ("rl.py", "--clip_eps=0", "config error: clip_eps=0.0 is invalid"),
+    ("rl.py", "--epochs=0", "config error: epochs=0 is invalid"),
+    ("rl.py", "--seed=4294967296", "config error: seed=4294967296 is invalid"),
+    ("rl.py", "--parallelism=fsdp", "config error: rl.py runs with parallelism='ddp'"),
+    ("rl.py", "--out_dir={root}/a_file", "cannot write in {root}/a_file"),
+    ("rl.py", "--resume=yes --out_dir={root}/folder", "{root}/folder has no checkpoint that loads"),
+    ("rl.py", "--resume=yes --out_dir={root}/translation", "is of kind 'translate', not one of rl.py's"),
+    ("rl.py", "--resume=yes --lora_rank=2", "was trained with lora_rank=0, this run has lora_rank=2"),
+    # the sweep of round 4 through the other new stages
+    ("sft.py", "--init_from={root}/translation/ckpt.pt", "is a translation model (encoder-decoder), which post-training"),
+    ("dpo.py", "--init_from={root}/translation/ckpt.pt", "is a translation model (encoder-decoder), which post-training"),
+    ("sample.py", "--out_dir={root}/chat --seed=18446744073709551616", "config error: seed=18446744073709551616 is invalid"),
+    ("translate.py", "--seed=-1", "config error: seed=-1 is invalid"),
+    ("evaluate.py", "--out_dir={root}/chat --tasks={root}/gen.jsonl,{root}/sub/gen.jsonl",
+     "config error: --tasks names two tasks 'gen' (the second is {root}/sub/gen.jsonl)"),
+    ("evaluate.py", "--out_dir={root}/chat --tasks={root}/gen.jsonl,{root}/gen.jsonl", "--tasks names two tasks 'gen'"),
+    ("prepare_chat.py", "--dataset=not_json", "data error: {root}/data/not_json/meta.json is not valid JSON"),
+    ("prepare_chat.py", "--dataset=not_utf8", "data error: {root}/data/not_utf8/meta.json is not valid JSON"),
+    ("prepare_chat.py", "--dataset=no_splits", "data error: {root}/data/no_splits/meta.json lacks splits"),
+    ("prepare_chat.py", "--dataset=bad_dtype", "has dtype='float7', not an integer type"),
+    ("prepare_chat.py", "--dataset=missing_train", "train.bin is listed in meta.json but missing"),
+    ("prepare_chat.py", "--dataset=odd_bytes", "train.bin has"),
+    ("prepare_chat.py", "--dataset=empty_val", "val.bin has 0 bytes, no tokens"),
+    ("prepare_chat.py", "--dataset=big_id", "val.bin holds token id 300, but meta.json's vocab_size is 257"),
+    ("prepare_chat.py", "--seed=-1", "config error: seed=-1 is invalid"),
 ]
 
 
@@ -589,7 +658,11 @@ def test_bad_input_to_a_new_stage_stops_with_one_line_and_changes_no_file(new_wo
     base = {"translate.py": [*TRANSLATE, f"--data={new_world}/train.de,{new_world}/train.en",
                              f"--out_dir={new_world}/new_run"],
             "sample.py": ["--device=cpu"], "evaluate.py": ["--device=cpu"], "serve.py": ["--device=cpu", "--port=0"],
-            "export.py": [], "prepare_chat.py": [f"--data_root={new_world}/data", "--dataset=code"]}[script]
+            "export.py": [], "prepare_chat.py": [f"--data_root={new_world}/data", "--dataset=code"],
+            "rl.py": [*RL, f"--init_from={new_world}/chat/ckpt.pt", f"--data={new_world}/prompts.jsonl",
+                      f"--held_out={new_world}/prompts.jsonl", f"--out_dir={new_world}/rl"],
+            **{trainer: ["--device=cpu", f"--data={new_world}/toy.json", f"--out_dir={new_world}/new_run"]
+               for trainer in ("sft.py", "dpo.py")}}[script]
     before = fingerprint(new_world)
     result = run_forked(script, *base, *args)
     line = error_line(result)
@@ -597,3 +670,46 @@ def test_bad_input_to_a_new_stage_stops_with_one_line_and_changes_no_file(new_wo
     assert expected.replace("{root}", str(new_world)) in line
     assert fingerprint(new_world) == before
     assert not os.path.exists(PWNED)
+
+
+@pytest.mark.parametrize("sub", ["", "/run"])
+def test_rl_into_a_read_only_folder_stops_in_one_line(new_world, read_only_folder, sub):
+    result = run_forked("rl.py", *RL, f"--init_from={new_world}/chat/ckpt.pt", f"--data={new_world}/prompts.jsonl",
+                        f"--out_dir={read_only_folder}{sub}")
+    assert f"cannot write in {read_only_folder}{sub}" in error_line(result)
+
+
+# Settings at their extremes, valid, that once crashed or hung: each run ends by itself, well.
+EXTREMES = [
+    # a temperature or top_p too small for float32 gave NaN probabilities
+    ("sample.py", "--out_dir={root}/chat --temperature=1e-300 --max_new_tokens=4 --num_samples=1"),
+    ("sample.py", "--out_dir={root}/chat --top_p=1e-50 --max_new_tokens=4 --num_samples=1"),
+    ("evaluate.py", "--out_dir={root}/chat --tasks={root}/gsm.jsonl --temperature=1e-300 --max_new_tokens=4 "
+                    "--report={out}/eval.json"),
+    ("rl.py", "--temperature=1e-300 --max_iters=1 --eval_interval=1 --out_dir={out}"),
+    # a step at a time, eval_seconds was added up to the clock: for ever at 1e-20
+    ("translate.py", "--eval_seconds=1e-20 --out_dir={out}"),
+    ("train.py", "--eval_seconds=1e-20 --data_root={root}/data --dataset=code --max_iters=2 --out_dir={out}"),
+]
+
+
+@pytest.mark.parametrize("script, args", EXTREMES, ids=[f"{s[:-3]} {next(x for x in a.split() if '1e-' in x)}"
+                                                         for s, a in EXTREMES])
+def test_extreme_but_valid_settings_run_to_their_end(new_world, script, args, tmp_path):
+    args = [a.replace("{root}", str(new_world)).replace("{out}", str(tmp_path)) for a in args.split()]
+    base = {"translate.py": [*TRANSLATE, f"--data={new_world}/train.de,{new_world}/train.en"],
+            "train.py": [*TINY_MODEL, "--eval_interval=2"], "sample.py": ["--device=cpu"], "evaluate.py": ["--device=cpu"],
+            "rl.py": [*RL, f"--init_from={new_world}/chat/ckpt.pt", f"--data={new_world}/prompts.jsonl",
+                      f"--held_out={new_world}/prompts.jsonl"]}[script]
+    result = run_forked(script, *base, *args)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stdout[-2000:] + result.stderr
+
+
+@pytest.mark.parametrize("setting, message", [("SCALE=foo", "SCALE=foo is not cpu or gpt2"),
+                                              ("TINY=yes", "TINY=yes is not 0 or 1")])  # TINY=yes ran at full size
+def test_run_sh_with_a_bad_setting_stops_in_one_line_before_any_stage(setting, message, tmp_path):
+    key, value = setting.split("=")
+    env = dict(os.environ, DATA=str(tmp_path / "data"), OUT=str(tmp_path / "out"), **{key: value})
+    result = subprocess.run(["bash", os.path.join(REPO, "run.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", f"run.sh: {message}\n")
+    assert not os.listdir(tmp_path)

@@ -3,16 +3,19 @@ uninterrupted run; killed (SIGKILL) halfway through writing a checkpoint, it res
 before; two prepare runs into one folder leave what one would; two torchrun agents train as a
 two-node job on 127.0.0.1, and when one of their processes is killed both agents end in bounded
 time; prepare's worker pool ends without a hang with batches still in flight; a download resumes
-a dropped connection; a server answers misbehaving clients and goes on; programs that fight the
+a dropped connection; a server answers misbehaving clients (and a temperature or top_p too small
+for float32, a stop string of 500,000 characters) and goes on; programs that fight the
 sandbox fail in their time; and a checkpoint crafted to run code when unpickled runs nothing in any
 stage that loads checkpoints.
 
 The tables take a row per stage or fault: a new trainer adds itself to TRAINERS, a new reader of
 checkpoints to CHECKPOINT_READERS, a new way for a torchrun job to fail to TORCHRUN_FAULTS. Every
 process here runs on one thread (OMP_NUM_THREADS=1), so runs that should agree do so bit for bit.
-(18 tests, about 130 CPU-seconds, the shared tiny_checkpoint and tiny_sft_checkpoint fixtures
+(The first 18 tests, about 130 CPU-seconds, the shared tiny_checkpoint and tiny_sft_checkpoint fixtures
 included: 8 minutes on 2 cores shared with other jobs at load 12. The 12 tests round 3 added took
-about 40-55 s more at load 18: translate.py's signals 22-31 s, the server 10-12 s, the rest a few seconds.)
+about 40-55 s more at load 18: translate.py's signals 22-31 s, the server 10-12 s, the rest a few seconds.
+Round 4's 4 tests (rl.py's signals and crafted checkpoints) and three requests to the server took
+about 11 s at load 5, rl.py's signals 10 s of it. 34 tests in all.)
 """
 
 import hashlib
@@ -34,6 +37,7 @@ import torch
 
 from conftest import REPO, TINY_MODEL, TOY_INSTRUCTIONS, TOY_VAL_FRACTION, assert_same_weights, weights
 from forked import Forked, run_forked
+from test_rl import TOY_PROMPTS
 
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 TOY_PAIRS = [  # the chosen answers are the ones SFT taught (TOY_INSTRUCTIONS)
@@ -72,6 +76,14 @@ def translate_args(fixtures, root):
             "--warmup_iters=1", "--beam_size=1", "--resume=auto"]
 
 
+def rl_args(fixtures, root):
+    (root / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in TOY_PROMPTS))
+    return ["--device=cpu", f"--init_from={fixtures['tiny_sft_checkpoint']}/ckpt.pt", f"--data={root}/prompts.jsonl",
+            f"--held_out={root}/prompts.jsonl", "--batch_size=1", "--prompts_per_step=2", "--group_size=4",
+            "--max_new_tokens=8", "--max_iters=12", "--eval_interval=4", "--learning_rate=1e-2", "--min_lr=1e-3",
+            "--warmup_iters=1", "--temperature=1.5", "--resume=auto"]  # 1.5: groups with signal (tests/test_rl.py)
+
+
 # Trainers: the script, the fixtures its arguments need, and the arguments of a short run (40 steps, a
 # checkpoint every 4) that resumes the newest checkpoint of its out_dir if there is one.
 TRAINERS = {
@@ -79,6 +91,7 @@ TRAINERS = {
     "sft": ("sft.py", ["tiny_checkpoint"], sft_args),
     "dpo": ("dpo.py", ["tiny_sft_checkpoint"], dpo_args),
     "translate": ("translate.py", [], translate_args),
+    "rl": ("rl.py", ["tiny_sft_checkpoint"], rl_args),
 }
 
 
@@ -149,8 +162,8 @@ def records(out_dir):
     unique = []
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         for line in f:
-            record = {k: v for k, v in json.loads(line).items() if k not in ("time", "tokens_per_sec", "compile_seconds",
-                                                                                    "train_seconds")}
+            record = {k: v for k, v in json.loads(line).items()
+                      if k not in ("time", "compile_seconds", "train_seconds") and not k.endswith("tokens_per_sec")}
             if record not in unique:
                 unique.append(record)
     return unique
@@ -165,7 +178,8 @@ def newest_checkpoint_step(out_dir):
 
 
 @pytest.mark.parametrize("trainer, signals", [("train", ("SIGINT", "SIGTERM", "SIGUSR1")), ("sft", ("SIGUSR1", "SIGINT")),
-                                              ("dpo", ("SIGTERM", "SIGINT")), ("translate", ("SIGTERM", "SIGINT"))],
+                                              ("dpo", ("SIGTERM", "SIGINT")), ("translate", ("SIGTERM", "SIGINT")),
+                                              ("rl", ("SIGUSR1", "SIGINT"))],
                          indirect=["trainer"])
 def test_stopped_by_signals_and_resumed_each_time_a_run_ends_as_one_uninterrupted_run(trainer, signals, tmp_path):
     script, args = trainer
@@ -384,6 +398,12 @@ def test_a_server_answers_misbehaving_clients_with_4xx_and_goes_on_serving_with_
         raw_exchange(port, head + b'Content-Length: 100\r\n\r\n{"prompt": ', 0.5)
         # a TLS hello to a plain-HTTP port
         assert raw_exchange(port, bytes.fromhex("160301020001000001fc0303") + bytes(100), 10).startswith(b"HTTP/1.1 400")
+        # a temperature or top_p too small for float32 (was a 500: NaN probabilities), and a stop string of 500,000
+        # characters (was a quadratic scan at every token: minutes, every slot waiting)
+        for body in ({"prompt": "x", "max_tokens": 4, "temperature": 1e-300}, {"prompt": "x", "max_tokens": 4, "top_p": 1e-50},
+                     {"prompt": "x", "max_tokens": 8, "stop": ["y" * 500_000]}):
+            reply = post(json.dumps(body).encode(), 20)
+            assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
         # 20 requests at once on 2 slots and a queue of 4: each is answered or told to retry
         def complete(n):
             reply = post(json.dumps({"prompt": "x" * n, "max_tokens": 8, "temperature": 0}).encode(), 60)
@@ -574,6 +594,9 @@ CHECKPOINT_READERS = [
     ("serve.py", "--ckpt={adapters}", "is corrupt or not a checkpoint"),
     ("translate.py", "--resume=yes --out_dir={bad_run}", "has no checkpoint that loads"),
     ("evaluate.py", "--ckpt={bad} --parallel_data={out}/pairs.jsonl", "is corrupt or not a checkpoint"),
+    ("rl.py", "--init_from={bad}", "is corrupt or not a checkpoint"),
+    ("rl.py", "--init_from={adapters}", "is corrupt or not a checkpoint"),
+    ("rl.py", "--resume=yes --out_dir={bad_run}", "has no checkpoint that loads"),
 ]
 
 
@@ -598,6 +621,7 @@ def crafted(tiny_checkpoint, tmp_path_factory):
     torch.save({**good, "kind": "sft", "model": {}, "lora": lora,
                 "base": {"path": str(root / "bad.pt"), "step": 4, "sha256": sha256}}, root / "adapters.pt")
     (root / "toy.json").write_text(json.dumps(TOY_INSTRUCTIONS))
+    (root / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in TOY_PROMPTS))
     return root, marker
 
 
@@ -613,8 +637,8 @@ def test_a_checkpoint_crafted_to_run_code_runs_nothing(crafted, tiny_data_root, 
               "sft.py": ["--device=cpu", f"--data={root / 'toy.json'}"],
               "dpo.py": ["--device=cpu", f"--data={root / 'toy.json'}"],
               "sample.py": ["--device=cpu"], "evaluate.py": ["--device=cpu"], "serve.py": ["--device=cpu", "--port=0"],
-              "translate.py": ["--device=cpu"]}.get(script, [])
-    if script in ("train.py", "sft.py", "dpo.py") and not any(a.startswith("--out_dir=") for a in args):
+              "translate.py": ["--device=cpu"], "rl.py": ["--device=cpu", f"--data={root / 'prompts.jsonl'}"]}.get(script, [])
+    if script in ("train.py", "sft.py", "dpo.py", "rl.py") and not any(a.startswith("--out_dir=") for a in args):
         common.append(f"--out_dir={names['out']}")
     result = run_forked(script, *common, *args)
     assert "Traceback" not in result.stdout + result.stderr, result.stderr

@@ -416,6 +416,12 @@ def test_temperature_samples_from_softmax_of_logits_over_temperature(temperature
     assert_drawn_from(sample_counts(None, None, temperature), {0, 1, 2, 3}, tempered)
 
 
+@pytest.mark.parametrize("temperature, top_p", [(1e-300, None), (5e-324, None), (1.0, 1e-50)])
+def test_a_temperature_or_top_p_too_small_for_float32_draws_the_most_likely_id(temperature, top_p):
+    # both were 0 in float32: NaN probabilities, and multinomial raised
+    assert_drawn_from(sample_counts(None, top_p, temperature), {1})
+
+
 @pytest.mark.parametrize("top_k,kept", [(2, {1, 3}), (3, {1, 3, 2})])
 def test_top_k_samples_only_from_the_k_most_likely_ids(top_k, kept):
     assert_drawn_from(sample_counts(top_k, None), kept)

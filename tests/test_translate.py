@@ -1,7 +1,7 @@
 """
 Tests for translation: reading parallel text (translation.py), its batches, and the scores, which
 must be sacrebleu's own; translate.py learning a toy language, resuming exactly, in two processes as
-in one; sample.py and evaluate.py with its checkpoints; bad input as one line.
+in one; sample.py and evaluate.py with its checkpoints, encoder-decoder and decoder-only; bad input as one line.
 
     python -m pytest tests/test_translate.py -q
 """
@@ -274,13 +274,22 @@ def test_translate_in_two_processes_ends_with_the_weights_and_scores_of_one(para
     assert scores[0] == scores[1]
 
 
-def test_decoder_only_architecture_trains_on_the_target_only(toy, tmp_path):
-    _, _, args = toy
+def test_decoder_only_architecture_trains_on_the_target_only_and_sample_and_evaluate_translate_with_it(toy, tmp_path):
+    _, specs, args = toy
     stdout = run_script("translate.py", *args, "--architecture=decoder-only", "--max_iters=2", "--eval_interval=2",
                         "--test_data=", "--bleu_sentences=4", f"--out_dir={tmp_path}").stdout
     assert "model: decoder-only" in stdout
     model, _ = model_from_checkpoint(load_checkpoint(str(tmp_path / "ckpt.pt")))
     assert isinstance(model, GPT) and model.config.block_size == 48
+    # sample.py and evaluate.py translate with it, as translate.py's last line says (both refused it: "a
+    # decoder-only model, which does not translate"; evaluate.py ran its default benchmarks instead)
+    test = specs["test"].split(",")
+    sample = run_forked("sample.py", f"--out_dir={tmp_path}", f"--translate_file={test[0]}", "--device=cpu")
+    assert sample.returncode == 0, sample.stderr
+    evaluate = run_forked("evaluate.py", f"--out_dir={tmp_path}", f"--parallel_data={specs['test']}", "--device=cpu")
+    assert evaluate.returncode == 0, evaluate.stderr
+    assert json.loads((tmp_path / "eval.json").read_text())["results"]["translation"]["sentences"] == 40
+    assert sample.stdout == (tmp_path / "translations.txt").read_text()  # each line as it is translated alone
 
 
 @pytest.fixture(scope="module")
