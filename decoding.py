@@ -39,6 +39,7 @@ Design notes, the why behind the choices:
 import functools
 
 import torch
+import torch.nn.functional as F
 
 SMALLEST_BUCKET = 64  # the shortest cache prefix a compiled step reads: below it, fewer graphs matter more
 
@@ -205,8 +206,7 @@ class Decoder:
                 if self.compiled:
                     buffer[:, :, self.room : room].zero_()
                 else:
-                    tail = buffer.new_zeros(*buffer.shape[:2], room - self.room, buffer.size(3))
-                    layer[name] = torch.cat((buffer, tail), dim=2)
+                    layer[name] = F.pad(buffer, (0, 0, 0, room - self.room))  # zeros after the slots it has
         self.room = room
 
     def advance(self, rows):
