@@ -91,7 +91,7 @@ class Decoder:
         self.cuda_graphs = self.device.type == "cuda" and compile is not False
         self.compiled = bool(compile or self.cuda_graphs)
         self.forward = functools.partial(compiled_forward(type(model), self.cuda_graphs), model) if self.compiled else model
-        self.cache = [{} for _ in model.blocks]  # per layer "k" and "v" (slots, n_kv_head, positions, head_dim), see make_room
+        self.cache = [{} for _ in model.blocks]  # per layer "k" and "v" (slots, n_kv_head, positions, head_dim)
         self.logits = None  # (slots, vocab_size) float32: each slot's next-token logits
         self.context = torch.zeros(slots, self.block_size, dtype=torch.long, device=self.device)  # what the cache holds
         self.newest = torch.zeros(slots, dtype=torch.long, device=self.device)  # each slot's last sampled token
@@ -194,10 +194,11 @@ class Decoder:
         """Have every slot's cache hold finite numbers in the slots [0, length) and on to the bucket of
         `length` (attended_length's next power of two): a masked slot that a step reads gets weight 0,
         but 0 * NaN from uninitialised memory is NaN. Eager, the buffers are that long and grow by a
-        zeroed tail: a step at batch 8 that read the first 128 slots of buffers of 1,024 per row was 9%
-        slower than one reading buffers of 128 (docs/benchmarks.md). Compiled, they hold block_size
-        slots from the start (a graph's inputs keep their strides and, with CUDA graphs, their
-        address), zeroed a bucket at a time, which spares writing a whole block_size cache per batch."""
+        zeroed tail: at batch 8, 64 new tokens after 64 took 6% longer with buffers of 1,024 slots per
+        row than of 128, the attention reading rows far apart (docs/benchmarks.md). Compiled, they
+        hold block_size slots from the start (a graph's inputs keep their strides and, with CUDA
+        graphs, their address), zeroed a bucket at a time, which spares writing a whole block_size
+        cache per batch."""
         room = attended_length(length, self.block_size, bucketed=True)
         if room <= self.room:
             return
