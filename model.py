@@ -340,9 +340,9 @@ class GPT(nn.Module):
         cache is for decoding (decoding.py): a list of one dict per layer. A forward from position
         0 (pos None) leaves each layer's keys and values in its dict as "k" and "v" (B, n_kv_head,
         T, head_dim). A decoding step passes one token per row, pos (B,) the position of each, and
-        dicts holding key and value buffers (B, n_kv_head, block_size, head_dim): a row's key and
-        value are written at its position, and it attends over the buffers' first `keys` slots
-        (all if None), those after its position masked. pos is a tensor and keys one of a few
+        dicts holding key and value buffers (B, n_kv_head, S, head_dim), S up to block_size: a row's
+        key and value are written at its position, and it attends over the buffers' first `keys`
+        slots (block_size if None), those after its position masked. pos is a tensor and keys one of a few
         lengths, so that the steps have few shapes and a compiled graph serves many of them."""
         B, T = idx.shape[:2]
         decoding = pos is not None
