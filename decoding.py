@@ -220,7 +220,7 @@ class Decoder:
         layers = [{} for _ in self.cache]
         logits, _ = self.model(ids, cache=layers)
         T = ids.size(1)
-        if not self.cache[0]:  # the first fill: buffers of the model's kind of keys and values (see make_room)
+        if not any(self.cache):  # the first fill: buffers of the model's kind of keys and values (see make_room)
             for layer, new in zip(self.cache, layers):
                 for name in ("k", "v"):
                     slots = self.block_size if self.compiled else 0
