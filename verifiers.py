@@ -69,18 +69,31 @@ def write_jsonl(path, records):
     os.replace(path + ".tmp", path)
 
 
-def write_addition_task(out, digits, held_out, prompts, sft, seed=0):
+def sum_without_carries(a, b):
+    """a + b written column by column with every carry forgotten: 57+68 -> 15 (7+8 -> 5, 5+6 -> 1)."""
+    column, total = 1, 0
+    while a or b:
+        total += (a % 10 + b % 10) % 10 * column
+        a, b, column = a // 10, b // 10, column * 10
+    return total
+
+
+def write_addition_task(out, digits, held_out, prompts, sft, seed=0, careless=0.0):
     """The three files of the addition task in the folder out: held_out.jsonl and prompts.jsonl
-    (generation records, for evaluate.py and rl.py) and sft.jsonl (Alpaca-style records, for sft.py)."""
+    (generation records, for evaluate.py and rl.py) and sft.jsonl (Alpaca-style records, for sft.py).
+    careless: the share of the SFT sums that need a carry whose answer forgets every carry, as a
+    careless teacher would write it; the RL and held-out answers are always right."""
     held = addition_problems(digits, held_out, seed)
     train = addition_problems(digits, prompts, seed + 1, exclude=held)
     taught = addition_problems(digits, sft, seed + 2, exclude=held + train)
+    slips = random.Random(seed + 3)
+    taught_answers = [sum_without_carries(a, b) if slips.random() < careless else a + b for a, b in taught]
     os.makedirs(out, exist_ok=True)
     for name, problems in (("held_out", held), ("prompts", train)):
         write_jsonl(os.path.join(out, f"{name}.jsonl"), [{"prompt": addition_prompt(a, b), "answer": str(a + b)}
                                                         for a, b in problems])
-    write_jsonl(os.path.join(out, "sft.jsonl"), [{"instruction": addition_prompt(a, b), "output": str(a + b)}
-                                                for a, b in taught])
+    write_jsonl(os.path.join(out, "sft.jsonl"), [{"instruction": addition_prompt(a, b), "output": str(answer)}
+                                                for (a, b), answer in zip(taught, taught_answers)])
 
 
 if __name__ == "__main__":
@@ -91,10 +104,14 @@ if __name__ == "__main__":
     parser.add_argument("--held_out", type=int, default=200)
     parser.add_argument("--prompts", type=int, default=20000)
     parser.add_argument("--sft", type=int, default=20000)
+    parser.add_argument("--careless", type=float, default=0.0,
+                        help="the share of SFT answers that forget their carries (a careless teacher, 0 to 1)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.digits < 1:
         raise SystemExit(f"config error: --digits={args.digits}; it must be at least 1")
-    write_addition_task(args.out, args.digits, args.held_out, args.prompts, args.sft, args.seed)
+    if not 0 <= args.careless <= 1:
+        raise SystemExit(f"config error: --careless={args.careless}; it is a share, from 0 to 1")
+    write_addition_task(args.out, args.digits, args.held_out, args.prompts, args.sft, args.seed, args.careless)
     print(f"wrote {args.out}/held_out.jsonl ({args.held_out}), prompts.jsonl ({args.prompts}) and sft.jsonl "
           f"({args.sft}): {args.digits}-digit additions")

@@ -13,7 +13,7 @@ from checkpoint import load_checkpoint
 from conftest import (FIXTURE_THREADS, assert_same_weights, logged_after, read_metrics, run_script, run_torchrun,
                       stop_and_resume, tiny_gpt)
 from grpo import group_advantages, policy_loss, sample_groups, token_logprobs
-from verifiers import addition_problems, reward
+from verifiers import addition_problems, reward, sum_without_carries, write_addition_task
 
 # toy prompts the tiny SFT model (conftest's TOY_INSTRUCTIONS) learned some answers to
 TOY_PROMPTS = [{"prompt": "What is 2+2?", "answer": "Four."}, {"prompt": "Say hi.", "answer": "Hi there!"},
@@ -115,6 +115,23 @@ def test_addition_sets_are_disjoint_and_within_their_digits():
     held = addition_problems(2, 50, seed=0)
     train = addition_problems(2, 500, seed=1, exclude=held)
     assert len(set(held)) == 50 and not set(held) & set(train) and max(max(p) for p in train) < 100
+
+
+def test_a_careless_teacher_forgets_every_carry_in_its_share_of_the_sft_answers_only(tmp_path):
+    assert [sum_without_carries(*p) for p in [(57, 68), (99, 1), (12, 34), (5, 5), (0, 0)]] == [15, 90, 46, 0, 0]
+    write_addition_task(str(tmp_path / "right"), 2, 100, 300, 2000, seed=3)
+    write_addition_task(str(tmp_path / "careless"), 2, 100, 300, 2000, seed=3, careless=0.5)
+    for name in ("held_out.jsonl", "prompts.jsonl"):  # what RL learns from and is scored on stays right
+        assert (tmp_path / "right" / name).read_text() == (tmp_path / "careless" / name).read_text()
+    right, careless = ([json.loads(line) for line in open(tmp_path / run / "sft.jsonl")] for run in ("right", "careless"))
+    carries = slips = 0
+    for r, c in zip(right, careless):
+        a, b = map(int, r["instruction"][len("What is "):-1].split("+"))
+        assert r["instruction"] == c["instruction"] and r["output"] == str(a + b)
+        carries += sum_without_carries(a, b) != a + b
+        slips += c["output"] != r["output"]
+        assert c["output"] in (str(a + b), str(sum_without_carries(a, b)))
+    assert carries > 1000 and 0.45 < slips / carries < 0.55
 
 
 @pytest.fixture(scope="module")
