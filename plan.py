@@ -320,15 +320,9 @@ def memory_per_stage(c, params, block_params, micro_batch, world, dtype, paralle
             logits = 12 * V
         else:  # the schedule keeps the logits, the stage's output, with the log-probabilities of each held one
             logits = held * (4 + e) * V + 8 * V
-        memory.append({
-            "weights": 4 * on_gpu,
-            "gradients": 4 * on_gpu,
-            "optimizer": 8 * on_gpu,
-            "communication": communication,
-            "weight_copies": weight_copies,
-            "activations": tokens * (held * per_token + recomputed),
-            "logits": tokens * logits,
-        })
+        memory.append({"weights": 4 * on_gpu, "gradients": 4 * on_gpu, "optimizer": 8 * on_gpu,
+                       "communication": communication, "weight_copies": weight_copies,
+                       "activations": tokens * (held * per_token + recomputed), "logits": tokens * logits})
     return memory
 
 
@@ -441,23 +435,15 @@ def plan_config(config, options, vocab=None):
             # per process: its shard of the largest stage's fp32 weights, gradients and moments
             memory[name]["cpu_memory"] = 16 * max(p for _, p in layout) / dp / GIB
     report = {
-        "params": params,
-        "non_embedding_params": model.num_params(non_embedding=True),
+        "params": params, "non_embedding_params": model.num_params(non_embedding=True),
         "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "block_size": c.block_size,
-        "vocab_size": c.vocab_size,
-        "flops_per_token": flops_per_token,
-        "tokens": tokens,
-        "train_flops": train_flops,
+        "vocab_size": c.vocab_size, "flops_per_token": flops_per_token, "tokens": tokens, "train_flops": train_flops,
         "tokens_per_param": tokens_per_param,
         "gpu": gpu, "num_gpus": world, "peak_flops": peak, "mfu": options["mfu"], "gpu_memory_gib": gpu_memory,
         "tokens_per_sec": world * peak * options["mfu"] * (1 - bubble) / (flops_per_token * recompute),
-        "hours": seconds / 3600,
-        "dtype": config["dtype"],
-        "micro_batch": micro,
-        "accumulation": micro_batches,
+        "hours": seconds / 3600, "dtype": config["dtype"], "micro_batch": micro, "accumulation": micro_batches,
         "run": config["parallelism"] + ("+ckpt" if config["activation_checkpointing"] else ""),
-        "memory": memory,
-        "warnings": warnings,
+        "memory": memory, "warnings": warnings,
     }
     if stages > 1:
         run_stages = memory_per_stage(c, stored, block_params, micro, world, config["dtype"], config["parallelism"],
@@ -500,12 +486,8 @@ def budget_flops(options, config):
 def plan_budget(flops, config, options, law="chinchilla"):
     """The compute-optimal model for flops under law ('chinchilla' or 'kaplan'), its shape (for Kaplan matched
     on the count without embeddings), and the report of training it on config's settings."""
-    if law == "kaplan":
-        params = round(kaplan(flops)[0])
-        tokens = round(flops / (6 * params))
-    else:
-        params = round(chinchilla(flops)[0])
-        tokens = TOKENS_PER_PARAM * params
+    params = round((kaplan if law == "kaplan" else chinchilla)(flops)[0])
+    tokens = round(flops / (6 * params)) if law == "kaplan" else TOKENS_PER_PARAM * params
     vocab = vocab_size(config) if options.get("dataset_given", True) else (
         FALLBACK_VOCAB, f"assumed GPT-2's vocabulary, {FALLBACK_VOCAB} (padded); --dataset=NAME plans with a "
                         "prepared dataset's")
@@ -513,16 +495,10 @@ def plan_budget(flops, config, options, law="chinchilla"):
     keys = dict(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd, n_kv_head=0, ffn_hidden=0,
                 max_iters=math.ceil(tokens / config["total_batch_tokens"]))
     changed = {k: v for k, v in keys.items() if config[k] != v}
-    return {
-        "law": law,
-        "flops": flops,
-        "params": params,
-        "tokens": tokens,
-        "shape": dict(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd, block_size=shape.block_size),
-        "shape_params": shape_params,
-        "train_keys": changed,
-        "training": plan_config(dict(config, **keys), options, vocab),
-    }
+    return {"law": law, "flops": flops, "params": params, "tokens": tokens,
+            "shape": dict(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd, block_size=shape.block_size),
+            "shape_params": shape_params, "train_keys": changed,
+            "training": plan_config(dict(config, **keys), options, vocab)}
 
 
 def plan_both(flops, config, options):
@@ -644,8 +620,7 @@ def print_budget_report(b, options, train_args):
         n, d = chinchilla(b["flops"])
         print(f"note      Chinchilla's plan for this budget: {n / 1e6:,.1f}M parameters (embeddings included) on "
               f"{d / 1e9:,.2f}B tokens (--law=chinchilla)")
-        for line in LAW_SUMMARY:
-            print(f"law       {line}")
+        print("\n".join(f"law       {line}" for line in LAW_SUMMARY))
 
 
 def print_law_table(rows):
@@ -669,8 +644,7 @@ def print_both(report, options, train_args):
                   f"{format_duration(3600 * t['hours'])}; {t['train_flops']:.3g} FLOPs with attention")
         print("---")
     print_law_table(report["range"])
-    for line in LAW_SUMMARY:
-        print(f"law       {line}")
+    print("\n".join(f"law       {line}" for line in LAW_SUMMARY))
 
 
 if __name__ == "__main__":

@@ -10,15 +10,11 @@ disk, with a report of what each step removed.
     python prepare.py config/data_fineweb_edu.py        # FineWeb-Edu's Parquet shards from the Hugging Face hub
     python prepare.py --input=urls.txt --tokenizer=gpt2 --dataset=web --max_tokens=1_000_000_000
 
-Reads --input (files, folders, URLs, hf:// globs, URL lists; plain text, HTML, JSON Lines, JSON
-arrays, Parquet, optionally .gz/.zst), else the preset's --url, else the standard library's .py
-files (about 12 MB, no network). The steps, each switched on by the config: 1. clean, 2. quality
-filters, 3. exact and near (MinHash) dedup, 4. split into train and val by document piece,
-5. tokenize (gpt2, char, byte, or a BPE trained here). Writes to <data_root>/<dataset>/: train.bin
-and val.bin (or numbered shards), meta.json (the tokenizer and counts, written last, so a dataset
-with a meta.json is complete), tokenizer.tiktoken for 'bpe', and report.json. Every file is
-written under a temporary name and renamed; a re-run rewrites byte-identical files (all but
-report.json). The formats, steps and measurements are in docs/prepare.md.
+Reads --input (files, folders, URLs, hf:// globs, URL lists), else the preset's --url, else the standard
+library's .py files (no network). Writes <data_root>/<dataset>/: train.bin and val.bin (or numbered
+shards), meta.json (written last: a dataset with one is complete), tokenizer.tiktoken for 'bpe', and
+report.json. The formats, the steps (clean, filter, dedup, split, tokenize), the files and the
+measurements: docs/prepare.md.
 """
 
 import array
@@ -149,10 +145,9 @@ def url_list(path):
     """The (URL, sha256 or '') lines of a file that holds only URLs (and # comments), or None."""
     try:
         with open(path, "rb") as f:
-            head = f.read(1 << 16)
+            if b"\0" in f.read(1 << 16):
+                return None
     except OSError:
-        return None
-    if b"\0" in head:
         return None
     entries = []
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -517,11 +512,9 @@ GUTENBERG_END = re.compile(r"^(?:\*\*\* ?END OF |End of (?:the )?Project Gutenbe
 
 def gutenberg_text(text):
     """The book without Project Gutenberg's header and licence; text without the markers comes back as it is."""
-    start = GUTENBERG_START.search(text)
-    if start:
+    if start := GUTENBERG_START.search(text):
         text = text[start.end():]
-    end = GUTENBERG_END.search(text)
-    if end:
+    if end := GUTENBERG_END.search(text):
         text = text[:end.start()]
     return text
 
@@ -1103,17 +1096,9 @@ if __name__ == "__main__":
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(out_dir, name))
     loss = unigram_loss(counts["train"], counts["val"])
-    meta = {
-        "dataset": dataset,
-        "tokenizer": tok.description,
-        "vocab_size": tok.vocab_size,
-        "eot_id": tok.eot_id,
-        "dtype": np.dtype(dtype).name,
-        "splits": splits,
-        "sources": sources,
-        "unigram_loss": round(loss, 4),
-        "config": config,
-    }
+    meta = {"dataset": dataset, "tokenizer": tok.description, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
+            "dtype": np.dtype(dtype).name, "splits": splits, "sources": sources, "unigram_loss": round(loss, 4),
+            "config": config}
     if tokenizer == "bpe":
         meta["tokenizer_file"] = "tokenizer.tiktoken"
         save_text(os.path.join(out_dir, meta["tokenizer_file"]), tok.description["ranks"])
@@ -1121,10 +1106,7 @@ if __name__ == "__main__":
     report = {
         "dataset": dataset,
         "input": {"documents": n_in, **{k: v for k, v in sources.items() if k not in ("input", "sha256", "url_sha256")}},
-        "cleaning": cleaned,
-        "removed": removed,
-        "duplicates": duplicates,
-        "examples": examples,
+        "cleaning": cleaned, "removed": removed, "duplicates": duplicates, "examples": examples,
         "output": {"documents": n_docs, "characters": chars_kept, "pieces": n_pieces,
                    "tokens": {split: s["tokens"] for split, s in splits.items()}},
         "seconds": {"clean_filter_dedup": round(t_clean, 2), "tokenizer": round(t_tokenizer, 2),
