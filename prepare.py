@@ -189,7 +189,6 @@ def input_sources(spec, out_dir):
                 sources += [(os.path.basename(urllib.parse.urlparse(u).path) or u, u, sha, False) for u, sha in urls]
             else:
                 sources.append((os.path.basename(path), path, "", False))
-    remote = [s for s in sources if is_remote(s[1])]
     if input_sha256:
         name, where, _, listed = sources[0]
         if len(sources) != 1 or listed or isinstance(where, tuple):
@@ -200,7 +199,7 @@ def input_sources(spec, out_dir):
         elif (digest := file_sha256(where)) != input_sha256:
             raise SystemExit(f"prepare error: {where} has sha256 {digest}, expected input_sha256={input_sha256}; "
                              "check the file, or leave the check out")
-    names = [s[0] for s in remote if isinstance(s[1], str)]
+    names = [name for name, where, _, _ in sources if isinstance(where, str) and is_remote(where)]
     if len(set(names)) < len(names):
         raise SystemExit("prepare error: two URLs end in the same file name, and downloads are kept by name; "
                          "download them yourself into one folder and pass --input=FOLDER")
@@ -257,10 +256,8 @@ def list_files(root, pattern, skip_names=(), skip_folder=None):
     for folder, subfolders, names in os.walk(root):
         # Hidden folders (.git, .venv) hold no corpus text, and a corpus folder that holds
         # the output folder must not read back its own bins and meta.json.
-        subfolders[:] = [
-            d for d in subfolders
-            if not d.startswith(".") and d not in skip_names and os.path.join(folder, d) != skip_folder
-        ]
+        subfolders[:] = [d for d in subfolders
+                         if not d.startswith(".") and d not in skip_names and os.path.join(folder, d) != skip_folder]
         for name in names:
             path = os.path.join(folder, name)
             rel = os.path.relpath(path, root).replace(os.sep, "/")
@@ -312,10 +309,8 @@ def file_format(name, head):
         return None
     if plain.endswith((".jsonl", ".ndjson")):
         return "jsonl"
-    if plain.endswith(".json"):
-        first = head.lstrip()[:1]
-        # Dolma's and DCLM's shards, decompressed, are JSON Lines named .json
-        return {b"[": "json_array", b"{": "jsonl"}.get(first)
+    if plain.endswith(".json"):  # Dolma's and DCLM's shards, decompressed, are JSON Lines named .json
+        return {b"[": "json_array", b"{": "jsonl"}.get(head.lstrip()[:1])
     return "html" if plain.endswith((".html", ".htm")) else "text"
 
 

@@ -50,7 +50,10 @@ def save_atomically(path, write, mode="w", sync=False):
         raise
 
 
-def read_json(path):
+def read_json(path, missing=None):
+    """The JSON value in path; missing when there is no such file."""
+    if not os.path.isfile(path):
+        return missing
     with open(path) as f:
         return json.load(f)
 
@@ -267,18 +270,15 @@ def plot_runs(folders, out_path, labels=None):
 def summarise(folder):
     """The numbers of a card, from the files in folder: a run's (run.json, metrics.jsonl, evaluation
     reports) or a prepared dataset's (report.json, meta.json)."""
-    summary = {"folder": folder}
-    if os.path.isfile(os.path.join(folder, "run.json")):
-        summary.update(read_json(os.path.join(folder, "run.json")))
-    if os.path.isfile(os.path.join(folder, "report.json")):  # prepare.py's (or prepare_chat.py's, which names its stage)
-        summary["prepare"] = read_json(os.path.join(folder, "report.json"))
-        summary["stage"] = summary["prepare"].get("stage", "prepare")
-        summary["seconds"] = summary["prepare"].get("seconds", {}).get("total")
-        summary["tokens"] = sum(summary["prepare"].get("output", {}).get("tokens", {}).values()) or None
-        if os.path.isfile(os.path.join(folder, "meta.json")):
-            meta = read_json(os.path.join(folder, "meta.json"))
-            summary["tokenizer"] = f"{meta['tokenizer']['kind']}, vocabulary {meta['vocab_size']}"
-            summary["unigram_loss"] = meta.get("unigram_loss")
+    summary = {"folder": folder, **read_json(os.path.join(folder, "run.json"), {})}
+    # prepare.py's report (or prepare_chat.py's, which names its stage)
+    if (prepared := read_json(os.path.join(folder, "report.json"))) is not None:
+        summary |= {"prepare": prepared, "stage": prepared.get("stage", "prepare"),
+                    "seconds": prepared.get("seconds", {}).get("total"),
+                    "tokens": sum(prepared.get("output", {}).get("tokens", {}).values()) or None}
+        if (meta := read_json(os.path.join(folder, "meta.json"))) is not None:
+            summary |= {"tokenizer": f"{meta['tokenizer']['kind']}, vocabulary {meta['vocab_size']}",
+                        "unigram_loss": meta.get("unigram_loss")}
     records = read_metrics(folder)
     logs = [r for r in records if "lr" in r]  # log steps; evaluations have no lr
     evals = [r for r in records if "lr" not in r]
