@@ -423,10 +423,6 @@ def gather(local, world_size):
     return [parts[i % world_size][i // world_size] for i in range(sum(len(p) for p in parts))]
 
 
-def argmax(values):
-    return max(range(len(values)), key=values.__getitem__)
-
-
 def evaluate_examples(kind, examples, model, tokenizer, batch_size=16, autocast=nullcontext(), rank=0, world_size=1,
                       max_new_tokens=0, stop_at_newline=True, chat=False, bos=False, progress="", *, temperature=0.0,
                       samples=1, code_timeout=3.0, unisolated_code=False, details=False):
@@ -458,7 +454,7 @@ def evaluate_examples(kind, examples, model, tokenizer, batch_size=16, autocast=
     for ex in mine:
         logprobs = [next(scores)[0] for _ in ex["options"]]
         per_char = [logprob / chars for logprob, chars in zip(logprobs, ex["choice_chars"])]
-        picks.append((argmax(logprobs) == ex["gold"], argmax(per_char) == ex["gold"], len(logprobs)))
+        picks.append((int(np.argmax(logprobs)) == ex["gold"], int(np.argmax(per_char)) == ex["gold"], len(logprobs)))
     picks = gather(picks, world_size)
     return {"examples": len(picks), "accuracy": sum(hit for hit, _, _ in picks) / len(picks),
             "accuracy_norm": sum(hit for _, hit, _ in picks) / len(picks),

@@ -421,13 +421,9 @@ def plan_config(config, options, vocab=None):
                                    checkpointing, HEADROOM * gpu_memory * GIB, stages=stages, schedule=schedule,
                                    cpu_offload=offload)
         name = parallelism + ("+ckpt" if checkpointing else "")
-        memory[name] = {
-            **{k: v / GIB for k, v in per_stage[loaded].items()},
-            "total": total / GIB,
-            "fits": total <= HEADROOM * gpu_memory * GIB,
-            "max_micro_batch": best,
-            "accumulation": step_tokens // (best * c.block_size * dp) if best else 0,
-        }
+        memory[name] = {**{k: v / GIB for k, v in per_stage[loaded].items()}, "total": total / GIB,
+                        "fits": total <= HEADROOM * gpu_memory * GIB, "max_micro_batch": best,
+                        "accumulation": step_tokens // (best * c.block_size * dp) if best else 0}
         if stages > 1:
             memory[name]["stage"] = loaded
             memory[name]["bubble"] = pipeline_bubble(stages, memory[name]["accumulation"]) if best else 0
@@ -449,8 +445,7 @@ def plan_config(config, options, vocab=None):
         run_stages = memory_per_stage(c, stored, block_params, micro, world, config["dtype"], config["parallelism"],
                                       config["activation_checkpointing"], **placement)
         report["pipeline"] = {
-            "stages": stages, "schedule": schedule, "data_parallel": dp, "micro_batches": micro_batches,
-            "bubble": bubble,
+            "stages": stages, "schedule": schedule, "data_parallel": dp, "micro_batches": micro_batches, "bubble": bubble,
             "layers": [[r.start, r.stop] for r in pipeline_layers(c.n_layer, stages)],
             "params": [p for _, p in layout],
             "micro_batches_held": [micro_batches_held(s, stages, schedule, micro_batches) for s in range(stages)],
@@ -594,8 +589,9 @@ LAW_FORMULA = {
 }
 
 
-def budget_lines(b, options):
-    """The budget, the law's optimum and the shape, as printed lines (the counts in b's law's sense)."""
+def budget_lines(b, options, train_args):
+    """The budget, the law's optimum, the shape and its train.py command, as printed lines (the counts in b's law's
+    sense)."""
     how = (f" ({options['num_gpus']} x {b['training']['gpu']} for {options['hours']:g} h at {100 * options['mfu']:.0f}% MFU)"
            if options["hours"] else "")
     counted = " non-embedding" if b["law"] == "kaplan" else ""
@@ -605,16 +601,12 @@ def budget_lines(b, options):
             f"{b['tokens'] / b['params']:.1f} per parameter ({LAW_FORMULA[b['law']]})",
             f"shape     n_layer={s['n_layer']} n_head={s['n_head']} n_embd={s['n_embd']} block_size={s['block_size']}: "
             f"{b['shape_params'] / 1e6:,.1f}M{counted} parameters ({100 * (b['shape_params'] / b['params'] - 1):+.1f}%); "
-            f"head size {s['n_embd'] // s['n_head']}, n_embd/n_layer in 64..128, nearest 96"]
-
-
-def train_line(b, train_args):
-    return "python train.py " + " ".join(train_args + [f"--{k}={v}" for k, v in b["train_keys"].items()])
+            f"head size {s['n_embd'] // s['n_head']}, n_embd/n_layer in 64..128, nearest 96",
+            "train     python train.py " + " ".join(train_args + [f"--{k}={v}" for k, v in b["train_keys"].items()])]
 
 
 def print_budget_report(b, options, train_args):
-    print("\n".join(budget_lines(b, options)))
-    print("train     " + train_line(b, train_args))
+    print("\n".join(budget_lines(b, options, train_args)))
     print_config_report(b["training"])
     if b["law"] == "kaplan":
         n, d = chinchilla(b["flops"])
@@ -637,8 +629,7 @@ def print_both(report, options, train_args):
         for law in ("chinchilla", "kaplan"):
             b = report[law]
             print(f"--- {law} ---")
-            print("\n".join(budget_lines(b, options)[int(law == "kaplan"):]))
-            print("train     " + train_line(b, train_args))
+            print("\n".join(budget_lines(b, options, train_args)[int(law == "kaplan"):]))
             t = b["training"]
             print(f"time      {t['num_gpus']} x {t['gpu']} at {100 * t['mfu']:.0f}% MFU: "
                   f"{format_duration(3600 * t['hours'])}; {t['train_flops']:.3g} FLOPs with attention")

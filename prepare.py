@@ -844,20 +844,14 @@ class ShardWriter:
 
     def write(self, ids):
         while len(ids):
-            if self.room == 0:
-                self.next_file()
-            ids[:self.room].tofile(self.file)
+            if self.room == 0:  # the next file
+                if self.file:
+                    self.file.close()
+                self.temporary.append(temporary_name(os.path.join(self.folder, f"{self.split}_{len(self.temporary):03d}.bin")))
+                self.file, self.room = open(self.temporary[-1], "wb"), self.shard_tokens
             written = min(len(ids), self.room)
-            self.room -= written
-            self.tokens += written
-            ids = ids[written:]
-
-    def next_file(self):
-        if self.file:
-            self.file.close()
-        self.temporary.append(temporary_name(os.path.join(self.folder, f"{self.split}_{len(self.temporary):03d}.bin")))
-        self.file = open(self.temporary[-1], "wb")
-        self.room = self.shard_tokens
+            ids[:written].tofile(self.file)
+            self.room, self.tokens, ids = self.room - written, self.tokens + written, ids[written:]
 
     def finish(self):
         """Rename the files into place; return their names."""
