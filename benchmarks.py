@@ -219,8 +219,7 @@ def score_rows(model, rows, batch_size=16, autocast=nullcontext(), progress=""):
             logits, _ = model(inputs, all_logits=True)
         logits = logits.float()
         logits[..., vocab_size:] = -float("inf")  # the vocabulary's padding ids are not tokens: no probability
-        logprobs = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
-        logprobs = logprobs.view_as(targets)
+        logprobs = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none").view_as(targets)
         greedy = ((logits.argmax(dim=-1) == targets) | (targets < 0)).all(dim=1)
         for r, (logprob, hit) in enumerate(zip(logprobs.sum(dim=1).tolist(), greedy.tolist())):
             results[batch[r]] = (logprob, hit)
@@ -268,9 +267,7 @@ def generate_texts(model, tokenizer, prompts, max_new_tokens, end_ids=(), stop_s
             decoder.prefill([rows[i] for i in batch], temperature)  # slot r is the batch's row r
             for _ in range(max_new_tokens):
                 for r, token in enumerate(decoder.step().tolist()):
-                    if done[r]:
-                        continue
-                    if token in end_ids:
+                    if done[r] or token in end_ids:
                         done[r] = True
                         continue
                     new[r].append(token)

@@ -9,11 +9,9 @@ config costs in FLOPs, time and memory per GPU.
     python plan.py config/quickstart.py --n_layer=8 --json        # any train.py key; one JSON object
     python plan.py --num_gpus=8 --pipeline_stages=4 --parallelism=fsdp --cpu_offload=True  # per stage; CPU and PCIe
 
-plan.py's own options are in OPTIONS below; every other key is train.py's, read exactly as train.py
-reads it (its defaults, config files, --key=value, the same range and placement checks). The vocabulary
-comes from data_root/dataset/meta.json, or is GPT-2's when the data is not prepared yet (or, for a
-budget, unless --dataset names the data). Runs nothing and writes nothing: the model is built on the
-'meta' device. How each number is found: docs/planning.md.
+plan.py's own options are in OPTIONS below; every other key is train.py's, read exactly as train.py reads
+it (defaults, config files, --key=value, checks). Runs nothing and writes nothing: the model is built on the
+'meta' device. The vocabulary it assumes, and how each number is found: docs/planning.md.
 """
 
 import json

@@ -9,11 +9,8 @@ A trainer keeps one RunLog (rank 0 does the work; on the other processes it does
     run_log.plot()                                # out_dir/plot.png from metrics.jsonl
     run_log.finish()                              # the last plot, report.md, trackers closed
 
-Everything here reads only the files a run leaves (run.json, metrics.jsonl, evaluate.py's *.json
-reports, prepare.py's report.json), so plot.py and report.py draw and summarise any run, finished or
-not. Trackers (wandb_project, tensorboard=True) are imported only when asked for. A resumed run
-continues the same curves: metrics.jsonl drops the records after the checkpoint's step, W&B continues
-the run in out_dir/wandb_run_id, TensorBoard purges the later events. More: docs/train.md.
+Everything here reads only the files a run leaves, so plot.py and report.py draw and summarise any run,
+finished or not. The plot, the trackers (and how a resumed run continues their curves), the cards: docs/train.md.
 """
 
 import contextlib
