@@ -203,7 +203,7 @@ def compute_optimal_shape(target, base, non_embedding=False):
         for n_layer in {min(max(d, shallowest), deepest) for d in depths}:
             error = abs((rest + n_layer * per_block) / target - 1)
             key = (0, abs(c.n_embd / n_layer - ASPECT_PREFERRED)) if error <= SHAPE_TOLERANCE else (1, error)
-            if best is None or (key, c.n_embd, n_layer) < (best[0], count(best[1])[0].n_embd, best[2]):
+            if best is None or (key, i, n_layer) < best:  # ties: the narrower (width grows with i), then shallower
                 best = (key, i, n_layer)
 
     def hopeless(i, upward):  # no width from i on, in that direction, can beat the best shape found
