@@ -355,8 +355,7 @@ def jsonl_records(f):
 def parquet_records(path, columns):
     """(row number, {column: value}, 0) for each row of a Parquet file, a row group at a time."""
     parquet = optional("pyarrow.parquet", "reading Parquet files").ParquetFile(path)
-    missing = [c for c in columns if c not in parquet.schema_arrow.names]
-    if missing:
+    if missing := [c for c in columns if c not in parquet.schema_arrow.names]:
         raise SystemExit(f"prepare error: {path} has no column {', '.join(map(repr, missing))} (its columns: "
                          f"{', '.join(parquet.schema_arrow.names)}); set --text_field or row_filters to one of them")
     n = 0
