@@ -139,12 +139,11 @@ TASKS = {
 }
 # Where the generative tasks' files come from, each pinned by its sha256: a missing file is an error that says
 # how to fetch it, and a different one an error too (another version would give other scores).
-GSM8K_DATA = "https://raw.githubusercontent.com/openai/grade-school-math/3101c7d5072418e28b9008a6636bde82a006892c/"
+GSM8K_DATA = ("https://raw.githubusercontent.com/openai/grade-school-math/3101c7d5072418e28b9008a6636bde82a006892c/"
+              "grade_school_math/data/")
 SOURCES = {
-    "gsm8k/test.jsonl": (GSM8K_DATA + "grade_school_math/data/test.jsonl",
-                         "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14"),
-    "gsm8k/train.jsonl": (GSM8K_DATA + "grade_school_math/data/train.jsonl",
-                          "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465"),
+    "gsm8k/test.jsonl": (GSM8K_DATA + "test.jsonl", "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14"),
+    "gsm8k/train.jsonl": (GSM8K_DATA + "train.jsonl", "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465"),
     "humaneval/HumanEval.jsonl.gz": ("https://github.com/openai/human-eval/raw/"
                                      "6d43fb980f9fee3c892a914eda09951f772ad10d/data/HumanEval.jsonl.gz",
                                      "b796127e635a67f93fb35c04f4cb03cf06f38c8072ee7cee8833d7bee06979ef"),

@@ -588,8 +588,7 @@ LAW_FORMULA = {
 
 
 def budget_lines(b, options, train_args):
-    """The budget, the law's optimum, the shape and its train.py command, as printed lines (the counts in b's law's
-    sense)."""
+    """As printed lines: the budget, the law's optimum and shape (counted in b's law's sense), the train.py command."""
     how = (f" ({options['num_gpus']} x {b['training']['gpu']} for {options['hours']:g} h at {100 * options['mfu']:.0f}% MFU)"
            if options["hours"] else "")
     counted = " non-embedding" if b["law"] == "kaplan" else ""
