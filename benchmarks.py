@@ -6,22 +6,9 @@ train.py and sft.py score one at every evaluation (--benchmark). Nothing here is
     kind, examples = read_task("gsm8k", "../shared/data/evals", limit=50)   # or a .jsonl path
     evaluate_examples(kind, examples, model, tokenizer, chat=True)    # {"exact_match_flexible": ..., "chance": 0.0, ...}
 
-Formats (one JSON object per line, .jsonl or .jsonl.gz; the keys tell the format, every record of a
-file in one):
-  HellaSwag, original  {"activity_label", "ctx_a", "ctx_b", "endings", "label"}
-  HellaSwag, cleaned   {"activity_label", "ctx", "endings", "label"}   (activity_label optional)
-  ARC, PIQA            {"query", "choices", "gold"}     context "<query>\\nAnswer:"
-  Winogrande           {"context_options", "continuation", "gold"}
-  LAMBADA              {"context", "continuation"}      the passage's last word is the continuation
-  generation           {"prompt", "answers": [...]} or {"prompt", "answer"}
-  GSM8K                {"question", "answer"}           the answer a worked solution ending "#### N"
-  HumanEval (code)     {"task_id", "prompt", "test", "entry_point"}
-
-lm-eval's conventions (no leading end-of-text; one space between context and continuation, the
-context's trailing whitespace moved to it; accuracy_norm per character of the choice; each task's own
-preprocessing and metrics) are listed with the lm-eval file each mirrors in docs/evaluation.md.
-A context longer than block_size loses its first tokens, so the continuation is always scored.
-Every task's result has 'chance', the score of guessing, for evaluate.py's summary score.
+The file formats (a record's keys tell which) and lm-eval's conventions, each with the lm-eval file it
+mirrors: docs/evaluation.md. Every task's result has 'chance', the score of guessing, for evaluate.py's
+summary score.
 """
 
 import math
@@ -78,16 +65,12 @@ def choice_example(contexts, continuations, choices, gold):
 def parse_record(record, where):
     """(kind, example) for one benchmark record; the keys tell the format."""
     keys = set(record)
-    if {"activity_label", "ctx_a", "ctx_b", "endings", "label"} <= keys:  # HellaSwag's original files
-        if not all(isinstance(record[k], str) for k in ("activity_label", "ctx_a", "ctx_b")):
+    original = {"activity_label", "ctx_a", "ctx_b", "endings", "label"} <= keys  # HellaSwag's original files
+    if original or {"ctx", "endings", "label"} <= keys:  # HellaSwag, original or cleaned
+        if original and not all(isinstance(record[k], str) for k in ("activity_label", "ctx_a", "ctx_b")):
             raise bad_record(where, "'activity_label', 'ctx_a' and 'ctx_b' must be strings")
-        context = hellaswag_clean(f"{record['activity_label']}: {record['ctx_a']} {record['ctx_b'].capitalize()}")
-        endings = [hellaswag_clean(e) for e in string_list(record, "endings", where, 2)]
-        return "choice", choice_example([context] * len(endings), endings, endings,
-                                        gold_index(record["label"], len(endings), where))
-    if {"ctx", "endings", "label"} <= keys:  # HellaSwag, cleaned
-        context = text_field(record, "ctx", where)
-        if record.get("activity_label"):
+        context = f"{record['ctx_a']} {record['ctx_b'].capitalize()}" if original else text_field(record, "ctx", where)
+        if original or record.get("activity_label"):
             context = f"{record['activity_label']}: {context}"
         endings = [hellaswag_clean(e) for e in string_list(record, "endings", where, 2)]
         return "choice", choice_example([hellaswag_clean(context)] * len(endings), endings, endings,
@@ -156,13 +139,11 @@ TASKS = {
 }
 # Where the generative tasks' files come from, each pinned by its sha256: a missing file is an error that says
 # how to fetch it, and a different one an error too (another version would give other scores).
+GSM8K_DATA = ("https://raw.githubusercontent.com/openai/grade-school-math/3101c7d5072418e28b9008a6636bde82a006892c/"
+              "grade_school_math/data/")
 SOURCES = {
-    "gsm8k/test.jsonl": ("https://raw.githubusercontent.com/openai/grade-school-math/"
-                         "3101c7d5072418e28b9008a6636bde82a006892c/grade_school_math/data/test.jsonl",
-                         "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14"),
-    "gsm8k/train.jsonl": ("https://raw.githubusercontent.com/openai/grade-school-math/"
-                          "3101c7d5072418e28b9008a6636bde82a006892c/grade_school_math/data/train.jsonl",
-                          "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465"),
+    "gsm8k/test.jsonl": (GSM8K_DATA + "test.jsonl", "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14"),
+    "gsm8k/train.jsonl": (GSM8K_DATA + "train.jsonl", "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465"),
     "humaneval/HumanEval.jsonl.gz": ("https://github.com/openai/human-eval/raw/"
                                      "6d43fb980f9fee3c892a914eda09951f772ad10d/data/HumanEval.jsonl.gz",
                                      "b796127e635a67f93fb35c04f4cb03cf06f38c8072ee7cee8833d7bee06979ef"),
@@ -237,8 +218,7 @@ def score_rows(model, rows, batch_size=16, autocast=nullcontext(), progress=""):
             logits, _ = model(inputs, all_logits=True)
         logits = logits.float()
         logits[..., vocab_size:] = -float("inf")  # the vocabulary's padding ids are not tokens: no probability
-        logprobs = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
-        logprobs = logprobs.view_as(targets)
+        logprobs = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none").view_as(targets)
         greedy = ((logits.argmax(dim=-1) == targets) | (targets < 0)).all(dim=1)
         for r, (logprob, hit) in enumerate(zip(logprobs.sum(dim=1).tolist(), greedy.tolist())):
             results[batch[r]] = (logprob, hit)
@@ -286,9 +266,7 @@ def generate_texts(model, tokenizer, prompts, max_new_tokens, end_ids=(), stop_s
             decoder.prefill([rows[i] for i in batch], temperature)  # slot r is the batch's row r
             for _ in range(max_new_tokens):
                 for r, token in enumerate(decoder.step().tolist()):
-                    if done[r]:
-                        continue
-                    if token in end_ids:
+                    if done[r] or token in end_ids:
                         done[r] = True
                         continue
                     new[r].append(token)
@@ -304,15 +282,23 @@ def generate_texts(model, tokenizer, prompts, max_new_tokens, end_ids=(), stop_s
     return texts
 
 
+def answer_texts(model, tokenizer, prompts, chat, bos, max_new_tokens, stops, temperature=0.0, batch_size=16,
+                 autocast=nullcontext()):
+    """generate_texts for prompts given as strings: with chat, each a user turn in chat.py's format answered in the
+    assistant's turn up to its <|end|>; else the text after it (after end-of-text with bos) up to end-of-text."""
+    if chat:
+        rows, ends = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in prompts], sorted(stop_ids(tokenizer))
+    else:
+        rows, ends = [([tokenizer.eot_id] if bos else []) + tokenizer.encode(p) for p in prompts], [tokenizer.eot_id]
+    return generate_texts(model, tokenizer, rows, max_new_tokens, ends, stops, temperature, batch_size, autocast)
+
+
 def generate_answers(model, tokenizer, prompts, max_new_tokens=32, stop_at_newline=True, autocast=nullcontext(),
                      chat=False, batch_size=16):
-    """Greedy answers to prompts (strings), cut at end-of-text (and the first newline), stripped. With chat,
-    each prompt is a user turn in chat.py's format and the answer is the assistant's turn, cut at its <|end|>."""
-    rows = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) if chat else [tokenizer.eot_id] + tokenizer.encode(p)
-            for p in prompts]
-    ends = sorted(stop_ids(tokenizer)) if chat else [tokenizer.eot_id]
-    texts = generate_texts(model, tokenizer, rows, max_new_tokens, ends, ["\n"] if stop_at_newline else [],
-                           batch_size=batch_size, autocast=autocast)
+    """Greedy answers to prompts (strings, after end-of-text; with chat, user turns), cut at the answer's end (and
+    the first newline), stripped."""
+    texts = answer_texts(model, tokenizer, prompts, chat, True, max_new_tokens, ["\n"] if stop_at_newline else [],
+                         batch_size=batch_size, autocast=autocast)
     return [text.strip() for text in texts]
 
 
@@ -416,11 +402,6 @@ def code_completion(example, text, chat):
     return (fenced.group(1) if fenced else text).split("\nif __name__")[0]
 
 
-def code_program(example, completion):
-    """The program that tests a completion, as human-eval's execution.py builds it."""
-    return f"{example['prompt']}{completion}\n{example['test']}\ncheck({example['entry_point']})"
-
-
 def pass_at_k(n, c, k):
     """The unbiased estimate of pass@k from n samples of which c passed (Chen et al. 2021, eq. 1):
     1 - C(n - c, k) / C(n, k), as a running product for numerical stability."""
@@ -436,10 +417,6 @@ def gather(local, world_size):
     parts = [None] * world_size
     torch.distributed.all_gather_object(parts, local)
     return [parts[i % world_size][i // world_size] for i in range(sum(len(p) for p in parts))]
-
-
-def argmax(values):
-    return max(range(len(values)), key=values.__getitem__)
 
 
 def evaluate_examples(kind, examples, model, tokenizer, batch_size=16, autocast=nullcontext(), rank=0, world_size=1,
@@ -473,27 +450,19 @@ def evaluate_examples(kind, examples, model, tokenizer, batch_size=16, autocast=
     for ex in mine:
         logprobs = [next(scores)[0] for _ in ex["options"]]
         per_char = [logprob / chars for logprob, chars in zip(logprobs, ex["choice_chars"])]
-        picks.append((argmax(logprobs) == ex["gold"], argmax(per_char) == ex["gold"], len(logprobs)))
+        picks.append((int(np.argmax(logprobs)) == ex["gold"], int(np.argmax(per_char)) == ex["gold"], len(logprobs)))
     picks = gather(picks, world_size)
     return {"examples": len(picks), "accuracy": sum(hit for hit, _, _ in picks) / len(picks),
             "accuracy_norm": sum(hit for _, hit, _ in picks) / len(picks),
             "chance": sum(1 / n for _, _, n in picks) / len(picks)}
 
 
-def task_prompts(examples, tokenizer, chat, bos, base_key, chat_key):
-    """Token ids of each example's prompt: a user turn of its chat_key text, or its base_key text."""
-    if chat:
-        return [prompt_ids(tokenizer, [{"role": "user", "content": ex[chat_key]}]) for ex in examples]
-    return [([tokenizer.eot_id] if bos else []) + tokenizer.encode(ex[base_key]) for ex in examples]
-
-
 def evaluate_gsm8k(mine, model, tokenizer, batch_size, autocast, world_size, max_new_tokens, chat, bos, temperature,
                    details):
     """GSM8K's exact match under both of lm-eval's filters. A base model gets lm-eval's prompt and stop strings;
     a chat model the question as a user turn, answering until <|end|>."""
-    ends, stops = (sorted(stop_ids(tokenizer)), []) if chat else ([tokenizer.eot_id], GSM8K_STOPS)
-    texts = generate_texts(model, tokenizer, task_prompts(mine, tokenizer, chat, bos, "base_prompt", "question"),
-                           max_new_tokens, ends, stops, temperature, batch_size, autocast)
+    texts = answer_texts(model, tokenizer, [ex["question" if chat else "base_prompt"] for ex in mine], chat, bos,
+                         max_new_tokens, [] if chat else GSM8K_STOPS, temperature, batch_size, autocast)
     rows = []
     for ex, text in zip(mine, texts):
         strict, flexible = gsm8k_extract(text, strict=True), gsm8k_extract(text)
@@ -524,11 +493,10 @@ def code_sandbox(timeout, unisolated=False):
 def evaluate_code(mine, model, tokenizer, batch_size, autocast, world_size, max_new_tokens, chat, bos, temperature,
                   samples, timeout, unisolated, details):
     """HumanEval's pass@k: samples completions of each problem, each run with the problem's tests in the sandbox."""
-    prompts = task_prompts(mine, tokenizer, chat, bos, "prompt", "prompt")
-    ends, stops = (sorted(stop_ids(tokenizer)), []) if chat else ([tokenizer.eot_id], CODE_STOPS)
-    texts = generate_texts(model, tokenizer, [p for p in prompts for _ in range(samples)], max_new_tokens, ends, stops,
-                           temperature, batch_size, autocast)
-    programs = [code_program(ex, code_completion(ex, texts[i * samples + j], chat))
+    texts = answer_texts(model, tokenizer, [ex["prompt"] for ex in mine for _ in range(samples)], chat, bos,
+                         max_new_tokens, [] if chat else CODE_STOPS, temperature, batch_size, autocast)
+    # each completion's test program, as human-eval's execution.py builds it
+    programs = [f"{ex['prompt']}{code_completion(ex, texts[i * samples + j], chat)}\n{ex['test']}\ncheck({ex['entry_point']})"
                 for i, ex in enumerate(mine) for j in range(samples)]
     code_sandbox(timeout, unisolated)
     try:
@@ -539,11 +507,9 @@ def evaluate_code(mine, model, tokenizer, batch_size, autocast, world_size, max_
                     "completions": texts[i * samples : (i + 1) * samples],
                     "statuses": [r.status for r in runs[i * samples : (i + 1) * samples]]}
                    for i, ex in enumerate(mine)], world_size)
-    result = {"examples": len(rows), "samples": samples}
-    for k in (1, 10, 100):
-        if k <= samples:
-            result[f"pass@{k}"] = sum(pass_at_k(samples, r["passed"], k) for r in rows) / len(rows)
-    result["chance"] = 0.0
+    pass_at = {f"pass@{k}": sum(pass_at_k(samples, r["passed"], k) for r in rows) / len(rows)
+               for k in (1, 10, 100) if k <= samples}
+    result = {"examples": len(rows), "samples": samples, **pass_at, "chance": 0.0}
     return {**result, "per_example": rows} if details else result
 
 
@@ -567,20 +533,19 @@ def score_benchmark(benchmark, model, tokenizer, batch_size, autocast, dist, cha
     return {f"benchmark_{key}": value for key, value in scores.items()}
 
 
+# describe's line for a task's metrics, by the first of these keys its result has (HumanEval's: pass@k)
+DESCRIPTIONS = {
+    "bleu": "BLEU {bleu:.2f}  chrF {chrf:.2f}  (beam {beam_size})",
+    "bits_per_byte": "perplexity {perplexity:.4f}  bits/byte {bits_per_byte:.4f}  loss {loss:.4f} nats/token",
+    "accuracy_norm": "accuracy {accuracy:.2%}  accuracy_norm {accuracy_norm:.2%}",
+    "exact_match": "exact_match {exact_match:.2%}  f1 {f1:.2%}",
+    "exact_match_strict": "exact_match {exact_match_strict:.2%} strict-match  {exact_match_flexible:.2%} flexible-extract",
+    "accuracy": "accuracy {accuracy:.2%}  perplexity {perplexity:.4g}",  # LAMBADA
+}
+
+
 def describe(result):
     """The metrics of one task as table text."""
-    if "bleu" in result:
-        return f"BLEU {result['bleu']:.2f}  chrF {result['chrf']:.2f}  (beam {result['beam_size']})"
-    if "bits_per_byte" in result:
-        return (f"perplexity {result['perplexity']:.4f}  bits/byte {result['bits_per_byte']:.4f}  "
-                f"loss {result['loss']:.4f} nats/token")
-    if "accuracy_norm" in result:
-        return f"accuracy {100 * result['accuracy']:.2f}%  accuracy_norm {100 * result['accuracy_norm']:.2f}%"
-    if "exact_match" in result:
-        return f"exact_match {100 * result['exact_match']:.2f}%  f1 {100 * result['f1']:.2f}%"
-    if "exact_match_strict" in result:
-        return (f"exact_match {100 * result['exact_match_strict']:.2f}% strict-match  "
-                f"{100 * result['exact_match_flexible']:.2f}% flexible-extract")
     if "pass@1" in result:
-        return "  ".join(f"{key} {100 * value:.2f}%" for key, value in result.items() if key.startswith("pass@"))
-    return f"accuracy {100 * result['accuracy']:.2f}%  perplexity {result['perplexity']:.4g}"
+        return "  ".join(f"{key} {value:.2%}" for key, value in result.items() if key.startswith("pass@"))
+    return DESCRIPTIONS[next(key for key in DESCRIPTIONS if key in result)].format(**result)

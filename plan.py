@@ -9,11 +9,9 @@ config costs in FLOPs, time and memory per GPU.
     python plan.py config/quickstart.py --n_layer=8 --json        # any train.py key; one JSON object
     python plan.py --num_gpus=8 --pipeline_stages=4 --parallelism=fsdp --cpu_offload=True  # per stage; CPU and PCIe
 
-plan.py's own options are in OPTIONS below; every other key is train.py's, read exactly as train.py
-reads it (its defaults, config files, --key=value, the same range and placement checks). The vocabulary
-comes from data_root/dataset/meta.json, or is GPT-2's when the data is not prepared yet (or, for a
-budget, unless --dataset names the data). Runs nothing and writes nothing: the model is built on the
-'meta' device. How each number is found: docs/planning.md.
+plan.py's own options are in OPTIONS below; every other key is train.py's, read exactly as train.py reads
+it (defaults, config files, --key=value, checks). Runs nothing and writes nothing: the model is built on the
+'meta' device. The vocabulary it assumes, and how each number is found: docs/planning.md.
 """
 
 import json
@@ -205,7 +203,7 @@ def compute_optimal_shape(target, base, non_embedding=False):
         for n_layer in {min(max(d, shallowest), deepest) for d in depths}:
             error = abs((rest + n_layer * per_block) / target - 1)
             key = (0, abs(c.n_embd / n_layer - ASPECT_PREFERRED)) if error <= SHAPE_TOLERANCE else (1, error)
-            if best is None or (key, c.n_embd, n_layer) < (best[0], count(best[1])[0].n_embd, best[2]):
+            if best is None or (key, i, n_layer) < best:  # ties: the narrower (width grows with i), then shallower
                 best = (key, i, n_layer)
 
     def hopeless(i, upward):  # no width from i on, in that direction, can beat the best shape found
@@ -320,15 +318,9 @@ def memory_per_stage(c, params, block_params, micro_batch, world, dtype, paralle
             logits = 12 * V
         else:  # the schedule keeps the logits, the stage's output, with the log-probabilities of each held one
             logits = held * (4 + e) * V + 8 * V
-        memory.append({
-            "weights": 4 * on_gpu,
-            "gradients": 4 * on_gpu,
-            "optimizer": 8 * on_gpu,
-            "communication": communication,
-            "weight_copies": weight_copies,
-            "activations": tokens * (held * per_token + recomputed),
-            "logits": tokens * logits,
-        })
+        memory.append({"weights": 4 * on_gpu, "gradients": 4 * on_gpu, "optimizer": 8 * on_gpu,
+                       "communication": communication, "weight_copies": weight_copies,
+                       "activations": tokens * (held * per_token + recomputed), "logits": tokens * logits})
     return memory
 
 
@@ -427,13 +419,9 @@ def plan_config(config, options, vocab=None):
                                    checkpointing, HEADROOM * gpu_memory * GIB, stages=stages, schedule=schedule,
                                    cpu_offload=offload)
         name = parallelism + ("+ckpt" if checkpointing else "")
-        memory[name] = {
-            **{k: v / GIB for k, v in per_stage[loaded].items()},
-            "total": total / GIB,
-            "fits": total <= HEADROOM * gpu_memory * GIB,
-            "max_micro_batch": best,
-            "accumulation": step_tokens // (best * c.block_size * dp) if best else 0,
-        }
+        memory[name] = {**{k: v / GIB for k, v in per_stage[loaded].items()}, "total": total / GIB,
+                        "fits": total <= HEADROOM * gpu_memory * GIB, "max_micro_batch": best,
+                        "accumulation": step_tokens // (best * c.block_size * dp) if best else 0}
         if stages > 1:
             memory[name]["stage"] = loaded
             memory[name]["bubble"] = pipeline_bubble(stages, memory[name]["accumulation"]) if best else 0
@@ -441,30 +429,21 @@ def plan_config(config, options, vocab=None):
             # per process: its shard of the largest stage's fp32 weights, gradients and moments
             memory[name]["cpu_memory"] = 16 * max(p for _, p in layout) / dp / GIB
     report = {
-        "params": params,
-        "non_embedding_params": model.num_params(non_embedding=True),
+        "params": params, "non_embedding_params": model.num_params(non_embedding=True),
         "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "block_size": c.block_size,
-        "vocab_size": c.vocab_size,
-        "flops_per_token": flops_per_token,
-        "tokens": tokens,
-        "train_flops": train_flops,
+        "vocab_size": c.vocab_size, "flops_per_token": flops_per_token, "tokens": tokens, "train_flops": train_flops,
         "tokens_per_param": tokens_per_param,
         "gpu": gpu, "num_gpus": world, "peak_flops": peak, "mfu": options["mfu"], "gpu_memory_gib": gpu_memory,
         "tokens_per_sec": world * peak * options["mfu"] * (1 - bubble) / (flops_per_token * recompute),
-        "hours": seconds / 3600,
-        "dtype": config["dtype"],
-        "micro_batch": micro,
-        "accumulation": micro_batches,
+        "hours": seconds / 3600, "dtype": config["dtype"], "micro_batch": micro, "accumulation": micro_batches,
         "run": config["parallelism"] + ("+ckpt" if config["activation_checkpointing"] else ""),
-        "memory": memory,
-        "warnings": warnings,
+        "memory": memory, "warnings": warnings,
     }
     if stages > 1:
         run_stages = memory_per_stage(c, stored, block_params, micro, world, config["dtype"], config["parallelism"],
                                       config["activation_checkpointing"], **placement)
         report["pipeline"] = {
-            "stages": stages, "schedule": schedule, "data_parallel": dp, "micro_batches": micro_batches,
-            "bubble": bubble,
+            "stages": stages, "schedule": schedule, "data_parallel": dp, "micro_batches": micro_batches, "bubble": bubble,
             "layers": [[r.start, r.stop] for r in pipeline_layers(c.n_layer, stages)],
             "params": [p for _, p in layout],
             "micro_batches_held": [micro_batches_held(s, stages, schedule, micro_batches) for s in range(stages)],
@@ -500,12 +479,8 @@ def budget_flops(options, config):
 def plan_budget(flops, config, options, law="chinchilla"):
     """The compute-optimal model for flops under law ('chinchilla' or 'kaplan'), its shape (for Kaplan matched
     on the count without embeddings), and the report of training it on config's settings."""
-    if law == "kaplan":
-        params = round(kaplan(flops)[0])
-        tokens = round(flops / (6 * params))
-    else:
-        params = round(chinchilla(flops)[0])
-        tokens = TOKENS_PER_PARAM * params
+    params = round((kaplan if law == "kaplan" else chinchilla)(flops)[0])
+    tokens = round(flops / (6 * params)) if law == "kaplan" else TOKENS_PER_PARAM * params
     vocab = vocab_size(config) if options.get("dataset_given", True) else (
         FALLBACK_VOCAB, f"assumed GPT-2's vocabulary, {FALLBACK_VOCAB} (padded); --dataset=NAME plans with a "
                         "prepared dataset's")
@@ -513,16 +488,10 @@ def plan_budget(flops, config, options, law="chinchilla"):
     keys = dict(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd, n_kv_head=0, ffn_hidden=0,
                 max_iters=math.ceil(tokens / config["total_batch_tokens"]))
     changed = {k: v for k, v in keys.items() if config[k] != v}
-    return {
-        "law": law,
-        "flops": flops,
-        "params": params,
-        "tokens": tokens,
-        "shape": dict(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd, block_size=shape.block_size),
-        "shape_params": shape_params,
-        "train_keys": changed,
-        "training": plan_config(dict(config, **keys), options, vocab),
-    }
+    return {"law": law, "flops": flops, "params": params, "tokens": tokens,
+            "shape": dict(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd, block_size=shape.block_size),
+            "shape_params": shape_params, "train_keys": changed,
+            "training": plan_config(dict(config, **keys), options, vocab)}
 
 
 def plan_both(flops, config, options):
@@ -618,8 +587,8 @@ LAW_FORMULA = {
 }
 
 
-def budget_lines(b, options):
-    """The budget, the law's optimum and the shape, as printed lines (the counts in b's law's sense)."""
+def budget_lines(b, options, train_args):
+    """As printed lines: the budget, the law's optimum and shape (counted in b's law's sense), the train.py command."""
     how = (f" ({options['num_gpus']} x {b['training']['gpu']} for {options['hours']:g} h at {100 * options['mfu']:.0f}% MFU)"
            if options["hours"] else "")
     counted = " non-embedding" if b["law"] == "kaplan" else ""
@@ -629,23 +598,18 @@ def budget_lines(b, options):
             f"{b['tokens'] / b['params']:.1f} per parameter ({LAW_FORMULA[b['law']]})",
             f"shape     n_layer={s['n_layer']} n_head={s['n_head']} n_embd={s['n_embd']} block_size={s['block_size']}: "
             f"{b['shape_params'] / 1e6:,.1f}M{counted} parameters ({100 * (b['shape_params'] / b['params'] - 1):+.1f}%); "
-            f"head size {s['n_embd'] // s['n_head']}, n_embd/n_layer in 64..128, nearest 96"]
-
-
-def train_line(b, train_args):
-    return "python train.py " + " ".join(train_args + [f"--{k}={v}" for k, v in b["train_keys"].items()])
+            f"head size {s['n_embd'] // s['n_head']}, n_embd/n_layer in 64..128, nearest 96",
+            "train     python train.py " + " ".join(train_args + [f"--{k}={v}" for k, v in b["train_keys"].items()])]
 
 
 def print_budget_report(b, options, train_args):
-    print("\n".join(budget_lines(b, options)))
-    print("train     " + train_line(b, train_args))
+    print("\n".join(budget_lines(b, options, train_args)))
     print_config_report(b["training"])
     if b["law"] == "kaplan":
         n, d = chinchilla(b["flops"])
         print(f"note      Chinchilla's plan for this budget: {n / 1e6:,.1f}M parameters (embeddings included) on "
               f"{d / 1e9:,.2f}B tokens (--law=chinchilla)")
-        for line in LAW_SUMMARY:
-            print(f"law       {line}")
+        print("\n".join(f"law       {line}" for line in LAW_SUMMARY))
 
 
 def print_law_table(rows):
@@ -662,15 +626,13 @@ def print_both(report, options, train_args):
         for law in ("chinchilla", "kaplan"):
             b = report[law]
             print(f"--- {law} ---")
-            print("\n".join(budget_lines(b, options)[int(law == "kaplan"):]))
-            print("train     " + train_line(b, train_args))
+            print("\n".join(budget_lines(b, options, train_args)[int(law == "kaplan"):]))
             t = b["training"]
             print(f"time      {t['num_gpus']} x {t['gpu']} at {100 * t['mfu']:.0f}% MFU: "
                   f"{format_duration(3600 * t['hours'])}; {t['train_flops']:.3g} FLOPs with attention")
         print("---")
     print_law_table(report["range"])
-    for line in LAW_SUMMARY:
-        print(f"law       {line}")
+    print("\n".join(f"law       {line}" for line in LAW_SUMMARY))
 
 
 if __name__ == "__main__":

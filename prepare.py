@@ -10,15 +10,11 @@ disk, with a report of what each step removed.
     python prepare.py config/data_fineweb_edu.py        # FineWeb-Edu's Parquet shards from the Hugging Face hub
     python prepare.py --input=urls.txt --tokenizer=gpt2 --dataset=web --max_tokens=1_000_000_000
 
-Reads --input (files, folders, URLs, hf:// globs, URL lists; plain text, HTML, JSON Lines, JSON
-arrays, Parquet, optionally .gz/.zst), else the preset's --url, else the standard library's .py
-files (about 12 MB, no network). The steps, each switched on by the config: 1. clean, 2. quality
-filters, 3. exact and near (MinHash) dedup, 4. split into train and val by document piece,
-5. tokenize (gpt2, char, byte, or a BPE trained here). Writes to <data_root>/<dataset>/: train.bin
-and val.bin (or numbered shards), meta.json (the tokenizer and counts, written last, so a dataset
-with a meta.json is complete), tokenizer.tiktoken for 'bpe', and report.json. Every file is
-written under a temporary name and renamed; a re-run rewrites byte-identical files (all but
-report.json). The formats, steps and measurements are in docs/prepare.md.
+Reads --input (files, folders, URLs, hf:// globs, URL lists), else the preset's --url, else the standard
+library's .py files (no network). Writes <data_root>/<dataset>/: train.bin and val.bin (or numbered
+shards), meta.json (written last: a dataset with one is complete), tokenizer.tiktoken for 'bpe', and
+report.json. The formats, the steps (clean, filter, dedup, split, tokenize), the files and the
+measurements: docs/prepare.md.
 """
 
 import array
@@ -149,10 +145,9 @@ def url_list(path):
     """The (URL, sha256 or '') lines of a file that holds only URLs (and # comments), or None."""
     try:
         with open(path, "rb") as f:
-            head = f.read(1 << 16)
+            if b"\0" in f.read(1 << 16):
+                return None
     except OSError:
-        return None
-    if b"\0" in head:
         return None
     entries = []
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -194,7 +189,6 @@ def input_sources(spec, out_dir):
                 sources += [(os.path.basename(urllib.parse.urlparse(u).path) or u, u, sha, False) for u, sha in urls]
             else:
                 sources.append((os.path.basename(path), path, "", False))
-    remote = [s for s in sources if is_remote(s[1])]
     if input_sha256:
         name, where, _, listed = sources[0]
         if len(sources) != 1 or listed or isinstance(where, tuple):
@@ -205,7 +199,7 @@ def input_sources(spec, out_dir):
         elif (digest := file_sha256(where)) != input_sha256:
             raise SystemExit(f"prepare error: {where} has sha256 {digest}, expected input_sha256={input_sha256}; "
                              "check the file, or leave the check out")
-    names = [s[0] for s in remote if isinstance(s[1], str)]
+    names = [name for name, where, _, _ in sources if isinstance(where, str) and is_remote(where)]
     if len(set(names)) < len(names):
         raise SystemExit("prepare error: two URLs end in the same file name, and downloads are kept by name; "
                          "download them yourself into one folder and pass --input=FOLDER")
@@ -262,10 +256,8 @@ def list_files(root, pattern, skip_names=(), skip_folder=None):
     for folder, subfolders, names in os.walk(root):
         # Hidden folders (.git, .venv) hold no corpus text, and a corpus folder that holds
         # the output folder must not read back its own bins and meta.json.
-        subfolders[:] = [
-            d for d in subfolders
-            if not d.startswith(".") and d not in skip_names and os.path.join(folder, d) != skip_folder
-        ]
+        subfolders[:] = [d for d in subfolders
+                         if not d.startswith(".") and d not in skip_names and os.path.join(folder, d) != skip_folder]
         for name in names:
             path = os.path.join(folder, name)
             rel = os.path.relpath(path, root).replace(os.sep, "/")
@@ -317,10 +309,8 @@ def file_format(name, head):
         return None
     if plain.endswith((".jsonl", ".ndjson")):
         return "jsonl"
-    if plain.endswith(".json"):
-        first = head.lstrip()[:1]
-        # Dolma's and DCLM's shards, decompressed, are JSON Lines named .json
-        return {b"[": "json_array", b"{": "jsonl"}.get(first)
+    if plain.endswith(".json"):  # Dolma's and DCLM's shards, decompressed, are JSON Lines named .json
+        return {b"[": "json_array", b"{": "jsonl"}.get(head.lstrip()[:1])
     return "html" if plain.endswith((".html", ".htm")) else "text"
 
 
@@ -365,8 +355,7 @@ def jsonl_records(f):
 def parquet_records(path, columns):
     """(row number, {column: value}, 0) for each row of a Parquet file, a row group at a time."""
     parquet = optional("pyarrow.parquet", "reading Parquet files").ParquetFile(path)
-    missing = [c for c in columns if c not in parquet.schema_arrow.names]
-    if missing:
+    if missing := [c for c in columns if c not in parquet.schema_arrow.names]:
         raise SystemExit(f"prepare error: {path} has no column {', '.join(map(repr, missing))} (its columns: "
                          f"{', '.join(parquet.schema_arrow.names)}); set --text_field or row_filters to one of them")
     n = 0
@@ -517,11 +506,9 @@ GUTENBERG_END = re.compile(r"^(?:\*\*\* ?END OF |End of (?:the )?Project Gutenbe
 
 def gutenberg_text(text):
     """The book without Project Gutenberg's header and licence; text without the markers comes back as it is."""
-    start = GUTENBERG_START.search(text)
-    if start:
+    if start := GUTENBERG_START.search(text):
         text = text[start.end():]
-    end = GUTENBERG_END.search(text)
-    if end:
+    if end := GUTENBERG_END.search(text):
         text = text[:end.start()]
     return text
 
@@ -856,20 +843,14 @@ class ShardWriter:
 
     def write(self, ids):
         while len(ids):
-            if self.room == 0:
-                self.next_file()
-            ids[:self.room].tofile(self.file)
+            if self.room == 0:  # the next file
+                if self.file:
+                    self.file.close()
+                self.temporary.append(temporary_name(os.path.join(self.folder, f"{self.split}_{len(self.temporary):03d}.bin")))
+                self.file, self.room = open(self.temporary[-1], "wb"), self.shard_tokens
             written = min(len(ids), self.room)
-            self.room -= written
-            self.tokens += written
-            ids = ids[written:]
-
-    def next_file(self):
-        if self.file:
-            self.file.close()
-        self.temporary.append(temporary_name(os.path.join(self.folder, f"{self.split}_{len(self.temporary):03d}.bin")))
-        self.file = open(self.temporary[-1], "wb")
-        self.room = self.shard_tokens
+            ids[:written].tofile(self.file)
+            self.room, self.tokens, ids = self.room - written, self.tokens + written, ids[written:]
 
     def finish(self):
         """Rename the files into place; return their names."""
@@ -1103,17 +1084,9 @@ if __name__ == "__main__":
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(out_dir, name))
     loss = unigram_loss(counts["train"], counts["val"])
-    meta = {
-        "dataset": dataset,
-        "tokenizer": tok.description,
-        "vocab_size": tok.vocab_size,
-        "eot_id": tok.eot_id,
-        "dtype": np.dtype(dtype).name,
-        "splits": splits,
-        "sources": sources,
-        "unigram_loss": round(loss, 4),
-        "config": config,
-    }
+    meta = {"dataset": dataset, "tokenizer": tok.description, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
+            "dtype": np.dtype(dtype).name, "splits": splits, "sources": sources, "unigram_loss": round(loss, 4),
+            "config": config}
     if tokenizer == "bpe":
         meta["tokenizer_file"] = "tokenizer.tiktoken"
         save_text(os.path.join(out_dir, meta["tokenizer_file"]), tok.description["ranks"])
@@ -1121,10 +1094,7 @@ if __name__ == "__main__":
     report = {
         "dataset": dataset,
         "input": {"documents": n_in, **{k: v for k, v in sources.items() if k not in ("input", "sha256", "url_sha256")}},
-        "cleaning": cleaned,
-        "removed": removed,
-        "duplicates": duplicates,
-        "examples": examples,
+        "cleaning": cleaned, "removed": removed, "duplicates": duplicates, "examples": examples,
         "output": {"documents": n_docs, "characters": chars_kept, "pieces": n_pieces,
                    "tokens": {split: s["tokens"] for split, s in splits.items()}},
         "seconds": {"clean_filter_dedup": round(t_clean, 2), "tokenizer": round(t_tokenizer, 2),

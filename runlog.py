@@ -9,11 +9,8 @@ A trainer keeps one RunLog (rank 0 does the work; on the other processes it does
     run_log.plot()                                # out_dir/plot.png from metrics.jsonl
     run_log.finish()                              # the last plot, report.md, trackers closed
 
-Everything here reads only the files a run leaves (run.json, metrics.jsonl, evaluate.py's *.json
-reports, prepare.py's report.json), so plot.py and report.py draw and summarise any run, finished or
-not. Trackers (wandb_project, tensorboard=True) are imported only when asked for. A resumed run
-continues the same curves: metrics.jsonl drops the records after the checkpoint's step, W&B continues
-the run in out_dir/wandb_run_id, TensorBoard purges the later events. More: docs/train.md.
+Everything here reads only the files a run leaves, so plot.py and report.py draw and summarise any run,
+finished or not. The plot, the trackers (and how a resumed run continues their curves), the cards: docs/train.md.
 """
 
 import contextlib
@@ -50,7 +47,10 @@ def save_atomically(path, write, mode="w", sync=False):
         raise
 
 
-def read_json(path):
+def read_json(path, missing=None):
+    """The JSON value in path; missing when there is no such file."""
+    if not os.path.isfile(path):
+        return missing
     with open(path) as f:
         return json.load(f)
 
@@ -267,18 +267,15 @@ def plot_runs(folders, out_path, labels=None):
 def summarise(folder):
     """The numbers of a card, from the files in folder: a run's (run.json, metrics.jsonl, evaluation
     reports) or a prepared dataset's (report.json, meta.json)."""
-    summary = {"folder": folder}
-    if os.path.isfile(os.path.join(folder, "run.json")):
-        summary.update(read_json(os.path.join(folder, "run.json")))
-    if os.path.isfile(os.path.join(folder, "report.json")):  # prepare.py's (or prepare_chat.py's, which names its stage)
-        summary["prepare"] = read_json(os.path.join(folder, "report.json"))
-        summary["stage"] = summary["prepare"].get("stage", "prepare")
-        summary["seconds"] = summary["prepare"].get("seconds", {}).get("total")
-        summary["tokens"] = sum(summary["prepare"].get("output", {}).get("tokens", {}).values()) or None
-        if os.path.isfile(os.path.join(folder, "meta.json")):
-            meta = read_json(os.path.join(folder, "meta.json"))
-            summary["tokenizer"] = f"{meta['tokenizer']['kind']}, vocabulary {meta['vocab_size']}"
-            summary["unigram_loss"] = meta.get("unigram_loss")
+    summary = {"folder": folder, **read_json(os.path.join(folder, "run.json"), {})}
+    # prepare.py's report (or prepare_chat.py's, which names its stage)
+    if (prepared := read_json(os.path.join(folder, "report.json"))) is not None:
+        summary |= {"prepare": prepared, "stage": prepared.get("stage", "prepare"),
+                    "seconds": prepared.get("seconds", {}).get("total"),
+                    "tokens": sum(prepared.get("output", {}).get("tokens", {}).values()) or None}
+        if (meta := read_json(os.path.join(folder, "meta.json"))) is not None:
+            summary |= {"tokenizer": f"{meta['tokenizer']['kind']}, vocabulary {meta['vocab_size']}",
+                        "unigram_loss": meta.get("unigram_loss")}
     records = read_metrics(folder)
     logs = [r for r in records if "lr" in r]  # log steps; evaluations have no lr
     evals = [r for r in records if "lr" not in r]
