@@ -43,7 +43,7 @@ import numpy as np
 from configurator import configure
 from download import download, file_sha256, progress
 from optional import optional
-from runlog import write_card
+from runlog import save_atomically, write_card
 from tokenizer import Tokenizer, count_words
 
 # -----------------------------------------------------------------------------
@@ -889,13 +889,6 @@ def remove_stale_temporaries(folder):
                     print(f"removed {name}, left by a run that was stopped")
 
 
-def save_text(path, text):
-    tmp = temporary_name(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def read_scratch(path):
     """The kept documents, one JSON string a line, as prepare wrote them."""
     with open(path, encoding="utf-8") as f:
@@ -1089,7 +1082,7 @@ if __name__ == "__main__":
             "config": config}
     if tokenizer == "bpe":
         meta["tokenizer_file"] = "tokenizer.tiktoken"
-        save_text(os.path.join(out_dir, meta["tokenizer_file"]), tok.description["ranks"])
+        save_atomically(os.path.join(out_dir, meta["tokenizer_file"]), lambda f: f.write(tok.description["ranks"]))
     seconds = time.time() - t0
     report = {
         "dataset": dataset,
@@ -1101,8 +1094,8 @@ if __name__ == "__main__":
                     "tokenize_write": round(seconds - t_clean - t_tokenizer, 2), "total": round(seconds, 2)},
         "mb_per_s": round(stats["bytes"] / 1e6 / seconds, 2),
     }
-    save_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2) + "\n")
-    save_text(meta_path, json.dumps(meta, indent=2) + "\n")
+    save_atomically(os.path.join(out_dir, "report.json"), lambda f: f.write(json.dumps(report, indent=2) + "\n"))
+    save_atomically(meta_path, lambda f: f.write(json.dumps(meta, indent=2) + "\n"))
 
     print(f"{out_dir}: {n_docs:,} documents in {n_pieces:,} pieces, {tokenizer} tokens as {meta['dtype']}")
     for split, s in splits.items():

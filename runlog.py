@@ -27,6 +27,10 @@ PLOT_SIZE = (12, 7)  # inches; at PLOT_DPI the PNG is 1080 x 630 pixels
 PLOT_DPI = 90
 
 
+UMASK = os.umask(0o022)
+os.umask(UMASK)  # read once, at import: os.umask can only be read by setting it, which threads must not race
+
+
 def save_atomically(path, write, mode="w", sync=False):
     """Write path through write(file) to a temporary name beside it (f.name, for a writer that opens it
     itself), then rename it into place, so a reader sees the old file or the whole new one; with sync,
@@ -36,7 +40,8 @@ def save_atomically(path, write, mode="w", sync=False):
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     os.close(fd)
     try:
-        with open(tmp, mode) as f:
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's file is its owner's alone; the finished file reads as any other
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
             write(f)
             if sync:
                 f.flush()

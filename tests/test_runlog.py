@@ -313,3 +313,11 @@ def test_evaluate_py_adds_its_scores_to_the_runs_card(tiny_checkpoint, tmp_path,
     assert (f"| perplexity | bits_per_byte | {perplexity['bits_per_byte']:.4f} | - | - | perplexity "
             f"{perplexity['perplexity']:.4f} |") in card
     assert "| stage | pretrain |" in card and "| steps | 4 |" in card
+
+
+def test_a_file_saved_atomically_reads_as_any_other_and_keeps_its_text_in_utf8(tmp_path):
+    path = tmp_path / "card.md"
+    runlog.save_atomically(str(path), lambda f: f.write("Grüße\n"))
+    assert path.read_bytes() == "Grüße\n".encode("utf-8")
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~runlog.UMASK  # not mkstemp's owner-only 0600
+    assert [p.name for p in tmp_path.iterdir()] == ["card.md"]  # no temporary file left beside it
