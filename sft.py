@@ -38,12 +38,12 @@ from chat import (CHAT_TOKENS, add_chat_tokens, batch_of, collate, conversation,
 from checkpoint import checkpoint_to_resume
 from configurator import configure, print_config
 from data import to_device
-from lora import add_lora, lora_settings
-from optim import learning_rate_at, optimizer_step, set_learning_rate
+from lora import lora_settings
+from optim import optimizer_step
 from parallel import all_reduce_sum, sum_over_batches
 from runtime import device_name
-from trainer import (TUNED_KEYS, Pace, context_length, count_trained, finish, gradient_accumulation, model_to_tune,
-                     open_run_log, prepare_model, save, start, stop_if_not_finite, take_out_dir)
+from trainer import (TUNED_KEYS, Pace, begin_step, context_length, finish, gradient_accumulation, model_to_tune,
+                     prepare_to_tune, save, start, stop_if_not_finite, take_out_dir)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -147,14 +147,9 @@ dist.log(f"device {device_name(dist.device)} x {dist.world_size} processes, {dty
     f"accumulation steps; {max_iters} steps ({steps_per_epoch} per epoch)")
 
 lora = lora_settings(lora_rank, lora_alpha, lora_dropout, lora_targets)
-if lora and checkpoint is None:  # a resumed model has its adapters already
-    add_lora(model, **lora)
-trainable = count_trained(model, dist.log)
-model, raw_model, optimizer, scaler, step = prepare_model(model, checkpoint, dist, dtype, parallelism, compile, seed,
-                                                          learning_rate, weight_decay, (beta1, beta2))
+model, raw_model, optimizer, scaler, step, run_log = prepare_to_tune(model, checkpoint, lora, dist, dtype, config,
+                                                                     "sft")
 checkpoint = None  # free the memory
-run_log = open_run_log(out_dir, config, dist, dtype, step, "sft", data=data, parameters=raw_model.num_params(),
-                       trained_parameters=trainable)
 
 
 def batch_loss(units):
@@ -193,8 +188,7 @@ val_batches = [val_units[i : i + batch_size] for i in range(0, len(val_units), b
 start_step = step
 pace = Pace(step, max_iters)
 while True:
-    lr = set_learning_rate(optimizer, learning_rate_at(step, learning_rate, warmup_iters, max_iters, min_lr))
-    done = step >= max_iters or stop.requested()  # the one place where the run decides to end
+    lr, done = begin_step(step, max_iters, stop, optimizer, config)  # the one place where the run decides to end
 
     if step % eval_interval == 0 or done:
         val_loss = None  # val_fraction=0: nothing held out

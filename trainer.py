@@ -7,11 +7,10 @@ loop in view. A post-training script is written like this (sft.py is the shortes
     stop = take_out_dir(out_dir, dist, "--resume=yes")      # one run per out_dir; Ctrl-C ends it in one line
     checkpoint, ckpt_path = checkpoint_to_resume(resume, out_dir, "rl", config, TUNED_KEYS)
     model, tokenizer, origin = model_to_tune(init_from, checkpoint, ckpt_path, dist.log)
-    model, raw_model, optimizer, scaler, step = prepare_model(model, checkpoint, dist, dtype, parallelism, ...)
-    run_log = open_run_log(out_dir, config, dist, dtype, step, "rl", data=data, parameters=raw_model.num_params())
+    model, raw_model, optimizer, scaler, step, run_log = prepare_to_tune(model, checkpoint, lora, dist, dtype, ...)
     pace = Pace(step, max_iters)
     while True:                                             # its own data, batches and loss around these
-        done = step >= max_iters or stop.requested()        # the one place where the run decides to end
+        lr, done = begin_step(step, max_iters, stop, optimizer, config)  # the one place the run decides to end
         if step % eval_interval == 0 or done:               # sum_over_batches deals the held-out batches out
             save(raw_model, optimizer, dist, out_dir, keep_checkpoints, run_log, "rl", [val_loss, loss], kind="rl", ...)
         if done:
@@ -34,9 +33,9 @@ import torch
 from chat import has_chat_tokens
 from checkpoint import (checkpoint_writer, load_checkpoint, model_from_checkpoint, restore_rng_state,
                         restore_training_state, save_training_checkpoint, wait_for_checkpoint)
-from lora import adapters_disabled, checked_base, describe_base, merge_lora
+from lora import add_lora, adapters_disabled, checked_base, describe_base, merge_lora
 from model import EncoderDecoder
-from optim import make_optimizer
+from optim import learning_rate_at, make_optimizer, set_learning_rate
 from outdir import (StopSignals, exit_quietly_on_interrupt, lock_out_dir, replace_earlier_run, run_log_path,
                     stop_unless_finite)
 from parallel import place_model, wrap_model
@@ -145,22 +144,35 @@ def context_length(block_size, model):
     return block_size or model.config.block_size
 
 
-def count_trained(model, log, note=""):
-    """How many of the model's parameters train (LoRA: the adapters only), said in a line."""
+def prepare_to_tune(model, checkpoint, lora, dist, dtype, config, stage, note=""):
+    """A post-training run's model made ready for its loop: a new run's LoRA adapters added (a resumed model
+    has them), a line on how many parameters train (with note), the model placed (parallel.py) with its AdamW
+    and a resumed run's state, and wrapped; and the run's RunLog. config holds the script's keys parallelism,
+    compile, seed, learning_rate, weight_decay, beta1, beta2, out_dir and data.
+    Returns (model to call, raw model to save, optimizer, gradient scaler, step, run_log)."""
+    if lora and checkpoint is None:
+        add_lora(model, **lora)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"model: {model.num_params() / 1e6:.2f}M parameters, {trained:,} of them trained "
-        f"({100 * trained / sum(p.numel() for p in model.parameters()):.2f}%){note}")
-    return trained
-
-
-def prepare_model(model, checkpoint, dist, dtype, parallelism, compile, seed, learning_rate, weight_decay, betas):
-    """Place the model (parallel.py), make its AdamW, take back a resumed run's state, and wrap it for
-    the loop: (model to call, raw model to save, optimizer, gradient scaler, step)."""
-    place_model(model, dist, parallelism, dtype)
-    seed_everything(seed + dist.rank)  # different dropout masks in each process
-    optimizer = make_optimizer(model, learning_rate, weight_decay, betas, dist.device)
+    dist.log(f"model: {model.num_params() / 1e6:.2f}M parameters, {trained:,} of them trained "
+             f"({100 * trained / sum(p.numel() for p in model.parameters()):.2f}%){note}")
+    place_model(model, dist, config["parallelism"], dtype)
+    seed_everything(config["seed"] + dist.rank)  # different dropout masks in each process
+    optimizer = make_optimizer(model, config["learning_rate"], config["weight_decay"],
+                               (config["beta1"], config["beta2"]), dist.device)
     step = 0 if checkpoint is None else resume_state(model, optimizer, checkpoint, dist)
-    return wrap_model(model, dist, parallelism, compile, dist.log), model, optimizer, gradient_scaler(dist, dtype), step
+    wrapped = wrap_model(model, dist, config["parallelism"], config["compile"], dist.log)
+    run_log = open_run_log(config["out_dir"], config, dist, dtype, step, stage, data=config["data"],
+                           parameters=model.num_params(), trained_parameters=trained)
+    return wrapped, model, optimizer, gradient_scaler(dist, dtype), step, run_log
+
+
+def begin_step(step, max_iters, stop, optimizer, config):
+    """The top of a post-training loop's turn: the step's learning rate, set (warmup_iters steps up to
+    learning_rate, then a cosine down to min_lr at max_iters), and whether the run ends here, the one place
+    where it decides to: (lr, done)."""
+    lr = set_learning_rate(optimizer, learning_rate_at(step, config["learning_rate"], config["warmup_iters"],
+                                                       max_iters, config["min_lr"]))
+    return lr, step >= max_iters or stop.requested()
 
 
 def resume_state(model, optimizer, checkpoint, dist):
