@@ -14,16 +14,9 @@ ordinary text (so typing "<|user|>" cannot fake a turn), and <|end|>:
     <|endoftext|><|system|>Be brief.<|end|><|user|>What is 2+2?<|end|><|assistant|>4<|end|>
 
 A model learns only the assistant's tokens (its content and <|end|>); the other targets are -1. A
-prompt for generation ends with <|assistant|>, and the answer at <|end|>. The new ids go right after
-the tokenizer's last one, in the embedding's padding rows where there is room, each starting as the
-mean of the rows of the tokens that spell its name (docs/post-training.md).
-
-Data files are a JSON list (.json) or JSON Lines (.jsonl), local or an http(s) URL (downloaded once
-into data/downloads/, checked against a given sha256):
-  Alpaca-style  {"instruction", "input" (optional), "output"}
-  chat          {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
-Preference records (dpo.py) have "chosen" and "rejected" instead of the output. A bad record stops
-the run with one line naming the file and the record.
+prompt for generation ends with <|assistant|>, and the answer at <|end|>. Data files hold Alpaca-style
+{"instruction", "input" (optional), "output"} or chat {"messages": [...]} records (preference records:
+"chosen" and "rejected" instead of the output). The new ids and the files: docs/post-training.md.
 """
 
 import functools
@@ -47,7 +40,7 @@ CHAT_TOKENS = tuple(f"<|{role}|>" for role in ROLES) + (END,)
 
 
 def has_chat_tokens(tokenizer):
-    return all(name in tokenizer.special_tokens for name in CHAT_TOKENS)
+    return set(CHAT_TOKENS) <= tokenizer.special_tokens.keys()
 
 
 def add_chat_tokens(model, tokenizer):
@@ -185,8 +178,6 @@ def batch_of(n_units, batch_size, index, seed):
 
 FORMATS = ("a record is {instruction, input (optional), output} or {messages: [{role, content}, ...]}; "
            "a preference record has chosen and rejected instead of the output")
-
-
 DOWNLOADS = "data/downloads"  # where data given by URL is kept
 
 
@@ -270,26 +261,22 @@ def checked_messages(messages, where, last_role):
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def user_turn(record, where):
-    instruction = text_field(record, "instruction", where)
-    extra = text_field(record, "input", where, required=False)
-    return {"role": "user", "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction}
-
-
-def conversation(record, where):
-    """The messages of an SFT record, Alpaca-style or chat."""
+def conversation(record, where, last_role="assistant"):
+    """The messages of an SFT record, Alpaca-style or chat; with last_role 'user', a preference record's prompt."""
     if not isinstance(record, dict):
         raise bad_record(where, f"not a JSON object; {FORMATS}")
     if "messages" in record:
-        return checked_messages(record["messages"], where, "assistant")
-    return [user_turn(record, where), {"role": "assistant", "content": text_field(record, "output", where)}]
+        return checked_messages(record["messages"], where, last_role)
+    instruction, extra = text_field(record, "instruction", where), text_field(record, "input", where, required=False)
+    messages = [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction}]
+    if last_role == "assistant":
+        messages.append({"role": "assistant", "content": text_field(record, "output", where)})
+    return messages
 
 
 def preference(record, where):
     """(prompt messages, chosen answer, rejected answer) of a preference record."""
-    if not isinstance(record, dict):
-        raise bad_record(where, f"not a JSON object; {FORMATS}")
-    prompt = checked_messages(record["messages"], where, "user") if "messages" in record else [user_turn(record, where)]
+    prompt = conversation(record, where, "user")
     return prompt, text_field(record, "chosen", where), text_field(record, "rejected", where)
 
 

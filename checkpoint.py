@@ -4,7 +4,7 @@ written in the background while it trains and resumed exactly (weights, optimize
 every process's random state).
 
 A checkpoint is one file that torch.load(weights_only=True) reads: a dict with
-  kind          'pretrain', 'sft' or 'dpo', what produced it
+  kind          'pretrain', 'sft', 'dpo', 'rl' or 'translate', what produced it
   model_config  GPTConfig fields
   model         the model's state_dict (of a LoRA checkpoint: the adapters only)
   lora, base    a LoRA checkpoint's settings and base checkpoint (path, step, sha256; see lora.py)
@@ -19,12 +19,9 @@ Saving writes a temporary file beside the target, flushed to disk, and renames i
 crash never leaves a half-written ckpt.pt; a full disk stops the run with one line. Loading uses
 weights_only=True: a checkpoint is untrusted input, and a plain pickle could run arbitrary code.
 
-A training run keeps its last few checkpoints as out_dir/ckpt-<step>.pt, out_dir/ckpt.pt a hard link
-to the newest, so an automatic restart can fall back past a damaged one; they are gathered into CPU
-memory and written from a thread while training goes on. Weights and optimizer state go through
-torch.distributed.checkpoint's get_state_dict / set_state_dict with full (unsharded) state dicts, so
-a checkpoint is the same single file from one process, DDP or FSDP at any world size, and loads
-into any of them.
+A training run keeps its last few as out_dir/ckpt-<step>.pt (ckpt.pt a hard link to the newest), written
+from a thread (docs/train.md). Full (unsharded) state dicts make a checkpoint one file from one process,
+DDP or FSDP at any world size, that loads into any of them.
 """
 
 import errno
@@ -70,13 +67,9 @@ def _disk_full(error):
 
 
 def _tensor_bytes(value):
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(_tensor_bytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in value)
-    return 0
+    if isinstance(value, (dict, list, tuple)):
+        return sum(map(_tensor_bytes, value.values() if isinstance(value, dict) else value))
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -173,11 +166,10 @@ def gather_training_state(model, optimizer, keep=True):
 def restore_training_state(model, optimizer, checkpoint):
     """Load a checkpoint's weights (and optimizer state, if given) into a model that FSDP may shard, every
     process passing the whole checkpoint; weights it lacks (a LoRA checkpoint's base's) keep their values."""
-    optimizers = () if optimizer is None else optimizer
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    set_state_dict(model, optimizers, model_state_dict=checkpoint["model"],
-                   optim_state_dict=checkpoint["optimizer"] if optimizer is not None else {},
+    set_state_dict(model, () if optimizer is None else optimizer, model_state_dict=checkpoint["model"],
+                   optim_state_dict={} if optimizer is None else checkpoint["optimizer"],
                    options=StateDictOptions(full_state_dict=True))
 
 
@@ -290,8 +282,7 @@ def save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep, pipeline
 
 
 def wait_for_checkpoint():
-    """Until the checkpoint being written in the background is on disk; stops with one line if
-    writing it failed. Call it before the run ends."""
+    """Until the background checkpoint is on disk (one line if writing it failed); call it before the run ends."""
     checkpoint_writer.wait()
 
 

@@ -125,20 +125,9 @@ def _checked(key, value, default, where):
     if isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
         return type(default)(value)
     if type(value) is not type(default):
-        raise SystemExit(
-            f"config error: {key}={value!r} {where} is a {type(value).__name__}, "
-            f"but {key} expects a {type(default).__name__} (default {default!r})"
-        )
+        raise SystemExit(f"config error: {key}={value!r} {where} is a {type(value).__name__}, "
+                         f"but {key} expects a {type(default).__name__} (default {default!r})")
     return value
-
-
-def _print_help(namespace, keys):
-    doc = (namespace.get("__doc__") or "").strip()
-    if doc:
-        print(doc, end="\n\n")
-    print("config keys (defaults):")
-    for k in keys:
-        print(f"  --{k}={namespace[k]!r}")
 
 
 class _DefaultsRead(Exception):
@@ -172,7 +161,10 @@ def configure(namespace, argv=None):
         _defaults_only.update(defaults)
         raise _DefaultsRead
     if "-h" in argv or "--help" in argv:
-        _print_help(namespace, keys)
+        doc = (namespace.get("__doc__") or "").strip()
+        print((f"{doc}\n\n" if doc else "") + "config keys (defaults):")
+        for k in keys:
+            print(f"  --{k}={namespace[k]!r}")
         raise SystemExit(0)
     for arg in argv:
         if not arg.startswith("--"):

@@ -67,9 +67,7 @@ def setup_distributed(device="auto", cpu_offload=False):
         torch.cuda.set_device(device)
     elif device == "mps":
         raise SystemExit("device error: torchrun with several processes needs CUDA or CPU; use --device=cpu")
-    backend = "gloo"
-    if device.startswith("cuda"):
-        backend = "cuda:nccl,cpu:gloo" if cpu_offload else "nccl"
+    backend = ("cuda:nccl,cpu:gloo" if cpu_offload else "nccl") if device.startswith("cuda") else "gloo"
     if not dist.is_initialized():
         # torchrun keeps one key-value store across restarts (--max-restarts), so the addresses that
         # the processes of the killed attempt published are still in it; without a prefix per
