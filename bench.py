@@ -93,12 +93,6 @@ def timed(fn):
     return time.perf_counter() - start
 
 
-def peak_memory_mb():
-    if cuda:
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
-
-
 def interleaved(variants, run):
     """{name: [seconds of each timed run]} of run(variant), after `warmup` untimed runs of each,
     taking the variants in turn (A B A B ...)."""
@@ -145,7 +139,9 @@ for name, seconds in train_times.items():
         "tokens_per_s": tokens_per_s,
         "mfu": model.flops_per_token(block_size) * tokens_per_s / peak if peak else None,
     }
-results["peak_memory_mb"] = peak_memory_mb()  # training's peak: it needs more than decoding
+# training's peak: it needs more than decoding (Linux reports ru_maxrss in KiB)
+results["peak_memory_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if cuda else
+                             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10)
 del optimizer_of, train_variants
 model.eval()
 

@@ -6,9 +6,8 @@ memory-mapped once and read as random windows, and the copy of a batch to the de
     bins = TokenBins("data/pystdlib", meta, "train", block_size=1024)
     x, y = bins.sample(16, (seed, 0, step, micro_step), "cuda")   # (16, 1024) inputs and targets
 
-Batches are stateless: the windows for (step, micro_step) come from a random generator seeded
-with exactly those numbers. So the data position of a run is its step count, a resumed run reads
-the same batches as one never stopped, and nothing about the loader needs saving.
+Batches are stateless: the windows for (step, micro_step) come from a random generator seeded with
+exactly those numbers, so a resumed run reads the same batches and nothing about the loader is saved.
 """
 
 import json

@@ -113,9 +113,8 @@ def lora_state(state_dict):
 def checkpoint_weights(model_state, lora_settings, base):
     """What a post-training checkpoint stores of the weights: all of them, or, given lora_settings,
     the adapters only, with the settings and the base (describe_base) they go on."""
-    if lora_settings is None:
-        return {"model": model_state}
-    return {"model": lora_state(model_state), "lora": lora_settings, "base": base}
+    return {"model": model_state} if lora_settings is None else \
+        {"model": lora_state(model_state), "lora": lora_settings, "base": base}
 
 
 def checkpoint_sha256(path):

@@ -8,8 +8,7 @@ optimizer step with gradient accumulation, clipping and fp16 loss scaling (optim
     loss = optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip=1.0)
 
 Muon (Jordan et al. 2024) replaces a matrix's update by its nearest orthogonal matrix (newton_schulz),
-so every direction of the update moves at the same rate; it is torch.optim.Muon's update, computed
-in float32 on CPUs, where bfloat16 matrix products are slow, and on whole matrices under FSDP.
+so every direction of the update moves at the same rate. More: docs/train.md.
 """
 
 import math
@@ -31,11 +30,10 @@ def make_optimizer(model, learning_rate, weight_decay, betas, device, optimizer=
     # (An encoder-decoder's encoder blocks are such matrices too.)
     hidden = {n for n, p in named if optimizer == "muon" and p.dim() == 2 and n.startswith(("blocks.", "encoder."))}
     adamw_groups = [
-        {"params": [p for n, p in named if p.dim() >= 2 and n not in hidden], "weight_decay": weight_decay},
-        {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for n, p in named if p.dim() >= 2 and n not in hidden], "weight_decay": weight_decay,
+         "lr_scale": 1.0},
+        {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
     ]
-    for group in adamw_groups:
-        group["lr_scale"] = 1.0
     adamw = torch.optim.AdamW(adamw_groups, lr=learning_rate, betas=betas, fused=device.startswith("cuda"))
     if not hidden:
         return adamw
@@ -75,11 +73,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
 
 def muon_update(param, state, group):
-    """torch.optim.Muon's update of one matrix: Nesterov momentum, the update orthogonalised by
-    newton_schulz, decoupled weight decay, and the learning rate scaled by sqrt(max(1, rows/cols))
-    (torch's default, 'original', adjustment). A matrix that FSDP2 shards (a DTensor) is gathered and
-    orthogonalised whole, bit for bit as one process would, each process keeping its shard: DTensor's own
-    matmuls add partial products in low precision (3x the error, docs/train.md) and pay collectives."""
+    """torch.optim.Muon's update of one matrix (its default 'original' lr adjustment, sqrt(max(1, rows/cols))).
+    A matrix that FSDP2 shards (a DTensor) is gathered and orthogonalised whole, bit for bit as one process
+    would, each process keeping its shard: DTensor's own matmuls lose precision (docs/train.md)."""
     momentum = group["momentum"]
     buffer = state.setdefault("momentum_buffer", torch.zeros_like(param.grad))
     buffer.lerp_(param.grad, 1 - momentum)
@@ -107,8 +103,7 @@ def newton_schulz(matrix, coefficients, steps, eps, dtype=None):
     a, b, c = coefficients
     x = matrix.to(dtype or (torch.bfloat16 if matrix.is_cuda else torch.float32))
     tall = matrix.size(0) > matrix.size(1)
-    if tall:
-        x = x.T
+    x = x.T if tall else x
     x = x / x.norm().clamp(min=eps)
     for _ in range(steps):
         gram = x @ x.T

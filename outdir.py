@@ -1,17 +1,8 @@
 """
 A run's out_dir kept safe: one run at a time, nothing of an earlier run deleted before the new
 one has a checkpoint, no non-finite model saved, a clean exit on Ctrl-C, and on SIGTERM or SIGUSR1
-(preemption) a stop after the step in flight, with a checkpoint of it. Every trainer calls these,
-through trainer.py (take_out_dir, open_run_log, save), in this order:
-
-    lock_out_dir(out_dir, dist)                          # refuse a second run; clear a killed save's temporaries
-    exit_quietly_on_interrupt(out_dir, dist, "--init_from=auto")
-    stop = StopSignals(dist, "--init_from=auto")         # the loop ends where stop.requested(), saving as at its end
-    metrics_path = run_log_path(out_dir, resumed)        # a new run logs beside the earlier run's metrics.jsonl
-    ...
-    stop_unless_finite(raw_model, [loss], dist, "train", step, out_dir)     # before every save
-    path = save_training_checkpoint(...)
-    metrics_path = replace_earlier_run(out_dir, path, metrics_path)       # after every save
+(preemption) a stop after the step in flight, with a checkpoint of it. Every trainer calls these
+through trainer.py: take_out_dir at the start, open_run_log, and save at every evaluation.
 
 The lock is out_dir/run.lock with an flock on it, which the kernel releases however its process ends
 (kill -9 included), so a dead run's lock is taken over without guessing from process ids; holding it,

@@ -114,15 +114,12 @@ if translating:
 elif chat:
     messages = [{"role": "system", "content": system}] if system else []
     while True:
-        if prompt:
-            text = prompt
-        else:
-            try:
-                text = input("> ")
-            except EOFError:  # end of the piped input, or Ctrl-D
-                break
-            if not text.strip():
-                continue
+        try:
+            text = prompt or input("> ")
+        except EOFError:  # end of the piped input, or Ctrl-D
+            break
+        if not (prompt or text.strip()):
+            continue
         messages.append({"role": "user", "content": text})
         ids = chat_prompt_ids(tokenizer, messages)
         if len(ids) > block_size:

@@ -18,10 +18,8 @@ Writes out_dir/ckpt-<step>.pt (kind 'sft'; with LoRA only the adapters and their
 sha256), ckpt.pt linked to the newest, metrics.jsonl, plot.png and report.md. With benchmark set
 (e.g. --benchmark=gsm8k), that task is also scored at every evaluation as benchmark_<metric>.
 
-packing lays the shuffled examples end to end into rows of block_size tokens, attention kept inside
-each example; packing=False pads each batch to its longest. A batch is a pure function of the step,
-so resume='yes' continues the run in out_dir exactly, and resume='auto' does so if there is a
-checkpoint (for torchrun --max-restarts). The skeleton is trainer.py's. More: docs/post-training.md.
+A batch is a pure function of the step, so resume='yes' (or 'auto', for torchrun --max-restarts)
+continues the run in out_dir exactly. The skeleton is trainer.py's. More: docs/post-training.md.
 
 Every default below is a config key: override it in a config file or with --key=value.
 """

@@ -154,6 +154,7 @@ log(f"data {data_dir}: {meta['splits']['train']['tokens']:,} train and {meta['sp
 
 # model: from scratch, from the checkpoint of a run to continue, or from a Hugging Face folder's weights
 checkpoint, ckpt_path = None, os.path.join(out_dir, "ckpt.pt")
+step, best_val_loss = 0, float("inf")
 pretrained = load_checkpoint(init_from) if init_from.startswith("hf:") else None
 if init_from == "resume":
     checkpoint = load_checkpoint(ckpt_path)
@@ -176,14 +177,12 @@ elif pretrained is not None:
     if block_size > model_config.block_size:
         raise SystemExit(f"config error: block_size={block_size} is longer than {init_from}'s context of "
                          f"{model_config.block_size}; set --block_size={model_config.block_size} or less")
-    step, best_val_loss = 0, float("inf")
     log(f"starting a new run from the weights of {init_from}")
 else:
     try:
         model_config = GPTConfig.from_dict(dict(config, vocab_size=meta["vocab_size"]))  # its fields are config keys
     except ValueError as e:
         raise SystemExit(f"config error: {e}") from None
-    step, best_val_loss = 0, float("inf")
 # Built on the meta device, with no memory: place_model (or the pipeline) gives it its weights, a new
 # run's from the seed and under FSDP block by block, each process keeping only its shards.
 with torch.device("cpu" if pretrained is not None else "meta"):
