@@ -123,10 +123,9 @@ def model_class_of(checkpoint):
 
 
 def model_for_generation(path, device, script):
-    """The model and tokenizer of checkpoint `path` ready to generate, and whether it translates
-    (translate.py's: an encoder-decoder, or a decoder-only GPT continuing `source <end-of-text>`), for
-    sample.py and serve.py: LoRA adapters folded in, eval mode, on device; weights not all finite stop
-    with one line naming `script`."""
+    """(model, tokenizer, whether it translates) of checkpoint `path`, for sample.py and serve.py: adapters
+    folded in, eval mode, on device; weights not all finite stop with one line naming `script`. A translator
+    is translate.py's: an encoder-decoder, or a decoder-only GPT continuing `source <end-of-text>`."""
     checkpoint = load_checkpoint(path)
     model, tokenizer = model_from_checkpoint(checkpoint, path)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -263,10 +262,9 @@ checkpoint_writer = BackgroundCheckpointWriter()  # rank 0's: one per process, a
 
 def save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep, pipeline=None, lora=None, base=None,
                              **fields):
-    """Gather the model, optimizer and every process's random state into CPU memory, and (rank 0) write
-    them with fields (kind, step, config, tokenizer, ...) as out_dir/ckpt-<step>.pt from a background
-    thread. Every process must call this; returns the path being written (None on the other ranks).
-    With lora the weights written are the adapters only, with the base they go on."""
+    """Gather the model, optimizer and every process's random state into CPU memory, and (rank 0) write them
+    with fields (kind, step, config, ...) as out_dir/ckpt-<step>.pt in the background (with lora: the adapters
+    and their base). Every process must call this; returns the path being written (None on the other ranks)."""
     if pipeline is None:
         model_state, optimizer_state = gather_training_state(raw_model, optimizer, keep=dist.is_main)
     else:

@@ -139,9 +139,8 @@ _defaults_only = None
 
 @contextlib.contextmanager
 def defaults_only():
-    """`with defaults_only() as defaults: import train` runs a stage script only up to its
-    configure(globals()) call, which puts the script's config defaults into defaults and ends the
-    import there: nothing of the script past its defaults runs. plan.py reads train.py's so."""
+    """`with defaults_only() as defaults: import train` runs a stage script only up to its configure(globals())
+    call, which puts the script's config defaults into defaults and ends the import (plan.py reads train.py's so)."""
     global _defaults_only
     _defaults_only = {}
     try:

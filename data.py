@@ -85,9 +85,8 @@ class TokenBins:
         return self.sample_many(batch_size, [seed], device)
 
     def sample_many(self, batch_size, seeds, device="cpu"):
-        """The batches of several seeds, one after another in one (len(seeds) * batch_size) batch, read into
-        one contiguous (rows, block_size + 1) array (pinned for a GPU), copied at once and cut into x and y
-        on the device: x and y are strided views, which could be neither pinned nor copied in one piece."""
+        """The batches of several seeds in one (len(seeds) * batch_size) batch, read into one contiguous pinned
+        array, copied at once and cut into x and y on the device (views that could not be copied in one piece)."""
         windows = torch.empty((len(seeds) * batch_size, self.block_size + 1), dtype=torch.int64,
                               pin_memory=device.startswith("cuda"))
         rows = windows.numpy()

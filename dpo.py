@@ -41,7 +41,7 @@ from lora import lora_settings
 from optim import optimizer_step
 from parallel import all_reduce_sum, sum_over_batches
 from runtime import device_name
-from trainer import (TUNED_KEYS, Pace, begin_step, chat_model_to_tune, context_length, finish, gradient_accumulation,
+from trainer import (TUNED_KEYS, Pace, begin_step, context_length, finish, gradient_accumulation, model_to_tune,
                      on_reference, prepare_to_tune, reference_model, save, start, stop_if_not_finite, take_out_dir)
 
 # -----------------------------------------------------------------------------
@@ -97,7 +97,7 @@ stop = take_out_dir(out_dir, dist, "--resume=yes")
 # model: a new run takes the chat checkpoint, merged if it holds adapters; a resumed run takes its
 # own checkpoint's model as it was, adapters included
 checkpoint, ckpt_path = checkpoint_to_resume(resume, out_dir, "dpo", config, TUNED_KEYS)
-model, tokenizer, reference_file = chat_model_to_tune(init_from, checkpoint, ckpt_path, dist.log, "dpo")
+model, tokenizer, reference_file = model_to_tune(init_from, checkpoint, ckpt_path, dist.log, chat_script="dpo")
 block_size = context_length(block_size, model)
 
 # data: records -> (prompt, chosen, rejected) -> a unit (inputs, targets, doc ids) for each answer

@@ -146,9 +146,8 @@ def describe_base(path, checkpoint):
 
 
 def checked_base(base, path):
-    """The path of the checkpoint that checkpoint `path` describes as base (describe_base), once it
-    is checked to be there and unchanged: adapters, or a resumed DPO run's reference, never go on
-    weights other than those they were trained with."""
+    """The path of the base (describe_base) of checkpoint `path`, checked to be there and unchanged: adapters,
+    or a resumed run's reference, never go on weights other than those they were trained with."""
     where = f"{path} was trained on {base['path']} (step {base['step']}, sha256 {base['sha256'][:12]}...)"
     if not os.path.exists(base["path"].removeprefix("hf:")):
         raise SystemExit(f"checkpoint error: {where}, which is missing; put it back")
@@ -159,9 +158,8 @@ def checked_base(base, path):
 
 
 def model_with_adapters(checkpoint, path, load_base):
-    """The model and tokenizer of an adapter checkpoint: its base (load_base(base path) gives them),
-    with the chat tokens if the adapters were trained with them, and the adapters. A base that
-    has adapters of its own (DPO on a LoRA SFT) has them merged first, as the trainer did."""
+    """The model and tokenizer of an adapter checkpoint: its base (from load_base(path)), its own adapters merged
+    as the trainer did, with the chat tokens if the adapters were trained with them, and the adapters."""
     model, tokenizer = load_base(checked_base(checkpoint["base"], path))
     merge_lora(model)
     if checkpoint["model_config"]["vocab_size"] > model.config.vocab_size:

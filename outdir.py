@@ -174,9 +174,8 @@ def run_log_path(out_dir, resumed):
 
 
 def replace_earlier_run(out_dir, saved, metrics_path, log=print):
-    """After a new run's first checkpoint (saved) is written, delete the checkpoints of the run that
-    out_dir held before and make the new run's log metrics.jsonl; returns the log's path from now on.
-    Does nothing once done (metrics_path is then metrics.jsonl), so call it after every save; rank 0 only."""
+    """Once a new run's first checkpoint (saved) is written, delete the earlier run's checkpoints and make the
+    new run's log metrics.jsonl; returns the log's path. Call it after every save (rank 0): once done, a no-op."""
     final = os.path.join(out_dir, METRICS_NAME)
     if metrics_path == final:
         return final
@@ -193,9 +192,8 @@ def replace_earlier_run(out_dir, saved, metrics_path, log=print):
 
 
 def stop_unless_finite(model, losses, dist, script, step, out_dir):
-    """Stop, without saving, if any process has a NaN or infinite weight or one of losses (numbers or
-    tensors; None for none) is not finite: weights can be finite and still give NaN (1e30 each, say).
-    Every process must call this."""
+    """Stop, without saving, if any process has a weight or one of losses (None: none) that is not finite: finite
+    weights can still give NaN (1e30 each, say). Every process must call this."""
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # FSDP: this process's shards
     values = [torch.as_tensor(loss, dtype=torch.float32) for loss in losses if loss is not None]
     finite = torch.stack([torch.isfinite(t).all().to(dist.device) for t in local + values]).all().float()

@@ -50,7 +50,7 @@ from optim import optimizer_step
 from parallel import all_reduce_sum
 from runtime import device_name
 import verifiers  # a module, so that its KINDS is no config key of this script
-from trainer import (TUNED_KEYS, Pace, begin_step, chat_model_to_tune, finish, gradient_accumulation, on_reference,
+from trainer import (TUNED_KEYS, Pace, begin_step, finish, gradient_accumulation, model_to_tune, on_reference,
                      prepare_to_tune, reference_model, save, start, stop_if_not_finite, take_out_dir)
 
 # -----------------------------------------------------------------------------
@@ -125,7 +125,7 @@ stop = take_out_dir(out_dir, dist, "--resume=yes")
 # model: a new run takes the chat checkpoint, merged if it holds adapters; a resumed run takes its
 # own checkpoint's model as it was, adapters included
 checkpoint, ckpt_path = checkpoint_to_resume(resume, out_dir, "rl", config, TUNED_KEYS)
-model, tokenizer, reference_file = chat_model_to_tune(init_from, checkpoint, ckpt_path, log, "rl")
+model, tokenizer, reference_file = model_to_tune(init_from, checkpoint, ckpt_path, log, chat_script="rl")
 ends = sorted(stop_ids(tokenizer))
 
 

@@ -103,7 +103,6 @@ if checkpoint is None and not has_chat_tokens(tokenizer):
     model, tokenizer = add_chat_tokens(model, tokenizer)
     dist.log("added the chat tokens: " + ", ".join(f"{name} {tokenizer.special_tokens[name]}" for name in CHAT_TOKENS)
         + f"; the embedding has {model.config.padded_vocab_size} rows")
-base = base if checkpoint is None else checkpoint.get("base")  # what a LoRA checkpoint names as its base
 block_size = context_length(block_size, model)
 
 # data: records -> conversations -> (inputs, targets) -> units (packed rows, or examples)

@@ -77,17 +77,22 @@ def take_out_dir(out_dir, dist, how_to_continue):
     return StopSignals(dist, how_to_continue)
 
 
-def model_to_tune(init_from, checkpoint, ckpt_path, log, describe_start=True):
-    """(model, tokenizer, origin) a post-training run tunes: a resumed run's own checkpoint, adapters included;
-    a new run's init_from, a LoRA one merged, with origin its lora.describe_base (if describe_start)."""
+def model_to_tune(init_from, checkpoint, ckpt_path, log, describe_start=True, chat_script=None):
+    """(model, tokenizer, origin) a post-training run tunes: a resumed run's own checkpoint, adapters included,
+    with the origin it recorded (dpo.py's and rl.py's reference, else the base); a new run's init_from, a LoRA
+    one merged, with origin its lora.describe_base (if describe_start). chat_script (dpo, rl) names the script
+    that needs a chat model: a one-line error when init_from has no chat tokens."""
     if checkpoint is not None:
         log(f"resuming {ckpt_path} at step {checkpoint['step']}")
-        return *model_from_checkpoint(checkpoint, ckpt_path), None
+        return *model_from_checkpoint(checkpoint, ckpt_path), checkpoint.get("reference", checkpoint.get("base"))
     start_checkpoint = load_checkpoint(init_from)
     model, tokenizer = model_from_checkpoint(start_checkpoint, init_from)
     if isinstance(model, EncoderDecoder):  # its forward takes a source and a target: no chat turn fits it
         raise SystemExit(f"checkpoint error: {init_from} is a translation model (encoder-decoder), which post-training "
                          "does not tune; start from a decoder-only checkpoint (train.py's, sft.py's)")
+    if chat_script and not has_chat_tokens(tokenizer):
+        raise SystemExit(f"{chat_script} error: {init_from} is not a chat model (it has no chat tokens); fine-tune "
+                         "it with sft.py first and pass that checkpoint")
     origin = describe_base(init_from, start_checkpoint) if describe_start else None
     merge_lora(model)
     return model, tokenizer, origin
@@ -107,19 +112,6 @@ def reference_model(model, lora, checkpoint, reference_file, ckpt_path, dist, pa
     reference.requires_grad_(False).eval()
     place_model(reference, dist, parallelism, dtype)
     return reference
-
-
-def chat_model_to_tune(init_from, checkpoint, ckpt_path, log, script):
-    """model_to_tune for a trainer that starts from a chat model (dpo.py, rl.py): (model, tokenizer,
-    reference_file), where reference_file names the starting checkpoint (path, step, sha256), a resumed
-    run's as its checkpoint recorded it. A one-line error when init_from has no chat tokens."""
-    model, tokenizer, reference_file = model_to_tune(init_from, checkpoint, ckpt_path, log)
-    if checkpoint is not None:
-        return model, tokenizer, checkpoint["reference"]
-    if not has_chat_tokens(tokenizer):
-        raise SystemExit(f"{script} error: {init_from} is not a chat model (it has no chat tokens); fine-tune it "
-                         "with sft.py first and pass that checkpoint")
-    return model, tokenizer, reference_file
 
 
 @torch.no_grad()
