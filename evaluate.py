@@ -78,8 +78,6 @@ batch_size = 16  # sequences per forward pass; lower it if memory runs out
 device = "auto"
 dtype = "auto"
 # -----------------------------------------------------------------------------
-
-# -----------------------------------------------------------------------------
 # finding the text
 
 

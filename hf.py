@@ -162,8 +162,7 @@ def to_hf(state_dict, config):
     for ours, theirs, transposed in weight_names(config):
         tensor = state_dict.get(ours)
         if tensor is None:  # a bias GPT-2 needs and a bias=False model lacks: zero is the same function
-            rows = state_dict[ours.replace(".bias", ".weight")].shape[0]
-            tensor = torch.zeros(rows)
+            tensor = torch.zeros(len(state_dict[ours.replace(".bias", ".weight")]))
         if ours in ("wte.weight", "lm_head.weight"):
             tensor = tensor[: config.vocab_size]  # drop the padding rows
         sizes = ([config.n_head * config.head_dim] + 2 * [config.n_kv_head * config.head_dim] if ".c_attn." in ours
@@ -183,8 +182,7 @@ def from_hf(tensors, config, folder):
     for ours, theirs, transposed in weight_names(config):
         missing = [name for name in theirs if name not in tensors]
         if missing and ours.endswith(".bias"):  # e.g. Llama with attention_bias but not mlp_bias
-            rows = state_dict[ours.replace(".bias", ".weight")].shape[0]
-            state_dict[ours] = torch.zeros(rows)
+            state_dict[ours] = torch.zeros(len(state_dict[ours.replace(".bias", ".weight")]))
             continue
         if missing:
             raise SystemExit(f"import error: {folder} has no tensor {missing[0]}; the weights do not match config.json")
@@ -297,9 +295,8 @@ def tokenizer_of(folder):
 
 
 def write_file(path, data):
-    """Write data atomically and flushed to disk (runlog.save_atomically): bytes or text, or a function that
-    writes the file at the (temporary) path it is given. A folder that cannot be written (read-only,
-    full) is a one-line error, and no temporary file is left behind."""
+    """Write data (bytes, text, or a function that writes the file at the temporary path it is given) atomically
+    and flushed to disk; a folder that cannot be written is a one-line error, with no temporary left behind."""
     def write(f):
         if callable(data):
             data(f.name)

@@ -138,9 +138,8 @@ class Pipeline:
 
 
 def pipeline_optimizer_step(pipeline, optimizer, x, y, grad_clip, autocast):
-    """One optimizer step of a pipeline stage: every micro-batch forward and backward through the
-    schedule, gradients averaged over the replicas and clipped over all stages, the update. Returns
-    the step's mean loss on the last stage and 0 on the others, as a tensor (not synchronised)."""
+    """One optimizer step of a pipeline stage, gradients averaged over the replicas and clipped over all stages;
+    returns the step's mean loss on the last stage and 0 on the others, as a tensor (not synchronised)."""
     with autocast:
         losses = pipeline.run(x, y)
     pipeline.average_gradients()
@@ -153,9 +152,8 @@ def pipeline_optimizer_step(pipeline, optimizer, x, y, grad_clip, autocast):
 
 @torch.no_grad()
 def estimate_loss_pipelined(pipeline, bins_by_split, eval_iters, batch_size, device, autocast, seed):
-    """estimate_loss for a pipeline: the same batches, dealt out to the data-parallel replicas and
-    sent through the schedule as many at a time as it has micro-batches; batches past eval_iters
-    only fill the last group and are not counted."""
+    """estimate_loss for a pipeline: the same batches, dealt out to the replicas and sent through the schedule
+    as many at a time as it has micro-batches; batches past eval_iters only fill the last group, uncounted."""
     microbatches, was_training = pipeline.microbatches, pipeline.model.training
     pipeline.model.eval()
     losses = {}

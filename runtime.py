@@ -93,9 +93,8 @@ def teardown_distributed():
 
 
 def pick_dtype(device, dtype="auto"):
-    """The compute precision: bf16 on GPUs that have it, fp16 on older GPUs, else float32. On a CPU 'auto'
-    is float32: most CPUs have no bfloat16 matrix units (~25x slower), and even AVX512-BF16 did not train
-    the quickstart's model faster (docs/train.md); ask for bfloat16 explicitly to try it."""
+    """The compute precision: bf16 on GPUs that have it, fp16 on older GPUs, else float32 (a CPU's bfloat16 is
+    mostly emulated, ~25x slower, and not faster even with AVX512-BF16: docs/train.md; ask for it to try it)."""
     if dtype == "auto":
         if device.startswith("cuda"):
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"

@@ -78,10 +78,9 @@ def take_out_dir(out_dir, dist, how_to_continue):
 
 
 def model_to_tune(init_from, checkpoint, ckpt_path, log, describe_start=True, chat_script=None):
-    """(model, tokenizer, origin) a post-training run tunes: a resumed run's own checkpoint, adapters included,
-    with the origin it recorded (dpo.py's and rl.py's reference, else the base); a new run's init_from, a LoRA
-    one merged, with origin its lora.describe_base (if describe_start). chat_script (dpo, rl) names the script
-    that needs a chat model: a one-line error when init_from has no chat tokens."""
+    """(model, tokenizer, origin) a post-training run tunes: a resumed run's checkpoint, adapters included, with
+    the origin it recorded (its reference, else its base); a new run's init_from, merged, with origin its
+    lora.describe_base (if describe_start), and with chat_script (dpo, rl) an error unless it has chat tokens."""
     if checkpoint is not None:
         log(f"resuming {ckpt_path} at step {checkpoint['step']}")
         return *model_from_checkpoint(checkpoint, ckpt_path), checkpoint.get("reference", checkpoint.get("base"))
@@ -137,11 +136,9 @@ def context_length(block_size, model):
 
 
 def prepare_to_tune(model, checkpoint, lora, dist, dtype, config, stage, note=""):
-    """A post-training run's model made ready for its loop: a new run's LoRA adapters added (a resumed model
-    has them), a line on how many parameters train (with note), the model placed (parallel.py) with its AdamW
-    and a resumed run's state, and wrapped; and the run's RunLog. config holds the script's keys parallelism,
-    compile, seed, learning_rate, weight_decay, beta1, beta2, out_dir and data.
-    Returns (model to call, raw model to save, optimizer, gradient scaler, step, run_log)."""
+    """A post-training run's model made ready for its loop: a new run's LoRA adapters added, a line on how many
+    parameters train (with note), the model placed with its AdamW and a resumed run's state, wrapped; and its
+    RunLog, from the script's config. (model to call, raw model to save, optimizer, scaler, step, run_log)."""
     if lora and checkpoint is None:
         add_lora(model, **lora)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -159,9 +156,8 @@ def prepare_to_tune(model, checkpoint, lora, dist, dtype, config, stage, note=""
 
 
 def begin_step(step, max_iters, stop, optimizer, config):
-    """The top of a post-training loop's turn: the step's learning rate, set (warmup_iters steps up to
-    learning_rate, then a cosine down to min_lr at max_iters), and whether the run ends here, the one place
-    where it decides to: (lr, done)."""
+    """The top of a post-training loop's turn: (the step's learning rate, set: warmup, then a cosine to min_lr at
+    max_iters; whether the run ends here)."""
     lr = set_learning_rate(optimizer, learning_rate_at(step, config["learning_rate"], config["warmup_iters"],
                                                        max_iters, config["min_lr"]))
     return lr, step >= max_iters or stop.requested()
