@@ -30,8 +30,8 @@ import os
 import random
 import re
 import shutil
-import threading
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 import numpy as np
@@ -227,31 +227,26 @@ class BackgroundCheckpointWriter:
     training goes on. wait(), before each write and at the end, stops with one line if the last failed."""
 
     def __init__(self):
-        self.thread, self.error = None, None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+        self.pending = None  # the Future of the write under way
         self.written = None  # the path of the last checkpoint written to disk
 
     def save(self, checkpoint, out_dir, keep):
         """Start writing checkpoint; returns the path it goes to."""
         self.wait()
-
-        def write():
-            try:
-                self.written = save_run_checkpoint(checkpoint, out_dir, keep)
-            except BaseException as e:  # reported on the main thread by wait(); SystemExit too (a one-line error)
-                self.error = e
-
-        self.thread = threading.Thread(target=write, name="checkpoint-writer")
-        self.thread.start()
+        self.pending = self.pool.submit(save_run_checkpoint, checkpoint, out_dir, keep)
         return run_checkpoint_path(out_dir, checkpoint["step"])
 
     def wait(self):
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-        if self.error is not None:
-            error, self.error = self.error, None
-            if isinstance(error, SystemExit):  # already the one line to stop with
-                raise error
+        if self.pending is None:
+            return
+        error = self.pending.exception()  # a Ctrl-C meanwhile leaves it pending, for the handler's own wait()
+        pending, self.pending = self.pending, None
+        if error is None:
+            self.written = pending.result()
+        elif isinstance(error, SystemExit):  # already the one line to stop with
+            raise error
+        else:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise SystemExit(f"checkpoint error: writing a checkpoint to disk failed ({reason}); check that the "
                              "out_dir is writable and has free space, then resume from the last checkpoint")
