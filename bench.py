@@ -8,12 +8,9 @@ generate on the same weights (exported with hf.py), side by side in one run.
     python bench.py --device=cpu --compile=False --out=bench.json   # JSON as well as the table
     python bench.py --device=cpu --train=False --compile=False     # decoding alone, ours beside transformers
 
-The model keys are train.py's (n_layer, n_embd, mlp, ..., vocab_size, batch_size, device, dtype,
-compile, peak_flops); --optimizers=muon,adamw times both, --eager=False the compiled model alone,
---decode_batch_sizes=[] skips decoding, --train=False training. Weights and tokens are random. Timings
-are medians over `repeats` after `warmup` untimed runs, the variants interleaved A B A B. Peak memory
-is CUDA's max_memory_allocated, or on a CPU the process's peak RSS so far. The table and the JSON
-start with the machine's facts (runtime.machine_facts). More: docs/benchmarks.md.
+The model keys are train.py's; weights and tokens are random. Timings are medians over `repeats` after
+`warmup` untimed runs, the variants interleaved A B A B; the table and the JSON start with the machine's
+facts (runtime.machine_facts). More: docs/benchmarks.md.
 """
 
 import json

@@ -7,9 +7,7 @@ summed over them (sum_over_batches, estimate_loss).
     place_model(model, dist, "fsdp", "bfloat16", seed=1337)   # a model built on the meta device gets its weights here
     model = wrap_model(model, dist, "ddp", compile=True)        # what the training loop calls
 
-DDP keeps a whole copy of the model in every process and averages the gradients; FSDP shards each
-block's parameters, gradients and optimizer state over the processes and gathers a block's
-parameters only while it runs, so a model larger than one GPU's memory trains.
+More: docs/scaling.md.
 """
 
 import math

@@ -6,9 +6,8 @@ Device, precision, distributed and random-state setup shared by every stage scri
     autocast = autocast_context(dist.device, dtype)   # `with autocast:` around forward passes
     print(describe_machine(machine_facts(dist.device)))   # what a timing depends on, to print beside it
 
-Run under torchrun, a script gets one process per GPU (or CPU worker); torchrun sets
-RANK, LOCAL_RANK and WORLD_SIZE, and the processes meet through torch.distributed
-(NCCL between GPUs, gloo between CPU processes). Run plainly, it is rank 0 of 1.
+Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE) a script is one process per GPU or CPU worker, meeting the
+others through NCCL or gloo; run plainly, it is rank 0 of 1.
 """
 
 import os
