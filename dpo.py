@@ -94,8 +94,7 @@ accumulation_steps = gradient_accumulation("total_batch_size", total_batch_size,
                                            processes=dist.world_size)
 stop = take_out_dir(out_dir, dist, "--resume=yes")
 
-# model: a new run takes the chat checkpoint, merged if it holds adapters; a resumed run takes its
-# own checkpoint's model as it was, adapters included
+# model: a new run's chat checkpoint init_from (adapters merged); a resumed run's own, adapters included
 checkpoint, ckpt_path = checkpoint_to_resume(resume, out_dir, "dpo", config, TUNED_KEYS)
 model, tokenizer, reference_file = model_to_tune(init_from, checkpoint, ckpt_path, dist.log, chat_script="dpo")
 block_size = context_length(block_size, model)

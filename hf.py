@@ -203,9 +203,8 @@ def from_hf(tensors, config, folder):
 
 
 def byte_to_unicode():
-    """GPT-2's map from bytes to the characters that vocab.json and merges.txt are written in: printable
-    Latin-1 bytes stand for themselves, the rest (space, control bytes) move to U+0100 and up, in order,
-    so every token is a string of visible characters."""
+    """GPT-2's map from bytes to the characters vocab.json and merges.txt are written in: printable Latin-1 bytes
+    stand for themselves, the rest (space, control bytes) move to U+0100 and up, so every token is visible."""
     printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), 256))
     moved = [b for b in range(256) if b not in printable]
     return {b: chr(b) if b in printable else chr(256 + moved.index(b)) for b in range(256)}
@@ -230,10 +229,9 @@ def merges_of(tokens):
 
 
 def byte_level_bpe(tokenizer):
-    """Any of tokenizer.py's kinds as byte-level BPE, as Hugging Face's GPT2Tokenizer and llama.cpp's 'gpt2'
-    read it: ({token: id}, the merges [(left, right), ...] in rank order), in byte_to_unicode's characters.
-    'byte' is 256 tokens with no merges; 'char' a token per character, its bytes merged left to right
-    (a merge never joins two characters: a character's later bytes never begin one)."""
+    """Any of tokenizer.py's kinds as byte-level BPE for GPT2Tokenizer and llama.cpp's 'gpt2': ({token: id}, the
+    merges [(left, right), ...] in rank order) in byte_to_unicode's characters. 'byte' has no merges; 'char' is
+    a token per character, its bytes merged left to right (a character's later bytes never begin one)."""
     special_ids = set(tokenizer.special_tokens.values())
     if tokenizer.kind == "bpe":
         ranks = read_ranks(tokenizer.description["ranks"])

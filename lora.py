@@ -140,8 +140,7 @@ def describe_base(path, checkpoint):
     else:
         absolute = os.path.abspath(path)
         siblings = glob.glob(os.path.join(os.path.dirname(absolute), "ckpt-*.pt"))
-        same = [p for p in siblings if os.path.samefile(p, absolute)]
-        absolute = same[0] if same else absolute
+        absolute = next((p for p in siblings if os.path.samefile(p, absolute)), absolute)
     return {"path": absolute, "step": checkpoint.get("step"), "sha256": checkpoint_sha256(path)}
 
 

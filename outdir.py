@@ -118,10 +118,9 @@ def exit_quietly_on_interrupt(out_dir, dist, how_to_continue):
 
 
 class StopSignals:
-    """SIGTERM and SIGUSR1 (a preemption, SLURM's --signal warning, torchrun passing either on) ask the run
-    to stop and save. The handler only notes the signal; requested(), at every step boundary, gives every
-    process the same answer at the same step through an all-reduce over a gloo group of its own, started
-    at one boundary and read at the next: no step waits for it, and a run stops one step later at most."""
+    """SIGTERM and SIGUSR1 (a preemption, SLURM's --signal warning) ask the run to stop and save. The handler
+    notes the signal; requested() gives every process the same answer at the same step through an all-reduce
+    on a gloo group of its own, started at one step boundary and read at the next: no step waits for it."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

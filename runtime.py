@@ -51,9 +51,8 @@ class Distributed:
 
 
 def setup_distributed(device="auto", cpu_offload=False):
-    """Join the process group when launched by torchrun, and pick this process's device.
-    cpu_offload (FSDP's): a process group even for a single process, since FSDP needs one, and on
-    GPUs gloo beside NCCL, since the offloaded shards' collectives (the gradient norm) run on CPU tensors."""
+    """Join the process group when launched by torchrun, and pick this process's device. cpu_offload (FSDP's):
+    a group even for one process, and gloo beside NCCL for the offloaded shards' collectives on CPU tensors."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1 and not cpu_offload:
         return Distributed(0, 0, 1, pick_device(device))

@@ -95,8 +95,7 @@ if benchmark and parallelism == "fsdp" and dist.world_size > 1:
 benchmark_data = read_benchmark(benchmark, benchmark_dir, benchmark_limit, dist.log) if benchmark else None
 stop = take_out_dir(out_dir, dist, "--resume=yes")
 
-# model: a new run takes the checkpoint to fine-tune, merged if it holds adapters, with the chat
-# tokens; a resumed run takes its own checkpoint's model as it was, adapters included
+# model: a new run's init_from (adapters merged) with the chat tokens; a resumed run's own, adapters included
 checkpoint, ckpt_path = checkpoint_to_resume(resume, out_dir, "sft", config, TUNED_KEYS)
 model, tokenizer, base = model_to_tune(init_from, checkpoint, ckpt_path, dist.log, describe_start=lora_rank > 0)
 if checkpoint is None and not has_chat_tokens(tokenizer):

@@ -136,10 +136,9 @@ def merge_pair(word, pair, new_id):
 
 
 def train_bpe(word_counts, n_merges):
-    """Learn up to n_merges byte-pair merges from {word bytes: count}; return the new tokens in rank order.
-    Each step merges the most frequent adjacent pair (ties: smaller ids) into a new token. Only the words
-    that hold the pair (an index pair -> words) are re-counted, and the best pair comes off a heap, so a
-    merge costs the words it touches, not the corpus."""
+    """Learn up to n_merges byte-pair merges from {word bytes: count}; return the new tokens in rank order. Each
+    step merges the most frequent adjacent pair (ties: smaller ids); only the words that hold it (an index) are
+    re-counted and the best pair comes off a heap, so a merge costs the words it touches, not the corpus."""
     words = [list(word) for word in word_counts]
     freqs = list(word_counts.values())
     counts = collections.Counter()
