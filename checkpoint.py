@@ -282,12 +282,9 @@ def wait_for_checkpoint():
 def rng_state():
     """Every random-number generator's state, in types torch.load(weights_only=True) accepts."""
     np_state = np.random.get_state(legacy=False)
-    state = {
-        "python": random.getstate(),
-        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)), "pos": np_state["state"]["pos"],
-                  "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]},
-        "torch": torch.get_rng_state(),
-    }
+    key, pos = torch.from_numpy(np_state["state"]["key"].astype(np.int64)), np_state["state"]["pos"]
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"key": key, "pos": pos, "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]}}
     if torch.cuda.is_available():
         # this process's GPU only: a process uses one, and a resumed run may see fewer GPUs per process
         state["cuda"] = torch.cuda.get_rng_state()
