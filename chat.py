@@ -64,8 +64,7 @@ def add_chat_tokens(model, tokenizer):
 
 
 def grow_vocabulary(model, rows):
-    """Replace the embedding and output layer by ones with `rows` rows: the old rows kept, the new
-    ones initialised as the model initialises any embedding."""
+    """Replace the embedding and output layer by ones of `rows` rows: the old rows kept, the new ones initialised."""
     old_wte, old_head = model.wte, model.lm_head
     n, like = old_wte.num_embeddings, dict(device=old_wte.weight.device, dtype=old_wte.weight.dtype)
     model.wte = nn.Embedding(rows, old_wte.embedding_dim, **like)
@@ -83,8 +82,7 @@ def grow_vocabulary(model, rows):
 
 
 def render(tokenizer, messages):
-    """A conversation's token ids, and for each id whether the model learns to say it (the
-    assistant's content and its <|end|>)."""
+    """A conversation's token ids, and for each whether the model learns to say it (the assistant's and its <|end|>)."""
     special = tokenizer.special_tokens
     ids, learned = [tokenizer.eot_id], [False]
     for message in messages:
@@ -100,9 +98,8 @@ def prompt_ids(tokenizer, messages):
 
 
 def chat_template(tokenizer):
-    """The format above as the Jinja chat_template of tokenizer_config.json and GGUF files, so transformers,
-    llama.cpp and Ollama render a conversation as render() and prompt_ids() do (though they recognise
-    special tokens by name, so there a message that spells out <|user|> does fake a turn)."""
+    """The format above as the Jinja chat_template of tokenizer_config.json and GGUF files, for transformers,
+    llama.cpp and Ollama (which recognise special tokens by name: there, a message spelling <|user|> fakes a turn)."""
     eot = next(name for name, i in tokenizer.special_tokens.items() if i == tokenizer.eot_id)
     return (f"{eot}{{% for message in messages %}}"
             f"{{% if message['role'] not in {list(ROLES)} %}}"
@@ -125,8 +122,7 @@ def training_example(ids, learned, block_size):
 
 
 def response_logprobs(logits, targets):
-    """Per row, the summed log-probability of the targets that are not -1 (the assistant's
-    tokens): logits (B, T, V) and targets (B, T) give (B,)."""
+    """Per row, the summed log-probability of the targets that are not -1: logits (B, T, V), targets (B, T) -> (B,)."""
     nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
     return -nll.view(targets.shape).sum(dim=1)
 
@@ -244,8 +240,7 @@ def text_field(record, key, where, required=True):
 
 
 def checked_messages(messages, where, last_role):
-    """A chat record's messages: an optional system message, then user and assistant in turn,
-    ending with last_role."""
+    """A chat record's messages: an optional system message, then user and assistant in turn, ending with last_role."""
     if not isinstance(messages, list) or not messages:
         raise bad_record(where, "'messages' must be a non-empty list of {role, content}")
     start = 1 if isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0

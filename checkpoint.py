@@ -212,8 +212,7 @@ def save_run_checkpoint(checkpoint, out_dir, keep):
 
 
 def load_newest_checkpoint(out_dir):
-    """The newest checkpoint of out_dir that loads, falling back past damaged ones (and saying so);
-    (None, None) if there is none."""
+    """(checkpoint, path) of out_dir's newest that loads, past damaged ones (saying so); (None, None) if none."""
     for path in checkpoints_newest_first(out_dir):
         try:
             return load_checkpoint(path), path

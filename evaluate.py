@@ -97,8 +97,7 @@ def reads_data_of(tokenizer, description):
 
 
 def trained_on(checkpoint, path):
-    """The dataset a checkpoint's model was pretrained on: its run's, else (sft.py, dpo.py) that of the
-    checkpoint its run started from, and so on back."""
+    """The dataset a checkpoint's model was pretrained on: its run's, else that of the checkpoint it started from."""
     seen = []
     while not checkpoint.get("config", {}).get("dataset"):
         seen.append(path)

@@ -271,8 +271,7 @@ def bpe_files(tokenizer, block_size):
 
 
 def tokenizer_of(folder):
-    """The tokenizer description of a folder: its sidecar if it has one, else GPT-2's if its
-    vocab.json and merges.txt are GPT-2's; a one-line error otherwise."""
+    """A folder's tokenizer description: its sidecar, else GPT-2's if its vocab.json and merges.txt are GPT-2's."""
     if os.path.isfile(os.path.join(folder, TOKENIZER_SIDECAR)):
         return json.loads(Path(folder, TOKENIZER_SIDECAR).read_text())
     names = ("vocab.json", "merges.txt")

@@ -100,8 +100,7 @@ class Pipeline:
                                                                                  loss_fn=cross_entropy)
 
     def run(self, x, y, backward=True):
-        """Forward (and backward) micro-batches x (m * batch, T) with targets y through the stages;
-        on the last stage returns the m micro-batch losses, elsewhere None."""
+        """Forward (and backward) micro-batches x (m * batch, T), targets y; the last stage returns the m losses."""
         losses = []
         inputs = (x,) if self.is_first else ()  # later stages receive their inputs from the stage before
         run = self.schedule.step if backward else self.schedule.eval
@@ -177,8 +176,7 @@ def estimate_loss_pipelined(pipeline, bins_by_split, eval_iters, batch_size, dev
 
 
 def join_pipeline_stages(part, dist):
-    """On rank 0, the whole model's and optimizer's state dicts from every stage's (model, optimizer)
-    part (None from the replicas that hold a copy); None elsewhere."""
+    """On rank 0, the whole model's and optimizer's state dicts from every stage's part (None from replicas)."""
     parts = [None] * dist.world_size if dist.is_main else None
     torch.distributed.gather_object(part, parts, dst=0)
     if not dist.is_main:

@@ -102,8 +102,7 @@ def reference_model(model, lora, checkpoint, reference_file, ckpt_path, dist, pa
 
 @torch.no_grad()
 def on_reference(reference, raw_model, forward):
-    """forward(net) on the reference model of reference_model(): the frozen copy, or with LoRA the policy
-    with its adapters off (and no dropout)."""
+    """forward(net) on reference_model()'s model: the frozen copy, or with LoRA the policy, adapters off, no dropout."""
     if reference is not None:
         return forward(reference)
     was_training = raw_model.training
@@ -162,8 +161,7 @@ def gradient_scaler(dist, dtype):
 
 
 def open_run_log(out_dir, config, dist, dtype, step, stage, **facts):
-    """The run's RunLog: a resumed run (step > 0) goes on in metrics.jsonl, and its curves from its
-    checkpoint's step (runlog.py); a new one logs beside it."""
+    """The run's RunLog: a resumed run (step > 0) goes on in metrics.jsonl from its step; a new one logs beside it."""
     return RunLog(out_dir, config, dist.is_main, run_log_path(out_dir, resumed=step > 0), resumed_at=step or None,
                   stage=stage, device=device_name(dist.device), processes=dist.world_size, dtype=dtype, **facts)
 
