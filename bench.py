@@ -177,13 +177,11 @@ for batch in decode_batch_sizes:
         outputs = {name: decode(prompt, new_tokens) for name, decode in decoders.items()}
         first = interleaved(decoders, lambda decode: decode(prompt, 1))
         whole = interleaved(decoders, lambda decode: decode(prompt, new_tokens))
-    rows = {}
-    for name in decoders:
-        rows[name] = {"first_token_ms": 1e3 * statistics.median(first[name]),
-                      "tokens_per_s": batch * new_tokens / statistics.median(whole[name]),
-                      "generate_ms_median": 1e3 * statistics.median(whole[name]),
-                      "generate_ms_min": 1e3 * min(whole[name]),
-                      "same_tokens_as_ours": torch.equal(outputs[name], outputs["ours"])}
+    rows = {name: {"first_token_ms": 1e3 * statistics.median(first[name]),
+                   "tokens_per_s": batch * new_tokens / statistics.median(whole[name]),
+                   "generate_ms_median": 1e3 * statistics.median(whole[name]),
+                   "generate_ms_min": 1e3 * min(whole[name]),
+                   "same_tokens_as_ours": torch.equal(outputs[name], outputs["ours"])} for name in decoders}
     for r in rows.values():  # > 1: faster than transformers
         r["speed_vs_hf"] = r["tokens_per_s"] / rows["hf"]["tokens_per_s"] if hf else None
     results["decode"][f"batch{batch}"] = rows

@@ -1,14 +1,13 @@
 """
 Config overrides shared by every stage script, with nanoGPT's semantics.
 
-A stage script lists its defaults as module-level variables, then calls config = configure(globals()),
-which applies each positional argument (a Python file run in the script's globals, e.g.
-config/quickstart.py), then each --key=value (parsed with ast.literal_eval, else the raw string): so
-`python train.py config/quickstart.py --learning_rate=3e-4` is train.py's defaults, the file, the flag.
-A config key is a module-level name without a leading underscore holding a bool, int, float, str,
-tuple, list, dict or None. An unknown key (with the closest valid names), a wrong type, a value out
-of range (VALID_RANGES, one table for every script) or a bad config file stops the run with one line,
-before any work. The returned dict is the final config, printed and stored in checkpoints.
+A stage script lists its defaults as module-level variables, then calls config = configure(globals()), which
+applies each positional argument (a Python file run in the script's globals, e.g. config/quickstart.py), then
+each --key=value (parsed with ast.literal_eval, else the raw string): so `python train.py config/quickstart.py
+--learning_rate=3e-4` is train.py's defaults, the file, the flag. A config key is a module-level name without
+a leading underscore holding a bool, int, float, str, tuple, list, dict or None. An unknown key, a wrong type,
+a value out of range (VALID_RANGES, one table for every script) or a bad config file stops the run with one
+line, before any work. The returned dict is the final config, printed and stored in checkpoints.
 """
 
 import ast

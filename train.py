@@ -18,10 +18,9 @@ RNG states, config and tokenizer: all that sample.py and a resumed run need), ke
 keep_checkpoints with ckpt.pt linked to the newest, and metrics.jsonl, plot.png and report.md. With
 benchmark set, an evaluate.py task is scored at every evaluation too, as benchmark_<metric>.
 
-total_batch_tokens fixes the tokens per step and the gradient accumulation follows, so a config gives
-the same optimization on 1 or 8 GPUs. Under torchrun: DDP, or parallelism='fsdp' (FSDP2, optionally
-cpu_offload), and pipeline_stages=S (GPipe or 1F1B); checkpoints have one format for all of these, so
-any run resumes in any other layout. More: docs/train.md and docs/scaling.md.
+total_batch_tokens fixes the tokens per step and the gradient accumulation follows, so a config gives the
+same optimization on 1 or 8 GPUs; a checkpoint of any layout (DDP, FSDP, pipeline stages) resumes in any
+other. More: docs/train.md and docs/scaling.md.
 
 Every default below is a config key: override it in a config file or with --key=value.
 """
