@@ -10,11 +10,9 @@ Generate text from a trained checkpoint, printing each sample as it is generated
     python sample.py --out_dir=out/multi30k_de_en --translate="Ein Hund rennt über die Wiese."
     python sample.py --out_dir=out/multi30k_de_en --translate_file=sentences.de --beam_size=4 > sentences.en
 
-Reads the checkpoint only: the model, its config and its tokenizer are all in it. With --chat=True
-(an sft.py or dpo.py model) each line of stdin is a user turn, answered as it is generated, the whole
-conversation the context of the next answer; --prompt asks one question and stops. A translation
-checkpoint translates --translate, or each line of --translate_file to one line of stdout (notes go
-to stderr), greedy or with --beam_size.
+Reads the checkpoint only: the model, its config and its tokenizer are all in it. With --chat=True each line
+of stdin is a user turn, answered as it is generated, the whole conversation the context of the next answer.
+A translation checkpoint translates each line of --translate_file to one line of stdout (notes to stderr).
 """
 
 import os

@@ -1,7 +1,6 @@
 """
-Tokenizers, rebuilt from the description that prepare.py writes into meta.json
-and every checkpoint copies, so any stage can turn text into ids and back with
-nothing but that description.
+Tokenizers, rebuilt from the description that prepare.py writes into meta.json and every checkpoint
+copies, so any stage can turn text into ids and back with nothing but that description.
 
 Kinds: 'gpt2' (tiktoken's GPT-2 BPE, 50257 ids; TIKTOKEN_CACHE_DIR for offline use), 'bpe' (a
 byte-level BPE that prepare.py trains, its whole vocabulary inline in tiktoken's format, encoded by
