@@ -8,12 +8,9 @@ generate on the same weights (exported with hf.py), side by side in one run.
     python bench.py --device=cpu --compile=False --out=bench.json   # JSON as well as the table
     python bench.py --device=cpu --train=False --compile=False     # decoding alone, ours beside transformers
 
-The model keys are train.py's (n_layer, n_embd, mlp, ..., vocab_size, batch_size, device, dtype,
-compile, peak_flops); --optimizers=muon,adamw times both, --eager=False the compiled model alone,
---decode_batch_sizes=[] skips decoding, --train=False training. Weights and tokens are random. Timings
-are medians over `repeats` after `warmup` untimed runs, the variants interleaved A B A B. Peak memory
-is CUDA's max_memory_allocated, or on a CPU the process's peak RSS so far. The table and the JSON
-start with the machine's facts (runtime.machine_facts). More: docs/benchmarks.md.
+The model keys are train.py's; weights and tokens are random. Timings are medians over `repeats` after
+`warmup` untimed runs, the variants interleaved A B A B; the table and the JSON start with the machine's
+facts (runtime.machine_facts). More: docs/benchmarks.md.
 """
 
 import json
@@ -93,12 +90,6 @@ def timed(fn):
     return time.perf_counter() - start
 
 
-def peak_memory_mb():
-    if cuda:
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
-
-
 def interleaved(variants, run):
     """{name: [seconds of each timed run]} of run(variant), after `warmup` untimed runs of each,
     taking the variants in turn (A B A B ...)."""
@@ -145,7 +136,9 @@ for name, seconds in train_times.items():
         "tokens_per_s": tokens_per_s,
         "mfu": model.flops_per_token(block_size) * tokens_per_s / peak if peak else None,
     }
-results["peak_memory_mb"] = peak_memory_mb()  # training's peak: it needs more than decoding
+# training's peak: it needs more than decoding (Linux reports ru_maxrss in KiB)
+results["peak_memory_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if cuda else
+                             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10)
 del optimizer_of, train_variants
 model.eval()
 
@@ -184,13 +177,11 @@ for batch in decode_batch_sizes:
         outputs = {name: decode(prompt, new_tokens) for name, decode in decoders.items()}
         first = interleaved(decoders, lambda decode: decode(prompt, 1))
         whole = interleaved(decoders, lambda decode: decode(prompt, new_tokens))
-    rows = {}
-    for name in decoders:
-        rows[name] = {"first_token_ms": 1e3 * statistics.median(first[name]),
-                      "tokens_per_s": batch * new_tokens / statistics.median(whole[name]),
-                      "generate_ms_median": 1e3 * statistics.median(whole[name]),
-                      "generate_ms_min": 1e3 * min(whole[name]),
-                      "same_tokens_as_ours": torch.equal(outputs[name], outputs["ours"])}
+    rows = {name: {"first_token_ms": 1e3 * statistics.median(first[name]),
+                   "tokens_per_s": batch * new_tokens / statistics.median(whole[name]),
+                   "generate_ms_median": 1e3 * statistics.median(whole[name]),
+                   "generate_ms_min": 1e3 * min(whole[name]),
+                   "same_tokens_as_ours": torch.equal(outputs[name], outputs["ours"])} for name in decoders}
     for r in rows.values():  # > 1: faster than transformers
         r["speed_vs_hf"] = r["tokens_per_s"] / rows["hf"]["tokens_per_s"] if hf else None
     results["decode"][f"batch{batch}"] = rows

@@ -14,16 +14,9 @@ ordinary text (so typing "<|user|>" cannot fake a turn), and <|end|>:
     <|endoftext|><|system|>Be brief.<|end|><|user|>What is 2+2?<|end|><|assistant|>4<|end|>
 
 A model learns only the assistant's tokens (its content and <|end|>); the other targets are -1. A
-prompt for generation ends with <|assistant|>, and the answer at <|end|>. The new ids go right after
-the tokenizer's last one, in the embedding's padding rows where there is room, each starting as the
-mean of the rows of the tokens that spell its name (docs/post-training.md).
-
-Data files are a JSON list (.json) or JSON Lines (.jsonl), local or an http(s) URL (downloaded once
-into data/downloads/, checked against a given sha256):
-  Alpaca-style  {"instruction", "input" (optional), "output"}
-  chat          {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
-Preference records (dpo.py) have "chosen" and "rejected" instead of the output. A bad record stops
-the run with one line naming the file and the record.
+prompt for generation ends with <|assistant|>, and the answer at <|end|>. Data files hold Alpaca-style
+{"instruction", "input" (optional), "output"} or chat {"messages": [...]} records (preference records:
+"chosen" and "rejected" instead of the output). The new ids and the files: docs/post-training.md.
 """
 
 import functools
@@ -47,7 +40,7 @@ CHAT_TOKENS = tuple(f"<|{role}|>" for role in ROLES) + (END,)
 
 
 def has_chat_tokens(tokenizer):
-    return all(name in tokenizer.special_tokens for name in CHAT_TOKENS)
+    return set(CHAT_TOKENS) <= tokenizer.special_tokens.keys()
 
 
 def add_chat_tokens(model, tokenizer):
@@ -71,8 +64,7 @@ def add_chat_tokens(model, tokenizer):
 
 
 def grow_vocabulary(model, rows):
-    """Replace the embedding and output layer by ones with `rows` rows: the old rows kept, the new
-    ones initialised as the model initialises any embedding."""
+    """Replace the embedding and output layer by ones of `rows` rows: the old rows kept, the new ones initialised."""
     old_wte, old_head = model.wte, model.lm_head
     n, like = old_wte.num_embeddings, dict(device=old_wte.weight.device, dtype=old_wte.weight.dtype)
     model.wte = nn.Embedding(rows, old_wte.embedding_dim, **like)
@@ -90,8 +82,7 @@ def grow_vocabulary(model, rows):
 
 
 def render(tokenizer, messages):
-    """A conversation's token ids, and for each id whether the model learns to say it (the
-    assistant's content and its <|end|>)."""
+    """A conversation's token ids, and for each whether the model learns to say it (the assistant's and its <|end|>)."""
     special = tokenizer.special_tokens
     ids, learned = [tokenizer.eot_id], [False]
     for message in messages:
@@ -107,9 +98,8 @@ def prompt_ids(tokenizer, messages):
 
 
 def chat_template(tokenizer):
-    """The format above as the Jinja chat_template of tokenizer_config.json and GGUF files, so transformers,
-    llama.cpp and Ollama render a conversation as render() and prompt_ids() do (though they recognise
-    special tokens by name, so there a message that spells out <|user|> does fake a turn)."""
+    """The format above as the Jinja chat_template of tokenizer_config.json and GGUF files, for transformers,
+    llama.cpp and Ollama (which recognise special tokens by name: there, a message spelling <|user|> fakes a turn)."""
     eot = next(name for name, i in tokenizer.special_tokens.items() if i == tokenizer.eot_id)
     return (f"{eot}{{% for message in messages %}}"
             f"{{% if message['role'] not in {list(ROLES)} %}}"
@@ -132,8 +122,7 @@ def training_example(ids, learned, block_size):
 
 
 def response_logprobs(logits, targets):
-    """Per row, the summed log-probability of the targets that are not -1 (the assistant's
-    tokens): logits (B, T, V) and targets (B, T) give (B,)."""
+    """Per row, the summed log-probability of the targets that are not -1: logits (B, T, V), targets (B, T) -> (B,)."""
     nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
     return -nll.view(targets.shape).sum(dim=1)
 
@@ -185,8 +174,6 @@ def batch_of(n_units, batch_size, index, seed):
 
 FORMATS = ("a record is {instruction, input (optional), output} or {messages: [{role, content}, ...]}; "
            "a preference record has chosen and rejected instead of the output")
-
-
 DOWNLOADS = "data/downloads"  # where data given by URL is kept
 
 
@@ -253,8 +240,7 @@ def text_field(record, key, where, required=True):
 
 
 def checked_messages(messages, where, last_role):
-    """A chat record's messages: an optional system message, then user and assistant in turn,
-    ending with last_role."""
+    """A chat record's messages: an optional system message, then user and assistant in turn, ending with last_role."""
     if not isinstance(messages, list) or not messages:
         raise bad_record(where, "'messages' must be a non-empty list of {role, content}")
     start = 1 if isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
@@ -270,26 +256,22 @@ def checked_messages(messages, where, last_role):
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def user_turn(record, where):
-    instruction = text_field(record, "instruction", where)
-    extra = text_field(record, "input", where, required=False)
-    return {"role": "user", "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction}
-
-
-def conversation(record, where):
-    """The messages of an SFT record, Alpaca-style or chat."""
+def conversation(record, where, last_role="assistant"):
+    """The messages of an SFT record, Alpaca-style or chat; with last_role 'user', a preference record's prompt."""
     if not isinstance(record, dict):
         raise bad_record(where, f"not a JSON object; {FORMATS}")
     if "messages" in record:
-        return checked_messages(record["messages"], where, "assistant")
-    return [user_turn(record, where), {"role": "assistant", "content": text_field(record, "output", where)}]
+        return checked_messages(record["messages"], where, last_role)
+    instruction, extra = text_field(record, "instruction", where), text_field(record, "input", where, required=False)
+    messages = [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction}]
+    if last_role == "assistant":
+        messages.append({"role": "assistant", "content": text_field(record, "output", where)})
+    return messages
 
 
 def preference(record, where):
     """(prompt messages, chosen answer, rejected answer) of a preference record."""
-    if not isinstance(record, dict):
-        raise bad_record(where, f"not a JSON object; {FORMATS}")
-    prompt = checked_messages(record["messages"], where, "user") if "messages" in record else [user_turn(record, where)]
+    prompt = conversation(record, where, "user")
     return prompt, text_field(record, "chosen", where), text_field(record, "rejected", where)
 
 

@@ -4,7 +4,7 @@ written in the background while it trains and resumed exactly (weights, optimize
 every process's random state).
 
 A checkpoint is one file that torch.load(weights_only=True) reads: a dict with
-  kind          'pretrain', 'sft' or 'dpo', what produced it
+  kind          'pretrain', 'sft', 'dpo', 'rl' or 'translate', what produced it
   model_config  GPTConfig fields
   model         the model's state_dict (of a LoRA checkpoint: the adapters only)
   lora, base    a LoRA checkpoint's settings and base checkpoint (path, step, sha256; see lora.py)
@@ -19,12 +19,9 @@ Saving writes a temporary file beside the target, flushed to disk, and renames i
 crash never leaves a half-written ckpt.pt; a full disk stops the run with one line. Loading uses
 weights_only=True: a checkpoint is untrusted input, and a plain pickle could run arbitrary code.
 
-A training run keeps its last few checkpoints as out_dir/ckpt-<step>.pt, out_dir/ckpt.pt a hard link
-to the newest, so an automatic restart can fall back past a damaged one; they are gathered into CPU
-memory and written from a thread while training goes on. Weights and optimizer state go through
-torch.distributed.checkpoint's get_state_dict / set_state_dict with full (unsharded) state dicts, so
-a checkpoint is the same single file from one process, DDP or FSDP at any world size, and loads
-into any of them.
+A training run keeps its last few as out_dir/ckpt-<step>.pt (ckpt.pt a hard link to the newest), written
+from a thread (docs/train.md). Full (unsharded) state dicts make a checkpoint one file from one process,
+DDP or FSDP at any world size, that loads into any of them.
 """
 
 import errno
@@ -33,8 +30,8 @@ import os
 import random
 import re
 import shutil
-import threading
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 import numpy as np
@@ -70,13 +67,9 @@ def _disk_full(error):
 
 
 def _tensor_bytes(value):
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(_tensor_bytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in value)
-    return 0
+    if isinstance(value, (dict, list, tuple)):
+        return sum(map(_tensor_bytes, value.values() if isinstance(value, dict) else value))
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -130,10 +123,9 @@ def model_class_of(checkpoint):
 
 
 def model_for_generation(path, device, script):
-    """The model and tokenizer of checkpoint `path` ready to generate, and whether it translates
-    (translate.py's: an encoder-decoder, or a decoder-only GPT continuing `source <end-of-text>`), for
-    sample.py and serve.py: LoRA adapters folded in, eval mode, on device; weights not all finite stop
-    with one line naming `script`."""
+    """(model, tokenizer, whether it translates) of checkpoint `path`, for sample.py and serve.py: adapters
+    folded in, eval mode, on device; weights not all finite stop with one line naming `script`. A translator
+    is translate.py's: an encoder-decoder, or a decoder-only GPT continuing `source <end-of-text>`."""
     checkpoint = load_checkpoint(path)
     model, tokenizer = model_from_checkpoint(checkpoint, path)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -173,11 +165,10 @@ def gather_training_state(model, optimizer, keep=True):
 def restore_training_state(model, optimizer, checkpoint):
     """Load a checkpoint's weights (and optimizer state, if given) into a model that FSDP may shard, every
     process passing the whole checkpoint; weights it lacks (a LoRA checkpoint's base's) keep their values."""
-    optimizers = () if optimizer is None else optimizer
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    set_state_dict(model, optimizers, model_state_dict=checkpoint["model"],
-                   optim_state_dict=checkpoint["optimizer"] if optimizer is not None else {},
+    set_state_dict(model, () if optimizer is None else optimizer, model_state_dict=checkpoint["model"],
+                   optim_state_dict={} if optimizer is None else checkpoint["optimizer"],
                    options=StateDictOptions(full_state_dict=True))
 
 
@@ -221,8 +212,7 @@ def save_run_checkpoint(checkpoint, out_dir, keep):
 
 
 def load_newest_checkpoint(out_dir):
-    """The newest checkpoint of out_dir that loads, falling back past damaged ones (and saying so);
-    (None, None) if there is none."""
+    """(checkpoint, path) of out_dir's newest that loads, past damaged ones (saying so); (None, None) if none."""
     for path in checkpoints_newest_first(out_dir):
         try:
             return load_checkpoint(path), path
@@ -236,31 +226,26 @@ class BackgroundCheckpointWriter:
     training goes on. wait(), before each write and at the end, stops with one line if the last failed."""
 
     def __init__(self):
-        self.thread, self.error = None, None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+        self.pending = None  # the Future of the write under way
         self.written = None  # the path of the last checkpoint written to disk
 
     def save(self, checkpoint, out_dir, keep):
         """Start writing checkpoint; returns the path it goes to."""
         self.wait()
-
-        def write():
-            try:
-                self.written = save_run_checkpoint(checkpoint, out_dir, keep)
-            except BaseException as e:  # reported on the main thread by wait(); SystemExit too (a one-line error)
-                self.error = e
-
-        self.thread = threading.Thread(target=write, name="checkpoint-writer")
-        self.thread.start()
+        self.pending = self.pool.submit(save_run_checkpoint, checkpoint, out_dir, keep)
         return run_checkpoint_path(out_dir, checkpoint["step"])
 
     def wait(self):
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-        if self.error is not None:
-            error, self.error = self.error, None
-            if isinstance(error, SystemExit):  # already the one line to stop with
-                raise error
+        if self.pending is None:
+            return
+        error = self.pending.exception()  # a Ctrl-C meanwhile leaves it pending, for the handler's own wait()
+        pending, self.pending = self.pending, None
+        if error is None:
+            self.written = pending.result()
+        elif isinstance(error, SystemExit):  # already the one line to stop with
+            raise error
+        else:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise SystemExit(f"checkpoint error: writing a checkpoint to disk failed ({reason}); check that the "
                              "out_dir is writable and has free space, then resume from the last checkpoint")
@@ -271,10 +256,9 @@ checkpoint_writer = BackgroundCheckpointWriter()  # rank 0's: one per process, a
 
 def save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep, pipeline=None, lora=None, base=None,
                              **fields):
-    """Gather the model, optimizer and every process's random state into CPU memory, and (rank 0) write
-    them with fields (kind, step, config, tokenizer, ...) as out_dir/ckpt-<step>.pt from a background
-    thread. Every process must call this; returns the path being written (None on the other ranks).
-    With lora the weights written are the adapters only, with the base they go on."""
+    """Gather the model, optimizer and every process's random state into CPU memory, and (rank 0) write them
+    with fields (kind, step, config, ...) as out_dir/ckpt-<step>.pt in the background (with lora: the adapters
+    and their base). Every process must call this; returns the path being written (None on the other ranks)."""
     if pipeline is None:
         model_state, optimizer_state = gather_training_state(raw_model, optimizer, keep=dist.is_main)
     else:
@@ -290,20 +274,16 @@ def save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep, pipeline
 
 
 def wait_for_checkpoint():
-    """Until the checkpoint being written in the background is on disk; stops with one line if
-    writing it failed. Call it before the run ends."""
+    """Until the background checkpoint is on disk (one line if writing it failed); call it before the run ends."""
     checkpoint_writer.wait()
 
 
 def rng_state():
     """Every random-number generator's state, in types torch.load(weights_only=True) accepts."""
     np_state = np.random.get_state(legacy=False)
-    state = {
-        "python": random.getstate(),
-        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)), "pos": np_state["state"]["pos"],
-                  "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]},
-        "torch": torch.get_rng_state(),
-    }
+    key, pos = torch.from_numpy(np_state["state"]["key"].astype(np.int64)), np_state["state"]["pos"]
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"key": key, "pos": pos, "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]}}
     if torch.cuda.is_available():
         # this process's GPU only: a process uses one, and a resumed run may see fewer GPUs per process
         state["cuda"] = torch.cuda.get_rng_state()

@@ -1,14 +1,13 @@
 """
 Config overrides shared by every stage script, with nanoGPT's semantics.
 
-A stage script lists its defaults as module-level variables, then calls config = configure(globals()),
-which applies each positional argument (a Python file run in the script's globals, e.g.
-config/quickstart.py), then each --key=value (parsed with ast.literal_eval, else the raw string): so
-`python train.py config/quickstart.py --learning_rate=3e-4` is train.py's defaults, the file, the flag.
-A config key is a module-level name without a leading underscore holding a bool, int, float, str,
-tuple, list, dict or None. An unknown key (with the closest valid names), a wrong type, a value out
-of range (VALID_RANGES, one table for every script) or a bad config file stops the run with one line,
-before any work. The returned dict is the final config, printed and stored in checkpoints.
+A stage script lists its defaults as module-level variables, then calls config = configure(globals()), which
+applies each positional argument (a Python file run in the script's globals, e.g. config/quickstart.py), then
+each --key=value (parsed with ast.literal_eval, else the raw string): so `python train.py config/quickstart.py
+--learning_rate=3e-4` is train.py's defaults, the file, the flag. A config key is a module-level name without
+a leading underscore holding a bool, int, float, str, tuple, list, dict or None. An unknown key, a wrong type,
+a value out of range (VALID_RANGES, one table for every script) or a bad config file stops the run with one
+line, before any work. The returned dict is the final config, printed and stored in checkpoints.
 """
 
 import ast
@@ -125,20 +124,9 @@ def _checked(key, value, default, where):
     if isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
         return type(default)(value)
     if type(value) is not type(default):
-        raise SystemExit(
-            f"config error: {key}={value!r} {where} is a {type(value).__name__}, "
-            f"but {key} expects a {type(default).__name__} (default {default!r})"
-        )
+        raise SystemExit(f"config error: {key}={value!r} {where} is a {type(value).__name__}, "
+                         f"but {key} expects a {type(default).__name__} (default {default!r})")
     return value
-
-
-def _print_help(namespace, keys):
-    doc = (namespace.get("__doc__") or "").strip()
-    if doc:
-        print(doc, end="\n\n")
-    print("config keys (defaults):")
-    for k in keys:
-        print(f"  --{k}={namespace[k]!r}")
 
 
 class _DefaultsRead(Exception):
@@ -150,9 +138,8 @@ _defaults_only = None
 
 @contextlib.contextmanager
 def defaults_only():
-    """`with defaults_only() as defaults: import train` runs a stage script only up to its
-    configure(globals()) call, which puts the script's config defaults into defaults and ends the
-    import there: nothing of the script past its defaults runs. plan.py reads train.py's so."""
+    """`with defaults_only() as defaults: import train` runs a stage script only up to its configure(globals())
+    call, which puts the script's config defaults into defaults and ends the import (plan.py reads train.py's so)."""
     global _defaults_only
     _defaults_only = {}
     try:
@@ -172,7 +159,10 @@ def configure(namespace, argv=None):
         _defaults_only.update(defaults)
         raise _DefaultsRead
     if "-h" in argv or "--help" in argv:
-        _print_help(namespace, keys)
+        doc = (namespace.get("__doc__") or "").strip()
+        print((f"{doc}\n\n" if doc else "") + "config keys (defaults):")
+        for k in keys:
+            print(f"  --{k}={namespace[k]!r}")
         raise SystemExit(0)
     for arg in argv:
         if not arg.startswith("--"):

@@ -6,9 +6,8 @@ memory-mapped once and read as random windows, and the copy of a batch to the de
     bins = TokenBins("data/pystdlib", meta, "train", block_size=1024)
     x, y = bins.sample(16, (seed, 0, step, micro_step), "cuda")   # (16, 1024) inputs and targets
 
-Batches are stateless: the windows for (step, micro_step) come from a random generator seeded
-with exactly those numbers. So the data position of a run is its step count, a resumed run reads
-the same batches as one never stopped, and nothing about the loader needs saving.
+Batches are stateless: the windows for (step, micro_step) come from a random generator seeded with
+exactly those numbers, so a resumed run reads the same batches and nothing about the loader is saved.
 """
 
 import json
@@ -86,9 +85,8 @@ class TokenBins:
         return self.sample_many(batch_size, [seed], device)
 
     def sample_many(self, batch_size, seeds, device="cpu"):
-        """The batches of several seeds, one after another in one (len(seeds) * batch_size) batch, read into
-        one contiguous (rows, block_size + 1) array (pinned for a GPU), copied at once and cut into x and y
-        on the device: x and y are strided views, which could be neither pinned nor copied in one piece."""
+        """The batches of several seeds in one (len(seeds) * batch_size) batch, read into one contiguous pinned
+        array, copied at once and cut into x and y on the device (views that could not be copied in one piece)."""
         windows = torch.empty((len(seeds) * batch_size, self.block_size + 1), dtype=torch.int64,
                               pin_memory=device.startswith("cuda"))
         rows = windows.numpy()

@@ -37,13 +37,12 @@ from chat import (batch_of, collate, preference, read_records, render, response_
 from checkpoint import checkpoint_to_resume
 from configurator import configure, print_config
 from data import to_device
-from lora import add_lora, lora_settings
-from optim import learning_rate_at, optimizer_step, set_learning_rate
+from lora import lora_settings
+from optim import optimizer_step
 from parallel import all_reduce_sum, sum_over_batches
 from runtime import device_name
-from trainer import (TUNED_KEYS, Pace, chat_model_to_tune, context_length, count_trained, finish,
-                     gradient_accumulation, on_reference, open_run_log, prepare_model, reference_model, save, start,
-                     stop_if_not_finite, take_out_dir)
+from trainer import (TUNED_KEYS, Pace, begin_step, context_length, finish, gradient_accumulation, model_to_tune,
+                     on_reference, prepare_to_tune, reference_model, save, start, stop_if_not_finite, take_out_dir)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -95,10 +94,9 @@ accumulation_steps = gradient_accumulation("total_batch_size", total_batch_size,
                                            processes=dist.world_size)
 stop = take_out_dir(out_dir, dist, "--resume=yes")
 
-# model: a new run takes the chat checkpoint, merged if it holds adapters; a resumed run takes its
-# own checkpoint's model as it was, adapters included
+# model: a new run's chat checkpoint init_from (adapters merged); a resumed run's own, adapters included
 checkpoint, ckpt_path = checkpoint_to_resume(resume, out_dir, "dpo", config, TUNED_KEYS)
-model, tokenizer, reference_file = chat_model_to_tune(init_from, checkpoint, ckpt_path, dist.log, "dpo")
+model, tokenizer, reference_file = model_to_tune(init_from, checkpoint, ckpt_path, dist.log, chat_script="dpo")
 block_size = context_length(block_size, model)
 
 # data: records -> (prompt, chosen, rejected) -> a unit (inputs, targets, doc ids) for each answer
@@ -133,14 +131,10 @@ dist.log(f"device {device_name(dist.device)} x {dist.world_size} processes, {dty
 
 lora = lora_settings(lora_rank, lora_alpha, lora_dropout, lora_targets)
 reference = reference_model(model, lora, checkpoint, reference_file, ckpt_path, dist, parallelism, dtype)
-if lora and checkpoint is None:  # a resumed model has its adapters already
-    add_lora(model, **lora)
-trainable = count_trained(model, dist.log, "; reference: " + ("the same model, adapters off" if lora else "a frozen copy"))
-model, raw_model, optimizer, scaler, step = prepare_model(model, checkpoint, dist, dtype, parallelism, compile, seed,
-                                                          learning_rate, weight_decay, (beta1, beta2))
+model, raw_model, optimizer, scaler, step, run_log = prepare_to_tune(
+    model, checkpoint, lora, dist, dtype, config, "dpo",
+    "; reference: " + ("the same model, adapters off" if lora else "a frozen copy"))
 checkpoint = None  # free the memory
-run_log = open_run_log(out_dir, config, dist, dtype, step, "dpo", data=data, parameters=raw_model.num_params(),
-                       trained_parameters=trainable)
 
 STATS = ("loss", "accuracy", "margin", "logp_chosen", "logp_rejected")
 
@@ -183,8 +177,7 @@ def describe(stats):
 start_step, val_stats = step, None
 pace = Pace(step, max_iters)
 while True:
-    lr = set_learning_rate(optimizer, learning_rate_at(step, learning_rate, warmup_iters, max_iters, min_lr))
-    done = step >= max_iters or stop.requested()  # the one place where the run decides to end
+    lr, done = begin_step(step, max_iters, stop, optimizer, config)  # the one place where the run decides to end
 
     if step % eval_interval == 0 or done:
         if val_batches:  # val_fraction=0: nothing held out

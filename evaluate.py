@@ -14,19 +14,13 @@ on generation tasks; prints one table and writes one JSON report.
     python evaluate.py --out_dir=out/multi30k_de_en --beam_size=4         # a translation model on its run's test set
     python evaluate.py --out_dir=out/multi30k_de_en --parallel_data=test.de,test.en
 
-Tasks (--tasks, comma-separated): hellaswag, arc_easy, piqa, winogrande, lambada, gsm8k and
-humaneval, read from --data_dir (file names in benchmarks.TASKS; gsm8k and humaneval pinned by
-sha256), any .jsonl file in one of benchmarks.py's formats, and 'perplexity' of --text_file or of
-the --split of the checkpoint's dataset (an sft.py or dpo.py checkpoint's base's). Generative tasks
-decode greedily or at --temperature; HumanEval's completions run only in sandbox.py. Chat models
-get generation prompts as a user turn; multiple choice and perplexity stay plain text. A translation
-model is scored instead on parallel text with sacreBLEU's BLEU and chrF (translations.txt beside the
-report). The summary score averages each task's metric centred on chance. Under torchrun the
-examples are dealt out by rank and gathered, so the numbers equal one process's.
-
-Writes the report (--report, default eval.json beside the checkpoint: results, summary score, the
-generative tasks' answers, the sandbox used) atomically, and the folder's report card (report.md).
-How each task is scored: docs/evaluation.md.
+Tasks (--tasks, comma-separated): hellaswag, arc_easy, piqa, winogrande, lambada, gsm8k and humaneval from
+--data_dir (benchmarks.TASKS), any .jsonl file in benchmarks.py's formats, and 'perplexity' of --text_file or
+of the --split of the checkpoint's dataset. HumanEval's completions run only in sandbox.py. A translation
+model is scored instead on parallel text with sacreBLEU's BLEU and chrF (translations.txt beside the report).
+Under torchrun the examples are dealt out by rank and gathered, so the numbers equal one process's.
+Writes the report (--report, default eval.json beside the checkpoint) atomically, and the folder's report
+card (report.md). How each task is scored, the chat prompts and the summary score: docs/evaluation.md.
 """
 
 import json
@@ -84,8 +78,6 @@ batch_size = 16  # sequences per forward pass; lower it if memory runs out
 device = "auto"
 dtype = "auto"
 # -----------------------------------------------------------------------------
-
-# -----------------------------------------------------------------------------
 # finding the text
 
 
@@ -105,8 +97,7 @@ def reads_data_of(tokenizer, description):
 
 
 def trained_on(checkpoint, path):
-    """The dataset a checkpoint's model was pretrained on: its run's, else (sft.py, dpo.py) that of the
-    checkpoint its run started from, and so on back."""
+    """The dataset a checkpoint's model was pretrained on: its run's, else that of the checkpoint it started from."""
     seen = []
     while not checkpoint.get("config", {}).get("dataset"):
         seen.append(path)

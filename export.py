@@ -7,13 +7,9 @@ one GGUF file that llama.cpp and Ollama run.
     python export.py --out_dir=out/llama --format=gguf          # -> out/llama/llama-f16.gguf
     python export.py --out_dir=out/llama --format=gguf --gguf_type=q8_0 --file=llama.gguf
 
-The folder loads with transformers' AutoModelForCausalLM.from_pretrained, the .gguf file with
-`llama-cli -m out/llama/llama-f16.gguf`. Reads the checkpoint (a LoRA run's base too, the adapters
-merged). Writes config.json, model.safetensors, tokenizer_description.json and, for byte-level BPE
-tokenizers, vocab.json, merges.txt and tokenizer_config.json; or one .gguf file (gguf_file.py, needs
-`pip install gguf`); each file atomically. GPT-2 style exports as GPT2LMHeadModel, the modern style
-as LlamaForCausalLM; what neither expresses stops with one line (the mapping: hf.py). More:
-docs/export.md.
+Reads the checkpoint (a LoRA run's base too, the adapters merged). Writes the folder's files (config.json,
+model.safetensors, the tokenizer's: hf.py) or one .gguf file (gguf_file.py, needs `pip install gguf`), each
+atomically; a model neither format expresses stops with one line. More: docs/export.md.
 """
 
 import os

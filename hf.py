@@ -7,20 +7,15 @@ The Hugging Face formats: model.py's weights as a transformers folder and back.
 
 GPT2LMHeadModel holds model.py's 'gpt2' style (learned positions, LayerNorm, GELU-tanh, no GQA) and
 LlamaForCausalLM its modern style (RoPE, RMSNorm, SwiGLU, GQA); QK-norm, capped logits and mixed
-styles have neither and are refused with the option named. A folder holds config.json,
-model.safetensors (or the shards of model.safetensors.index.json), vocab.json and merges.txt for
-the byte-level BPE tokenizers, and tokenizer_description.json, which restores any of tokenizer.py's
-kinds exactly. The mapping, tensor by tensor: q, k, v are one matrix here and in GPT-2 but three
-in Llama; SwiGLU's c_fc is Llama's gate_proj then up_proj; GPT-2's Conv1D stores the transpose of
-nn.Linear's weight; RoPE needs no permutation (model.py's pairs are HF Llama's rotate_half); the
-vocabulary is written without the padding rows, which come back on import as the mean of the real
-rows; a bias one side lacks is zero. Details: docs/export.md.
+styles have neither and are refused with the option named. The folder's files and the mapping,
+tensor by tensor: docs/export.md.
 """
 
 import errno
 import json
 import os
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -161,24 +156,18 @@ def weight_names(config):
     return names
 
 
-def split_sizes(config, our_name):
-    """The row counts of the HF tensors that our_name is stacked from."""
-    if ".c_attn." in our_name:
-        return [config.n_head * config.head_dim] + 2 * [config.n_kv_head * config.head_dim]
-    return 2 * [config.ffn_hidden]  # SwiGLU's gate, then up
-
-
 def to_hf(state_dict, config):
     """model.py's state dict as Hugging Face tensors (contiguous, unshared: what safetensors writes)."""
     tensors = {}
     for ours, theirs, transposed in weight_names(config):
         tensor = state_dict.get(ours)
         if tensor is None:  # a bias GPT-2 needs and a bias=False model lacks: zero is the same function
-            rows = state_dict[ours.replace(".bias", ".weight")].shape[0]
-            tensor = torch.zeros(rows)
+            tensor = torch.zeros(len(state_dict[ours.replace(".bias", ".weight")]))
         if ours in ("wte.weight", "lm_head.weight"):
             tensor = tensor[: config.vocab_size]  # drop the padding rows
-        parts = tensor.split(split_sizes(config, ours)) if len(theirs) > 1 else [tensor]
+        sizes = ([config.n_head * config.head_dim] + 2 * [config.n_kv_head * config.head_dim] if ".c_attn." in ours
+                 else 2 * [config.ffn_hidden])  # stacked in ours: Llama's q, k, v, or SwiGLU's gate then up
+        parts = tensor.split(sizes) if len(theirs) > 1 else [tensor]
         for name, part in zip(theirs, parts):
             # a copy of its own: safetensors refuses tensors that share memory, as split() views do
             tensors[name] = (part.t() if transposed else part).clone(memory_format=torch.contiguous_format)
@@ -193,8 +182,7 @@ def from_hf(tensors, config, folder):
     for ours, theirs, transposed in weight_names(config):
         missing = [name for name in theirs if name not in tensors]
         if missing and ours.endswith(".bias"):  # e.g. Llama with attention_bias but not mlp_bias
-            rows = state_dict[ours.replace(".bias", ".weight")].shape[0]
-            state_dict[ours] = torch.zeros(rows)
+            state_dict[ours] = torch.zeros(len(state_dict[ours.replace(".bias", ".weight")]))
             continue
         if missing:
             raise SystemExit(f"import error: {folder} has no tensor {missing[0]}; the weights do not match config.json")
@@ -215,9 +203,8 @@ def from_hf(tensors, config, folder):
 
 
 def byte_to_unicode():
-    """GPT-2's map from bytes to the characters that vocab.json and merges.txt are written in: printable
-    Latin-1 bytes stand for themselves, the rest (space, control bytes) move to U+0100 and up, in order,
-    so every token is a string of visible characters."""
+    """GPT-2's map from bytes to the characters vocab.json and merges.txt are written in: printable Latin-1 bytes
+    stand for themselves, the rest (space, control bytes) move to U+0100 and up, so every token is visible."""
     printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), 256))
     moved = [b for b in range(256) if b not in printable]
     return {b: chr(b) if b in printable else chr(256 + moved.index(b)) for b in range(256)}
@@ -242,10 +229,9 @@ def merges_of(tokens):
 
 
 def byte_level_bpe(tokenizer):
-    """Any of tokenizer.py's kinds as byte-level BPE, as Hugging Face's GPT2Tokenizer and llama.cpp's 'gpt2'
-    read it: ({token: id}, the merges [(left, right), ...] in rank order), in byte_to_unicode's characters.
-    'byte' is 256 tokens with no merges; 'char' a token per character, its bytes merged left to right
-    (a merge never joins two characters: a character's later bytes never begin one)."""
+    """Any of tokenizer.py's kinds as byte-level BPE for GPT2Tokenizer and llama.cpp's 'gpt2': ({token: id}, the
+    merges [(left, right), ...] in rank order) in byte_to_unicode's characters. 'byte' has no merges; 'char' is
+    a token per character, its bytes merged left to right (a character's later bytes never begin one)."""
     special_ids = set(tokenizer.special_tokens.values())
     if tokenizer.kind == "bpe":
         ranks = read_ranks(tokenizer.description["ranks"])
@@ -285,22 +271,17 @@ def bpe_files(tokenizer, block_size):
 
 
 def tokenizer_of(folder):
-    """The tokenizer description of a folder: its sidecar if it has one, else GPT-2's if its
-    vocab.json and merges.txt are GPT-2's; a one-line error otherwise."""
-    sidecar = os.path.join(folder, TOKENIZER_SIDECAR)
-    if os.path.isfile(sidecar):
-        with open(sidecar) as f:
-            return json.load(f)
-    files = [os.path.join(folder, name) for name in ("vocab.json", "merges.txt")]
-    if all(os.path.isfile(path) for path in files):
+    """A folder's tokenizer description: its sidecar, else GPT-2's if its vocab.json and merges.txt are GPT-2's."""
+    if os.path.isfile(os.path.join(folder, TOKENIZER_SIDECAR)):
+        return json.loads(Path(folder, TOKENIZER_SIDECAR).read_text())
+    names = ("vocab.json", "merges.txt")
+    if all(os.path.isfile(os.path.join(folder, name)) for name in names):
         gpt2 = {"kind": "gpt2", "eot": EOT}
         expected = bpe_files(Tokenizer(gpt2), 0)
-        with open(files[0], encoding="utf-8") as f:
-            same_vocab = json.load(f) == json.loads(expected["vocab.json"])
+        theirs = {name: Path(folder, name).read_text(encoding="utf-8") for name in names}
         merges = lambda text: [line for line in text.splitlines() if line and not line.startswith("#version")]
-        with open(files[1], encoding="utf-8") as f:
-            same_merges = merges(f.read()) == merges(expected["merges.txt"])
-        if same_vocab and same_merges:
+        if (json.loads(theirs["vocab.json"]) == json.loads(expected["vocab.json"])
+                and merges(theirs["merges.txt"]) == merges(expected["merges.txt"])):
             return gpt2
     raise SystemExit(f"import error: {folder} has no {TOKENIZER_SIDECAR} and its tokenizer is not GPT-2's "
                      "(vocab.json and merges.txt); the tokenizers read are this repository's own (that file) and GPT-2's")
@@ -311,9 +292,8 @@ def tokenizer_of(folder):
 
 
 def write_file(path, data):
-    """Write data atomically and flushed to disk (runlog.save_atomically): bytes or text, or a function that
-    writes the file at the (temporary) path it is given. A folder that cannot be written (read-only,
-    full) is a one-line error, and no temporary file is left behind."""
+    """Write data (bytes, text, or a function that writes the file at the temporary path it is given) atomically
+    and flushed to disk; a folder that cannot be written is a one-line error, with no temporary left behind."""
     def write(f):
         if callable(data):
             data(f.name)
@@ -362,8 +342,7 @@ def read_tensors(folder):
     """Every tensor of a folder's model.safetensors or of the shards its index lists, in float32."""
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
     elif os.path.isfile(os.path.join(folder, "model.safetensors")):
         files = ["model.safetensors"]
     else:
@@ -381,8 +360,7 @@ def read_folder(folder):
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise SystemExit(f"import error: no {path}; pass hf:FOLDER with a Hugging Face model folder")
-    with open(path) as f:
-        config = gpt_config(json.load(f), folder)
+    config = gpt_config(json.loads(Path(path).read_text()), folder)
     description = tokenizer_of(folder)
     tokenizer_vocab = Tokenizer(description).vocab_size
     if tokenizer_vocab > config.vocab_size:

@@ -113,9 +113,8 @@ def lora_state(state_dict):
 def checkpoint_weights(model_state, lora_settings, base):
     """What a post-training checkpoint stores of the weights: all of them, or, given lora_settings,
     the adapters only, with the settings and the base (describe_base) they go on."""
-    if lora_settings is None:
-        return {"model": model_state}
-    return {"model": lora_state(model_state), "lora": lora_settings, "base": base}
+    return {"model": model_state} if lora_settings is None else \
+        {"model": lora_state(model_state), "lora": lora_settings, "base": base}
 
 
 def checkpoint_sha256(path):
@@ -141,15 +140,13 @@ def describe_base(path, checkpoint):
     else:
         absolute = os.path.abspath(path)
         siblings = glob.glob(os.path.join(os.path.dirname(absolute), "ckpt-*.pt"))
-        same = [p for p in siblings if os.path.samefile(p, absolute)]
-        absolute = same[0] if same else absolute
+        absolute = next((p for p in siblings if os.path.samefile(p, absolute)), absolute)
     return {"path": absolute, "step": checkpoint.get("step"), "sha256": checkpoint_sha256(path)}
 
 
 def checked_base(base, path):
-    """The path of the checkpoint that checkpoint `path` describes as base (describe_base), once it
-    is checked to be there and unchanged: adapters, or a resumed DPO run's reference, never go on
-    weights other than those they were trained with."""
+    """The path of the base (describe_base) of checkpoint `path`, checked to be there and unchanged: adapters,
+    or a resumed run's reference, never go on weights other than those they were trained with."""
     where = f"{path} was trained on {base['path']} (step {base['step']}, sha256 {base['sha256'][:12]}...)"
     if not os.path.exists(base["path"].removeprefix("hf:")):
         raise SystemExit(f"checkpoint error: {where}, which is missing; put it back")
@@ -160,9 +157,8 @@ def checked_base(base, path):
 
 
 def model_with_adapters(checkpoint, path, load_base):
-    """The model and tokenizer of an adapter checkpoint: its base (load_base(base path) gives them),
-    with the chat tokens if the adapters were trained with them, and the adapters. A base that
-    has adapters of its own (DPO on a LoRA SFT) has them merged first, as the trainer did."""
+    """The model and tokenizer of an adapter checkpoint: its base (from load_base(path)), its own adapters merged
+    as the trainer did, with the chat tokens if the adapters were trained with them, and the adapters."""
     model, tokenizer = load_base(checked_base(checkpoint["base"], path))
     merge_lora(model)
     if checkpoint["model_config"]["vocab_size"] > model.config.vocab_size:

@@ -8,8 +8,7 @@ optimizer step with gradient accumulation, clipping and fp16 loss scaling (optim
     loss = optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip=1.0)
 
 Muon (Jordan et al. 2024) replaces a matrix's update by its nearest orthogonal matrix (newton_schulz),
-so every direction of the update moves at the same rate; it is torch.optim.Muon's update, computed
-in float32 on CPUs, where bfloat16 matrix products are slow, and on whole matrices under FSDP.
+so every direction of the update moves at the same rate. More: docs/train.md.
 """
 
 import math
@@ -21,21 +20,19 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 def make_optimizer(model, learning_rate, weight_decay, betas, device, optimizer="adamw", muon_lr=0.02,
                    muon_momentum=0.95):
-    """AdamW with weight decay on matrices (linear weights, embeddings) only, since decaying gains and
-    biases pulls norms toward zero and buys nothing; or with optimizer='muon', Muon for the blocks'
-    matrices and AdamW for the rest. Each group's lr_scale is its peak learning rate over learning_rate,
-    so one schedule (set_learning_rate) drives both optimizers."""
+    """AdamW with weight decay on matrices only (decaying gains and biases pulls norms toward zero and buys
+    nothing); with optimizer='muon', Muon for the blocks' matrices. Each group's lr_scale is its peak
+    learning rate over learning_rate, so one schedule (set_learning_rate) drives both optimizers."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     # Muon orthogonalises an update, which only means something for a matrix that maps one hidden
     # space to another: the embeddings are lookup tables and the output layer's rows are per-token.
     # (An encoder-decoder's encoder blocks are such matrices too.)
     hidden = {n for n, p in named if optimizer == "muon" and p.dim() == 2 and n.startswith(("blocks.", "encoder."))}
     adamw_groups = [
-        {"params": [p for n, p in named if p.dim() >= 2 and n not in hidden], "weight_decay": weight_decay},
-        {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for n, p in named if p.dim() >= 2 and n not in hidden], "weight_decay": weight_decay,
+         "lr_scale": 1.0},
+        {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
     ]
-    for group in adamw_groups:
-        group["lr_scale"] = 1.0
     adamw = torch.optim.AdamW(adamw_groups, lr=learning_rate, betas=betas, fused=device.startswith("cuda"))
     if not hidden:
         return adamw
@@ -75,11 +72,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
 
 def muon_update(param, state, group):
-    """torch.optim.Muon's update of one matrix: Nesterov momentum, the update orthogonalised by
-    newton_schulz, decoupled weight decay, and the learning rate scaled by sqrt(max(1, rows/cols))
-    (torch's default, 'original', adjustment). A matrix that FSDP2 shards (a DTensor) is gathered and
-    orthogonalised whole, bit for bit as one process would, each process keeping its shard: DTensor's own
-    matmuls add partial products in low precision (3x the error, docs/train.md) and pay collectives."""
+    """torch.optim.Muon's update of one matrix (its default 'original' lr adjustment, sqrt(max(1, rows/cols))).
+    A matrix that FSDP2 shards (a DTensor) is gathered and orthogonalised whole, bit for bit as one process
+    would, each process keeping its shard: DTensor's own matmuls lose precision (docs/train.md)."""
     momentum = group["momentum"]
     buffer = state.setdefault("momentum_buffer", torch.zeros_like(param.grad))
     buffer.lerp_(param.grad, 1 - momentum)
@@ -99,16 +94,13 @@ def muon_update(param, state, group):
 
 def newton_schulz(matrix, coefficients, steps, eps, dtype=None):
     """The matrix's orthogonal polar factor U V^T, approximately, as torch.optim.Muon computes it: scaled to a
-    spectral norm of at most 1, then steps of the quintic X <- a X + (b A + c A^2) X with A = X X^T, on the
-    wide orientation (so A is the smaller Gram matrix). The coefficients trade accuracy for speed: singular
-    values end in a band around 1, not at 1, so the iteration tolerates low precision. In bfloat16 on a GPU,
-    as torch does; in float32 on a CPU, where bfloat16 matmuls are native only on the newest server chips
-    (on AVX2, 3 GFLOP/s against 81-209 for a 512x128 product). dtype overrides the choice."""
+    spectral norm of at most 1, then steps of the quintic X <- a X + (b A + c A^2) X with A = X X^T on the wide
+    orientation (the smaller Gram matrix). In bfloat16 on a GPU, as torch does; in float32 on a CPU, where
+    bfloat16 matmuls are slow (docs/train.md); dtype overrides the choice."""
     a, b, c = coefficients
     x = matrix.to(dtype or (torch.bfloat16 if matrix.is_cuda else torch.float32))
     tall = matrix.size(0) > matrix.size(1)
-    if tall:
-        x = x.T
+    x = x.T if tall else x
     x = x / x.norm().clamp(min=eps)
     for _ in range(steps):
         gram = x @ x.T
@@ -146,10 +138,9 @@ def set_learning_rate(optimizer, lr):
 
 def optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip,
                    sync_every_micro_step=False):
-    """One optimizer step over accumulation_steps micro-batches (micro_step_loss(i): micro-batch i's mean
-    loss), clipped and scaled; returns the step's mean loss as a tensor. Gradients are synced across
-    processes after the last micro-step only; under FSDP, sync_every_micro_step reduce-scatters them
-    after every one instead: less memory, more communication."""
+    """One optimizer step over accumulation_steps micro-batches (micro_step_loss(i): micro-batch i's mean loss),
+    clipped and scaled; returns the step's mean loss as a tensor. Gradients sync after the last micro-step only;
+    under FSDP, sync_every_micro_step reduce-scatters them after every one: less memory, more communication."""
     loss_sum = None
     for micro_step in range(accumulation_steps):
         last = micro_step == accumulation_steps - 1

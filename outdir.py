@@ -1,17 +1,8 @@
 """
 A run's out_dir kept safe: one run at a time, nothing of an earlier run deleted before the new
 one has a checkpoint, no non-finite model saved, a clean exit on Ctrl-C, and on SIGTERM or SIGUSR1
-(preemption) a stop after the step in flight, with a checkpoint of it. Every trainer calls these,
-through trainer.py (take_out_dir, open_run_log, save), in this order:
-
-    lock_out_dir(out_dir, dist)                          # refuse a second run; clear a killed save's temporaries
-    exit_quietly_on_interrupt(out_dir, dist, "--init_from=auto")
-    stop = StopSignals(dist, "--init_from=auto")         # the loop ends where stop.requested(), saving as at its end
-    metrics_path = run_log_path(out_dir, resumed)        # a new run logs beside the earlier run's metrics.jsonl
-    ...
-    stop_unless_finite(raw_model, [loss], dist, "train", step, out_dir)     # before every save
-    path = save_training_checkpoint(...)
-    metrics_path = replace_earlier_run(out_dir, path, metrics_path)       # after every save
+(preemption) a stop after the step in flight, with a checkpoint of it. Every trainer calls these
+through trainer.py: take_out_dir at the start, open_run_log, and save at every evaluation.
 
 The lock is out_dir/run.lock with an flock on it, which the kernel releases however its process ends
 (kill -9 included), so a dead run's lock is taken over without guessing from process ids; holding it,
@@ -127,10 +118,9 @@ def exit_quietly_on_interrupt(out_dir, dist, how_to_continue):
 
 
 class StopSignals:
-    """SIGTERM and SIGUSR1 (a preemption, SLURM's --signal warning, torchrun passing either on) ask the run
-    to stop and save. The handler only notes the signal; requested(), at every step boundary, gives every
-    process the same answer at the same step through an all-reduce over a gloo group of its own, started
-    at one boundary and read at the next: no step waits for it, and a run stops one step later at most."""
+    """SIGTERM and SIGUSR1 (a preemption, SLURM's --signal warning) ask the run to stop and save. The handler
+    notes the signal; requested() gives every process the same answer at the same step through an all-reduce
+    on a gloo group of its own, started at one step boundary and read at the next: no step waits for it."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -183,9 +173,8 @@ def run_log_path(out_dir, resumed):
 
 
 def replace_earlier_run(out_dir, saved, metrics_path, log=print):
-    """After a new run's first checkpoint (saved) is written, delete the checkpoints of the run that
-    out_dir held before and make the new run's log metrics.jsonl; returns the log's path from now on.
-    Does nothing once done (metrics_path is then metrics.jsonl), so call it after every save; rank 0 only."""
+    """Once a new run's first checkpoint (saved) is written, delete the earlier run's checkpoints and make the
+    new run's log metrics.jsonl; returns the log's path. Call it after every save (rank 0): once done, a no-op."""
     final = os.path.join(out_dir, METRICS_NAME)
     if metrics_path == final:
         return final
@@ -202,9 +191,8 @@ def replace_earlier_run(out_dir, saved, metrics_path, log=print):
 
 
 def stop_unless_finite(model, losses, dist, script, step, out_dir):
-    """Stop, without saving, if any process has a NaN or infinite weight or one of losses (numbers or
-    tensors; None for none) is not finite: weights can be finite and still give NaN (1e30 each, say).
-    Every process must call this."""
+    """Stop, without saving, if any process has a weight or one of losses (None: none) that is not finite: finite
+    weights can still give NaN (1e30 each, say). Every process must call this."""
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # FSDP: this process's shards
     values = [torch.as_tensor(loss, dtype=torch.float32) for loss in losses if loss is not None]
     finite = torch.stack([torch.isfinite(t).all().to(dist.device) for t in local + values]).all().float()

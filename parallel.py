@@ -7,9 +7,7 @@ summed over them (sum_over_batches, estimate_loss).
     place_model(model, dist, "fsdp", "bfloat16", seed=1337)   # a model built on the meta device gets its weights here
     model = wrap_model(model, dist, "ddp", compile=True)        # what the training loop calls
 
-DDP keeps a whole copy of the model in every process and averages the gradients; FSDP shards each
-block's parameters, gradients and optimizer state over the processes and gathers a block's
-parameters only while it runs, so a model larger than one GPU's memory trains.
+More: docs/scaling.md.
 """
 
 import math
@@ -73,11 +71,9 @@ def place_model(model, dist, parallelism, dtype, cpu_offload=False, seed=None):
 
 
 def shard_model(root, blocks, mesh, dtype, cpu_offload, init=None):
-    """FSDP2 over mesh (None: every process): each block on its own, so only one block's full parameters
-    exist at a time, then the root (embeddings, final norm, output layer). Compute in dtype, reduce
-    gradients in fp32. With cpu_offload the fp32 shards, gradients and AdamW's state stay in CPU memory
-    and the optimizer steps there. init(which), for a model on the meta device, gives the modules whose
-    names pass `which` their weights, each block just before it is sharded: no process holds the whole."""
+    """FSDP2 over mesh (None: every process): each block on its own, so only one block's full parameters exist
+    at a time, then the root; compute in dtype, gradients reduced in fp32, with cpu_offload the shards and
+    AdamW's state in CPU memory. init(which) gives a meta model's weights block by block, before each is sharded."""
     precision = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
     # Pinned host memory lets the copies to the GPU run asynchronously; without a GPU there is none to pin.
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
@@ -120,9 +116,8 @@ def wrap_model(model, dist, parallelism, compile, log=print):
 
 @torch.no_grad()
 def sum_over_batches(model, batches, sums_of, dist):
-    """The sum over batches of sums_of(batch), a tensor, in eval mode, the batches dealt out to the processes
-    (the same result at any number). Each process runs as many, since under FSDP a forward is a
-    collective: the last round's missing ones are repeats that do not count."""
+    """The sum over batches of sums_of(batch) (a tensor), in eval mode, the batches dealt out to the processes.
+    Each runs as many, since under FSDP a forward is a collective: the last round's extras do not count."""
     was_training = model.training
     model.eval()
     total = None

@@ -48,9 +48,8 @@ def split_for_pipeline(model, layers, first, last):
 
 
 class PipelineStageModule(nn.Module):
-    """A stage as the pipeline schedule calls it: one tensor in (token ids on the first stage, hidden
-    states on the others) and one out (hidden states, or on the last stage the logits of every
-    position, which the schedule turns into the loss with model.cross_entropy)."""
+    """A stage as the pipeline schedule calls it: one tensor in (token ids, or hidden states) and one out
+    (hidden states, or on the last stage every position's logits, for model.cross_entropy)."""
 
     def __init__(self, model):
         super().__init__()
@@ -65,9 +64,7 @@ class Pipeline:
     schedule that runs the step's micro-batches through the stages. Process r holds stage
     r // data_parallel as replica r % data_parallel: one stage's processes average their gradients (the
     mesh's 'data' dimension), one replica's pass activations and gradients (its 'pipeline' dimension).
-    GPipe runs every forward, then every backward, holding all the micro-batches' activations; 1F1B starts
-    each backward as soon as it can, holding at most one per stage. Both idle a stage for
-    (stages - 1) / (micro-batches + stages - 1) of the step (the bubble)."""
+    The schedules, their memory and their bubble: docs/planning.md."""
 
     def __init__(self, model, dist, stages, schedule, microbatches, parallelism, dtype, cpu_offload, compile,
                  seed=None):
@@ -103,13 +100,11 @@ class Pipeline:
                                                                                  loss_fn=cross_entropy)
 
     def run(self, x, y, backward=True):
-        """Forward (and backward) micro-batches x (m * batch, T) with targets y through the stages;
-        on the last stage returns the m micro-batch losses, elsewhere None."""
+        """Forward (and backward) micro-batches x (m * batch, T), targets y; the last stage returns the m losses."""
         losses = []
         inputs = (x,) if self.is_first else ()  # later stages receive their inputs from the stage before
-        target = y if self.is_last else None
         run = self.schedule.step if backward else self.schedule.eval
-        run(*inputs, target=target, losses=losses, return_outputs=False)
+        run(*inputs, target=y if self.is_last else None, losses=losses, return_outputs=False)
         return torch.stack(losses) if self.is_last else None
 
     def average_gradients(self):
@@ -124,30 +119,26 @@ class Pipeline:
             g.div_(self.data_parallel)
 
     def clip_gradients(self, max_norm):
-        """Scale the gradients so that their norm over the whole model, every stage's, is at most
-        max_norm; returns that norm."""
+        """Scale the gradients so that their norm over the whole model, every stage's, is at most max_norm;
+        returns that norm."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if isinstance(norm, DTensor):  # under FSDP: the norm of the whole stage, not of this shard
             norm = norm.full_tensor()
-        # Each stage holds different parameters: the squared norms of the stages add up.
-        norm = norm.square()
-        torch.distributed.all_reduce(norm, group=self.group)
-        norm = norm.sqrt()
+        squares = norm.square()  # each stage holds different parameters: their squared norms add up
+        torch.distributed.all_reduce(squares, group=self.group)
+        norm = squares.sqrt()
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         return norm
 
     def training_state(self, model, optimizer, dist):
-        """For a checkpoint: on rank 0 the whole model's and optimizer's state dicts, (None, None)
-        elsewhere. Each stage's first replica gathers its stage, and rank 0 joins the stages."""
-        parts = gather_training_state(model, optimizer, keep=self.data_rank == 0)
-        return join_pipeline_stages(parts, dist)
+        """For a checkpoint: on rank 0 the whole model's and optimizer's state dicts, (None, None) elsewhere."""
+        return join_pipeline_stages(gather_training_state(model, optimizer, keep=self.data_rank == 0), dist)
 
 
 def pipeline_optimizer_step(pipeline, optimizer, x, y, grad_clip, autocast):
-    """One optimizer step of a pipeline stage: every micro-batch forward and backward through the
-    schedule, gradients averaged over the replicas and clipped over all stages, the update. Returns
-    the step's mean loss on the last stage and 0 on the others, as a tensor (not synchronised)."""
+    """One optimizer step of a pipeline stage, gradients averaged over the replicas and clipped over all stages;
+    returns the step's mean loss on the last stage and 0 on the others, as a tensor (not synchronised)."""
     with autocast:
         losses = pipeline.run(x, y)
     pipeline.average_gradients()
@@ -160,11 +151,9 @@ def pipeline_optimizer_step(pipeline, optimizer, x, y, grad_clip, autocast):
 
 @torch.no_grad()
 def estimate_loss_pipelined(pipeline, bins_by_split, eval_iters, batch_size, device, autocast, seed):
-    """estimate_loss for a pipeline: the same batches, dealt out to the data-parallel replicas and
-    sent through the schedule as many at a time as it has micro-batches; batches past eval_iters
-    only fill the last group and are not counted."""
-    microbatches = pipeline.microbatches
-    was_training = pipeline.model.training
+    """estimate_loss for a pipeline: the same batches, dealt out to the replicas and sent through the schedule
+    as many at a time as it has micro-batches; batches past eval_iters only fill the last group, uncounted."""
+    microbatches, was_training = pipeline.microbatches, pipeline.model.training
     pipeline.model.eval()
     losses = {}
     per_call = pipeline.data_parallel * microbatches
@@ -187,8 +176,7 @@ def estimate_loss_pipelined(pipeline, bins_by_split, eval_iters, batch_size, dev
 
 
 def join_pipeline_stages(part, dist):
-    """On rank 0, the whole model's and optimizer's state dicts from every stage's (model, optimizer)
-    part (None from the replicas that hold a copy); None elsewhere."""
+    """On rank 0, the whole model's and optimizer's state dicts from every stage's part (None from replicas)."""
     parts = [None] * dist.world_size if dist.is_main else None
     torch.distributed.gather_object(part, parts, dst=0)
     if not dist.is_main:

@@ -45,13 +45,13 @@ from chat import batch_of, collate, prompt_ids, stop_ids
 from checkpoint import checkpoint_to_resume
 from configurator import configure, print_config
 from grpo import group_advantages, policy_loss, sample_groups, token_logprobs
-from lora import add_lora, lora_settings
-from optim import learning_rate_at, optimizer_step, set_learning_rate
+from lora import lora_settings
+from optim import optimizer_step
 from parallel import all_reduce_sum
 from runtime import device_name
 import verifiers  # a module, so that its KINDS is no config key of this script
-from trainer import (TUNED_KEYS, Pace, chat_model_to_tune, count_trained, finish, gradient_accumulation, on_reference,
-                     open_run_log, prepare_model, reference_model, save, start, stop_if_not_finite, take_out_dir)
+from trainer import (TUNED_KEYS, Pace, begin_step, finish, gradient_accumulation, model_to_tune, on_reference,
+                     prepare_to_tune, reference_model, save, start, stop_if_not_finite, take_out_dir)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -125,7 +125,7 @@ stop = take_out_dir(out_dir, dist, "--resume=yes")
 # model: a new run takes the chat checkpoint, merged if it holds adapters; a resumed run takes its
 # own checkpoint's model as it was, adapters included
 checkpoint, ckpt_path = checkpoint_to_resume(resume, out_dir, "rl", config, TUNED_KEYS)
-model, tokenizer, reference_file = chat_model_to_tune(init_from, checkpoint, ckpt_path, log, "rl")
+model, tokenizer, reference_file = model_to_tune(init_from, checkpoint, ckpt_path, log, chat_script="rl")
 ends = sorted(stop_ids(tokenizer))
 
 
@@ -156,14 +156,9 @@ log(f"device {device_name(device)} x {dist.world_size} processes, {dtype}; {prom
 lora = lora_settings(lora_rank, lora_alpha, lora_dropout, lora_targets)
 reference = reference_model(model, lora, checkpoint, reference_file, ckpt_path, dist, parallelism, dtype) \
     if kl_coef > 0 else None
-if lora and checkpoint is None:  # a resumed model has its adapters already
-    add_lora(model, **lora)
-trainable = count_trained(model, log)
-model, raw_model, optimizer, scaler, step = prepare_model(model, checkpoint, dist, dtype, parallelism, compile, seed,
-                                                          learning_rate, weight_decay, (beta1, beta2))
+model, raw_model, optimizer, scaler, step, run_log = prepare_to_tune(model, checkpoint, lora, dist, dtype, config,
+                                                                     "rl")
 checkpoint = None  # free the memory
-run_log = open_run_log(out_dir, config, dist, dtype, step, "rl", data=data, parameters=raw_model.num_params(),
-                       trained_parameters=trainable)
 
 
 def rollouts(micro_step):
@@ -226,8 +221,7 @@ def held_out_pass_at_1():
 start_step, pass_at_1 = step, None
 pace = Pace(step, max_iters)
 while True:
-    lr = set_learning_rate(optimizer, learning_rate_at(step, learning_rate, warmup_iters, max_iters, min_lr))
-    done = step >= max_iters or stop.requested()  # the one place where the run decides to end
+    lr, done = begin_step(step, max_iters, stop, optimizer, config)  # the one place where the run decides to end
 
     if step % eval_interval == 0 or done:
         if held_examples:

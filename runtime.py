@@ -6,9 +6,8 @@ Device, precision, distributed and random-state setup shared by every stage scri
     autocast = autocast_context(dist.device, dtype)   # `with autocast:` around forward passes
     print(describe_machine(machine_facts(dist.device)))   # what a timing depends on, to print beside it
 
-Run under torchrun, a script gets one process per GPU (or CPU worker); torchrun sets
-RANK, LOCAL_RANK and WORLD_SIZE, and the processes meet through torch.distributed
-(NCCL between GPUs, gloo between CPU processes). Run plainly, it is rank 0 of 1.
+Under torchrun (RANK, LOCAL_RANK, WORLD_SIZE) a script is one process per GPU or CPU worker, meeting the
+others through NCCL or gloo; run plainly, it is rank 0 of 1.
 """
 
 import os
@@ -52,9 +51,8 @@ class Distributed:
 
 
 def setup_distributed(device="auto", cpu_offload=False):
-    """Join the process group when launched by torchrun, and pick this process's device.
-    cpu_offload (FSDP's): a process group even for a single process, since FSDP needs one, and on
-    GPUs gloo beside NCCL, since the offloaded shards' collectives (the gradient norm) run on CPU tensors."""
+    """Join the process group when launched by torchrun, and pick this process's device. cpu_offload (FSDP's):
+    a group even for one process, and gloo beside NCCL for the offloaded shards' collectives on CPU tensors."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1 and not cpu_offload:
         return Distributed(0, 0, 1, pick_device(device))
@@ -67,9 +65,7 @@ def setup_distributed(device="auto", cpu_offload=False):
         torch.cuda.set_device(device)
     elif device == "mps":
         raise SystemExit("device error: torchrun with several processes needs CUDA or CPU; use --device=cpu")
-    backend = "gloo"
-    if device.startswith("cuda"):
-        backend = "cuda:nccl,cpu:gloo" if cpu_offload else "nccl"
+    backend = ("cuda:nccl,cpu:gloo" if cpu_offload else "nccl") if device.startswith("cuda") else "gloo"
     if not dist.is_initialized():
         # torchrun keeps one key-value store across restarts (--max-restarts), so the addresses that
         # the processes of the killed attempt published are still in it; without a prefix per
@@ -95,9 +91,8 @@ def teardown_distributed():
 
 
 def pick_dtype(device, dtype="auto"):
-    """The compute precision: bf16 on GPUs that have it, fp16 on older GPUs, else float32. On a CPU 'auto'
-    is float32: most CPUs have no bfloat16 matrix units (~25x slower), and even AVX512-BF16 did not train
-    the quickstart's model faster (docs/train.md); ask for bfloat16 explicitly to try it."""
+    """The compute precision: bf16 on GPUs that have it, fp16 on older GPUs, else float32 (a CPU's bfloat16 is
+    mostly emulated, ~25x slower, and not faster even with AVX512-BF16: docs/train.md; ask for it to try it)."""
     if dtype == "auto":
         if device.startswith("cuda"):
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
@@ -173,25 +168,11 @@ def seed_everything(seed):
 # (no sparsity), for MFU and plan.py's times, and memory in GiB (2^30 bytes), for plan.py; from vendor
 # data sheets. The first key found in a name wins, so longer names come first ('GH200' before 'H200').
 GPUS = {
-    "H100 PCIe": (756e12, 80),
-    "H100 NVL": (835e12, 94),
-    "H100": (989e12, 80),  # SXM
-    "GH200": (989e12, 96),
-    "H200": (989e12, 141),
-    "H800": (989e12, 80),
-    "B200": (2250e12, 180),
-    "A100 40GB": (312e12, 40),
-    "A100": (312e12, 80),
-    "A800": (312e12, 80),
-    "A10G": (70e12, 24),
-    "A10": (125e12, 24),
-    "L40S": (362e12, 48),
-    "L40": (181e12, 48),
-    "L4": (121e12, 24),
-    "RTX 6000 Ada": (364e12, 48),
-    "A6000": (155e12, 48),
-    "RTX 4090": (165e12, 24),
-    "RTX 3090": (71e12, 24),
+    "H100 PCIe": (756e12, 80), "H100 NVL": (835e12, 94), "H100": (989e12, 80),  # the last: SXM
+    "GH200": (989e12, 96), "H200": (989e12, 141), "H800": (989e12, 80), "B200": (2250e12, 180),
+    "A100 40GB": (312e12, 40), "A100": (312e12, 80), "A800": (312e12, 80), "A10G": (70e12, 24), "A10": (125e12, 24),
+    "L40S": (362e12, 48), "L40": (181e12, 48), "L4": (121e12, 24),
+    "RTX 6000 Ada": (364e12, 48), "A6000": (155e12, 48), "RTX 4090": (165e12, 24), "RTX 3090": (71e12, 24),
     "MI300X": (1307e12, 192),
 }
 

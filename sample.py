@@ -10,11 +10,9 @@ Generate text from a trained checkpoint, printing each sample as it is generated
     python sample.py --out_dir=out/multi30k_de_en --translate="Ein Hund rennt über die Wiese."
     python sample.py --out_dir=out/multi30k_de_en --translate_file=sentences.de --beam_size=4 > sentences.en
 
-Reads the checkpoint only: the model, its config and its tokenizer are all in it. With --chat=True
-(an sft.py or dpo.py model) each line of stdin is a user turn, answered as it is generated, the whole
-conversation the context of the next answer; --prompt asks one question and stops. A translation
-checkpoint translates --translate, or each line of --translate_file to one line of stdout (notes go
-to stderr), greedy or with --beam_size.
+Reads the checkpoint only: the model, its config and its tokenizer are all in it. With --chat=True each line
+of stdin is a user turn, answered as it is generated, the whole conversation the context of the next answer.
+A translation checkpoint translates each line of --translate_file to one line of stdout (notes to stderr).
 """
 
 import os
@@ -114,15 +112,12 @@ if translating:
 elif chat:
     messages = [{"role": "system", "content": system}] if system else []
     while True:
-        if prompt:
-            text = prompt
-        else:
-            try:
-                text = input("> ")
-            except EOFError:  # end of the piped input, or Ctrl-D
-                break
-            if not text.strip():
-                continue
+        try:
+            text = prompt or input("> ")
+        except EOFError:  # end of the piped input, or Ctrl-D
+            break
+        if not (prompt or text.strip()):
+            continue
         messages.append({"role": "user", "content": text})
         ids = chat_prompt_ids(tokenizer, messages)
         if len(ids) > block_size:

@@ -18,10 +18,8 @@ Writes out_dir/ckpt-<step>.pt (kind 'sft'; with LoRA only the adapters and their
 sha256), ckpt.pt linked to the newest, metrics.jsonl, plot.png and report.md. With benchmark set
 (e.g. --benchmark=gsm8k), that task is also scored at every evaluation as benchmark_<metric>.
 
-packing lays the shuffled examples end to end into rows of block_size tokens, attention kept inside
-each example; packing=False pads each batch to its longest. A batch is a pure function of the step,
-so resume='yes' continues the run in out_dir exactly, and resume='auto' does so if there is a
-checkpoint (for torchrun --max-restarts). The skeleton is trainer.py's. More: docs/post-training.md.
+A batch is a pure function of the step, so resume='yes' (or 'auto', for torchrun --max-restarts)
+continues the run in out_dir exactly. The skeleton is trainer.py's. More: docs/post-training.md.
 
 Every default below is a config key: override it in a config file or with --key=value.
 """
@@ -38,12 +36,12 @@ from chat import (CHAT_TOKENS, add_chat_tokens, batch_of, collate, conversation,
 from checkpoint import checkpoint_to_resume
 from configurator import configure, print_config
 from data import to_device
-from lora import add_lora, lora_settings
-from optim import learning_rate_at, optimizer_step, set_learning_rate
+from lora import lora_settings
+from optim import optimizer_step
 from parallel import all_reduce_sum, sum_over_batches
 from runtime import device_name
-from trainer import (TUNED_KEYS, Pace, context_length, count_trained, finish, gradient_accumulation, model_to_tune,
-                     open_run_log, prepare_model, save, start, stop_if_not_finite, take_out_dir)
+from trainer import (TUNED_KEYS, Pace, begin_step, context_length, finish, gradient_accumulation, model_to_tune,
+                     prepare_to_tune, save, start, stop_if_not_finite, take_out_dir)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -97,15 +95,13 @@ if benchmark and parallelism == "fsdp" and dist.world_size > 1:
 benchmark_data = read_benchmark(benchmark, benchmark_dir, benchmark_limit, dist.log) if benchmark else None
 stop = take_out_dir(out_dir, dist, "--resume=yes")
 
-# model: a new run takes the checkpoint to fine-tune, merged if it holds adapters, with the chat
-# tokens; a resumed run takes its own checkpoint's model as it was, adapters included
+# model: a new run's init_from (adapters merged) with the chat tokens; a resumed run's own, adapters included
 checkpoint, ckpt_path = checkpoint_to_resume(resume, out_dir, "sft", config, TUNED_KEYS)
 model, tokenizer, base = model_to_tune(init_from, checkpoint, ckpt_path, dist.log, describe_start=lora_rank > 0)
 if checkpoint is None and not has_chat_tokens(tokenizer):
     model, tokenizer = add_chat_tokens(model, tokenizer)
     dist.log("added the chat tokens: " + ", ".join(f"{name} {tokenizer.special_tokens[name]}" for name in CHAT_TOKENS)
         + f"; the embedding has {model.config.padded_vocab_size} rows")
-base = base if checkpoint is None else checkpoint.get("base")  # what a LoRA checkpoint names as its base
 block_size = context_length(block_size, model)
 
 # data: records -> conversations -> (inputs, targets) -> units (packed rows, or examples)
@@ -147,14 +143,9 @@ dist.log(f"device {device_name(dist.device)} x {dist.world_size} processes, {dty
     f"accumulation steps; {max_iters} steps ({steps_per_epoch} per epoch)")
 
 lora = lora_settings(lora_rank, lora_alpha, lora_dropout, lora_targets)
-if lora and checkpoint is None:  # a resumed model has its adapters already
-    add_lora(model, **lora)
-trainable = count_trained(model, dist.log)
-model, raw_model, optimizer, scaler, step = prepare_model(model, checkpoint, dist, dtype, parallelism, compile, seed,
-                                                          learning_rate, weight_decay, (beta1, beta2))
+model, raw_model, optimizer, scaler, step, run_log = prepare_to_tune(model, checkpoint, lora, dist, dtype, config,
+                                                                     "sft")
 checkpoint = None  # free the memory
-run_log = open_run_log(out_dir, config, dist, dtype, step, "sft", data=data, parameters=raw_model.num_params(),
-                       trained_parameters=trainable)
 
 
 def batch_loss(units):
@@ -193,8 +184,7 @@ val_batches = [val_units[i : i + batch_size] for i in range(0, len(val_units), b
 start_step = step
 pace = Pace(step, max_iters)
 while True:
-    lr = set_learning_rate(optimizer, learning_rate_at(step, learning_rate, warmup_iters, max_iters, min_lr))
-    done = step >= max_iters or stop.requested()  # the one place where the run decides to end
+    lr, done = begin_step(step, max_iters, stop, optimizer, config)  # the one place where the run decides to end
 
     if step % eval_interval == 0 or done:
         val_loss = None  # val_fraction=0: nothing held out

@@ -1,7 +1,6 @@
 """
-Tokenizers, rebuilt from the description that prepare.py writes into meta.json
-and every checkpoint copies, so any stage can turn text into ids and back with
-nothing but that description.
+Tokenizers, rebuilt from the description that prepare.py writes into meta.json and every checkpoint
+copies, so any stage can turn text into ids and back with nothing but that description.
 
 Kinds: 'gpt2' (tiktoken's GPT-2 BPE, 50257 ids; TIKTOKEN_CACHE_DIR for offline use), 'bpe' (a
 byte-level BPE that prepare.py trains, its whole vocabulary inline in tiktoken's format, encoded by
@@ -31,27 +30,21 @@ class Tokenizer:
             try:
                 self._enc = optional("tiktoken", "the gpt2 tokenizer").get_encoding("gpt2")
             except Exception as e:  # network or cache failure surfaces as many exception types
-                raise SystemExit(
-                    f"tokenizer error: could not load tiktoken's gpt2 files ({type(e).__name__}: {e}); "
-                    "connect to the internet once or set TIKTOKEN_CACHE_DIR to a folder holding them"
-                ) from None
-            self.eot_id = self._enc.eot_token
-            self.vocab_size = self._enc.n_vocab
+                raise SystemExit(f"tokenizer error: could not load tiktoken's gpt2 files ({type(e).__name__}: "
+                                 f"{e}); connect to the internet once or set TIKTOKEN_CACHE_DIR to a folder holding "
+                                 "them") from None
+            self.eot_id, self.vocab_size = self._enc.eot_token, self._enc.n_vocab
         elif self.kind == "bpe":
             self._enc = optional("tiktoken", "the bpe tokenizer").Encoding(
                 "bpe", pat_str=description["pat_str"], mergeable_ranks=read_ranks(description["ranks"]),
-                special_tokens=description["special_tokens"],
-            )
-            self.eot_id = description["special_tokens"][description["eot"]]
-            self.vocab_size = self._enc.n_vocab
+                special_tokens=description["special_tokens"])
+            self.eot_id, self.vocab_size = description["special_tokens"][description["eot"]], self._enc.n_vocab
         elif self.kind == "char":
             self.chars = description["chars"]
             self._stoi = {c: i for i, c in enumerate(self.chars)}
-            self.eot_id = len(self.chars)
-            self.vocab_size = len(self.chars) + 1
+            self.eot_id, self.vocab_size = len(self.chars), len(self.chars) + 1
         elif self.kind == "byte":
-            self.eot_id = 256
-            self.vocab_size = 257
+            self.eot_id, self.vocab_size = 256, 257
         else:
             raise SystemExit(f"tokenizer error: unknown tokenizer kind '{self.kind}'; expected gpt2, bpe, char or byte")
         # A bpe description names its special tokens; the others have end-of-text, and tokens added after
@@ -66,10 +59,7 @@ class Tokenizer:
         """Build a tokenizer of this kind; 'char' and 'bpe' learn their vocabulary from texts (or, for 'bpe',
         word_counts counted elsewhere). vocab_size counts every id: bytes, merges and special_tokens."""
         if kind == "char":
-            chars = set()
-            for text in texts:
-                chars.update(text)
-            return cls({"kind": "char", "chars": sorted(chars), "eot": EOT})
+            return cls({"kind": "char", "chars": sorted(set().union(*texts)), "eot": EOT})
         if kind == "bpe":
             word_counts = count_words(texts) if word_counts is None else word_counts
             merges = train_bpe(word_counts, vocab_size - 256 - len(special_tokens))
@@ -88,10 +78,8 @@ class Tokenizer:
         try:
             return [self._stoi[c] for c in text]
         except KeyError as e:
-            raise SystemExit(
-                f"tokenizer error: character {e.args[0]!r} is not in this char-level vocabulary; "
-                "remove it from the text or prepare the data with a byte, bpe or gpt2 tokenizer"
-            ) from None
+            raise SystemExit(f"tokenizer error: character {e.args[0]!r} is not in this char-level vocabulary; "
+                             "remove it from the text or prepare the data with a byte, bpe or gpt2 tokenizer") from None
 
     def decode(self, ids):
         """Ids to text; special tokens (end-of-text, chat roles) show as their names."""
@@ -147,10 +135,9 @@ def merge_pair(word, pair, new_id):
 
 
 def train_bpe(word_counts, n_merges):
-    """Learn up to n_merges byte-pair merges from {word bytes: count}; return the new tokens in rank order.
-    Each step merges the most frequent adjacent pair (ties: smaller ids) into a new token. Only the words
-    that hold the pair (an index pair -> words) are re-counted, and the best pair comes off a heap, so a
-    merge costs the words it touches, not the corpus."""
+    """Learn up to n_merges byte-pair merges from {word bytes: count}; return the new tokens in rank order. Each
+    step merges the most frequent adjacent pair (ties: smaller ids); only the words that hold it (an index) are
+    re-counted and the best pair comes off a heap, so a merge costs the words it touches, not the corpus."""
     words = [list(word) for word in word_counts]
     freqs = list(word_counts.values())
     counts = collections.Counter()

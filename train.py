@@ -18,10 +18,9 @@ RNG states, config and tokenizer: all that sample.py and a resumed run need), ke
 keep_checkpoints with ckpt.pt linked to the newest, and metrics.jsonl, plot.png and report.md. With
 benchmark set, an evaluate.py task is scored at every evaluation too, as benchmark_<metric>.
 
-total_batch_tokens fixes the tokens per step and the gradient accumulation follows, so a config gives
-the same optimization on 1 or 8 GPUs. Under torchrun: DDP, or parallelism='fsdp' (FSDP2, optionally
-cpu_offload), and pipeline_stages=S (GPipe or 1F1B); checkpoints have one format for all of these, so
-any run resumes in any other layout. More: docs/train.md and docs/scaling.md.
+total_batch_tokens fixes the tokens per step and the gradient accumulation follows, so a config gives the
+same optimization on 1 or 8 GPUs; a checkpoint of any layout (DDP, FSDP, pipeline stages) resumes in any
+other. More: docs/train.md and docs/scaling.md.
 
 Every default below is a config key: override it in a config file or with --key=value.
 """
@@ -154,6 +153,7 @@ log(f"data {data_dir}: {meta['splits']['train']['tokens']:,} train and {meta['sp
 
 # model: from scratch, from the checkpoint of a run to continue, or from a Hugging Face folder's weights
 checkpoint, ckpt_path = None, os.path.join(out_dir, "ckpt.pt")
+step, best_val_loss = 0, float("inf")
 pretrained = load_checkpoint(init_from) if init_from.startswith("hf:") else None
 if init_from == "resume":
     checkpoint = load_checkpoint(ckpt_path)
@@ -176,14 +176,12 @@ elif pretrained is not None:
     if block_size > model_config.block_size:
         raise SystemExit(f"config error: block_size={block_size} is longer than {init_from}'s context of "
                          f"{model_config.block_size}; set --block_size={model_config.block_size} or less")
-    step, best_val_loss = 0, float("inf")
     log(f"starting a new run from the weights of {init_from}")
 else:
     try:
         model_config = GPTConfig.from_dict(dict(config, vocab_size=meta["vocab_size"]))  # its fields are config keys
     except ValueError as e:
         raise SystemExit(f"config error: {e}") from None
-    step, best_val_loss = 0, float("inf")
 # Built on the meta device, with no memory: place_model (or the pipeline) gives it its weights, a new
 # run's from the seed and under FSDP block by block, each process keeping only its shards.
 with torch.device("cpu" if pretrained is not None else "meta"):

@@ -1,24 +1,10 @@
 """
 The skeleton every trainer shares (train.py, sft.py, dpo.py, rl.py, translate.py), as plain functions
 that a script calls where a reader sees them, so that it still reads top to bottom with its own
-loop in view. A post-training script is written like this (sft.py is the shortest whole one):
-
-    dist, dtype, autocast = start(device, dtype, seed, parallelism)
-    stop = take_out_dir(out_dir, dist, "--resume=yes")      # one run per out_dir; Ctrl-C ends it in one line
-    checkpoint, ckpt_path = checkpoint_to_resume(resume, out_dir, "rl", config, TUNED_KEYS)
-    model, tokenizer, origin = model_to_tune(init_from, checkpoint, ckpt_path, dist.log)
-    model, raw_model, optimizer, scaler, step = prepare_model(model, checkpoint, dist, dtype, parallelism, ...)
-    run_log = open_run_log(out_dir, config, dist, dtype, step, "rl", data=data, parameters=raw_model.num_params())
-    pace = Pace(step, max_iters)
-    while True:                                             # its own data, batches and loss around these
-        done = step >= max_iters or stop.requested()        # the one place where the run decides to end
-        if step % eval_interval == 0 or done:               # sum_over_batches deals the held-out batches out
-            save(raw_model, optimizer, dist, out_dir, keep_checkpoints, run_log, "rl", [val_loss, loss], kind="rl", ...)
-        if done:
-            break
-        loss = optimizer_step(model, optimizer, scaler, gradient_accumulation(...), micro_step_loss, grad_clip)
-        step += 1                                           # at log steps: all_reduce_sum, stop_if_not_finite, pace.lap
-    finish(run_log, dist, stop, step, f"done after {step} steps")
+loop in view. A post-training script (sft.py is the shortest whole one) calls start, take_out_dir,
+checkpoint.checkpoint_to_resume, model_to_tune, prepare_to_tune and Pace; then in a `while True` loop
+begin_step (lr, done: the one place where the run decides to end), save at each evaluation, break if done,
+optim.optimizer_step, and at log steps stop_if_not_finite and pace.lap; and finish after the loop.
 
 Each checkpoint is written at an evaluation, after a check that the model and losses are finite. SIGTERM
 or SIGUSR1 (a preemption) makes stop.requested() true on every process at the same step: the run saves
@@ -34,9 +20,9 @@ import torch
 from chat import has_chat_tokens
 from checkpoint import (checkpoint_writer, load_checkpoint, model_from_checkpoint, restore_rng_state,
                         restore_training_state, save_training_checkpoint, wait_for_checkpoint)
-from lora import adapters_disabled, checked_base, describe_base, merge_lora
+from lora import add_lora, adapters_disabled, checked_base, describe_base, merge_lora
 from model import EncoderDecoder
-from optim import make_optimizer
+from optim import learning_rate_at, make_optimizer, set_learning_rate
 from outdir import (StopSignals, exit_quietly_on_interrupt, lock_out_dir, replace_earlier_run, run_log_path,
                     stop_unless_finite)
 from parallel import place_model, wrap_model
@@ -78,17 +64,21 @@ def take_out_dir(out_dir, dist, how_to_continue):
     return StopSignals(dist, how_to_continue)
 
 
-def model_to_tune(init_from, checkpoint, ckpt_path, log, describe_start=True):
-    """(model, tokenizer, origin) a post-training run tunes: a resumed run's own checkpoint, adapters included;
-    a new run's init_from, a LoRA one merged, with origin its lora.describe_base (if describe_start)."""
+def model_to_tune(init_from, checkpoint, ckpt_path, log, describe_start=True, chat_script=None):
+    """(model, tokenizer, origin) a post-training run tunes: a resumed run's checkpoint, adapters included, with
+    the origin it recorded (its reference, else its base); a new run's init_from, merged, with origin its
+    lora.describe_base (if describe_start), and with chat_script (dpo, rl) an error unless it has chat tokens."""
     if checkpoint is not None:
         log(f"resuming {ckpt_path} at step {checkpoint['step']}")
-        return *model_from_checkpoint(checkpoint, ckpt_path), None
+        return *model_from_checkpoint(checkpoint, ckpt_path), checkpoint.get("reference", checkpoint.get("base"))
     start_checkpoint = load_checkpoint(init_from)
     model, tokenizer = model_from_checkpoint(start_checkpoint, init_from)
     if isinstance(model, EncoderDecoder):  # its forward takes a source and a target: no chat turn fits it
         raise SystemExit(f"checkpoint error: {init_from} is a translation model (encoder-decoder), which post-training "
                          "does not tune; start from a decoder-only checkpoint (train.py's, sft.py's)")
+    if chat_script and not has_chat_tokens(tokenizer):
+        raise SystemExit(f"{chat_script} error: {init_from} is not a chat model (it has no chat tokens); fine-tune "
+                         "it with sft.py first and pass that checkpoint")
     origin = describe_base(init_from, start_checkpoint) if describe_start else None
     merge_lora(model)
     return model, tokenizer, origin
@@ -110,23 +100,9 @@ def reference_model(model, lora, checkpoint, reference_file, ckpt_path, dist, pa
     return reference
 
 
-def chat_model_to_tune(init_from, checkpoint, ckpt_path, log, script):
-    """model_to_tune for a trainer that starts from a chat model (dpo.py, rl.py): (model, tokenizer,
-    reference_file), where reference_file names the starting checkpoint (path, step, sha256), a resumed
-    run's as its checkpoint recorded it. A one-line error when init_from has no chat tokens."""
-    model, tokenizer, reference_file = model_to_tune(init_from, checkpoint, ckpt_path, log)
-    if checkpoint is not None:
-        return model, tokenizer, checkpoint["reference"]
-    if not has_chat_tokens(tokenizer):
-        raise SystemExit(f"{script} error: {init_from} is not a chat model (it has no chat tokens); fine-tune it "
-                         "with sft.py first and pass that checkpoint")
-    return model, tokenizer, reference_file
-
-
 @torch.no_grad()
 def on_reference(reference, raw_model, forward):
-    """forward(net) on the reference model of reference_model(): the frozen copy, or with LoRA the policy
-    with its adapters off (and no dropout)."""
+    """forward(net) on reference_model()'s model: the frozen copy, or with LoRA the policy, adapters off, no dropout."""
     if reference is not None:
         return forward(reference)
     was_training = raw_model.training
@@ -145,22 +121,32 @@ def context_length(block_size, model):
     return block_size or model.config.block_size
 
 
-def count_trained(model, log, note=""):
-    """How many of the model's parameters train (LoRA: the adapters only), said in a line."""
+def prepare_to_tune(model, checkpoint, lora, dist, dtype, config, stage, note=""):
+    """A post-training run's model made ready for its loop: a new run's LoRA adapters added, a line on how many
+    parameters train (with note), the model placed with its AdamW and a resumed run's state, wrapped; and its
+    RunLog, from the script's config. (model to call, raw model to save, optimizer, scaler, step, run_log)."""
+    if lora and checkpoint is None:
+        add_lora(model, **lora)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"model: {model.num_params() / 1e6:.2f}M parameters, {trained:,} of them trained "
-        f"({100 * trained / sum(p.numel() for p in model.parameters()):.2f}%){note}")
-    return trained
-
-
-def prepare_model(model, checkpoint, dist, dtype, parallelism, compile, seed, learning_rate, weight_decay, betas):
-    """Place the model (parallel.py), make its AdamW, take back a resumed run's state, and wrap it for
-    the loop: (model to call, raw model to save, optimizer, gradient scaler, step)."""
-    place_model(model, dist, parallelism, dtype)
-    seed_everything(seed + dist.rank)  # different dropout masks in each process
-    optimizer = make_optimizer(model, learning_rate, weight_decay, betas, dist.device)
+    dist.log(f"model: {model.num_params() / 1e6:.2f}M parameters, {trained:,} of them trained "
+             f"({100 * trained / sum(p.numel() for p in model.parameters()):.2f}%){note}")
+    place_model(model, dist, config["parallelism"], dtype)
+    seed_everything(config["seed"] + dist.rank)  # different dropout masks in each process
+    optimizer = make_optimizer(model, config["learning_rate"], config["weight_decay"],
+                               (config["beta1"], config["beta2"]), dist.device)
     step = 0 if checkpoint is None else resume_state(model, optimizer, checkpoint, dist)
-    return wrap_model(model, dist, parallelism, compile, dist.log), model, optimizer, gradient_scaler(dist, dtype), step
+    wrapped = wrap_model(model, dist, config["parallelism"], config["compile"], dist.log)
+    run_log = open_run_log(config["out_dir"], config, dist, dtype, step, stage, data=config["data"],
+                           parameters=model.num_params(), trained_parameters=trained)
+    return wrapped, model, optimizer, gradient_scaler(dist, dtype), step, run_log
+
+
+def begin_step(step, max_iters, stop, optimizer, config):
+    """The top of a post-training loop's turn: (the step's learning rate, set: warmup, then a cosine to min_lr at
+    max_iters; whether the run ends here)."""
+    lr = set_learning_rate(optimizer, learning_rate_at(step, config["learning_rate"], config["warmup_iters"],
+                                                       max_iters, config["min_lr"]))
+    return lr, step >= max_iters or stop.requested()
 
 
 def resume_state(model, optimizer, checkpoint, dist):
@@ -175,8 +161,7 @@ def gradient_scaler(dist, dtype):
 
 
 def open_run_log(out_dir, config, dist, dtype, step, stage, **facts):
-    """The run's RunLog: a resumed run (step > 0) goes on in metrics.jsonl, and its curves from its
-    checkpoint's step (runlog.py); a new one logs beside it."""
+    """The run's RunLog: a resumed run (step > 0) goes on in metrics.jsonl from its step; a new one logs beside it."""
     return RunLog(out_dir, config, dist.is_main, run_log_path(out_dir, resumed=step > 0), resumed_at=step or None,
                   stage=stage, device=device_name(dist.device), processes=dist.world_size, dtype=dtype, **facts)
 
