@@ -1,10 +1,23 @@
 """
 The skeleton every trainer shares (train.py, sft.py, dpo.py, rl.py, translate.py), as plain functions
 that a script calls where a reader sees them, so that it still reads top to bottom with its own
-loop in view. A post-training script (sft.py is the shortest whole one) calls start, take_out_dir,
-checkpoint.checkpoint_to_resume, model_to_tune, prepare_to_tune and Pace; then in a `while True` loop
-begin_step (lr, done: the one place where the run decides to end), save at each evaluation, break if done,
-optim.optimizer_step, and at log steps stop_if_not_finite and pace.lap; and finish after the loop.
+loop in view. A post-training script is written like this (sft.py is the shortest whole one):
+
+    dist, dtype, autocast = start(device, dtype, seed, parallelism)
+    stop = take_out_dir(out_dir, dist, "--resume=yes")      # one run per out_dir; Ctrl-C ends it in one line
+    checkpoint, ckpt_path = checkpoint_to_resume(resume, out_dir, "rl", config, TUNED_KEYS)
+    model, tokenizer, origin = model_to_tune(init_from, checkpoint, ckpt_path, dist.log)
+    model, raw_model, optimizer, scaler, step, run_log = prepare_to_tune(model, checkpoint, lora, dist, dtype, config, "rl")
+    pace = Pace(step, max_iters)
+    while True:                                             # its own data, batches and loss around these
+        lr, done = begin_step(step, max_iters, stop, optimizer, config)   # the one place where the run decides to end
+        if step % eval_interval == 0 or done:
+            save(raw_model, optimizer, dist, out_dir, keep_checkpoints, run_log, ...)
+        if done:
+            break
+        loss = optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip)
+        step += 1                                           # at log steps: stop_if_not_finite, pace.lap
+    finish(run_log, dist, stop, step, f"done after {step} steps")
 
 Each checkpoint is written at an evaluation, after a check that the model and losses are finite. SIGTERM
 or SIGUSR1 (a preemption) makes stop.requested() true on every process at the same step: the run saves
