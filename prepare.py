@@ -345,8 +345,10 @@ def jsonl_records(f):
                 yield n, None, replaced
 
 
-def parquet_records(path, columns):
-    """(row number, {column: value}, 0) for each row of a Parquet file, a row group at a time."""
+def parquet_records(path):
+    """(row number, {column: value}, 0) for each row of a Parquet file, a row group at a time: the columns
+    that text_field and row_filters name."""
+    columns = list(dict.fromkeys([text_field, *row_filters]))
     parquet = optional("pyarrow.parquet", "reading Parquet files").ParquetFile(path)
     if missing := [c for c in columns if c not in parquet.schema_arrow.names]:
         raise SystemExit(f"prepare error: {path} has no column {', '.join(map(repr, missing))} (its columns: "
@@ -415,18 +417,14 @@ def read_documents(files, stats, removed):
                 print(f"warning: skipping binary file {name}: in no format prepare.py reads")
                 stats["skipped_binary"] += 1
                 continue
-            if kind == "parquet":
-                columns = list(dict.fromkeys([text_field, *row_filters]))
-                yield from record_documents(name, parquet_records(path, columns), stats, removed)
-            else:
-                with open_decompressed(path) as f:
-                    if kind in ("jsonl", "json_array"):  # streamed: a file can be larger than memory
-                        records = (jsonl_records if kind == "jsonl" else json_array_records)(f)
-                        yield from record_documents(name, records, stats, removed)
-                    else:
-                        text, replaced = decode(f.read())
-                        warn_replaced(name, replaced, stats)
-                        yield name, text
+            with open_decompressed(path) as f:
+                if kind in ("html", "text"):
+                    text, replaced = decode(f.read())
+                    warn_replaced(name, replaced, stats)
+                    yield name, text
+                else:  # records, streamed: a file can be larger than memory
+                    records = {"jsonl": jsonl_records, "json_array": json_array_records, "parquet": parquet_records}[kind]
+                    yield from record_documents(name, records(path if kind == "parquet" else f), stats, removed)
         except read_errors() as e:
             raise SystemExit(f"prepare error: cannot read {path} ({type(e).__name__}: {e}); "
                              "check the file (a truncated download?) or leave it out with --glob")
