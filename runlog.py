@@ -176,9 +176,7 @@ class RunLog:
     def plot(self, always=False):
         """Draw out_dir/plot.png at an evaluation and return its path; None without matplotlib, or when drawing
         would take over a twentieth of the time since the last (evaluations seconds apart draw at the end)."""
-        if not self.enabled or not self.owns_folder():
-            return None
-        if not always and time.time() - self.plotted_at < 20 * self.plot_seconds:
+        if not self.enabled or not self.owns_folder() or not always and time.time() - self.plotted_at < 20 * self.plot_seconds:
             return None
         start = time.time()
         path = plot_runs([self.out_dir], os.path.join(self.out_dir, "plot.png"))
@@ -339,10 +337,8 @@ def formatted(key, value):
 
 def format_duration(seconds):
     """A time left or taken as a log line shows it: 1h02m, 12m05s."""
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
 
 
 def duration(seconds):
@@ -359,8 +355,8 @@ def table(header, rows):
 
 def card(summary, image_prefix=""):
     """The Markdown card of one summary; image_prefix is the path from the page to the run's folder."""
-    stage, lines = summary.get("stage", "run"), []
-    lines.append(f"## {stage}: {summary['folder']}")
+    stage = summary.get("stage", "run")
+    lines = [f"## {stage}: {summary['folder']}"]
     facts = [("stage", stage)]
     for key in ("data", "tokenizer", "parameters", "trained_parameters", "device", "processes", "dtype"):
         if summary.get(key) is not None:
