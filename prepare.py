@@ -673,17 +673,16 @@ class Duplicates:
         if key is not None and key in self.exact:
             return "exact", self.exact[key]
         if signature is not None:
-            held = [bucket.get(band, ()) for bucket, band in zip(self.buckets, self.bands(signature))]
-            candidates = {i for h in held for i in ((h,) if isinstance(h, int) else h)}
-            for i in sorted(candidates):
-                kept_source, kept_signature = self.kept[i]
-                if np.mean(kept_signature == signature) >= self.threshold:
-                    return "near", kept_source
+            bands = self.bands(signature)
+            held = [bucket.get(band, ()) for bucket, band in zip(self.buckets, bands)]
+            for i in sorted({i for h in held for i in ((h,) if isinstance(h, int) else h)}):
+                if np.mean(self.kept[i][1] == signature) >= self.threshold:
+                    return "near", self.kept[i][0]
         if key is not None:
             self.exact[key] = source
         if signature is not None:
             index = len(self.kept)
-            for bucket, band in zip(self.buckets, self.bands(signature)):
+            for bucket, band in zip(self.buckets, bands):
                 held = bucket.setdefault(band, index)  # a lone index, the common case, needs no list
                 if isinstance(held, list):
                     held.append(index)
@@ -698,15 +697,14 @@ class Duplicates:
 _worker = {}  # a worker process's own state, set once by the pool's initializer, not sent with every task
 
 
-def start_worker():
+def start_worker(load, *args):
     # Ctrl-C reaches every process of the terminal's group: the main process alone stops the run,
     # and ends the workers without each printing a traceback
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    load(*args)
 
 
-def load_cleaner(config, in_pool=True):
-    if in_pool:
-        start_worker()
+def load_cleaner(config):
     _worker["config"] = config
     _worker["minhash"] = minhash_functions(config["minhash_bands"] * config["minhash_rows"])
     if config["max_tokens"]:
@@ -731,8 +729,7 @@ def clean_and_check(batch):
     return results
 
 
-def start_encoder(description, dtype):
-    start_worker()
+def load_encoder(description, dtype):
     # The tokenizer is rebuilt from its description in each worker: the same description a checkpoint carries.
     _worker["tokenizer"], _worker["dtype"] = Tokenizer(description), dtype
 
@@ -959,8 +956,8 @@ if __name__ == "__main__":
         share_out = bool(quality_filters or dedup_exact or dedup_near or max_tokens or tokenizer == "bpe" or strip_gutenberg
                          or unicode_nfc or normalize_whitespace or html_to_text and any(is_html(s[0]) for s in sources))
         if not share_out:
-            load_cleaner(config, in_pool=False)
-        with (worker_pool(workers, load_cleaner, (config,)) if share_out
+            load_cleaner(config)
+        with (worker_pool(workers, start_worker, (load_cleaner, config)) if share_out
               else contextlib.nullcontext()) as pool, \
                 open(scratch, "w", encoding="utf-8") as out, progress(unit=" docs", desc="reading") as bar:
             documents = read_documents(files, stats, removed)
@@ -1033,7 +1030,7 @@ if __name__ == "__main__":
         counts = {split: np.zeros(tok.vocab_size, dtype=np.int64) for split in writers}
         documents_per_split = collections.Counter()
         units = pieces_by_split(read_scratch(scratch), is_val, max_document_chars)
-        with worker_pool(workers, start_encoder, (tok.description, dtype)) as pool, \
+        with worker_pool(workers, start_worker, (load_encoder, tok.description, dtype)) as pool, \
                 progress(total=n_pieces, unit=" pieces", desc="tokenizing") as bar:
             for results in imap_bounded(pool, encode_batch, batched(units), 2 * workers):
                 bar.update(len(results))
