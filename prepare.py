@@ -310,27 +310,22 @@ def file_format(name, head):
 def json_array_records(f):
     """(number, item, 0) for each item of a JSON array, parsed one at a time from a stream."""
     reader = io.TextIOWrapper(f, encoding="utf-8", errors="replace")
-    decoder, buffer, pos, started, n = json.JSONDecoder(), "", 0, False, 0
+    decoder, buffer, pos, n = json.JSONDecoder(), reader.read(1 << 20).lstrip(" \t\r\n").removeprefix("["), 0, 0
     while True:
-        pos = len(buffer) - len(buffer[pos:].lstrip(" \t\r\n,[" if started else " \t\r\n"))
-        if not started and buffer[pos:pos + 1] == "[":
-            started, pos = True, pos + 1
-            continue
-        if started and buffer[pos:pos + 1] == "]":
+        pos = len(buffer) - len(buffer[pos:].lstrip(" \t\r\n,"))
+        if buffer.startswith("]", pos):
             return
         try:
-            if pos == len(buffer) or not started:
-                raise ValueError
             record, pos = decoder.raw_decode(buffer, pos)
-            n += 1
-            yield n, record, 0
         except ValueError:  # the record runs past the buffer: read more
-            more = reader.read(1 << 20)
-            if not more:
+            if not (more := reader.read(1 << 20)):
                 if buffer[pos:].strip():
                     yield n + 1, None, 0  # the array is cut short or malformed
                 return
             buffer, pos = buffer[pos:] + more, 0
+            continue
+        n += 1
+        yield n, record, 0
 
 
 def jsonl_records(f):
