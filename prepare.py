@@ -17,7 +17,6 @@ report.json. The formats, the steps (clean, filter, dedup, split, tokenize), the
 measurements: docs/prepare.md.
 """
 
-import array
 import collections
 import concurrent.futures
 import contextlib
@@ -472,16 +471,13 @@ class HTMLText(HTMLParser):
                 data = data.lstrip()
         self.parts.append(data)
 
-    def text(self):
-        text = re.sub(r"[ \t]+\n", "\n", "".join(self.parts))
-        return re.sub(r"\n{3,}", "\n\n", text).strip()
-
 
 def html_text(html):
     parser = HTMLText()
     parser.feed(html)
     parser.close()
-    return parser.text()
+    text = re.sub(r"[ \t]+\n", "\n", "".join(parser.parts))
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
 # the START line ends with "***", sometimes on the next line when the title is long
@@ -937,7 +933,7 @@ if __name__ == "__main__":
         remove_stale_temporaries(out_dir)
 
         # 1-3: clean, filter and dedup in stream order; the kept documents go to the scratch file
-        n_in, chars_kept, tokens_kept, pieces_per_doc = 0, 0, 0, array.array("q")
+        n_in, n_docs, n_pieces, chars_kept, tokens_kept = 0, 0, 0, 0, 0
         cleaned = collections.defaultdict(lambda: {"documents_changed": 0, "chars_removed": 0})
         removed = collections.Counter({rule: 0 for rule in ["empty", *quality_filters]})
         duplicates = collections.Counter(exact=0, near=0)
@@ -980,16 +976,16 @@ if __name__ == "__main__":
                     word_counts.update(words or {})
                     chars_kept += len(text)
                     tokens_kept += tokens
-                    pieces_per_doc.append(len(split_document(text, max_document_chars)))
-                    limit_reached = len(pieces_per_doc) == max_documents or 0 < max_tokens <= tokens_kept
+                    n_docs, n_pieces = n_docs + 1, n_pieces + len(split_document(text, max_document_chars))
+                    limit_reached = n_docs == max_documents or 0 < max_tokens <= tokens_kept
                     if limit_reached:
                         break
                 if limit_reached:
-                    print(f"stopping at the limit: {len(pieces_per_doc):,} documents kept"
+                    print(f"stopping at the limit: {n_docs:,} documents kept"
                           + (f", {tokens_kept:,} tokens" if max_tokens else ""))
                     break
                 if bar.disable and time.time() - last_print > 10:
-                    print(f"  {n_in:,} documents read, {len(pieces_per_doc):,} kept", flush=True)
+                    print(f"  {n_in:,} documents read, {n_docs:,} kept", flush=True)
                     last_print = time.time()
             documents.close()
         stop_downloads.set()  # the files fetched ahead of a limit are not needed (their .part stays for a later run)
@@ -1002,7 +998,6 @@ if __name__ == "__main__":
         for step, c in cleaned.items():
             print(f"cleaning {step}: {c['documents_changed']:,} documents changed, {c['chars_removed']:,} characters removed")
         print(f"removed: {summary_line(removed)}; duplicates: {summary_line(duplicates)}")
-        n_docs, n_pieces = len(pieces_per_doc), sum(pieces_per_doc)
         if n_docs == 0:
             raise SystemExit(f"prepare error: none of the {n_in:,} documents from {sources['input']} is left "
                              f"(removed: {summary_line(removed)}; duplicates: {summary_line(duplicates)}); "
