@@ -292,7 +292,7 @@ def without_compression(name):
 
 
 def file_format(name, head):
-    """'parquet', 'jsonl', 'json_array', 'html' or 'text', from the name without its compression suffix and
+    """'parquet', 'jsonl', 'json_array' or 'text' (HTML too), from the name without its compression suffix and
     the first bytes of the (decompressed) content; None for a format prepare.py does not read."""
     plain = without_compression(name)
     if plain.endswith(".parquet"):  # read by seeking to its footer, so never compressed as a whole
@@ -303,7 +303,7 @@ def file_format(name, head):
         return "jsonl"
     if plain.endswith(".json"):  # Dolma's and DCLM's shards, decompressed, are JSON Lines named .json
         return {b"[": "json_array", b"{": "jsonl"}.get(head.lstrip()[:1])
-    return "html" if plain.endswith((".html", ".htm")) else "text"
+    return "text"
 
 
 def json_array_records(f):
@@ -412,7 +412,7 @@ def read_documents(files, stats, removed):
                 stats["skipped_binary"] += 1
                 continue
             with open_decompressed(path) as f:
-                if kind in ("html", "text"):
+                if kind == "text":
                     text, replaced = decode(f.read())
                     warn_replaced(name, replaced, stats)
                     yield name, text

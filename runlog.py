@@ -342,10 +342,8 @@ def format_duration(seconds):
 
 
 def duration(seconds):
-    if seconds is None:
-        return "-"
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 else \
-        f"{seconds:.1f} s"
+    return "-" if seconds is None else f"{seconds / 3600:.1f} h" if seconds >= 3600 else \
+        f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
 def table(header, rows):
