@@ -17,6 +17,7 @@ import contextlib
 import glob
 import json
 import os
+import pathlib
 import statistics
 import tempfile
 import time
@@ -83,10 +84,7 @@ class WandbTracker:
     def __init__(self, project, out_dir, config, resumed):
         self.wandb = wandb = optional("wandb", "wandb_project")
         id_path = os.path.join(out_dir, WANDB_ID_NAME)
-        run_id = None
-        if resumed and os.path.isfile(id_path):
-            with open(id_path) as f:
-                run_id = f.read().strip() or None
+        run_id = resumed and os.path.isfile(id_path) and pathlib.Path(id_path).read_text().strip() or None
         self.run = wandb.init(project=project, name=os.path.basename(os.path.abspath(out_dir)), config=config,
                               dir=out_dir, id=run_id, resume="allow" if run_id else None)
         self.id_to_keep = None if run_id else (id_path, self.run.id)  # kept once this run owns out_dir
