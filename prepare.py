@@ -309,9 +309,9 @@ def file_format(name, head):
 def json_array_records(f):
     """(number, item, 0) for each item of a JSON array, parsed one at a time from a stream."""
     reader = io.TextIOWrapper(f, encoding="utf-8", errors="replace")
-    decoder, buffer, pos, n = json.JSONDecoder(), reader.read(1 << 20).lstrip(" \t\r\n").removeprefix("["), 0, 0
+    decoder, buffer, pos, n = json.JSONDecoder(), "", 0, 0
     while True:
-        pos = len(buffer) - len(buffer[pos:].lstrip(" \t\r\n,"))
+        pos = len(buffer) - len(buffer[pos:].lstrip(" \t\r\n,["))  # the opening bracket too (file_format saw it)
         if buffer.startswith("]", pos):
             return
         try:
