@@ -212,8 +212,9 @@ def curve(records, y_key, x_key="step"):
 
 
 def plot_runs(folders, out_path, labels=None):
-    """One PNG of the runs' curves overlaid, a colour per run: train and val loss against steps, tokens and
-    wall time; the learning rate, tokens/s and MFU against steps. out_path, or None without matplotlib."""
+    """One PNG of the runs' curves overlaid, a colour per run: train and val loss (RL: reward and held-out
+    pass@1) against steps, tokens and wall time; the learning rate, tokens/s and MFU (translation: held-out
+    BLEU; RL: groups without signal) against steps. out_path, or None without matplotlib."""
     global _warned_no_matplotlib
     try:
         import matplotlib
@@ -225,29 +226,32 @@ def plot_runs(folders, out_path, labels=None):
             _warned_no_matplotlib = True
         return None
     labels = labels or [os.path.basename(os.path.normpath(f)) or f for f in folders]
+    runs = [read_metrics(folder) for folder in folders]
+    logged = {key for records in runs for r in records for key in r}
+    # Each panel draws the first of its choices of (y keys, y label) that some run logged: an RL run
+    # logs a reward and a held-out pass@1 where the other trainers log losses.
+    loss = [(("loss", "val_loss"), "loss"), (("reward", "val_pass_at_1"), "reward (train), held-out pass@1 (val)")]
+    speed = [(("tokens_per_sec", "sampling_tokens_per_sec", "training_tokens_per_sec"), "tokens/s")]
+    last = [(("mfu",), "MFU"), (("val_bleu",), "held-out BLEU"), (("no_signal",), "groups without signal")]
     fig, axes = plt.subplots(2, 3, figsize=PLOT_SIZE, dpi=PLOT_DPI)
-    panels = [  # (axis, x key, y keys, y label)
-        (axes[0, 0], "step", ("loss", "val_loss"), "loss"),
-        (axes[0, 1], "tokens", ("loss", "val_loss"), "loss"),
-        (axes[0, 2], "time", ("loss", "val_loss"), "loss"),
-        (axes[1, 0], "step", ("lr",), "learning rate"),
-        (axes[1, 1], "step", ("tokens_per_sec",), "tokens/s"),
-        (axes[1, 2], "step", ("mfu", "val_bleu", "reward", "val_pass_at_1"),
-         "MFU, held-out BLEU (translate.py), or reward and held-out pass@1 (rl.py)"),
-    ]
+    panels = [(ax, x_key, next((c for c in choices if logged & set(c[0])), choices[0]))
+              for ax, x_key, choices in [(axes[0, 0], "step", loss), (axes[0, 1], "tokens", loss),
+                                         (axes[0, 2], "time", loss), (axes[1, 0], "step", [(("lr",), "learning rate")]),
+                                         (axes[1, 1], "step", speed), (axes[1, 2], "step", last)]]
     x_names = {"step": "step", "tokens": "tokens", "time": "wall time (s)"}
-    for i, (folder, label) in enumerate(zip(folders, labels)):
-        records = read_metrics(folder)
+    for i, (records, label) in enumerate(zip(runs, labels)):
         color = f"C{i % 10}"
-        for ax, x_key, y_keys, _ in panels:
+        for ax, x_key, (y_keys, _) in panels:
             for y_key in y_keys:
                 xs, ys = curve(records, y_key, x_key)
                 if not xs:
                     continue
                 val = y_key.startswith("val_")
+                pair = y_keys in [keys for keys, _ in loss]  # a training curve and its held-out points
+                name = ("val" if val else "train") if pair else y_key.replace("_tokens_per_sec", "")
                 ax.plot(xs, ys, color=color, linestyle="--" if val else "-", marker="o" if val else None,
-                        markersize=3, label=f"{label} {'val' if val else 'train'}" if len(y_keys) > 1 else label)
-    for ax, x_key, _, y_name in panels:
+                        markersize=3, label=f"{label} {name}" if len(y_keys) > 1 else label)
+    for ax, x_key, (_, y_name) in panels:
         ax.set_xlabel(x_names[x_key])
         ax.set_ylabel(y_name)
         ax.grid(alpha=0.3)
