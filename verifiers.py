@@ -3,6 +3,7 @@ Verifiers: the programs that check an answer and give rl.py its reward, in one p
 synthetic task, addition, whose difficulty is a dial and whose SFT data the same code writes.
 
     python verifiers.py --digits=3 --out=data/addition    # sft.jsonl, prompts.jsonl, held_out.jsonl
+    python verifiers.py --digits=2 --careless=0.5        # SFT answers from a teacher who forgets carries
     reward("gsm8k", "So she pays $1,234.", {"answer": "... #### 1234"})    # 1.0
 
 A task file is a benchmark file of benchmarks.py, so that evaluate.py scores the same held-out
@@ -14,8 +15,10 @@ evaluate.py cuts a generation answer at its first newline.
 
 Addition: "What is A+B?" with A and B drawn uniformly below 10**digits, answered by the sum's
 digits alone. digits is the dial: a few more digits mean longer chains of carries, which a small
-model trained on the CPU learns only in part from SFT, leaving room for RL. The held-out
-prompts, the RL prompts and the SFT examples are disjoint sets of problems.
+model trained on the CPU learns only in part from SFT, leaving room for RL. careless is the share
+of the SFT sums needing a carry whose answer forgets every carry: SFT learns the slip, and RL, whose
+verifier knows the sums, unlearns it. The held-out prompts, the RL prompts and the SFT examples are
+disjoint sets of problems.
 """
 
 import argparse
