@@ -205,32 +205,39 @@ def input_sources(spec, out_dir):
     return sources
 
 
-class DaemonThreads:
-    """A pool for imap_bounded that runs each task on a daemon thread, which never holds up the exit after an
-    error or Ctrl-C: remote sources download ahead, so later shards arrive while earlier ones are read."""
+def in_background(fn, *args):
+    """Run fn(*args) in a daemon thread, which never holds up the exit after an error or Ctrl-C; return its Future."""
+    future = concurrent.futures.Future()
 
-    def apply_async(self, fn, args):
-        future = concurrent.futures.Future()
-        future.get = future.result  # as imap_bounded reads a multiprocessing result
-
-        def run():
-            try:
-                future.set_result(fn(*args))
-            except BaseException as e:  # a SystemExit too: raised again where the result is read
-                future.set_exception(e)
-        threading.Thread(target=run, daemon=True).start()
-        return future
+    def run():
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # a SystemExit too: raised again where the result is read
+            future.set_exception(e)
+    threading.Thread(target=run, daemon=True).start()
+    return future
 
 
-def fetch(source, folder, stop):
-    """(name, local path, sha256 or None, found in a folder) of a source, downloaded first when remote."""
-    name, where, sha, listed = source
-    if isinstance(where, tuple):
-        return name, *hub_download(*where[1:], sha), listed
-    if is_remote(where):
-        return name, *download(where, sha, folder, stop, stage="prepare", local_option="--input", sha256_option="--url_sha256="
-                               " for a config's url, --input_sha256= for --input, or after the URL in a URL list"), listed
-    return name, where, None, listed
+def fetched(sources, folder, ahead, stop):
+    """(name, local path, sha256 or None, found in a folder) for each source in order; remote ones are
+    downloaded up to `ahead` at a time, so later shards arrive while earlier ones are read."""
+    def fetch(where, sha):
+        if isinstance(where, tuple):
+            return hub_download(*where[1:], sha)
+        return download(where, sha, folder, stop, stage="prepare", local_option="--input", sha256_option="--url_sha256= "
+                        "for a config's url, --input_sha256= for --input, or after the URL in a URL list")
+
+    def result(entry):
+        name, where, future, listed = entry
+        return (name, where, None, listed) if future is None else (name, *future.result(), listed)
+
+    pending = collections.deque()
+    for name, where, sha, listed in sources:
+        pending.append((name, where, in_background(fetch, where, sha) if is_remote(where) else None, listed))
+        while len(pending) >= ahead or (pending and pending[0][2] is None):
+            yield result(pending.popleft())
+    while pending:
+        yield result(pending.popleft())
 
 
 def glob_regex(pattern):
@@ -941,8 +948,7 @@ if __name__ == "__main__":
         seen = Duplicates(minhash_bands, minhash_rows, near_threshold)
         word_counts = collections.Counter()  # 'bpe': the pre-tokenized words of the kept documents
         last_print, limit_reached = time.time(), False
-        files = imap_bounded(DaemonThreads(), functools.partial(fetch, folder=os.path.join(out_dir, "download"),
-                                                                stop=stop_downloads), sources, download_workers)
+        files = fetched(sources, os.path.join(out_dir, "download"), download_workers, stop_downloads)
         # a pool costs a round trip of each document's text: worth it only when there is work to share out
         share_out = bool(quality_filters or dedup_exact or dedup_near or max_tokens or tokenizer == "bpe" or strip_gutenberg
                          or unicode_nfc or normalize_whitespace or html_to_text and any(is_html(s[0]) for s in sources))
