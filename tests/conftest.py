@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -128,6 +129,18 @@ def files_under(folder):
             info = os.stat(os.path.join(root, name))
             files[os.path.relpath(os.path.join(root, name), folder)] = (info.st_size, info.st_mtime_ns)
     return files
+
+
+@pytest.fixture(autouse=True)
+def keep_signal_handlers():
+    """Each test leaves SIGINT and SIGTERM as it found them. A stage run in-process that stops ignores both
+    (outdir.exit_quietly_on_interrupt), and a child process a later test starts would inherit an ignored
+    SIGINT: Python then installs no KeyboardInterrupt, and the child never sees Ctrl-C."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        if handler is not None:  # None: set outside Python, nothing to put back
+            signal.signal(s, handler)
 
 
 @pytest.fixture(scope="session", autouse=True)

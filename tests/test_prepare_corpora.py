@@ -232,9 +232,6 @@ def test_stale_temporaries_of_a_killed_run_are_removed_and_a_live_runs_are_kept(
     assert not any(p.exists() for p in stale) and live.exists() and "left by a run that was stopped" in result.stdout
 
 
-@pytest.mark.xfail(strict=False, reason="known bug, cause not found: in the whole suite on 2 loaded cores (2 of 2 "
-                   "fresh-clone runs, 2026-12-07) prepare.py went on retrying the download for 60 s after Ctrl-C; "
-                   "it passes alone and under -n 2 on its own")
 def test_ctrl_c_ends_with_one_line_naming_the_untouched_dataset_and_no_traceback(tmp_path):
     write_files(tmp_path / "in", {"a.txt": "some text\n" * 100, "b.txt": "more text\n" * 100})
     prepare_run(tmp_path, f"--input={tmp_path / 'in'}")
