@@ -245,7 +245,9 @@ def test_ctrl_c_ends_with_one_line_naming_the_untouched_dataset_and_no_traceback
         process = subprocess.Popen([sys.executable, os.path.join(REPO, "prepare.py"), f"--data_root={tmp_path / 'data'}",
                                     "--dataset=t", f"--input={tmp_path / 'in'} {url}"],
                                    cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   env=dict(os.environ, NO_PROXY="127.0.0.1"))
+                                   env=dict(os.environ, NO_PROXY="127.0.0.1"),
+                                   # Ctrl-C as from a terminal: SIGINT at its default, even if the pytest worker ignores it
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         listener.settimeout(120)
         connection, _ = listener.accept()  # the download has started: the run is past its setup
         time.sleep(0.5)
