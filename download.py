@@ -7,9 +7,6 @@ file there. prepare.py fetches corpora with it, chat.py post-training data given
     from download import download
     path, sha256 = download("https://host/data.json", "7e09a9af...", "data/downloads",
                             stage="data", local_option="--data", sha256_option="--data_sha256=")
-
-Processes on one machine that ask for the same file at once (torchrun's) take turns: the first
-downloads it, the others then find it in place.
 """
 
 import contextlib
@@ -37,8 +34,9 @@ def progress(**kwargs):
 
 @contextlib.contextmanager
 def one_at_a_time(path):
-    """A lock on path among the processes of this machine (a file in the temporary folder, so the
-    data folder holds data only); where there is no fcntl (Windows), no lock."""
+    """A lock on path among the processes of this machine, so that those asking for one file at once (torchrun's)
+    take turns: the first downloads it, the others then find it in place. The lock is a file in the temporary
+    folder, so the data folder holds data only; where there is no fcntl (Windows), there is no lock."""
     try:
         import fcntl
     except ImportError:
@@ -51,12 +49,10 @@ def one_at_a_time(path):
 
 
 def download(url, expected_sha256, folder, stop=None, *, stage, local_option, sha256_option):
-    """Fetch url into folder unless a matching copy is already there; return its path and sha256.
-
-    The bytes arrive in <name>.part, which a dropped connection or an earlier run's failure leaves
-    behind: the next try asks the server for the rest only. stop, a threading.Event, ends a download
-    in another thread between chunks. Errors name the caller's options: stage starts the line,
-    local_option takes a local copy instead, sha256_option sets the expected checksum."""
+    """Fetch url into folder unless a matching copy is already there; return its path and sha256. The bytes
+    arrive in <name>.part, which a dropped connection or a failed earlier run leaves for the next try to resume.
+    stop, a threading.Event, ends a download in another thread between chunks. Errors name the caller's options:
+    stage starts the line, local_option takes a local copy instead, sha256_option sets the expected checksum."""
     path = os.path.join(folder, os.path.basename(urllib.parse.urlparse(url).path) or "download")
     with one_at_a_time(path):
         if os.path.isfile(path):

@@ -96,7 +96,6 @@ num_workers = 0  # processes that clean and tokenize; 0: one per CPU core
 def hub_files(pattern):
     """The sources (name, ("hub", repo_id, revision, path in the repository), the hub's sha256 or None, False)
     of the files of a dataset repository that hf://datasets/OWNER/NAME[@REVISION]/GLOB matches, sorted."""
-    # imported here: only hub inputs need it, and it adds about a second to every start
     hub, errors = optional("huggingface_hub", "an hf:// input"), optional("huggingface_hub.errors", "an hf:// input")
     fs = hub.HfFileSystem()
     try:
@@ -112,9 +111,8 @@ def hub_files(pattern):
     for path, info in sorted(found.items()):
         if info["type"] == "file":
             in_repo = path.split("/", 3)[3] if path.startswith(prefix) else path
-            lfs = info.get("lfs") or {}
             files.append((f"{resolved.repo_id}/{in_repo}", ("hub", resolved.repo_id, resolved.revision, in_repo),
-                          lfs.get("sha256"), False))
+                          (info.get("lfs") or {}).get("sha256"), False))
     return files
 
 
@@ -142,21 +140,17 @@ def is_remote(where):
 
 def url_list(path):
     """The (URL, sha256 or '') lines of a file that holds only URLs (and # comments), or None."""
+    entries = []
     try:
-        with open(path, "rb") as f:
-            if b"\0" in f.read(1 << 16):
-                return None
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if fields and not fields[0].startswith("#"):
+                    if not fields[0].startswith(_REMOTE) or len(fields) > 2 or "\0" in line:  # NUL: a binary file
+                        return None
+                    entries.append((fields[0], fields[1] if len(fields) == 2 else ""))
     except OSError:
         return None
-    entries = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            fields = line.split()
-            if not fields or fields[0].startswith("#"):
-                continue
-            if not fields[0].startswith(_REMOTE) or len(fields) > 2:
-                return None
-            entries.append((fields[0], fields[1] if len(fields) == 2 else ""))
     return entries
 
 
@@ -178,8 +172,7 @@ def input_sources(spec, out_dir):
                 raise SystemExit(f"prepare error: --input={part} does not exist; pass an existing file, folder, "
                                  "http(s) URL or hf://datasets/... path")
             if os.path.isdir(path):
-                found = list_files(path, glob, skip_folder=os.path.abspath(out_dir))
-                if not found:
+                if not (found := list_files(path, glob, skip_folder=os.path.abspath(out_dir))):
                     raise SystemExit(f"prepare error: no files in {path} match --glob={glob}; check --input and --glob")
                 sources += [(rel, p, "", True) for rel, p in found]
             elif (urls := url_list(path)) is not None:
@@ -236,8 +229,7 @@ def fetched(sources, folder, ahead, stop):
         pending.append((name, where, in_background(fetch, where, sha) if is_remote(where) else None, listed))
         while len(pending) >= ahead or (pending and pending[0][2] is None):
             yield result(pending.popleft())
-    while pending:
-        yield result(pending.popleft())
+    yield from map(result, pending)
 
 
 def glob_regex(pattern):
@@ -429,11 +421,9 @@ def read_documents(files, stats, removed):
         except read_errors() as e:
             raise SystemExit(f"prepare error: cannot read {path} ({type(e).__name__}: {e}); "
                              "check the file (a truncated download?) or leave it out with --glob")
+        stats.update(files=1, bytes=os.path.getsize(path), downloads=bool(digest))
         if digest:
-            stats["downloads"] += 1
             stats["download_sha256"] = digest
-        stats["files"] += 1
-        stats["bytes"] += os.path.getsize(path)
         combined.update(f"{name}\0{digest or file_sha256(path)}\n".encode(errors="surrogateescape"))
         stats["sha256"] = combined.hexdigest()
 
@@ -515,13 +505,10 @@ def is_html(name):
 def clean(source, text, config):
     """The text after each switched-on cleaning step, and for each step (whether it changed the text, characters removed)."""
     changes = {}
-    steps = [
-        ("html", config["html_to_text"] and is_html(source), html_text),
-        ("gutenberg", config["strip_gutenberg"], gutenberg_text),
-        ("nfc", config["unicode_nfc"], lambda t: unicodedata.normalize("NFC", t)),
-        ("whitespace", config["normalize_whitespace"], tidy_whitespace),
-    ]
-    for name, on, step in steps:
+    for name, on, step in [("html", config["html_to_text"] and is_html(source), html_text),
+                           ("gutenberg", config["strip_gutenberg"], gutenberg_text),
+                           ("nfc", config["unicode_nfc"], lambda t: unicodedata.normalize("NFC", t)),
+                           ("whitespace", config["normalize_whitespace"], tidy_whitespace)]:
         if on:
             cleaned = step(text)
             changes[name] = (cleaned != text, len(text) - len(cleaned))
@@ -661,17 +648,14 @@ class Duplicates:
         self.buckets = [{} for _ in range(bands)]  # for each band: {its rows' values' hash: index or indices into self.kept}
         self.kept = []  # (source, signature)
 
-    def bands(self, signature):
-        # a 64-bit hash of each band's values stands for them: half the memory of the bytes, and two
-        # different bands share one with probability 2**-64
-        return [hash(signature[i:i + self.rows].tobytes()) for i in range(0, len(self.buckets) * self.rows, self.rows)]
-
     def match(self, source, key, signature):
         """('exact' or 'near', the kept source that text repeats), or None after remembering source as kept."""
         if key is not None and key in self.exact:
             return "exact", self.exact[key]
         if signature is not None:
-            bands = self.bands(signature)
+            # a 64-bit hash of each band's values stands for them: half the memory of the bytes, and two
+            # different bands share one with probability 2**-64
+            bands = [hash(signature[i:i + self.rows].tobytes()) for i in range(0, len(signature), self.rows)]
             held = [bucket.get(band, ()) for bucket, band in zip(self.buckets, bands)]
             for i in sorted({i for h in held for i in ((h,) if isinstance(h, int) else h)}):
                 if np.mean(self.kept[i][1] == signature) >= self.threshold:
@@ -773,8 +757,7 @@ def imap_bounded(pool, fn, batches, ahead):
         pending.append(pool.apply_async(fn, (batch,)))
         if len(pending) >= ahead:
             yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
+    yield from (result.get() for result in pending)
 
 
 # ----- split, tokenize, write ------------------------------------------------
@@ -792,14 +775,6 @@ def split_document(text, max_chars):
     if start < len(text):
         pieces.append(text[start:])
     return pieces
-
-
-def choose_val(n, val_fraction, seed):
-    """A boolean mask over n pieces, True for the ones that go to val; both splits get at least one."""
-    n_val = min(n - 1, max(1, round(val_fraction * n)))
-    is_val = np.zeros(n, dtype=bool)
-    is_val[np.random.default_rng(seed).permutation(n)[:n_val]] = True
-    return is_val
 
 
 def pieces_by_split(texts, is_val, max_chars):
@@ -839,7 +814,6 @@ class ShardWriter:
             self.room, self.tokens, ids = self.room - written, self.tokens + written, ids[written:]
 
     def finish(self):
-        """Rename the files into place; return their names."""
         self.file.close()
         names = [f"{self.split}.bin"] if len(self.temporary) == 1 else \
             [f"{self.split}_{i:03d}.bin" for i in range(len(self.temporary))]
@@ -954,9 +928,8 @@ if __name__ == "__main__":
                          or unicode_nfc or normalize_whitespace or html_to_text and any(is_html(s[0]) for s in sources))
         if not share_out:
             load_cleaner(config)
-        with (worker_pool(workers, start_worker, (load_cleaner, config)) if share_out
-              else contextlib.nullcontext()) as pool, \
-                open(scratch, "w", encoding="utf-8") as out, progress(unit=" docs", desc="reading") as bar:
+        with (worker_pool(workers, start_worker, (load_cleaner, config)) if share_out else contextlib.nullcontext()) \
+                as pool, open(scratch, "w", encoding="utf-8") as out, progress(unit=" docs", desc="reading") as bar:
             documents = read_documents(files, stats, removed)
             checked = imap_bounded(pool, clean_and_check, batched(documents), 2 * workers) if share_out else \
                 map(clean_and_check, batched(documents))
@@ -1021,7 +994,9 @@ if __name__ == "__main__":
         print(f"tokenizing with {tokenizer} (vocab {tok.vocab_size:,}, {np.dtype(dtype).name}; built in {t_tokenizer:.1f}s)")
 
         # 4-5: split by piece, so a document (or a piece of one) is never half in train and half in val; tokenize
-        is_val = choose_val(n_pieces, val_fraction, seed)
+        n_val = min(n_pieces - 1, max(1, round(val_fraction * n_pieces)))  # each split gets at least one piece
+        is_val = np.zeros(n_pieces, dtype=bool)
+        is_val[np.random.default_rng(seed).permutation(n_pieces)[:n_val]] = True
         writers = {split: ShardWriter(out_dir, split, shard_tokens) for split in ("train", "val")}
         counts = {split: np.zeros(tok.vocab_size, dtype=np.int64) for split in writers}
         documents_per_split = collections.Counter()
@@ -1047,7 +1022,7 @@ if __name__ == "__main__":
         splits = {}
         for split, writer in writers.items():
             splits[split] = {"files": writer.finish(), "tokens": writer.tokens, "documents": documents_per_split[split],
-                             "pieces": int(is_val.sum() if split == "val" else (~is_val).sum())}
+                             "pieces": n_val if split == "val" else n_pieces - n_val}
     except KeyboardInterrupt:
         state = "is left without meta.json: run again to finish it" if replacing else "is as it was before this run"
         raise SystemExit(f"prepare stopped: interrupted; {out_dir} {state}") from None

@@ -11,6 +11,7 @@ tiktoken), 'char' (one id per character of the corpus, the vocabulary in the des
 import base64
 import collections
 import heapq
+import itertools
 
 from optional import optional
 
@@ -84,14 +85,9 @@ class Tokenizer:
     def decode(self, ids):
         """Ids to text; special tokens (end-of-text, chat roles) show as their names."""
         names = {i: name for name, i in self.special_tokens.items()}
-        out, run = [], []
-        for i in map(int, ids):
-            if i in names:
-                out += [self._decode_ordinary(run), names[i]]
-                run = []
-            else:
-                run.append(i)
-        return "".join(out) + self._decode_ordinary(run)
+        runs = itertools.groupby(map(int, ids), names.__contains__)  # runs of special ids and of ordinary ones
+        return "".join("".join(map(names.get, run)) if special else self._decode_ordinary(list(run))
+                       for special, run in runs)
 
     def _decode_ordinary(self, ids):
         if self.kind in ("gpt2", "bpe"):
@@ -115,9 +111,7 @@ def count_words(texts, pattern=GPT2_PATTERN):
     """Counter {pre-tokenized piece as UTF-8 bytes: how often it occurs} over all texts."""
     # tiktoken's own dependency; the standard re module has no \p{L}
     split = optional("regex", "training a BPE tokenizer").compile(pattern).findall
-    counts = collections.Counter()
-    for text in texts:
-        counts.update(split(text))
+    counts = collections.Counter(word for text in texts for word in split(text))
     return collections.Counter({word.encode("utf-8"): n for word, n in counts.items()})
 
 
@@ -125,12 +119,9 @@ def merge_pair(word, pair, new_id):
     """word (a list of ids) with each occurrence of pair, left to right, replaced by new_id."""
     out, i = [], 0
     while i < len(word):
-        if i + 1 < len(word) and word[i] == pair[0] and word[i + 1] == pair[1]:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
+        at_pair = i + 1 < len(word) and word[i] == pair[0] and word[i + 1] == pair[1]
+        out.append(new_id if at_pair else word[i])
+        i += 2 if at_pair else 1
     return out
 
 
@@ -148,20 +139,17 @@ def train_bpe(word_counts, n_merges):
             where[pair].add(i)
     heap = [(-n, pair) for pair, n in counts.items()]
     heapq.heapify(heap)
-    token_bytes = [bytes([b]) for b in range(256)]
+    token_bytes = [bytes([b]) for b in range(256)]  # by id: the bytes, then the merges
     id_of = {token: i for i, token in enumerate(token_bytes)}
-    new_tokens = []
-    while heap and len(new_tokens) < n_merges:
+    while heap and len(token_bytes) < 256 + n_merges:
         n, pair = heapq.heappop(heap)
         if -n != counts[pair]:  # a stale entry: the pair's count changed after it was pushed
             continue
         merged = token_bytes[pair[0]] + token_bytes[pair[1]]
-        if merged not in id_of:
-            id_of[merged] = len(token_bytes)
+        # bytes already made from another pair ("ab"+"c" and "a"+"bc") keep their id
+        new_id = id_of.setdefault(merged, len(token_bytes))
+        if new_id == len(token_bytes):
             token_bytes.append(merged)
-            new_tokens.append(merged)
-        # else these bytes were already made from another pair ("ab"+"c" and "a"+"bc"): reuse the id
-        new_id = id_of[merged]
         delta = collections.Counter()
         for i in where.pop(pair):
             word, freq = words[i], freqs[i]
@@ -180,4 +168,4 @@ def train_bpe(word_counts, n_merges):
                 counts[p] += d
                 if counts[p] > 0:
                     heapq.heappush(heap, (-counts[p], p))
-    return new_tokens
+    return token_bytes[256:]
