@@ -1019,10 +1019,8 @@ if __name__ == "__main__":
         replacing = True
         with contextlib.suppress(FileNotFoundError):  # no earlier one, or a run beside this one removed it
             os.remove(meta_path)
-        splits = {}
-        for split, writer in writers.items():
-            splits[split] = {"files": writer.finish(), "tokens": writer.tokens, "documents": documents_per_split[split],
-                             "pieces": n_val if split == "val" else n_pieces - n_val}
+        splits = {split: {"files": writer.finish(), "tokens": writer.tokens, "documents": documents_per_split[split],
+                          "pieces": n_val if split == "val" else n_pieces - n_val} for split, writer in writers.items()}
     except KeyboardInterrupt:
         state = "is left without meta.json: run again to finish it" if replacing else "is as it was before this run"
         raise SystemExit(f"prepare stopped: interrupted; {out_dir} {state}") from None

@@ -63,11 +63,11 @@ class Tokenizer:
             return cls({"kind": "char", "chars": sorted(set().union(*texts)), "eot": EOT})
         if kind == "bpe":
             word_counts = count_words(texts) if word_counts is None else word_counts
-            merges = train_bpe(word_counts, vocab_size - 256 - len(special_tokens))
-            ranks = [bytes([b]) for b in range(256)] + merges
+            ranks = [bytes([b]) for b in range(256)] + train_bpe(word_counts, vocab_size - 256 - len(special_tokens))
             specials = {name: len(ranks) + i for i, name in enumerate(special_tokens)}
-            return cls({"kind": "bpe", "pat_str": GPT2_PATTERN, "ranks": write_ranks(ranks),
-                        "special_tokens": specials, "eot": EOT})
+            # the ranks as the text of a .tiktoken file, one token (base64) and its rank a line
+            text = "".join(f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(ranks))
+            return cls({"kind": "bpe", "pat_str": GPT2_PATTERN, "ranks": text, "special_tokens": specials, "eot": EOT})
         return cls({"kind": kind, "eot": EOT})
 
     def encode(self, text):
@@ -95,11 +95,6 @@ class Tokenizer:
         if self.kind == "byte":
             return bytes(ids).decode("utf-8", errors="replace")
         return "".join(self.chars[i] for i in ids)
-
-
-def write_ranks(tokens):
-    """Token byte strings, in rank order, as the text of a .tiktoken file."""
-    return "".join(f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(tokens))
 
 
 def read_ranks(text):
