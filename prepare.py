@@ -245,8 +245,7 @@ def list_files(root, pattern, skip_names=(), skip_folder=None):
     root = os.path.abspath(root)
     found = []
     for folder, subfolders, names in os.walk(root):
-        # Hidden folders (.git, .venv) hold no corpus text, and a corpus folder that holds
-        # the output folder must not read back its own bins and meta.json.
+        # not hidden folders (.git, .venv: no corpus text), nor the output folder (its own bins and meta.json)
         subfolders[:] = [d for d in subfolders
                          if not d.startswith(".") and d not in skip_names and os.path.join(folder, d) != skip_folder]
         for name in names:
@@ -620,8 +619,7 @@ def minhash(normal, a, b, shingle_bytes=32):
     estimates the Jaccard similarity of their shingle sets."""
     data = np.frombuffer(normal.encode("utf-8") + bytes(shingle_bytes), dtype=np.uint8)
     starts = np.concatenate(([0], np.flatnonzero(data[:-shingle_bytes - 1] == ord(" ")) + 1))
-    # each shingle read as four 64-bit numbers (8 bytes from the start, 8 more, ...), folded into one
-    # by a polynomial that wraps around 2**64
+    # each shingle as four 64-bit numbers (its bytes 0-7, 8-15, ...), folded into one by a polynomial mod 2**64
     windows = np.lib.stride_tricks.sliding_window_view(data, 8)
     lanes = np.ascontiguousarray(windows[starts[:, None] + np.arange(0, shingle_bytes, 8)]).view(np.uint64)[..., 0]
     shingles = np.zeros(len(starts), dtype=np.uint64)
