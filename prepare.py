@@ -160,27 +160,26 @@ def input_sources(spec, out_dir):
     parts = [spec] if os.path.exists(os.path.expanduser(spec)) else spec.split()  # [spec]: a path with spaces
     sources = []
     for part in parts:
+        path, urls = os.path.expanduser(part), None
         if part.startswith("hf://"):
             if not (matches := hub_files(part)):
                 raise SystemExit(f"prepare error: no file of the hub matches {part}; check the path and the glob")
             sources += matches
         elif part.startswith(("http://", "https://")):
-            sources.append((os.path.basename(urllib.parse.urlparse(part).path) or part, part, "", False))
-        else:
-            path = os.path.expanduser(part)
-            if not os.path.exists(path):
-                raise SystemExit(f"prepare error: --input={part} does not exist; pass an existing file, folder, "
-                                 "http(s) URL or hf://datasets/... path")
-            if os.path.isdir(path):
-                if not (found := list_files(path, glob, skip_folder=os.path.abspath(out_dir))):
-                    raise SystemExit(f"prepare error: no files in {path} match --glob={glob}; check --input and --glob")
-                sources += [(rel, p, "", True) for rel, p in found]
-            elif (urls := url_list(path)) is not None:
-                if not urls:
-                    raise SystemExit(f"prepare error: the URL list {path} names no URL; add one a line")
-                sources += [(os.path.basename(urllib.parse.urlparse(u).path) or u, u, sha, False) for u, sha in urls]
-            else:
-                sources.append((os.path.basename(path), path, "", False))
+            urls = [(part, "")]
+        elif not os.path.exists(path):
+            raise SystemExit(f"prepare error: --input={part} does not exist; pass an existing file, folder, "
+                             "http(s) URL or hf://datasets/... path")
+        elif os.path.isdir(path):
+            if not (found := list_files(path, glob, skip_folder=os.path.abspath(out_dir))):
+                raise SystemExit(f"prepare error: no files in {path} match --glob={glob}; check --input and --glob")
+            sources += [(rel, p, "", True) for rel, p in found]
+        elif (urls := url_list(path)) is None:
+            sources.append((os.path.basename(path), path, "", False))
+        elif not urls:
+            raise SystemExit(f"prepare error: the URL list {path} names no URL; add one a line")
+        if urls:  # a URL, or the lines of a URL list
+            sources += [(os.path.basename(urllib.parse.urlparse(u).path) or u, u, sha, False) for u, sha in urls]
     if input_sha256:
         name, where, _, listed = sources[0]
         if len(sources) != 1 or listed or isinstance(where, tuple):
