@@ -576,9 +576,7 @@ _MEASURES = {
     "lines_ending_in_punctuation": lines_ending_in_punctuation,
     "duplicate_lines": lambda text: repeated_share(text.splitlines()),
     "duplicate_paragraphs": lambda text: repeated_share(re.split(r"\n\s*\n", text)),
-    "top_2gram": lambda text: top_ngram_share(text, 2),
-    "top_3gram": lambda text: top_ngram_share(text, 3),
-    "top_4gram": lambda text: top_ngram_share(text, 4),
+    **{f"top_{n}gram": functools.partial(top_ngram_share, n=n) for n in (2, 3, 4)},
     "non_alphabetic": non_alphabetic,
 }
 
