@@ -847,8 +847,7 @@ def remove_stale_temporaries(folder):
 def read_scratch(path):
     """The kept documents, one JSON string a line, as prepare wrote them."""
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)
+        yield from map(json.loads, f)
 
 
 def check_config():
