@@ -146,6 +146,9 @@ def url_list(path):
             for line in f:
                 fields = line.split()
                 if fields and not fields[0].startswith("#"):
+                    if fields[0].startswith("hf://"):  # a hub glob is listed by the hub, not downloaded by URL
+                        raise SystemExit(f"prepare error: the URL list {path} names {fields[0]}; pass hf:// paths in "
+                                         "--input itself (several separated by spaces)")
                     if not fields[0].startswith(_REMOTE) or len(fields) > 2 or "\0" in line:  # NUL: a binary file
                         return None
                     entries.append((fields[0], fields[1] if len(fields) == 2 else ""))

@@ -196,6 +196,13 @@ def test_a_url_list_downloads_every_shard_checks_each_sha256_and_reads_them_in_o
     assert sorted(p.name for p in (tmp_path / "data" / "t" / "download").iterdir()) == ["part0.jsonl", "part1.jsonl", "part2.jsonl"]
 
 
+def test_a_url_list_that_names_a_hub_path_is_a_one_line_error_saying_where_hub_paths_go(tmp_path):
+    (tmp_path / "urls.txt").write_text("https://example.com/a.jsonl\nhf://datasets/o/n/*.parquet\n")
+    result = prepare_run(tmp_path, f"--input={tmp_path / 'urls.txt'}", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "names hf://datasets/o/n/*.parquet; pass hf:// paths in --input itself" in result.stderr
+
+
 def test_the_fineweb_edu_config_reads_its_hub_glob_into_the_hub_cache_and_checks_each_sha256(tmp_path, server):
     server.hub.clear()
     for i in range(2):
