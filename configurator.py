@@ -129,9 +129,8 @@ def defaults_only():
     global _defaults_only
     _defaults_only = {}
     try:
-        yield _defaults_only
-    except _DefaultsRead:
-        pass
+        with contextlib.suppress(_DefaultsRead):
+            yield _defaults_only
     finally:
         _defaults_only = None
 

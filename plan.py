@@ -32,7 +32,6 @@ from pipeline import pipeline_layers
 from runlog import format_duration
 from runtime import GPUS, gpu_named
 
-# plan.py's own options (--key=value); every other key is train.py's.
 OPTIONS = dict(
     gpu="H100",  # a GPU of runtime.GPUS, which gives its peak FLOP/s and its memory
     num_gpus=1,  # the run's world size: the processes that split each step and, under FSDP, the state
@@ -47,15 +46,13 @@ OPTIONS = dict(
 
 GIB = 2**30
 FALLBACK_VOCAB = 50304  # GPT-2's 50257 padded to a multiple of 64
-TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022
-TOKENS_PER_PARAM_BAND = (10, 40)
+TOKENS_PER_PARAM, TOKENS_PER_PARAM_BAND = 20, (10, 40)  # Hoffmann et al. 2022; a config outside the band is warned
 PF_DAY = 1e15 * 24 * 3600  # FLOPs in a petaflop/s-day, Kaplan et al.'s unit of compute
 KAPLAN_PARAMS_AT_PF_DAY, KAPLAN_EXPONENT = 1.3e9, 0.73  # Kaplan et al. 2020, eq. 6.1 and Figure 14
 BUDGET_RANGE = tuple(float(f"1e{e}") for e in range(18, 25))  # the budgets of --law=both's table
 FLOPS_RANGE = (1e12, 1e27)  # a second of a laptop; ten times the largest training runs so far
 MAX_LAYERS = 2000  # deeper than any transformer trained; the meta model is built layer by layer
-SHAPE_TOLERANCE = 0.02
-ASPECT_RANGE, ASPECT_PREFERRED = (64, 128), 96
+SHAPE_TOLERANCE, ASPECT_RANGE, ASPECT_PREFERRED = 0.02, (64, 128), 96  # a shape's count and n_embd/n_layer
 HEADROOM = 0.9  # plan within 90% of the GPU's memory
 COMBOS = (("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True))  # (parallelism, activation checkpointing)
 
@@ -132,8 +129,7 @@ def chinchilla(flops):
 
 
 def kaplan(flops):
-    """(non-embedding parameters, tokens) Kaplan et al. 2020 found loss-optimal for flops: their eq. 6.1 and
-    Figure 14, N = 1.3e9 * (C / 1 PF-day)^0.73, and the tokens that spend the rest, D = C / (6N)."""
+    """(non-embedding parameters, tokens) loss-optimal for flops: N = 1.3e9 (C / PF-day)^0.73, D = C/6N."""
     params = KAPLAN_PARAMS_AT_PF_DAY * (flops / PF_DAY) ** KAPLAN_EXPONENT
     return params, flops / (6 * params)
 
@@ -219,9 +215,8 @@ def activation_bytes_per_token(c, e):
 
 
 def stage_parameters(c, params, block_params, stages):
-    """(blocks, parameters, parameters outside the blocks) of each pipeline stage, params and block_params as
-    stored: its blocks, plus the token embedding (and learned positions) on the first and the final norm and
-    head on the last."""
+    """(blocks, parameters, parameters outside the blocks) of each pipeline stage, as stored: the token
+    embedding (and learned positions) on the first, the final norm and head on the last."""
     embedding = c.padded_vocab_size * c.n_embd + (c.block_size * c.n_embd if c.pos == "learned" else 0)
     head = params - c.n_layer * block_params - embedding  # just the final norm when tied (then one stage)
     roots = [(embedding if s == 0 else 0) + (head if s == stages - 1 else 0) for s in range(stages)]
@@ -250,7 +245,6 @@ def memory_per_stage(c, params, block_params, micro_batch, world, dtype, paralle
     offload = cpu_offload and parallelism == "fsdp"
     # train.py runs FSDP on one process per stage as a plain model, unless it offloads
     fsdp = parallelism == "fsdp" and (dp > 1 or offload)
-    shards = dp if fsdp else 1
     h, V, tokens = c.n_embd, c.padded_vocab_size, micro_batch * c.block_size
     per_block = activation_bytes_per_token(c, e)
     memory = []
@@ -266,7 +260,7 @@ def memory_per_stage(c, params, block_params, micro_batch, world, dtype, paralle
         # pipeline's autocast cache keeps them all
         cast_blocks = 1 if checkpointing and stages == 1 else blocks
         weight_copies = 0 if fsdp or e == 4 else 2 * (cast_blocks * block_params + (V * h if last else 0))
-        on_gpu = 0 if offload else stage_params / shards  # the parameters whose fp32 state this GPU keeps
+        on_gpu = 0 if offload else stage_params / (dp if fsdp else 1)  # the parameters whose fp32 state this GPU keeps
         held = micro_batches_held(s, stages, schedule, micro_batches)
         # Per token of a held micro-batch: its blocks' activations and the stage's fp32 output (the last
         # stage's is the final norm's input, and the head's 16-bit input besides).
@@ -293,11 +287,8 @@ def offload_traffic(c, params, block_params, world, stages, micro_batches):
     gradient shard back."""
     dp = world // stages
     gradient_copies = 1 if stages > 1 else micro_batches  # a pipeline reduce-scatters once per step
-    traffic = []
-    for blocks, stage_params, root in stage_parameters(c, params, block_params, stages):
-        to_gpu = micro_batches * 4 * (2 * blocks * block_params + root) / dp
-        traffic.append((to_gpu, gradient_copies * 4 * stage_params / dp))
-    return max(traffic, key=sum)
+    return max(((micro_batches * 4 * (2 * blocks * block_params + root) / dp, gradient_copies * 4 * stage_params / dp)
+                for blocks, stage_params, root in stage_parameters(c, params, block_params, stages)), key=sum)
 
 
 def largest_micro_batch(c, params, block_params, step_tokens, world, dtype, parallelism, checkpointing, budget,
@@ -374,12 +365,11 @@ def plan_config(config, options, vocab=None):
         best = largest_micro_batch(c, stored, block_params, step_tokens, world, config["dtype"], parallelism,
                                    checkpointing, HEADROOM * gpu_memory * GIB, stages=stages, schedule=schedule,
                                    cpu_offload=offload)
+        accumulation = step_tokens // (best * c.block_size * dp) if best else 0
         memory[name] = {**per_stage[loaded], "fits": per_stage[loaded]["total"] <= HEADROOM * gpu_memory,
-                        "max_micro_batch": best,
-                        "accumulation": step_tokens // (best * c.block_size * dp) if best else 0}
+                        "max_micro_batch": best, "accumulation": accumulation}
         if stages > 1:
-            memory[name]["stage"] = loaded
-            memory[name]["bubble"] = pipeline_bubble(stages, memory[name]["accumulation"]) if best else 0
+            memory[name] |= {"stage": loaded, "bubble": pipeline_bubble(stages, accumulation) if best else 0}
         if offload and parallelism == "fsdp":
             # per process: its shard of the largest stage's fp32 weights, gradients and moments
             memory[name]["cpu_memory"] = 16 * max(p for _, p, _ in layout) / dp / GIB
@@ -395,8 +385,8 @@ def plan_config(config, options, vocab=None):
     }
     if stages > 1:
         report["pipeline"] = {
-            "stages": stages, "schedule": schedule, "data_parallel": dp, "micro_batches": micro_batches, "bubble": bubble,
-            "layers": [[r.start, r.stop] for r in layers], "params": [p for _, p, _ in layout],
+            "stages": stages, "schedule": schedule, "data_parallel": dp, "micro_batches": micro_batches,
+            "bubble": bubble, "layers": [[r.start, r.stop] for r in layers], "params": [p for _, p, _ in layout],
             "micro_batches_held": [micro_batches_held(s, stages, schedule, micro_batches) for s in range(stages)],
             "memory": stage_memory[run],
             "message_mib": 4 * micro * c.block_size * c.n_embd / 2**20,  # the fp32 activation sent per micro-batch
@@ -417,8 +407,7 @@ def budget_flops(options, config):
     """The compute budget: --flops, or --hours on num_gpus x gpu at mfu; 0 when neither is given."""
     flops = options["flops"]
     if options["hours"]:
-        _, peak, _ = gpu_spec(options, config)
-        flops = peak * options["num_gpus"] * options["hours"] * 3600 * options["mfu"]
+        flops = gpu_spec(options, config)[1] * options["num_gpus"] * options["hours"] * 3600 * options["mfu"]
     if flops and not FLOPS_RANGE[0] <= flops <= FLOPS_RANGE[1]:
         raise SystemExit(f"config error: a budget of {flops:.3g} FLOPs is outside what plan.py plans, "
                          f"{FLOPS_RANGE[0]:g} (a second of a laptop) to {FLOPS_RANGE[1]:g} (ten times the largest "
@@ -435,11 +424,11 @@ def plan_budget(flops, config, options, law="chinchilla"):
         FALLBACK_VOCAB, f"assumed GPT-2's vocabulary, {FALLBACK_VOCAB} (padded); --dataset=NAME plans with a "
                         "prepared dataset's")
     shape, shape_params = compute_optimal_shape(params, model_config(config, vocab[0]), non_embedding=law == "kaplan")
-    keys = dict(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd, n_kv_head=0, ffn_hidden=0,
-                max_iters=math.ceil(tokens / config["total_batch_tokens"]))
+    size = dict(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd)
+    keys = dict(size, n_kv_head=0, ffn_hidden=0, max_iters=math.ceil(tokens / config["total_batch_tokens"]))
     return {"law": law, "flops": flops, "params": params, "tokens": tokens,
-            "shape": dict(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd, block_size=shape.block_size),
-            "shape_params": shape_params, "train_keys": {k: v for k, v in keys.items() if config[k] != v},
+            "shape": dict(size, block_size=shape.block_size), "shape_params": shape_params,
+            "train_keys": {k: v for k, v in keys.items() if config[k] != v},
             "training": plan_config(dict(config, **keys), options, vocab)}
 
 
