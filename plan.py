@@ -351,7 +351,7 @@ def plan_config(config, options, vocab=None):
     recompute = 4 / 3 if config["activation_checkpointing"] else 1.0
     seconds = train_flops * recompute / (world * peak * options["mfu"] * (1 - bubble))
 
-    placement = dict(stages=stages, schedule=schedule, micro_batches=micro_batches, cpu_offload=offload)
+    placement = dict(stages=stages, schedule=schedule, cpu_offload=offload)
     layout = stage_parameters(c, stored, block_params, stages)
     run = config["parallelism"] + ("+ckpt" if config["activation_checkpointing"] else "")
     memory, stage_memory = {}, {}  # for each combination: the most loaded stage's; each stage's, GiB per GPU
@@ -360,11 +360,10 @@ def plan_config(config, options, vocab=None):
         per_stage = stage_memory[name] = [
             {**{k: v / GIB for k, v in terms.items()}, "total": sum(terms.values()) / GIB}
             for terms in memory_per_stage(c, stored, block_params, micro, world, config["dtype"], parallelism,
-                                          checkpointing, **placement)]
+                                          checkpointing, micro_batches=micro_batches, **placement)]
         loaded = max(range(stages), key=lambda s: per_stage[s]["total"])
         best = largest_micro_batch(c, stored, block_params, step_tokens, world, config["dtype"], parallelism,
-                                   checkpointing, HEADROOM * gpu_memory * GIB, stages=stages, schedule=schedule,
-                                   cpu_offload=offload)
+                                   checkpointing, HEADROOM * gpu_memory * GIB, **placement)
         accumulation = step_tokens // (best * c.block_size * dp) if best else 0
         memory[name] = {**per_stage[loaded], "fits": per_stage[loaded]["total"] <= HEADROOM * gpu_memory,
                         "max_micro_batch": best, "accumulation": accumulation}
