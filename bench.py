@@ -77,7 +77,7 @@ except ValueError as e:
     raise SystemExit(f"config error: {e}") from None
 model = GPT(model_config).to(device)
 model.activation_checkpointing = activation_checkpointing
-peak = gpu_peak_flops(device_name(device), peak_flops) if cuda else peak_flops
+peak = gpu_peak_flops(device_name(device), peak_flops)  # a CPU's name is no GPU's: peak_flops, or 0
 
 
 def interleaved(variants, run):
@@ -101,7 +101,8 @@ def interleaved(variants, run):
 # -----------------------------------------------------------------------------
 # training: whole steps on random tokens
 if not set(optimizers.split(",")) <= {"muon", "adamw"}:
-    raise SystemExit(f"config error: optimizers={optimizers!r}: each is 'muon' or 'adamw', e.g. --optimizers=muon,adamw")
+    raise SystemExit(f"config error: optimizers={optimizers!r}: each is 'muon' or 'adamw', "
+                     "e.g. --optimizers=muon,adamw")
 optimizer_of = {name: make_optimizer(model, learning_rate, weight_decay, (0.9, 0.95), device, name)
                 for name in optimizers.split(",")}
 x, y = torch.randint(0, vocab_size, (2, batch_size, block_size), device=device).unbind(0)

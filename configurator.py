@@ -101,7 +101,8 @@ def _set(namespace, defaults, key, value, where):
     with one line."""
     if key not in defaults:
         close = difflib.get_close_matches(key, defaults, n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join('--' + c for c in close)}?" if close else "run with --help to list the valid keys"
+        hint = (f"did you mean {', '.join('--' + c for c in close)}?" if close
+                else "run with --help to list the valid keys")
         raise SystemExit(f"config error: unknown key '{key}' {where}; {hint}")
     default = defaults[key]
     if default is not None and value is not None:
