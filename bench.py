@@ -77,37 +77,32 @@ except ValueError as e:
     raise SystemExit(f"config error: {e}") from None
 model = GPT(model_config).to(device)
 model.activation_checkpointing = activation_checkpointing
-peak = gpu_peak_flops(device_name(device), peak_flops) if cuda else peak_flops
-
-
-def timed(fn):
-    """Seconds fn takes, its GPU work included (synchronised before and after)."""
-    sync = torch.cuda.synchronize if cuda else lambda: None
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
+peak = gpu_peak_flops(device_name(device), peak_flops)  # a CPU's name is no GPU's: peak_flops, or 0
 
 
 def interleaved(variants, run):
-    """{name: [seconds of each timed run]} of run(variant), after `warmup` untimed runs of each,
-    taking the variants in turn (A B A B ...)."""
+    """{name: [seconds of each timed run]} of run(variant), its GPU work included, after `warmup` untimed runs
+    of each, taking the variants in turn (A B A B ...)."""
+    sync = torch.cuda.synchronize if cuda else lambda: None
     for fn in variants.values():
         for _ in range(warmup):
             run(fn)
     times = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
-            times[name].append(timed(lambda: run(fn)))
+            sync()
+            start = time.perf_counter()
+            run(fn)
+            sync()
+            times[name].append(time.perf_counter() - start)
     return times
 
 
 # -----------------------------------------------------------------------------
 # training: whole steps on random tokens
-for name in optimizers.split(","):
-    if name not in ("muon", "adamw"):
-        raise SystemExit(f"config error: optimizers={optimizers!r}: each is 'muon' or 'adamw', e.g. --optimizers=muon,adamw")
+if not set(optimizers.split(",")) <= {"muon", "adamw"}:
+    raise SystemExit(f"config error: optimizers={optimizers!r}: each is 'muon' or 'adamw', "
+                     "e.g. --optimizers=muon,adamw")
 optimizer_of = {name: make_optimizer(model, learning_rate, weight_decay, (0.9, 0.95), device, name)
                 for name in optimizers.split(",")}
 x, y = torch.randint(0, vocab_size, (2, batch_size, block_size), device=device).unbind(0)
@@ -131,11 +126,9 @@ train_times = interleaved(train_variants, train_step) if train else {}
 results = {"machine": machine, "config": config, "device": device_name(device), "dtype": dtype, "train": {}, "decode": {}}
 for name, seconds in train_times.items():
     tokens_per_s = batch_size * block_size / statistics.median(seconds)
-    results["train"][name] = {
-        "step_ms_median": 1e3 * statistics.median(seconds), "step_ms_min": 1e3 * min(seconds),
-        "tokens_per_s": tokens_per_s,
-        "mfu": model.flops_per_token(block_size) * tokens_per_s / peak if peak else None,
-    }
+    results["train"][name] = {"step_ms_median": 1e3 * statistics.median(seconds), "step_ms_min": 1e3 * min(seconds),
+                              "tokens_per_s": tokens_per_s,
+                              "mfu": model.flops_per_token(block_size) * tokens_per_s / peak if peak else None}
 # training's peak: it needs more than decoding (Linux reports ru_maxrss in KiB)
 results["peak_memory_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if cuda else
                              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10)

@@ -72,19 +72,6 @@ VALID_RANGES = {
 }
 
 
-def check_ranges(config, defaults):
-    """Stop with one line at the first key of config whose value is outside its VALID_RANGES."""
-    for key, (valid, is_valid) in VALID_RANGES.items():
-        if key not in config or defaults[key] is None or config[key] is None or config[key] == 0 == defaults[key]:
-            continue  # not this script's key, or None, or 0 where 0 is the default ("derive it")
-        try:
-            valid_value = is_valid(config[key])
-        except TypeError:  # a script where the key is of another kind (a name, not a number) checks it itself
-            continue
-        if not valid_value:
-            raise SystemExit(f"config error: {key}={config[key]!r} is invalid; {key} must be {valid}")
-
-
 def _run_config_file(path, namespace):
     """exec the config file at path in namespace; a file that is not UTF-8, does not parse or raises
     stops with one line naming the file and the line."""
@@ -109,24 +96,24 @@ def _run_config_file(path, namespace):
         raise SystemExit(f"config error: {path} line {line} raised {type(e).__name__}: {e}; fix the file") from None
 
 
-def _unknown_key_error(key, known, where):
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
-    hint = f"did you mean {', '.join('--' + c for c in close)}?" if close else "run with --help to list the valid keys"
-    return SystemExit(f"config error: unknown key '{key}' {where}; {hint}")
-
-
-def _checked(key, value, default, where):
-    """Return value converted to the type of default, or stop with a one-line error."""
-    if default is None or value is None:
-        return value
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
-        return type(default)(value)
-    if type(value) is not type(default):
-        raise SystemExit(f"config error: {key}={value!r} {where} is a {type(value).__name__}, "
-                         f"but {key} expects a {type(default).__name__} (default {default!r})")
-    return value
+def _set(namespace, defaults, key, value, where):
+    """namespace[key] = value converted to the type of key's default; an unknown key or a wrong type stops
+    with one line."""
+    if key not in defaults:
+        close = difflib.get_close_matches(key, defaults, n=3, cutoff=0.5)
+        hint = (f"did you mean {', '.join('--' + c for c in close)}?" if close
+                else "run with --help to list the valid keys")
+        raise SystemExit(f"config error: unknown key '{key}' {where}; {hint}")
+    default = defaults[key]
+    if default is not None and value is not None:
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
+            value = type(default)(value)
+        elif type(value) is not type(default):
+            raise SystemExit(f"config error: {key}={value!r} {where} is a {type(value).__name__}, "
+                             f"but {key} expects a {type(default).__name__} (default {default!r})")
+    namespace[key] = value
 
 
 class _DefaultsRead(Exception):
@@ -143,9 +130,8 @@ def defaults_only():
     global _defaults_only
     _defaults_only = {}
     try:
-        yield _defaults_only
-    except _DefaultsRead:
-        pass
+        with contextlib.suppress(_DefaultsRead):
+            yield _defaults_only
     finally:
         _defaults_only = None
 
@@ -171,27 +157,32 @@ def configure(namespace, argv=None):
             before = dict(namespace)
             _run_config_file(arg, namespace)
             for k, v in list(namespace.items()):
-                if k.startswith("_") or (k in before and before[k] is v) or not isinstance(v, CONFIG_TYPES):
-                    continue
-                if k not in defaults:
-                    raise _unknown_key_error(k, keys, f"in {arg}")
-                namespace[k] = _checked(k, v, defaults[k], f"in {arg}")
+                if not (k.startswith("_") or (k in before and before[k] is v) or not isinstance(v, CONFIG_TYPES)):
+                    _set(namespace, defaults, k, v, f"in {arg}")
         else:
             key, sep, raw = arg[2:].partition("=")
             if not sep:
                 raise SystemExit(f"config error: '{arg}' has no value; write --{key}=VALUE")
-            if key not in defaults:
-                raise _unknown_key_error(key, keys, "on the command line")
-            try:
-                value = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                value = raw
-            # A string default takes the raw text, so --out_dir=123 stays the string '123'.
-            if isinstance(defaults[key], str) and not isinstance(value, str):
-                value = raw
-            namespace[key] = _checked(key, value, defaults[key], "on the command line")
+            value = raw
+            if key in defaults:  # else _set says so, before the value is read
+                try:
+                    value = ast.literal_eval(raw)
+                except (ValueError, SyntaxError):
+                    pass
+                # A string default takes the raw text, so --out_dir=123 stays the string '123'.
+                if isinstance(defaults[key], str) and not isinstance(value, str):
+                    value = raw
+            _set(namespace, defaults, key, value, "on the command line")
     config = {k: namespace[k] for k in keys}
-    check_ranges(config, defaults)
+    # the first value outside its VALID_RANGES stops the run
+    for key, (valid, is_valid) in VALID_RANGES.items():
+        if key not in config or defaults[key] is None or config[key] is None or config[key] == 0 == defaults[key]:
+            continue  # not this script's key, or None, or 0 where 0 is the default ("derive it")
+        try:
+            if not is_valid(config[key]):
+                raise SystemExit(f"config error: {key}={config[key]!r} is invalid; {key} must be {valid}")
+        except TypeError:  # a script where the key is of another kind (a name, not a number) checks it itself
+            pass
     return config
 
 

@@ -14,6 +14,9 @@ it (defaults, config files, --key=value, checks). Runs nothing and writes nothin
 'meta' device. The vocabulary it assumes, and how each number is found: docs/planning.md.
 """
 
+import bisect
+import functools
+import itertools
 import json
 import math
 import os
@@ -29,7 +32,6 @@ from pipeline import pipeline_layers
 from runlog import format_duration
 from runtime import GPUS, gpu_named
 
-# plan.py's own options (--key=value); every other key is train.py's.
 OPTIONS = dict(
     gpu="H100",  # a GPU of runtime.GPUS, which gives its peak FLOP/s and its memory
     num_gpus=1,  # the run's world size: the processes that split each step and, under FSDP, the state
@@ -44,15 +46,13 @@ OPTIONS = dict(
 
 GIB = 2**30
 FALLBACK_VOCAB = 50304  # GPT-2's 50257 padded to a multiple of 64
-TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022
-TOKENS_PER_PARAM_BAND = (10, 40)
+TOKENS_PER_PARAM, TOKENS_PER_PARAM_BAND = 20, (10, 40)  # Hoffmann et al. 2022; a config outside the band is warned
 PF_DAY = 1e15 * 24 * 3600  # FLOPs in a petaflop/s-day, Kaplan et al.'s unit of compute
 KAPLAN_PARAMS_AT_PF_DAY, KAPLAN_EXPONENT = 1.3e9, 0.73  # Kaplan et al. 2020, eq. 6.1 and Figure 14
 BUDGET_RANGE = tuple(float(f"1e{e}") for e in range(18, 25))  # the budgets of --law=both's table
 FLOPS_RANGE = (1e12, 1e27)  # a second of a laptop; ten times the largest training runs so far
 MAX_LAYERS = 2000  # deeper than any transformer trained; the meta model is built layer by layer
-SHAPE_TOLERANCE = 0.02
-ASPECT_RANGE, ASPECT_PREFERRED = (64, 128), 96
+SHAPE_TOLERANCE, ASPECT_RANGE, ASPECT_PREFERRED = 0.02, (64, 128), 96  # a shape's count and n_embd/n_layer
 HEADROOM = 0.9  # plan within 90% of the GPU's memory
 COMBOS = (("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True))  # (parallelism, activation checkpointing)
 
@@ -68,18 +68,9 @@ def read_config(argv):
     default_dataset = namespace["dataset"]
     namespace.update(OPTIONS)  # one namespace, so a key that is neither plan.py's nor train.py's is an error
     namespace["__doc__"] = __doc__  # for --help
-    config = configure(namespace, argv)
+    config = configure(namespace, argv)  # which checks each value against its range
     options = {k: config.pop(k) for k in OPTIONS}
-    check_options(options, config)
-    # A budget plans for GPT-2's vocabulary unless a dataset is named (a local one may be a toy's).
-    options["dataset_given"] = (any(a.startswith("--dataset=") for a in argv)
-                                or config["dataset"] != default_dataset)
-    return options, config
-
-
-def check_options(options, config):
-    """One line for each combination plan.py cannot plan with, before any model is built (the values
-    themselves are checked by configure's range table)."""
+    # the combinations plan.py cannot plan with, before any model is built
     if config["n_layer"] > MAX_LAYERS:
         raise SystemExit(f"config error: n_layer={config['n_layer']} is deeper than any transformer trained; "
                          f"plan.py plans up to {MAX_LAYERS} layers")
@@ -88,6 +79,10 @@ def check_options(options, config):
     if options["law"] == "kaplan" and not (options["flops"] or options["hours"]):
         raise SystemExit("config error: --law=kaplan plans a budget; give --flops or --hours (or --law=both for "
                          "the table of budgets)")
+    # A budget plans for GPT-2's vocabulary unless a dataset is named (a local one may be a toy's).
+    options["dataset_given"] = (any(a.startswith("--dataset=") for a in argv)
+                                or config["dataset"] != default_dataset)
+    return options, config
 
 
 def vocab_size(config):
@@ -134,21 +129,9 @@ def chinchilla(flops):
 
 
 def kaplan(flops):
-    """(non-embedding parameters, tokens) Kaplan et al. 2020 found loss-optimal for flops: their eq. 6.1 and
-    Figure 14, N = 1.3e9 * (C / 1 PF-day)^0.73, and the tokens that spend the rest, D = C / (6N)."""
+    """(non-embedding parameters, tokens) loss-optimal for flops: N = 1.3e9 (C / PF-day)^0.73, D = C/6N."""
     params = KAPLAN_PARAMS_AT_PF_DAY * (flops / PF_DAY) ** KAPLAN_EXPONENT
     return params, flops / (6 * params)
-
-
-def law_table(budgets=BUDGET_RANGE):
-    """What each law advises for each budget: parameters, tokens and tokens per parameter, side by side."""
-    rows = []
-    for flops in budgets:
-        (n_c, d_c), (n_k, d_k) = chinchilla(flops), kaplan(flops)
-        rows.append({"flops": flops, "chinchilla_params": n_c, "chinchilla_tokens": d_c,
-                     "chinchilla_tokens_per_param": d_c / n_c, "kaplan_params": n_k, "kaplan_tokens": d_k,
-                     "kaplan_tokens_per_param": d_k / n_k, "params_ratio": n_k / n_c})
-    return rows
 
 
 def on_meta(c):
@@ -157,26 +140,18 @@ def on_meta(c):
         return GPT(c)
 
 
-def shape_width(i):
-    """The i-th width of the shape family (i >= 1) and its head size: 64, 128, ..., 1024, then steps of 128."""
-    n_embd = 64 * i if i <= 16 else 1024 + 128 * (i - 16)
-    return n_embd, 64 if n_embd < 1024 else 128
-
-
 def compute_optimal_shape(target, base, non_embedding=False):
     """The shape nearest target parameters (without the embeddings when non_embedding): (GPTConfig,
     parameters so counted). Of the shapes of base's style within 2% of target, the one with n_embd/n_layer
     nearest 96; if none is, the nearest count. The family and the search: docs/planning.md."""
-    counts = {}
-
+    @functools.cache
     def count(i):  # (GPTConfig of one layer, the count without its blocks, parameters per block)
-        if i not in counts:
-            n_embd, head_size = shape_width(i)
-            c = replace(base, n_layer=1, n_embd=n_embd, n_head=n_embd // head_size, n_kv_head=0, ffn_hidden=0)
-            one = on_meta(c)
-            per_block = sum(p.numel() for p in one.blocks[0].parameters())
-            counts[i] = c, one.num_params(non_embedding=non_embedding) - per_block, per_block
-        return counts[i]
+        n_embd = 64 * i if i <= 16 else 1024 + 128 * (i - 16)  # 64, 128, ..., 1024, then steps of 128
+        c = replace(base, n_layer=1, n_embd=n_embd, n_head=n_embd // (64 if n_embd < 1024 else 128), n_kv_head=0,
+                    ffn_hidden=0)
+        one = on_meta(c)
+        per_block = sum(p.numel() for p in one.blocks[0].parameters())
+        return c, one.num_params(non_embedding=non_embedding) - per_block, per_block
 
     def wide_enough(i):  # the aspect ratio n_embd/n_layer at the target count reaches the preferred one
         c, rest, per_block = count(i)
@@ -185,10 +160,7 @@ def compute_optimal_shape(target, base, non_embedding=False):
     high = 1
     while not wide_enough(high):
         high *= 2
-    low = high // 2 + 1 if high > 1 else 1
-    while low < high:
-        middle = (low + high) // 2
-        low, high = (low, middle) if wide_enough(middle) else (middle + 1, high)
+    low = bisect.bisect_left(range(high + 1), True, lo=high // 2 + 1, key=wide_enough)  # the narrowest wide enough
 
     best = None  # (key, width index, n_layer); key (0, aspect distance) within tolerance, else (1, error)
 
@@ -221,14 +193,10 @@ def compute_optimal_shape(target, base, non_embedding=False):
         return room > 0 and ASPECT_PREFERRED - c.n_embd * per_block / room > best[0][1]
 
     consider(low)
-    up = low + 1
-    while not hopeless(up, upward=True):
-        consider(up)
-        up += 1
-    down = low - 1
-    while down >= 1 and not hopeless(down, upward=False):
-        consider(down)
-        down -= 1
+    for i in itertools.takewhile(lambda i: not hopeless(i, upward=True), itertools.count(low + 1)):
+        consider(i)
+    for i in itertools.takewhile(lambda i: not hopeless(i, upward=False), range(low - 1, 0, -1)):
+        consider(i)
     _, i, n_layer = best
     c, rest, per_block = count(i)
     return replace(c, n_layer=n_layer), rest + n_layer * per_block
@@ -241,27 +209,19 @@ def activation_bytes_per_token(c, e):
     """What one Block saves for backward, bytes per token with e bytes per 16-bit element, counted op by
     op in model.py's Block (the table of terms: docs/planning.md)."""
     h, kv = c.n_embd, c.n_kv_head * c.head_dim
-    saved = 8 * h + e * 3 * h + e * (h + 2 * kv) + 4 * c.n_head
-    saved += e * (4 if c.mlp == "swiglu" else 2) * c.ffn_hidden
-    if c.pos == "rope":
-        saved += e * (h + kv)
-    if c.qk_norm:
-        saved += 4 * (h + kv)
-    if c.dropout > 0:
-        saved += 2 * h
-    return saved
+    saved = 8 * h + e * 3 * h + e * (h + 2 * kv) + 4 * c.n_head + e * (4 if c.mlp == "swiglu" else 2) * c.ffn_hidden
+    return (saved + (e * (h + kv) if c.pos == "rope" else 0) + (4 * (h + kv) if c.qk_norm else 0)
+            + (2 * h if c.dropout > 0 else 0))
 
 
 def stage_parameters(c, params, block_params, stages):
-    """(blocks, parameters) of each pipeline stage, params and block_params as stored: its blocks, plus the
-    token embedding (and learned positions) on the first and the final norm and head on the last."""
+    """(blocks, parameters, parameters outside the blocks) of each pipeline stage, as stored: the token
+    embedding (and learned positions) on the first, the final norm and head on the last."""
     embedding = c.padded_vocab_size * c.n_embd + (c.block_size * c.n_embd if c.pos == "learned" else 0)
     head = params - c.n_layer * block_params - embedding  # just the final norm when tied (then one stage)
-    layout = []
-    for s, layers in enumerate(pipeline_layers(c.n_layer, stages)):
-        root = (embedding if s == 0 else 0) + (head if s == stages - 1 else 0)
-        layout.append((len(layers), len(layers) * block_params + root))
-    return layout
+    roots = [(embedding if s == 0 else 0) + (head if s == stages - 1 else 0) for s in range(stages)]
+    return [(len(layers), len(layers) * block_params + root, root)
+            for layers, root in zip(pipeline_layers(c.n_layer, stages), roots)]
 
 
 def pipeline_bubble(stages, micro_batches):
@@ -273,9 +233,7 @@ def micro_batches_held(stage, stages, schedule, micro_batches):
     """The micro-batches whose activations a stage holds at its peak: all m under GPipe, min(m, p - s) under 1F1B."""
     if stages == 1:
         return 1  # train.py's own loop: each micro-step's backward follows its forward
-    if schedule == "gpipe":
-        return micro_batches
-    return min(micro_batches, stages - stage)
+    return micro_batches if schedule == "gpipe" else min(micro_batches, stages - stage)
 
 
 def memory_per_stage(c, params, block_params, micro_batch, world, dtype, parallelism, checkpointing,
@@ -287,37 +245,30 @@ def memory_per_stage(c, params, block_params, micro_batch, world, dtype, paralle
     offload = cpu_offload and parallelism == "fsdp"
     # train.py runs FSDP on one process per stage as a plain model, unless it offloads
     fsdp = parallelism == "fsdp" and (dp > 1 or offload)
-    shards = dp if fsdp else 1
     h, V, tokens = c.n_embd, c.padded_vocab_size, micro_batch * c.block_size
     per_block = activation_bytes_per_token(c, e)
     memory = []
-    for s, (blocks, stage_params) in enumerate(stage_parameters(c, params, block_params, stages)):
+    for s, (blocks, stage_params, root) in enumerate(stage_parameters(c, params, block_params, stages)):
         last = s == stages - 1
-        root = stage_params - blocks * block_params
         if fsdp and stages > 1:
             communication = (e + 4) * stage_params  # the schedule keeps every unit gathered and its gradient whole
         elif fsdp:
             communication = e * (root + min(2, blocks) * block_params) + (e + 4) * max(root, block_params)
         else:
             communication = 4 * stage_params if dp > 1 and stages == 1 else 0  # a pipeline all-reduces in place
-        if fsdp or e == 4:
-            weight_copies = 0
-        else:
-            # one block's under checkpointing without pipelining; a pipeline's autocast cache keeps them all
-            cast_blocks = 1 if checkpointing and stages == 1 else blocks
-            weight_copies = 2 * (cast_blocks * block_params + (V * h if last else 0))
-        on_gpu = 0 if offload else stage_params / shards  # the parameters whose fp32 state this GPU keeps
+        # autocast's (none under FSDP or in fp32): one block's under checkpointing without pipelining; a
+        # pipeline's autocast cache keeps them all
+        cast_blocks = 1 if checkpointing and stages == 1 else blocks
+        weight_copies = 0 if fsdp or e == 4 else 2 * (cast_blocks * block_params + (V * h if last else 0))
+        on_gpu = 0 if offload else stage_params / (dp if fsdp else 1)  # the parameters whose fp32 state this GPU keeps
         held = micro_batches_held(s, stages, schedule, micro_batches)
         # Per token of a held micro-batch: its blocks' activations and the stage's fp32 output (the last
         # stage's is the final norm's input, and the head's 16-bit input besides).
         per_token = blocks * (4 * h if checkpointing else per_block) + 4 * h + (e * h if last else 0)
         recomputed = per_block if checkpointing else 0  # one block of one micro-batch at a time
-        if not last:
-            logits = 0
-        elif stages == 1:
-            logits = 12 * V
-        else:  # the schedule keeps the logits, the stage's output, with the log-probabilities of each held one
-            logits = held * (4 + e) * V + 8 * V
+        # on the last stage; a pipeline's schedule keeps the logits, the stage's output, with the
+        # log-probabilities of each held micro-batch
+        logits = (12 * V if stages == 1 else held * (4 + e) * V + 8 * V) if last else 0
         memory.append({"weights": 4 * on_gpu, "gradients": 4 * on_gpu, "optimizer": 8 * on_gpu,
                        "communication": communication, "weight_copies": weight_copies,
                        "activations": tokens * (held * per_token + recomputed), "logits": tokens * logits})
@@ -325,25 +276,19 @@ def memory_per_stage(c, params, block_params, micro_batch, world, dtype, paralle
 
 
 def memory_per_gpu(c, params, block_params, micro_batch, world, dtype, parallelism, checkpointing, **placement):
-    """Peak GPU bytes by term on the most loaded pipeline stage (the whole model without pipelining);
-    placement: memory_per_stage's keyword arguments (stages, schedule, micro_batches, cpu_offload)."""
-    per_stage = memory_per_stage(c, params, block_params, micro_batch, world, dtype, parallelism, checkpointing,
-                                 **placement)
-    return max(per_stage, key=lambda terms: sum(terms.values()))
+    """memory_per_stage's most loaded stage (the whole model without pipelining)."""
+    return max(memory_per_stage(c, params, block_params, micro_batch, world, dtype, parallelism, checkpointing,
+                                **placement), key=lambda terms: sum(terms.values()))
 
 
 def offload_traffic(c, params, block_params, world, stages, micro_batches):
     """(bytes to the GPU, bytes back) per step under CPU offload, on the stage that moves the most: each
     micro-step copies every block's fp32 shard up twice (forward, backward) and the root's once, and the
-    gradient shard back, m * 4*(2*n_layer*P_block + P_root)/S and m * 4*P/S."""
+    gradient shard back."""
     dp = world // stages
     gradient_copies = 1 if stages > 1 else micro_batches  # a pipeline reduce-scatters once per step
-    traffic = []
-    for blocks, stage_params in stage_parameters(c, params, block_params, stages):
-        root = stage_params - blocks * block_params
-        to_gpu = micro_batches * 4 * (2 * blocks * block_params + root) / dp
-        traffic.append((to_gpu, gradient_copies * 4 * stage_params / dp))
-    return max(traffic, key=sum)
+    return max(((micro_batches * 4 * (2 * blocks * block_params + root) / dp, gradient_copies * 4 * stage_params / dp)
+                for blocks, stage_params, root in stage_parameters(c, params, block_params, stages)), key=sum)
 
 
 def largest_micro_batch(c, params, block_params, step_tokens, world, dtype, parallelism, checkpointing, budget,
@@ -351,12 +296,12 @@ def largest_micro_batch(c, params, block_params, step_tokens, world, dtype, para
     """The largest power-of-two micro-batch that fits budget bytes on every stage and divides the step; 0 if
     none. A 1F1B pipeline needs at least as many micro-batches as stages (torch's Schedule1F1B)."""
     dp = world // stages
-    fewest = stages if stages > 1 and schedule == "1f1b" else 1
+    fewest = stages if schedule == "1f1b" else 1
     best, micro = 0, 1
     while micro * c.block_size * dp * fewest <= step_tokens:
-        micro_batches = step_tokens / (micro * c.block_size * dp)
-        memory = memory_per_gpu(c, params, block_params, micro, world, dtype, parallelism, checkpointing,
-                                stages=stages, schedule=schedule, micro_batches=micro_batches, cpu_offload=cpu_offload)
+        memory = memory_per_gpu(c, params, block_params, micro, world, dtype, parallelism, checkpointing, stages=stages,
+                                schedule=schedule, micro_batches=step_tokens / (micro * c.block_size * dp),
+                                cpu_offload=cpu_offload)
         if sum(memory.values()) > budget:
             break
         if step_tokens % (micro * c.block_size * dp) == 0:
@@ -372,20 +317,19 @@ def plan_config(config, options, vocab=None):
     c = model_config(config, vocab)
     gpu, peak, gpu_memory = gpu_spec(options, config)
     model = on_meta(c)
-    params = model.num_params()
     stored = sum(p.numel() for p in model.parameters())
     block_params = sum(p.numel() for p in model.blocks[0].parameters())
     world, step_tokens = options["num_gpus"], config["total_batch_tokens"]
-    check_layout(config["parallelism"], config["dtype"], config["cpu_offload"], config["pipeline_stages"], world)
-    pipeline_layers(c.n_layer, config["pipeline_stages"], c.tie_embeddings)
     stages, schedule, offload = config["pipeline_stages"], config["pipeline_schedule"], config["cpu_offload"]
+    check_layout(config["parallelism"], config["dtype"], offload, stages, world)
+    layers = pipeline_layers(c.n_layer, stages, c.tie_embeddings)
     dp = world // stages
     warnings = [vocab_warning] if vocab_warning else []
 
     flops_per_token = model.flops_per_token(c.block_size)
     tokens = step_tokens * config["max_iters"]
     train_flops = flops_per_token * tokens
-    tokens_per_param = tokens / params
+    tokens_per_param = tokens / model.num_params()
     if not TOKENS_PER_PARAM_BAND[0] <= tokens_per_param <= TOKENS_PER_PARAM_BAND[1]:
         n, d = chinchilla(train_flops)
         side = "smaller model on more tokens" if tokens_per_param < TOKENS_PER_PARAM else "bigger model on fewer tokens"
@@ -407,57 +351,52 @@ def plan_config(config, options, vocab=None):
     recompute = 4 / 3 if config["activation_checkpointing"] else 1.0
     seconds = train_flops * recompute / (world * peak * options["mfu"] * (1 - bubble))
 
-    placement = dict(stages=stages, schedule=schedule, micro_batches=micro_batches, cpu_offload=offload)
+    placement = dict(stages=stages, schedule=schedule, cpu_offload=offload)
     layout = stage_parameters(c, stored, block_params, stages)
-    memory = {}
+    run = config["parallelism"] + ("+ckpt" if config["activation_checkpointing"] else "")
+    memory, stage_memory = {}, {}  # for each combination: the most loaded stage's; each stage's, GiB per GPU
     for parallelism, checkpointing in COMBOS:
-        per_stage = memory_per_stage(c, stored, block_params, micro, world, config["dtype"], parallelism,
-                                     checkpointing, **placement)
-        loaded = max(range(stages), key=lambda s: sum(per_stage[s].values()))
-        total = sum(per_stage[loaded].values())
-        best = largest_micro_batch(c, stored, block_params, step_tokens, world, config["dtype"], parallelism,
-                                   checkpointing, HEADROOM * gpu_memory * GIB, stages=stages, schedule=schedule,
-                                   cpu_offload=offload)
         name = parallelism + ("+ckpt" if checkpointing else "")
-        memory[name] = {**{k: v / GIB for k, v in per_stage[loaded].items()}, "total": total / GIB,
-                        "fits": total <= HEADROOM * gpu_memory * GIB, "max_micro_batch": best,
-                        "accumulation": step_tokens // (best * c.block_size * dp) if best else 0}
+        per_stage = stage_memory[name] = [
+            {**{k: v / GIB for k, v in terms.items()}, "total": sum(terms.values()) / GIB}
+            for terms in memory_per_stage(c, stored, block_params, micro, world, config["dtype"], parallelism,
+                                          checkpointing, micro_batches=micro_batches, **placement)]
+        loaded = max(range(stages), key=lambda s: per_stage[s]["total"])
+        best = largest_micro_batch(c, stored, block_params, step_tokens, world, config["dtype"], parallelism,
+                                   checkpointing, HEADROOM * gpu_memory * GIB, **placement)
+        accumulation = step_tokens // (best * c.block_size * dp) if best else 0
+        memory[name] = {**per_stage[loaded], "fits": per_stage[loaded]["total"] <= HEADROOM * gpu_memory,
+                        "max_micro_batch": best, "accumulation": accumulation}
         if stages > 1:
-            memory[name]["stage"] = loaded
-            memory[name]["bubble"] = pipeline_bubble(stages, memory[name]["accumulation"]) if best else 0
+            memory[name] |= {"stage": loaded, "bubble": pipeline_bubble(stages, accumulation) if best else 0}
         if offload and parallelism == "fsdp":
             # per process: its shard of the largest stage's fp32 weights, gradients and moments
-            memory[name]["cpu_memory"] = 16 * max(p for _, p in layout) / dp / GIB
+            memory[name]["cpu_memory"] = 16 * max(p for _, p, _ in layout) / dp / GIB
     report = {
-        "params": params, "non_embedding_params": model.num_params(non_embedding=True),
+        "params": model.num_params(), "non_embedding_params": model.num_params(non_embedding=True),
         "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "block_size": c.block_size,
         "vocab_size": c.vocab_size, "flops_per_token": flops_per_token, "tokens": tokens, "train_flops": train_flops,
         "tokens_per_param": tokens_per_param,
         "gpu": gpu, "num_gpus": world, "peak_flops": peak, "mfu": options["mfu"], "gpu_memory_gib": gpu_memory,
         "tokens_per_sec": world * peak * options["mfu"] * (1 - bubble) / (flops_per_token * recompute),
         "hours": seconds / 3600, "dtype": config["dtype"], "micro_batch": micro, "accumulation": micro_batches,
-        "run": config["parallelism"] + ("+ckpt" if config["activation_checkpointing"] else ""),
-        "memory": memory, "warnings": warnings,
+        "run": run, "memory": memory, "warnings": warnings,
     }
     if stages > 1:
-        run_stages = memory_per_stage(c, stored, block_params, micro, world, config["dtype"], config["parallelism"],
-                                      config["activation_checkpointing"], **placement)
         report["pipeline"] = {
-            "stages": stages, "schedule": schedule, "data_parallel": dp, "micro_batches": micro_batches, "bubble": bubble,
-            "layers": [[r.start, r.stop] for r in pipeline_layers(c.n_layer, stages)],
-            "params": [p for _, p in layout],
+            "stages": stages, "schedule": schedule, "data_parallel": dp, "micro_batches": micro_batches,
+            "bubble": bubble, "layers": [[r.start, r.stop] for r in layers], "params": [p for _, p, _ in layout],
             "micro_batches_held": [micro_batches_held(s, stages, schedule, micro_batches) for s in range(stages)],
-            "memory": [{**{k: v / GIB for k, v in terms.items()}, "total": sum(terms.values()) / GIB}
-                       for terms in run_stages],  # the config's run, GiB per GPU of each stage
+            "memory": stage_memory[run],
             "message_mib": 4 * micro * c.block_size * c.n_embd / 2**20,  # the fp32 activation sent per micro-batch
         }
     if offload:
         to_gpu, to_cpu = offload_traffic(c, stored, block_params, world, stages, micro_batches)
+        pcie = options["pcie_gb_per_s"]
         report["offload"] = {
-            "cpu_memory": memory[report["run"]]["cpu_memory"],
+            "cpu_memory": memory[run]["cpu_memory"],
             "to_gpu_gb": to_gpu / 1e9, "to_cpu_gb": to_cpu / 1e9,  # per step and GPU
-            "pcie_gb_per_s": options["pcie_gb_per_s"],
-            "transfer_seconds": (to_gpu + to_cpu) / (options["pcie_gb_per_s"] * 1e9),
+            "pcie_gb_per_s": pcie, "transfer_seconds": (to_gpu + to_cpu) / (pcie * 1e9),
             "compute_seconds": seconds / config["max_iters"],  # a step's, for comparison
         }
     return report
@@ -467,8 +406,7 @@ def budget_flops(options, config):
     """The compute budget: --flops, or --hours on num_gpus x gpu at mfu; 0 when neither is given."""
     flops = options["flops"]
     if options["hours"]:
-        _, peak, _ = gpu_spec(options, config)
-        flops = peak * options["num_gpus"] * options["hours"] * 3600 * options["mfu"]
+        flops = gpu_spec(options, config)[1] * options["num_gpus"] * options["hours"] * 3600 * options["mfu"]
     if flops and not FLOPS_RANGE[0] <= flops <= FLOPS_RANGE[1]:
         raise SystemExit(f"config error: a budget of {flops:.3g} FLOPs is outside what plan.py plans, "
                          f"{FLOPS_RANGE[0]:g} (a second of a laptop) to {FLOPS_RANGE[1]:g} (ten times the largest "
@@ -485,18 +423,23 @@ def plan_budget(flops, config, options, law="chinchilla"):
         FALLBACK_VOCAB, f"assumed GPT-2's vocabulary, {FALLBACK_VOCAB} (padded); --dataset=NAME plans with a "
                         "prepared dataset's")
     shape, shape_params = compute_optimal_shape(params, model_config(config, vocab[0]), non_embedding=law == "kaplan")
-    keys = dict(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd, n_kv_head=0, ffn_hidden=0,
-                max_iters=math.ceil(tokens / config["total_batch_tokens"]))
-    changed = {k: v for k, v in keys.items() if config[k] != v}
+    size = dict(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd)
+    keys = dict(size, n_kv_head=0, ffn_hidden=0, max_iters=math.ceil(tokens / config["total_batch_tokens"]))
     return {"law": law, "flops": flops, "params": params, "tokens": tokens,
-            "shape": dict(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd, block_size=shape.block_size),
-            "shape_params": shape_params, "train_keys": changed,
+            "shape": dict(size, block_size=shape.block_size), "shape_params": shape_params,
+            "train_keys": {k: v for k, v in keys.items() if config[k] != v},
             "training": plan_config(dict(config, **keys), options, vocab)}
 
 
 def plan_both(flops, config, options):
-    """--law=both: the two plans for flops (none without a budget) and the table of BUDGET_RANGE."""
-    report = {"law": "both", "flops": flops, "range": law_table()}
+    """--law=both: the two plans for flops (none without a budget) and what each law advises for each budget
+    of BUDGET_RANGE: parameters, tokens and tokens per parameter, side by side."""
+    report = {"law": "both", "flops": flops, "range": []}
+    for budget in BUDGET_RANGE:
+        (n_c, d_c), (n_k, d_k) = chinchilla(budget), kaplan(budget)
+        report["range"].append({"flops": budget, "chinchilla_params": n_c, "chinchilla_tokens": d_c,
+                                "chinchilla_tokens_per_param": d_c / n_c, "kaplan_params": n_k, "kaplan_tokens": d_k,
+                                "kaplan_tokens_per_param": d_k / n_k, "params_ratio": n_k / n_c})
     if flops:
         report |= {law: plan_budget(flops, config, options, law) for law in ("chinchilla", "kaplan")}
     return report
@@ -504,6 +447,10 @@ def plan_both(flops, config, options):
 
 # -----------------------------------------------------------------------------
 # printing
+
+def print_row(label, cells):
+    print(f"  {label:<24}" + "".join(f"{cell:>12}" for cell in cells))
+
 
 def print_config_report(r):
     print(f"model     {r['params'] / 1e6:,.2f}M parameters ({r['non_embedding_params'] / 1e6:,.2f}M without "
@@ -520,25 +467,22 @@ def print_config_report(r):
     where = " on the most loaded stage" if "pipeline" in r else ""
     print(f"memory    GiB per GPU{where} at micro-batch {r['micro_batch']} x {r['block_size']} tokens, {precision}, "
           f"{r['num_gpus']} GPU(s); a {r['gpu']} has {r['gpu_memory_gib']:g}, plan within {HEADROOM:.0%}")
-    names = list(r["memory"])
-    print(f"  {'':<24}" + "".join(f"{n + ('*' if n == r['run'] else ''):>12}" for n in names))
-    rows = [("weights (fp32)", "weights"), ("gradients (fp32)", "gradients"), ("AdamW moments (fp32)", "optimizer"),
-            ("DDP buckets/FSDP gather", "communication"), ("16-bit weight copies", "weight_copies"),
-            ("activations", "activations"), ("logits and loss", "logits"), ("total", "total")]
-
-    def row(label, cell):  # one line of the table: cell(a combination's memory dict) for each column
-        print(f"  {label:<24}" + "".join(f"{cell(r['memory'][n]):>12}" for n in names))
-    for label, key in rows:
-        row(label, lambda m: f"{m[key]:.2f}")
+    columns = r["memory"].values()  # one for each combination of COMBOS
+    print_row("", [name + ("*" if name == r["run"] else "") for name in r["memory"]])
+    for label, key in (("weights (fp32)", "weights"), ("gradients (fp32)", "gradients"),
+                       ("AdamW moments (fp32)", "optimizer"), ("DDP buckets/FSDP gather", "communication"),
+                       ("16-bit weight copies", "weight_copies"), ("activations", "activations"),
+                       ("logits and loss", "logits"), ("total", "total")):
+        print_row(label, [f"{m[key]:.2f}" for m in columns])
     if "offload" in r:
-        row("CPU memory (offload)", lambda m: f"{m['cpu_memory']:.2f}" if "cpu_memory" in m else "-")
+        print_row("CPU memory (offload)", [f"{m['cpu_memory']:.2f}" if "cpu_memory" in m else "-" for m in columns])
     if "pipeline" in r:
-        row("most loaded stage", lambda m: m["stage"])
-    row("fits", lambda m: "yes" if m["fits"] else "no")
-    row("max micro-batch", lambda m: m["max_micro_batch"] or "-")
-    row("accumulation", lambda m: m["accumulation"] or "-")
+        print_row("most loaded stage", [m["stage"] for m in columns])
+    print_row("fits", ["yes" if m["fits"] else "no" for m in columns])
+    print_row("max micro-batch", [m["max_micro_batch"] or "-" for m in columns])
+    print_row("accumulation", [m["accumulation"] or "-" for m in columns])
     if "pipeline" in r:
-        row("pipeline bubble", lambda m: f"{m['bubble']:.1%}")
+        print_row("pipeline bubble", [f"{m['bubble']:.1%}" for m in columns])
     run = r["memory"][r["run"]]
     if run["max_micro_batch"]:
         print(f"use       --batch_size={run['max_micro_batch']} (accumulation {run['accumulation']}) for the "
@@ -550,7 +494,16 @@ def print_config_report(r):
         print(f"use       nothing fits with the config's {r['run']} (*) even at micro-batch 1: try "
               "--parallelism=fsdp, --activation_checkpointing=True, more GPUs or a smaller block_size")
     if "pipeline" in r:
-        print_pipeline(r["pipeline"], r["run"])
+        p = r["pipeline"]
+        print(f"pipeline  {p['stages']} stages x {p['data_parallel']} data-parallel, {p['schedule']}: "
+              f"{p['micro_batches']:g} micro-batches per step; bubble (p-1)/(m+p-1) = {100 * p['bubble']:.1f}%, "
+              "in the time above")
+        print_row("stage", range(p["stages"]))
+        print_row("layers", [f"{start}-{stop - 1}" for start, stop in p["layers"]])
+        print_row("parameters (M)", [f"{n / 1e6:,.2f}" for n in p["params"]])
+        print_row("micro-batches held", [f"{n:g}" for n in p["micro_batches_held"]])
+        print_row(f"GiB per GPU ({r['run']})", [f"{m['total']:.2f}" for m in p["memory"]])
+        print(f"  each micro-batch sends {p['message_mib']:.1f} MiB of fp32 activations to the next stage")
     if "offload" in r:
         o = r["offload"]
         print(f"offload   {o['cpu_memory']:.2f} GiB of CPU memory per GPU: the fp32 weights, gradients and AdamW "
@@ -562,24 +515,12 @@ def print_config_report(r):
         print(f"warning: {warning}")
 
 
-def print_pipeline(p, run):
-    print(f"pipeline  {p['stages']} stages x {p['data_parallel']} data-parallel, {p['schedule']}: "
-          f"{p['micro_batches']:g} micro-batches per step; bubble (p-1)/(m+p-1) = {100 * p['bubble']:.1f}%, "
-          "in the time above")
-    print(f"  {'stage':<24}" + "".join(f"{s:>12}" for s in range(p["stages"])))
-    print(f"  {'layers':<24}" + "".join(f"{f'{start}-{stop - 1}':>12}" for start, stop in p["layers"]))
-    print(f"  {'parameters (M)':<24}" + "".join(f"{n / 1e6:>12,.2f}" for n in p["params"]))
-    print(f"  {'micro-batches held':<24}" + "".join(f"{n:>12g}" for n in p["micro_batches_held"]))
-    print(f"  {'GiB per GPU (' + run + ')':<24}" + "".join(f"{m['total']:>12.2f}" for m in p["memory"]))
-    print(f"  each micro-batch sends {p['message_mib']:.1f} MiB of fp32 activations to the next stage")
-
-
 LAW_SUMMARY = (
-    "Kaplan et al. 2020: N grows as C^0.73 and D as C^0.27 (each 10x of compute: 5.4x the parameters, 1.9x the "
-    "tokens), so tokens per parameter fall as budgets grow",
-    "Hoffmann et al. 2022 (Chinchilla): N and D both grow as C^0.5, about 20 tokens per parameter at any budget; "
-    "Chinchilla supersedes Kaplan for this choice (Hoffmann et al. trace the gap mainly to Kaplan's learning-rate "
-    "schedule, one length for every run rather than matched to its tokens)",
+    "law       Kaplan et al. 2020: N grows as C^0.73 and D as C^0.27 (each 10x of compute: 5.4x the parameters, "
+    "1.9x the tokens), so tokens per parameter fall as budgets grow\n"
+    "law       Hoffmann et al. 2022 (Chinchilla): N and D both grow as C^0.5, about 20 tokens per parameter at any "
+    "budget; Chinchilla supersedes Kaplan for this choice (Hoffmann et al. trace the gap mainly to Kaplan's "
+    "learning-rate schedule, one length for every run rather than matched to its tokens)"
 )
 LAW_FORMULA = {
     "chinchilla": "Hoffmann et al. 2022: C = 6ND, D = 20N, so N = sqrt(C/120)",
@@ -587,52 +528,46 @@ LAW_FORMULA = {
 }
 
 
-def budget_lines(b, options, train_args):
-    """As printed lines: the budget, the law's optimum and shape (counted in b's law's sense), the train.py command."""
-    how = (f" ({options['num_gpus']} x {b['training']['gpu']} for {options['hours']:g} h at {100 * options['mfu']:.0f}% MFU)"
-           if options["hours"] else "")
+def print_budget_report(b, options, train_args, brief=False):
+    """The budget, the law's optimum and shape (counted in b's law's sense), the train.py command, and the
+    report of training it; brief (--law=both, after Chinchilla's): no budget, the report's time alone."""
+    if not brief or b["law"] == "chinchilla":
+        how = (f" ({options['num_gpus']} x {b['training']['gpu']} for {options['hours']:g} h at "
+               f"{100 * options['mfu']:.0f}% MFU)" if options["hours"] else "")
+        print(f"budget    {b['flops']:.3g} FLOPs{how}")
     counted = " non-embedding" if b["law"] == "kaplan" else ""
-    s = b["shape"]
-    return [f"budget    {b['flops']:.3g} FLOPs{how}",
-            f"optimal   {b['params'] / 1e6:,.1f}M{counted} parameters on {b['tokens'] / 1e9:,.2f}B tokens, "
-            f"{b['tokens'] / b['params']:.1f} per parameter ({LAW_FORMULA[b['law']]})",
-            f"shape     n_layer={s['n_layer']} n_head={s['n_head']} n_embd={s['n_embd']} block_size={s['block_size']}: "
-            f"{b['shape_params'] / 1e6:,.1f}M{counted} parameters ({100 * (b['shape_params'] / b['params'] - 1):+.1f}%); "
-            f"head size {s['n_embd'] // s['n_head']}, n_embd/n_layer in 64..128, nearest 96",
-            "train     python train.py " + " ".join(train_args + [f"--{k}={v}" for k, v in b["train_keys"].items()])]
-
-
-def print_budget_report(b, options, train_args):
-    print("\n".join(budget_lines(b, options, train_args)))
-    print_config_report(b["training"])
+    s, t = b["shape"], b["training"]
+    print(f"optimal   {b['params'] / 1e6:,.1f}M{counted} parameters on {b['tokens'] / 1e9:,.2f}B tokens, "
+          f"{b['tokens'] / b['params']:.1f} per parameter ({LAW_FORMULA[b['law']]})")
+    print(f"shape     n_layer={s['n_layer']} n_head={s['n_head']} n_embd={s['n_embd']} block_size={s['block_size']}: "
+          f"{b['shape_params'] / 1e6:,.1f}M{counted} parameters ({100 * (b['shape_params'] / b['params'] - 1):+.1f}%); "
+          f"head size {s['n_embd'] // s['n_head']}, n_embd/n_layer in 64..128, nearest 96")
+    print("train     python train.py " + " ".join(train_args + [f"--{k}={v}" for k, v in b["train_keys"].items()]))
+    if brief:
+        print(f"time      {t['num_gpus']} x {t['gpu']} at {100 * t['mfu']:.0f}% MFU: "
+              f"{format_duration(3600 * t['hours'])}; {t['train_flops']:.3g} FLOPs with attention")
+        return
+    print_config_report(t)
     if b["law"] == "kaplan":
         n, d = chinchilla(b["flops"])
         print(f"note      Chinchilla's plan for this budget: {n / 1e6:,.1f}M parameters (embeddings included) on "
               f"{d / 1e9:,.2f}B tokens (--law=chinchilla)")
-        print("\n".join(f"law       {line}" for line in LAW_SUMMARY))
-
-
-def print_law_table(rows):
-    print(f"{'':<8}  {'Chinchilla: N':>14} {'D':>9} {'D/N':>6}  {'Kaplan: N (no emb.)':>20} {'D':>9} {'D/N':>6}  "
-          f"{'N ratio':>7}")
-    for r in rows:
-        print(f"{r['flops']:<8.0e}  {r['chinchilla_params'] / 1e9:>13,.3f}B {r['chinchilla_tokens'] / 1e9:>8,.1f}B "
-              f"{r['chinchilla_tokens_per_param']:>6.1f}  {r['kaplan_params'] / 1e9:>19,.3f}B "
-              f"{r['kaplan_tokens'] / 1e9:>8,.1f}B {r['kaplan_tokens_per_param']:>6.2f}  {r['params_ratio']:>6.2f}x")
+        print(LAW_SUMMARY)
 
 
 def print_both(report, options, train_args):
     if report["flops"]:
         for law in ("chinchilla", "kaplan"):
-            b = report[law]
             print(f"--- {law} ---")
-            print("\n".join(budget_lines(b, options, train_args)[int(law == "kaplan"):]))
-            t = b["training"]
-            print(f"time      {t['num_gpus']} x {t['gpu']} at {100 * t['mfu']:.0f}% MFU: "
-                  f"{format_duration(3600 * t['hours'])}; {t['train_flops']:.3g} FLOPs with attention")
+            print_budget_report(report[law], options, train_args, brief=True)
         print("---")
-    print_law_table(report["range"])
-    print("\n".join(f"law       {line}" for line in LAW_SUMMARY))
+    print(f"{'':<8}  {'Chinchilla: N':>14} {'D':>9} {'D/N':>6}  {'Kaplan: N (no emb.)':>20} {'D':>9} {'D/N':>6}  "
+          f"{'N ratio':>7}")
+    for r in report["range"]:
+        print(f"{r['flops']:<8.0e}  {r['chinchilla_params'] / 1e9:>13,.3f}B {r['chinchilla_tokens'] / 1e9:>8,.1f}B "
+              f"{r['chinchilla_tokens_per_param']:>6.1f}  {r['kaplan_params'] / 1e9:>19,.3f}B "
+              f"{r['kaplan_tokens'] / 1e9:>8,.1f}B {r['kaplan_tokens_per_param']:>6.2f}  {r['params_ratio']:>6.2f}x")
+    print(LAW_SUMMARY)
 
 
 if __name__ == "__main__":

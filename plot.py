@@ -28,7 +28,6 @@ labels = [label.strip() for label in args.labels.split(",")] if args.labels else
 if labels and len(labels) != len(args.runs):
     raise SystemExit(f"plot error: {len(labels)} labels for {len(args.runs)} runs; give one label per run")
 out = args.out or os.path.join(args.runs[0], "plot.png")
-if plot_runs(args.runs, out, labels):
-    print(f"wrote {out}")
-else:
+if not plot_runs(args.runs, out, labels):
     raise SystemExit(1)
+print(f"wrote {out}")

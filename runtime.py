@@ -26,11 +26,7 @@ def pick_device(device="auto"):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise SystemExit(f"device error: device='{device}' but no CUDA GPU is visible; use --device=cpu or auto")
         return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 @dataclass
@@ -184,5 +180,4 @@ def gpu_named(name):
 
 def peak_flops(device_name, override=0.0):
     """Peak bf16 FLOP/s of a GPU by name, or override if given; 0.0 when unknown (MFU is then not shown)."""
-    key = gpu_named(device_name)
-    return override or (GPUS[key][0] if key else 0.0)
+    return override or GPUS.get(gpu_named(device_name), (0.0,))[0]
