@@ -181,12 +181,10 @@ def from_hf(tensors, config, folder):
         if missing:
             raise SystemExit(f"import error: {folder} has no tensor {missing[0]}; the weights do not match config.json")
         tensor = torch.cat([tensors[name] for name in theirs])
+        if ours in ("wte.weight", "lm_head.weight"):  # the padding rows: the mean of the real ones
+            padding = tensor.mean(dim=0, keepdim=True).expand(config.padded_vocab_size - config.vocab_size, -1)
+            tensor = torch.cat([tensor, padding])
         state_dict[ours] = tensor.t().contiguous() if transposed else tensor
-    for name in ("wte.weight", "lm_head.weight"):
-        if name in state_dict:
-            real = state_dict[name]
-            padding = real.mean(dim=0, keepdim=True).expand(config.padded_vocab_size - config.vocab_size, -1)
-            state_dict[name] = torch.cat([real, padding])
     if config.tie_embeddings:
         state_dict["lm_head.weight"] = state_dict["wte.weight"]
     return state_dict

@@ -18,6 +18,7 @@ import hashlib
 import math
 import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -112,11 +113,8 @@ def lora_state(state_dict):
 
 def checkpoint_sha256(path):
     """sha256 of a checkpoint file, or of an hf:FOLDER's files in name order."""
-    if path.startswith("hf:"):
-        folder = path[len("hf:"):]
-        files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f)))
-    else:
-        files = [path]
+    folder = Path(path.removeprefix("hf:"))
+    files = sorted(f for f in folder.iterdir() if f.is_file()) if path.startswith("hf:") else [path]
     digest = hashlib.sha256()
     for file in files:
         with open(file, "rb") as f:
