@@ -156,8 +156,7 @@ def gather_training_state(model, optimizer, keep=True):
     # Under FSDP these hold DTensors (each process's shards); torch's own full_state_dict option
     # keeps the gathered result on global rank 0 only, but under pipeline parallelism each stage's
     # first process must keep its stage's part.
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    model_state, optimizer_state = whole_on_cpu(model_state), whole_on_cpu(optimizer_state)
+    model_state, optimizer_state = map(whole_on_cpu, get_state_dict(model, optimizer))
     return (model_state, optimizer_state) if keep else (None, None)
 
 
