@@ -302,10 +302,8 @@ def summarise(folder):
 
 def headline(result):
     """The main number of one evaluate.py task result, as (name, value)."""
-    for key in ("pass@1", "exact_match_flexible", "accuracy_norm", "exact_match", "accuracy", "bits_per_byte", "bleu"):
-        if key in result:
-            return key, result[key]
-    return None, None
+    keys = ("pass@1", "exact_match_flexible", "accuracy_norm", "exact_match", "accuracy", "bits_per_byte", "bleu")
+    return next(((key, result[key]) for key in keys if key in result), (None, None))
 
 
 def centred_scores(results):
