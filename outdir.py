@@ -121,12 +121,10 @@ class StopSignals:
     notes the signal; requested() gives every process the same answer at the same step through an all-reduce
     on a gloo group of its own, started at one step boundary and read at the next: no step waits for it."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
     def __init__(self, dist, how_to_continue):
         self.dist, self.how_to_continue = dist, how_to_continue
         self.received = self.agreed = 0  # signal numbers: the first one that came here; the one all stop for
-        for signum in self.SIGNALS:
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(signum, self._note)
         if "TORCHELASTIC_RUN_ID" in os.environ and sys.platform.startswith("linux"):
             # Should torchrun itself die (killed, or ended by a signal it does not pass on: SIGUSR1 without
