@@ -39,7 +39,7 @@ import torch
 import torch.distributed
 
 from hf import read_folder
-from lora import checkpoint_weights, merge_lora, model_with_adapters
+from lora import lora_state, merge_lora, model_with_adapters
 from model import GPT, EncoderDecoder, EncoderDecoderConfig, GPTConfig
 from runlog import save_atomically
 from tokenizer import Tokenizer
@@ -117,9 +117,8 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
 
 def model_class_of(checkpoint):
     """(model class, config class) of a checkpoint: an encoder-decoder's config has n_encoder_layer."""
-    if isinstance(checkpoint["model_config"], dict) and "n_encoder_layer" in checkpoint["model_config"]:
-        return EncoderDecoder, EncoderDecoderConfig
-    return GPT, GPTConfig
+    encoder_decoder = isinstance(checkpoint["model_config"], dict) and "n_encoder_layer" in checkpoint["model_config"]
+    return (EncoderDecoder, EncoderDecoderConfig) if encoder_decoder else (GPT, GPTConfig)
 
 
 def model_for_generation(path, device, script):
@@ -157,8 +156,7 @@ def gather_training_state(model, optimizer, keep=True):
     # Under FSDP these hold DTensors (each process's shards); torch's own full_state_dict option
     # keeps the gathered result on global rank 0 only, but under pipeline parallelism each stage's
     # first process must keep its stage's part.
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    model_state, optimizer_state = whole_on_cpu(model_state), whole_on_cpu(optimizer_state)
+    model_state, optimizer_state = map(whole_on_cpu, get_state_dict(model, optimizer))
     return (model_state, optimizer_state) if keep else (None, None)
 
 
@@ -237,6 +235,7 @@ class BackgroundCheckpointWriter:
         return run_checkpoint_path(out_dir, checkpoint["step"])
 
     def wait(self):
+        """Until the checkpoint under way is on disk (one line if writing it failed); call it before the run ends."""
         if self.pending is None:
             return
         error = self.pending.exception()  # a Ctrl-C meanwhile leaves it pending, for the handler's own wait()
@@ -258,7 +257,7 @@ def save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep, pipeline
                              **fields):
     """Gather the model, optimizer and every process's random state into CPU memory, and (rank 0) write them
     with fields (kind, step, config, ...) as out_dir/ckpt-<step>.pt in the background (with lora: the adapters
-    and their base). Every process must call this; returns the path being written (None on the other ranks)."""
+    only, with lora and base). Every process must call this; returns the path being written (None elsewhere)."""
     if pipeline is None:
         model_state, optimizer_state = gather_training_state(raw_model, optimizer, keep=dist.is_main)
     else:
@@ -268,14 +267,10 @@ def save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep, pipeline
         torch.distributed.all_gather_object(rng_states, rng_state())
     if not dist.is_main:
         return None
-    checkpoint = {"model_config": asdict(raw_model.config), **checkpoint_weights(model_state, lora, base),
-                  "optimizer": optimizer_state, "rng": rng_states, **fields}
+    weights = {"model": model_state} if lora is None else {"model": lora_state(model_state), "lora": lora, "base": base}
+    checkpoint = {"model_config": asdict(raw_model.config), **weights, "optimizer": optimizer_state, "rng": rng_states,
+                  **fields}
     return checkpoint_writer.save(checkpoint, out_dir, keep)
-
-
-def wait_for_checkpoint():
-    """Until the background checkpoint is on disk (one line if writing it failed); call it before the run ends."""
-    checkpoint_writer.wait()
 
 
 def rng_state():
@@ -290,7 +285,13 @@ def rng_state():
     return state
 
 
-def set_rng_state(state):
+def restore_rng_state(rng_states, dist, log=print):
+    """Each process takes back its own random state, if the checkpoint has one per process."""
+    if len(rng_states) != dist.world_size:
+        log(f"note: the checkpoint was written by {len(rng_states)} processes, this run has {dist.world_size}: "
+            "the weights, optimizer and data position resume exactly, dropout's random state starts afresh")
+        return
+    state = rng_states[dist.rank]
     random.setstate(state["python"])
     n = state["numpy"]
     np.random.set_state({"bit_generator": "MT19937", "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
@@ -302,15 +303,6 @@ def set_rng_state(state):
             cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
         if cuda is not None:
             torch.cuda.set_rng_state(cuda)
-
-
-def restore_rng_state(rng_states, dist, log=print):
-    """Each process takes back its own random state, if the checkpoint has one per process."""
-    if len(rng_states) == dist.world_size:
-        set_rng_state(rng_states[dist.rank])
-    else:
-        log(f"note: the checkpoint was written by {len(rng_states)} processes, this run has {dist.world_size}: "
-            "the weights, optimizer and data position resume exactly, dropout's random state starts afresh")
 
 
 def checkpoint_to_resume(resume, out_dir, kind, config, model_keys):

@@ -35,7 +35,6 @@ EXPORT_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt", 
 # -----------------------------------------------------------------------------
 # configs
 
-
 def architecture_of(config):
     """'gpt2' or 'llama', the transformers architecture that expresses config; a one-line error if none does."""
     def refuse(option, why):
@@ -47,17 +46,13 @@ def architecture_of(config):
                                 ("mlp", config.mlp == "relu2"), ("pos", config.pos == "sinusoidal")):
         if unsupported:
             refuse(option, "has no equivalent in GPT-2 or Llama")
-    if config.pos == "learned":
-        for option, needed in (("norm", "layernorm"), ("mlp", "gelu")):
-            if getattr(config, option) != needed:
-                refuse(option, "does not go with pos='learned' (GPT-2)")
-        if config.n_kv_head != config.n_head:
-            refuse("n_kv_head", f"does not go with pos='learned' (GPT-2 has no grouped-query attention)")
-        return "gpt2"
-    for option, needed in (("norm", "rmsnorm"), ("mlp", "swiglu")):
+    gpt2 = config.pos == "learned"  # else 'rope': Llama
+    for option, needed in (("norm", "layernorm" if gpt2 else "rmsnorm"), ("mlp", "gelu" if gpt2 else "swiglu")):
         if getattr(config, option) != needed:
-            refuse(option, "does not go with pos='rope' (Llama)")
-    return "llama"
+            refuse(option, f"does not go with pos={config.pos!r} ({'GPT-2' if gpt2 else 'Llama'})")
+    if gpt2 and config.n_kv_head != config.n_head:
+        refuse("n_kv_head", "does not go with pos='learned' (GPT-2 has no grouped-query attention)")
+    return "gpt2" if gpt2 else "llama"
 
 
 def hf_config(config, eot_id):
@@ -125,7 +120,6 @@ def gpt_config(hf, folder):
 # -----------------------------------------------------------------------------
 # weights
 
-
 def weight_names(config):
     """(our name, [Hugging Face names], transposed) for every tensor. Several names: our tensor is
     theirs stacked along dim 0 (Llama's q, k, v and gate, up). transposed: GPT-2's Conv1D layout."""
@@ -187,12 +181,10 @@ def from_hf(tensors, config, folder):
         if missing:
             raise SystemExit(f"import error: {folder} has no tensor {missing[0]}; the weights do not match config.json")
         tensor = torch.cat([tensors[name] for name in theirs])
+        if ours in ("wte.weight", "lm_head.weight"):  # the padding rows: the mean of the real ones
+            padding = tensor.mean(dim=0, keepdim=True).expand(config.padded_vocab_size - config.vocab_size, -1)
+            tensor = torch.cat([tensor, padding])
         state_dict[ours] = tensor.t().contiguous() if transposed else tensor
-    for name in ("wte.weight", "lm_head.weight"):
-        if name in state_dict:
-            real = state_dict[name]
-            padding = real.mean(dim=0, keepdim=True).expand(config.padded_vocab_size - config.vocab_size, -1)
-            state_dict[name] = torch.cat([real, padding])
     if config.tie_embeddings:
         state_dict["lm_head.weight"] = state_dict["wte.weight"]
     return state_dict
@@ -200,7 +192,6 @@ def from_hf(tensors, config, folder):
 
 # -----------------------------------------------------------------------------
 # tokenizers
-
 
 def byte_to_unicode():
     """GPT-2's map from bytes to the characters vocab.json and merges.txt are written in: printable Latin-1 bytes
@@ -242,10 +233,8 @@ def byte_level_bpe(tokenizer):
         tokens = [bytes([b]) for b in range(256)]
     else:
         tokens = [c.encode("utf-8") for c in tokenizer.chars]
-    if tokenizer.kind == "char":
-        merges = list(dict.fromkeys((t[:k], t[k : k + 1]) for t in tokens for k in range(1, len(t))))
-    else:
-        merges = merges_of(tokens)  # none for 'byte'
+    merges = (list(dict.fromkeys((t[:k], t[k : k + 1]) for t in tokens for k in range(1, len(t))))
+              if tokenizer.kind == "char" else merges_of(tokens))  # merges_of: none for 'byte'
     to_char = byte_to_unicode()
     text = lambda token: "".join(to_char[b] for b in token)
     vocab = {text(token): i for i, token in enumerate(tokens)} | tokenizer.special_tokens
@@ -290,17 +279,12 @@ def tokenizer_of(folder):
 # -----------------------------------------------------------------------------
 # folders
 
-
 def write_file(path, data):
     """Write data (bytes, text, or a function that writes the file at the temporary path it is given) atomically
     and flushed to disk; a folder that cannot be written is a one-line error, with no temporary left behind."""
-    def write(f):
-        if callable(data):
-            data(f.name)
-        else:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    data = data.encode("utf-8") if isinstance(data, str) else data
     try:
-        save_atomically(path, write, "wb", sync=True)
+        save_atomically(path, lambda f: data(f.name) if callable(data) else f.write(data), "wb", sync=True)
     except OSError as e:
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise SystemExit(f"export error: cannot write into {os.path.dirname(os.path.abspath(path))} "
@@ -314,11 +298,10 @@ def save_folder(folder, model, tokenizer, dtype=torch.float32):
     """Write model (a GPT) and tokenizer (a Tokenizer) as a Hugging Face folder; return the files written."""
     config = model.config
     hf = hf_config(config, tokenizer.eot_id)  # refuses what has no architecture, before anything is written
-    if os.path.isdir(folder):
-        foreign = sorted(set(os.listdir(folder)) - set(EXPORT_FILES))
-        if foreign:
-            raise SystemExit(f"export error: {folder} holds files export.py does not write ({', '.join(foreign[:3])}); "
-                             "choose a new or empty folder")
+    foreign = sorted(set(os.listdir(folder)) - set(EXPORT_FILES)) if os.path.isdir(folder) else []
+    if foreign:
+        raise SystemExit(f"export error: {folder} holds files export.py does not write ({', '.join(foreign[:3])}); "
+                         "choose a new or empty folder")
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     tensors = {name: t.to(dtype) for name, t in to_hf(model.state_dict(), config).items()}
     files = {"config.json": json.dumps(hf, indent=2), "model.safetensors": safetensors().save(tensors, metadata={"format": "pt"}),
@@ -348,10 +331,7 @@ def read_tensors(folder):
     else:
         raise SystemExit(f"import error: {folder} has no model.safetensors or model.safetensors.index.json; "
                          "save the model with transformers' save_pretrained (safetensors)")
-    tensors = {}
-    for name in files:
-        tensors |= {k: v.float() for k, v in safetensors().load_file(os.path.join(folder, name)).items()}
-    return tensors
+    return {k: v.float() for name in files for k, v in safetensors().load_file(os.path.join(folder, name)).items()}
 
 
 def read_folder(folder):

@@ -18,6 +18,7 @@ import hashlib
 import math
 import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -110,20 +111,10 @@ def lora_state(state_dict):
     return {k: v for k, v in state_dict.items() if k.endswith((".lora_A", ".lora_B"))}
 
 
-def checkpoint_weights(model_state, lora_settings, base):
-    """What a post-training checkpoint stores of the weights: all of them, or, given lora_settings,
-    the adapters only, with the settings and the base (describe_base) they go on."""
-    return {"model": model_state} if lora_settings is None else \
-        {"model": lora_state(model_state), "lora": lora_settings, "base": base}
-
-
 def checkpoint_sha256(path):
     """sha256 of a checkpoint file, or of an hf:FOLDER's files in name order."""
-    if path.startswith("hf:"):
-        folder = path[len("hf:"):]
-        files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f)))
-    else:
-        files = [path]
+    folder = Path(path.removeprefix("hf:"))
+    files = sorted(f for f in folder.iterdir() if f.is_file()) if path.startswith("hf:") else [path]
     digest = hashlib.sha256()
     for file in files:
         with open(file, "rb") as f:

@@ -20,10 +20,9 @@ import sys
 
 import torch
 
-from checkpoint import checkpoint_writer, checkpoints_newest_first, wait_for_checkpoint
+from checkpoint import checkpoint_writer, checkpoints_newest_first
 from runtime import teardown_distributed
 
-LOCK_NAME = "run.lock"
 METRICS_NAME = "metrics.jsonl"
 PENDING_METRICS_NAME = "metrics.jsonl.new.tmp"  # a new run's log until its first checkpoint
 
@@ -31,7 +30,7 @@ PENDING_METRICS_NAME = "metrics.jsonl.new.tmp"  # a new run's log until its firs
 def _take_lock(out_dir):
     """Lock out_dir for this process (creating it); None, or the one-line refusal if another run holds it."""
     created = not os.path.isdir(out_dir)
-    path = os.path.join(out_dir, LOCK_NAME)
+    path = os.path.join(out_dir, "run.lock")
     while True:
         try:
             os.makedirs(out_dir, exist_ok=True)
@@ -101,7 +100,7 @@ def exit_quietly_on_interrupt(out_dir, dist, how_to_continue):
             signal.signal(s, signal.SIG_IGN)  # neither a second Ctrl-C nor torchrun's SIGTERM cuts the line short
         if dist.is_main:
             try:
-                wait_for_checkpoint()  # a save under way in the background finishes first: it is the newest
+                checkpoint_writer.wait()  # a save under way in the background finishes first: it is the newest
             except SystemExit:
                 pass  # it failed: the newest is the one before it
             pending = os.path.join(out_dir, PENDING_METRICS_NAME)
@@ -122,19 +121,16 @@ class StopSignals:
     notes the signal; requested() gives every process the same answer at the same step through an all-reduce
     on a gloo group of its own, started at one step boundary and read at the next: no step waits for it."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
     def __init__(self, dist, how_to_continue):
         self.dist, self.how_to_continue = dist, how_to_continue
         self.received = self.agreed = 0  # signal numbers: the first one that came here; the one all stop for
-        for signum in self.SIGNALS:
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(signum, self._note)
         if "TORCHELASTIC_RUN_ID" in os.environ and sys.platform.startswith("linux"):
             # Should torchrun itself die (killed, or ended by a signal it does not pass on: SIGUSR1 without
             # --signals-to-handle), the kernel sends this process SIGTERM, and it stops with a checkpoint
             # instead of training on unattended.
-            PR_SET_PDEATHSIG = 1
-            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
         # CPU tensors over gloo even beside NCCL, outside the order of the training's own collectives
         self.group = torch.distributed.new_group(backend="gloo") if dist.world_size > 1 else None
         self.reduction = None  # (flags, work) of the all-reduce under way

@@ -81,23 +81,20 @@ WANDB_ID_NAME = "wandb_run_id"  # in out_dir: the W&B run a resumed run continue
 
 
 class WandbTracker:
-    def __init__(self, project, out_dir, config, resumed):
+    def __init__(self, project, out_dir, config, resumed, owns_folder):
         self.wandb = wandb = optional("wandb", "wandb_project")
         id_path = os.path.join(out_dir, WANDB_ID_NAME)
         run_id = resumed and os.path.isfile(id_path) and pathlib.Path(id_path).read_text().strip() or None
         self.run = wandb.init(project=project, name=os.path.basename(os.path.abspath(out_dir)), config=config,
                               dir=out_dir, id=run_id, resume="allow" if run_id else None)
-        self.id_to_keep = None if run_id else (id_path, self.run.id)  # kept once this run owns out_dir
-
-    def keep_id(self):
-        """Write the run's id to out_dir, where a resumed run finds it; once."""
-        if self.id_to_keep is not None:
-            path, run_id = self.id_to_keep
-            save_atomically(path, lambda f: f.write(run_id + "\n"))
-            self.id_to_keep = None
+        # where a resumed run finds the run's id: written once this run owns out_dir (None: it is there already)
+        self.id_path, self.owns_folder = None if run_id else id_path, owns_folder
 
     def log(self, record):
         self.run.log(record, step=record["step"])
+        if self.id_path and self.owns_folder():
+            save_atomically(self.id_path, lambda f: f.write(self.run.id + "\n"))
+            self.id_path = None
 
     def image(self, name, path, step):
         self.run.log({name: self.wandb.Image(path)}, step=step)
@@ -149,7 +146,8 @@ class RunLog:
             save_atomically(self.metrics_path, lambda f: f.writelines(json.dumps(r) + "\n" for r in kept))
         self.trackers = []
         if config.get("wandb_project"):
-            self.trackers.append(WandbTracker(config["wandb_project"], out_dir, config, resumed_at is not None))
+            self.trackers.append(WandbTracker(config["wandb_project"], out_dir, config, resumed_at is not None,
+                                              self.owns_folder))
         if config.get("tensorboard"):
             self.trackers.append(TensorBoardTracker(out_dir, config, resumed_at))
         self.run_info = {**facts, "started": time.time(), "config": config}
@@ -167,8 +165,6 @@ class RunLog:
             f.write(json.dumps(record) + "\n")
         for tracker in self.trackers:
             tracker.log(record)
-            if isinstance(tracker, WandbTracker) and self.owns_folder():
-                tracker.keep_id()
         self.step, self.plotted = record["step"], False
 
     def plot(self, always=False):
@@ -234,11 +230,9 @@ def plot_runs(folders, out_path, labels=None):
     speed = [(("tokens_per_sec", "sampling_tokens_per_sec", "training_tokens_per_sec"), "tokens/s")]
     last = [(("mfu",), "MFU"), (("val_bleu",), "held-out BLEU"), (("no_signal",), "groups without signal")]
     fig, axes = plt.subplots(2, 3, figsize=PLOT_SIZE, dpi=PLOT_DPI)
-    panels = [(ax, x_key, next((c for c in choices if logged & set(c[0])), choices[0]))
-              for ax, x_key, choices in [(axes[0, 0], "step", loss), (axes[0, 1], "tokens", loss),
-                                         (axes[0, 2], "time", loss), (axes[1, 0], "step", [(("lr",), "learning rate")]),
-                                         (axes[1, 1], "step", speed), (axes[1, 2], "step", last)]]
-    x_names = {"step": "step", "tokens": "tokens", "time": "wall time (s)"}
+    panels = [(ax, x_key, next((c for c in choices if logged & set(c[0])), choices[0])) for ax, (x_key, choices)
+              in zip(axes.flat, [("step", loss), ("tokens", loss), ("time", loss),
+                                 ("step", [(("lr",), "learning rate")]), ("step", speed), ("step", last)])]
     for i, (records, label) in enumerate(zip(runs, labels)):
         color = f"C{i % 10}"
         for ax, x_key, (y_keys, _) in panels:
@@ -252,7 +246,7 @@ def plot_runs(folders, out_path, labels=None):
                 ax.plot(xs, ys, color=color, linestyle="--" if val else "-", marker="o" if val else None,
                         markersize=3, label=f"{label} {name}" if len(y_keys) > 1 else label)
     for ax, x_key, (_, y_name) in panels:
-        ax.set_xlabel(x_names[x_key])
+        ax.set_xlabel("wall time (s)" if x_key == "time" else x_key)
         ax.set_ylabel(y_name)
         ax.grid(alpha=0.3)
         if ax.lines:
@@ -289,8 +283,7 @@ def summarise(folder):
         summary["tokens"] = max((r["tokens"] for r in records if "tokens" in r), default=None)
         # the final value of every metric: the last log step's, then the last evaluation's
         summary["final"] = {k: v for r in (logs[-1:] + evals[-1:]) for k, v in r.items() if k not in ("step", "time")}
-        val = [r["val_loss"] for r in evals if "val_loss" in r]
-        summary["best_val_loss"] = min(val) if val else None
+        summary["best_val_loss"] = min((r["val_loss"] for r in evals if "val_loss" in r), default=None)
         times = [r["time"] for r in records if "time" in r]
         if summary.get("seconds") is None and times:  # a run still going, or one without run.json
             summary["seconds"] = max(times) - min(times)
@@ -309,10 +302,8 @@ def summarise(folder):
 
 def headline(result):
     """The main number of one evaluate.py task result, as (name, value)."""
-    for key in ("pass@1", "exact_match_flexible", "accuracy_norm", "exact_match", "accuracy", "bits_per_byte", "bleu"):
-        if key in result:
-            return key, result[key]
-    return None, None
+    keys = ("pass@1", "exact_match_flexible", "accuracy_norm", "exact_match", "accuracy", "bits_per_byte", "bleu")
+    return next(((key, result[key]) for key in keys if key in result), (None, None))
 
 
 def centred_scores(results):
@@ -322,19 +313,15 @@ def centred_scores(results):
     return {"score": sum(tasks.values()) / len(tasks) if tasks else None, "tasks": tasks}
 
 
-def number(value, digits=4):
+def number(value, key=None):
+    """value as a card shows it (of the metric key: tokens/s whole, MFU in percent); '-' for None."""
     if value is None:
         return "-"
+    if key in ("tokens_per_sec", "mfu"):
+        return f"{value:,.0f}" if key == "tokens_per_sec" else f"{100 * value:.1f}%"
     if isinstance(value, float):
-        return f"{value:,.{digits}g}" if abs(value) >= 1e5 or abs(value) < 1e-3 else f"{value:.{digits}f}"
+        return f"{value:,.4g}" if abs(value) >= 1e5 or abs(value) < 1e-3 else f"{value:.4f}"
     return f"{value:,}" if isinstance(value, int) else str(value)
-
-
-def formatted(key, value):
-    """value as a card shows the metric key: tokens/s whole, MFU in percent, the rest by number."""
-    if value is None:
-        return "-"
-    return f"{value:,.0f}" if key == "tokens_per_sec" else f"{100 * value:.1f}%" if key == "mfu" else number(value)
 
 
 def format_duration(seconds):
@@ -367,11 +354,11 @@ def card(summary, image_prefix=""):
     for key, name in (("steps", "steps"), ("tokens", "tokens" if stage == "prepare" else "tokens trained on"), ("tokens_per_sec", "tokens/s (median)"),
                       ("mfu", "MFU (median)"), ("best_val_loss", "best val loss"), ("unigram_loss", "unigram loss")):
         if summary.get(key) is not None:
-            facts.append((name, formatted(key, summary[key])))
+            facts.append((name, number(summary[key], key)))
     lines += ["", *table(("", ""), facts)]
     if summary.get("final"):
         lines += ["", "Final numbers (last log step and last evaluation):", "",
-                  *table(("metric", "value"), [(k, formatted(k, v)) for k, v in summary["final"].items()])]
+                  *table(("metric", "value"), [(k, number(v, k)) for k, v in summary["final"].items()])]
     if "prepare" in summary:
         report = summary["prepare"]
         rows = [(k, number(v)) for k, v in report.get("output", {}).items() if not isinstance(v, dict)]
@@ -404,8 +391,7 @@ def card(summary, image_prefix=""):
 def write_card(folder):
     """Write folder/report.md, the card of the run or dataset in folder; returns its path."""
     path = os.path.join(folder, "report.md")
-    text = "# Report card\n\n" + card(summarise(folder))
-    save_atomically(path, lambda f: f.write(text))
+    save_atomically(path, lambda f: f.write("# Report card\n\n" + card(summarise(folder))))
     return path
 
 
@@ -419,9 +405,8 @@ def comparison(summaries):
     for s in summaries:
         final = s.get("final", {})
         rows.append([s["folder"], s.get("stage", "run"), number(s.get("steps")), number(s.get("tokens")),
-                     duration(s.get("seconds")), formatted("tokens_per_sec", s.get("tokens_per_sec")),
-                     formatted("mfu", s.get("mfu")),
-                     number(final.get("loss")), number(final.get("val_loss")),
+                     duration(s.get("seconds")), number(s.get("tokens_per_sec"), "tokens_per_sec"),
+                     number(s.get("mfu"), "mfu"), number(final.get("loss")), number(final.get("val_loss")),
                      *[number(headline(s["evaluations"][t])[1]) if t in s["evaluations"] else "-" for t in tasks]])
     return "\n".join(table(header, rows)) + "\n"
 

@@ -32,7 +32,7 @@ import torch
 
 from chat import has_chat_tokens
 from checkpoint import (checkpoint_writer, load_checkpoint, model_from_checkpoint, restore_rng_state,
-                        restore_training_state, save_training_checkpoint, wait_for_checkpoint)
+                        restore_training_state, save_training_checkpoint)
 from lora import add_lora, adapters_disabled, checked_base, describe_base, merge_lora
 from model import EncoderDecoder
 from optim import learning_rate_at, make_optimizer, set_learning_rate
@@ -187,7 +187,7 @@ def save(raw_model, optimizer, dist, out_dir, keep, run_log, script, losses, pip
     path = save_training_checkpoint(raw_model, optimizer, dist, out_dir, keep, pipeline, lora, base, **fields)
     dist.log(f"saving {path} in the background")
     if dist.is_main and not run_log.owns_folder():
-        wait_for_checkpoint()
+        checkpoint_writer.wait()
         run_log.metrics_path = replace_earlier_run(out_dir, path, run_log.metrics_path, dist.log)
 
 
@@ -223,7 +223,7 @@ class Pace:
 def finish(run_log, dist, stop, step, line):
     """The end of a run: the last checkpoint on disk, the plot and report card, the closing line; or
     for a run that a signal stopped (stop), the line that says so and how to continue."""
-    wait_for_checkpoint()
+    checkpoint_writer.wait()
     run_log.finish()
     if stop.agreed:
         stop.exit(step, checkpoint_writer.written)

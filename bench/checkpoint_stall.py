@@ -23,7 +23,7 @@ sys.path.insert(0, REPO)
 from configurator import configure  # noqa: E402  (after the path: run from anywhere)
 from model import GPT, GPTConfig  # noqa: E402
 from runtime import Distributed  # noqa: E402
-from checkpoint import save_training_checkpoint, wait_for_checkpoint  # noqa: E402
+from checkpoint import checkpoint_writer, save_training_checkpoint  # noqa: E402
 from optim import make_optimizer  # noqa: E402
 
 n_layer = 6
@@ -50,9 +50,9 @@ for step in range(1, repeats + 1):
         start = time.perf_counter()
         save_training_checkpoint(model, optimizer, dist, out_dir, keep=1, kind="bench", step=step)
         if kind == "synchronous":
-            wait_for_checkpoint()
+            checkpoint_writer.wait()
         stalls[kind].append(time.perf_counter() - start)
-        wait_for_checkpoint()  # the next save starts from an idle disk either way
+        checkpoint_writer.wait()  # the next save starts from an idle disk either way
 shutil.rmtree(out_dir)
 for kind, seconds in stalls.items():
     print(f"{kind:>12}: training stopped for min {min(seconds):.2f} s, median {statistics.median(seconds):.2f} s")

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint, save_training_checkpoint, wait_for_checkpoint
+from checkpoint import checkpoint_writer, load_checkpoint, model_from_checkpoint, save_training_checkpoint
 from conftest import LLAMA, TINY_MODEL, read_metrics, run_script
 from data import TokenBins
 from optim import learning_rate_at, make_optimizer
@@ -171,7 +171,7 @@ def test_a_checkpoint_written_in_the_background_holds_the_state_when_saved_while
     train_step()
     assert not os.path.exists(path)
     release.set()
-    wait_for_checkpoint()
+    checkpoint_writer.wait()
     monkeypatch.undo()
     written, sync = (torch.load(p, weights_only=True) for p in (path, tmp_path / "sync.pt"))
     assert written["step"] == 1 and os.path.samefile(path, tmp_path / "run" / "ckpt.pt")
@@ -190,10 +190,10 @@ def test_a_failed_background_write_stops_the_run_with_one_line_at_the_next_save_
     save_training_checkpoint(model, optimizer, Distributed(0, 0, 1, "cpu"), str(tmp_path / "not_a_folder"), keep=2,
                              kind="pretrain", step=1)
     with pytest.raises(SystemExit) as stopped:
-        wait_for_checkpoint()
+        checkpoint_writer.wait()
     message = str(stopped.value)
     assert message.startswith("checkpoint error: writing a checkpoint to disk failed") and "\n" not in message
-    wait_for_checkpoint()  # reported once: the next write starts afresh
+    checkpoint_writer.wait()  # reported once: the next write starts afresh
     # an error that is already one line (save_checkpoint's, say) stops the run as it is
     def full_disk(*args):
         raise SystemExit("disk error: full")
@@ -202,4 +202,4 @@ def test_a_failed_background_write_stops_the_run_with_one_line_at_the_next_save_
     save_training_checkpoint(model, optimizer, Distributed(0, 0, 1, "cpu"), str(tmp_path / "run"), keep=2,
                              kind="pretrain", step=2)
     with pytest.raises(SystemExit, match="^disk error: full$"):
-        wait_for_checkpoint()
+        checkpoint_writer.wait()
