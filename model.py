@@ -250,6 +250,15 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
+        if self.kind == "swiglu" and not torch.is_grad_enabled() and type(self.c_fc) is nn.Linear:
+            # Without gradients (decoding, evaluation): gate and up as two products on the halves of c_fc's
+            # weight (views), the same numbers as one product, and silu and the product then read contiguous
+            # rows: greedy decoding at batch 8 took 5% less CPU time (docs/benchmarks.md). Training keeps one
+            # product (the backward of two views of one weight adds their gradients through a copy), and so
+            # does a LoRA layer.
+            bias = (None, None) if self.c_fc.bias is None else self.c_fc.bias.chunk(2)
+            gate, up = (F.linear(x, w, b) for w, b in zip(self.c_fc.weight.chunk(2), bias))
+            return self.dropout(self.c_proj(F.silu(gate) * up))
         h = self.c_fc(x)
         if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)

@@ -151,6 +151,18 @@ def test_attention_equals_float64_masked_softmax_with_kv_heads_repeated_per_grou
     torch.testing.assert_close(got, attention_reference(attn, config, x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_swiglu_without_gradients_computes_what_the_one_fused_product_computes(bias):
+    # Without gradients the MLP takes gate and up as two products on c_fc's halves: the same logits as
+    # the training path's one product, and the same gradients where they are needed (not swapped halves).
+    model = tiny_gpt(spread=0.5, mlp="swiglu", bias=bias)
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+    with_gradients, _ = model(idx, all_logits=True)
+    with torch.no_grad():
+        without, _ = model(idx, all_logits=True)
+    torch.testing.assert_close(without, with_gradients.detach(), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("style,overrides", [("modern", dict(n_kv_head=2, qk_norm=True)), ("gpt2", dict())])
 def test_forward_equals_float64_reference_transformer(style, overrides):
     model = tiny_model(style, **overrides)
