@@ -28,11 +28,9 @@ def make_optimizer(model, learning_rate, weight_decay, betas, device, optimizer=
     # space to another: the embeddings are lookup tables and the output layer's rows are per-token.
     # (An encoder-decoder's encoder blocks are such matrices too.)
     hidden = {n for n, p in named if optimizer == "muon" and p.dim() == 2 and n.startswith(("blocks.", "encoder."))}
-    adamw_groups = [
-        {"params": [p for n, p in named if p.dim() >= 2 and n not in hidden], "weight_decay": weight_decay,
-         "lr_scale": 1.0},
-        {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
-    ]
+    matrices = [p for n, p in named if p.dim() >= 2 and n not in hidden]
+    adamw_groups = [{"params": matrices, "weight_decay": weight_decay, "lr_scale": 1.0},
+                    {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
     adamw = torch.optim.AdamW(adamw_groups, lr=learning_rate, betas=betas, fused=device.startswith("cuda"))
     if not hidden:
         return adamw
@@ -98,9 +96,8 @@ def newton_schulz(matrix, coefficients, steps, eps, dtype=None):
     orientation (the smaller Gram matrix). In bfloat16 on a GPU, as torch does; in float32 on a CPU, where
     bfloat16 matmuls are slow (docs/train.md); dtype overrides the choice."""
     a, b, c = coefficients
-    x = matrix.to(dtype or (torch.bfloat16 if matrix.is_cuda else torch.float32))
     tall = matrix.size(0) > matrix.size(1)
-    x = x.T if tall else x
+    x = (matrix.T if tall else matrix).to(dtype or (torch.bfloat16 if matrix.is_cuda else torch.float32))
     x = x / x.norm().clamp(min=eps)
     for _ in range(steps):
         gram = x @ x.T

@@ -90,20 +90,15 @@ def shard_model(root, blocks, mesh, dtype, cpu_offload, init=None):
     fully_shard(root, mesh=mesh, mp_policy=precision, offload_policy=offload)
 
 
-def compile_blocks(model):
-    """torch.compile each block in place, so that FSDP's hooks around the blocks stay outside the
-    compiled code: a whole-model compile breaks its graph at every hook and runs GPT.forward eagerly."""
-    for block in model.blocks:
-        if block is not None:  # None: a layer of another pipeline stage
-            block.compile()
-
-
 def wrap_model(model, dist, parallelism, compile, log=print):
     """The module the training loop calls: compiled, and under DDP wrapped to average gradients."""
     if compile:
         log("compiling the model (the first steps are slow)...")
         if isinstance(model, FSDPModule):
-            compile_blocks(model)
+            # each block in place, so that FSDP's hooks around the blocks stay outside the compiled code:
+            # a whole-model compile breaks its graph at every hook and runs GPT.forward eagerly
+            for block in model.blocks:
+                block.compile()
         else:
             model = torch.compile(model)
     if parallelism == "ddp" and dist.world_size > 1:
@@ -120,12 +115,9 @@ def sum_over_batches(model, batches, sums_of, dist):
     Each runs as many, since under FSDP a forward is a collective: the last round's extras do not count."""
     was_training = model.training
     model.eval()
-    total = None
-    for i in range(dist.rank, dist.world_size * math.ceil(len(batches) / dist.world_size), dist.world_size):
-        sums = sums_of(batches[i % len(batches)])
-        total = torch.zeros_like(sums) if total is None else total
-        if i < len(batches):
-            total += sums
+    rounds = range(dist.rank, dist.world_size * math.ceil(len(batches) / dist.world_size), dist.world_size)
+    sums = [sums_of(batches[i % len(batches)]) for i in rounds]
+    total = sum((s for i, s in zip(rounds, sums) if i < len(batches)), torch.zeros_like(sums[0]))
     model.train(was_training)
     return all_reduce_sum(total, dist.world_size)
 

@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from checkpoint import gather_training_state
 from model import cross_entropy
-from parallel import compile_blocks, init_weights, shard_model
+from parallel import init_weights, shard_model
 
 def pipeline_layers(n_layer, stages, tie_embeddings=False):
     """The layers of each pipeline stage: consecutive and as even as whole layers allow. A config
@@ -82,8 +82,9 @@ class Pipeline:
                                         self.is_first, self.is_last)
         if any(p.is_meta for p in model.parameters()):  # a new model: only this stage's layers get weights
             init_weights(model, seed)
-        if compile:
-            compile_blocks(model)  # in place, so FSDP and the schedule see the same modules
+        if compile:  # each block in place (as parallel.wrap_model under FSDP), so FSDP and the schedule see the same
+            for block in filter(None, model.blocks):  # None: another stage's layer
+                block.compile()
         module = PipelineStageModule(model)
         self.sharded = parallelism == "fsdp" and (self.data_parallel > 1 or cpu_offload)
         if self.sharded:
@@ -119,8 +120,7 @@ class Pipeline:
             g.div_(self.data_parallel)
 
     def clip_gradients(self, max_norm):
-        """Scale the gradients so that their norm over the whole model, every stage's, is at most max_norm;
-        returns that norm."""
+        """Scale the gradients to a norm of at most max_norm over the whole model, every stage's; returns the norm."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if isinstance(norm, DTensor):  # under FSDP: the norm of the whole stage, not of this shard
@@ -181,15 +181,12 @@ def join_pipeline_stages(part, dist):
     torch.distributed.gather_object(part, parts, dst=0)
     if not dist.is_main:
         return None, None
-    model_state, optimizer_state = {}, {"state": {}, "param_groups": []}
-    for stage_model, stage_optimizer in (p for p in parts if p[0] is not None):  # in stage order
-        model_state.update(stage_model)
-        optimizer_state["state"].update(stage_optimizer["state"])
-        if not optimizer_state["param_groups"]:
-            optimizer_state["param_groups"] = [dict(group, params=[]) for group in stage_optimizer["param_groups"]]
-        for whole, group in zip(optimizer_state["param_groups"], stage_optimizer["param_groups"]):
-            whole["params"] += group["params"]
-    return model_state, optimizer_state
+    stages = [p for p in parts if p[0] is not None]  # in stage order
+    model_state = {k: v for stage_model, _ in stages for k, v in stage_model.items()}
+    state = {k: v for _, stage_optimizer in stages for k, v in stage_optimizer["state"].items()}
+    groups = [dict(same[0], params=[p for group in same for p in group["params"]])  # a group's params of every stage
+              for same in zip(*(stage_optimizer["param_groups"] for _, stage_optimizer in stages))]
+    return model_state, {"state": state, "param_groups": groups}
 
 
 def pipeline_stage_part(checkpoint, model):
