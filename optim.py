@@ -126,8 +126,7 @@ def learning_rate_at(step, learning_rate, warmup_iters, decay_iters, min_lr, sch
 
 
 def set_learning_rate(optimizer, lr):
-    """Set the schedule's rate lr on every group, times the group's lr_scale: Muon's groups run at
-    muon_lr, AdamW's at learning_rate (a checkpoint's groups from before Muon have no lr_scale: 1)."""
+    """Set lr times its lr_scale on every group (a checkpoint's groups from before Muon have none: 1); returns lr."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr

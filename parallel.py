@@ -23,8 +23,7 @@ from model import rope_tables
 
 
 def check_layout(parallelism, dtype, cpu_offload, stages, processes):
-    """Stop with one line at a placement over the processes that training cannot run: train.py checks
-    its run with it, plan.py each run it plans (pipeline.pipeline_layers checks the stages' layers)."""
+    """Stop with one line at a placement over the processes that training cannot run (train.py's, plan.py's)."""
     half = dtype == "float16"
     for wrong, fix in (
         (parallelism == "fsdp" and half, "parallelism='fsdp' runs in bfloat16 or float32; set --dtype=bfloat16"),
@@ -122,17 +121,28 @@ def sum_over_batches(model, batches, sums_of, dist):
     return all_reduce_sum(total, dist.world_size)
 
 
-def estimate_loss(model, bins_by_split, eval_iters, batch_size, device, autocast, seed, dist):
-    """Mean loss per split over eval_iters batches, the same at every call (seeded by split and
-    index), so that successive evaluations differ only by the model."""
+@torch.no_grad()
+def estimate_loss(model, bins_by_split, eval_iters, batch_size, device, autocast, seed, dist, pipeline=None):
+    """Mean loss per split over eval_iters batches, the same at every call (seeded by split and index), so that
+    successive evaluations differ only by the model. The batches are dealt out to the data-parallel processes
+    (a pipeline's replicas, which send them through the schedule as many at a time as it has micro-batches);
+    each runs as many, since under FSDP a forward is a collective: the last round's extras do not count."""
+    rank, replicas = (dist.rank, dist.world_size) if pipeline is None else (pipeline.data_rank, pipeline.data_parallel)
+    per_call = 1 if pipeline is None else pipeline.microbatches
+    was_training = model.training
+    model.eval()
     losses = {}
     for split_index, (split, bins) in enumerate(bins_by_split.items()):
-        def batch_loss(i):
-            x, y = bins.sample(batch_size, (seed, 1, split_index, i), device)
+        total = torch.zeros((), device=device)
+        indices = range(rank, replicas * per_call * math.ceil(eval_iters / (replicas * per_call)), replicas)
+        for group in (indices[start : start + per_call] for start in range(0, len(indices), per_call)):
+            x, y = bins.sample_many(batch_size, [(seed, 1, split_index, i % eval_iters) for i in group], device)
             with autocast:
-                return model(x, y)[1].float()
-
-        losses[split] = sum_over_batches(model, range(eval_iters), batch_loss, dist).item() / eval_iters
+                batch_losses = model(x, y)[1][None] if pipeline is None else pipeline.run(x, y, backward=False)
+            if pipeline is None or pipeline.is_last:  # under pipelining, the other stages add nothing
+                total += batch_losses.float()[: sum(i < eval_iters for i in group)].sum()  # the extras come last
+        losses[split] = all_reduce_sum(total, dist.world_size).item() / eval_iters
+    model.train(was_training)
     return losses
 
 

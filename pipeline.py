@@ -12,8 +12,6 @@ of the whole model's: checkpoints have one format for every layout (join_pipelin
 pipeline_stage_part to resume).
 """
 
-import math
-
 import torch
 import torch.distributed
 import torch.nn as nn
@@ -24,8 +22,7 @@ from model import cross_entropy
 from parallel import init_weights, shard_model
 
 def pipeline_layers(n_layer, stages, tie_embeddings=False):
-    """The layers of each pipeline stage: consecutive and as even as whole layers allow. A config
-    error if the model cannot be cut so (train.py and plan.py check their model with it)."""
+    """Each stage's layers: consecutive, as even as whole layers allow; a config error if the model cannot be cut so."""
     if not 1 <= stages <= n_layer:
         raise SystemExit(f"config error: pipeline_stages={stages} must be between 1 and n_layer={n_layer}")
     if stages > 1 and tie_embeddings:
@@ -48,8 +45,7 @@ def split_for_pipeline(model, layers, first, last):
 
 
 class PipelineStageModule(nn.Module):
-    """A stage as the pipeline schedule calls it: one tensor in (token ids, or hidden states) and one out
-    (hidden states, or on the last stage every position's logits, for model.cross_entropy)."""
+    """A stage as the schedule calls it: token ids or hidden states in, hidden states or every position's logits out."""
 
     def __init__(self, model):
         super().__init__()
@@ -147,32 +143,6 @@ def pipeline_optimizer_step(pipeline, optimizer, x, y, grad_clip, autocast):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return losses.mean().detach() if pipeline.is_last else torch.zeros((), device=x.device)
-
-
-@torch.no_grad()
-def estimate_loss_pipelined(pipeline, bins_by_split, eval_iters, batch_size, device, autocast, seed):
-    """estimate_loss for a pipeline: the same batches, dealt out to the replicas and sent through the schedule
-    as many at a time as it has micro-batches; batches past eval_iters only fill the last group, uncounted."""
-    microbatches, was_training = pipeline.microbatches, pipeline.model.training
-    pipeline.model.eval()
-    losses = {}
-    per_call = pipeline.data_parallel * microbatches
-    for split_index, (split, bins) in enumerate(bins_by_split.items()):
-        total = torch.zeros((), device=device)
-        indices = range(pipeline.data_rank, per_call * math.ceil(eval_iters / per_call), pipeline.data_parallel)
-        for start in range(0, len(indices), microbatches):
-            group = indices[start : start + microbatches]
-            x, y = bins.sample_many(batch_size, [(seed, 1, split_index, i % eval_iters) for i in group], device)
-            with autocast:
-                batch_losses = pipeline.run(x, y, backward=False)
-            if pipeline.is_last:
-                counted = torch.tensor([i < eval_iters for i in group], device=device)
-                total += (batch_losses.float() * counted).sum()
-        # the last stage of each replica holds its sum; the other processes add zeros
-        torch.distributed.all_reduce(total)
-        losses[split] = total.item() / eval_iters
-    pipeline.model.train(was_training)
-    return losses
 
 
 def join_pipeline_stages(part, dist):

@@ -11,12 +11,9 @@ adapters (lora_rank > 0).
     torchrun --standalone --nproc_per_node=8 sft.py config/sft_gpt2.py
     torchrun --standalone --nproc_per_node=8 --max-restarts=3 sft.py config/sft_gpt2.py --resume=auto
 
-Reads the checkpoint init_from (a pretraining checkpoint, an earlier SFT one, or hf:FOLDER) and the
-records in data (Alpaca-style or chat, .json or .jsonl; see chat.py); a model without the chat tokens
-gets them first. A val_fraction of the records is held out for the eval loss per assistant token.
-Writes out_dir/ckpt-<step>.pt (kind 'sft'; with LoRA only the adapters and their base's name, step and
-sha256), ckpt.pt linked to the newest, metrics.jsonl, plot.png and report.md. With benchmark set
-(e.g. --benchmark=gsm8k), that task is also scored at every evaluation as benchmark_<metric>.
+Reads the checkpoint init_from and the records in data (see chat.py); a model without the chat tokens
+gets them first. Writes out_dir/ckpt-<step>.pt (kind 'sft'; with LoRA only the adapters and their base's
+name, step and sha256), ckpt.pt linked to the newest, metrics.jsonl, plot.png and report.md.
 
 A batch is a pure function of the step, so resume='yes' (or 'auto', for torchrun --max-restarts)
 continues the run in out_dir exactly. The skeleton is trainer.py's. More: docs/post-training.md.

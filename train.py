@@ -36,7 +36,7 @@ from data import TokenBins, load_meta
 from model import GPT, GPTConfig
 from optim import learning_rate_at, make_optimizer, optimizer_step, set_learning_rate
 from parallel import all_reduce_sum, check_layout, estimate_loss, place_model, wrap_model
-from pipeline import Pipeline, estimate_loss_pipelined, pipeline_layers, pipeline_optimizer_step, pipeline_stage_part
+from pipeline import Pipeline, pipeline_layers, pipeline_optimizer_step, pipeline_stage_part
 from runtime import device_name, peak_flops as gpu_peak_flops, seed_everything
 from tokenizer import Tokenizer
 from trainer import (Pace, finish, gradient_accumulation, gradient_scaler, open_run_log, resume_state, save, start,
@@ -251,8 +251,7 @@ while True:
         next_eval_seconds = (train_seconds // eval_seconds + 1) * eval_seconds
 
     if step % eval_interval == 0 or done or eval_due:
-        losses = (estimate_loss(model, bins, eval_iters, batch_size, device, autocast, seed, dist) if pipeline is None
-                  else estimate_loss_pipelined(pipeline, bins, eval_iters, batch_size, device, autocast, seed))
+        losses = estimate_loss(model, bins, eval_iters, batch_size, device, autocast, seed, dist, pipeline)
         stop_if_not_finite(losses["train"] + losses["val"], step, dist, "train", out_dir)
         log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         best_val_loss = min(best_val_loss, losses["val"])
