@@ -93,8 +93,7 @@ def muon_update(param, state, group):
 def newton_schulz(matrix, coefficients, steps, eps, dtype=None):
     """The matrix's orthogonal polar factor U V^T, approximately, as torch.optim.Muon computes it: scaled to a
     spectral norm of at most 1, then steps of the quintic X <- a X + (b A + c A^2) X with A = X X^T on the wide
-    orientation (the smaller Gram matrix). In bfloat16 on a GPU, as torch does; in float32 on a CPU, where
-    bfloat16 matmuls are slow (docs/train.md); dtype overrides the choice."""
+    orientation (the smaller Gram matrix). In bfloat16 on a GPU, as torch does, in float32 on a CPU, or in dtype."""
     a, b, c = coefficients
     tall = matrix.size(0) > matrix.size(1)
     x = (matrix.T if tall else matrix).to(dtype or (torch.bfloat16 if matrix.is_cuda else torch.float32))

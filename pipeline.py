@@ -32,8 +32,7 @@ def pipeline_layers(n_layer, stages, tie_embeddings=False):
 
 
 def split_for_pipeline(model, layers, first, last):
-    """Cut the model down, in place, to one pipeline stage: its layers, the embeddings on the first, the final
-    norm and output layer on the last; the parts keep their names (blocks.7), so checkpoints have one format."""
+    """Cut the model down in place to one stage: its layers, embeddings on the first, ln_f and lm_head on the last."""
     for i in range(len(model.blocks)):
         if i not in layers:
             model.blocks[i] = None

@@ -62,8 +62,7 @@ data_root = "data"
 batch_size = 16  # sequences per micro-step on each process (GPU)
 block_size = 1024  # tokens per sequence
 total_batch_tokens = 65536  # tokens per optimizer step over all processes; sets the gradient accumulation
-# model (see model.py's GPTConfig). The defaults are the fast recipe of the README's "A faster recipe";
-# config/train_gpt2.py sets the classic one
+# model (model.py's GPTConfig): the README's "A faster recipe"; config/train_gpt2.py sets the classic one
 n_layer = 12
 n_head = 12
 n_kv_head = 0  # 0: same as n_head; fewer shares each key/value head among several query heads
@@ -226,8 +225,7 @@ if "unigram_loss" in meta:
 def micro_step_loss(micro_step):
     # Seeded by the micro-step's place in the global batch, so 1 process with 8 micro-steps
     # reads exactly the sequences that 8 processes with 1 each do.
-    batch_index = dist.rank * accumulation_steps + micro_step
-    x, y = bins["train"].sample(batch_size, (seed, 0, step, batch_index), device)
+    x, y = bins["train"].sample(batch_size, (seed, 0, step, dist.rank * accumulation_steps + micro_step), device)
     with autocast:
         return model(x, y)[1]  # holding on to the logits would keep them in memory through backward
 
