@@ -85,9 +85,8 @@ def muon_update(param, state, group):
         update = distribute_tensor(whole.to(param.dtype), mesh, param.placements, src_data_rank=None).to(param.device)
     else:
         update = newton_schulz(update, coefficients, steps, eps).to(param.dtype)
-    rows, cols = param.shape
     param.mul_(1 - group["lr"] * group["weight_decay"])
-    param.add_(update, alpha=-group["lr"] * math.sqrt(max(1, rows / cols)))
+    param.add_(update, alpha=-group["lr"] * math.sqrt(max(1, param.size(0) / param.size(1))))
 
 
 def newton_schulz(matrix, coefficients, steps, eps, dtype=None):

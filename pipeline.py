@@ -77,7 +77,7 @@ class Pipeline:
                                         self.is_first, self.is_last)
         if any(p.is_meta for p in model.parameters()):  # a new model: only this stage's layers get weights
             init_weights(model, seed)
-        if compile:  # each block in place (as parallel.wrap_model under FSDP), so FSDP and the schedule see the same
+        if compile:  # each block in place, as wrap_model does under FSDP: FSDP and the schedule see the same modules
             for block in filter(None, model.blocks):  # None: another stage's layer
                 block.compile()
         module = PipelineStageModule(model)

@@ -155,10 +155,9 @@ def batch_sums(units):
 def micro_step_loss(micro_step):
     index = (step * dist.world_size + dist.rank) * accumulation_steps + micro_step
     loss_sum = batch_sums([train_units[i] for i in batch_of(len(train_units), batch_size, index, seed)])[0]
-    # The step's loss is the sum of its token losses over its answer-token count, so every answer token
-    # weighs the same whatever batch it is in; a mean of the batches' means would weigh the tokens of
-    # short answers more. optimizer_step divides by accumulation_steps and DDP/FSDP average over the
-    # processes: this undoes both.
+    # The step's loss is the sum of its token losses over its answer-token count, so every answer token weighs
+    # the same whatever batch it is in (a mean of the batches' means would weigh short answers' tokens more).
+    # optimizer_step divides by accumulation_steps and DDP/FSDP average over the processes: this undoes both.
     return loss_sum * (accumulation_steps * dist.world_size / step_answer_tokens)
 
 
