@@ -105,8 +105,7 @@ train_records, val_records = split_held_out(records, val_fraction)
 
 
 def pairs_of(records):
-    """(chosen unit, rejected unit) per record; pairs whose answer the cut at block_size leaves
-    empty on either side are dropped."""
+    """(chosen unit, rejected unit) per record, but for pairs that the cut at block_size leaves an empty answer."""
     pairs = ([training_example(*render(tokenizer, prompt + [{"role": "assistant", "content": answer}]), block_size)
               for answer in (chosen, rejected)] for prompt, chosen, rejected in records)
     return [tuple((x, y, [0] * len(x)) for x, y in pair) for pair in pairs if None not in pair]

@@ -124,9 +124,8 @@ def sum_over_batches(model, batches, sums_of, dist):
 @torch.no_grad()
 def estimate_loss(model, bins_by_split, eval_iters, batch_size, device, autocast, seed, dist, pipeline=None):
     """Mean loss per split over eval_iters batches, the same at every call (seeded by split and index), so that
-    successive evaluations differ only by the model. The batches are dealt out to the data-parallel processes
-    (a pipeline's replicas, which send them through the schedule as many at a time as it has micro-batches);
-    each runs as many, since under FSDP a forward is a collective: the last round's extras do not count."""
+    successive evaluations differ only by the model. They are dealt out as sum_over_batches deals its batches,
+    under pipelining to the replicas, as many at a time as the schedule has micro-batches."""
     rank, replicas = (dist.rank, dist.world_size) if pipeline is None else (pipeline.data_rank, pipeline.data_parallel)
     per_call = 1 if pipeline is None else pipeline.microbatches
     was_training = model.training

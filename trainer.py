@@ -50,8 +50,7 @@ def start(device, dtype, seed, parallelism, cpu_offload=False):
     dtype = pick_dtype(dist.device, dtype)
     seed_everything(seed)
     if dist.device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # float32 on tensor cores
     return dist, dtype, autocast_context(dist.device, dtype)
 
 
