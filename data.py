@@ -91,8 +91,7 @@ class TokenBins:
                               pin_memory=device.startswith("cuda"))
         rows = windows.numpy()
         for i, seed in enumerate(seeds):
-            rng = np.random.default_rng(seed)
-            picks = rng.integers(0, self.cumulative_starts[-1], size=batch_size)
+            picks = np.random.default_rng(seed).integers(0, self.cumulative_starts[-1], size=batch_size)
             which = np.searchsorted(self.cumulative_starts, picks, side="right")
             offsets = picks - np.concatenate(([0], self.cumulative_starts))[which]
             for row, (w, o) in enumerate(zip(which, offsets), start=i * batch_size):

@@ -105,15 +105,10 @@ train_records, val_records = split_held_out(records, val_fraction)
 
 
 def pairs_of(records):
-    """(chosen unit, rejected unit) per record; pairs whose answer the cut at block_size leaves
-    empty on either side are dropped."""
-    pairs = []
-    for prompt, chosen, rejected in records:
-        examples = [training_example(*render(tokenizer, prompt + [{"role": "assistant", "content": answer}]), block_size)
-                    for answer in (chosen, rejected)]
-        if None not in examples:
-            pairs.append(tuple((x, y, [0] * len(x)) for x, y in examples))
-    return pairs
+    """(chosen unit, rejected unit) per record, but for pairs that the cut at block_size leaves an empty answer."""
+    pairs = ([training_example(*render(tokenizer, prompt + [{"role": "assistant", "content": answer}]), block_size)
+              for answer in (chosen, rejected)] for prompt, chosen, rejected in records)
+    return [tuple((x, y, [0] * len(x)) for x, y in pair) for pair in pairs if None not in pair]
 
 
 train_pairs, val_pairs = pairs_of(train_records), pairs_of(val_records)
@@ -122,11 +117,11 @@ if not train_pairs:
                      "raise block_size or shorten the prompts")
 steps_per_epoch = math.ceil(len(train_pairs) / total_batch_size)
 max_iters = max_iters or epochs * steps_per_epoch
+dropped = len(records) - len(train_pairs) - len(val_pairs)
 dist.log(f"data {data}: {len(train_pairs)} train and {len(val_pairs)} held-out pairs"
-    + (f" ({len(records) - len(train_pairs) - len(val_pairs)} dropped: no answer left within block_size={block_size})"
-       if len(train_pairs) + len(val_pairs) < len(records) else ""))
-dist.log(f"device {device_name(dist.device)} x {dist.world_size} processes, {dtype}; {total_batch_size} pairs per step = "
-    f"{batch_size} x {dist.world_size} processes x {accumulation_steps} accumulation steps; {max_iters} steps "
+    + (f" ({dropped} dropped: no answer left within block_size={block_size})" if dropped else ""))
+dist.log(f"device {device_name(dist.device)} x {dist.world_size} processes, {dtype}; {total_batch_size} pairs per "
+    f"step = {batch_size} x {dist.world_size} processes x {accumulation_steps} accumulation steps; {max_iters} steps "
     f"({steps_per_epoch} per epoch)")
 
 lora = lora_settings(lora_rank, lora_alpha, lora_dropout, lora_targets)
@@ -139,18 +134,16 @@ checkpoint = None  # free the memory
 STATS = ("loss", "accuracy", "margin", "logp_chosen", "logp_rejected")
 
 
-def logprobs(net, x, y):
-    with autocast:
-        return response_logprobs(net(x, all_logits=True)[0], y)
-
-
 def pair_stats(pairs):
     """The mean DPO loss over pairs (a tensor to backpropagate) and STATS, summed over the pairs."""
     x, y, _ = collate([chosen for chosen, _ in pairs] + [rejected for _, rejected in pairs], tokenizer.eot_id)
     x, y = to_device(torch.stack((x, y)), dist.device)  # one copy, cut up on the device
+    def logprobs(net):
+        with autocast:
+            return response_logprobs(net(x, all_logits=True)[0], y)
     # chosen and rejected go through the model as one batch: one forward pass, not two
-    policy_chosen, policy_rejected = logprobs(model, x, y).chunk(2)
-    ref_chosen, ref_rejected = on_reference(reference, raw_model, lambda net: logprobs(net, x, y)).chunk(2)
+    policy_chosen, policy_rejected = logprobs(model).chunk(2)
+    ref_chosen, ref_rejected = on_reference(reference, raw_model, logprobs).chunk(2)
     margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
     loss = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
     stats = torch.stack([loss, (margin > 0).float(), margin, policy_chosen, policy_rejected]).detach().sum(dim=1)
@@ -181,7 +174,6 @@ while True:
 
     if step % eval_interval == 0 or done:
         if val_batches:  # val_fraction=0: nothing held out
-            # STATS as means over every held-out pair
             val_sums = sum_over_batches(model, val_batches, lambda pairs: pair_stats(pairs)[1], dist)
             val_stats = dict(zip(STATS, (val_sums / len(val_pairs)).tolist()))
             dist.log(f"step {step}: held-out {describe(val_stats)}")

@@ -28,11 +28,9 @@ def make_optimizer(model, learning_rate, weight_decay, betas, device, optimizer=
     # space to another: the embeddings are lookup tables and the output layer's rows are per-token.
     # (An encoder-decoder's encoder blocks are such matrices too.)
     hidden = {n for n, p in named if optimizer == "muon" and p.dim() == 2 and n.startswith(("blocks.", "encoder."))}
-    adamw_groups = [
-        {"params": [p for n, p in named if p.dim() >= 2 and n not in hidden], "weight_decay": weight_decay,
-         "lr_scale": 1.0},
-        {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
-    ]
+    matrices = [p for n, p in named if p.dim() >= 2 and n not in hidden]
+    adamw_groups = [{"params": matrices, "weight_decay": weight_decay, "lr_scale": 1.0},
+                    {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
     adamw = torch.optim.AdamW(adamw_groups, lr=learning_rate, betas=betas, fused=device.startswith("cuda"))
     if not hidden:
         return adamw
@@ -87,20 +85,17 @@ def muon_update(param, state, group):
         update = distribute_tensor(whole.to(param.dtype), mesh, param.placements, src_data_rank=None).to(param.device)
     else:
         update = newton_schulz(update, coefficients, steps, eps).to(param.dtype)
-    rows, cols = param.shape
     param.mul_(1 - group["lr"] * group["weight_decay"])
-    param.add_(update, alpha=-group["lr"] * math.sqrt(max(1, rows / cols)))
+    param.add_(update, alpha=-group["lr"] * math.sqrt(max(1, param.size(0) / param.size(1))))
 
 
 def newton_schulz(matrix, coefficients, steps, eps, dtype=None):
     """The matrix's orthogonal polar factor U V^T, approximately, as torch.optim.Muon computes it: scaled to a
     spectral norm of at most 1, then steps of the quintic X <- a X + (b A + c A^2) X with A = X X^T on the wide
-    orientation (the smaller Gram matrix). In bfloat16 on a GPU, as torch does; in float32 on a CPU, where
-    bfloat16 matmuls are slow (docs/train.md); dtype overrides the choice."""
+    orientation (the smaller Gram matrix). In bfloat16 on a GPU, as torch does, in float32 on a CPU, or in dtype."""
     a, b, c = coefficients
-    x = matrix.to(dtype or (torch.bfloat16 if matrix.is_cuda else torch.float32))
     tall = matrix.size(0) > matrix.size(1)
-    x = x.T if tall else x
+    x = (matrix.T if tall else matrix).to(dtype or (torch.bfloat16 if matrix.is_cuda else torch.float32))
     x = x / x.norm().clamp(min=eps)
     for _ in range(steps):
         gram = x @ x.T
@@ -129,8 +124,7 @@ def learning_rate_at(step, learning_rate, warmup_iters, decay_iters, min_lr, sch
 
 
 def set_learning_rate(optimizer, lr):
-    """Set the schedule's rate lr on every group, times the group's lr_scale: Muon's groups run at
-    muon_lr, AdamW's at learning_rate (a checkpoint's groups from before Muon have no lr_scale: 1)."""
+    """Set lr times its lr_scale on every group (a checkpoint's groups from before Muon have none: 1); returns lr."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr

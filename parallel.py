@@ -23,8 +23,7 @@ from model import rope_tables
 
 
 def check_layout(parallelism, dtype, cpu_offload, stages, processes):
-    """Stop with one line at a placement over the processes that training cannot run: train.py checks
-    its run with it, plan.py each run it plans (pipeline.pipeline_layers checks the stages' layers)."""
+    """Stop with one line at a placement over the processes that training cannot run (train.py's, plan.py's)."""
     half = dtype == "float16"
     for wrong, fix in (
         (parallelism == "fsdp" and half, "parallelism='fsdp' runs in bfloat16 or float32; set --dtype=bfloat16"),
@@ -90,20 +89,15 @@ def shard_model(root, blocks, mesh, dtype, cpu_offload, init=None):
     fully_shard(root, mesh=mesh, mp_policy=precision, offload_policy=offload)
 
 
-def compile_blocks(model):
-    """torch.compile each block in place, so that FSDP's hooks around the blocks stay outside the
-    compiled code: a whole-model compile breaks its graph at every hook and runs GPT.forward eagerly."""
-    for block in model.blocks:
-        if block is not None:  # None: a layer of another pipeline stage
-            block.compile()
-
-
 def wrap_model(model, dist, parallelism, compile, log=print):
     """The module the training loop calls: compiled, and under DDP wrapped to average gradients."""
     if compile:
         log("compiling the model (the first steps are slow)...")
         if isinstance(model, FSDPModule):
-            compile_blocks(model)
+            # each block in place, so that FSDP's hooks around the blocks stay outside the compiled code:
+            # a whole-model compile breaks its graph at every hook and runs GPT.forward eagerly
+            for block in model.blocks:
+                block.compile()
         else:
             model = torch.compile(model)
     if parallelism == "ddp" and dist.world_size > 1:
@@ -120,27 +114,34 @@ def sum_over_batches(model, batches, sums_of, dist):
     Each runs as many, since under FSDP a forward is a collective: the last round's extras do not count."""
     was_training = model.training
     model.eval()
-    total = None
-    for i in range(dist.rank, dist.world_size * math.ceil(len(batches) / dist.world_size), dist.world_size):
-        sums = sums_of(batches[i % len(batches)])
-        total = torch.zeros_like(sums) if total is None else total
-        if i < len(batches):
-            total += sums
+    rounds = range(dist.rank, dist.world_size * math.ceil(len(batches) / dist.world_size), dist.world_size)
+    sums = [sums_of(batches[i % len(batches)]) for i in rounds]
+    total = sum((s for i, s in zip(rounds, sums) if i < len(batches)), torch.zeros_like(sums[0]))
     model.train(was_training)
     return all_reduce_sum(total, dist.world_size)
 
 
-def estimate_loss(model, bins_by_split, eval_iters, batch_size, device, autocast, seed, dist):
-    """Mean loss per split over eval_iters batches, the same at every call (seeded by split and
-    index), so that successive evaluations differ only by the model."""
+@torch.no_grad()
+def estimate_loss(model, bins_by_split, eval_iters, batch_size, device, autocast, seed, dist, pipeline=None):
+    """Mean loss per split over eval_iters batches, the same at every call (seeded by split and index), so that
+    successive evaluations differ only by the model. They are dealt out as sum_over_batches deals its batches,
+    under pipelining to the replicas, as many at a time as the schedule has micro-batches."""
+    rank, replicas = (dist.rank, dist.world_size) if pipeline is None else (pipeline.data_rank, pipeline.data_parallel)
+    per_call = 1 if pipeline is None else pipeline.microbatches
+    was_training = model.training
+    model.eval()
     losses = {}
     for split_index, (split, bins) in enumerate(bins_by_split.items()):
-        def batch_loss(i):
-            x, y = bins.sample(batch_size, (seed, 1, split_index, i), device)
+        total = torch.zeros((), device=device)
+        indices = range(rank, replicas * per_call * math.ceil(eval_iters / (replicas * per_call)), replicas)
+        for group in (indices[start : start + per_call] for start in range(0, len(indices), per_call)):
+            x, y = bins.sample_many(batch_size, [(seed, 1, split_index, i % eval_iters) for i in group], device)
             with autocast:
-                return model(x, y)[1].float()
-
-        losses[split] = sum_over_batches(model, range(eval_iters), batch_loss, dist).item() / eval_iters
+                batch_losses = model(x, y)[1][None] if pipeline is None else pipeline.run(x, y, backward=False)
+            if pipeline is None or pipeline.is_last:  # under pipelining, the other stages add nothing
+                total += batch_losses.float()[: sum(i < eval_iters for i in group)].sum()  # the extras come last
+        losses[split] = all_reduce_sum(total, dist.world_size).item() / eval_iters
+    model.train(was_training)
     return losses
 
 

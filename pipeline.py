@@ -12,8 +12,6 @@ of the whole model's: checkpoints have one format for every layout (join_pipelin
 pipeline_stage_part to resume).
 """
 
-import math
-
 import torch
 import torch.distributed
 import torch.nn as nn
@@ -21,11 +19,10 @@ from torch.distributed.tensor import DTensor
 
 from checkpoint import gather_training_state
 from model import cross_entropy
-from parallel import compile_blocks, init_weights, shard_model
+from parallel import init_weights, shard_model
 
 def pipeline_layers(n_layer, stages, tie_embeddings=False):
-    """The layers of each pipeline stage: consecutive and as even as whole layers allow. A config
-    error if the model cannot be cut so (train.py and plan.py check their model with it)."""
+    """Each stage's layers: consecutive, as even as whole layers allow; a config error if the model cannot be cut so."""
     if not 1 <= stages <= n_layer:
         raise SystemExit(f"config error: pipeline_stages={stages} must be between 1 and n_layer={n_layer}")
     if stages > 1 and tie_embeddings:
@@ -35,8 +32,7 @@ def pipeline_layers(n_layer, stages, tie_embeddings=False):
 
 
 def split_for_pipeline(model, layers, first, last):
-    """Cut the model down, in place, to one pipeline stage: its layers, the embeddings on the first, the final
-    norm and output layer on the last; the parts keep their names (blocks.7), so checkpoints have one format."""
+    """Cut the model down in place to one stage: its layers, embeddings on the first, ln_f and lm_head on the last."""
     for i in range(len(model.blocks)):
         if i not in layers:
             model.blocks[i] = None
@@ -48,8 +44,7 @@ def split_for_pipeline(model, layers, first, last):
 
 
 class PipelineStageModule(nn.Module):
-    """A stage as the pipeline schedule calls it: one tensor in (token ids, or hidden states) and one out
-    (hidden states, or on the last stage every position's logits, for model.cross_entropy)."""
+    """A stage as the schedule calls it: token ids or hidden states in, hidden states or every position's logits out."""
 
     def __init__(self, model):
         super().__init__()
@@ -82,8 +77,9 @@ class Pipeline:
                                         self.is_first, self.is_last)
         if any(p.is_meta for p in model.parameters()):  # a new model: only this stage's layers get weights
             init_weights(model, seed)
-        if compile:
-            compile_blocks(model)  # in place, so FSDP and the schedule see the same modules
+        if compile:  # each block in place, as wrap_model does under FSDP: FSDP and the schedule see the same modules
+            for block in filter(None, model.blocks):  # None: another stage's layer
+                block.compile()
         module = PipelineStageModule(model)
         self.sharded = parallelism == "fsdp" and (self.data_parallel > 1 or cpu_offload)
         if self.sharded:
@@ -119,8 +115,7 @@ class Pipeline:
             g.div_(self.data_parallel)
 
     def clip_gradients(self, max_norm):
-        """Scale the gradients so that their norm over the whole model, every stage's, is at most max_norm;
-        returns that norm."""
+        """Scale the gradients to a norm of at most max_norm over the whole model, every stage's; returns the norm."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if isinstance(norm, DTensor):  # under FSDP: the norm of the whole stage, not of this shard
@@ -149,47 +144,18 @@ def pipeline_optimizer_step(pipeline, optimizer, x, y, grad_clip, autocast):
     return losses.mean().detach() if pipeline.is_last else torch.zeros((), device=x.device)
 
 
-@torch.no_grad()
-def estimate_loss_pipelined(pipeline, bins_by_split, eval_iters, batch_size, device, autocast, seed):
-    """estimate_loss for a pipeline: the same batches, dealt out to the replicas and sent through the schedule
-    as many at a time as it has micro-batches; batches past eval_iters only fill the last group, uncounted."""
-    microbatches, was_training = pipeline.microbatches, pipeline.model.training
-    pipeline.model.eval()
-    losses = {}
-    per_call = pipeline.data_parallel * microbatches
-    for split_index, (split, bins) in enumerate(bins_by_split.items()):
-        total = torch.zeros((), device=device)
-        indices = range(pipeline.data_rank, per_call * math.ceil(eval_iters / per_call), pipeline.data_parallel)
-        for start in range(0, len(indices), microbatches):
-            group = indices[start : start + microbatches]
-            x, y = bins.sample_many(batch_size, [(seed, 1, split_index, i % eval_iters) for i in group], device)
-            with autocast:
-                batch_losses = pipeline.run(x, y, backward=False)
-            if pipeline.is_last:
-                counted = torch.tensor([i < eval_iters for i in group], device=device)
-                total += (batch_losses.float() * counted).sum()
-        # the last stage of each replica holds its sum; the other processes add zeros
-        torch.distributed.all_reduce(total)
-        losses[split] = total.item() / eval_iters
-    pipeline.model.train(was_training)
-    return losses
-
-
 def join_pipeline_stages(part, dist):
     """On rank 0, the whole model's and optimizer's state dicts from every stage's part (None from replicas)."""
     parts = [None] * dist.world_size if dist.is_main else None
     torch.distributed.gather_object(part, parts, dst=0)
     if not dist.is_main:
         return None, None
-    model_state, optimizer_state = {}, {"state": {}, "param_groups": []}
-    for stage_model, stage_optimizer in (p for p in parts if p[0] is not None):  # in stage order
-        model_state.update(stage_model)
-        optimizer_state["state"].update(stage_optimizer["state"])
-        if not optimizer_state["param_groups"]:
-            optimizer_state["param_groups"] = [dict(group, params=[]) for group in stage_optimizer["param_groups"]]
-        for whole, group in zip(optimizer_state["param_groups"], stage_optimizer["param_groups"]):
-            whole["params"] += group["params"]
-    return model_state, optimizer_state
+    stages = [p for p in parts if p[0] is not None]  # in stage order
+    model_state = {k: v for stage_model, _ in stages for k, v in stage_model.items()}
+    state = {k: v for _, stage_optimizer in stages for k, v in stage_optimizer["state"].items()}
+    groups = [dict(same[0], params=[p for group in same for p in group["params"]])  # a group's params of every stage
+              for same in zip(*(stage_optimizer["param_groups"] for _, stage_optimizer in stages))]
+    return model_state, {"state": state, "param_groups": groups}
 
 
 def pipeline_stage_part(checkpoint, model):

@@ -11,12 +11,9 @@ adapters (lora_rank > 0).
     torchrun --standalone --nproc_per_node=8 sft.py config/sft_gpt2.py
     torchrun --standalone --nproc_per_node=8 --max-restarts=3 sft.py config/sft_gpt2.py --resume=auto
 
-Reads the checkpoint init_from (a pretraining checkpoint, an earlier SFT one, or hf:FOLDER) and the
-records in data (Alpaca-style or chat, .json or .jsonl; see chat.py); a model without the chat tokens
-gets them first. A val_fraction of the records is held out for the eval loss per assistant token.
-Writes out_dir/ckpt-<step>.pt (kind 'sft'; with LoRA only the adapters and their base's name, step and
-sha256), ckpt.pt linked to the newest, metrics.jsonl, plot.png and report.md. With benchmark set
-(e.g. --benchmark=gsm8k), that task is also scored at every evaluation as benchmark_<metric>.
+Reads the checkpoint init_from and the records in data (see chat.py); a model without the chat tokens
+gets them first. Writes out_dir/ckpt-<step>.pt (kind 'sft'; with LoRA only the adapters and their base's
+name, step and sha256), ckpt.pt linked to the newest, metrics.jsonl, plot.png and report.md.
 
 A batch is a pure function of the step, so resume='yes' (or 'auto', for torchrun --max-restarts)
 continues the run in out_dir exactly. The skeleton is trainer.py's. More: docs/post-training.md.
@@ -132,10 +129,9 @@ if not train_units:
 steps_per_epoch = math.ceil(len(train_units) / total_batch_size)
 max_iters = max_iters or epochs * steps_per_epoch
 answer_counts = [sum(t >= 0 for t in y) for _, y, _ in train_units]
-answer_tokens = sum(answer_counts)
-dist.log(f"data {data}: {len(train_records)} train and {len(val_records)} held-out records, {answer_tokens:,} answer tokens "
-    f"to learn in {len(train_units)} {'packed rows' if packing else 'examples'} of up to {block_size} tokens"
-    + (f"; {n_long} train records cut at block_size (those left with no answer are dropped)" if n_long else ""))
+dist.log(f"data {data}: {len(train_records)} train and {len(val_records)} held-out records, {sum(answer_counts):,} "
+    f"answer tokens to learn in {len(train_units)} {'packed rows' if packing else 'examples'} of up to {block_size} "
+    f"tokens{f'; {n_long} train records cut at block_size (those left with no answer are dropped)' if n_long else ''}")
 accumulation_steps = gradient_accumulation("total_batch_size", total_batch_size, batch_size=batch_size,
                                            processes=dist.world_size)
 dist.log(f"device {device_name(dist.device)} x {dist.world_size} processes, {dtype}; {total_batch_size} "
@@ -148,33 +144,21 @@ model, raw_model, optimizer, scaler, step, run_log = prepare_to_tune(model, chec
 checkpoint = None  # free the memory
 
 
-def batch_loss(units):
+def batch_sums(units):
+    """[the units' loss summed over their answer tokens, the count of those tokens] as one tensor."""
     x, y, docs = to_device(torch.stack(collate(units, tokenizer.eot_id)), dist.device)  # one copy, cut up on the device
+    count = (y >= 0).sum()
     with autocast:
-        return model(x, y, doc_ids=docs if packing else None)[1], (y >= 0).sum()
-
-
-def answer_tokens_of_step(at_step):
-    """How many answer tokens the step's batches hold, over every process and micro-step: the batches
-    are a pure function of their index, so each process counts them all without asking the others."""
-    first = at_step * dist.world_size * accumulation_steps
-    return sum(answer_counts[i] for index in range(first, first + dist.world_size * accumulation_steps)
-               for i in batch_of(len(train_units), batch_size, index, seed))
+        return torch.stack([model(x, y, doc_ids=docs if packing else None)[1] * count, count])
 
 
 def micro_step_loss(micro_step):
     index = (step * dist.world_size + dist.rank) * accumulation_steps + micro_step
-    loss, count = batch_loss([train_units[i] for i in batch_of(len(train_units), batch_size, index, seed)])
-    # The step's loss is the sum of its token losses over its answer-token count, so every answer token
-    # weighs the same whatever batch it is in; a mean of the batches' means would weigh the tokens of
-    # short answers more. optimizer_step divides by accumulation_steps and DDP/FSDP average over the
-    # processes: this undoes both.
-    return loss * count * (accumulation_steps * dist.world_size / step_answer_tokens)
-
-
-def held_out_sums(units):
-    loss, count = batch_loss(units)
-    return torch.stack([loss.float() * count, count])
+    loss_sum = batch_sums([train_units[i] for i in batch_of(len(train_units), batch_size, index, seed)])[0]
+    # The step's loss is the sum of its token losses over its answer-token count, so every answer token weighs
+    # the same whatever batch it is in (a mean of the batches' means would weigh short answers' tokens more).
+    # optimizer_step divides by accumulation_steps and DDP/FSDP average over the processes: this undoes both.
+    return loss_sum * (accumulation_steps * dist.world_size / step_answer_tokens)
 
 
 val_batches = [val_units[i : i + batch_size] for i in range(0, len(val_units), batch_size)]
@@ -189,8 +173,8 @@ while True:
     if step % eval_interval == 0 or done:
         val_loss = None  # val_fraction=0: nothing held out
         if val_batches:
-            loss_sum_and_count = sum_over_batches(model, val_batches, held_out_sums, dist)
-            val_loss = (loss_sum_and_count[0] / loss_sum_and_count[1]).item()  # the mean per answer token
+            val_sum, val_count = sum_over_batches(model, val_batches, batch_sums, dist)
+            val_loss = (val_sum / val_count).item()  # the mean per answer token
             dist.log(f"step {step}: held-out loss {val_loss:.4f}")
         scores = score_benchmark(benchmark_data, raw_model, tokenizer, batch_size, autocast, dist, True, step,
                                  dist.log) if benchmark else {}
@@ -204,7 +188,11 @@ while True:
     if done:
         break
 
-    step_answer_tokens = answer_tokens_of_step(step)
+    # The answer tokens in the step's batches, over every process and micro-step: the batches are a pure
+    # function of their index, so each process counts them all without asking the others.
+    first = step * dist.world_size * accumulation_steps
+    step_answer_tokens = sum(answer_counts[i] for index in range(first, first + dist.world_size * accumulation_steps)
+                             for i in batch_of(len(train_units), batch_size, index, seed))
     loss_sum = optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip)
     step += 1
 

@@ -3,7 +3,6 @@ Pretrain a GPT on the token bins that prepare.py wrote, on one CPU or GPU or man
 
     python train.py config/quickstart.py                  # small model, 2-core CPU, a few minutes
     python train.py config/train_gpt2.py                  # GPT-2 124M on one GPU
-    python train.py config/quickstart.py --max_iters=2000 --learning_rate=1e-3
     python train.py config/quickstart.py --init_from=resume   # continue from out_dir/ckpt.pt
     python train.py config/quickstart.py --max_seconds=60 --eval_seconds=10   # a time budget, the schedule on the clock
     python train.py config/quickstart.py --init_from=hf:out/quickstart/hf --out_dir=out/ft   # from a Hugging Face folder
@@ -15,8 +14,7 @@ Pretrain a GPT on the token bins that prepare.py wrote, on one CPU or GPU or man
 
 Reads data/<dataset>/meta.json and its bins. Writes out_dir/ckpt-<step>.pt (model, optimizer, step,
 RNG states, config and tokenizer: all that sample.py and a resumed run need), keeping the last
-keep_checkpoints with ckpt.pt linked to the newest, and metrics.jsonl, plot.png and report.md. With
-benchmark set, an evaluate.py task is scored at every evaluation too, as benchmark_<metric>.
+keep_checkpoints with ckpt.pt linked to the newest, and metrics.jsonl, plot.png and report.md.
 
 total_batch_tokens fixes the tokens per step and the gradient accumulation follows, so a config gives the
 same optimization on 1 or 8 GPUs; a checkpoint of any layout (DDP, FSDP, pipeline stages) resumes in any
@@ -38,7 +36,7 @@ from data import TokenBins, load_meta
 from model import GPT, GPTConfig
 from optim import learning_rate_at, make_optimizer, optimizer_step, set_learning_rate
 from parallel import all_reduce_sum, check_layout, estimate_loss, place_model, wrap_model
-from pipeline import Pipeline, estimate_loss_pipelined, pipeline_layers, pipeline_optimizer_step, pipeline_stage_part
+from pipeline import Pipeline, pipeline_layers, pipeline_optimizer_step, pipeline_stage_part
 from runtime import device_name, peak_flops as gpu_peak_flops, seed_everything
 from tokenizer import Tokenizer
 from trainer import (Pace, finish, gradient_accumulation, gradient_scaler, open_run_log, resume_state, save, start,
@@ -64,8 +62,7 @@ data_root = "data"
 batch_size = 16  # sequences per micro-step on each process (GPU)
 block_size = 1024  # tokens per sequence
 total_batch_tokens = 65536  # tokens per optimizer step over all processes; sets the gradient accumulation
-# model (see model.py's GPTConfig). The defaults are the fast recipe of the README's "A faster recipe";
-# config/train_gpt2.py sets the classic one
+# model (model.py's GPTConfig): the README's "A faster recipe"; config/train_gpt2.py sets the classic one
 n_layer = 12
 n_head = 12
 n_kv_head = 0  # 0: same as n_head; fewer shares each key/value head among several query heads
@@ -187,12 +184,11 @@ else:
 with torch.device("cpu" if pretrained is not None else "meta"):
     model = GPT(model_config)
 if pretrained is not None:
-    model.load_state_dict(pretrained["model"])
-    pretrained = None  # free the memory
+    model.load_state_dict(pretrained.pop("model"))  # popped: the copy is freed once loaded
 model.activation_checkpointing = activation_checkpointing
 flops_per_token = model.flops_per_token(block_size)
 parameters = model.num_params()  # counted before pipeline stages cut the model into parts
-log(f"model: {model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs per token")
+log(f"model: {parameters / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs per token")
 stage_layers = pipeline_layers(model_config.n_layer, pipeline_stages, model_config.tie_embeddings)
 if pipeline_stages > 1:
     pipeline = Pipeline(model, dist, pipeline_stages, pipeline_schedule, accumulation_steps, parallelism, dtype,
@@ -229,18 +225,9 @@ if "unigram_loss" in meta:
 def micro_step_loss(micro_step):
     # Seeded by the micro-step's place in the global batch, so 1 process with 8 micro-steps
     # reads exactly the sequences that 8 processes with 1 each do.
-    batch_index = dist.rank * accumulation_steps + micro_step
-    x, y = bins["train"].sample(batch_size, (seed, 0, step, batch_index), device)
+    x, y = bins["train"].sample(batch_size, (seed, 0, step, dist.rank * accumulation_steps + micro_step), device)
     with autocast:
         return model(x, y)[1]  # holding on to the logits would keep them in memory through backward
-
-
-def pipeline_step():
-    # The micro-batches of micro_step_loss, in one batch that the schedule splits again. The first
-    # stage needs the inputs and the last the targets; both read them from the same seeds.
-    seeds = [(seed, 0, step, pipeline.data_rank * accumulation_steps + m) for m in range(accumulation_steps)]
-    x, y = bins["train"].sample_many(batch_size, seeds, device)
-    return pipeline_optimizer_step(pipeline, optimizer, x, y, grad_clip, autocast)
 
 
 # -----------------------------------------------------------------------------
@@ -262,10 +249,7 @@ while True:
         next_eval_seconds = (train_seconds // eval_seconds + 1) * eval_seconds
 
     if step % eval_interval == 0 or done or eval_due:
-        if pipeline is None:
-            losses = estimate_loss(model, bins, eval_iters, batch_size, device, autocast, seed, dist)
-        else:
-            losses = estimate_loss_pipelined(pipeline, bins, eval_iters, batch_size, device, autocast, seed)
+        losses = estimate_loss(model, bins, eval_iters, batch_size, device, autocast, seed, dist, pipeline)
         stop_if_not_finite(losses["train"] + losses["val"], step, dist, "train", out_dir)
         log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         best_val_loss = min(best_val_loss, losses["val"])
@@ -289,8 +273,11 @@ while True:
     if pipeline is None:
         loss_sum = optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip,
                                   fsdp_sync_every_micro_step)
-    else:
-        loss_sum = pipeline_step()
+    else:  # micro_step_loss's micro-batches in one batch, which the schedule splits again (the first stage
+        # needs the inputs and the last the targets: both read them from the same seeds)
+        seeds = [(seed, 0, step, pipeline.data_rank * accumulation_steps + m) for m in range(accumulation_steps)]
+        x, y = bins["train"].sample_many(batch_size, seeds, device)
+        loss_sum = pipeline_optimizer_step(pipeline, optimizer, x, y, grad_clip, autocast)
     if timed:
         if device.startswith("cuda"):
             torch.cuda.synchronize()  # the step's kernels have run, not only been queued

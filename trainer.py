@@ -18,10 +18,6 @@ loop in view. A post-training script is written like this (sft.py is the shortes
         loss = optimizer_step(model, optimizer, scaler, accumulation_steps, micro_step_loss, grad_clip)
         step += 1                                           # at log steps: stop_if_not_finite, pace.lap
     finish(run_log, dist, stop, step, f"done after {step} steps")
-
-Each checkpoint is written at an evaluation, after a check that the model and losses are finite. SIGTERM
-or SIGUSR1 (a preemption) makes stop.requested() true on every process at the same step: the run saves
-that step as at its end and exits with the signal's status (outdir.StopSignals).
 """
 
 import copy
@@ -54,8 +50,7 @@ def start(device, dtype, seed, parallelism, cpu_offload=False):
     dtype = pick_dtype(dist.device, dtype)
     seed_everything(seed)
     if dist.device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # float32 on tensor cores
     return dist, dtype, autocast_context(dist.device, dtype)
 
 
@@ -71,7 +66,8 @@ def gradient_accumulation(key, total, **parts):
 
 def take_out_dir(out_dir, dist, how_to_continue):
     """Lock out_dir for this run (outdir.py), and end the run on Ctrl-C with one line saying how to go on.
-    Returns its StopSignals: SIGTERM or SIGUSR1 ends it after the step in flight, with a checkpoint."""
+    Returns its StopSignals: SIGTERM or SIGUSR1 (a preemption) makes stop.requested() true on every process
+    at the same step, and the run saves that step as at its end and exits with the signal's status."""
     lock_out_dir(out_dir, dist, dist.log)
     exit_quietly_on_interrupt(out_dir, dist, how_to_continue)
     return StopSignals(dist, how_to_continue)
@@ -92,9 +88,7 @@ def model_to_tune(init_from, checkpoint, ckpt_path, log, describe_start=True, ch
     if chat_script and not has_chat_tokens(tokenizer):
         raise SystemExit(f"{chat_script} error: {init_from} is not a chat model (it has no chat tokens); fine-tune "
                          "it with sft.py first and pass that checkpoint")
-    origin = describe_base(init_from, start_checkpoint) if describe_start else None
-    merge_lora(model)
-    return model, tokenizer, origin
+    return merge_lora(model), tokenizer, describe_base(init_from, start_checkpoint) if describe_start else None
 
 
 def reference_model(model, lora, checkpoint, reference_file, ckpt_path, dist, parallelism, dtype):
@@ -155,8 +149,7 @@ def prepare_to_tune(model, checkpoint, lora, dist, dtype, config, stage, note=""
 
 
 def begin_step(step, max_iters, stop, optimizer, config):
-    """The top of a post-training loop's turn: (the step's learning rate, set: warmup, then a cosine to min_lr at
-    max_iters; whether the run ends here)."""
+    """(The step's learning rate, now set: warmup, then a cosine to min_lr at max_iters; whether the run ends here)."""
     lr = set_learning_rate(optimizer, learning_rate_at(step, config["learning_rate"], config["warmup_iters"],
                                                        max_iters, config["min_lr"]))
     return lr, step >= max_iters or stop.requested()
