@@ -7,34 +7,32 @@ The decoder-only Transformer that every stage script shares.
     out = model.generate(idx, max_new_tokens=100, temperature=0.8, top_k=200)
 
 One class covers several families, chosen by config fields:
-- GPTConfig's defaults are train.py's (its fast recipe): RMSNorm, ReLU² MLP, rotary position
-  embeddings (RoPE), QK-norm, logits soft-capped at 15, output projections starting at zero,
-  no biases, untied embeddings;
-- Llama's style (mlp='swiglu', qk_norm=False, logit_softcap=0): what hf.py imports and exports,
-  with optional grouped-query attention;
-- GPT-2's (norm='layernorm', mlp='gelu', pos='learned', tie_embeddings=True, bias=True, and the
-  three above off): GPT-2 124M exactly, for comparison and weight import (config/train_gpt2.py).
+- GPTConfig's defaults are train.py's (its fast recipe): RMSNorm, ReLU² MLP, rotary position embeddings (RoPE),
+  QK-norm, logits soft-capped at 15, output projections starting at zero, no biases, untied embeddings;
+- Llama's style (mlp='swiglu', qk_norm=False, logit_softcap=0): what hf.py imports and exports, with optional
+  grouped-query attention;
+- GPT-2's (norm='layernorm', mlp='gelu', pos='learned', tie_embeddings=True, bias=True, and the three above off):
+  GPT-2 124M exactly, for comparison and weight import (config/train_gpt2.py).
 
 Design notes, the why behind the choices:
-- Pre-norm residual blocks (x + f(norm(x))) keep the residual stream an identity path, so deep
-  stacks train without warmup tricks.
-- RoPE rotates q and k by an angle proportional to the position, so the q·k score depends only on
-  the distance between two tokens. Grouped-query attention (n_kv_head < n_head) shrinks the KV
-  cache by n_head / n_kv_head at little cost in quality.
-- SwiGLU (Shazeer 2020) beats GELU at equal parameters (hidden width 8/3 of n_embd, so its three
-  matrices hold as many weights as GELU's two at 4x); ReLU² (So et al. 2021) is as good at less
-  compute. QK-norm keeps attention logits bounded at high learning rates, and the soft cap keeps a
-  few output logits from running away early.
-- Residual output projections start at zero (each block starts as the identity), or at std
-  0.02/sqrt(2*n_layer) (GPT-2), so the residual stream's variance does not grow with depth.
-- The embedding and output layer are padded to a multiple of 64 rows, which runs faster on GPUs;
-  the padded ids are not tokens, and the logits leave them out.
-- Attention goes through F.scaled_dot_product_attention, which dispatches to
-  flash or memory-efficient kernels where the hardware has them; rows packed
-  from several examples go through FlexAttention on GPUs, whose kernel skips
-  the masked-out blocks instead of reading a dense T x T mask.
-- Generation (decoding.py) runs a step of one token per sequence against a
-  preallocated KV cache, each row at its own position, with a few static shapes.
+- Pre-norm residual blocks (x + f(norm(x))) keep the residual stream an identity path, so deep stacks train
+  without warmup tricks.
+- RoPE rotates q and k by an angle proportional to the position, so the q·k score depends only on the distance
+  between two tokens. Grouped-query attention (n_kv_head < n_head) shrinks the KV cache by n_head / n_kv_head at
+  little cost in quality.
+- SwiGLU (Shazeer 2020) beats GELU at equal parameters (hidden width 8/3 of n_embd, so its three matrices hold as
+  many weights as GELU's two at 4x); ReLU² (So et al. 2021) is as good at less compute. QK-norm keeps attention
+  logits bounded at high learning rates, and the soft cap keeps a few output logits from running away early.
+- Residual output projections start at zero (each block starts as the identity, and the gradient still reaches
+  them through their input: modded-nanogpt's speedrun), or at std 0.02/sqrt(2*n_layer) (GPT-2), so the residual
+  stream's variance does not grow with depth.
+- The embedding and output layer are padded to a multiple of 64 rows, which runs faster on GPUs; the padded ids
+  are not tokens, and the logits leave them out.
+- Attention goes through F.scaled_dot_product_attention, which dispatches to flash or memory-efficient kernels
+  where the hardware has them; rows packed from several examples go through FlexAttention on GPUs, whose kernel
+  skips the masked-out blocks instead of reading a dense T x T mask.
+- Generation (decoding.py) runs a step of one token per sequence against a preallocated KV cache, each row at its
+  own position, with a few static shapes.
 """
 
 import functools
@@ -82,8 +80,7 @@ class GPTConfig:
         if self.n_kv_head < 0 or self.ffn_hidden < 0 or not 0 <= self.dropout < 1:
             raise ValueError(f"need n_kv_head >= 0, ffn_hidden >= 0 and 0 <= dropout < 1, got {self.n_kv_head}, "
                              f"{self.ffn_hidden} and {self.dropout}")
-        if not self.n_kv_head:
-            self.n_kv_head = self.n_head
+        self.n_kv_head = self.n_kv_head or self.n_head
         if not self.ffn_hidden:
             self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64) if self.mlp == "swiglu" else 4 * self.n_embd
         choices = {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu", "relu2"),
@@ -150,8 +147,7 @@ def sinusoidal_table(length, dim):
 def apply_rope(x, cos, sin):
     """Rotate pairs (first half, second half) of each head's channels; x is (B, heads, T, head_dim)."""
     x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return rotated.type_as(x)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
 # Masks are functions of (batch, head, query index, key index), FlexAttention's mask_mod
@@ -204,9 +200,8 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, cache=None, pos=None, mask=None):
         B, T, _ = x.shape
-        q, k, v = self.c_attn(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
-        )
+        kv_width = self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split([self.n_head * self.head_dim, kv_width, kv_width], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -228,13 +223,9 @@ class Attention(nn.Module):
         if isinstance(mask, BlockMask):
             y = compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
         else:  # no mask is SDPA's own causal one, which its flash kernel takes
-            y = F.scaled_dot_product_attention(
-                q, k, v,
-                attn_mask=mask,
-                is_causal=mask is None and T > 1,
-                dropout_p=self.dropout if self.training else 0.0,
-                enable_gqa=self.n_kv_head != self.n_head,
-            )
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               dropout_p=self.dropout if self.training else 0.0,
+                                               enable_gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(y))
 
@@ -289,9 +280,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        if config.pos == "rope":
+        if config.pos == "rope":  # not saved either: a function of the config
             cos, sin = rope_tables(config, config.block_size)
-            # Not saved in checkpoints: they are a function of the config.
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = False  # set by the trainer to trade compute for memory
@@ -302,9 +292,7 @@ class GPT(nn.Module):
             residual = getattr(module, "residual_projection", False)
             std = 0.02 / math.sqrt(2 * self.config.n_layer) if residual else 0.02
             nn.init.normal_(module.weight, mean=0.0, std=std)
-            if residual and self.config.zero_init_proj:
-                # Each block starts as the identity, and the gradient still reaches the projection
-                # through its input (modded-nanogpt's speedrun record uses this).
+            if residual and self.config.zero_init_proj:  # after normal_: the other weights draw the same numbers
                 nn.init.zeros_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -315,9 +303,8 @@ class GPT(nn.Module):
         """Parameters the model really uses (not the vocabulary's padding rows); non_embedding also leaves
         out the lookup tables (token and learned position embeddings), the N of 6*N."""
         c = self.config
-        n = sum(p.numel() for p in self.parameters())
         pad_rows = c.padded_vocab_size - c.vocab_size
-        n -= pad_rows * c.n_embd * (1 if c.tie_embeddings else 2)
+        n = sum(p.numel() for p in self.parameters()) - pad_rows * c.n_embd * (1 if c.tie_embeddings else 2)
         if non_embedding:
             if not c.tie_embeddings:
                 n -= c.vocab_size * c.n_embd
@@ -333,17 +320,15 @@ class GPT(nn.Module):
         return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * T
 
     def forward(self, idx, targets=None, all_logits=False, cache=None, pos=None, keys=None, doc_ids=None):
-        """idx (B, T) token ids. With targets (B, T): returns all logits and the mean cross-entropy,
-        ignoring targets of -1. Without: the last position's logits, or every position's if
-        all_logits. Logits cover the real vocab_size ids only. doc_ids (B, T) is for rows packed
-        from several examples: the example each position belongs to (see document_mask).
-        cache is for decoding (decoding.py): a list of one dict per layer. A forward from position
-        0 (pos None) leaves each layer's keys and values in its dict as "k" and "v" (B, n_kv_head,
-        T, head_dim). A decoding step passes one token per row, pos (B,) the position of each, and
-        dicts holding key and value buffers (B, n_kv_head, S, head_dim), S up to block_size: a row's
-        key and value are written at its position, and it attends over the buffers' first `keys`
-        slots (block_size if None), those after its position masked. pos is a tensor and keys one of a few
-        lengths, so that the steps have few shapes and a compiled graph serves many of them."""
+        """idx (B, T) token ids. With targets (B, T): all logits and the mean cross-entropy, ignoring targets of -1;
+        without: the last position's logits, or every position's if all_logits. Logits cover the real vocab_size ids
+        only. doc_ids (B, T), for rows packed from several examples: the example of each position (see document_mask).
+        cache is for decoding (decoding.py): a list of one dict per layer. A forward from position 0 (pos None) leaves
+        each layer's keys and values in its dict as "k" and "v" (B, n_kv_head, T, head_dim). A decoding step passes one
+        token per row, pos (B,) the position of each, and dicts holding key and value buffers (B, n_kv_head, S,
+        head_dim), S up to block_size: a row's key and value are written at its position, and it attends over the
+        buffers' first `keys` slots (block_size if None), those after its position masked. pos is a tensor and keys
+        one of a few lengths, so that the steps have few shapes and a compiled graph serves many of them."""
         B, T = idx.shape[:2]
         decoding = pos is not None
         if decoding and not (torch.is_tensor(pos) and cache is not None and T == 1):
@@ -368,11 +353,9 @@ class GPT(nn.Module):
                 mask = dense_mask(mask_mod, B, torch.arange(T, device=idx.device), T)
         else:
             positions = slice(0, T)  # a slice: views of the tables, no index tensor per call
-        rope = None
-        if self.config.pos == "rope":
-            rope = (self.rope_cos[positions], self.rope_sin[positions])
-            if not isinstance(positions, slice):  # positions per row: (B, 1, T, head_dim/2), broadcast over heads
-                rope = (rope[0][:, None], rope[1][:, None])
+        rope = (self.rope_cos[positions], self.rope_sin[positions]) if self.config.pos == "rope" else None
+        if rope is not None and not isinstance(positions, slice):  # per row: (B, 1, T, head_dim/2), for every head
+            rope = (rope[0][:, None], rope[1][:, None])
         if self.wte is None:
             x = idx  # a later pipeline stage (see pipeline.split_for_pipeline): the hidden states of the one before
         else:
@@ -393,12 +376,10 @@ class GPT(nn.Module):
         if self.lm_head is None:
             return x, None  # an earlier pipeline stage hands its hidden states on
         x = self.ln_f(x)
-        # The padding ids are not tokens, so no softmax (the loss, DPO's log-probabilities,
-        # evaluation, sampling) may give them probability mass: the logits are a view of the first
-        # vocab_size columns. The matmul keeps its padded width, which runs faster on GPUs than
-        # the lm_head's first vocab_size rows would. The view costs no copy under bf16 autocast,
-        # where cross_entropy's float() copies anyway; in float32, log_softmax makes one
-        # contiguous copy of it (measured on torch 2.13), the price of an aligned matmul.
+        # The padding ids are not tokens: no softmax (the loss, DPO, evaluation, sampling) may give them probability,
+        # so the logits are a view of the first vocab_size columns, while the matmul keeps its padded width (faster on
+        # GPUs). The view costs no copy under bf16 autocast (cross_entropy's float() copies anyway); in float32,
+        # log_softmax makes one contiguous copy of it (measured on torch 2.13), the price of an aligned matmul.
         logits = self.lm_head(x if targets is not None or all_logits else x[:, -1:, :])[..., : self.config.vocab_size]
         logits = self.soft_cap(logits)
         return logits, None if targets is None else cross_entropy(logits, targets)
