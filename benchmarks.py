@@ -6,9 +6,8 @@ train.py and sft.py score one at every evaluation (--benchmark). Nothing here is
     kind, examples = read_task("gsm8k", "../shared/data/evals", limit=50)   # or a .jsonl path
     evaluate_examples(kind, examples, model, tokenizer, chat=True)    # {"exact_match_flexible": ..., "chance": 0.0, ...}
 
-The file formats (a record's keys tell which) and lm-eval's conventions, each with the lm-eval file it
-mirrors: docs/evaluation.md. Every task's result has 'chance', the score of guessing, for evaluate.py's
-summary score.
+The file formats (a record's keys tell which) and lm-eval's conventions, each with the lm-eval file it mirrors:
+docs/evaluation.md. Every task's result has 'chance', the score of guessing, for evaluate.py's summary score.
 """
 
 import math
@@ -22,10 +21,9 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import sandbox
-from chat import bad_record, jsonl_records, prompt_ids, read_text, stop_ids, text_field
+from chat import bad_record, jsonl_records, prompt_ids, read_text, response_logprobs, stop_ids, text_field
 from decoding import Decoder
 from download import file_sha256
 from optional import optional
@@ -186,8 +184,7 @@ def read_task(task, data_dir="data/evals", limit=0):
 
 
 def progress_bar(items, description):
-    """items with a progress bar on stderr when description is set and stderr is a terminal (a log file
-    gets none)."""
+    """items with a progress bar on stderr when description is set and stderr is a terminal (not a log file)."""
     if not description or not sys.stderr.isatty():
         return items
     return optional("tqdm", "a progress bar").tqdm(items, desc=description, leave=False)
@@ -201,7 +198,6 @@ def score_rows(model, rows, batch_size=16, autocast=nullcontext(), progress=""):
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    vocab_size = model.config.vocab_size
     results = [None] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths share a batch: less padding
     for first in progress_bar(range(0, len(order), batch_size), progress):
@@ -217,11 +213,10 @@ def score_rows(model, rows, batch_size=16, autocast=nullcontext(), progress=""):
         with autocast:
             logits, _ = model(inputs, all_logits=True)
         logits = logits.float()
-        logits[..., vocab_size:] = -float("inf")  # the vocabulary's padding ids are not tokens: no probability
-        logprobs = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none").view_as(targets)
+        logits[..., model.config.vocab_size :] = -float("inf")  # the vocabulary's padding ids are not tokens
         greedy = ((logits.argmax(dim=-1) == targets) | (targets < 0)).all(dim=1)
-        for r, (logprob, hit) in enumerate(zip(logprobs.sum(dim=1).tolist(), greedy.tolist())):
-            results[batch[r]] = (logprob, hit)
+        for i, logprob, hit in zip(batch, response_logprobs(logits, targets).tolist(), greedy.tolist()):
+            results[i] = (logprob, hit)
     model.train(was_training)
     return results
 
@@ -258,9 +253,8 @@ def generate_texts(model, tokenizer, prompts, max_new_tokens, end_ids=(), stop_s
     longest_stop = max((len(stop) for stop in stop_strings), default=0)
     texts = [None] * len(rows)
     for batch in (order[first : first + batch_size] for first in range(0, len(order), batch_size)):
-        new = [[] for _ in batch]
+        new, done = [[] for _ in batch], [False] * len(batch)
         tails = [""] * len(batch)  # the end of each row's text so far, to spot a stop string
-        done = [False] * len(batch)
         decoder = Decoder(model, len(batch))
         with autocast:
             decoder.prefill([rows[i] for i in batch], temperature)  # slot r is the batch's row r
@@ -319,15 +313,12 @@ def f1_score(prediction, references):
     """SQuAD's token F1, the best over the references; an answer that normalises to nothing scores 1 against
     a reference that does too and 0 against any other."""
     references = [references] if isinstance(references, str) else references
-    best = 0.0
-    predicted = normalize_answer(prediction).split()
-    for reference in references:
-        expected = normalize_answer(reference).split()
+    predicted, best = normalize_answer(prediction).split(), 0.0
+    for expected in (normalize_answer(reference).split() for reference in references):
+        common = sum((Counter(predicted) & Counter(expected)).values())
         if not predicted or not expected:
             best = max(best, float(predicted == expected))
-            continue
-        common = sum((Counter(predicted) & Counter(expected)).values())
-        if common:
+        elif common:
             precision, recall = common / len(predicted), common / len(expected)
             best = max(best, 2 * precision * recall / (precision + recall))
     return best
@@ -351,9 +342,8 @@ def gsm8k_question(question):
 
 
 def add_gsm8k_shots(examples, shots):
-    """Give each example (in order) lm-eval's five-shot prompt: examples drawn from shots (the train split)
-    by one random.Random(1234) in turn, each "Question: ...\nAnswer: <worked answer>" and a blank line,
-    then the example's own question."""
+    """Give each example (in order) lm-eval's five-shot prompt: worked examples drawn from shots (the train split)
+    by one random.Random(1234) in turn, each followed by a blank line, then the example's own question."""
     rng = random.Random(GSM8K_SEED)
     for example in examples:
         drawn = rng.sample(shots, GSM8K_SHOTS)
@@ -463,12 +453,9 @@ def evaluate_gsm8k(mine, model, tokenizer, batch_size, autocast, world_size, max
     a chat model the question as a user turn, answering until <|end|>."""
     texts = answer_texts(model, tokenizer, [ex["question" if chat else "base_prompt"] for ex in mine], chat, bos,
                          max_new_tokens, [] if chat else GSM8K_STOPS, temperature, batch_size, autocast)
-    rows = []
-    for ex, text in zip(mine, texts):
-        strict, flexible = gsm8k_extract(text, strict=True), gsm8k_extract(text)
-        rows.append({"target": gsm8k_normalize(ex["answer"]), "completion": text, "strict": strict, "flexible": flexible,
-                     "strict_correct": gsm8k_correct(text, ex["answer"], strict=True),
-                     "flexible_correct": gsm8k_correct(text, ex["answer"])})
+    rows = [{"target": gsm8k_normalize(ex["answer"]), "completion": text, "strict": gsm8k_extract(text, strict=True),
+             "flexible": gsm8k_extract(text), "strict_correct": gsm8k_correct(text, ex["answer"], strict=True),
+             "flexible_correct": gsm8k_correct(text, ex["answer"])} for ex, text in zip(mine, texts)]
     rows = gather(rows, world_size)
     result = {"examples": len(rows), "exact_match_strict": sum(r["strict_correct"] for r in rows) / len(rows),
               "exact_match_flexible": sum(r["flexible_correct"] for r in rows) / len(rows), "chance": 0.0}

@@ -49,8 +49,17 @@ def add_chat_tokens(model, tokenizer):
     ids = {name: first + i for i, name in enumerate(CHAT_TOKENS)}
     chat_tokenizer = Tokenizer({**tokenizer.description, "special_tokens": {**tokenizer.special_tokens, **ids}})
     config = replace(model.config, vocab_size=first + len(CHAT_TOKENS))
-    if config.padded_vocab_size > model.config.padded_vocab_size:
-        grow_vocabulary(model, config.padded_vocab_size)
+    if config.padded_vocab_size > model.config.padded_vocab_size:  # larger layers, the old rows kept
+        old_wte, old_head = model.wte, model.lm_head
+        n, like = old_wte.num_embeddings, dict(device=old_wte.weight.device, dtype=old_wte.weight.dtype)
+        model.wte = nn.Embedding(config.padded_vocab_size, old_wte.embedding_dim, **like)
+        model.lm_head = nn.Linear(old_wte.embedding_dim, config.padded_vocab_size, bias=False, **like)
+        for new, old in ((model.wte, old_wte), (model.lm_head, old_head)):
+            model._init_weights(new)
+            with torch.no_grad():
+                new.weight[:n] = old.weight
+        if config.tie_embeddings:
+            model.lm_head.weight = model.wte.weight
     model.config = config
     weights = [model.wte.weight] + ([] if config.tie_embeddings else [model.lm_head.weight])
     with torch.no_grad():
@@ -61,20 +70,6 @@ def add_chat_tokens(model, tokenizer):
             for weight in weights:
                 weight[i] = weight[rows].mean(dim=0)
     return model, chat_tokenizer
-
-
-def grow_vocabulary(model, rows):
-    """Replace the embedding and output layer by ones of `rows` rows: the old rows kept, the new ones initialised."""
-    old_wte, old_head = model.wte, model.lm_head
-    n, like = old_wte.num_embeddings, dict(device=old_wte.weight.device, dtype=old_wte.weight.dtype)
-    model.wte = nn.Embedding(rows, old_wte.embedding_dim, **like)
-    model.lm_head = nn.Linear(old_wte.embedding_dim, rows, bias=False, **like)
-    for new, old in ((model.wte, old_wte), (model.lm_head, old_head)):
-        model._init_weights(new)
-        with torch.no_grad():
-            new.weight[:n] = old.weight
-    if model.config.tie_embeddings:
-        model.lm_head.weight = model.wte.weight
 
 
 # -----------------------------------------------------------------------------
@@ -239,8 +234,19 @@ def text_field(record, key, where, required=True):
     return value
 
 
-def checked_messages(messages, where, last_role):
-    """A chat record's messages: an optional system message, then user and assistant in turn, ending with last_role."""
+def conversation(record, where, last_role="assistant"):
+    """The messages of an SFT record, Alpaca-style or chat; with last_role 'user', a preference record's prompt.
+    A chat record's messages are an optional system message, then user and assistant in turn, ending with last_role."""
+    if not isinstance(record, dict):
+        raise bad_record(where, f"not a JSON object; {FORMATS}")
+    if "messages" not in record:
+        instruction = text_field(record, "instruction", where)
+        extra = text_field(record, "input", where, required=False)
+        messages = [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction}]
+        if last_role == "assistant":
+            messages.append({"role": "assistant", "content": text_field(record, "output", where)})
+        return messages
+    messages = record["messages"]
     if not isinstance(messages, list) or not messages:
         raise bad_record(where, "'messages' must be a non-empty list of {role, content}")
     start = 1 if isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
@@ -254,19 +260,6 @@ def checked_messages(messages, where, last_role):
     if messages[-1]["role"] != last_role:
         raise bad_record(where, f"the last message is the {messages[-1]['role']}'s; it must be the {last_role}'s")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
-def conversation(record, where, last_role="assistant"):
-    """The messages of an SFT record, Alpaca-style or chat; with last_role 'user', a preference record's prompt."""
-    if not isinstance(record, dict):
-        raise bad_record(where, f"not a JSON object; {FORMATS}")
-    if "messages" in record:
-        return checked_messages(record["messages"], where, last_role)
-    instruction, extra = text_field(record, "instruction", where), text_field(record, "input", where, required=False)
-    messages = [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction}]
-    if last_role == "assistant":
-        messages.append({"role": "assistant", "content": text_field(record, "output", where)})
-    return messages
 
 
 def preference(record, where):

@@ -89,13 +89,6 @@ def text_tokens(tokenizer, path):
     return np.array([tokenizer.eot_id] + tokenizer.encode(text), dtype=np.int64)
 
 
-def reads_data_of(tokenizer, description):
-    """Whether tokenizer encodes text as the tokenizer of description does: the same one, or the same with
-    special tokens added (sft.py's chat tokens), which take ids after the vocabulary and no text encodes to."""
-    theirs, ours = ({k: v for k, v in d.items() if k != "special_tokens"} for d in (description, tokenizer.description))
-    return theirs == ours and Tokenizer(description).special_tokens.items() <= tokenizer.special_tokens.items()
-
-
 def trained_on(checkpoint, path):
     """The dataset a checkpoint's model was pretrained on: its run's, else that of the checkpoint it started from."""
     seen = []
@@ -112,7 +105,10 @@ def trained_on(checkpoint, path):
 def split_tokens(tokenizer, data_dir, split):
     """The token stream of a prepared split (its bin files in order), led by end-of-text like text_tokens'."""
     meta = load_meta(data_dir)
-    if not reads_data_of(tokenizer, meta["tokenizer"]):
+    # The checkpoint's tokenizer must encode text as the data's does: the same one, or the same with special tokens
+    # added (sft.py's chat tokens), which take ids after the vocabulary and no text encodes to.
+    theirs, ours = ({**d, "special_tokens": None} for d in (meta["tokenizer"], tokenizer.description))
+    if theirs != ours or not Tokenizer(meta["tokenizer"]).special_tokens.items() <= tokenizer.special_tokens.items():
         raise SystemExit(f"evaluate error: {data_dir} was prepared with the {meta['tokenizer']['kind']} tokenizer, not the "
                          f"checkpoint's ({tokenizer.kind}); set --dataset to data prepared with it, or use --text_file")
     if split not in meta["splits"]:
@@ -130,34 +126,22 @@ def split_tokens(tokenizer, data_dir, split):
 # scoring
 
 
-def sliding_windows(n_tokens, block_size, stride):
-    """(start, end, n_scored) windows over a stream of n_tokens: tokens[start:end] is one row whose last
-    n_scored tokens are scored. Windows start every stride tokens; every token but the first is scored once."""
-    windows, start, scored_to = [], 0, 1
-    while scored_to < n_tokens:
-        end = min(start + block_size + 1, n_tokens)
-        windows.append((start, end, end - scored_to))
-        start, scored_to = start + stride, end
-    return windows
-
-
 def perplexity(model, tokens, stride=0, batch_size=16, autocast=nullcontext(), rank=0, world_size=1, progress=""):
     """(total nats, scored tokens) over tokens[1:], each token scored once with up to block_size tokens of
     context (stride 0: block_size); exp(nats / tokens) is the perplexity. progress: a bar's description."""
     block_size = model.config.block_size
-    windows = sliding_windows(len(tokens), block_size, stride or block_size)
+    # (start, end, n_scored) windows: tokens[start:end] is one row whose last n_scored tokens are scored; they start
+    # every stride tokens, and every token but the first is scored once.
+    windows, start, scored_to = [], 0, 1
+    while scored_to < len(tokens):
+        end = min(start + block_size + 1, len(tokens))
+        windows.append((start, end, end - scored_to))
+        start, scored_to = start + (stride or block_size), end
     mine, nats = windows[rank::world_size], []
     for first in progress_bar(range(0, len(mine), batch_size), progress):
         rows = [(tokens[start:end].tolist(), n) for start, end, n in mine[first : first + batch_size]]
         nats += [-logprob for logprob, _ in score_rows(model, rows, batch_size, autocast)]
     return sum(gather(nats, world_size)), len(tokens) - 1
-
-
-def count_bytes(tokenizer, ids):
-    """UTF-8 bytes of the text that ids stand for; end-of-text marks count none."""
-    n_eot = int(np.count_nonzero(np.asarray(ids) == tokenizer.eot_id))
-    marker = len(tokenizer.decode([tokenizer.eot_id]).encode("utf-8"))  # how decode() shows end-of-text
-    return len(tokenizer.decode(ids).encode("utf-8")) - n_eot * marker
 
 
 if __name__ == "__main__":
@@ -239,11 +223,12 @@ if __name__ == "__main__":
                 tokens = tokens[: limit * block_size + 1]
             nats, n_tokens = perplexity(model, tokens, stride, batch_size, autocast, dist.rank, dist.world_size,
                                         name if dist.is_main else "")
-            n_bytes = count_bytes(tokenizer, tokens[1:])
+            # UTF-8 bytes of the text, end-of-text marks (however decode() shows them) counting none
+            n_eot, marker = int(np.count_nonzero(tokens[1:] == tokenizer.eot_id)), tokenizer.decode([tokenizer.eot_id])
+            n_bytes = len(tokenizer.decode(tokens[1:]).encode()) - n_eot * len(marker.encode())
             result = {"source": source, "stride": stride or block_size, "tokens": n_tokens, "bytes": n_bytes,
                       "loss": nats / n_tokens, "perplexity": math.exp(nats / n_tokens),
                       "bits_per_byte": nats / math.log(2) / n_bytes}
-            size = result["tokens"]
         elif kind == "translation":
             source, sources, references = data
             translations, n_cut = translate_lines(model, tokenizer, sources[dist.rank :: dist.world_size], batch_size,
@@ -253,7 +238,6 @@ if __name__ == "__main__":
                       "length_penalty": length_penalty, "cut_sources": sum(gather([n_cut], dist.world_size)),
                       **corpus_scores(translations, references)}
             log(f"sacreBLEU {result['bleu_signature']}\nchrF {result['chrf_signature']}")
-            size = len(sources)
         else:
             result = evaluate_examples(kind, data, model, tokenizer, batch_size, autocast, dist.rank, dist.world_size,
                                        max_new_tokens, stop_at_newline, use_chat, bos, name if dist.is_main else "",
@@ -261,9 +245,9 @@ if __name__ == "__main__":
                                        unisolated_code=unisolated_code, details=True)
             if "per_example" in result:
                 answers[name] = result.pop("per_example")
-            size = result["examples"]
         result["seconds"] = time.time() - t0
         results[name] = result
+        size = result.get("tokens", result.get("sentences", result.get("examples")))
         log(f"{name:<16}{size:>16,}  {describe(result):<62}{result['seconds']:>9.1f}")
 
     summary = centred_scores(results)
