@@ -32,19 +32,16 @@ from optional import optional
 # reading benchmark files
 
 
-def gold_index(value, n_options, where):
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)  # HellaSwag's original files store the label as a string
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n_options:
-        raise bad_record(where, f"the gold answer {value!r} is not an index into the {n_options} options")
-    return value
-
-
-def string_list(record, key, where, at_least):
-    values = record[key]
-    if not isinstance(values, list) or len(values) < at_least or not all(isinstance(v, str) and v.strip() for v in values):
-        raise bad_record(where, f"'{key}' must be a list of at least {at_least} non-empty strings")
-    return values
+def options_and_gold(record, key, gold_key, where):
+    """A multiple-choice record's options, record[key], and the index of the right one, record[gold_key]."""
+    values, gold = record[key], record[gold_key]
+    if not isinstance(values, list) or len(values) < 2 or not all(isinstance(v, str) and v.strip() for v in values):
+        raise bad_record(where, f"'{key}' must be a list of at least 2 non-empty strings")
+    if isinstance(gold, str) and gold.strip().isdigit():
+        gold = int(gold)  # HellaSwag's original files store the label as a string
+    if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(values):
+        raise bad_record(where, f"the gold answer {gold!r} is not an index into the {len(values)} options")
+    return values, gold
 
 
 def hellaswag_clean(text):
@@ -70,19 +67,17 @@ def parse_record(record, where):
         context = f"{record['ctx_a']} {record['ctx_b'].capitalize()}" if original else text_field(record, "ctx", where)
         if original or record.get("activity_label"):
             context = f"{record['activity_label']}: {context}"
-        endings = [hellaswag_clean(e) for e in string_list(record, "endings", where, 2)]
-        return "choice", choice_example([hellaswag_clean(context)] * len(endings), endings, endings,
-                                        gold_index(record["label"], len(endings), where))
+        endings, gold = options_and_gold(record, "endings", "label", where)
+        endings = [hellaswag_clean(e) for e in endings]
+        return "choice", choice_example([hellaswag_clean(context)] * len(endings), endings, endings, gold)
     if {"query", "choices", "gold"} <= keys:  # ARC, PIQA
         context = text_field(record, "query", where).strip() + "\nAnswer:"
-        choices = string_list(record, "choices", where, 2)
-        return "choice", choice_example([context] * len(choices), choices, choices,
-                                        gold_index(record["gold"], len(choices), where))
+        choices, gold = options_and_gold(record, "choices", "gold", where)
+        return "choice", choice_example([context] * len(choices), choices, choices, gold)
     if {"context_options", "continuation", "gold"} <= keys:  # Winogrande
         continuation = text_field(record, "continuation", where).strip()
-        contexts = string_list(record, "context_options", where, 2)
-        return "choice", choice_example(contexts, [continuation] * len(contexts), contexts,
-                                        gold_index(record["gold"], len(contexts), where))
+        contexts, gold = options_and_gold(record, "context_options", "gold", where)
+        return "choice", choice_example(contexts, [continuation] * len(contexts), contexts, gold)
     if {"context", "continuation"} <= keys:  # LAMBADA
         return "lambada", {"pair": (text_field(record, "context", where), " " + text_field(record, "continuation", where))}
     if {"task_id", "prompt", "test", "entry_point"} <= keys:  # HumanEval
@@ -126,15 +121,9 @@ def read_examples(path, limit=0, stage="evaluate", hint="point --data_dir at the
 
 
 # Benchmark files in a data folder (evaluate.py's --data_dir), by task name.
-TASKS = {
-    "hellaswag": "hellaswag_val.jsonl",
-    "arc_easy": "arc_easy.jsonl",
-    "piqa": "piqa.jsonl",
-    "winogrande": "winogrande.jsonl",
-    "lambada": "lambada_openai.jsonl",
-    "gsm8k": "gsm8k/test.jsonl",
-    "humaneval": "humaneval/HumanEval.jsonl.gz",
-}
+TASKS = {"hellaswag": "hellaswag_val.jsonl", "arc_easy": "arc_easy.jsonl", "piqa": "piqa.jsonl",
+         "winogrande": "winogrande.jsonl", "lambada": "lambada_openai.jsonl", "gsm8k": "gsm8k/test.jsonl",
+         "humaneval": "humaneval/HumanEval.jsonl.gz"}
 # Where the generative tasks' files come from, each pinned by its sha256: a missing file is an error that says
 # how to fetch it, and a different one an error too (another version would give other scores).
 GSM8K_DATA = ("https://raw.githubusercontent.com/openai/grade-school-math/3101c7d5072418e28b9008a6636bde82a006892c/"

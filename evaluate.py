@@ -81,14 +81,6 @@ dtype = "auto"
 # finding the text
 
 
-def text_tokens(tokenizer, path):
-    """The token stream of a text file for perplexity, led by end-of-text so that its first token is scored too."""
-    text = read_text(path, "evaluate", "text file", "check --text_file")
-    if not text:
-        raise SystemExit(f"evaluate error: {path} is empty; pick a file with text in it")
-    return np.array([tokenizer.eot_id] + tokenizer.encode(text), dtype=np.int64)
-
-
 def trained_on(checkpoint, path):
     """The dataset a checkpoint's model was pretrained on: its run's, else that of the checkpoint it started from."""
     seen = []
@@ -103,7 +95,7 @@ def trained_on(checkpoint, path):
 
 
 def split_tokens(tokenizer, data_dir, split):
-    """The token stream of a prepared split (its bin files in order), led by end-of-text like text_tokens'."""
+    """The token stream of a prepared split (its bin files in order), led by end-of-text as --text_file's is."""
     meta = load_meta(data_dir)
     # The checkpoint's tokenizer must encode text as the data's does: the same one, or the same with special tokens
     # added (sft.py's chat tokens), which take ids after the vocabulary and no text encodes to.
@@ -147,9 +139,8 @@ def perplexity(model, tokens, stride=0, batch_size=16, autocast=nullcontext(), r
 if __name__ == "__main__":
     config = configure(globals())
     dist = setup_distributed(device)
-    log = print if dist.is_main else (lambda *args, **kwargs: None)
-    if dist.is_main:
-        print_config(config)
+    log = dist.log
+    print_config(config)  # rank 0's alone
     for key, low in (("limit", 0), ("batch_size", 1), ("stride", 0), ("max_new_tokens", 0), ("temperature", 0),
                      ("samples", 1), ("code_timeout", 0), ("beam_size", 1)):
         strict = key == "code_timeout"
@@ -195,8 +186,12 @@ if __name__ == "__main__":
                            checkpoint["config"].get("target_field", "target"))[0][: limit or None]
         task_data["translation"] = ("translation", (source, [s for s, _ in pairs], [t for _, t in pairs]))
     for task in [] if task_data else [t.strip() for t in tasks.split(",") if t.strip()]:
-        if task == "perplexity" and text_file:
-            task_data[task] = ("perplexity", (text_file, text_tokens(tokenizer, text_file)))
+        if task == "perplexity" and text_file:  # its tokens led by end-of-text, so that its first token is scored too
+            text = read_text(text_file, "evaluate", "text file", "check --text_file")
+            if not text:
+                raise SystemExit(f"evaluate error: {text_file} is empty; pick a file with text in it")
+            tokens = np.array([tokenizer.eot_id] + tokenizer.encode(text), dtype=np.int64)
+            task_data[task] = ("perplexity", (text_file, tokens))
         elif task == "perplexity":
             folder = os.path.join(data_root, dataset or trained_on(checkpoint, ckpt_path))
             task_data[task] = ("perplexity", (f"{folder} {split}", split_tokens(tokenizer, folder, split)))
