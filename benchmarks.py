@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import sandbox
-from chat import bad_record, jsonl_records, prompt_ids, read_text, response_logprobs, stop_ids, text_field
+from chat import bad_record, collate, jsonl_records, prompt_ids, read_text, response_logprobs, stop_ids, text_field
 from decoding import Decoder
 from download import file_sha256
 from optional import optional
@@ -191,14 +191,9 @@ def score_rows(model, rows, batch_size=16, autocast=nullcontext(), progress=""):
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths share a batch: less padding
     for first in progress_bar(range(0, len(order), batch_size), progress):
         batch = order[first : first + batch_size]
-        width = max(len(rows[i][0]) for i in batch) - 1
-        inputs = torch.zeros(len(batch), width, dtype=torch.long)
-        targets = torch.full((len(batch), width), -1, dtype=torch.long)
-        for r, i in enumerate(batch):
-            ids, n = rows[i]
-            inputs[r, : len(ids) - 1] = torch.tensor(ids[:-1])
-            targets[r, len(ids) - 1 - n : len(ids) - 1] = torch.tensor(ids[-n:])
-        inputs, targets = inputs.to(device), targets.to(device)
+        # padded as chat.collate pads SFT examples: inputs with 0, targets with -1 (not scored)
+        units = [(ids[:-1], [-1] * (len(ids) - 1 - n) + ids[-n:], []) for ids, n in (rows[i] for i in batch)]
+        inputs, targets, _ = (tensor.to(device) for tensor in collate(units, 0))
         with autocast:
             logits, _ = model(inputs, all_logits=True)
         logits = logits.float()
