@@ -101,8 +101,7 @@ def parse_record(record, where):
 def read_examples(path, limit=0, stage="evaluate", hint="point --data_dir at the folder holding it or pass the "
                   "path of a .jsonl file in --tasks"):
     """(kind, examples) of a benchmark JSONL file (.jsonl.gz too), all its records in one format; limit > 0 reads
-    only the first ones. A missing, unreadable or empty file stops with one line of stage's, the missing one
-    with hint: where the script's user names another."""
+    only the first ones. A bad file stops with one line of stage's; hint says where the script names another."""
     text = read_text(path, stage, "benchmark file", hint)
     kind, examples = None, []
     for where, record in jsonl_records(text, path):
@@ -461,8 +460,7 @@ def evaluate_examples(kind, examples, model, tokenizer, batch_size=16, autocast=
 
 
 def code_sandbox(timeout, unisolated=False):
-    """How model-written programs will run, for reports: sandbox.isolation() with the limits in words. An error
-    when the sandbox cannot run programs here, or could only without namespaces and unisolated is not set."""
+    """How model-written programs will run, for reports: sandbox.isolation() with the limits in words."""
     try:
         isolation = sandbox.isolation()
     except sandbox.SandboxError as e:

@@ -176,8 +176,7 @@ def bad_record(where, problem):
 
 
 def read_text(path, stage, what, hint):
-    """The UTF-8 text of the file at path (gunzipped if it ends in .gz), or a one-line error (stage's) if
-    there is no such file (hint: how to name another) or it is not UTF-8 (or gzip) text."""
+    """The UTF-8 text of path (gunzipped if it ends in .gz); a missing or unreadable file stops with stage's line."""
     if not os.path.isfile(path):
         raise SystemExit(f"{stage} error: no {what} {path}; {hint}")
     try:

@@ -337,10 +337,9 @@ class GPT(nn.Module):
         positions, mask = slice(0, T), None  # a slice: views of the tables, no index tensor per call
         if decoding:
             positions = pos[:, None]
-            keys = keys or self.config.block_size
             # (B, 1, 1, keys): a row sees the slots up to its position. Those after it may hold the keys of
             # an earlier, longer sequence, or zeros; either way they must not count.
-            mask = (torch.arange(keys, device=idx.device) <= positions)[:, None, None, :]
+            mask = (torch.arange(keys or self.config.block_size, device=idx.device) <= positions)[:, None, None, :]
         elif doc_ids is not None:
             positions, mask_mod = document_mask(doc_ids)
             # FlexAttention on CUDA (it has no dropout; on a CPU torch 2.11-2.14 has no flex backward), else
