@@ -253,8 +253,7 @@ if __name__ == "__main__":
         report_path = report or os.path.join(os.path.dirname(ckpt_path), "eval.json")
         record = {"checkpoint": ckpt_path, "kind": checkpoint.get("kind", "pretrain"), "chat": use_chat,
                   "step": checkpoint.get("step"), "processes": dist.world_size, "device": device_name(dist.device),
-                  "config": config, "results": results, "summary": summary, "sandbox": sandbox_used,
-                  "answers": answers}
+                  "config": config, "results": results, "summary": summary, "sandbox": sandbox_used, "answers": answers}
         try:
             save_atomically(report_path, lambda f: f.write(json.dumps(record, indent=2) + "\n"))
         except OSError as e:
