@@ -212,9 +212,7 @@ def score_continuations(model, tokenizer, pairs, bos=False, batch_size=16, autoc
     block_size = model.config.block_size
     rows = []
     for context, continuation in pairs:
-        stripped = context.rstrip()
-        context, continuation = stripped, context[len(stripped) :] + continuation
-        context_ids = tokenizer.encode(context)
+        context_ids = tokenizer.encode(context.rstrip())  # its trailing whitespace goes with the continuation
         continuation_ids = tokenizer.encode(context + continuation)[len(context_ids) :]
         ids = ([tokenizer.eot_id] if bos else []) + context_ids + continuation_ids
         rows.append((ids[-(block_size + 1) :], min(len(continuation_ids), block_size)))
