@@ -335,12 +335,10 @@ def add_gsm8k_shots(examples, shots):
 def gsm8k_extract(text, strict=False):
     """The answer in a GSM8K solution: strict, the number after the first '#### ' (the format the dataset's
     answers end with); else the last number in the text. GSM8K_INVALID when there is none."""
-    if strict:
-        found = GSM8K_STRICT.findall(text)
-        return found[0].strip() if found else GSM8K_INVALID
-    found = GSM8K_FLEXIBLE.findall(text)
-    groups = [g for g in found[-1] if g] if found else []
-    return groups[0].strip() if groups else GSM8K_INVALID
+    found = (GSM8K_STRICT if strict else GSM8K_FLEXIBLE).findall(text)
+    if not found:
+        return GSM8K_INVALID
+    return found[0].strip() if strict else "".join(found[-1]).strip()  # a flexible match: one of its two groups
 
 
 def gsm8k_normalize(text):
@@ -376,9 +374,7 @@ def code_completion(example, text, chat):
 def pass_at_k(n, c, k):
     """The unbiased estimate of pass@k from n samples of which c passed (Chen et al. 2021, eq. 1):
     1 - C(n - c, k) / C(n, k), as a running product for numerical stability."""
-    if n - c < k:
-        return 1.0
-    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+    return 1.0 if n - c < k else float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
 def gather(local, world_size):
