@@ -222,11 +222,9 @@ def read_records(path, sha256=""):
 
 
 def text_field(record, key, where, required=True):
-    if key not in record:
-        if not required:
-            return ""
+    if key not in record and required:
         raise bad_record(where, f"'{key}' is missing; {FORMATS}")
-    value = record[key]
+    value = record.get(key, "")
     if not isinstance(value, str) or (required and not value.strip()):
         raise bad_record(where, f"'{key}' must be a{' non-empty' if required else ''} string, got {value!r:.60}")
     return value
