@@ -162,8 +162,7 @@ def read_task(task, data_dir="data/evals", limit=0):
                          "a .jsonl file")
     kind, examples = read_examples(task_file(data_dir, TASKS[task]), limit)
     if task == "gsm8k":
-        _, shots = read_examples(task_file(data_dir, "gsm8k/train.jsonl"))
-        add_gsm8k_shots(examples, shots)
+        add_gsm8k_shots(examples, read_examples(task_file(data_dir, "gsm8k/train.jsonl"))[1])
     return kind, examples
 
 

@@ -158,8 +158,7 @@ def document_mask(doc_ids):
     """For rows packed from several examples (doc_ids (B, T): a run of equal ids is one example), each token's
     position within its example (B, T) and the mask that lets it see only the earlier tokens of its own example.
     With both, a packed row computes exactly what its examples would one by one."""
-    T = doc_ids.size(1)
-    t = torch.arange(T, device=doc_ids.device)
+    t = torch.arange(doc_ids.size(1), device=doc_ids.device)
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     positions = t - torch.where(starts, t, 0).cummax(dim=1).values  # distance from the run's start
@@ -286,14 +285,13 @@ class GPT(nn.Module):
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
             residual = getattr(module, "residual_projection", False)
-            std = 0.02 / math.sqrt(2 * self.config.n_layer) if residual else 0.02
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            nn.init.normal_(module.weight, std=0.02 / math.sqrt(2 * self.config.n_layer) if residual else 0.02)
             if residual and self.config.zero_init_proj:  # after normal_: the other weights draw the same numbers
                 nn.init.zeros_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, std=0.02)
 
     def num_params(self, non_embedding=False):
         """Parameters the model really uses (not the vocabulary's padding rows); non_embedding also leaves
@@ -312,8 +310,7 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6N for the matmuls (forward 2N, backward 4N) plus attention's q·k and
         attention·v, 12 * n_layer * n_embd * seq_len (PaLM, appendix B; the causal halving not counted)."""
         c = self.config
-        T = seq_len or c.block_size
-        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * T
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * (seq_len or c.block_size)
 
     def forward(self, idx, targets=None, all_logits=False, cache=None, pos=None, keys=None, doc_ids=None):
         """idx (B, T) token ids. With targets (B, T): all logits and the mean cross-entropy, ignoring targets of -1;
