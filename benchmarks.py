@@ -279,8 +279,7 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens=32, stop_at_newli
 def normalize_answer(text):
     """SQuAD's answer normalisation: lower case, no punctuation, no articles (a, an, the), single spaces."""
     text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 
 def exact_match_score(prediction, references):
@@ -464,8 +463,7 @@ def code_sandbox(timeout, unisolated=False):
 
 def read_benchmark(task, data_dir, limit, log=print):
     """(name, kind, examples) of the benchmark a training run (train.py, sft.py) scores at every evaluation: a task
-    of evaluate.py read from data_dir, or a .jsonl path. For a code task it says how its programs will be
-    sandboxed, and stops the run before training where they cannot be."""
+    of evaluate.py read from data_dir, or a .jsonl path; a code task's sandbox is checked and described first."""
     kind, examples = read_task(task, data_dir, limit)
     if kind == "code":
         used = code_sandbox(3.0)

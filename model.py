@@ -83,9 +83,8 @@ class GPTConfig:
         self.n_kv_head = self.n_kv_head or self.n_head
         if not self.ffn_hidden:
             self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64) if self.mlp == "swiglu" else 4 * self.n_embd
-        choices = {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu", "relu2"),
-                   "pos": ("rope", "learned", "sinusoidal")}
-        for name, allowed in choices.items():
+        for name, allowed in {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu", "relu2"),
+                              "pos": ("rope", "learned", "sinusoidal")}.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
         if self.n_embd % self.n_head:

@@ -107,8 +107,7 @@ if translating:
     if n_cut:
         print(f"note: {n_cut} of {len(lines)} lines were longer than the model's block_size={block_size} tokens "
               "and were cut", file=sys.stderr)
-    for translation in translations:
-        print(translation)
+    print("".join(t + "\n" for t in translations), end="")
 elif chat:
     messages = [{"role": "system", "content": system}] if system else []
     while True:
