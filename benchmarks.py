@@ -46,8 +46,7 @@ def options_and_gold(record, key, gold_key, where):
 
 def hellaswag_clean(text):
     """lm-eval's clean-up of HellaSwag text (tasks/hellaswag/utils.py), in its order."""
-    text = text.strip().replace(" [title]", ". ")
-    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+    return re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". ")).replace("  ", " ")
 
 
 def choice_example(contexts, continuations, choices, gold):
