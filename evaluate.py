@@ -261,9 +261,8 @@ if __name__ == "__main__":
                              "folder you can write to") from None
         print(f"wrote {report_path}")
         if "translation" in results:
-            translations_path = os.path.join(os.path.dirname(report_path), "translations.txt")
-            text = "".join(t + "\n" for t in translations)
-            save_atomically(translations_path, lambda f: f.write(text.encode("utf-8")), "wb")
-            print(f"wrote {translations_path}")
+            path = os.path.join(os.path.dirname(report_path), "translations.txt")
+            save_atomically(path, lambda f: f.write("".join(t + "\n" for t in translations).encode("utf-8")), "wb")
+            print(f"wrote {path}")
         print(f"wrote {write_card(os.path.dirname(report_path) or '.')}")
     teardown_distributed()

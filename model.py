@@ -372,8 +372,7 @@ class GPT(nn.Module):
         return logits, None if targets is None else cross_entropy(logits, targets)
 
     def soft_cap(self, logits):
-        """With logit_softcap: cap * tanh(logits / cap), which bounds the logits smoothly to (-cap, cap) so no
-        token's logit can run away early in training (Gemma 2; modded-nanogpt)."""
+        """With logit_softcap: cap * tanh(logits / cap), the logits bounded smoothly (Gemma 2; modded-nanogpt)."""
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
 
