@@ -151,9 +151,8 @@ def task_file(data_dir, name):
 
 
 def read_task(task, data_dir="data/evals", limit=0):
-    """(kind, examples) of a task: a name in TASKS, read from data_dir, or the path of a .jsonl(.gz) file.
-    gsm8k by name gets lm-eval's five-shot prompts from its train split (for base models); a GSM8K file by
-    path gets lm-eval's zero-shot prompt."""
+    """(kind, examples) of a task: a name in TASKS, read from data_dir, or a .jsonl(.gz) path. gsm8k by name gets
+    lm-eval's five-shot prompts from its train split (for base models), a GSM8K file by path the zero-shot one."""
     if task.endswith((".jsonl", ".jsonl.gz")):
         return read_examples(task, limit)
     if task not in TASKS:
@@ -178,9 +177,8 @@ def progress_bar(items, description):
 
 @torch.no_grad()
 def score_rows(model, rows, batch_size=16, autocast=nullcontext(), progress=""):
-    """Per row (ids, n) of at most block_size + 1 tokens: (the sum of its last n tokens' log-probabilities,
-    whether greedy decoding gives all n). Rows are batched by length and right-padded, so each keeps the
-    positions it would have alone. progress: a progress bar's description; empty for none."""
+    """Per row (ids, n) of at most block_size + 1 tokens: (the summed log-probability of its last n tokens, whether
+    greedy decoding gives all n), each scored as alone (right-padded, batched by length). progress: a bar's label."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -268,8 +266,7 @@ def answer_texts(model, tokenizer, prompts, chat, bos, max_new_tokens, stops, te
 
 def generate_answers(model, tokenizer, prompts, max_new_tokens=32, stop_at_newline=True, autocast=nullcontext(),
                      chat=False, batch_size=16):
-    """Greedy answers to prompts (strings, after end-of-text; with chat, user turns), cut at the answer's end (and
-    the first newline), stripped."""
+    """Greedy answers to prompts (after end-of-text, or as user turns with chat), up to a newline if asked, stripped."""
     texts = answer_texts(model, tokenizer, prompts, chat, True, max_new_tokens, ["\n"] if stop_at_newline else [],
                          batch_size=batch_size, autocast=autocast)
     return [text.strip() for text in texts]
@@ -288,8 +285,7 @@ def exact_match_score(prediction, references):
 
 
 def f1_score(prediction, references):
-    """SQuAD's token F1, the best over the references; an answer that normalises to nothing scores 1 against
-    a reference that does too and 0 against any other."""
+    """SQuAD's token F1, the best over the references (1 where both normalise to nothing, 0 where only one does)."""
     references = [references] if isinstance(references, str) else references
     predicted, best = normalize_answer(prediction).split(), 0.0
     for expected in (normalize_answer(reference).split() for reference in references):
@@ -402,11 +398,10 @@ def evaluate_examples(kind, examples, model, tokenizer, batch_size=16, autocast=
         texts = answer_texts(model, tokenizer, [ex["question" if chat else "base_prompt"] for ex in mine], chat, bos,
                              max_new_tokens or GSM8K_MAX_NEW_TOKENS, [] if chat else GSM8K_STOPS, temperature,
                              batch_size, autocast)
-        rows = gather([{"target": gsm8k_normalize(ex["answer"]), "completion": text,
-                        "strict": gsm8k_extract(text, strict=True), "flexible": gsm8k_extract(text),
-                        "strict_correct": gsm8k_correct(text, ex["answer"], strict=True),
-                        "flexible_correct": gsm8k_correct(text, ex["answer"])} for ex, text in zip(mine, texts)],
-                      world_size)
+        rows = [{"target": gsm8k_normalize(ex["answer"]), "completion": text, "strict": gsm8k_extract(text, True),
+                 "flexible": gsm8k_extract(text), "strict_correct": gsm8k_correct(text, ex["answer"], strict=True),
+                 "flexible_correct": gsm8k_correct(text, ex["answer"])} for ex, text in zip(mine, texts)]
+        rows = gather(rows, world_size)
         result = {"examples": len(rows), "exact_match_strict": sum(r["strict_correct"] for r in rows) / len(rows),
                   "exact_match_flexible": sum(r["flexible_correct"] for r in rows) / len(rows), "chance": 0.0}
         return {**result, "per_example": rows} if details else result

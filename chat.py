@@ -202,8 +202,7 @@ def read_records(path, sha256=""):
     """(where, record) pairs of a .json list or a .jsonl file, `where` naming the record for errors; an
     http(s) URL is downloaded once into DOWNLOADS and checked against sha256 (unless it is empty)."""
     if path.startswith(("http://", "https://")):
-        path = download(path, sha256, DOWNLOADS, stage="data", local_option="--data",
-                        sha256_option="--data_sha256=")[0]
+        path = download(path, sha256, DOWNLOADS, stage="data", local_option="--data", sha256_option="--data_sha256=")[0]
     text = read_text(path, "data", "file", "pass --data=PATH to a .json or .jsonl file of records")
     if path.endswith(".jsonl"):
         records = list(jsonl_records(text, path))
