@@ -355,9 +355,8 @@ CODE_FENCE = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.DOT
 
 
 def code_completion(example, text, chat):
-    """The code that follows the prompt: a base model's text as it is; from a chat answer its first fenced block
-    (or the whole answer) up to a main guard, which may continue the function's body or define it again (the
-    prompt's stub, a docstring alone, is then replaced)."""
+    """The code that follows the prompt: a base model's text as it is; of a chat answer, its first fenced block (or
+    all of it) up to a main guard, which may continue the function's body or define it anew (replacing the stub)."""
     if not chat:
         return text
     fenced = CODE_FENCE.search(text)

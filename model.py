@@ -203,8 +203,9 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:  # (cos, sin)
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             if pos is None:  # a forward from position 0 hands its keys and values to the caller
                 cache["k"], cache["v"] = k, v
