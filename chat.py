@@ -1,22 +1,21 @@
 """
-The chat format, in one place: how a conversation becomes token ids, which of them a model
-learns to say, and how post-training data is read and batched. sft.py, dpo.py, sample.py
---chat (and evaluate.py) all go through it.
+The chat format, in one place: how a conversation becomes token ids, which of them a model learns to say, and how
+post-training data is read and batched. sft.py, dpo.py, sample.py --chat (and evaluate.py) all go through it.
 
     from chat import add_chat_tokens, render, prompt_ids
     model, tokenizer = add_chat_tokens(model, tokenizer)   # once, on a pretrained model
     ids, learned = render(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])
     ids = prompt_ids(tokenizer, [{"role": "user", "content": "Hi"}])   # then generate until <|end|>
 
-A conversation is an end-of-text token, then for each message its role token, its content as
-ordinary text (so typing "<|user|>" cannot fake a turn), and <|end|>:
+A conversation is an end-of-text token, then for each message its role token, its content as ordinary text (so
+typing "<|user|>" cannot fake a turn), and <|end|>:
 
     <|endoftext|><|system|>Be brief.<|end|><|user|>What is 2+2?<|end|><|assistant|>4<|end|>
 
-A model learns only the assistant's tokens (its content and <|end|>); the other targets are -1. A
-prompt for generation ends with <|assistant|>, and the answer at <|end|>. Data files hold Alpaca-style
-{"instruction", "input" (optional), "output"} or chat {"messages": [...]} records (preference records:
-"chosen" and "rejected" instead of the output). The new ids and the files: docs/post-training.md.
+A model learns only the assistant's tokens (its content and <|end|>); the other targets are -1. A prompt for
+generation ends with <|assistant|>, and the answer at <|end|>. Data files hold Alpaca-style {"instruction", "input"
+(optional), "output"} or chat {"messages": [...]} records (preference records: "chosen" and "rejected" instead of
+the output). The new ids and the files: docs/post-training.md.
 """
 
 import functools
@@ -49,8 +48,17 @@ def add_chat_tokens(model, tokenizer):
     ids = {name: first + i for i, name in enumerate(CHAT_TOKENS)}
     chat_tokenizer = Tokenizer({**tokenizer.description, "special_tokens": {**tokenizer.special_tokens, **ids}})
     config = replace(model.config, vocab_size=first + len(CHAT_TOKENS))
-    if config.padded_vocab_size > model.config.padded_vocab_size:
-        grow_vocabulary(model, config.padded_vocab_size)
+    if config.padded_vocab_size > model.config.padded_vocab_size:  # larger layers, the old rows kept
+        old_wte, old_head = model.wte, model.lm_head
+        n, like = old_wte.num_embeddings, dict(device=old_wte.weight.device, dtype=old_wte.weight.dtype)
+        model.wte = nn.Embedding(config.padded_vocab_size, old_wte.embedding_dim, **like)
+        model.lm_head = nn.Linear(old_wte.embedding_dim, config.padded_vocab_size, bias=False, **like)
+        for new, old in ((model.wte, old_wte), (model.lm_head, old_head)):
+            model._init_weights(new)
+            with torch.no_grad():
+                new.weight[:n] = old.weight
+        if config.tie_embeddings:
+            model.lm_head.weight = model.wte.weight
     model.config = config
     weights = [model.wte.weight] + ([] if config.tie_embeddings else [model.lm_head.weight])
     with torch.no_grad():
@@ -61,20 +69,6 @@ def add_chat_tokens(model, tokenizer):
             for weight in weights:
                 weight[i] = weight[rows].mean(dim=0)
     return model, chat_tokenizer
-
-
-def grow_vocabulary(model, rows):
-    """Replace the embedding and output layer by ones of `rows` rows: the old rows kept, the new ones initialised."""
-    old_wte, old_head = model.wte, model.lm_head
-    n, like = old_wte.num_embeddings, dict(device=old_wte.weight.device, dtype=old_wte.weight.dtype)
-    model.wte = nn.Embedding(rows, old_wte.embedding_dim, **like)
-    model.lm_head = nn.Linear(old_wte.embedding_dim, rows, bias=False, **like)
-    for new, old in ((model.wte, old_wte), (model.lm_head, old_head)):
-        model._init_weights(new)
-        with torch.no_grad():
-            new.weight[:n] = old.weight
-    if model.config.tie_embeddings:
-        model.lm_head.weight = model.wte.weight
 
 
 # -----------------------------------------------------------------------------
@@ -182,8 +176,7 @@ def bad_record(where, problem):
 
 
 def read_text(path, stage, what, hint):
-    """The UTF-8 text of the file at path (gunzipped if it ends in .gz), or a one-line error (stage's) if
-    there is no such file (hint: how to name another) or it is not UTF-8 (or gzip) text."""
+    """The UTF-8 text of path (gunzipped if it ends in .gz); a missing or unreadable file stops with stage's line."""
     if not os.path.isfile(path):
         raise SystemExit(f"{stage} error: no {what} {path}; {hint}")
     try:
@@ -209,8 +202,7 @@ def read_records(path, sha256=""):
     """(where, record) pairs of a .json list or a .jsonl file, `where` naming the record for errors; an
     http(s) URL is downloaded once into DOWNLOADS and checked against sha256 (unless it is empty)."""
     if path.startswith(("http://", "https://")):
-        path = download(path, sha256, DOWNLOADS, stage="data", local_option="--data",
-                        sha256_option="--data_sha256=")[0]
+        path = download(path, sha256, DOWNLOADS, stage="data", local_option="--data", sha256_option="--data_sha256=")[0]
     text = read_text(path, "data", "file", "pass --data=PATH to a .json or .jsonl file of records")
     if path.endswith(".jsonl"):
         records = list(jsonl_records(text, path))
@@ -229,18 +221,27 @@ def read_records(path, sha256=""):
 
 
 def text_field(record, key, where, required=True):
-    if key not in record:
-        if not required:
-            return ""
+    if key not in record and required:
         raise bad_record(where, f"'{key}' is missing; {FORMATS}")
-    value = record[key]
+    value = record.get(key, "")
     if not isinstance(value, str) or (required and not value.strip()):
         raise bad_record(where, f"'{key}' must be a{' non-empty' if required else ''} string, got {value!r:.60}")
     return value
 
 
-def checked_messages(messages, where, last_role):
-    """A chat record's messages: an optional system message, then user and assistant in turn, ending with last_role."""
+def conversation(record, where, last_role="assistant"):
+    """The messages of an SFT record, Alpaca-style or chat; with last_role 'user', a preference record's prompt.
+    A chat record's messages are an optional system message, then user and assistant in turn, ending with last_role."""
+    if not isinstance(record, dict):
+        raise bad_record(where, f"not a JSON object; {FORMATS}")
+    if "messages" not in record:
+        instruction = text_field(record, "instruction", where)
+        extra = text_field(record, "input", where, required=False)
+        messages = [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction}]
+        if last_role == "assistant":
+            messages.append({"role": "assistant", "content": text_field(record, "output", where)})
+        return messages
+    messages = record["messages"]
     if not isinstance(messages, list) or not messages:
         raise bad_record(where, "'messages' must be a non-empty list of {role, content}")
     start = 1 if isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
@@ -254,19 +255,6 @@ def checked_messages(messages, where, last_role):
     if messages[-1]["role"] != last_role:
         raise bad_record(where, f"the last message is the {messages[-1]['role']}'s; it must be the {last_role}'s")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
-def conversation(record, where, last_role="assistant"):
-    """The messages of an SFT record, Alpaca-style or chat; with last_role 'user', a preference record's prompt."""
-    if not isinstance(record, dict):
-        raise bad_record(where, f"not a JSON object; {FORMATS}")
-    if "messages" in record:
-        return checked_messages(record["messages"], where, last_role)
-    instruction, extra = text_field(record, "instruction", where), text_field(record, "input", where, required=False)
-    messages = [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction}]
-    if last_role == "assistant":
-        messages.append({"role": "assistant", "content": text_field(record, "output", where)})
-    return messages
 
 
 def preference(record, where):

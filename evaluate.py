@@ -81,21 +81,6 @@ dtype = "auto"
 # finding the text
 
 
-def text_tokens(tokenizer, path):
-    """The token stream of a text file for perplexity, led by end-of-text so that its first token is scored too."""
-    text = read_text(path, "evaluate", "text file", "check --text_file")
-    if not text:
-        raise SystemExit(f"evaluate error: {path} is empty; pick a file with text in it")
-    return np.array([tokenizer.eot_id] + tokenizer.encode(text), dtype=np.int64)
-
-
-def reads_data_of(tokenizer, description):
-    """Whether tokenizer encodes text as the tokenizer of description does: the same one, or the same with
-    special tokens added (sft.py's chat tokens), which take ids after the vocabulary and no text encodes to."""
-    theirs, ours = ({k: v for k, v in d.items() if k != "special_tokens"} for d in (description, tokenizer.description))
-    return theirs == ours and Tokenizer(description).special_tokens.items() <= tokenizer.special_tokens.items()
-
-
 def trained_on(checkpoint, path):
     """The dataset a checkpoint's model was pretrained on: its run's, else that of the checkpoint it started from."""
     seen = []
@@ -110,9 +95,12 @@ def trained_on(checkpoint, path):
 
 
 def split_tokens(tokenizer, data_dir, split):
-    """The token stream of a prepared split (its bin files in order), led by end-of-text like text_tokens'."""
+    """The token stream of a prepared split (its bin files in order), led by end-of-text as --text_file's is."""
     meta = load_meta(data_dir)
-    if not reads_data_of(tokenizer, meta["tokenizer"]):
+    # The checkpoint's tokenizer must encode text as the data's does: the same one, or the same with special tokens
+    # added (sft.py's chat tokens), which take ids after the vocabulary and no text encodes to.
+    theirs, ours = ({**d, "special_tokens": None} for d in (meta["tokenizer"], tokenizer.description))
+    if theirs != ours or not Tokenizer(meta["tokenizer"]).special_tokens.items() <= tokenizer.special_tokens.items():
         raise SystemExit(f"evaluate error: {data_dir} was prepared with the {meta['tokenizer']['kind']} tokenizer, not the "
                          f"checkpoint's ({tokenizer.kind}); set --dataset to data prepared with it, or use --text_file")
     if split not in meta["splits"]:
@@ -130,22 +118,17 @@ def split_tokens(tokenizer, data_dir, split):
 # scoring
 
 
-def sliding_windows(n_tokens, block_size, stride):
-    """(start, end, n_scored) windows over a stream of n_tokens: tokens[start:end] is one row whose last
-    n_scored tokens are scored. Windows start every stride tokens; every token but the first is scored once."""
-    windows, start, scored_to = [], 0, 1
-    while scored_to < n_tokens:
-        end = min(start + block_size + 1, n_tokens)
-        windows.append((start, end, end - scored_to))
-        start, scored_to = start + stride, end
-    return windows
-
-
 def perplexity(model, tokens, stride=0, batch_size=16, autocast=nullcontext(), rank=0, world_size=1, progress=""):
     """(total nats, scored tokens) over tokens[1:], each token scored once with up to block_size tokens of
     context (stride 0: block_size); exp(nats / tokens) is the perplexity. progress: a bar's description."""
     block_size = model.config.block_size
-    windows = sliding_windows(len(tokens), block_size, stride or block_size)
+    # (start, end, n_scored) windows: tokens[start:end] is one row whose last n_scored tokens are scored; they start
+    # every stride tokens, and every token but the first is scored once.
+    windows, start, scored_to = [], 0, 1
+    while scored_to < len(tokens):
+        end = min(start + block_size + 1, len(tokens))
+        windows.append((start, end, end - scored_to))
+        start, scored_to = start + (stride or block_size), end
     mine, nats = windows[rank::world_size], []
     for first in progress_bar(range(0, len(mine), batch_size), progress):
         rows = [(tokens[start:end].tolist(), n) for start, end, n in mine[first : first + batch_size]]
@@ -153,19 +136,11 @@ def perplexity(model, tokens, stride=0, batch_size=16, autocast=nullcontext(), r
     return sum(gather(nats, world_size)), len(tokens) - 1
 
 
-def count_bytes(tokenizer, ids):
-    """UTF-8 bytes of the text that ids stand for; end-of-text marks count none."""
-    n_eot = int(np.count_nonzero(np.asarray(ids) == tokenizer.eot_id))
-    marker = len(tokenizer.decode([tokenizer.eot_id]).encode("utf-8"))  # how decode() shows end-of-text
-    return len(tokenizer.decode(ids).encode("utf-8")) - n_eot * marker
-
-
 if __name__ == "__main__":
     config = configure(globals())
     dist = setup_distributed(device)
-    log = print if dist.is_main else (lambda *args, **kwargs: None)
-    if dist.is_main:
-        print_config(config)
+    log = dist.log
+    print_config(config)  # rank 0's alone
     for key, low in (("limit", 0), ("batch_size", 1), ("stride", 0), ("max_new_tokens", 0), ("temperature", 0),
                      ("samples", 1), ("code_timeout", 0), ("beam_size", 1)):
         strict = key == "code_timeout"
@@ -211,8 +186,12 @@ if __name__ == "__main__":
                            checkpoint["config"].get("target_field", "target"))[0][: limit or None]
         task_data["translation"] = ("translation", (source, [s for s, _ in pairs], [t for _, t in pairs]))
     for task in [] if task_data else [t.strip() for t in tasks.split(",") if t.strip()]:
-        if task == "perplexity" and text_file:
-            task_data[task] = ("perplexity", (text_file, text_tokens(tokenizer, text_file)))
+        if task == "perplexity" and text_file:  # its tokens led by end-of-text, so that its first token is scored too
+            text = read_text(text_file, "evaluate", "text file", "check --text_file")
+            if not text:
+                raise SystemExit(f"evaluate error: {text_file} is empty; pick a file with text in it")
+            tokens = np.array([tokenizer.eot_id] + tokenizer.encode(text), dtype=np.int64)
+            task_data[task] = ("perplexity", (text_file, tokens))
         elif task == "perplexity":
             folder = os.path.join(data_root, dataset or trained_on(checkpoint, ckpt_path))
             task_data[task] = ("perplexity", (f"{folder} {split}", split_tokens(tokenizer, folder, split)))
@@ -239,11 +218,12 @@ if __name__ == "__main__":
                 tokens = tokens[: limit * block_size + 1]
             nats, n_tokens = perplexity(model, tokens, stride, batch_size, autocast, dist.rank, dist.world_size,
                                         name if dist.is_main else "")
-            n_bytes = count_bytes(tokenizer, tokens[1:])
+            # UTF-8 bytes of the text, end-of-text marks (however decode() shows them) counting none
+            n_eot, marker = int(np.count_nonzero(tokens[1:] == tokenizer.eot_id)), tokenizer.decode([tokenizer.eot_id])
+            n_bytes = len(tokenizer.decode(tokens[1:]).encode()) - n_eot * len(marker.encode())
             result = {"source": source, "stride": stride or block_size, "tokens": n_tokens, "bytes": n_bytes,
                       "loss": nats / n_tokens, "perplexity": math.exp(nats / n_tokens),
                       "bits_per_byte": nats / math.log(2) / n_bytes}
-            size = result["tokens"]
         elif kind == "translation":
             source, sources, references = data
             translations, n_cut = translate_lines(model, tokenizer, sources[dist.rank :: dist.world_size], batch_size,
@@ -253,7 +233,6 @@ if __name__ == "__main__":
                       "length_penalty": length_penalty, "cut_sources": sum(gather([n_cut], dist.world_size)),
                       **corpus_scores(translations, references)}
             log(f"sacreBLEU {result['bleu_signature']}\nchrF {result['chrf_signature']}")
-            size = len(sources)
         else:
             result = evaluate_examples(kind, data, model, tokenizer, batch_size, autocast, dist.rank, dist.world_size,
                                        max_new_tokens, stop_at_newline, use_chat, bos, name if dist.is_main else "",
@@ -261,9 +240,9 @@ if __name__ == "__main__":
                                        unisolated_code=unisolated_code, details=True)
             if "per_example" in result:
                 answers[name] = result.pop("per_example")
-            size = result["examples"]
         result["seconds"] = time.time() - t0
         results[name] = result
+        size = result.get("tokens", result.get("sentences", result.get("examples")))
         log(f"{name:<16}{size:>16,}  {describe(result):<62}{result['seconds']:>9.1f}")
 
     summary = centred_scores(results)
@@ -274,8 +253,7 @@ if __name__ == "__main__":
         report_path = report or os.path.join(os.path.dirname(ckpt_path), "eval.json")
         record = {"checkpoint": ckpt_path, "kind": checkpoint.get("kind", "pretrain"), "chat": use_chat,
                   "step": checkpoint.get("step"), "processes": dist.world_size, "device": device_name(dist.device),
-                  "config": config, "results": results, "summary": summary, "sandbox": sandbox_used,
-                  "answers": answers}
+                  "config": config, "results": results, "summary": summary, "sandbox": sandbox_used, "answers": answers}
         try:
             save_atomically(report_path, lambda f: f.write(json.dumps(record, indent=2) + "\n"))
         except OSError as e:
@@ -283,9 +261,8 @@ if __name__ == "__main__":
                              "folder you can write to") from None
         print(f"wrote {report_path}")
         if "translation" in results:
-            translations_path = os.path.join(os.path.dirname(report_path), "translations.txt")
-            text = "".join(t + "\n" for t in translations)
-            save_atomically(translations_path, lambda f: f.write(text.encode("utf-8")), "wb")
-            print(f"wrote {translations_path}")
+            path = os.path.join(os.path.dirname(report_path), "translations.txt")
+            save_atomically(path, lambda f: f.write("".join(t + "\n" for t in translations).encode("utf-8")), "wb")
+            print(f"wrote {path}")
         print(f"wrote {write_card(os.path.dirname(report_path) or '.')}")
     teardown_distributed()

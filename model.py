@@ -7,34 +7,32 @@ The decoder-only Transformer that every stage script shares.
     out = model.generate(idx, max_new_tokens=100, temperature=0.8, top_k=200)
 
 One class covers several families, chosen by config fields:
-- GPTConfig's defaults are train.py's (its fast recipe): RMSNorm, ReLU² MLP, rotary position
-  embeddings (RoPE), QK-norm, logits soft-capped at 15, output projections starting at zero,
-  no biases, untied embeddings;
-- Llama's style (mlp='swiglu', qk_norm=False, logit_softcap=0): what hf.py imports and exports,
-  with optional grouped-query attention;
-- GPT-2's (norm='layernorm', mlp='gelu', pos='learned', tie_embeddings=True, bias=True, and the
-  three above off): GPT-2 124M exactly, for comparison and weight import (config/train_gpt2.py).
+- GPTConfig's defaults are train.py's (its fast recipe): RMSNorm, ReLU² MLP, rotary position embeddings (RoPE),
+  QK-norm, logits soft-capped at 15, output projections starting at zero, no biases, untied embeddings;
+- Llama's style (mlp='swiglu', qk_norm=False, logit_softcap=0): what hf.py imports and exports, with optional
+  grouped-query attention;
+- GPT-2's (norm='layernorm', mlp='gelu', pos='learned', tie_embeddings=True, bias=True, and the three above off):
+  GPT-2 124M exactly, for comparison and weight import (config/train_gpt2.py).
 
 Design notes, the why behind the choices:
-- Pre-norm residual blocks (x + f(norm(x))) keep the residual stream an identity path, so deep
-  stacks train without warmup tricks.
-- RoPE rotates q and k by an angle proportional to the position, so the q·k score depends only on
-  the distance between two tokens. Grouped-query attention (n_kv_head < n_head) shrinks the KV
-  cache by n_head / n_kv_head at little cost in quality.
-- SwiGLU (Shazeer 2020) beats GELU at equal parameters (hidden width 8/3 of n_embd, so its three
-  matrices hold as many weights as GELU's two at 4x); ReLU² (So et al. 2021) is as good at less
-  compute. QK-norm keeps attention logits bounded at high learning rates, and the soft cap keeps a
-  few output logits from running away early.
-- Residual output projections start at zero (each block starts as the identity), or at std
-  0.02/sqrt(2*n_layer) (GPT-2), so the residual stream's variance does not grow with depth.
-- The embedding and output layer are padded to a multiple of 64 rows, which runs faster on GPUs;
-  the padded ids are not tokens, and the logits leave them out.
-- Attention goes through F.scaled_dot_product_attention, which dispatches to
-  flash or memory-efficient kernels where the hardware has them; rows packed
-  from several examples go through FlexAttention on GPUs, whose kernel skips
-  the masked-out blocks instead of reading a dense T x T mask.
-- Generation (decoding.py) runs a step of one token per sequence against a
-  preallocated KV cache, each row at its own position, with a few static shapes.
+- Pre-norm residual blocks (x + f(norm(x))) keep the residual stream an identity path, so deep stacks train
+  without warmup tricks.
+- RoPE rotates q and k by an angle proportional to the position, so the q·k score depends only on the distance
+  between two tokens. Grouped-query attention (n_kv_head < n_head) shrinks the KV cache by n_head / n_kv_head at
+  little cost in quality.
+- SwiGLU (Shazeer 2020) beats GELU at equal parameters (hidden width 8/3 of n_embd, so its three matrices hold as
+  many weights as GELU's two at 4x); ReLU² (So et al. 2021) is as good at less compute. QK-norm keeps attention
+  logits bounded at high learning rates, and the soft cap keeps a few output logits from running away early.
+- Residual output projections start at zero (each block starts as the identity, and the gradient still reaches
+  them through their input: modded-nanogpt's speedrun), or at std 0.02/sqrt(2*n_layer) (GPT-2), so the residual
+  stream's variance does not grow with depth.
+- The embedding and output layer are padded to a multiple of 64 rows, which runs faster on GPUs; the padded ids
+  are not tokens, and the logits leave them out.
+- Attention goes through F.scaled_dot_product_attention, which dispatches to flash or memory-efficient kernels
+  where the hardware has them; rows packed from several examples go through FlexAttention on GPUs, whose kernel
+  skips the masked-out blocks instead of reading a dense T x T mask.
+- Generation (decoding.py) runs a step of one token per sequence against a preallocated KV cache, each row at its
+  own position, with a few static shapes.
 """
 
 import functools
@@ -82,13 +80,11 @@ class GPTConfig:
         if self.n_kv_head < 0 or self.ffn_hidden < 0 or not 0 <= self.dropout < 1:
             raise ValueError(f"need n_kv_head >= 0, ffn_hidden >= 0 and 0 <= dropout < 1, got {self.n_kv_head}, "
                              f"{self.ffn_hidden} and {self.dropout}")
-        if not self.n_kv_head:
-            self.n_kv_head = self.n_head
+        self.n_kv_head = self.n_kv_head or self.n_head
         if not self.ffn_hidden:
             self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64) if self.mlp == "swiglu" else 4 * self.n_embd
-        choices = {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu", "relu2"),
-                   "pos": ("rope", "learned", "sinusoidal")}
-        for name, allowed in choices.items():
+        for name, allowed in {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu", "relu2"),
+                              "pos": ("rope", "learned", "sinusoidal")}.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
         if self.n_embd % self.n_head:
@@ -150,8 +146,7 @@ def sinusoidal_table(length, dim):
 def apply_rope(x, cos, sin):
     """Rotate pairs (first half, second half) of each head's channels; x is (B, heads, T, head_dim)."""
     x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return rotated.type_as(x)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
 # Masks are functions of (batch, head, query index, key index), FlexAttention's mask_mod
@@ -159,12 +154,10 @@ def apply_rope(x, cos, sin):
 # mask when called on broadcasting index tensors (see dense_mask). One definition, two kernels.
 
 def document_mask(doc_ids):
-    """For rows packed from several examples (doc_ids (B, T): a run of equal ids is one example),
-    each token's position within its example (B, T) and the mask that lets it see only the
-    earlier tokens of its own example. With both, a packed row computes exactly what its
-    examples would one by one."""
-    T = doc_ids.size(1)
-    t = torch.arange(T, device=doc_ids.device)
+    """For rows packed from several examples (doc_ids (B, T): a run of equal ids is one example), each token's
+    position within its example (B, T) and the mask that lets it see only the earlier tokens of its own example.
+    With both, a packed row computes exactly what its examples would one by one."""
+    t = torch.arange(doc_ids.size(1), device=doc_ids.device)
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     positions = t - torch.where(starts, t, 0).cummax(dim=1).values  # distance from the run's start
@@ -192,7 +185,6 @@ class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.block_size = config.block_size
         # q, k and v come from one matrix: one large matmul is faster than three small ones.
         self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -204,9 +196,8 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, cache=None, pos=None, mask=None):
         B, T, _ = x.shape
-        q, k, v = self.c_attn(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
-        )
+        kv_width = self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split([self.n_head * self.head_dim, kv_width, kv_width], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -218,9 +209,7 @@ class Attention(nn.Module):
         if cache is not None:
             if pos is None:  # a forward from position 0 hands its keys and values to the caller
                 cache["k"], cache["v"] = k, v
-            else:
-                # A decoding step (see GPT.forward): each row's key and value go to the buffers at
-                # its position; it attends over the buffers' first mask.size(-1) slots.
+            else:  # a decoding step, as GPT.forward's docstring describes
                 rows = torch.arange(B, device=x.device)
                 cache["k"][rows, :, pos] = k[:, :, 0]
                 cache["v"][rows, :, pos] = v[:, :, 0]
@@ -228,13 +217,9 @@ class Attention(nn.Module):
         if isinstance(mask, BlockMask):
             y = compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
         else:  # no mask is SDPA's own causal one, which its flash kernel takes
-            y = F.scaled_dot_product_attention(
-                q, k, v,
-                attn_mask=mask,
-                is_causal=mask is None and T > 1,
-                dropout_p=self.dropout if self.training else 0.0,
-                enable_gqa=self.n_kv_head != self.n_head,
-            )
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               dropout_p=self.dropout if self.training else 0.0,
+                                               enable_gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(y))
 
@@ -298,9 +283,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, V, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        if config.pos == "rope":
+        if config.pos == "rope":  # not saved either: a function of the config
             cos, sin = rope_tables(config, config.block_size)
-            # Not saved in checkpoints: they are a function of the config.
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = False  # set by the trainer to trade compute for memory
@@ -309,24 +293,20 @@ class GPT(nn.Module):
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
             residual = getattr(module, "residual_projection", False)
-            std = 0.02 / math.sqrt(2 * self.config.n_layer) if residual else 0.02
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if residual and self.config.zero_init_proj:
-                # Each block starts as the identity, and the gradient still reaches the projection
-                # through its input (modded-nanogpt's speedrun record uses this).
+            nn.init.normal_(module.weight, std=0.02 / math.sqrt(2 * self.config.n_layer) if residual else 0.02)
+            if residual and self.config.zero_init_proj:  # after normal_: the other weights draw the same numbers
                 nn.init.zeros_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, std=0.02)
 
     def num_params(self, non_embedding=False):
         """Parameters the model really uses (not the vocabulary's padding rows); non_embedding also leaves
         out the lookup tables (token and learned position embeddings), the N of 6*N."""
         c = self.config
-        n = sum(p.numel() for p in self.parameters())
         pad_rows = c.padded_vocab_size - c.vocab_size
-        n -= pad_rows * c.n_embd * (1 if c.tie_embeddings else 2)
+        n = sum(p.numel() for p in self.parameters()) - pad_rows * c.n_embd * (1 if c.tie_embeddings else 2)
         if non_embedding:
             if not c.tie_embeddings:
                 n -= c.vocab_size * c.n_embd
@@ -338,21 +318,18 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6N for the matmuls (forward 2N, backward 4N) plus attention's q·k and
         attention·v, 12 * n_layer * n_embd * seq_len (PaLM, appendix B; the causal halving not counted)."""
         c = self.config
-        T = seq_len or c.block_size
-        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * T
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * (seq_len or c.block_size)
 
     def forward(self, idx, targets=None, all_logits=False, cache=None, pos=None, keys=None, doc_ids=None):
-        """idx (B, T) token ids. With targets (B, T): returns all logits and the mean cross-entropy,
-        ignoring targets of -1. Without: the last position's logits, or every position's if
-        all_logits. Logits cover the real vocab_size ids only. doc_ids (B, T) is for rows packed
-        from several examples: the example each position belongs to (see document_mask).
-        cache is for decoding (decoding.py): a list of one dict per layer. A forward from position
-        0 (pos None) leaves each layer's keys and values in its dict as "k" and "v" (B, n_kv_head,
-        T, head_dim). A decoding step passes one token per row, pos (B,) the position of each, and
-        dicts holding key and value buffers (B, n_kv_head, S, head_dim), S up to block_size: a row's
-        key and value are written at its position, and it attends over the buffers' first `keys`
-        slots (block_size if None), those after its position masked. pos is a tensor and keys one of a few
-        lengths, so that the steps have few shapes and a compiled graph serves many of them."""
+        """idx (B, T) token ids. With targets (B, T): all logits and the mean cross-entropy, ignoring targets of -1;
+        without: the last position's logits, or every position's if all_logits. Logits cover the real vocab_size ids
+        only. doc_ids (B, T), for rows packed from several examples: the example of each position (see document_mask).
+        cache is for decoding (decoding.py): a list of one dict per layer. A forward from position 0 (pos None) leaves
+        each layer's keys and values in its dict as "k" and "v" (B, n_kv_head, T, head_dim). A decoding step passes one
+        token per row, pos (B,) the position of each, and dicts holding key and value buffers (B, n_kv_head, S,
+        head_dim), S up to block_size: a row's key and value are written at its position, and it attends over the
+        buffers' first `keys` slots (block_size if None), those after its position masked. pos is a tensor and keys
+        one of a few lengths, so that the steps have few shapes and a compiled graph serves many of them."""
         B, T = idx.shape[:2]
         decoding = pos is not None
         if decoding and not (torch.is_tensor(pos) and cache is not None and T == 1):
@@ -360,13 +337,12 @@ class GPT(nn.Module):
                              f"position; got {T} tokens and pos={pos!r}")
         if T > self.config.block_size:
             raise ValueError(f"a forward of {T} tokens: at most block_size={self.config.block_size}")
-        mask = None
+        positions, mask = slice(0, T), None  # a slice: views of the tables, no index tensor per call
         if decoding:
             positions = pos[:, None]
-            keys = keys or self.config.block_size
             # (B, 1, 1, keys): a row sees the slots up to its position. Those after it may hold the keys of
             # an earlier, longer sequence, or zeros; either way they must not count.
-            mask = (torch.arange(keys, device=idx.device) <= positions)[:, None, None, :]
+            mask = (torch.arange(keys or self.config.block_size, device=idx.device) <= positions)[:, None, None, :]
         elif doc_ids is not None:
             positions, mask_mod = document_mask(doc_ids)
             # FlexAttention on CUDA (it has no dropout; on a CPU torch 2.11-2.14 has no flex backward), else
@@ -375,13 +351,9 @@ class GPT(nn.Module):
                 mask = create_block_mask(mask_mod, B, None, T, T, device=idx.device)
             else:
                 mask = dense_mask(mask_mod, B, torch.arange(T, device=idx.device), T)
-        else:
-            positions = slice(0, T)  # a slice: views of the tables, no index tensor per call
-        rope = None
-        if self.config.pos == "rope":
-            rope = (self.rope_cos[positions], self.rope_sin[positions])
-            if not isinstance(positions, slice):  # positions per row: (B, 1, T, head_dim/2), broadcast over heads
-                rope = (rope[0][:, None], rope[1][:, None])
+        rope = (self.rope_cos[positions], self.rope_sin[positions]) if self.config.pos == "rope" else None
+        if rope is not None and not isinstance(positions, slice):  # per row: (B, 1, T, head_dim/2), for every head
+            rope = (rope[0][:, None], rope[1][:, None])
         if self.wte is None:
             x = idx  # a later pipeline stage (see pipeline.split_for_pipeline): the hidden states of the one before
         else:
@@ -394,27 +366,22 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             if block is None:  # a layer another pipeline stage holds
                 continue
-            if self.activation_checkpointing and self.training:
-                # Keep only the block's input; recompute its insides during the backward pass.
+            if self.activation_checkpointing and self.training:  # keep its input, recompute the rest in backward
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, None, None, mask, use_reentrant=False)
             else:
                 x = block(x, rope, None if cache is None else cache[i], pos, mask)
         if self.lm_head is None:
             return x, None  # an earlier pipeline stage hands its hidden states on
         x = self.ln_f(x)
-        # The padding ids are not tokens, so no softmax (the loss, DPO's log-probabilities,
-        # evaluation, sampling) may give them probability mass: the logits are a view of the first
-        # vocab_size columns. The matmul keeps its padded width, which runs faster on GPUs than
-        # the lm_head's first vocab_size rows would. The view costs no copy under bf16 autocast,
-        # where cross_entropy's float() copies anyway; in float32, log_softmax makes one
-        # contiguous copy of it (measured on torch 2.13), the price of an aligned matmul.
+        # A view of the first vocab_size columns: no softmax (the loss, DPO, evaluation, sampling) may give the padding
+        # ids probability. It costs no copy under bf16 autocast (cross_entropy's float() copies anyway); in float32,
+        # log_softmax makes one contiguous copy of it (torch 2.13), the price of the padded width's faster matmul.
         logits = self.lm_head(x if targets is not None or all_logits else x[:, -1:, :])[..., : self.config.vocab_size]
         logits = self.soft_cap(logits)
         return logits, None if targets is None else cross_entropy(logits, targets)
 
     def soft_cap(self, logits):
-        """With logit_softcap: cap * tanh(logits / cap), which bounds the logits smoothly to (-cap, cap) so no
-        token's logit can run away early in training (Gemma 2; modded-nanogpt)."""
+        """With logit_softcap: cap * tanh(logits / cap), the logits bounded smoothly (Gemma 2; modded-nanogpt)."""
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
 

@@ -79,11 +79,10 @@ prompt_ids = tokenizer.encode(start) if start else [tokenizer.eot_id]
 if len(prompt_ids) > block_size:
     print(f"warning: the prompt is {len(prompt_ids)} tokens, longer than the model's context of {block_size}; "
           f"keeping its last {block_size}", file=sys.stderr)
-    prompt_ids = prompt_ids[-block_size:]
 
 
 def stream(ids, stop_tokens=()):
-    """Generate after ids, printing the text as it comes; return the new ids, stop token left out."""
+    """Print what follows ids (the decoder keeps their last block_size) as it comes; its ids, stop token left out."""
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     generated, shown = [], ""
     with autocast:
@@ -107,8 +106,7 @@ if translating:
     if n_cut:
         print(f"note: {n_cut} of {len(lines)} lines were longer than the model's block_size={block_size} tokens "
               "and were cut", file=sys.stderr)
-    for translation in translations:
-        print(translation)
+    print("".join(t + "\n" for t in translations), end="")
 elif chat:
     messages = [{"role": "system", "content": system}] if system else []
     while True:
@@ -123,7 +121,7 @@ elif chat:
         if len(ids) > block_size:
             print(f"warning: the conversation is {len(ids)} tokens, longer than the model's context of {block_size}; "
                   f"the model sees its last {block_size}", file=sys.stderr)
-        answer = stream(ids[-block_size:], stop_ids(tokenizer))
+        answer = stream(ids, stop_ids(tokenizer))
         messages.append({"role": "assistant", "content": tokenizer.decode(answer)})
         if prompt:
             break
