@@ -397,8 +397,9 @@ def evaluate_examples(kind, examples, model, tokenizer, batch_size=16, autocast=
         texts = answer_texts(model, tokenizer, [ex["question" if chat else "base_prompt"] for ex in mine], chat, bos,
                              max_new_tokens or GSM8K_MAX_NEW_TOKENS, [] if chat else GSM8K_STOPS, temperature,
                              batch_size, autocast)
-        rows = [{"target": gsm8k_normalize(ex["answer"]), "completion": text, "strict": gsm8k_extract(text, True),
-                 "flexible": gsm8k_extract(text), "strict_correct": gsm8k_correct(text, ex["answer"], strict=True),
+        rows = [{"target": gsm8k_normalize(ex["answer"]), "completion": text,
+                 "strict": gsm8k_extract(text, strict=True), "flexible": gsm8k_extract(text),
+                 "strict_correct": gsm8k_correct(text, ex["answer"], strict=True),
                  "flexible_correct": gsm8k_correct(text, ex["answer"])} for ex, text in zip(mine, texts)]
         rows = gather(rows, world_size)
         result = {"examples": len(rows), "exact_match_strict": sum(r["strict_correct"] for r in rows) / len(rows),
