@@ -224,13 +224,18 @@ def plot_runs(folders, out_path, labels=None):
     labels = labels or [os.path.basename(os.path.normpath(f)) or f for f in folders]
     runs = [read_metrics(folder) for folder in folders]
     logged = {key for records in runs for r in records for key in r}
-    # Each panel draws the first of its choices of (y keys, y label) that some run logged: an RL run
-    # logs a reward and a held-out pass@1 where the other trainers log losses.
+    # Each panel draws every one of its choices of (y keys, y label) that some run logged, so that runs of
+    # different trainers compare on one plot: an RL run logs a reward and a held-out pass@1 where the other
+    # trainers log losses. A panel whose choices no run logged says so under its first label.
     loss = [(("loss", "val_loss"), "loss"), (("reward", "val_pass_at_1"), "reward (train), held-out pass@1 (val)")]
     speed = [(("tokens_per_sec", "sampling_tokens_per_sec", "training_tokens_per_sec"), "tokens/s")]
     last = [(("mfu",), "MFU"), (("val_bleu",), "held-out BLEU"), (("no_signal",), "groups without signal")]
     fig, axes = plt.subplots(2, 3, figsize=PLOT_SIZE, dpi=PLOT_DPI)
-    panels = [(ax, x_key, next((c for c in choices if logged & set(c[0])), choices[0])) for ax, (x_key, choices)
+    def chosen(choices):
+        picked = [c for c in choices if logged & set(c[0])] or choices[:1]
+        return tuple(key for keys, _ in picked for key in keys), ", ".join(name for _, name in picked)
+
+    panels = [(ax, x_key, chosen(choices)) for ax, (x_key, choices)
               in zip(axes.flat, [("step", loss), ("tokens", loss), ("time", loss),
                                  ("step", [(("lr",), "learning rate")]), ("step", speed), ("step", last)])]
     for i, (records, label) in enumerate(zip(runs, labels)):
@@ -241,7 +246,7 @@ def plot_runs(folders, out_path, labels=None):
                 if not xs:
                     continue
                 val = y_key.startswith("val_")
-                pair = y_keys in [keys for keys, _ in loss]  # a training curve and its held-out points
+                pair = any(y_key in keys for keys, _ in loss)  # a training curve and its held-out points
                 name = ("val" if val else "train") if pair else y_key.replace("_tokens_per_sec", "")
                 ax.plot(xs, ys, color=color, linestyle="--" if val else "-", marker="o" if val else None,
                         markersize=3, label=f"{label} {name}" if len(y_keys) > 1 else label)

@@ -128,6 +128,20 @@ def test_plot_py_draws_several_runs_into_a_png_of_the_expected_size(tmp_path):
     assert png_size(tmp_path / "a" / "plot.png") == expected
 
 
+@needs_matplotlib
+def test_runs_of_different_trainers_each_draw_their_own_curves_on_one_plot(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    write_synthetic_run(tmp_path / "pretrain")  # logs mfu
+    os.makedirs(tmp_path / "translate")
+    (tmp_path / "translate" / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "loss": 3.0 - s / 100, "val_bleu": s / 10}) + "\n" for s in (10, 20)))
+    drawn, plot = [], matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **k: drawn.append(k["label"]) or plot(ax, *a, **k))
+    runlog.plot_runs([tmp_path / "pretrain", tmp_path / "translate"], tmp_path / "plot.png")
+    assert "pretrain mfu" in drawn and "translate val_bleu" in drawn
+
+
 def test_plot_py_names_a_folder_without_metrics(tmp_path):
     result = run_script("plot.py", str(tmp_path), check=False)
     assert result.returncode != 0 and "metrics.jsonl does not exist" in result.stderr
