@@ -89,15 +89,19 @@ def shard_model(root, blocks, mesh, dtype, cpu_offload, init=None):
     fully_shard(root, mesh=mesh, mp_policy=precision, offload_policy=offload)
 
 
+def compile_blocks(model):
+    """torch.compile each block in place, so that FSDP's hooks around the blocks stay outside the compiled
+    code: a whole-model compile breaks its graph at every hook and runs GPT.forward eagerly."""
+    for block in filter(None, model.blocks):  # None: a layer of another pipeline stage
+        block.compile()
+
+
 def wrap_model(model, dist, parallelism, compile, log=print):
     """The module the training loop calls: compiled, and under DDP wrapped to average gradients."""
     if compile:
         log("compiling the model (the first steps are slow)...")
         if isinstance(model, FSDPModule):
-            # each block in place, so that FSDP's hooks around the blocks stay outside the compiled code:
-            # a whole-model compile breaks its graph at every hook and runs GPT.forward eagerly
-            for block in model.blocks:
-                block.compile()
+            compile_blocks(model)
         else:
             model = torch.compile(model)
     if parallelism == "ddp" and dist.world_size > 1:

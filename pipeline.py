@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from checkpoint import gather_training_state
 from model import cross_entropy
-from parallel import init_weights, shard_model
+from parallel import compile_blocks, init_weights, shard_model
 
 def pipeline_layers(n_layer, stages, tie_embeddings=False):
     """Each stage's layers: consecutive, as even as whole layers allow; a config error if the model cannot be cut so."""
@@ -77,9 +77,8 @@ class Pipeline:
                                         self.is_first, self.is_last)
         if any(p.is_meta for p in model.parameters()):  # a new model: only this stage's layers get weights
             init_weights(model, seed)
-        if compile:  # each block in place, as wrap_model does under FSDP: FSDP and the schedule see the same modules
-            for block in filter(None, model.blocks):  # None: another stage's layer
-                block.compile()
+        if compile:  # as under FSDP: FSDP and the schedule see the same modules
+            compile_blocks(model)
         module = PipelineStageModule(model)
         self.sharded = parallelism == "fsdp" and (self.data_parallel > 1 or cpu_offload)
         if self.sharded:

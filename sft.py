@@ -145,16 +145,16 @@ checkpoint = None  # free the memory
 
 
 def batch_sums(units):
-    """[the units' loss summed over their answer tokens, the count of those tokens] as one tensor."""
+    """The units' loss summed over their answer tokens, and the count of those tokens."""
     x, y, docs = to_device(torch.stack(collate(units, tokenizer.eot_id)), dist.device)  # one copy, cut up on the device
     count = (y >= 0).sum()
     with autocast:
-        return torch.stack([model(x, y, doc_ids=docs if packing else None)[1] * count, count])
+        return model(x, y, doc_ids=docs if packing else None)[1] * count, count
 
 
 def micro_step_loss(micro_step):
     index = (step * dist.world_size + dist.rank) * accumulation_steps + micro_step
-    loss_sum = batch_sums([train_units[i] for i in batch_of(len(train_units), batch_size, index, seed)])[0]
+    loss_sum, _ = batch_sums([train_units[i] for i in batch_of(len(train_units), batch_size, index, seed)])
     # The step's loss is the sum of its token losses over its answer-token count, so every answer token weighs
     # the same whatever batch it is in (a mean of the batches' means would weigh short answers' tokens more).
     # optimizer_step divides by accumulation_steps and DDP/FSDP average over the processes: this undoes both.
@@ -173,7 +173,7 @@ while True:
     if step % eval_interval == 0 or done:
         val_loss = None  # val_fraction=0: nothing held out
         if val_batches:
-            val_sum, val_count = sum_over_batches(model, val_batches, batch_sums, dist)
+            val_sum, val_count = sum_over_batches(model, val_batches, lambda b: torch.stack(batch_sums(b)), dist)
             val_loss = (val_sum / val_count).item()  # the mean per answer token
             dist.log(f"step {step}: held-out loss {val_loss:.4f}")
         scores = score_benchmark(benchmark_data, raw_model, tokenizer, batch_size, autocast, dist, True, step,
