@@ -143,7 +143,7 @@ def url_list(path):
     entries = []
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
+            for line in iter(lambda: f.readline(1 << 16), ""):  # 64 KB at most: a binary file may hold no newline
                 fields = line.split()
                 if fields and not fields[0].startswith("#"):
                     if fields[0].startswith("hf://"):  # a hub glob is listed by the hub, not downloaded by URL
