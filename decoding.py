@@ -29,6 +29,10 @@ Design notes, the why behind the choices:
   single static shape would, made a batch of 8 short sequences read more cache than weights.
   Eager, the cache itself is only that power of two of slots long, and grows with the longest
   sequence: reading each row's first L slots out of block_size was slower (see make_room).
+- On a CPU, each linear layer of a prefill or step multiplies through oneDNN on a copy of its
+  weight packed into oneDNN's layout, made at the decoder's first forward and kept while it lives
+  (a second copy of the weights): at a few rows MKL's sgemm, torch's default there, is far from the
+  core's peak (packed_linear.py; 1.5-2x faster greedy decoding at 124M, docs/benchmarks.md).
 - A greedy row gives the same tokens alone or beside others, and the same as recomputing its
   whole context at every step. Once a sequence fills block_size, its last block_size tokens
   run again from position 0 at every step (a sliding window, exactly as without a cache).
@@ -42,6 +46,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+import packed_linear
 
 SMALLEST_BUCKET = 64  # the shortest cache prefix a compiled step reads: below it, fewer graphs matter more
 
@@ -139,6 +145,7 @@ class Decoder:
         self.compiled = bool(compile or self.cuda_graphs)
         self.forward = functools.partial(compiled_forward(type(model), self.cuda_graphs), model) if self.compiled else model
         self.cache = [{} for _ in model.blocks]  # per layer "k" and "v" (slots, n_kv_head, positions, head_dim)
+        self.packed = {}  # on a CPU, the model's weights packed for oneDNN while this decoder lives (packed_linear.py)
         self.logits = None  # (slots, vocab_size) float32: each slot's next-token logits
         self.context = torch.zeros(slots, self.block_size, dtype=torch.long, device=self.device)  # what the cache holds
         self.newest = torch.zeros(slots, dtype=torch.long, device=self.device)  # each slot's last sampled token
@@ -218,7 +225,8 @@ class Decoder:
     def fill(self, rows, ids):
         """Run ids (len(rows), T) from position 0 into the cache of slots rows."""
         layers = [{} for _ in self.cache]
-        logits, _ = self.model(ids, cache=layers)
+        with packed_linear.weights(self.packed):
+            logits, _ = self.model(ids, cache=layers)
         T = ids.size(1)
         if not any(self.cache):  # the first fill: buffers of the model's kind of keys and values (see make_room)
             for layer, new in zip(self.cache, layers):
@@ -281,7 +289,8 @@ class Decoder:
                                                         for layer in self.cache]
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are used up
-        logits, _ = self.forward(self.newest[:width, None], cache=cache, pos=positions, keys=keys)
+        with packed_linear.weights(self.packed):
+            logits, _ = self.forward(self.newest[:width, None], cache=cache, pos=positions, keys=keys)
         index = torch.tensor(rows, device=self.device)
         self.logits[index] = logits[index, -1].float()
         self.context[index, positions[index]] = self.newest[index]

@@ -32,7 +32,8 @@ Design notes, the why behind the choices:
   where the hardware has them; rows packed from several examples go through FlexAttention on GPUs, whose kernel
   skips the masked-out blocks instead of reading a dense T x T mask.
 - Generation (decoding.py) runs a step of one token per sequence against a preallocated KV cache, each row at its
-  own position, with a few static shapes.
+  own position, with a few static shapes; on a CPU its linear layers multiply through oneDNN on packed copies of
+  the weights (linear_parts, packed_linear.py).
 """
 
 import functools
@@ -46,6 +47,7 @@ import torch.utils.checkpoint
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 import decoding
+import packed_linear
 
 
 @dataclass
@@ -143,18 +145,29 @@ def sinusoidal_table(length, dim):
     return torch.cat((angles.sin(), angles.cos()), dim=-1)
 
 
-def fused_parts(linear, x, sizes):
-    """linear(x) split along its last dimension into parts of the given sizes (q, k, v; SwiGLU's gate
+def linear_parts(layer, x, sizes):
+    """layer(x) split along its last dimension into parts of the given sizes (q, k, v; SwiGLU's gate
     and up). Training takes one product, one large matmul being faster than several small ones. Without
     gradients (decoding, evaluation) each part is its own product on a block of the weight's rows (views):
     the same numbers, contiguous parts, and at a few rows faster on a CPU (MKL: 12 products of 8 x 768 x
-    2,304 took 6% longer than the same as three of 768, 8 x 768 x 4,096 5% longer than two of 2,048).
+    2,304 took 6% longer than the same as three of 768, 8 x 768 x 4,096 5% longer than two of 2,048);
+    while decoding on a CPU, through oneDNN on packed copies of those blocks (packed_linear.py).
     The backward of several views of one weight would add their gradients through copies; a LoRA layer
     is no plain nn.Linear and takes the one product too."""
-    if torch.is_grad_enabled() or type(linear) is not nn.Linear:
-        return linear(x).split(sizes, dim=-1)
-    biases = [None] * len(sizes) if linear.bias is None else linear.bias.split(sizes)
-    return [F.linear(x, weight, bias) for weight, bias in zip(linear.weight.split(sizes), biases)]
+    if torch.is_grad_enabled() or type(layer) is not nn.Linear:
+        return layer(x).split(sizes, dim=-1)
+    biases = [None] * len(sizes) if layer.bias is None else layer.bias.split(sizes)
+    packed = packed_linear.parts(layer.weight, sizes, x)
+    if packed is not None:
+        return [packed_linear.multiply(x, weight, bias) for weight, bias in zip(packed, biases)]
+    return [F.linear(x, weight, bias) for weight, bias in zip(layer.weight.split(sizes), biases)]
+
+
+def linear(layer, x):
+    """layer(x); while decoding on a CPU, through oneDNN on a packed copy of its weight (linear_parts)."""
+    if torch.is_grad_enabled() or type(layer) is not nn.Linear:
+        return layer(x)
+    return linear_parts(layer, x, [layer.out_features])[0]
 
 
 def apply_rope(x, cos, sin):
@@ -199,7 +212,7 @@ class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        # q, k and v come from one matrix: in training one large matmul beats three small ones (see fused_parts).
+        # q, k and v come from one matrix: in training one large matmul beats three small ones (see linear_parts).
         self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_projection = True
@@ -211,7 +224,7 @@ class Attention(nn.Module):
     def forward(self, x, rope, cache=None, pos=None, mask=None):
         B, T, _ = x.shape
         kv_width = self.n_kv_head * self.head_dim
-        q, k, v = fused_parts(self.c_attn, x, [self.n_head * self.head_dim, kv_width, kv_width])
+        q, k, v = linear_parts(self.c_attn, x, [self.n_head * self.head_dim, kv_width, kv_width])
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -235,7 +248,7 @@ class Attention(nn.Module):
                                                dropout_p=self.dropout if self.training else 0.0,
                                                enable_gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(linear(self.c_proj, y))
 
 
 class MLP(nn.Module):
@@ -250,14 +263,14 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.kind == "swiglu":
-            gate, up = fused_parts(self.c_fc, x, [self.hidden, self.hidden])
+            gate, up = linear_parts(self.c_fc, x, [self.hidden, self.hidden])
             h = F.silu(gate) * up
         elif self.kind == "relu2":
             # ReLU squared (So et al. 2021, Primer): sparse, cheap, and as good as SwiGLU
-            h = F.relu(self.c_fc(x)).square()
+            h = F.relu(linear(self.c_fc, x)).square()
         else:
-            h = F.gelu(self.c_fc(x), approximate="tanh")  # GPT-2's GELU
-        return self.dropout(self.c_proj(h))
+            h = F.gelu(linear(self.c_fc, x), approximate="tanh")  # GPT-2's GELU
+        return self.dropout(linear(self.c_proj, h))
 
 
 class Block(nn.Module):
@@ -381,7 +394,8 @@ class GPT(nn.Module):
         # A view of the first vocab_size columns: no softmax (the loss, DPO, evaluation, sampling) may give the padding
         # ids probability. It costs no copy under bf16 autocast (cross_entropy's float() copies anyway); in float32,
         # log_softmax makes one contiguous copy of it (torch 2.13), the price of the padded width's faster matmul.
-        logits = self.lm_head(x if targets is not None or all_logits else x[:, -1:, :])[..., : self.config.vocab_size]
+        x = x if targets is not None or all_logits else x[:, -1:, :]
+        logits = linear(self.lm_head, x)[..., : self.config.vocab_size]
         logits = self.soft_cap(logits)
         return logits, None if targets is None else cross_entropy(logits, targets)
 
