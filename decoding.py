@@ -29,10 +29,10 @@ Design notes, the why behind the choices:
   single static shape would, made a batch of 8 short sequences read more cache than weights.
   Eager, the cache itself is only that power of two of slots long, and grows with the longest
   sequence: reading each row's first L slots out of block_size was slower (see make_room).
-- On a CPU, each linear layer of a prefill or step multiplies through oneDNN on a copy of its
-  weight packed into oneDNN's layout, made at the decoder's first forward and kept while it lives
+- On a CPU, each linear layer of an eager prefill or step multiplies through oneDNN on a copy of
+  its weight packed into oneDNN's layout, made at the decoder's first forward and kept while it lives
   (a second copy of the weights): at a few rows MKL's sgemm, torch's default there, is far from the
-  core's peak (packed_linear.py; 1.5-2x faster greedy decoding at 124M, docs/benchmarks.md).
+  core's peak (packed_linear.py; greedy decoding at 124M 1.2-2.4x faster, docs/benchmarks.md).
 - A greedy row gives the same tokens alone or beside others, and the same as recomputing its
   whole context at every step. Once a sequence fills block_size, its last block_size tokens
   run again from position 0 at every step (a sliding window, exactly as without a cache).
@@ -145,7 +145,10 @@ class Decoder:
         self.compiled = bool(compile or self.cuda_graphs)
         self.forward = functools.partial(compiled_forward(type(model), self.cuda_graphs), model) if self.compiled else model
         self.cache = [{} for _ in model.blocks]  # per layer "k" and "v" (slots, n_kv_head, positions, head_dim)
-        self.packed = {}  # on a CPU, the model's weights packed for oneDNN while this decoder lives (packed_linear.py)
+        # On a CPU, the model's weights packed for oneDNN while this decoder lives (packed_linear.py); none for a
+        # compiled step, which multiplies with inductor's kernels (and the prefill then with F.linear's, not to pack
+        # what no step reads).
+        self.packed = None if self.compiled else {}
         self.logits = None  # (slots, vocab_size) float32: each slot's next-token logits
         self.context = torch.zeros(slots, self.block_size, dtype=torch.long, device=self.device)  # what the cache holds
         self.newest = torch.zeros(slots, dtype=torch.long, device=self.device)  # each slot's last sampled token

@@ -15,7 +15,8 @@ another order: a result differs from F.linear's in the last bits.
 The packed copies are a second copy of the weights, kept in the caller's store while it lives, and
 valid only while the weights do not change (a Decoder's life: nothing trains a model mid-decode).
 Outside weights(), under gradients, under torch.compile (which has its own kernels), off a CPU, in
-another dtype than float32, or where this torch's oneDNN lacks the packed product, F.linear runs.
+another dtype than float32, with torch.backends.mkldnn.enabled = False (to spare the memory), or
+where this torch's oneDNN lacks the packed product, F.linear runs.
 """
 
 import contextlib
@@ -30,7 +31,7 @@ _local = threading.local()  # .store: the store of the weights() this thread is 
 
 @contextlib.contextmanager
 def weights(store):
-    """Within it, parts() packs into and reads from store (a dict: weight -> its packed parts)."""
+    """Within it, parts() packs into and reads from store (a dict: weight -> its packed parts; None: packs nothing)."""
     outer, _local.store = getattr(_local, "store", None), store
     try:
         yield
