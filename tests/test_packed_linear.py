@@ -133,3 +133,11 @@ def test_a_compiled_decoder_packs_nothing_not_even_for_its_eager_prefill(monkeyp
     decoder = Decoder(tiny_model("modern"), slots=2, compile=True)
     decoder.prefill(random_prompts([5, 5]), temperature=0.0)  # eager: compiling starts at the first step
     assert decoder.packed is None and calls == []
+
+
+def test_trying_whether_the_packed_product_works_draws_nothing_from_the_global_generator():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    packed_linear.works.__wrapped__()  # the try itself, not the answer cached by an earlier test
+    assert torch.equal(torch.rand(3), expected)
