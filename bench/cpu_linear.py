@@ -24,23 +24,36 @@ import packed_linear  # noqa: E402
 from runtime import describe_machine, machine_facts  # noqa: E402
 
 
+def positive_integers(text):
+    try:
+        values = [int(value) for value in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers separated by commas, e.g. 1,8,64")
+    return values
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", default="1,8,64,512")
+    parser.add_argument("--rows", type=positive_integers, default=[1, 8, 64, 512])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats={args.repeats}: give at least 1")
     if not packed_linear.works():
         raise SystemExit("bench error: this torch's oneDNN has no packed linear product; nothing to compare")
     print(describe_machine(machine_facts("cpu")))
     weights = [torch.randn(2048, 768) for _ in range(24)]
-    packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
+    with torch.no_grad(), packed_linear.weights({}):  # packed as decoding packs them
+        packed = [packed_linear.parts(w, [len(w)], torch.empty(1, 768))[0] for w in weights]
     products = {
         "F.linear (MKL)": lambda x: [F.linear(x, w) for w in weights],
         "oneDNN, weight as it lies": lambda x: [packed_linear.multiply(x, w, None) for w in weights],
         "oneDNN, packed weight": lambda x: [packed_linear.multiply(x, w, None) for w in packed],
     }
     print(f"{'rows':>5}  " + "  ".join(f"{name:>26}" for name in products) + "   (GFLOP/s; max error vs float64)")
-    for rows in map(int, args.rows.split(",")):
+    for rows in args.rows:
         x = torch.randn(rows, 768)
         exact = F.linear(x.double(), weights[0].double())
         cells = []
