@@ -143,13 +143,18 @@ def url_list(path):
     entries = []
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
+            in_comment = False  # in a comment line longer than one read
             for line in iter(lambda: f.readline(1 << 16), ""):  # 64 KB at most: a binary file may hold no newline
+                if "\0" in line:  # a binary file
+                    return None
                 fields = line.split()
-                if fields and not fields[0].startswith("#"):
+                comment = in_comment or bool(fields) and fields[0].startswith("#")
+                in_comment = comment and not line.endswith("\n")
+                if fields and not comment:
                     if fields[0].startswith("hf://"):  # a hub glob is listed by the hub, not downloaded by URL
                         raise SystemExit(f"prepare error: the URL list {path} names {fields[0]}; pass hf:// paths in "
                                          "--input itself (several separated by spaces)")
-                    if not fields[0].startswith(_REMOTE) or len(fields) > 2 or "\0" in line:  # NUL: a binary file
+                    if not fields[0].startswith(_REMOTE) or len(fields) > 2:
                         return None
                     entries.append((fields[0], fields[1] if len(fields) == 2 else ""))
     except OSError:

@@ -203,6 +203,15 @@ def test_a_url_list_that_names_a_hub_path_is_a_one_line_error_saying_where_hub_p
     assert "names hf://datasets/o/n/*.parquet; pass hf:// paths in --input itself" in result.stderr
 
 
+def test_a_url_list_keeps_its_urls_past_a_comment_longer_than_one_read_and_a_nul_anywhere_makes_it_no_list(tmp_path):
+    # url_list reads 64 KB at a time (a binary file may hold no newline): a comment's tail is still comment.
+    urls = tmp_path / "urls.txt"
+    urls.write_text("# " + "x" * 200_000 + "\nhttps://example.com/a.jsonl\n")
+    assert prepare.url_list(urls) == [("https://example.com/a.jsonl", "")]
+    urls.write_text("# a note \0\nhttps://example.com/a.jsonl\n")
+    assert prepare.url_list(urls) is None
+
+
 def test_the_fineweb_edu_config_reads_its_hub_glob_into_the_hub_cache_and_checks_each_sha256(tmp_path, server):
     server.hub.clear()
     for i in range(2):
