@@ -77,7 +77,7 @@ class Pipeline:
                                         self.is_first, self.is_last)
         if any(p.is_meta for p in model.parameters()):  # a new model: only this stage's layers get weights
             init_weights(model, seed)
-        if compile:  # as under FSDP: FSDP and the schedule see the same modules
+        if compile:  # in place, as under FSDP, so FSDP and the schedule see the same modules
             compile_blocks(model)
         module = PipelineStageModule(model)
         self.sharded = parallelism == "fsdp" and (self.data_parallel > 1 or cpu_offload)

@@ -88,7 +88,8 @@ class WandbTracker:
         self.run = wandb.init(project=project, name=os.path.basename(os.path.abspath(out_dir)), config=config,
                               dir=out_dir, id=run_id, resume="allow" if run_id else None)
         # where a resumed run finds the run's id: written once this run owns out_dir (None: it is there already)
-        self.id_path, self.owns_folder = None if run_id else id_path, owns_folder
+        self.id_path = None if run_id else id_path
+        self.owns_folder = owns_folder
 
     def log(self, record):
         self.run.log(record, step=record["step"])
