@@ -153,8 +153,8 @@ def linear_parts(layer, x, sizes):
     2,304 took 6% longer than the same as three of 768, 8 x 768 x 4,096 5% longer than two of 2,048);
     while decoding on a CPU, through oneDNN on packed copies of those blocks (packed_linear.py).
     The backward of several views of one weight would add their gradients through copies; a LoRA layer
-    is no plain nn.Linear and takes the one product too."""
-    if torch.is_grad_enabled() or type(layer) is not nn.Linear:
+    is no plain nn.Linear, and a GPU's products were not measured so: both take the one product too."""
+    if torch.is_grad_enabled() or type(layer) is not nn.Linear or x.device.type != "cpu":
         return layer(x).split(sizes, dim=-1)
     biases = [None] * len(sizes) if layer.bias is None else layer.bias.split(sizes)
     packed = packed_linear.parts(layer.weight, sizes, x)
@@ -165,7 +165,7 @@ def linear_parts(layer, x, sizes):
 
 def linear(layer, x):
     """layer(x); while decoding on a CPU, through oneDNN on a packed copy of its weight (linear_parts)."""
-    if torch.is_grad_enabled() or type(layer) is not nn.Linear:
+    if torch.is_grad_enabled() or type(layer) is not nn.Linear:  # training: no split on its hot path
         return layer(x)
     return linear_parts(layer, x, [layer.out_features])[0]
 

@@ -15,7 +15,7 @@ products, summed in another order: a result differs from F.linear's in the last 
 The packed copies are a second copy of the weights, kept in the caller's store while it lives, and
 valid only while the weights do not change (a Decoder's life: nothing trains a model mid-decode).
 Outside weights(), under gradients, under torch.compile (which has its own kernels), off a CPU, in
-another dtype than float32, with torch.backends.mkldnn.enabled = False (to spare the memory), or
+another dtype than float32 or under autocast, with torch.backends.mkldnn.enabled = False (to spare the memory), or
 where this torch's oneDNN lacks the packed product, F.linear runs.
 """
 
@@ -46,7 +46,7 @@ def parts(weight, sizes, x):
         return None
     store = getattr(_local, "store", None)
     if (store is None or x.device.type != "cpu" or not x.dtype == weight.dtype == torch.float32
-            or not torch.backends.mkldnn.enabled or not works()):
+            or torch.is_autocast_enabled("cpu") or not torch.backends.mkldnn.enabled or not works()):
         return None
     key = (weight, tuple(sizes))
     if key not in store:
@@ -63,9 +63,13 @@ def multiply(x, packed, bias):
 def works():
     """Whether this torch has oneDNN's packed product (a private op inductor uses, in torch 2.11 to 2.14)
     and it gives F.linear's numbers, tried once on a small product."""
-    try:  # numbers made without the global random generator, whose draws a seeded run counts on
-        x, weight = torch.linspace(-1, 1, 48).view(3, 16), torch.linspace(-2, 1, 128).view(8, 16).cos()
-        return torch.allclose(multiply(x, torch.ops.mkldnn._reorder_linear_weight(weight, None), None),
-                              F.linear(x, weight), rtol=1e-4, atol=1e-5)
+    # Numbers made without the global random generator, whose draws a seeded run counts on; in float32
+    # whatever the caller's autocast, since the answer is kept for the process.
+    x = torch.linspace(-1, 1, 48, dtype=torch.float32).view(3, 16)
+    weight = torch.linspace(-2, 1, 128, dtype=torch.float32).view(8, 16).cos()
+    try:
+        with torch.autocast("cpu", enabled=False):
+            return torch.allclose(multiply(x, torch.ops.mkldnn._reorder_linear_weight(weight, None), None),
+                                  F.linear(x, weight), rtol=1e-4, atol=1e-5)
     except (AttributeError, RuntimeError, NotImplementedError):
         return False

@@ -52,6 +52,9 @@ def test_nothing_is_packed_outside_weights_under_gradients_or_in_bfloat16():
         assert packed_linear.parts(layer.weight, [48], x) is None  # outside weights()
         with packed_linear.weights(store):
             assert packed_linear.parts(layer.weight, [48], x.bfloat16()) is None
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 x, but the product is autocast's
+                assert packed_linear.parts(layer.weight, [48], x) is None
+                assert model_module.linear(layer, x).dtype == torch.bfloat16
     with packed_linear.weights(store):
         assert packed_linear.parts(layer.weight, [48], x) is None  # gradients on: training
     assert store == {}
@@ -141,3 +144,10 @@ def test_trying_whether_the_packed_product_works_draws_nothing_from_the_global_g
     torch.manual_seed(0)
     packed_linear.works.__wrapped__()  # the try itself, not the answer cached by an earlier test
     assert torch.equal(torch.rand(3), expected)
+
+
+@needs_onednn
+def test_trying_the_packed_product_under_bfloat16_autocast_still_finds_it_works():
+    # The answer is kept for the process: a first decode under autocast must not switch packing off.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert packed_linear.works.__wrapped__()
